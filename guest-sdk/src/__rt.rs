@@ -1,0 +1,69 @@
+//! Glue between the generated bindings and an [`Operator`]; used by
+//! [`export_operator!`](crate::export_operator) only.
+
+use crate::bindings::memento::operator::types::Context as WitContext;
+use crate::{Context, Event, Operator, Output};
+use std::cell::RefCell;
+
+/// The one operator instance of this component and its context.
+pub struct Slot<T> {
+    ctx: Option<Context>,
+    op: Option<T>,
+}
+
+impl<T> Slot<T> {
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Slot<T> {
+        Slot { ctx: None, op: None }
+    }
+}
+
+fn not_open() -> String {
+    "operator called before `open`".to_string()
+}
+
+pub fn open<T: Operator>(slot: &RefCell<Slot<T>>, ctx: WitContext) -> Result<(), String> {
+    let ctx = Context {
+        job: ctx.job,
+        operator: ctx.operator_name,
+        task_index: ctx.task_index,
+        parallelism: ctx.parallelism,
+        config: ctx.config.into_iter().collect(),
+    };
+    let op = T::open(&ctx).map_err(|e| e.0)?;
+    let mut slot = slot.borrow_mut();
+    slot.ctx = Some(ctx);
+    slot.op = Some(op);
+    Ok(())
+}
+
+pub fn process<T: Operator>(slot: &RefCell<Slot<T>>, events: Vec<Event>) -> Result<Vec<Event>, String> {
+    let mut slot = slot.borrow_mut();
+    let op = slot.op.as_mut().ok_or_else(not_open)?;
+    let mut out = Output::new();
+    for event in events {
+        op.process(event, &mut out).map_err(|e| e.0)?;
+    }
+    Ok(out.take())
+}
+
+pub fn close<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Vec<Event>, String> {
+    let mut slot = slot.borrow_mut();
+    let op = slot.op.as_mut().ok_or_else(not_open)?;
+    let mut out = Output::new();
+    op.close(&mut out).map_err(|e| e.0)?;
+    Ok(out.take())
+}
+
+pub fn snapshot<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Vec<u8>, String> {
+    let slot = slot.borrow();
+    let op = slot.op.as_ref().ok_or_else(not_open)?;
+    op.snapshot().map_err(|e| e.0)
+}
+
+pub fn restore<T: Operator>(slot: &RefCell<Slot<T>>, state: Vec<u8>) -> Result<(), String> {
+    let mut slot = slot.borrow_mut();
+    let Slot { ctx, op } = &mut *slot;
+    let (ctx, op) = ctx.as_ref().zip(op.as_mut()).ok_or_else(not_open)?;
+    op.restore(ctx, &state).map_err(|e| e.0)
+}

@@ -1,0 +1,336 @@
+//! Write memento stream operators in Rust.
+//!
+//! An operator is a state struct that derives serde's traits and implements
+//! [`Operator`]; [`export_operator!`] turns it into a component implementing
+//! the `memento:operator/plugin@0.1.0` world. Build it with
+//! `cargo build --target wasm32-wasip2 --release` and point a job file at the
+//! `.wasm` file.
+//!
+//! ```
+//! use memento_guest::{Context, Error, Event, Operator, Output};
+//! use serde::{Deserialize, Serialize};
+//! use std::collections::BTreeMap;
+//!
+//! /// Counts events per key.
+//! #[derive(Default, Serialize, Deserialize)]
+//! struct Count {
+//!     counts: BTreeMap<Vec<u8>, u64>,
+//! }
+//!
+//! impl Operator for Count {
+//!     fn open(_ctx: &Context) -> Result<Self, Error> {
+//!         Ok(Count::default())
+//!     }
+//!
+//!     fn process(&mut self, event: Event, out: &mut Output) -> Result<(), Error> {
+//!         let n = self.counts.entry(event.key.clone()).or_default();
+//!         *n += 1;
+//!         out.emit(event.key, n.to_string(), event.timestamp);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! memento_guest::export_operator!(Count);
+//! # fn main() {}
+//! ```
+//!
+//! # State and snapshots
+//!
+//! The host asks for the operator's state at every checkpoint or savepoint
+//! in the *canonical* format (`snapshot-state`). By default the whole struct
+//! is serialized as MessagePack with field names inside a small versioned
+//! envelope (see [`encode_state`]), so a later version of the operator that
+//! adds a field marked `#[serde(default)]` still restores an older snapshot.
+//! Override [`Operator::snapshot`] and [`Operator::restore`] to use a format of
+//! your own.
+//!
+//! # Determinism
+//!
+//! After a failure the host restores the last snapshot and replays the input
+//! that followed it; results are exactly-once only if an operator emits the
+//! same output for the same state and input. Do not base output on clocks,
+//! randomness or the iteration order of a `HashMap` (use `BTreeMap`).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin",
+        default_bindings_module: "memento_guest::bindings",
+    });
+}
+
+pub use bindings::memento::operator::log::Level;
+pub use bindings::memento::operator::types::Event;
+
+mod envelope;
+pub use envelope::{STATE_ENCODING_MSGPACK, decode_state, encode_state};
+
+#[doc(hidden)]
+pub mod __rt;
+
+/// An error returned to the host; it fails the task and is shown to the user
+/// with the job, operator and task it came from.
+///
+/// Anything printable converts into it, so `?` works on most errors and
+/// `Err("reason".into())` on strings.
+pub struct Error(String);
+
+impl Error {
+    /// The message the host will report.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+// `Error` deliberately does not implement `Display`: that keeps this blanket
+// conversion coherent (no overlap with `From<T> for T`).
+impl<E: fmt::Display> From<E> for Error {
+    fn from(e: E) -> Self {
+        Error(e.to_string())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// Where a task sits in its job and the operator's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// Name of the job.
+    pub job: String,
+    /// Name of this operator within the job.
+    pub operator: String,
+    /// Index of this task, `0..parallelism`.
+    pub task_index: u32,
+    /// Number of tasks of this operator.
+    pub parallelism: u32,
+    /// The `[operators.config]` table of the job file.
+    pub config: BTreeMap<String, String>,
+}
+
+impl Context {
+    /// A context for unit tests of operator logic.
+    pub fn for_test<'a>(config: impl IntoIterator<Item = (&'a str, &'a str)>) -> Context {
+        Context {
+            job: "test".into(),
+            operator: "test".into(),
+            task_index: 0,
+            parallelism: 1,
+            config: config
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// The raw value of a config key, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.config.get(key).map(String::as_str)
+    }
+
+    /// Parse a config key, or return `default` when it is absent.
+    ///
+    /// # Errors
+    /// When the value does not parse; the message names the key and value.
+    pub fn parse_or<T>(&self, key: &str, default: T) -> Result<T, Error>
+    where
+        T: std::str::FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.get(key) {
+            None => Ok(default),
+            Some(raw) => raw.trim().parse().map_err(|e| {
+                Error(format!(
+                    "operator `{}`: config `{key}` = {raw:?}: {e}",
+                    self.operator
+                ))
+            }),
+        }
+    }
+}
+
+impl Event {
+    /// An event from anything byte-like.
+    pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, timestamp: i64) -> Event {
+        Event {
+            key: key.into(),
+            value: value.into(),
+            timestamp,
+        }
+    }
+}
+
+/// Collects the events an operator emits during one call, in order.
+#[derive(Debug, Default)]
+pub struct Output {
+    events: Vec<Event>,
+}
+
+impl Output {
+    /// An empty output buffer.
+    pub fn new() -> Output {
+        Output::default()
+    }
+
+    /// Emit an event.
+    pub fn emit(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, timestamp: i64) {
+        self.events.push(Event::new(key, value, timestamp));
+    }
+
+    /// Emit an event that is already built.
+    pub fn push(&mut self, event: Event) {
+        self.events.push(event);
+    }
+
+    /// The events emitted so far.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// Take the emitted events, leaving the buffer empty.
+    pub fn take(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+}
+
+/// A stream operator. Implement this for your state struct and export it
+/// with [`export_operator!`].
+///
+/// The host calls `open` once, then possibly `restore` (when resuming from a
+/// snapshot), then `process` once per input event (events arrive in batches;
+/// the SDK loops), `snapshot` between events whenever a checkpoint or
+/// savepoint is taken, and `close` when a bounded input ends.
+pub trait Operator: Serialize + DeserializeOwned + Sized + 'static {
+    /// Version of the state layout written by [`Operator::snapshot`]. Raise it
+    /// when a change is not backwards compatible through serde defaults; a
+    /// snapshot with a higher version than this is refused on restore.
+    const STATE_VERSION: u32 = 1;
+
+    /// Create the initial state from the task's context.
+    fn open(ctx: &Context) -> Result<Self, Error>;
+
+    /// Handle one input event; emit any number of events to `out`.
+    fn process(&mut self, event: Event, out: &mut Output) -> Result<(), Error>;
+
+    /// The input has ended: emit whatever is still pending.
+    fn close(&mut self, out: &mut Output) -> Result<(), Error> {
+        let _ = out;
+        Ok(())
+    }
+
+    /// Serialize the state (canonical format). Default: the whole struct as
+    /// MessagePack with field names, in the SDK's envelope.
+    fn snapshot(&self) -> Result<Vec<u8>, Error> {
+        encode_state(Self::STATE_VERSION, self)
+    }
+
+    /// Replace the state opened by [`Operator::open`] with a snapshot,
+    /// possibly written by an older version of this operator. Default:
+    /// decode the whole struct. Override to keep fields derived from
+    /// configuration rather than from the snapshot.
+    fn restore(&mut self, ctx: &Context, state: &[u8]) -> Result<(), Error> {
+        let _ = ctx;
+        let (_version, restored) = decode_state::<Self>(Self::STATE_VERSION, state)?;
+        *self = restored;
+        Ok(())
+    }
+}
+
+/// Log a message at a level into the host's log (stderr in native unit tests).
+pub fn log(level: Level, message: &str) {
+    #[cfg(target_family = "wasm")]
+    bindings::memento::operator::log::log(level, message);
+    #[cfg(not(target_family = "wasm"))]
+    eprintln!("[{level:?}] {message}");
+}
+
+/// Log at error level: `error!("lost {} events", n)`.
+#[macro_export]
+macro_rules! error {
+    ($($arg:tt)*) => { $crate::log($crate::Level::Error, &::std::format!($($arg)*)) };
+}
+/// Log at warn level.
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => { $crate::log($crate::Level::Warn, &::std::format!($($arg)*)) };
+}
+/// Log at info level.
+#[macro_export]
+macro_rules! info {
+    ($($arg:tt)*) => { $crate::log($crate::Level::Info, &::std::format!($($arg)*)) };
+}
+/// Log at debug level.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => { $crate::log($crate::Level::Debug, &::std::format!($($arg)*)) };
+}
+/// Log at trace level.
+#[macro_export]
+macro_rules! trace {
+    ($($arg:tt)*) => { $crate::log($crate::Level::Trace, &::std::format!($($arg)*)) };
+}
+
+/// Export an [`Operator`] type as the component's `operator` and `snapshot`
+/// interfaces. Use it exactly once per plugin crate (a `cdylib`).
+#[macro_export]
+macro_rules! export_operator {
+    ($ty:ty) => {
+        // Native builds (unit tests of operator logic) get no exports: the
+        // component-model export names do not link into a native library.
+        #[cfg(not(target_family = "wasm"))]
+        const _: fn() = || {
+            fn assert_operator<T: $crate::Operator>() {}
+            assert_operator::<$ty>();
+        };
+
+        #[cfg(target_family = "wasm")]
+        const _: () = {
+            struct __MementoExport;
+
+            ::std::thread_local! {
+                static __MEMENTO_SLOT: ::core::cell::RefCell<$crate::__rt::Slot<$ty>> =
+                    ::core::cell::RefCell::new($crate::__rt::Slot::new());
+            }
+
+            impl $crate::bindings::exports::memento::operator::operator::Guest for __MementoExport {
+                fn open(
+                    ctx: $crate::bindings::memento::operator::types::Context,
+                ) -> ::core::result::Result<(), ::std::string::String> {
+                    __MEMENTO_SLOT.with(|slot| $crate::__rt::open::<$ty>(slot, ctx))
+                }
+                fn process(
+                    events: ::std::vec::Vec<$crate::Event>,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::Event>, ::std::string::String> {
+                    __MEMENTO_SLOT.with(|slot| $crate::__rt::process::<$ty>(slot, events))
+                }
+                fn close() -> ::core::result::Result<::std::vec::Vec<$crate::Event>, ::std::string::String> {
+                    __MEMENTO_SLOT.with(|slot| $crate::__rt::close::<$ty>(slot))
+                }
+            }
+
+            impl $crate::bindings::exports::memento::operator::snapshot::Guest for __MementoExport {
+                fn snapshot_state() -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    __MEMENTO_SLOT.with(|slot| $crate::__rt::snapshot::<$ty>(slot))
+                }
+                fn restore_state(
+                    state: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<(), ::std::string::String> {
+                    __MEMENTO_SLOT.with(|slot| $crate::__rt::restore::<$ty>(slot, state))
+                }
+            }
+
+            $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
+        };
+    };
+}
