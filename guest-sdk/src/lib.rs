@@ -158,6 +158,120 @@ impl Context {
             }),
         }
     }
+
+    /// Parse a config key as a duration in milliseconds (see
+    /// [`parse_duration_ms`]), or return `default` (milliseconds) when it is
+    /// absent.
+    ///
+    /// # Errors
+    /// When the value is not a duration; the message names the key and value.
+    pub fn duration_ms_or(&self, key: &str, default: u64) -> Result<u64, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(raw) => parse_duration_ms(raw).map_err(|e| {
+                Error(format!(
+                    "operator `{}`: config `{key}` = {raw:?}: {}",
+                    self.operator, e.0
+                ))
+            }),
+        }
+    }
+}
+
+/// Parse a duration into milliseconds.
+///
+/// Accepts a bare integer, meaning milliseconds (`"1500"`), or one or more
+/// terms of a number and a unit, largest unit first: `"500ms"`, `"1s"`,
+/// `"1.5s"`, `"2m"`, `"1h30m"`, `"7d"`. Units: `ms`, `s`, `m`, `h`, `d`.
+/// Numbers may have a decimal fraction as long as the total is a whole
+/// number of milliseconds. Surrounding whitespace is ignored.
+///
+/// ```
+/// use memento_guest::parse_duration_ms;
+/// assert_eq!(parse_duration_ms("1500").unwrap(), 1500);
+/// assert_eq!(parse_duration_ms("1.5s").unwrap(), 1500);
+/// assert_eq!(parse_duration_ms("1h30m").unwrap(), 5_400_000);
+/// assert!(parse_duration_ms("soon").is_err());
+/// ```
+///
+/// # Errors
+/// When the text is empty, has an unknown unit, is not a whole number of
+/// milliseconds or overflows `u64`.
+pub fn parse_duration_ms(s: &str) -> Result<u64, Error> {
+    const EXPECTED: &str =
+        "expected a duration such as \"500ms\", \"1s\", \"2m\", \"1h30m\" or milliseconds";
+    let text = s.trim();
+    if text.is_empty() {
+        return Err(Error(format!("empty duration: {EXPECTED}")));
+    }
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .map_err(|_| Error(format!("duration {text:?} is out of range")));
+    }
+    let overflow = || Error(format!("duration {text:?} is out of range"));
+    let mut rest = text;
+    let mut total: u64 = 0;
+    let mut last_unit = u64::MAX;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number = &rest[..num_len];
+        rest = rest[num_len..].trim_start();
+        let unit_len = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = rest[unit_len..].trim_start();
+        let unit_ms: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(Error(format!("bad duration {text:?}: {EXPECTED}"))),
+        };
+        if unit_ms >= last_unit {
+            return Err(Error(format!(
+                "bad duration {text:?}: units must go from largest to smallest, each once"
+            )));
+        }
+        last_unit = unit_ms;
+        let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+        let digits_ok = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+        if int.is_empty() && frac.is_empty() || !digits_ok(int) || !digits_ok(frac) {
+            return Err(Error(format!("bad duration {text:?}: {EXPECTED}")));
+        }
+        let whole: u64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| overflow())?
+        };
+        let mut ms = whole.checked_mul(unit_ms).ok_or_else(overflow)?;
+        // The fraction, exactly: frac / 10^len * unit_ms must be whole.
+        let frac = frac.trim_end_matches('0');
+        if !frac.is_empty() {
+            let scale = u32::try_from(frac.len())
+                .ok()
+                .and_then(|n| 10u128.checked_pow(n))
+                .ok_or_else(overflow)?;
+            let numerator = frac
+                .parse::<u128>()
+                .ok()
+                .and_then(|f| f.checked_mul(u128::from(unit_ms)))
+                .ok_or_else(overflow)?;
+            if numerator % scale != 0 {
+                return Err(Error(format!(
+                    "bad duration {text:?}: not a whole number of milliseconds"
+                )));
+            }
+            let part = u64::try_from(numerator / scale).map_err(|_| overflow())?;
+            ms = ms.checked_add(part).ok_or_else(overflow)?;
+        }
+        total = total.checked_add(ms).ok_or_else(overflow)?;
+    }
+    Ok(total)
 }
 
 impl Event {
@@ -333,4 +447,65 @@ macro_rules! export_operator {
             $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        let cases = [
+            ("0", 0),
+            ("1500", 1500),
+            (" 250 ", 250),
+            ("500ms", 500),
+            ("1s", 1_000),
+            ("2m", 120_000),
+            ("3h", 10_800_000),
+            ("1d", 86_400_000),
+            ("1.5s", 1_500),
+            ("0.25m", 15_000),
+            (".5s", 500),
+            ("1.000s", 1_000),
+            ("10 m", 600_000),
+            ("1h30m", 5_400_000),
+            ("1m 30s 250ms", 90_250),
+        ];
+        for (text, ms) in cases {
+            assert_eq!(parse_duration_ms(text).unwrap(), ms, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bad_durations_are_refused() {
+        for text in [
+            "", " ", "s", "1x", "1.5", "-1s", "1.2.3s", "1.0005s", "0.5ms", "1s1m", "1s2s", "soon",
+            "1e3ms",
+        ] {
+            assert!(parse_duration_ms(text).is_err(), "{text:?} parsed");
+        }
+        let err = parse_duration_ms("1x").unwrap_err();
+        assert!(err.message().contains("\"1x\""), "{err:?}");
+    }
+
+    #[test]
+    fn huge_durations_overflow_cleanly() {
+        assert!(parse_duration_ms("99999999999999999999999").is_err());
+        assert!(parse_duration_ms("999999999999999999d").is_err());
+        assert!(parse_duration_ms("1.123456789012345678901234567890123456789012345d").is_err());
+        assert_eq!(parse_duration_ms("18446744073709551615").unwrap(), u64::MAX);
+    }
+
+    #[test]
+    fn context_duration_ms_or() {
+        let ctx = Context::for_test([("window", "2s"), ("bad", "2 parsecs")]);
+        assert_eq!(ctx.duration_ms_or("window", 7).unwrap(), 2_000);
+        assert_eq!(ctx.duration_ms_or("absent", 7).unwrap(), 7);
+        let err = ctx.duration_ms_or("bad", 7).unwrap_err();
+        assert!(
+            err.message().contains("config `bad` = \"2 parsecs\""),
+            "{err:?}"
+        );
+    }
 }
