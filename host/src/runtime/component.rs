@@ -1,0 +1,208 @@
+//! Loading a component and checking it against the contract, with errors
+//! that say what was expected and what was found.
+
+use std::path::{Path, PathBuf};
+
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+use super::bindings::PluginPre;
+use super::instance::TaskState;
+use super::{CONTRACT_PACKAGE, OPERATOR_INTERFACE, RuntimeError, SNAPSHOT_INTERFACE};
+
+/// A compiled component that implements the contract, ready to instantiate.
+pub struct LoadedComponent {
+    /// Where it came from (file path or a label for embedded bytes).
+    pub origin: PathBuf,
+    /// blake3 of the component's bytes: its identity in snapshots.
+    pub hash: [u8; 32],
+    /// Size of the component in bytes.
+    pub size: usize,
+    pub(super) pre: PluginPre<TaskState>,
+}
+
+impl LoadedComponent {
+    /// The component's blake3 hash as lowercase hex.
+    pub fn hash_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.hash).to_hex().to_string()
+    }
+
+    /// A short name for messages: the file name without extension.
+    pub fn name(&self) -> String {
+        self.origin
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.origin.display().to_string())
+    }
+}
+
+/// What `memento inspect` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ComponentInfo {
+    /// The file inspected.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: usize,
+    /// blake3 of the bytes, hex.
+    pub hash: String,
+    /// Names of the component's imports.
+    pub imports: Vec<String>,
+    /// Names of the component's exports.
+    pub exports: Vec<String>,
+    /// `Ok(())` when the component implements `memento:operator/plugin@0.1.0`
+    /// with only imports the host provides; otherwise why not.
+    pub fits_contract: Result<(), String>,
+}
+
+/// The preamble of a core module (`\0asm`, version 1) and of a component
+/// (`\0asm`, version 0x0d, layer 1).
+const CORE_MODULE_HEADER: [u8; 8] = [0, b'a', b's', b'm', 1, 0, 0, 0];
+const WASM_MAGIC: [u8; 4] = [0, b'a', b's', b'm'];
+const COMPONENT_LAYER: [u8; 2] = [1, 0];
+
+fn invalid(path: &Path, reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Check the header and compile; shared by `load` and `inspect`.
+fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, RuntimeError> {
+    let expected = format!("expected a component implementing {CONTRACT_PACKAGE}");
+    if bytes.len() < 8 || bytes[..4] != WASM_MAGIC {
+        return Err(invalid(path, format!("not a WebAssembly file ({expected})")));
+    }
+    if bytes[..8] == CORE_MODULE_HEADER {
+        return Err(invalid(
+            path,
+            format!(
+                "is a core WebAssembly module, not a component ({expected}; build with `--target wasm32-wasip2`)"
+            ),
+        ));
+    }
+    if bytes[6..8] != COMPONENT_LAYER {
+        return Err(invalid(path, format!("unknown WebAssembly layer ({expected})")));
+    }
+    Component::new(engine, bytes).map_err(|e| invalid(path, format!("invalid component: {}", one_line(&e))))
+}
+
+/// The error chain of a wasmtime error on one line.
+pub(crate) fn one_line(e: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+/// Why `exports` do not include the operator contract, if they do not.
+fn check_exports(exports: &[String]) -> Result<(), String> {
+    for wanted in [OPERATOR_INTERFACE, SNAPSHOT_INTERFACE] {
+        if exports.iter().any(|e| e == wanted) {
+            continue;
+        }
+        // Same interface at another version: say which.
+        let unversioned = wanted.split('@').next().unwrap_or(wanted);
+        let other: Vec<&String> = exports
+            .iter()
+            .filter(|e| e.split('@').next() == Some(unversioned))
+            .collect();
+        return Err(if let Some(found) = other.first() {
+            format!("exports {found}, but this host implements {wanted}")
+        } else {
+            format!(
+                "does not export {wanted} (found exports: {})",
+                if exports.is_empty() {
+                    "none".to_string()
+                } else {
+                    exports.join(", ")
+                }
+            )
+        });
+    }
+    Ok(())
+}
+
+fn names(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>) {
+    let ty = component.component_type();
+    let imports = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
+    let exports = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+    (imports, exports)
+}
+
+pub(super) fn load(
+    engine: &Engine,
+    linker: &Linker<TaskState>,
+    path: &Path,
+    bytes: &[u8],
+    hash: [u8; 32],
+) -> Result<LoadedComponent, RuntimeError> {
+    let component = compile(engine, path, bytes)?;
+    let (_, exports) = names(engine, &component);
+    check_exports(&exports).map_err(|r| invalid(path, r))?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| invalid(path, format!("cannot link: {}", one_line(&e))))?;
+    let pre = PluginPre::new(pre)
+        .map_err(|e| invalid(path, format!("does not fit the contract: {}", one_line(&e))))?;
+    Ok(LoadedComponent {
+        origin: path.to_path_buf(),
+        hash,
+        size: bytes.len(),
+        pre,
+    })
+}
+
+pub(super) fn inspect(
+    engine: &Engine,
+    linker: &Linker<TaskState>,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<ComponentInfo, RuntimeError> {
+    let component = compile(engine, path, bytes)?;
+    let (imports, exports) = names(engine, &component);
+    let fits_contract = check_exports(&exports).and_then(|()| {
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| format!("cannot link: {}", one_line(&e)))?;
+        PluginPre::new(pre)
+            .map(|_| ())
+            .map_err(|e| format!("does not fit the contract: {}", one_line(&e)))
+    });
+    Ok(ComponentInfo {
+        path: path.to_path_buf(),
+        size: bytes.len(),
+        hash: blake3::hash(bytes).to_hex().to_string(),
+        imports,
+        exports,
+        fits_contract,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_are_checked_with_versions() {
+        let ok = vec![OPERATOR_INTERFACE.to_string(), SNAPSHOT_INTERFACE.to_string()];
+        assert!(check_exports(&ok).is_ok());
+        let other = vec!["memento:operator/operator@0.2.0".to_string()];
+        let err = check_exports(&other).unwrap_err();
+        assert!(err.contains("exports memento:operator/operator@0.2.0"), "{err}");
+        assert!(
+            err.contains("implements memento:operator/operator@0.1.0"),
+            "{err}"
+        );
+        let err = check_exports(&["wasi:cli/run@0.2.0".to_string()]).unwrap_err();
+        assert!(
+            err.contains("does not export memento:operator/operator@0.1.0"),
+            "{err}"
+        );
+        assert!(err.contains("found exports: wasi:cli/run@0.2.0"), "{err}");
+    }
+}

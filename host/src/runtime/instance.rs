@@ -1,0 +1,391 @@
+//! One sandboxed instance of a plugin: its own `Store`, WASI context with
+//! nothing granted, memory limiter and call deadline.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::memento::operator::{log, types};
+use super::bindings::{Context, Event, Plugin};
+use super::component::{LoadedComponent, one_line};
+use super::{RuntimeError, SandboxLimits};
+
+/// How much of a guest's stderr is kept to explain a trap (a Rust panic
+/// message lands there). Writes beyond it fail in the guest.
+const STDERR_CAPACITY: usize = 64 << 10;
+
+/// Which task an instance runs; used in every error and log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskLabel {
+    /// Job name.
+    pub job: String,
+    /// Operator name within the job.
+    pub operator: String,
+    /// Task index within the operator.
+    pub task: u32,
+}
+
+impl fmt::Display for TaskLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "job `{}`, operator `{}`, task {}",
+            self.job, self.operator, self.task
+        )
+    }
+}
+
+/// The lifecycle phase a call belongs to, named like the WIT export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Instantiation (start functions, data segments).
+    Instantiate,
+    /// `open`.
+    Open,
+    /// `process`.
+    Process,
+    /// `close`.
+    Close,
+    /// `snapshot-state`.
+    SnapshotState,
+    /// `restore-state`.
+    RestoreState,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Instantiate => "instantiate",
+            Phase::Open => "open",
+            Phase::Process => "process",
+            Phase::Close => "close",
+            Phase::SnapshotState => "snapshot-state",
+            Phase::RestoreState => "restore-state",
+        })
+    }
+}
+
+/// Counters of the calls made into one instance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Number of `process` calls.
+    pub process_calls: u64,
+    /// Wall time spent inside the guest, all exports together.
+    pub time_in_plugin: Duration,
+}
+
+/// The data of one task's `Store`.
+pub(crate) struct TaskState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    label: Arc<TaskLabel>,
+    memory_limit: usize,
+    /// Set when the limiter refused a growth, so the resulting trap can be
+    /// reported as a memory-limit error rather than a generic one.
+    limit_hit: Option<String>,
+}
+
+impl WasiView for TaskState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for TaskState {}
+
+impl log::Host for TaskState {
+    fn log(&mut self, level: log::Level, message: String) {
+        let l = &self.label;
+        let (job, operator, task) = (l.job.as_str(), l.operator.as_str(), l.task);
+        match level {
+            log::Level::Trace => {
+                tracing::trace!(target: "memento::plugin", job, operator, task, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "memento::plugin", job, operator, task, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "memento::plugin", job, operator, task, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "memento::plugin", job, operator, task, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "memento::plugin", job, operator, task, "{message}")
+            }
+        }
+    }
+}
+
+impl ResourceLimiter for TaskState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let limit = maximum.map_or(self.memory_limit, |m| m.min(self.memory_limit));
+        if desired > limit {
+            let detail = format!(
+                "growing a memory from {} to {} bytes, limit {} bytes",
+                current, desired, self.memory_limit
+            );
+            self.limit_hit = Some(detail.clone());
+            // Trapping (instead of failing `memory.grow`) makes the failure
+            // clear: a Rust guest would otherwise abort with a vague message.
+            return Err(wasmtime::format_err!("memory limit exceeded: {detail}"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|m| desired <= m))
+    }
+}
+
+/// The linker with everything a plugin may import: the `log` interface and
+/// WASI (whose context grants nothing).
+pub(crate) fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<TaskState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    Plugin::add_to_linker::<TaskState, HasSelf<TaskState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+/// A running plugin instance for one task.
+///
+/// Calls never overlap (`&mut self`); each has the configured deadline.
+/// After a trap the instance is poisoned and refuses further calls.
+pub struct TaskInstance {
+    store: Store<TaskState>,
+    plugin: Plugin,
+    component: Arc<LoadedComponent>,
+    label: Arc<TaskLabel>,
+    stderr: MemoryOutputPipe,
+    deadline_ticks: u64,
+    call_timeout: Duration,
+    poisoned: bool,
+    stats: CallStats,
+}
+
+impl TaskInstance {
+    pub(super) fn new(
+        engine: &Engine,
+        component: Arc<LoadedComponent>,
+        label: TaskLabel,
+        limits: &SandboxLimits,
+        tick: Duration,
+    ) -> Result<TaskInstance, RuntimeError> {
+        let label = Arc::new(label);
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        // Nothing is granted: no preopened directories, no environment, no
+        // arguments, no network; stdout is discarded (operators log instead).
+        let mut wasi = WasiCtx::builder();
+        wasi.stderr(stderr.clone());
+        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        let state = TaskState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            label: label.clone(),
+            memory_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            limit_hit: None,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        store.epoch_deadline_trap();
+        let deadline_ticks = (limits.call_timeout.as_nanos() / tick.as_nanos()).max(1) as u64 + 1;
+        store.set_epoch_deadline(deadline_ticks);
+        let plugin = component
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| RuntimeError::Instantiate {
+                task: (*label).clone(),
+                plugin: component.name(),
+                reason: one_line(&e),
+            })?;
+        Ok(TaskInstance {
+            store,
+            plugin,
+            component,
+            label,
+            stderr,
+            deadline_ticks,
+            call_timeout: limits.call_timeout,
+            poisoned: false,
+            stats: CallStats::default(),
+        })
+    }
+
+    /// The component this instance runs.
+    pub fn component(&self) -> &Arc<LoadedComponent> {
+        &self.component
+    }
+
+    /// Which task this is.
+    pub fn label(&self) -> &TaskLabel {
+        &self.label
+    }
+
+    /// Counters of the calls made so far.
+    pub fn stats(&self) -> CallStats {
+        self.stats
+    }
+
+    /// Run one export call with the deadline armed and map its outcome:
+    /// trap, deadline, memory limit, or the guest's own error value.
+    fn call<R>(
+        &mut self,
+        phase: Phase,
+        f: impl FnOnce(&Plugin, &mut Store<TaskState>) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, RuntimeError> {
+        if self.poisoned {
+            return Err(RuntimeError::Poisoned {
+                task: (*self.label).clone(),
+            });
+        }
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        let started = Instant::now();
+        let result = f(&self.plugin, &mut self.store);
+        self.stats.time_in_plugin += started.elapsed();
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(message)) => Err(RuntimeError::Guest {
+                task: (*self.label).clone(),
+                phase,
+                message,
+            }),
+            Err(e) => {
+                self.poisoned = true;
+                Err(self.trap_error(phase, &e))
+            }
+        }
+    }
+
+    fn trap_error(&mut self, phase: Phase, e: &wasmtime::Error) -> RuntimeError {
+        let task = (*self.label).clone();
+        if let Some(detail) = self.store.data_mut().limit_hit.take() {
+            return RuntimeError::MemoryLimit { task, phase, detail };
+        }
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return RuntimeError::DeadlineExceeded {
+                task,
+                phase,
+                timeout: self.call_timeout,
+            };
+        }
+        let mut message = match e.downcast_ref::<Trap>() {
+            Some(trap) => trap.to_string(),
+            None => e.root_cause().to_string(),
+        };
+        if let Some(panic) = last_stderr_message(&self.stderr.contents()) {
+            message = format!("{message} ({panic})");
+        }
+        RuntimeError::Trap { task, phase, message }
+    }
+
+    /// Call `open` with the task's context.
+    ///
+    /// # Errors
+    /// A [`RuntimeError`] naming the task and `open`.
+    pub fn open(&mut self, ctx: &Context) -> Result<(), RuntimeError> {
+        self.call(Phase::Open, |p, s| {
+            p.memento_operator_operator().call_open(s, ctx)
+        })
+    }
+
+    /// Call `process` with a batch; returns the emitted events.
+    ///
+    /// # Errors
+    /// A [`RuntimeError`] naming the task and `process`.
+    pub fn process(&mut self, events: &[Event]) -> Result<Vec<Event>, RuntimeError> {
+        self.stats.process_calls += 1;
+        self.call(Phase::Process, |p, s| {
+            p.memento_operator_operator().call_process(s, events)
+        })
+    }
+
+    /// Call `close`; returns the final events.
+    ///
+    /// # Errors
+    /// A [`RuntimeError`] naming the task and `close`.
+    pub fn close(&mut self) -> Result<Vec<Event>, RuntimeError> {
+        self.call(Phase::Close, |p, s| p.memento_operator_operator().call_close(s))
+    }
+
+    /// Call `snapshot-state`; returns the canonical state bytes.
+    ///
+    /// # Errors
+    /// A [`RuntimeError`] naming the task and `snapshot-state`.
+    pub fn snapshot_state(&mut self) -> Result<Vec<u8>, RuntimeError> {
+        self.call(Phase::SnapshotState, |p, s| {
+            p.memento_operator_snapshot().call_snapshot_state(s)
+        })
+    }
+
+    /// Call `restore-state` with canonical state bytes.
+    ///
+    /// # Errors
+    /// A [`RuntimeError`] naming the task and `restore-state`.
+    pub fn restore_state(&mut self, state: &[u8]) -> Result<(), RuntimeError> {
+        self.call(Phase::RestoreState, |p, s| {
+            p.memento_operator_snapshot().call_restore_state(s, state)
+        })
+    }
+}
+
+/// The last thing the guest wrote to stderr, on one line: for a Rust guest,
+/// the panic message.
+fn last_stderr_message(stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    // A Rust panic prints "panicked at FILE:LINE:COL:\nMESSAGE\nnote: ...".
+    let start = text.rfind("panicked at").unwrap_or(0);
+    let msg: String = text[start..]
+        .lines()
+        .filter(|l| !l.starts_with("note:"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let msg = msg.trim();
+    let msg = if msg.len() > 500 {
+        let mut cut = 500;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        &msg[..cut]
+    } else {
+        msg
+    };
+    Some(format!("guest stderr: {msg}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_message_is_extracted_from_stderr() {
+        let err =
+            b"\nthread '<unnamed>' panicked at src/lib.rs:10:5:\nboom\nnote: run with `RUST_BACKTRACE=1`\n";
+        assert_eq!(
+            last_stderr_message(err).unwrap(),
+            "guest stderr: panicked at src/lib.rs:10:5: boom"
+        );
+        assert_eq!(last_stderr_message(b"  \n"), None);
+    }
+}

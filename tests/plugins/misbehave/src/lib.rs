@@ -1,0 +1,62 @@
+//! A test plugin that misbehaves in the way its config asks for; otherwise
+//! it passes events through. Used by the end-to-end tests only.
+//!
+//! Config `mode`:
+//! - `loop-in-process`: spin forever in `process` (deadline test)
+//! - `trap-in-process`: panic in `process` with message "boom"
+//! - `panic-in-open`: panic in `open`
+//! - `error-in-process`: return an error from `process`
+//! - `grow-in-process`: allocate 1 MiB more per call until the limit
+//! - `fail-after`: with config `calls = N`, trap on call N+1 of `process`
+//! - `none` (default): pass through
+
+use memento_guest::{Context, Error, Event, Operator, Output};
+use serde::{Deserialize, Serialize};
+
+#[derive(Default, Serialize, Deserialize)]
+pub struct Misbehave {
+    mode: String,
+    calls: u64,
+    fail_after: u64,
+    #[serde(skip)]
+    hoard: Vec<Vec<u8>>,
+}
+
+impl Operator for Misbehave {
+    fn open(ctx: &Context) -> Result<Self, Error> {
+        let mode = ctx.get("mode").unwrap_or("none").to_string();
+        if mode == "panic-in-open" {
+            panic!("refusing to open");
+        }
+        Ok(Misbehave {
+            fail_after: ctx.parse_or("calls", u64::MAX)?,
+            mode,
+            ..Default::default()
+        })
+    }
+
+    fn process(&mut self, event: Event, out: &mut Output) -> Result<(), Error> {
+        self.calls += 1;
+        match self.mode.as_str() {
+            "loop-in-process" => {
+                let mut x = 0u64;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "trap-in-process" => panic!("boom"),
+            "error-in-process" => {
+                return Err(format!("cannot handle event {}", event.timestamp).into());
+            }
+            "grow-in-process" => self.hoard.push(vec![1u8; 1 << 20]),
+            "fail-after" if self.calls > self.fail_after => {
+                panic!("failing after {} calls", self.fail_after)
+            }
+            _ => {}
+        }
+        out.push(event);
+        Ok(())
+    }
+}
+
+memento_guest::export_operator!(Misbehave);
