@@ -473,3 +473,17 @@ fn memory_limit_is_enforced() {
     assert!(err.contains("memory limit exceeded in `process`"), "{err}");
     assert!(err.contains("limit 8388608 bytes"), "{err}");
 }
+
+/// The job files in `examples/` stay valid and run.
+#[test]
+fn example_jobs_run() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for name in ["words.toml", "clicks.toml", "windows.toml"] {
+        let out = memento().arg("run").arg(examples.join(name)).output().unwrap();
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        if name == "clicks.toml" {
+            // 40 distinct events, 8 of them delivered twice.
+            assert_eq!(stdout(&out).lines().count(), 40, "{}", stdout(&out));
+        }
+    }
+}
