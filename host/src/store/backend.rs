@@ -1,0 +1,489 @@
+//! Where the bytes live: a small trait and the local-directory implementation.
+//!
+//! Everything above this module speaks in *keys*: relative `/`-separated
+//! paths such as `tenants/acme/blobs/ab/ab12...`. A backend stores whole
+//! objects under keys, atomically, and offers advisory locks. The contract is
+//! deliberately the intersection of a POSIX directory and an S3-compatible
+//! object store (put-if-absent, whole-object reads, prefix listing), so that
+//! a remote backend can be added without touching callers.
+//!
+//! [`LocalDir`] is the only implementation: all access goes through a
+//! `cap-std` directory handle, so no key can reach outside the store root
+//! (`..` and absolute paths are refused by the handle itself, and by
+//! [`check_key`] before that).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, File, OpenOptions};
+
+/// How [`Backend::put`] treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Replace it (used for content-addressed blobs, whose content is equal by
+    /// construction, and for counters).
+    Replace,
+    /// Leave it and report `false` (used for manifests: a committed snapshot
+    /// is never overwritten).
+    NoReplace,
+}
+
+/// Lock modes of [`Backend::lock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Many holders at once.
+    Shared,
+    /// One holder, no shared holders.
+    Exclusive,
+}
+
+/// A held lock; released when dropped (or when the process dies).
+pub trait LockGuard: Send + Sync + fmt::Debug {}
+
+/// Storage for the snapshot store.
+///
+/// Guarantees every implementation must give:
+/// * `put` is atomic: a reader sees the whole object or none of it, never a
+///   prefix, even if the process dies mid-write.
+/// * After `flush` returns, every `put` that returned before the call is
+///   durable (survives power loss), including the object's name.
+/// * Locks are released when their holder dies.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Reads the whole object. An absent object is an error of kind
+    /// `NotFound`.
+    fn read(&self, key: &str) -> io::Result<Vec<u8>>;
+
+    /// Size of the object in bytes, `None` if absent.
+    fn size(&self, key: &str) -> io::Result<Option<u64>>;
+
+    /// Stores `data` under `key` atomically. With `sync`, the bytes are durable
+    /// before the object becomes visible (its name becomes durable at the
+    /// next `flush`). Returns `false` if `mode` is `NoReplace` and the object
+    /// existed (nothing written).
+    fn put(&self, key: &str, data: &[u8], mode: PutMode, sync: bool) -> io::Result<bool>;
+
+    /// Makes every earlier `put` and `delete` durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Deletes the object; `false` if it did not exist.
+    fn delete(&self, key: &str) -> io::Result<bool>;
+
+    /// Names directly under the "directory" `prefix` (no trailing `/`), in no
+    /// particular order; empty if there is none.
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
+
+    /// Takes an advisory lock named `key`; with `timeout` `None` it waits
+    /// indefinitely, otherwise it gives up after the timeout and returns
+    /// `Ok(None)`.
+    fn lock(
+        &self,
+        key: &str,
+        mode: LockMode,
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<Box<dyn LockGuard>>>;
+
+    /// Removes temporary files left behind by dead writers (this process's
+    /// live writers and other live processes are left alone). Returns how
+    /// many were removed.
+    fn remove_stale_temp(&self) -> io::Result<usize>;
+}
+
+/// Rejects keys that are empty, absolute or contain `.`/`..`/empty
+/// components or NUL. Callers build keys from validated names; this is the
+/// second line of defence.
+pub fn check_key(key: &str) -> io::Result<()> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key.contains('\0')
+        || key.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid store key {key:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Directory of temporary files, relative to the root.
+const TMP_DIR: &str = "tmp";
+
+/// The local-directory backend.
+///
+/// Temporary files go to `tmp/` under the root (same filesystem, so `rename`
+/// is atomic) and are named after this instance's *owner lock*
+/// `tmp/<pid>-<nonce>.owner`, which it holds exclusively for its lifetime.
+/// [`Backend::remove_stale_temp`] deletes temporaries only of owners whose
+/// lock it can take, i.e. owners that are gone.
+pub struct LocalDir {
+    root: Dir,
+    /// Prefix of this instance's temporary file names (`<pid>-<nonce>`).
+    owner: String,
+    /// Held for the lifetime of the backend; see the type's doc.
+    _owner_lock: File,
+    next_tmp: AtomicU64,
+    /// Directories with renames or deletes not yet fsynced.
+    dirty_dirs: Mutex<BTreeSet<String>>,
+}
+
+impl fmt::Debug for LocalDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalDir").field("owner", &self.owner).finish()
+    }
+}
+
+#[derive(Debug)]
+struct FlockGuard(#[allow(dead_code)] File);
+impl LockGuard for FlockGuard {}
+
+fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
+    // SAFETY: flock on a valid, owned descriptor has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+fn parent_of(key: &str) -> &str {
+    key.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+impl LocalDir {
+    /// Opens (creating if missing) the directory `path` as a store root.
+    ///
+    /// # Errors
+    /// Any I/O error creating or opening the directory.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Dir::create_ambient_dir_all(path, ambient_authority())?;
+        let root = Dir::open_ambient_dir(path, ambient_authority())?;
+        root.create_dir_all(TMP_DIR)?;
+        static NONCE: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let owner = format!(
+            "{}-{:x}{:x}",
+            std::process::id(),
+            nanos,
+            NONCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let lock = root.open_with(
+            format!("{TMP_DIR}/{owner}.owner"),
+            OpenOptions::new().write(true).create(true),
+        )?;
+        flock(&lock, libc::LOCK_EX)?;
+        Ok(LocalDir {
+            root,
+            owner,
+            _owner_lock: lock,
+            next_tmp: AtomicU64::new(0),
+            dirty_dirs: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn mark_dirty(&self, dir: &str) {
+        self.dirty_dirs.lock().unwrap().insert(dir.to_string());
+    }
+
+    fn fsync_dir(&self, dir: &str) -> io::Result<()> {
+        // cap-std opens directories O_PATH, which cannot be fsynced; open the
+        // directory for reading instead.
+        let path = if dir.is_empty() { "." } else { dir };
+        let d = self.root.open_with(path, OpenOptions::new().read(true))?;
+        d.sync_all()
+    }
+
+    /// Creates `dir` and its missing parents, recording each created level's
+    /// parent as dirty so the new names become durable at the next flush.
+    fn create_dirs(&self, dir: &str) -> io::Result<()> {
+        let mut at = String::new();
+        for comp in dir.split('/') {
+            let parent = at.clone();
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(comp);
+            match self.root.create_dir(&at) {
+                Ok(()) => self.mark_dirty(&parent),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_temp(&self, data: &[u8], sync: bool) -> io::Result<String> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = format!("{TMP_DIR}/{}-{n}.tmp", self.owner);
+        let mut f = self
+            .root
+            .open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
+        let result = f
+            .write_all(data)
+            .and_then(|()| if sync { f.sync_data() } else { Ok(()) });
+        if let Err(e) = result {
+            let _ = self.root.remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(tmp)
+    }
+
+    fn install(&self, tmp: &str, key: &str, mode: PutMode) -> io::Result<bool> {
+        match mode {
+            PutMode::Replace => self.root.rename(tmp, &self.root, key).map(|()| true),
+            // link(2) fails if the target exists: an atomic put-if-absent.
+            PutMode::NoReplace => match self.root.hard_link(tmp, &self.root, key) {
+                Ok(()) => {
+                    self.root.remove_file(tmp)?;
+                    Ok(true)
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    self.root.remove_file(tmp)?;
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+impl Backend for LocalDir {
+    fn read(&self, key: &str) -> io::Result<Vec<u8>> {
+        check_key(key)?;
+        self.root.read(key)
+    }
+
+    fn size(&self, key: &str) -> io::Result<Option<u64>> {
+        check_key(key)?;
+        match self.root.metadata(key) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put(&self, key: &str, data: &[u8], mode: PutMode, sync: bool) -> io::Result<bool> {
+        check_key(key)?;
+        let tmp = self.write_temp(data, sync)?;
+        let parent = parent_of(key);
+        let installed = match self.install(&tmp, key, mode) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !parent.is_empty() => {
+                self.create_dirs(parent)?;
+                self.install(&tmp, key, mode)
+            }
+            other => other,
+        };
+        match installed {
+            Ok(done) => {
+                if done {
+                    self.mark_dirty(parent);
+                }
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = self.root.remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let dirs = std::mem::take(&mut *self.dirty_dirs.lock().unwrap());
+        // Deepest first, so that a created directory is synced before the
+        // entry naming it in its parent.
+        for dir in dirs.iter().rev() {
+            if let Err(e) = self.fsync_dir(dir) {
+                if e.kind() == io::ErrorKind::NotFound {
+                    continue; // removed meanwhile (nothing to make durable)
+                }
+                // Put the rest back so a later flush retries them.
+                self.dirty_dirs.lock().unwrap().extend(dirs.iter().cloned());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, key: &str) -> io::Result<bool> {
+        check_key(key)?;
+        match self.root.remove_file(key) {
+            Ok(()) => {
+                self.mark_dirty(parent_of(key));
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        check_key(prefix)?;
+        let entries = match self.root.read_dir(prefix) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            if let Ok(name) = entry.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn lock(
+        &self,
+        key: &str,
+        mode: LockMode,
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<Box<dyn LockGuard>>> {
+        check_key(key)?;
+        let open = || {
+            self.root
+                .open_with(key, OpenOptions::new().write(true).create(true))
+        };
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_dirs(parent_of(key))?;
+                open()?
+            }
+            other => other?,
+        };
+        let op = match mode {
+            LockMode::Shared => libc::LOCK_SH,
+            LockMode::Exclusive => libc::LOCK_EX,
+        };
+        let Some(timeout) = timeout else {
+            flock(&file, op)?;
+            return Ok(Some(Box::new(FlockGuard(file))));
+        };
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if flock(&file, op | libc::LOCK_NB)? {
+                return Ok(Some(Box::new(FlockGuard(file))));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    fn remove_stale_temp(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        let names = self.list(TMP_DIR)?;
+        let dead_owners: Vec<&str> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(".owner"))
+            .filter(|owner| *owner != self.owner)
+            .filter(|owner| {
+                let path = format!("{TMP_DIR}/{owner}.owner");
+                match self.root.open_with(&path, OpenOptions::new().write(true)) {
+                    // Taking the lock means its holder is gone. We keep it
+                    // until the owner file is deleted below.
+                    Ok(f) => flock(&f, libc::LOCK_EX | libc::LOCK_NB).unwrap_or(false),
+                    Err(_) => false,
+                }
+            })
+            .collect();
+        for name in &names {
+            let Some(stem) = name.strip_suffix(".tmp") else {
+                continue;
+            };
+            // `<owner>-<n>.tmp`: the owner is everything before the last '-'.
+            let owner = stem.rsplit_once('-').map_or("", |(o, _)| o);
+            if dead_owners.contains(&owner)
+                && self.root.remove_file(format!("{TMP_DIR}/{name}")).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        for owner in dead_owners {
+            let _ = self.root.remove_file(format!("{TMP_DIR}/{owner}.owner"));
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked() {
+        for bad in ["", "/abs", "a/../b", "..", "a//b", "a/./b", "a\0b", "a/"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+        check_key("tenants/a/blobs/ab/cd").unwrap();
+    }
+
+    #[test]
+    fn put_read_list_delete_and_no_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::open(dir.path()).unwrap();
+        assert!(b.put("x/y/z", b"one", PutMode::NoReplace, true).unwrap());
+        assert!(!b.put("x/y/z", b"two", PutMode::NoReplace, true).unwrap());
+        assert_eq!(b.read("x/y/z").unwrap(), b"one");
+        assert!(b.put("x/y/z", b"three", PutMode::Replace, false).unwrap());
+        assert_eq!(b.read("x/y/z").unwrap(), b"three");
+        assert_eq!(b.size("x/y/z").unwrap(), Some(5));
+        assert_eq!(b.size("x/y/q").unwrap(), None);
+        b.flush().unwrap();
+        assert_eq!(b.list("x/y").unwrap(), vec!["z".to_string()]);
+        assert!(b.list("nope").unwrap().is_empty());
+        assert!(b.delete("x/y/z").unwrap());
+        assert!(!b.delete("x/y/z").unwrap());
+        b.flush().unwrap();
+        // Only this instance's owner file remains in tmp/.
+        assert_eq!(b.list("tmp").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn stale_temp_files_of_dead_owners_only_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = LocalDir::open(dir.path()).unwrap();
+        let live_tmp = live.write_temp(b"in flight", false).unwrap();
+        // A "dead" owner: an owner file nobody holds, plus its temporaries.
+        std::fs::write(dir.path().join("tmp/1-dead.owner"), b"").unwrap();
+        std::fs::write(dir.path().join("tmp/1-dead-0.tmp"), b"x").unwrap();
+        std::fs::write(dir.path().join("tmp/1-dead-1.tmp"), b"x").unwrap();
+        let other = LocalDir::open(dir.path()).unwrap();
+        assert_eq!(other.remove_stale_temp().unwrap(), 2);
+        assert!(dir.path().join(&live_tmp).exists());
+        assert!(!dir.path().join("tmp/1-dead.owner").exists());
+    }
+
+    #[test]
+    fn exclusive_lock_excludes_shared_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::open(dir.path()).unwrap();
+        let shared = b.lock("locks/w", LockMode::Shared, None).unwrap().unwrap();
+        let none = b
+            .lock("locks/w", LockMode::Exclusive, Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(none.is_none());
+        drop(shared);
+        assert!(
+            b.lock("locks/w", LockMode::Exclusive, Some(Duration::from_millis(20)))
+                .unwrap()
+                .is_some()
+        );
+    }
+}

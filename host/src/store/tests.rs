@@ -1,0 +1,733 @@
+//! Unit tests of the store through its public API (format, chunking, GC,
+//! tenancy, quotas, integrity errors).
+
+use super::*;
+use std::path::PathBuf;
+
+fn opts() -> StoreOptions {
+    // No fsync: these tests are about logic, not power loss.
+    StoreOptions {
+        sync: false,
+        threads: 2,
+        ..StoreOptions::default()
+    }
+}
+
+fn open(dir: &Path) -> TenantStore {
+    Store::open(dir, opts()).unwrap().tenant("t1").unwrap()
+}
+
+fn job(name: &str) -> JobName {
+    JobName::new(name).unwrap()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Commits one canonical task with `state` as snapshot of `job`.
+fn commit_canonical(t: &TenantStore, job_name: &str, state: &[u8]) -> (SnapshotId, Vec<ChunkRef>) {
+    let j = job(job_name);
+    let n = t.next_snapshot_number(&j).unwrap();
+    let mut w = t.begin(&j, n).unwrap();
+    let chunks = w.put_chunks_cdc(state).unwrap();
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: state.len() as u64,
+            chunks: chunks.clone(),
+        },
+    });
+    (w.commit(m).unwrap(), chunks)
+}
+
+fn blob_files(dir: &Path, tenant: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let root = dir.join("tenants").join(tenant).join("blobs");
+    for fan in std::fs::read_dir(root).into_iter().flatten() {
+        for f in std::fs::read_dir(fan.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out
+}
+
+#[test]
+fn commit_then_read_back_and_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let state = noise(1, 3 << 20);
+    let (id, chunks) = commit_canonical(&t, "j", &state);
+    assert_eq!(id.to_string(), "j-000001");
+    assert!(chunks.len() > 3, "FastCDC should cut 3 MiB into several chunks");
+    let back = t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap();
+    assert_eq!(back, state);
+    let m = t.get(&id).unwrap();
+    assert_eq!(m.figures.logical_bytes, state.len() as u64);
+    assert_eq!(m.figures.new_bytes, state.len() as u64);
+    assert_eq!(m.figures.chunks_new, chunks.len() as u64);
+    let (id2, _) = commit_canonical(&t, "j", &state);
+    assert_eq!(id2.number(), 2);
+    assert_eq!(
+        t.get(&id2).unwrap().figures.new_bytes,
+        0,
+        "identical state dedupes"
+    );
+    let listed: Vec<_> = t
+        .list(&ListFilter::all())
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(listed, vec![id.clone(), id2.clone()]);
+    assert_eq!(t.latest(&job("j")).unwrap().unwrap().id, id2);
+    assert!(t.latest(&job("other")).unwrap().is_none());
+}
+
+#[test]
+fn snapshot_numbers_are_monotonic_across_deletes_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let (a, _) = commit_canonical(&t, "j", b"a");
+    let (b, _) = commit_canonical(&t, "j", b"b");
+    t.delete(&b).unwrap();
+    t.delete(&a).unwrap();
+    let t = open(dir.path());
+    assert_eq!(t.next_snapshot_number(&job("j")).unwrap(), 3);
+    assert_eq!(t.next_snapshot_number(&job("k")).unwrap(), 1);
+    // A number committed without the counter (as import may) is not reissued.
+    let w = t.begin(&job("k"), 10).unwrap();
+    let m = w.manifest(SnapshotKind::Savepoint, Trigger::Manual, StateFormat::Canonical);
+    w.commit(m).unwrap();
+    assert_eq!(t.next_snapshot_number(&job("k")).unwrap(), 11);
+}
+
+#[test]
+fn list_filters_by_job_and_kind_and_orders_numerically() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    for (j, kind) in [
+        ("b", SnapshotKind::Checkpoint),
+        ("a", SnapshotKind::Savepoint),
+        ("a", SnapshotKind::Checkpoint),
+        ("b", SnapshotKind::Savepoint),
+    ] {
+        let jn = job(j);
+        let n = t.next_snapshot_number(&jn).unwrap();
+        let w = t.begin(&jn, n).unwrap();
+        let m = w.manifest(kind, Trigger::Manual, StateFormat::Canonical);
+        w.commit(m).unwrap();
+    }
+    let ids =
+        |f: &ListFilter| -> Vec<String> { t.list(f).unwrap().iter().map(|m| m.id.to_string()).collect() };
+    assert_eq!(
+        ids(&ListFilter::all()),
+        ["a-000001", "a-000002", "b-000001", "b-000002"]
+    );
+    assert_eq!(ids(&ListFilter::job(&job("b"))), ["b-000001", "b-000002"]);
+    assert_eq!(
+        ids(&ListFilter::all().kind(SnapshotKind::Savepoint)),
+        ["a-000001", "b-000002"]
+    );
+}
+
+#[test]
+fn expired_answers_count_and_age_and_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let j = job("j");
+    for age_days in [40u64, 30, 20, 10, 0] {
+        let n = t.next_snapshot_number(&j).unwrap();
+        let w = t.begin(&j, n).unwrap();
+        let mut m = w.manifest(SnapshotKind::Savepoint, Trigger::Periodic, StateFormat::Canonical);
+        m.created_at_ms = 100 * 86_400_000 - age_days * 86_400_000;
+        w.commit(m).unwrap();
+    }
+    let now = 100 * 86_400_000;
+    let names = |v: Vec<SnapshotId>| v.iter().map(|i| i.number()).collect::<Vec<_>>();
+    let by_count = t
+        .expired(&j, SnapshotKind::Savepoint, Some(2), None, now)
+        .unwrap();
+    assert_eq!(names(by_count), [1, 2, 3]);
+    let day = Duration::from_secs(86_400);
+    let by_age = t
+        .expired(&j, SnapshotKind::Savepoint, None, Some(day * 25), now)
+        .unwrap();
+    assert_eq!(names(by_age), [1, 2]);
+    let all_old = t
+        .expired(&j, SnapshotKind::Savepoint, None, Some(Duration::ZERO), now + 1)
+        .unwrap();
+    assert_eq!(names(all_old), [1, 2, 3, 4], "the newest is always kept");
+    assert!(
+        t.expired(&j, SnapshotKind::Checkpoint, Some(1), None, now)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn fastcdc_insertion_shares_later_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let state = noise(7, 4 << 20);
+    let (_, before) = commit_canonical(&t, "j", &state);
+    let mut edited = state.clone();
+    let at = state.len() / 3;
+    edited.splice(at..at, b"inserted bytes".iter().copied());
+    let (id, after) = commit_canonical(&t, "j", &edited);
+    let old: HashSet<_> = before.iter().collect();
+    let shared = after.iter().filter(|c| old.contains(c)).count();
+    assert!(
+        shared + 3 >= after.len(),
+        "an insertion should rewrite at most ~2 chunks; shared {shared} of {}",
+        after.len()
+    );
+    let m = t.get(&id).unwrap();
+    assert!(m.figures.new_bytes < (3 * CDC_MAX) as u64, "{:?}", m.figures);
+}
+
+#[test]
+fn zero_chunks_are_not_stored_and_read_back_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let j = job("j");
+    let mut w = t.begin(&j, 1).unwrap();
+    let mut image = vec![0u8; 1 << 20];
+    image[300_000] = 1; // one non-zero byte in the second 256 KiB chunk
+    let chunks = w.put_chunks_fixed(&image, 256 * 1024).unwrap();
+    assert_eq!(chunks.len(), 4);
+    assert_eq!(chunks.iter().filter(|c| c.blob().is_some()).count(), 1);
+    assert_eq!(chunks[0], ChunkRef::Zero { zero: 256 * 1024 });
+    let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Native);
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Native {
+            memories: vec![MemoryImage {
+                index: 0,
+                size: image.len() as u64,
+                chunk_size: 256 * 1024,
+                chunks: chunks.clone(),
+            }],
+            extra: serde_json::Value::Null,
+        },
+    });
+    let id = w.commit(m).unwrap();
+    assert_eq!(blob_files(dir.path(), "t1").len(), 1);
+    assert_eq!(
+        t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap(),
+        image
+    );
+}
+
+#[test]
+fn incremental_change_of_one_chunk_writes_one_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let j = job("j");
+    let chunk = 64 * 1024;
+    let mut image = noise(3, 64 * chunk);
+    let mut w = t.begin(&j, 1).unwrap();
+    w.put_chunks_fixed(&image, chunk).unwrap();
+    w.abort();
+    image[10 * chunk + 5] ^= 0xff;
+    let mut w = t.begin(&j, 2).unwrap();
+    let refs = w.put_chunks_fixed(&image, chunk).unwrap();
+    assert_eq!(refs.len(), 64);
+    let m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Native);
+    w.commit(m).unwrap();
+    let m = t.get(&SnapshotId::new(j, 2)).unwrap();
+    assert_eq!(m.figures.chunks_new, 1);
+    assert_eq!(m.figures.new_bytes, chunk as u64);
+}
+
+#[test]
+fn gc_removes_unreferenced_keeps_referenced_and_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    // Below CDC_MIN: one blob each.
+    let (keep, keep_chunks) = commit_canonical(&t, "j", &noise(1, 50_000));
+    let (gone, _) = commit_canonical(&t, "j", &noise(2, 50_000));
+    t.delete(&gone).unwrap();
+    // An aborted writer's blob: garbage.
+    let mut w = t.begin(&job("j"), 50).unwrap();
+    w.put_chunk(b"aborted").unwrap();
+    w.abort();
+    // An in-progress writer's blob: pinned, although no manifest has it.
+    let mut pending = t.begin(&job("j"), 60).unwrap();
+    let pinned = pending.put_chunk(b"in progress").unwrap();
+    // GC would wait for `pending`; shorten the wait to see it refuse.
+    let hurried = Store::open(
+        dir.path(),
+        StoreOptions {
+            gc_wait: Duration::from_millis(100),
+            ..opts()
+        },
+    )
+    .unwrap()
+    .tenant("t1")
+    .unwrap();
+    let err = hurried.gc().unwrap_err();
+    assert!(err.to_string().contains("waited"), "{err}");
+    assert_eq!(blob_files(dir.path(), "t1").len(), 4, "nothing deleted");
+
+    // Commit on another thread once GC is waiting: GC must keep its blob.
+    let committer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut m = pending.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Canonical);
+        m.tasks.push(TaskState {
+            key: TaskKey::new("op", 0),
+            state: TaskStateData::Canonical {
+                len: pinned.len(),
+                chunks: vec![pinned],
+            },
+        });
+        pending.commit(m).unwrap()
+    });
+    let report = t.gc().unwrap();
+    let pending_id = committer.join().unwrap();
+    assert_eq!(report.blobs_removed, 2, "{report:?}");
+    assert_eq!(report.snapshots, 2, "{report:?}");
+    assert!(report.bytes_freed > 0);
+    assert_eq!(
+        t.read_chunks(&keep, &TaskKey::new("op", 0), &keep_chunks)
+            .unwrap(),
+        noise(1, 50_000)
+    );
+    assert_eq!(
+        t.read_chunks(&pending_id, &TaskKey::new("op", 0), &[pinned])
+            .unwrap(),
+        b"in progress"
+    );
+    assert!(t.fsck().unwrap().is_clean());
+    assert_eq!(t.gc().unwrap().blobs_removed, 0);
+}
+
+#[test]
+fn gc_refuses_when_a_manifest_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let (id, _) = commit_canonical(&t, "j", b"state");
+    let path = dir.path().join("tenants/t1/snapshots/j/j-000001.json");
+    std::fs::write(&path, b"{ not json").unwrap();
+    let err = t.gc().unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("manifest of snapshot j-000001 is corrupt"),
+        "{err}"
+    );
+    assert_eq!(blob_files(dir.path(), "t1").len(), 1, "nothing deleted");
+    let err = t.get(&id).unwrap_err();
+    assert!(matches!(err, StoreError::CorruptManifest { .. }), "{err}");
+}
+
+#[test]
+fn commit_refuses_references_to_missing_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let w = t.begin(&job("j"), 1).unwrap();
+    let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Canonical);
+    let ghost = BlobHash::of(b"never written");
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 3),
+        state: TaskStateData::Canonical {
+            len: 13,
+            chunks: vec![ChunkRef::Blob { blob: ghost, len: 13 }],
+        },
+    });
+    let err = w.commit(m).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot commit snapshot j-000001: task op[3], chunk 0 references blob {ghost}, which is not in the store"
+        )
+    );
+    assert!(t.list(&ListFilter::all()).unwrap().is_empty());
+}
+
+#[test]
+fn commit_refuses_a_foreign_manifest_and_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let w = t.begin(&job("j"), 1).unwrap();
+    let m = Manifest::new(
+        job("j"),
+        2,
+        SnapshotKind::Checkpoint,
+        Trigger::Manual,
+        StateFormat::Canonical,
+    );
+    let err = w.commit(m).unwrap_err();
+    assert!(err.to_string().contains("manifest is for j-000002"), "{err}");
+    commit_canonical(&t, "j", b"x");
+    let err = t.begin(&job("j"), 1).unwrap_err();
+    assert_eq!(err.to_string(), "snapshot j-000001 already exists (tenant t1)");
+}
+
+#[test]
+fn tenants_cannot_see_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let a = store.tenant("alice").unwrap();
+    let b = store.tenant("bob").unwrap();
+    let (id, chunks) = commit_canonical(&a, "j", b"alice's secret");
+    assert!(b.list(&ListFilter::all()).unwrap().is_empty());
+    assert!(b.latest(&job("j")).unwrap().is_none());
+    let err = b.get(&id).unwrap_err();
+    assert_eq!(err.to_string(), "snapshot j-000001 not found (tenant bob)");
+    assert!(b.delete(&id).unwrap_err().is_not_found());
+    // Even knowing the exact chunk hashes, bob reads nothing of alice's.
+    assert!(
+        b.read_chunks(&id, &TaskKey::new("op", 0), &chunks)
+            .unwrap_err()
+            .is_not_found()
+    );
+    let w = b.begin(&job("j"), 1).unwrap();
+    let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Canonical);
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: 14,
+            chunks: chunks.clone(),
+        },
+    });
+    assert!(matches!(
+        w.commit(m).unwrap_err(),
+        StoreError::MissingBlobAtCommit { .. }
+    ));
+    assert_eq!(b.gc().unwrap().blobs_removed, 0);
+    a.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap();
+    assert_eq!(
+        store.tenants().unwrap(),
+        [TenantName::new("alice").unwrap(), TenantName::new("bob").unwrap()]
+    );
+    assert!(store.tenant("../alice").is_err());
+}
+
+#[test]
+fn quota_is_enforced_at_commit_and_counts_shared_blobs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            quota_bytes: Some(300_000),
+            compression: Compression::None,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let t = store.tenant("small").unwrap();
+    let state = noise(1, 200_000);
+    commit_canonical(&t, "j", &state);
+    let used = t.usage_bytes().unwrap();
+    assert!((200_000..201_000).contains(&used), "{used}");
+    // The same state again shares every blob: no extra usage.
+    commit_canonical(&t, "j", &state);
+    assert_eq!(t.usage_bytes().unwrap(), used);
+    // New state of 200 KB does not fit.
+    let j = job("j");
+    let n = t.next_snapshot_number(&j).unwrap();
+    let mut w = t.begin(&j, n).unwrap();
+    let bytes = noise(2, 200_000);
+    let chunks = w.put_chunks_cdc(&bytes).unwrap();
+    let mut m = w.manifest(SnapshotKind::Savepoint, Trigger::Manual, StateFormat::Canonical);
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical { len: 200_000, chunks },
+    });
+    let err = w.commit(m).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("quota exceeded for tenant small: committing snapshot j-000003 would use 4"),
+        "{msg}"
+    );
+    assert!(msg.contains("the quota is 300000 bytes"), "{msg}");
+    assert_eq!(t.list(&ListFilter::all()).unwrap().len(), 2);
+    // Deleting frees quota.
+    for m in t.list(&ListFilter::all()).unwrap() {
+        t.delete(&m.id).unwrap();
+    }
+    assert_eq!(t.usage_bytes().unwrap(), 0);
+}
+
+#[test]
+fn corrupt_and_missing_blobs_name_snapshot_task_chunk_and_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let (older, _) = commit_canonical(&t, "j", &noise(1, 50_000));
+    let state = noise(2, 600_000);
+    let (id, chunks) = commit_canonical(&t, "j", &state);
+    let victim = chunks[1].blob().unwrap();
+    let path = dir.path().join("tenants/t1").join(victim.rel_path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "snapshot j-000002, task op[0], chunk 1 (blob {victim}): "
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("; the next older intact snapshot is j-000001"),
+        "{msg}"
+    );
+    assert!(msg.contains("corrupt") || msg.contains("decompress"), "{msg}");
+
+    std::fs::remove_file(&path).unwrap();
+    let err = t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap_err();
+    assert!(err.to_string().contains("chunk 1 (blob"), "{err}");
+    assert!(err.to_string().contains("blob is missing"), "{err}");
+
+    let report = t.fsck().unwrap();
+    assert!(!report.is_clean());
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].id, "j-000002");
+    assert!(
+        report.damaged[0].problems[0].contains("task op[0], chunk 1"),
+        "{report:?}"
+    );
+    assert_eq!(t.next_intact_before(&id).unwrap(), Some(older));
+}
+
+#[test]
+fn fsck_reports_corrupt_manifests_and_stray_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    commit_canonical(&t, "j", b"one");
+    commit_canonical(&t, "j", b"two");
+    assert!(t.fsck().unwrap().is_clean());
+    let snap = dir.path().join("tenants/t1/snapshots/j");
+    std::fs::write(snap.join("j-000002.json"), br#"{"schema_version": 9}"#).unwrap();
+    std::fs::write(snap.join("notes.txt"), b"hi").unwrap();
+    let report = t.fsck().unwrap();
+    assert_eq!(report.snapshots_checked, 2);
+    assert_eq!(report.damaged.len(), 1);
+    assert!(
+        report.damaged[0].problems[0].contains("schema version 9"),
+        "{report:?}"
+    );
+    assert!(report.stray_files.iter().any(|f| f.ends_with("notes.txt")));
+    assert_eq!(report.unreferenced_blobs, 1, "two's blob is unreferenced now");
+    // list skips what does not read; latest falls back to the older one.
+    assert_eq!(t.list(&ListFilter::all()).unwrap().len(), 1);
+    assert_eq!(t.latest(&job("j")).unwrap().unwrap().number, 1);
+}
+
+#[test]
+fn reopening_removes_temp_files_of_dead_writers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    commit_canonical(&t, "j", b"x");
+    std::fs::write(dir.path().join("tmp/999-gone.owner"), b"").unwrap();
+    std::fs::write(dir.path().join("tmp/999-gone-0.tmp"), b"half a blob").unwrap();
+    let _t2 = open(dir.path());
+    assert!(!dir.path().join("tmp/999-gone-0.tmp").exists());
+}
+
+#[test]
+fn store_file_version_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path(), opts()).unwrap();
+    std::fs::write(
+        dir.path().join("store.json"),
+        br#"{"format":"memento-store","version":7}"#,
+    )
+    .unwrap();
+    let err = Store::open(dir.path(), opts()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("store layout version 7 (this build reads 1)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn export_import_round_trip_dedupes_and_verifies() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let src = open(src_dir.path());
+    let state = noise(5, 1 << 20);
+    let (id, chunks) = commit_canonical(&src, "j", &state);
+    let mut archive = Vec::new();
+    let mut calls = 0;
+    let summary = src
+        .export(&id, &mut archive, "mem", &mut |p| {
+            calls += 1;
+            assert!(p.done_bytes <= p.total_bytes.unwrap());
+        })
+        .unwrap();
+    assert_eq!(summary.archive_bytes, archive.len() as u64);
+    assert!(calls >= chunks.len());
+
+    let dst = open(dst_dir.path());
+    commit_canonical(&dst, "j", b"something else first");
+    let imported = dst
+        .import(&mut archive.as_slice(), "mem", None, &mut |_| {})
+        .unwrap();
+    assert_eq!(imported.id.to_string(), "j-000002");
+    assert_eq!(imported.blobs_new, chunks.len());
+    let m = dst.get(&imported.id).unwrap();
+    assert_eq!(m.trigger, Trigger::Import);
+    assert_eq!(m.extra["imported_from"]["id"], "j-000001");
+    assert_eq!(
+        dst.read_chunks(&imported.id, &TaskKey::new("op", 0), &chunks)
+            .unwrap(),
+        state
+    );
+    // Importing again writes no blob.
+    let again = dst
+        .import(&mut archive.as_slice(), "mem", None, &mut |_| {})
+        .unwrap();
+    assert_eq!(again.blobs_new, 0);
+
+    // Damage: truncated, flipped byte, wrong magic.
+    let err = dst
+        .import(&mut &archive[..archive.len() - 10], "cut.arc", None, &mut |_| {})
+        .unwrap_err();
+    assert!(err.to_string().starts_with("archive cut.arc: truncated"), "{err}");
+    let mut flipped = archive.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 1;
+    let err = dst
+        .import(&mut flipped.as_slice(), "bad.arc", None, &mut |_| {})
+        .unwrap_err();
+    assert!(err.to_string().starts_with("archive bad.arc: "), "{err}");
+    let err = dst
+        .import(&mut &b"hello world, not an archive"[..], "x", None, &mut |_| {})
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "archive x: not a memento snapshot archive (bad magic)"
+    );
+    assert_eq!(
+        dst.list(&ListFilter::all()).unwrap().len(),
+        3,
+        "no snapshot from bad archives"
+    );
+}
+
+#[test]
+fn blob_writer_is_usable_from_many_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let mut w = t.begin(&job("j"), 1).unwrap();
+    let bw = w.blob_writer();
+    let refs: Vec<Vec<ChunkRef>> = std::thread::scope(|s| {
+        (0..4u64)
+            .map(|i| {
+                let bw = bw.clone();
+                s.spawn(move || bw.put_chunks_fixed(&noise(i, 1 << 20), 128 * 1024).unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Native);
+    for (i, chunks) in refs.iter().enumerate() {
+        m.tasks.push(TaskState {
+            key: TaskKey::new("op", i as u32),
+            state: TaskStateData::Native {
+                memories: vec![MemoryImage {
+                    index: 0,
+                    size: 1 << 20,
+                    chunk_size: 128 * 1024,
+                    chunks: chunks.clone(),
+                }],
+                extra: serde_json::Value::Null,
+            },
+        });
+    }
+    let id = w.put_chunk(b"x").and_then(|_| w.commit(m)).unwrap();
+    assert!(bw.put_chunk(b"late").is_err(), "puts after commit fail");
+    for (i, chunks) in refs.iter().enumerate() {
+        let back = t.read_chunks(&id, &TaskKey::new("op", i as u32), chunks).unwrap();
+        assert_eq!(back, noise(i as u64, 1 << 20));
+    }
+}
+
+#[test]
+fn gc_concurrent_with_writers_is_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let committed: Mutex<Vec<(SnapshotId, Vec<ChunkRef>, u64)>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for w in 0..3u64 {
+            let (t, committed) = (&t, &committed);
+            s.spawn(move || {
+                let j = job(&format!("job{w}"));
+                for i in 0..25u64 {
+                    let seed = w * 1000 + i;
+                    // Half the state repeats across snapshots (dedup against
+                    // blobs that GC sees as candidates), half is new.
+                    let mut state = noise(w, 300_000);
+                    state.extend(noise(seed, 100_000));
+                    let n = t.next_snapshot_number(&j).unwrap();
+                    let mut wr = t.begin(&j, n).unwrap();
+                    let chunks = wr.put_chunks_fixed(&state, 64 * 1024).unwrap();
+                    let mut m = wr.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Native);
+                    m.tasks.push(TaskState {
+                        key: TaskKey::new("op", 0),
+                        state: TaskStateData::Native {
+                            memories: vec![MemoryImage {
+                                index: 0,
+                                size: state.len() as u64,
+                                chunk_size: 64 * 1024,
+                                chunks: chunks.clone(),
+                            }],
+                            extra: serde_json::Value::Null,
+                        },
+                    });
+                    let id = wr.commit(m).unwrap();
+                    // Keep only every other snapshot: deleted ones give GC work.
+                    if i % 2 == 0 {
+                        t.delete(&id).unwrap();
+                    } else {
+                        committed.lock().unwrap().push((id, chunks, seed));
+                    }
+                }
+            });
+        }
+        s.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || runs < 3 {
+                t.gc().unwrap();
+                runs += 1;
+            }
+        });
+        // Writers are the first three spawns; stop GC once they are done.
+        while committed.lock().unwrap().len() < 3 * 12 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    t.gc().unwrap();
+    let committed = committed.into_inner().unwrap();
+    assert_eq!(committed.len(), 36);
+    for (id, chunks, seed) in committed {
+        let w = seed / 1000;
+        let mut state = noise(w, 300_000);
+        state.extend(noise(seed, 100_000));
+        let back = t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap();
+        assert!(back == state, "{id} differs");
+    }
+    assert!(t.fsck().unwrap().is_clean());
+}
