@@ -52,6 +52,9 @@ fn parts(dir: &Path) -> BTreeMap<String, Vec<(String, String)>> {
     let mut all = BTreeMap::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with('.') {
+            continue; // the sink's staging directory
+        }
         let lines = std::fs::read_to_string(&path)
             .unwrap()
             .lines()
@@ -117,8 +120,8 @@ path = "out"
         }
     }
     let parts = parts(&dir.path().join("out"));
-    assert_eq!(parts.keys().collect::<Vec<_>>(), vec!["part-00000"]);
-    let lines = &parts["part-00000"];
+    assert_eq!(parts.keys().collect::<Vec<_>>(), vec!["part-00000-000000"]);
+    let lines = &parts["part-00000-000000"];
     let total: u64 = expected_final.values().sum();
     assert_eq!(lines.len() as u64, total);
     let mut progress: BTreeMap<String, u64> = BTreeMap::new();
@@ -478,12 +481,39 @@ fn memory_limit_is_enforced() {
 #[test]
 fn example_jobs_run() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let state = tempfile::tempdir().unwrap();
     for name in ["words.toml", "clicks.toml", "windows.toml"] {
-        let out = memento().arg("run").arg(examples.join(name)).output().unwrap();
+        let out = memento()
+            .arg("run")
+            .arg(examples.join(name))
+            .arg("--state-dir")
+            .arg(state.path())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         if name == "clicks.toml" {
             // 40 distinct events, 8 of them delivered twice.
             assert_eq!(stdout(&out).lines().count(), 40, "{}", stdout(&out));
         }
     }
+}
+
+/// Guest log lines reach the host's log with the task's coordinates.
+#[test]
+fn plugin_logs_carry_job_operator_and_task() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("job.toml"), misbehave_job("none", "")).unwrap();
+    let out = memento()
+        .arg("run")
+        .arg(dir.path().join("job.toml"))
+        .env("MEMENTO_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    let line = log.lines().find(|l| l.contains("opened in mode none")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("INFO"), "{line}");
+    assert!(line.contains("job=\"misbehave\"") || line.contains("job=misbehave"), "{line}");
+    assert!(line.contains("operator=\"bad\"") || line.contains("operator=bad"), "{line}");
+    assert!(line.contains("task=0"), "{line}");
 }

@@ -1,14 +1,31 @@
 //! The library's front door: a [`Host`] loads jobs and runs them. The CLI
-//! (and later the REST API) call only this; an embedding service uses it the
-//! same way.
+//! (and the REST API) call only this; an embedding service uses it the same
+//! way.
+//!
+//! ```no_run
+//! use memento::{Host, RunOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let host = Host::open("memento-state".as_ref())?;
+//! let job = host.load_job_file("examples/words.toml".as_ref())?;
+//! let control = job.control(); // trigger savepoints, stop or cancel from any thread
+//! let report = job.run(RunOptions::default())?;
+//! println!("{} records in, {} snapshots", report.source_records, report.snapshots.len());
+//! # drop(control);
+//! # Ok(()) }
+//! ```
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
-use crate::dataflow::{self, JobError, JobReport};
+use crossbeam_channel::{Receiver, unbounded};
+
+use crate::coordinator::{Control, Coordinator, JobControl, JobFailed, JobReport};
 use crate::runtime::{ComponentInfo, LoadedComponent, Runtime, RuntimeError};
 use crate::spec::{JobSpec, SpecError};
+use crate::store::{JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore};
+
+/// The tenant of a single-user host (the CLI without `--tenant`).
+pub const DEFAULT_TENANT: &str = "default";
 
 /// Why a job could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -27,26 +44,57 @@ pub enum HostError {
     /// The runtime could not start.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    /// The run failed.
+    /// The store failed.
     #[error(transparent)]
-    Job(#[from] JobError),
+    Store(#[from] StoreError),
+    /// No snapshot to resume from.
+    #[error("no snapshot of job `{job}` to resume from (`--from latest`)")]
+    NoSnapshot {
+        /// The job.
+        job: String,
+    },
+    /// The run failed for good.
+    #[error(transparent)]
+    Job(#[from] JobFailed),
 }
 
-/// A memento host: the wasm runtime and its compiled-component cache.
-/// Create one per process and share it (`Clone` is cheap).
+/// Where a run starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StartFrom {
+    /// From the beginning of the input, with empty state.
+    #[default]
+    Scratch,
+    /// From the newest complete snapshot (checkpoint or savepoint) of the job.
+    Latest,
+    /// From this snapshot.
+    Snapshot(SnapshotId),
+}
+
+/// Options of one run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Where to start.
+    pub from: StartFrom,
+}
+
+/// A memento host: the wasm runtime with its compiled-component cache, and
+/// the unified snapshot store. Create one per process and share it (`Clone`
+/// is cheap).
 #[derive(Clone)]
 pub struct Host {
     runtime: Runtime,
+    store: Store,
 }
 
 impl Host {
-    /// Start a host.
+    /// Start a host whose snapshots live in `state_dir` (created if missing).
     ///
     /// # Errors
-    /// When the wasm engine cannot be created.
-    pub fn new() -> Result<Host, HostError> {
+    /// When the wasm engine cannot be created or the store cannot be opened.
+    pub fn open(state_dir: &Path) -> Result<Host, HostError> {
         Ok(Host {
             runtime: Runtime::new()?,
+            store: Store::open(state_dir, StoreOptions::default())?,
         })
     }
 
@@ -55,20 +103,27 @@ impl Host {
         &self.runtime
     }
 
-    /// Read a job file and load (validate, compile) its plugins.
+    /// The unified snapshot store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Read a job file and load (validate, compile) its plugins, for the
+    /// default tenant.
     ///
     /// # Errors
     /// [`HostError::Spec`] for a bad job file, [`HostError::Plugin`] naming
     /// the operator whose plugin is missing or does not fit the contract.
     pub fn load_job_file(&self, path: &Path) -> Result<Job, HostError> {
-        self.load_job(JobSpec::from_file(path)?)
+        self.load_job(JobSpec::from_file(path)?, DEFAULT_TENANT)
     }
 
-    /// Load the plugins of a parsed job.
+    /// Load the plugins of a parsed job for `tenant`.
     ///
     /// # Errors
-    /// [`HostError::Plugin`] naming the operator.
-    pub fn load_job(&self, spec: JobSpec) -> Result<Job, HostError> {
+    /// [`HostError::Plugin`] naming the operator; store errors for a bad
+    /// tenant name.
+    pub fn load_job(&self, spec: JobSpec, tenant: &str) -> Result<Job, HostError> {
         let components = spec
             .operators
             .iter()
@@ -81,11 +136,14 @@ impl Host {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = unbounded();
         Ok(Job {
             host: self.clone(),
+            store: self.store.tenant(tenant)?,
             spec,
             components,
-            cancel: Arc::new(AtomicBool::new(false)),
+            control: JobControl { tx },
+            control_rx: rx,
         })
     }
 
@@ -101,9 +159,11 @@ impl Host {
 /// A job whose plugins are loaded, ready to run.
 pub struct Job {
     host: Host,
+    store: TenantStore,
     spec: JobSpec,
     components: Vec<Arc<LoadedComponent>>,
-    cancel: Arc<AtomicBool>,
+    control: JobControl,
+    control_rx: Receiver<Control>,
 }
 
 impl Job {
@@ -117,21 +177,53 @@ impl Job {
         &self.components
     }
 
-    /// A flag that cancels the run when set (from any thread).
-    pub fn cancel_handle(&self) -> Arc<AtomicBool> {
-        self.cancel.clone()
+    /// A handle to trigger snapshots, stop or cancel the run from another
+    /// thread.
+    pub fn control(&self) -> JobControl {
+        self.control.clone()
     }
 
-    /// Run the job until its input ends.
+    /// The snapshot `from` names, checked to exist.
     ///
     /// # Errors
-    /// [`HostError::Job`] with the first failure of the run.
-    pub fn run(&self) -> Result<JobReport, HostError> {
-        Ok(dataflow::run(
+    /// [`HostError::NoSnapshot`] for `Latest` without snapshots; store
+    /// errors (not found, damaged) for an id.
+    pub fn resolve_start(&self, from: &StartFrom) -> Result<Option<Manifest>, HostError> {
+        match from {
+            StartFrom::Scratch => Ok(None),
+            StartFrom::Latest => {
+                let job = JobName::new(&self.spec.name)?;
+                match self.store.latest(&job)? {
+                    Some(m) => Ok(Some(m)),
+                    None => Err(HostError::NoSnapshot {
+                        job: self.spec.name.clone(),
+                    }),
+                }
+            }
+            StartFrom::Snapshot(id) => Ok(Some(self.store.get(id)?)),
+        }
+    }
+
+    /// Run the job until its input ends, it is stopped or cancelled, or it
+    /// fails for good (after the restarts its strategy allows).
+    ///
+    /// # Errors
+    /// [`HostError::Job`] with the last failure and the snapshot kept to
+    /// resume from; errors resolving `options.from`.
+    pub fn run(&self, options: RunOptions) -> Result<JobReport, HostError> {
+        let from = self.resolve_start(&options.from)?;
+        let coordinator = Coordinator::new(
             &self.host.runtime,
             &self.spec,
             &self.components,
-            self.cancel.clone(),
-        )?)
+            self.store.clone(),
+            self.control_rx.clone(),
+        )
+        .map_err(|e| JobFailed {
+            error: e,
+            restarts: 0,
+            resume_from: None,
+        })?;
+        Ok(coordinator.run(from)?)
     }
 }

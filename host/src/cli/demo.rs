@@ -84,14 +84,14 @@ pub fn run() -> anyhow::Result<()> {
     }
     std::fs::write(dir.join("input.txt"), TEXT)?;
 
-    let host = Host::new()?;
+    let host = Host::open(&dir.join("state"))?;
     for (file, text) in [("words.toml", WORDS_JOB), ("windows.toml", WINDOWS_JOB)] {
         std::fs::write(dir.join(file), text)?;
         let spec = JobSpec::from_toml(text, &dir.join(file), &dir)?;
         let name = spec.name.clone();
         println!("\n== {name} ({file})");
-        let job = host.load_job(spec)?;
-        let report = job.run()?;
+        let job = host.load_job(spec, crate::DEFAULT_TENANT)?;
+        let report = job.run(crate::RunOptions::default())?;
         print!("{}", super::format_report(&name, &report));
     }
 
@@ -114,7 +114,11 @@ pub fn run() -> anyhow::Result<()> {
 fn final_values(dir: &Path) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let mut last = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
-        for line in std::fs::read_to_string(entry?.path())?.lines() {
+        let path = entry?.path();
+        if path.is_dir() {
+            continue;
+        }
+        for line in std::fs::read_to_string(path)?.lines() {
             if let Some((k, v)) = line.split_once('\t') {
                 last.insert(k.to_string(), v.to_string());
             }

@@ -3,14 +3,20 @@
 
 #[cfg(feature = "plugins")]
 mod demo;
+pub mod store;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::dataflow::JobReport;
-use crate::host::Host;
+use crate::coordinator::{FinalState, JobReport};
+use crate::host::{Host, HostError, RunOptions, StartFrom};
+use crate::runtime::Runtime;
+use crate::store::SnapshotId;
+use store::{SavepointFileCommand, SnapshotsCommand, StoreArgs};
 
 /// memento — a WebAssembly plugin host for stateful stream operators with
 /// unified checkpoints and savepoints.
@@ -23,18 +29,24 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run an example job with the plugins built into this binary.
+    /// Run the example jobs with the plugins built into this binary.
     Demo,
-    /// Run a job file to completion and print a summary.
+    /// Run a job file until its input ends (or it is stopped), taking
+    /// checkpoints and savepoints into the state directory.
     Run {
         /// The job file (TOML).
         job: PathBuf,
-        /// The state directory (snapshots).
-        #[arg(long, env = "MEMENTO_STATE_DIR", default_value = "memento-state")]
-        state_dir: PathBuf,
-        /// Print the summary as JSON.
+        /// Resume from a snapshot id, or `latest` (the job's newest).
+        #[arg(long, value_name = "SNAPSHOT|latest")]
+        from: Option<String>,
+        /// What SIGTERM and SIGINT do: stop with a savepoint, or cancel.
+        #[arg(long, value_enum, default_value_t = OnSignal::Savepoint)]
+        on_sigterm: OnSignal,
+        /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Show a component's imports and exports and whether it fits the contract.
     Inspect {
@@ -44,6 +56,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List and show checkpoints and savepoints.
+    Snapshots {
+        #[command(subcommand)]
+        command: SnapshotsCommand,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Export, import and dispose savepoints.
+    Savepoint {
+        #[command(subcommand)]
+        command: SavepointFileCommand,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Check every manifest and blob of the store; non-zero exit if damaged.
+    Fsck {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove blobs that no snapshot references.
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// What a termination signal does to a running job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnSignal {
+    /// Stop the source, take a final savepoint, exit 0.
+    Savepoint,
+    /// Cancel at once (checkpoints stay if persistent).
+    Cancel,
 }
 
 /// Parse the command line, run the command, and turn errors into a one-line
@@ -65,10 +110,12 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMENTO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,memento::plugin=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMENTO_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,memento::plugin=info,memento::snapshot=info")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -83,13 +130,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run {
             job,
-            state_dir: _,
+            from,
+            on_sigterm,
             json,
-        } => {
-            let host = Host::new()?;
-            let job = host.load_job_file(&job)?;
-            let name = job.spec().name.clone();
-            let report = job.run()?;
+            store,
+        } => run(&job, from.as_deref(), on_sigterm, json, &store),
+        Command::Inspect { component, json } => inspect(&component, json),
+        Command::Snapshots { command, store } => store::run_snapshots(&store, command).map(|()| ExitCode::SUCCESS),
+        Command::Savepoint { command, store } => store::run_savepoint(&store, command).map(|()| ExitCode::SUCCESS),
+        Command::Fsck { store } => store::run_fsck(&store),
+        Command::Gc { store } => store::run_gc(&store).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn run(job_file: &Path, from: Option<&str>, on_signal: OnSignal, json: bool, store: &StoreArgs) -> anyhow::Result<ExitCode> {
+    let host = Host::open(&store.state_dir)?;
+    let job = host.load_job(crate::spec::JobSpec::from_file(job_file)?, &store.tenant)?;
+    let from = match from {
+        None => StartFrom::Scratch,
+        Some("latest") => StartFrom::Latest,
+        Some(id) => StartFrom::Snapshot(SnapshotId::parse(id)?),
+    };
+    watch_signals(job.control(), on_signal)?;
+    let name = job.spec().name.clone();
+    match job.run(RunOptions { from }) {
+        Ok(report) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -97,35 +162,75 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inspect { component, json } => {
-            let host = Host::new()?;
-            let info = host.inspect(&component)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                println!("component {}", info.path.display());
-                println!("  size     {} bytes", info.size);
-                println!("  blake3   {}", info.hash);
-                println!("  imports");
-                for i in &info.imports {
-                    println!("    {i}");
-                }
-                println!("  exports");
-                for e in &info.exports {
-                    println!("    {e}");
-                }
-                match &info.fits_contract {
-                    Ok(()) => println!("  contract memento:operator/plugin@0.1.0: yes"),
-                    Err(why) => println!("  contract memento:operator/plugin@0.1.0: no — {why}"),
-                }
-            }
-            Ok(if info.fits_contract.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+        Err(HostError::Job(failed)) => {
+            let hint = failed
+                .resume_from
+                .as_ref()
+                .map(|id| format!("; resume with: memento run {} --from {id}", job_file.display()))
+                .unwrap_or_default();
+            Err(anyhow::anyhow!("{failed}{hint}"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Turn SIGTERM/SIGINT into a stop-with-savepoint or a cancel; a second
+/// signal cancels.
+fn watch_signals(control: crate::coordinator::JobControl, on_signal: OnSignal) -> anyhow::Result<()> {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let hits = hits.clone();
+        // SAFETY: the handler only increments an atomic counter.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                hits.fetch_add(1, Ordering::SeqCst);
             })
+        }?;
+    }
+    let seen = Arc::new(AtomicBool::new(false));
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut handled = 0;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let n = hits.load(Ordering::SeqCst);
+            if n == handled {
+                continue;
+            }
+            handled = n;
+            if on_signal == OnSignal::Savepoint && !seen.swap(true, Ordering::SeqCst) {
+                eprintln!("memento: signal received, stopping with a savepoint (signal again to cancel)");
+                let _ = control.stop_with_savepoint();
+            } else {
+                eprintln!("memento: signal received, cancelling");
+                control.cancel();
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn inspect(component: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let info = Runtime::new()?.inspect_file(component)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("component {}", info.path.display());
+        println!("  size     {} bytes", info.size);
+        println!("  blake3   {}", info.hash);
+        println!("  imports");
+        for i in &info.imports {
+            println!("    {i}");
+        }
+        println!("  exports");
+        for e in &info.exports {
+            println!("    {e}");
+        }
+        match &info.fits_contract {
+            Ok(()) => println!("  contract memento:operator/plugin@0.1.0: yes"),
+            Err(why) => println!("  contract memento:operator/plugin@0.1.0: no — {why}"),
         }
     }
+    Ok(if info.fits_contract.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// The human summary printed after a run.
@@ -133,7 +238,18 @@ pub fn format_report(job: &str, r: &JobReport) -> String {
     use std::fmt::Write;
     let secs = r.elapsed.as_secs_f64();
     let mut s = String::new();
-    let _ = writeln!(s, "job `{job}` finished in {secs:.3} s");
+    let how = match &r.state {
+        Some(FinalState::Finished) | None => "finished".to_string(),
+        Some(FinalState::Stopped { savepoint }) => format!("stopped with savepoint {savepoint}"),
+        Some(FinalState::Cancelled) => "was cancelled".to_string(),
+        Some(FinalState::AlreadyFinished { snapshot }) => {
+            format!("had already finished (snapshot {snapshot}); output committed")
+        }
+    };
+    let _ = writeln!(s, "job `{job}` {how} in {secs:.3} s");
+    if let Some(from) = &r.restored_from {
+        let _ = writeln!(s, "  resumed from {from}");
+    }
     let _ = writeln!(s, "  source     {:>12} records", r.source_records);
     let _ = writeln!(
         s,

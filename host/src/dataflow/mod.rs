@@ -1,28 +1,34 @@
-//! Running a job: a source thread, one thread per operator task, bounded
-//! channels between them (backpressure), events travelling in batches and
-//! routed between stages by a hash of their key.
+//! One attempt of a job: a source thread, one thread per operator task,
+//! bounded channels between them (backpressure), events travelling in
+//! batches and routed between stages by a hash of their key, and snapshot
+//! barriers flowing with the data.
 //!
 //! ```text
 //! source ──partition──▶ op0[0..p0] ──partition──▶ op1[0..p1] … ──▶ sink part per last task
+//!   ▲ barriers injected here        tasks align, capture, forward, ack ──▶ coordinator
 //! ```
 //!
-//! Each task owns its plugin instance and calls it synchronously; nothing is
-//! shared between task threads but channels and the failure slot.
+//! Each task owns its plugin instance and calls it synchronously. Tasks talk
+//! to the coordinator only through messages ([`Report`]); nothing else is
+//! shared between threads.
 
 pub mod partition;
 pub mod sink;
 pub mod source;
+mod task;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::runtime::{Context, Event, LoadedComponent, Runtime, RuntimeError, SandboxLimits, TaskLabel};
-use crate::spec::JobSpec;
-use sink::SinkWriter;
+use crate::runtime::{Event, LoadedComponent, Runtime, RuntimeError, SandboxLimits};
+use crate::spec::{JobSpec, SnapshotFormat};
+use crate::store::{BlobWriter, SnapshotId, StoreError, TaskKey, TaskState, TaskStateData, TenantStore};
+use sink::SinkCommit;
 
 /// Batches in flight per channel before the sender blocks.
 const CHANNEL_CAPACITY: usize = 4;
@@ -39,325 +45,311 @@ pub enum JobError {
     /// A task failed: trap, deadline, memory limit or an error from the plugin.
     #[error(transparent)]
     Task(#[from] RuntimeError),
+    /// A task could not be restored from a snapshot.
+    #[error("{task}: {reason}")]
+    Restore {
+        /// The task.
+        task: TaskKey,
+        /// Why (names the snapshot).
+        reason: String,
+    },
+    /// The snapshot to start from does not fit the job.
+    #[error("cannot start from snapshot {id}: {reason}")]
+    Incompatible {
+        /// The snapshot.
+        id: SnapshotId,
+        /// Why.
+        reason: String,
+    },
+    /// Too many snapshots failed in a row.
+    #[error("{0}")]
+    Snapshots(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The job was cancelled.
     #[error("job `{0}` was cancelled")]
     Cancelled(String),
-    /// A thread could not be started.
-    #[error("cannot start a thread: {0}")]
+    /// A thread could not be started or died.
+    #[error("thread: {0}")]
     Thread(String),
 }
 
-/// What one run of a job did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct JobReport {
-    /// Records read from the source.
-    pub source_records: u64,
-    /// Records written to the sink.
-    pub sink_records: u64,
-    /// Per operator, in chain order.
-    pub operators: Vec<OperatorReport>,
-    /// Wall time of the run.
-    pub elapsed: Duration,
+/// A snapshot barrier: the coordinator's request that every task captures
+/// its state after the records before it and before the records after it.
+#[derive(Clone)]
+pub struct Barrier {
+    /// The snapshot number.
+    pub id: u64,
+    /// The format to capture in.
+    pub format: SnapshotFormat,
+    /// Where the tasks' uploads put their chunks.
+    pub writer: BlobWriter,
 }
 
-/// Figures of one operator, summed over its tasks.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct OperatorReport {
-    /// Operator name.
-    pub name: String,
-    /// Number of tasks.
-    pub parallelism: u32,
+/// What flows on the channels between stages.
+pub(crate) enum Msg {
+    Batch(Vec<Event>),
+    Barrier(Barrier),
+    /// The input ended: close the operator, then end downstream.
+    End,
+    /// Stop without draining (after a stop-with-savepoint barrier).
+    Stop,
+    /// Snapshot `n` completed (coordinator → sink tasks; not aligned).
+    Complete(u64),
+}
+
+/// Sender index used for messages from the coordinator.
+const FROM_COORDINATOR: usize = usize::MAX;
+
+/// What the dataflow tells the coordinator.
+pub(crate) enum Report {
+    /// The source injected barrier `id` at `position`.
+    SourceAck { id: u64, position: u64 },
+    /// The source reached the end of its input at `position`.
+    SourceEnded { position: u64 },
+    /// A task's state for snapshot `id` is in the store.
+    TaskAck {
+        id: u64,
+        task: TaskKey,
+        state: TaskStateData,
+        sink: Option<SinkCommit>,
+        pause: Duration,
+        upload: Duration,
+    },
+    /// A task could not contribute to snapshot `id`.
+    Declined { id: u64, task: TaskKey, reason: String },
+    /// A task ended (input ended or stopped), with its last sink commit.
+    TaskDone {
+        task: TaskKey,
+        figures: TaskFigures,
+        sink: Option<SinkCommit>,
+    },
+    /// The attempt failed.
+    Failed(JobError),
+}
+
+/// Counters of one task.
+#[derive(Clone, Debug, Default)]
+pub struct TaskFigures {
     /// Events passed to `process`.
     pub records_in: u64,
-    /// Events returned from `process` and `close`.
+    /// Events emitted.
     pub records_out: u64,
-    /// `process` calls made.
+    /// Events written to the sink (last stage only).
+    pub sink_records: u64,
+    /// `process` calls.
     pub process_calls: u64,
-    /// Wall time inside the plugin, all tasks together.
+    /// Wall time inside the plugin.
     pub time_in_plugin: Duration,
 }
 
-enum Msg {
-    Batch(Vec<Event>),
-    End,
+/// Where an attempt starts from.
+pub(crate) struct RestorePoint {
+    pub store: TenantStore,
+    pub id: SnapshotId,
+    pub tasks: BTreeMap<TaskKey, TaskState>,
+    pub source_position: u64,
+    pub sink_next_seq: BTreeMap<u32, u64>,
 }
 
-/// Where a task sends what its operator emits.
-enum Downstream {
-    Next(Vec<Sender<Msg>>),
-    Sink(Box<dyn SinkWriter>),
+enum SourceCtl {
+    Inject(Barrier),
+    Stop(Barrier),
 }
 
-impl Downstream {
-    /// Route a batch onward. `Err(())` means the receiving side is gone
-    /// (it failed; its error is already recorded).
-    fn send(&mut self, events: Vec<Event>, sink_records: &mut u64) -> Result<(), JobError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        match self {
-            Downstream::Next(next) => {
-                for (task, part) in partition::partition(events, next.len()).into_iter().enumerate() {
-                    if !part.is_empty() && next[task].send(Msg::Batch(part)).is_err() {
-                        return Err(JobError::Cancelled(String::new()));
-                    }
-                }
-                Ok(())
-            }
-            Downstream::Sink(sink) => {
-                *sink_records += events.len() as u64;
-                sink.write(&events).map_err(JobError::Sink)
-            }
-        }
-    }
-
-    fn finish(&mut self) -> Result<(), JobError> {
-        match self {
-            Downstream::Next(next) => {
-                for tx in next.iter() {
-                    if tx.send(Msg::End).is_err() {
-                        return Err(JobError::Cancelled(String::new()));
-                    }
-                }
-                Ok(())
-            }
-            Downstream::Sink(sink) => sink.finish().map_err(JobError::Sink),
-        }
-    }
+/// A running attempt: handles to inject barriers, notify, stop and join.
+pub(crate) struct Attempt {
+    source_ctl: Sender<SourceCtl>,
+    /// Senders into the last stage's channels, for completion notices.
+    sink_tasks: Vec<Sender<(usize, Msg)>>,
+    halt: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
 }
 
-/// The first real failure of a run; later ones are consequences of it.
-#[derive(Default)]
-struct FailureSlot {
-    failed: AtomicBool,
-    first: Mutex<Option<JobError>>,
-}
-
-impl FailureSlot {
-    fn record(&self, e: JobError) {
-        // A task that stopped because a neighbour vanished is not the cause.
-        if matches!(e, JobError::Cancelled(_)) {
-            return;
-        }
-        let mut first = self.first.lock().unwrap();
-        if first.is_none() {
-            *first = Some(e);
-        }
-        self.failed.store(true, Ordering::SeqCst);
-    }
-}
-
-#[derive(Default)]
-struct TaskFigures {
-    records_in: u64,
-    records_out: u64,
-    sink_records: u64,
-    process_calls: u64,
-    time_in_plugin: Duration,
-}
-
-/// Run a bounded job to the end of its input (or until `cancel` is set).
-///
-/// `components[i]` is the loaded plugin of `spec.operators[i]`.
-///
-/// # Errors
-/// The first failure of the run: source, sink, a task (naming job, operator,
-/// task and phase), or cancellation.
-pub fn run(
-    runtime: &Runtime,
-    spec: &JobSpec,
-    components: &[Arc<LoadedComponent>],
-    cancel: Arc<AtomicBool>,
-) -> Result<JobReport, JobError> {
-    assert_eq!(
-        components.len(),
-        spec.operators.len(),
-        "one component per operator"
-    );
-    let started = Instant::now();
-    let limits = SandboxLimits {
-        memory_bytes: spec.limits.memory.0,
-        call_timeout: spec.limits.call_timeout.0,
-    };
-    let mut source = source::open(&spec.source, &spec.base_dir).map_err(JobError::Source)?;
-    // Open every sink writer before starting anything, so an unwritable
-    // output fails the job before any work is done.
-    let sink_tasks = spec.sink_parallelism();
-    let mut sinks: Vec<Option<Box<dyn SinkWriter>>> = (0..sink_tasks)
-        .map(|t| sink::open(&spec.sink, &spec.base_dir, t).map(Some))
-        .collect::<Result<_, _>>()
-        .map_err(JobError::Sink)?;
-
-    // One channel per task; every task of the previous stage holds a sender.
-    let channels: Vec<Vec<(Sender<Msg>, Receiver<Msg>)>> = spec
-        .operators
-        .iter()
-        .map(|op| (0..op.parallelism).map(|_| bounded(CHANNEL_CAPACITY)).collect())
-        .collect();
-    let senders =
-        |stage: usize| -> Vec<Sender<Msg>> { channels[stage].iter().map(|(tx, _)| tx.clone()).collect() };
-
-    let failure = Arc::new(FailureSlot::default());
-    let mut handles = Vec::new();
-    for (stage, op) in spec.operators.iter().enumerate() {
-        let upstreams = if stage == 0 {
-            1
-        } else {
-            spec.operators[stage - 1].parallelism as usize
+impl Attempt {
+    /// Start every thread of an attempt; reports go to `reports`.
+    ///
+    /// # Errors
+    /// When the source or the sink cannot be opened, or a thread not started.
+    pub(crate) fn start(
+        runtime: &Runtime,
+        spec: &JobSpec,
+        components: &[Arc<LoadedComponent>],
+        restore: Option<&RestorePoint>,
+        reports: Sender<Report>,
+    ) -> Result<Attempt, JobError> {
+        assert_eq!(components.len(), spec.operators.len(), "one component per operator");
+        let limits = SandboxLimits {
+            memory_bytes: spec.limits.memory.0,
+            call_timeout: spec.limits.call_timeout.0,
         };
-        for task in 0..op.parallelism {
-            let rx = channels[stage][task as usize].1.clone();
-            let downstream = if stage + 1 < spec.operators.len() {
-                Downstream::Next(senders(stage + 1))
-            } else {
-                Downstream::Sink(sinks[task as usize].take().expect("one sink per last task"))
-            };
-            let label = TaskLabel {
-                job: spec.name.clone(),
-                operator: op.name.clone(),
-                task,
-            };
-            let ctx = Context {
-                job: spec.name.clone(),
-                operator_name: op.name.clone(),
-                task_index: task,
-                parallelism: op.parallelism,
-                config: op.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            };
-            let (runtime, component, limits, failure) = (
-                runtime.clone(),
-                components[stage].clone(),
-                limits.clone(),
-                failure.clone(),
-            );
-            let handle = thread::Builder::new()
-                .name(format!("{}[{}]", op.name, task))
-                .spawn(move || {
-                    let mut figures = TaskFigures::default();
-                    let result = run_task(
-                        &runtime,
-                        &component,
-                        label,
-                        &limits,
-                        &ctx,
-                        rx,
-                        upstreams,
-                        downstream,
-                        &mut figures,
-                    );
-                    if let Err(e) = result {
-                        failure.record(e);
-                    }
-                    (stage, figures)
-                })
-                .map_err(|e| JobError::Thread(e.to_string()))?;
-            handles.push(handle);
+        let mut source = source::open(&spec.source, &spec.base_dir).map_err(JobError::Source)?;
+        if let Some(r) = restore {
+            source.seek(r.source_position).map_err(JobError::Source)?;
         }
-    }
-    let first = senders(0);
-    drop(channels);
+        // Open every sink writer first, so an unwritable output fails the
+        // job before any work is done.
+        let last = spec.operators.len() - 1;
+        let mut sinks: Vec<Option<Box<dyn sink::SinkWriter>>> = (0..spec.sink_parallelism())
+            .map(|t| {
+                let seq = restore.and_then(|r| r.sink_next_seq.get(&t).copied()).unwrap_or(0);
+                sink::open(&spec.sink, &spec.base_dir, t, seq).map(Some)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(JobError::Sink)?;
 
-    // The source runs on this thread.
-    let mut source_records = 0u64;
-    let source_result = (|| -> Result<(), JobError> {
-        let mut out = Downstream::Next(first);
-        loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(JobError::Cancelled(spec.name.clone()));
-            }
-            if failure.failed.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            match source.next_batch().map_err(JobError::Source)? {
-                Some(batch) => {
-                    source_records += batch.len() as u64;
-                    let mut ignored = 0;
-                    if out.send(batch, &mut ignored).is_err() {
-                        return Ok(()); // a task failed; its error is recorded
-                    }
-                }
-                None => return out.finish().or(Ok(())),
-            }
-        }
-    })();
-    // On error the senders are dropped here, so tasks see a disconnect.
-    let mut cancelled = None;
-    match source_result {
-        Err(JobError::Cancelled(name)) => cancelled = Some(name),
-        Err(e) => failure.record(e),
-        Ok(()) => {}
-    }
-
-    let mut report = JobReport {
-        source_records,
-        operators: spec
+        let channels: Vec<Vec<(Sender<(usize, Msg)>, Receiver<(usize, Msg)>)>> = spec
             .operators
             .iter()
-            .map(|op| OperatorReport {
-                name: op.name.clone(),
-                parallelism: op.parallelism,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    for handle in handles {
-        let (stage, f) = handle
-            .join()
-            .map_err(|_| JobError::Thread("a task thread panicked".into()))?;
-        let op = &mut report.operators[stage];
-        op.records_in += f.records_in;
-        op.records_out += f.records_out;
-        op.process_calls += f.process_calls;
-        op.time_in_plugin += f.time_in_plugin;
-        report.sink_records += f.sink_records;
-    }
-    if let Some(e) = failure.first.lock().unwrap().take() {
-        return Err(e);
-    }
-    if let Some(name) = cancelled {
-        return Err(JobError::Cancelled(name));
-    }
-    report.elapsed = started.elapsed();
-    Ok(report)
-}
+            .map(|op| (0..op.parallelism).map(|_| bounded(CHANNEL_CAPACITY)).collect())
+            .collect();
+        let senders =
+            |stage: usize| -> Vec<Sender<(usize, Msg)>> { channels[stage].iter().map(|(tx, _)| tx.clone()).collect() };
 
-/// The life of one task: instantiate, open, process batches until every
-/// upstream has ended, close, end downstream.
-#[allow(clippy::too_many_arguments)]
-fn run_task(
-    runtime: &Runtime,
-    component: &Arc<LoadedComponent>,
-    label: TaskLabel,
-    limits: &SandboxLimits,
-    ctx: &Context,
-    rx: Receiver<Msg>,
-    upstreams: usize,
-    mut downstream: Downstream,
-    figures: &mut TaskFigures,
-) -> Result<(), JobError> {
-    let mut instance = runtime.instantiate(component, label, limits)?;
-    instance.open(ctx)?;
-    let mut ended = 0;
-    while ended < upstreams {
-        match rx.recv() {
-            Ok(Msg::Batch(batch)) => {
-                figures.records_in += batch.len() as u64;
-                let out = instance.process(&batch)?;
-                figures.records_out += out.len() as u64;
-                downstream.send(out, &mut figures.sink_records)?;
+        let halt = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for (stage, op) in spec.operators.iter().enumerate() {
+            let upstreams = if stage == 0 { 1 } else { spec.operators[stage - 1].parallelism as usize };
+            for index in 0..op.parallelism {
+                let key = TaskKey::new(op.name.clone(), index);
+                let downstream = if stage < last {
+                    task::Downstream::Next(senders(stage + 1), index as usize)
+                } else {
+                    task::Downstream::Sink(sinks[index as usize].take().expect("one sink per last task"))
+                };
+                let restored = restore.map(|r| {
+                    (
+                        r.store.clone(),
+                        r.id.clone(),
+                        r.tasks.get(&key).cloned().expect("restore point validated"),
+                    )
+                });
+                let t = task::Task {
+                    runtime: runtime.clone(),
+                    component: components[stage].clone(),
+                    limits: limits.clone(),
+                    job: spec.name.clone(),
+                    key,
+                    parallelism: op.parallelism,
+                    config: op.config.clone(),
+                    upstreams,
+                    rx: channels[stage][index as usize].1.clone(),
+                    downstream,
+                    reports: reports.clone(),
+                    restore: restored,
+                };
+                let reports = reports.clone();
+                let handle = thread::Builder::new()
+                    .name(format!("{}[{}]", op.name, index))
+                    .spawn(move || t.run_and_report(reports))
+                    .map_err(|e| JobError::Thread(e.to_string()))?;
+                handles.push(handle);
             }
-            Ok(Msg::End) => ended += 1,
-            // Every sender is gone without ending: upstream failed.
-            Err(_) => return Err(JobError::Cancelled(String::new())),
+        }
+
+        let (ctl_tx, ctl_rx) = bounded::<SourceCtl>(16);
+        let first = senders(0);
+        let sink_tasks = senders(last);
+        drop(channels);
+        let source_halt = halt.clone();
+        let handle = thread::Builder::new()
+            .name("source".into())
+            .spawn(move || run_source(source, first, ctl_rx, reports, source_halt))
+            .map_err(|e| JobError::Thread(e.to_string()))?;
+        handles.push(handle);
+        Ok(Attempt {
+            source_ctl: ctl_tx,
+            sink_tasks,
+            halt,
+            handles,
+        })
+    }
+
+    /// Ask the source to inject a barrier.
+    pub(crate) fn inject(&self, barrier: Barrier) {
+        let _ = self.source_ctl.send(SourceCtl::Inject(barrier));
+    }
+
+    /// Ask the source to inject a final barrier and stop (no draining).
+    pub(crate) fn stop(&self, barrier: Barrier) {
+        let _ = self.source_ctl.send(SourceCtl::Stop(barrier));
+    }
+
+    /// Tell the sink tasks that snapshot `id` completed, so they forget the
+    /// part files it committed. Never blocks: a missed notice only means
+    /// the files are listed (harmlessly) once more.
+    pub(crate) fn notify_complete(&self, id: u64) {
+        for tx in &self.sink_tasks {
+            let _ = tx.try_send((FROM_COORDINATOR, Msg::Complete(id)));
         }
     }
-    let out = instance.close()?;
-    figures.records_out += out.len() as u64;
-    downstream.send(out, &mut figures.sink_records)?;
-    downstream.finish()?;
-    let stats = instance.stats();
-    figures.process_calls = stats.process_calls;
-    figures.time_in_plugin = stats.time_in_plugin;
-    Ok(())
+
+    /// Stop every thread (failure or cancel) and wait for them.
+    pub(crate) fn shutdown(mut self) {
+        self.halt.store(true, Ordering::SeqCst);
+        // Dropping our senders lets tasks see their inputs disconnect.
+        self.sink_tasks.clear();
+        drop(self.source_ctl);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The source thread: read batches, partition them to the first stage, and
+/// inject barriers between batches when the coordinator asks.
+fn run_source(
+    mut source: Box<dyn source::Source>,
+    first: Vec<Sender<(usize, Msg)>>,
+    ctl: Receiver<SourceCtl>,
+    reports: Sender<Report>,
+    halt: Arc<AtomicBool>,
+) {
+    let broadcast = |make: &dyn Fn() -> Msg| -> bool { first.iter().all(|tx| tx.send((0, make())).is_ok()) };
+    loop {
+        while let Ok(cmd) = ctl.try_recv() {
+            match cmd {
+                SourceCtl::Inject(b) => {
+                    let (id, position) = (b.id, source.position());
+                    if !broadcast(&|| Msg::Barrier(b.clone())) {
+                        return;
+                    }
+                    let _ = reports.send(Report::SourceAck { id, position });
+                }
+                SourceCtl::Stop(b) => {
+                    let (id, position) = (b.id, source.position());
+                    if broadcast(&|| Msg::Barrier(b.clone())) {
+                        let _ = reports.send(Report::SourceAck { id, position });
+                        broadcast(&|| Msg::Stop);
+                    }
+                    return;
+                }
+            }
+        }
+        if halt.load(Ordering::Relaxed) {
+            return;
+        }
+        match source.next_batch() {
+            Err(e) => {
+                let _ = reports.send(Report::Failed(JobError::Source(e)));
+                return;
+            }
+            Ok(None) => {
+                let _ = reports.send(Report::SourceEnded {
+                    position: source.position(),
+                });
+                broadcast(&|| Msg::End);
+                return;
+            }
+            Ok(Some(batch)) => {
+                let parts = partition::partition(batch, first.len());
+                for (t, part) in parts.into_iter().enumerate() {
+                    if !part.is_empty() && first[t].send((0, Msg::Batch(part))).is_err() {
+                        return; // a task failed; its error is reported
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,12 +1,39 @@
 //! Sinks: where the last operator's output goes. One writer per task of the
-//! last operator; the `file` sink writes one part file per task.
+//! last operator.
+//!
+//! The `file` sink is transactional, which is what makes output
+//! exactly-once: a task writes into a staging file
+//! (`<dir>/.staging/part-TTTTT-SSSSSS`), which is flushed and fsynced when a
+//! snapshot barrier passes the task (pre-commit) and becomes visible under
+//! its final name (`<dir>/part-TTTTT-SSSSSS`, by rename) only after that
+//! snapshot is complete. On restore, the pre-committed files of the restored
+//! snapshot are committed (idempotently) and every other staged file is
+//! discarded. `stdout` and `null` are not transactional.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::runtime::Event;
 use crate::spec::SinkSpec;
+
+/// Name of the directory, inside a `file` sink's directory, of staged files.
+pub const STAGING_DIR: &str = ".staging";
+
+/// What one sink task pre-committed at a barrier: recorded in the snapshot
+/// manifest, applied when the snapshot completes or is restored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkCommit {
+    /// The sink task (= task index of the last operator).
+    pub task: u32,
+    /// Sequence number of the task's next part file.
+    pub next_seq: u64,
+    /// Part files to move from the staging directory to their final name.
+    pub files: Vec<String>,
+}
 
 /// Writes one task's output.
 pub trait SinkWriter: Send {
@@ -16,43 +43,128 @@ pub trait SinkWriter: Send {
     /// I/O errors, naming the output.
     fn write(&mut self, events: &[Event]) -> Result<(), String>;
 
-    /// Flush and make the output durable.
+    /// Barrier `snapshot` passes: make what was written so far durable and
+    /// return what to commit when the snapshot completes (`None` for sinks
+    /// that are not transactional). The list includes files pre-committed
+    /// for earlier snapshots that are not known to be committed yet, so a
+    /// failed snapshot loses no output.
     ///
     /// # Errors
     /// I/O errors, naming the output.
-    fn finish(&mut self) -> Result<(), String>;
+    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, String>;
+
+    /// Snapshot `snapshot` completed: its files are committed and need not
+    /// be listed again.
+    fn committed(&mut self, snapshot: u64) {
+        let _ = snapshot;
+    }
 }
 
-/// The name of task `task`'s part file in a `file` sink's directory.
-pub fn part_file_name(task: u32) -> String {
-    format!("part-{task:05}")
+/// The name of a part file: task and sequence number, sortable.
+pub fn part_file_name(task: u32, seq: u64) -> String {
+    format!("part-{task:05}-{seq:06}")
 }
 
-/// Create the writer of task `task`; relative paths resolve against `base`.
+fn sink_dir(path: &Path, base: &Path) -> PathBuf {
+    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
+}
+
+/// Create the writer of task `task`, numbering its part files from
+/// `next_seq`; relative paths resolve against `base`.
 ///
 /// # Errors
 /// When the output cannot be created; the message names it.
-pub fn open(spec: &SinkSpec, base: &Path, task: u32) -> Result<Box<dyn SinkWriter>, String> {
+pub fn open(spec: &SinkSpec, base: &Path, task: u32, next_seq: u64) -> Result<Box<dyn SinkWriter>, String> {
     match spec {
         SinkSpec::File { path } => {
-            let dir = if path.is_absolute() {
-                path.clone()
-            } else {
-                base.join(path)
-            };
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create sink directory {}: {e}", dir.display()))?;
-            let path = dir.join(part_file_name(task));
-            let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let dir = sink_dir(path, base);
+            let staging = dir.join(STAGING_DIR);
+            std::fs::create_dir_all(&staging)
+                .map_err(|e| format!("cannot create sink directory {}: {e}", staging.display()))?;
             Ok(Box::new(FileSink {
-                out: BufWriter::with_capacity(1 << 16, file),
-                path,
+                dir,
+                task,
+                seq: next_seq,
+                current: None,
+                pending: Vec::new(),
                 line: Vec::new(),
             }))
         }
         SinkSpec::Stdout => Ok(Box::new(StdoutSink { line: Vec::new() })),
         SinkSpec::Null => Ok(Box::new(NullSink)),
     }
+}
+
+/// Make the part files listed in `commits` visible: rename each staged file
+/// to its final name, then fsync the directory. Idempotent: a file already
+/// moved is skipped, so a commit interrupted by a crash can be redone.
+///
+/// # Errors
+/// I/O errors, naming the file; a file neither staged nor committed.
+pub fn commit(spec: &SinkSpec, base: &Path, commits: &[SinkCommit]) -> Result<(), String> {
+    let SinkSpec::File { path } = spec else { return Ok(()) };
+    let dir = sink_dir(path, base);
+    let mut renamed = false;
+    for c in commits {
+        for name in &c.files {
+            let staged = dir.join(STAGING_DIR).join(name);
+            let target = dir.join(name);
+            match std::fs::rename(&staged, &target) {
+                Ok(()) => renamed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && target.exists() => {}
+                Err(e) => return Err(format!("cannot commit {}: {e}", staged.display())),
+            }
+        }
+    }
+    if renamed {
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Remove the staging directory once a job has finished (it is empty then).
+pub fn tidy(spec: &SinkSpec, base: &Path) {
+    if let SinkSpec::File { path } = spec {
+        let _ = std::fs::remove_dir(sink_dir(path, base).join(STAGING_DIR));
+    }
+}
+
+/// Bring a `file` sink's directory to the state of a snapshot before a run:
+/// commit its pre-committed files, discard every other staged file, and
+/// return each task's next part number. Starting without a snapshot
+/// (`None`) removes the part files of earlier runs.
+///
+/// # Errors
+/// I/O errors, naming the file.
+pub fn recover(spec: &SinkSpec, base: &Path, restored: Option<&[SinkCommit]>) -> Result<BTreeMap<u32, u64>, String> {
+    let SinkSpec::File { path } = spec else { return Ok(BTreeMap::new()) };
+    let dir = sink_dir(path, base);
+    let mut next = BTreeMap::new();
+    match restored {
+        Some(commits) => {
+            commit(spec, base, commits)?;
+            for c in commits {
+                next.insert(c.task, c.next_seq);
+            }
+        }
+        None if dir.exists() => {
+            for entry in std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
+                let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+                if entry.file_name().to_string_lossy().starts_with("part-") {
+                    std::fs::remove_file(entry.path())
+                        .map_err(|e| format!("cannot remove {}: {e}", entry.path().display()))?;
+                }
+            }
+        }
+        None => {}
+    }
+    let staging = dir.join(STAGING_DIR);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| format!("cannot clean {}: {e}", staging.display()))?;
+    }
+    Ok(next)
 }
 
 /// Append one output line: key, a tab, value, a newline. Bytes that are not
@@ -83,8 +195,15 @@ fn escape(bytes: &[u8], out: &mut Vec<u8>) {
 }
 
 struct FileSink {
-    out: BufWriter<File>,
-    path: PathBuf,
+    dir: PathBuf,
+    task: u32,
+    /// Sequence number of the file being written (or to be written next).
+    seq: u64,
+    /// The open staging file, created at the first write after a barrier so
+    /// that quiet intervals leave no empty files.
+    current: Option<(BufWriter<File>, PathBuf)>,
+    /// Pre-committed files not yet known committed: (snapshot, name).
+    pending: Vec<(u64, String)>,
     line: Vec<u8>,
 }
 
@@ -94,15 +213,32 @@ impl SinkWriter for FileSink {
         for e in events {
             format_line(e, &mut self.line);
         }
-        self.out
-            .write_all(&self.line)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+        if self.current.is_none() {
+            let path = self.dir.join(STAGING_DIR).join(part_file_name(self.task, self.seq));
+            let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            self.current = Some((BufWriter::with_capacity(1 << 16, file), path));
+        }
+        let (out, path) = self.current.as_mut().expect("just opened");
+        out.write_all(&self.line).map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
-    fn finish(&mut self) -> Result<(), String> {
-        let err = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
-        self.out.flush().map_err(err)?;
-        self.out.get_ref().sync_all().map_err(err)
+    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, String> {
+        if let Some((mut out, path)) = self.current.take() {
+            let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+            out.flush().map_err(err)?;
+            out.get_ref().sync_all().map_err(err)?;
+            self.pending.push((snapshot, part_file_name(self.task, self.seq)));
+            self.seq += 1;
+        }
+        Ok(Some(SinkCommit {
+            task: self.task,
+            next_seq: self.seq,
+            files: self.pending.iter().map(|(_, f)| f.clone()).collect(),
+        }))
+    }
+
+    fn committed(&mut self, snapshot: u64) {
+        self.pending.retain(|(s, _)| *s > snapshot);
     }
 }
 
@@ -123,10 +259,9 @@ impl SinkWriter for StdoutSink {
             .map_err(|e| format!("cannot write to stdout: {e}"))
     }
 
-    fn finish(&mut self) -> Result<(), String> {
-        std::io::stdout()
-            .flush()
-            .map_err(|e| format!("cannot write to stdout: {e}"))
+    fn precommit(&mut self, _snapshot: u64) -> Result<Option<SinkCommit>, String> {
+        std::io::stdout().flush().map_err(|e| format!("cannot write to stdout: {e}"))?;
+        Ok(None)
     }
 }
 
@@ -136,14 +271,67 @@ impl SinkWriter for NullSink {
     fn write(&mut self, _events: &[Event]) -> Result<(), String> {
         Ok(())
     }
-    fn finish(&mut self) -> Result<(), String> {
-        Ok(())
+    fn precommit(&mut self, _snapshot: u64) -> Result<Option<SinkCommit>, String> {
+        Ok(None)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ev(k: &str) -> Event {
+        Event { key: k.as_bytes().to_vec(), value: b"v".to_vec(), timestamp: 0 }
+    }
+
+    fn visible(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn file_sink_stages_until_commit_and_recovers() {
+        let base = tempfile::tempdir().unwrap();
+        let spec = SinkSpec::File { path: "out".into() };
+        let dir = base.path().join("out");
+        recover(&spec, base.path(), None).unwrap();
+        let mut w = open(&spec, base.path(), 1, 0).unwrap();
+        w.write(&[ev("a")]).unwrap();
+        let first = w.precommit(1).unwrap().unwrap();
+        assert_eq!(first, SinkCommit { task: 1, next_seq: 1, files: vec!["part-00001-000000".into()] });
+        // Nothing visible before the snapshot completes.
+        assert!(visible(&dir).is_empty());
+        w.committed(1);
+        // A quiet interval pre-commits nothing.
+        assert_eq!(w.precommit(2).unwrap().unwrap().files, Vec::<String>::new());
+        w.write(&[ev("b")]).unwrap();
+        // Snapshot 3 fails: its file is listed again by snapshot 4.
+        assert_eq!(w.precommit(3).unwrap().unwrap().files, vec!["part-00001-000001".to_string()]);
+        let second = w.precommit(4).unwrap().unwrap();
+        assert_eq!(second.files, vec!["part-00001-000001".to_string()]);
+        w.write(&[ev("c")]).unwrap(); // staged, never pre-committed: lost in a crash
+        commit(&spec, base.path(), std::slice::from_ref(&first)).unwrap();
+        commit(&spec, base.path(), std::slice::from_ref(&first)).unwrap(); // idempotent
+        assert_eq!(visible(&dir), vec!["part-00001-000000"]);
+        drop(w);
+
+        // Crash after snapshot 2 completed but before its commit: recovery
+        // commits it and discards the rest.
+        let next = recover(&spec, base.path(), Some(std::slice::from_ref(&second))).unwrap();
+        assert_eq!(next[&1], 2);
+        assert_eq!(visible(&dir), vec!["part-00001-000000", "part-00001-000001"]);
+        assert!(!dir.join(STAGING_DIR).exists());
+        assert_eq!(std::fs::read_to_string(dir.join("part-00001-000001")).unwrap(), "b\tv\n");
+
+        // A fresh start removes the output of earlier runs.
+        recover(&spec, base.path(), None).unwrap();
+        assert!(visible(&dir).is_empty());
+    }
 
     #[test]
     fn lines_escape_what_would_break_them() {

@@ -19,6 +19,13 @@ pub trait Source: Send {
 
     /// Records emitted so far: the position to resume from.
     fn position(&self) -> u64;
+
+    /// Skip to `position` (a value [`Source::position`] returned earlier),
+    /// so that the next batch starts with the record after it.
+    ///
+    /// # Errors
+    /// When the input ends before `position` or cannot be read.
+    fn seek(&mut self, position: u64) -> Result<(), String>;
 }
 
 /// Open the source a job file describes; paths resolve against `base`.
@@ -159,6 +166,31 @@ impl Source for FileSource {
     fn position(&self) -> u64 {
         self.line_no
     }
+
+    fn seek(&mut self, position: u64) -> Result<(), String> {
+        // Positions count lines, so rewinding means reading from the start.
+        use std::io::Seek;
+        self.reader
+            .seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+        self.line_no = 0;
+        while self.line_no < position {
+            self.line.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.line)
+                .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+            if n == 0 {
+                return Err(format!(
+                    "{} has {} lines, fewer than the snapshot's position {position} (did the input change?)",
+                    self.path.display(),
+                    self.line_no
+                ));
+            }
+            self.line_no += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Deterministic synthetic events: event `i` has key `key-<k>` with `k`
@@ -235,6 +267,15 @@ impl Source for Generator {
 
     fn position(&self) -> u64 {
         self.next
+    }
+
+    fn seek(&mut self, position: u64) -> Result<(), String> {
+        if self.count.is_some_and(|c| position > c) {
+            return Err(format!("generator position {position} is past its count {}", self.count.unwrap_or(0)));
+        }
+        self.next = position;
+        self.started = None;
+        Ok(())
     }
 }
 
@@ -313,6 +354,34 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(b"x".to_vec(), 5), (b"7".to_vec(), 9)]
         );
+    }
+
+    #[test]
+    fn seek_resumes_after_the_position() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.txt"), "a\nb\nc\nd\n").unwrap();
+        let spec = SourceSpec::File {
+            path: "in.txt".into(),
+            format: FileFormat::Lines,
+            key_field: None,
+            timestamp_field: None,
+            key_separator: None,
+            batch: 3,
+        };
+        let mut s = open(&spec, dir.path()).unwrap();
+        s.next_batch().unwrap();
+        assert_eq!(s.position(), 3);
+        s.seek(1).unwrap();
+        let rest: Vec<_> = drain(s).into_iter().map(|e| e.key).collect();
+        assert_eq!(rest, vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]);
+        let mut s = open(&spec, dir.path()).unwrap();
+        assert!(s.seek(9).unwrap_err().contains("fewer than the snapshot's position 9"));
+
+        let gen_spec = SourceSpec::Generator { count: Some(10), rate: None, keys: 3, seed: 1, batch: 4 };
+        let all = drain(open(&gen_spec, dir.path()).unwrap());
+        let mut g = open(&gen_spec, dir.path()).unwrap();
+        g.seek(6).unwrap();
+        assert_eq!(drain(g), all[6..].to_vec());
     }
 
     #[test]

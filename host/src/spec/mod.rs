@@ -499,6 +499,11 @@ impl JobSpec {
         if self.savepoints.interval.is_some() && self.savepoints.cron.is_some() {
             return bad("savepoints", "set either `interval` or `cron`, not both".into());
         }
+        if let Some(expr) = &self.savepoints.cron
+            && let Err(e) = crate::coordinator::schedule::parse_cron(expr)
+        {
+            return bad("savepoints.cron", e);
+        }
         if self.savepoints.max_count == Some(0) {
             return bad(
                 "savepoints.max_count",

@@ -43,6 +43,9 @@ pub enum Trigger {
     RestoreBase,
     /// Added by `savepoint import` from an archive.
     Import,
+    /// Written when a bounded job's input ended and every task finished:
+    /// records the final output commit; resuming from it does nothing more.
+    EndOfInput,
 }
 
 /// How task state is encoded.

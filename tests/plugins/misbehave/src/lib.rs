@@ -28,6 +28,7 @@ impl Operator for Misbehave {
         if mode == "panic-in-open" {
             panic!("refusing to open");
         }
+        memento_guest::info!("opened in mode {mode}");
         Ok(Misbehave {
             fail_after: ctx.parse_or("calls", u64::MAX)?,
             mode,

@@ -1,0 +1,261 @@
+//! The life of one operator task: instantiate, open, maybe restore, then
+//! process batches, align and take snapshots at barriers, and end.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::sink::{SinkCommit, SinkWriter};
+use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, partition};
+use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
+use crate::snapshot::{self, CaptureError};
+use crate::store::{SnapshotId, TaskKey, TaskState, TenantStore};
+
+/// Where a task sends what its operator emits.
+pub(super) enum Downstream {
+    /// The next stage's channels, and this task's index (the sender id).
+    Next(Vec<Sender<(usize, Msg)>>, usize),
+    /// The sink (last stage).
+    Sink(Box<dyn SinkWriter>),
+}
+
+/// Marker error: a neighbour is gone; its own error is already reported.
+struct Gone;
+
+impl Downstream {
+    fn send(&mut self, events: Vec<Event>, figures: &mut TaskFigures) -> Result<(), JobError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Downstream::Next(next, me) => {
+                for (task, part) in partition::partition(events, next.len()).into_iter().enumerate() {
+                    if !part.is_empty() && next[task].send((*me, Msg::Batch(part))).is_err() {
+                        return Err(JobError::Cancelled(String::new()));
+                    }
+                }
+                Ok(())
+            }
+            Downstream::Sink(sink) => {
+                figures.sink_records += events.len() as u64;
+                sink.write(&events).map_err(JobError::Sink)
+            }
+        }
+    }
+
+    fn broadcast(&self, make: impl Fn() -> Msg) -> Result<(), Gone> {
+        if let Downstream::Next(next, me) = self {
+            for tx in next {
+                tx.send((*me, make())).map_err(|_| Gone)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, JobError> {
+        match self {
+            Downstream::Sink(sink) => sink.precommit(snapshot).map_err(JobError::Sink),
+            Downstream::Next(..) => Ok(None),
+        }
+    }
+}
+
+/// Everything a task thread needs.
+pub(super) struct Task {
+    pub runtime: Runtime,
+    pub component: Arc<LoadedComponent>,
+    pub limits: SandboxLimits,
+    pub job: String,
+    pub key: TaskKey,
+    pub parallelism: u32,
+    pub config: BTreeMap<String, String>,
+    pub upstreams: usize,
+    pub rx: Receiver<(usize, Msg)>,
+    pub downstream: Downstream,
+    pub reports: Sender<Report>,
+    pub restore: Option<(TenantStore, SnapshotId, TaskState)>,
+}
+
+/// Barrier alignment: inputs that delivered the current barrier are held
+/// back until every input has delivered it (or ended).
+struct Alignment {
+    barrier: Option<Barrier>,
+    arrived: Vec<bool>,
+    held: Vec<VecDeque<Msg>>,
+}
+
+impl Task {
+    /// Run the task and report how it ended.
+    pub(super) fn run_and_report(self, reports: Sender<Report>) {
+        let key = self.key.clone();
+        let mut figures = TaskFigures::default();
+        match self.run(&mut figures) {
+            Ok(sink) => {
+                let _ = reports.send(Report::TaskDone {
+                    task: key,
+                    figures,
+                    sink,
+                });
+            }
+            // A neighbour vanished: whoever failed has reported why.
+            Err(JobError::Cancelled(_)) => {}
+            Err(e) => {
+                let _ = reports.send(Report::Failed(e));
+            }
+        }
+    }
+
+    fn run(mut self, figures: &mut TaskFigures) -> Result<Option<SinkCommit>, JobError> {
+        let label = TaskLabel {
+            job: self.job.clone(),
+            operator: self.key.operator.clone(),
+            task: self.key.task_index,
+        };
+        let mut instance = self.runtime.instantiate(&self.component, label, &self.limits)?;
+        instance.open(&Context {
+            job: self.job.clone(),
+            operator_name: self.key.operator.clone(),
+            task_index: self.key.task_index,
+            parallelism: self.parallelism,
+            config: self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        })?;
+        if let Some((store, id, state)) = self.restore.take() {
+            snapshot::restore(&mut instance, &store, &id, &state).map_err(|e| JobError::Restore {
+                task: self.key.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+
+        let n = self.upstreams;
+        let mut ended = vec![false; n];
+        let mut stopped = vec![false; n];
+        let mut align = Alignment {
+            barrier: None,
+            arrived: vec![false; n],
+            held: (0..n).map(|_| VecDeque::new()).collect(),
+        };
+        // Messages released after an alignment, handled before new ones.
+        let mut replay: VecDeque<(usize, Msg)> = VecDeque::new();
+        loop {
+            let (from, msg) = match replay.pop_front() {
+                Some(m) => m,
+                None => match self.rx.recv() {
+                    Ok(m) => m,
+                    // Every sender is gone without ending: upstream failed.
+                    Err(_) => return Err(JobError::Cancelled(String::new())),
+                },
+            };
+            if from != FROM_COORDINATOR && align.barrier.is_some() && align.arrived[from] {
+                align.held[from].push_back(msg);
+                continue;
+            }
+            match msg {
+                Msg::Batch(batch) => {
+                    figures.records_in += batch.len() as u64;
+                    let out = instance.process(&batch)?;
+                    figures.records_out += out.len() as u64;
+                    self.downstream.send(out, figures)?;
+                }
+                Msg::Barrier(b) => {
+                    if align.barrier.is_none() {
+                        align.barrier = Some(b);
+                    }
+                    align.arrived[from] = true;
+                }
+                Msg::End => ended[from] = true,
+                Msg::Stop => stopped[from] = true,
+                Msg::Complete(id) => {
+                    if let Downstream::Sink(sink) = &mut self.downstream {
+                        sink.committed(id);
+                    }
+                }
+            }
+            // Aligned when every input delivered the barrier or can no
+            // longer deliver one.
+            if align.barrier.is_some() && (0..n).all(|i| align.arrived[i] || ended[i] || stopped[i]) {
+                let barrier = align.barrier.take().expect("checked");
+                self.snapshot(&mut instance, barrier)?;
+                for (i, held) in align.held.iter_mut().enumerate() {
+                    replay.extend(held.drain(..).map(|m| (i, m)));
+                    align.arrived[i] = false;
+                }
+                continue;
+            }
+            if !replay.is_empty() {
+                continue;
+            }
+            if stopped.iter().zip(&ended).all(|(s, e)| *s || *e) && stopped.iter().any(|s| *s) {
+                // Stop-with-savepoint: do not close (the job will resume).
+                self.downstream.broadcast(|| Msg::Stop).map_err(|Gone| JobError::Cancelled(String::new()))?;
+                return self.finish(&instance, figures);
+            }
+            if ended.iter().all(|e| *e) {
+                let out = instance.close()?;
+                figures.records_out += out.len() as u64;
+                self.downstream.send(out, figures)?;
+                self.downstream.broadcast(|| Msg::End).map_err(|Gone| JobError::Cancelled(String::new()))?;
+                return self.finish(&instance, figures);
+            }
+        }
+    }
+
+    fn finish(&mut self, instance: &TaskInstance, figures: &mut TaskFigures) -> Result<Option<SinkCommit>, JobError> {
+        let stats = instance.stats();
+        figures.process_calls = stats.process_calls;
+        figures.time_in_plugin = stats.time_in_plugin;
+        // The final files are committed by the coordinator's final record.
+        self.downstream.precommit(u64::MAX)
+    }
+
+    /// Capture at a barrier (task paused), forward the barrier, then persist
+    /// on another thread and acknowledge from there.
+    fn snapshot(&mut self, instance: &mut TaskInstance, barrier: Barrier) -> Result<(), JobError> {
+        let started = Instant::now();
+        let captured = match snapshot::capture(instance, barrier.format) {
+            Ok(c) => Some(c),
+            Err(CaptureError::Declined(reason)) => {
+                let _ = self.reports.send(Report::Declined {
+                    id: barrier.id,
+                    task: self.key.clone(),
+                    reason,
+                });
+                None
+            }
+            Err(CaptureError::Failed(e)) => return Err(e.into()),
+        };
+        let sink = self.downstream.precommit(barrier.id)?;
+        let b = barrier.clone();
+        self.downstream
+            .broadcast(|| Msg::Barrier(b.clone()))
+            .map_err(|Gone| JobError::Cancelled(String::new()))?;
+        let pause = started.elapsed();
+        let Some(captured) = captured else { return Ok(()) };
+        let (reports, key) = (self.reports.clone(), self.key.clone());
+        // Hashing and writing happen off the task thread: processing goes on.
+        std::thread::Builder::new()
+            .name(format!("upload {key}"))
+            .spawn(move || {
+                let started = Instant::now();
+                let report = match snapshot::persist(&captured, &barrier.writer) {
+                    Ok(state) => Report::TaskAck {
+                        id: barrier.id,
+                        task: key,
+                        state,
+                        sink,
+                        pause,
+                        upload: started.elapsed(),
+                    },
+                    Err(e) => Report::Declined {
+                        id: barrier.id,
+                        task: key,
+                        reason: format!("writing state: {e}"),
+                    },
+                };
+                let _ = reports.send(report);
+            })
+            .map_err(|e| JobError::Thread(e.to_string()))?;
+        Ok(())
+    }
+}
