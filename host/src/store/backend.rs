@@ -409,9 +409,7 @@ impl Backend for LocalDir {
             };
             // `<owner>-<n>.tmp`: the owner is everything before the last '-'.
             let owner = stem.rsplit_once('-').map_or("", |(o, _)| o);
-            if dead_owners.contains(&owner)
-                && self.root.remove_file(format!("{TMP_DIR}/{name}")).is_ok()
-            {
+            if dead_owners.contains(&owner) && self.root.remove_file(format!("{TMP_DIR}/{name}")).is_ok() {
                 removed += 1;
             }
         }

@@ -134,41 +134,56 @@ impl Default for Compression {
     }
 }
 
-/// Encodes `plain` into a blob file (header + payload).
-pub(crate) fn encode(plain: &[u8], compression: Compression) -> Vec<u8> {
-    if let Compression::Zstd { level } = compression {
-        // Compress straight into a buffer that already holds the header.
-        let bound = zstd::zstd_safe::compress_bound(plain.len());
-        let mut out = Vec::with_capacity(BLOB_HEADER_LEN + bound);
-        out.extend_from_slice(BLOB_MAGIC);
-        out.push(BLOB_VERSION);
-        out.push(CODEC_ZSTD);
-        out.resize(BLOB_HEADER_LEN + bound, 0);
-        if let Ok(n) = zstd::bulk::compress_to_buffer(plain, &mut out[BLOB_HEADER_LEN..], level)
-            && n < plain.len() - plain.len() / 8
-        {
-            out.truncate(BLOB_HEADER_LEN + n);
-            return out;
-        }
-    }
-    let mut out = Vec::with_capacity(BLOB_HEADER_LEN + plain.len());
+thread_local! {
+    /// One zstd context per thread and level: creating a context costs about
+    /// as much as compressing a small chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn header(codec: u8, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BLOB_HEADER_LEN + capacity);
     out.extend_from_slice(BLOB_MAGIC);
     out.push(BLOB_VERSION);
-    out.push(CODEC_RAW);
+    out.push(codec);
+    out
+}
+
+/// zstd-compresses `plain` after a header; `None` if zstd fails or does
+/// not save at least 1/8.
+fn try_zstd(plain: &[u8], level: i32) -> Option<Vec<u8>> {
+    let bound = zstd::zstd_safe::compress_bound(plain.len());
+    let mut cursor = std::io::Cursor::new(header(CODEC_ZSTD, bound));
+    cursor.set_position(BLOB_HEADER_LEN as u64);
+    let n = COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+            *cell = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, c) = cell.as_mut()?;
+        c.compress_to_buffer(plain, &mut cursor).ok()
+    })?;
+    let out = cursor.into_inner();
+    debug_assert_eq!(out.len(), BLOB_HEADER_LEN + n);
+    (n < plain.len() - plain.len() / 8).then_some(out)
+}
+
+/// Encodes `plain` into a blob file (header + payload).
+pub(crate) fn encode(plain: &[u8], compression: Compression) -> Vec<u8> {
+    if let Compression::Zstd { level } = compression
+        && let Some(out) = try_zstd(plain, level)
+    {
+        return out;
+    }
+    let mut out = header(CODEC_RAW, plain.len());
     out.extend_from_slice(plain);
     out
 }
 
-/// Decodes a blob file and verifies it against `hash` and (if given) the
-/// expected plaintext length.
-///
-/// # Errors
-/// The [`BlobProblem`] found; the caller adds the context.
-pub(crate) fn decode(
-    file: &[u8],
-    hash: &BlobHash,
-    expected_len: Option<u64>,
-) -> Result<Vec<u8>, BlobProblem> {
+/// Checks the header; returns the codec and the payload.
+fn parse(file: &[u8]) -> Result<(u8, &[u8]), BlobProblem> {
     if file.len() < BLOB_HEADER_LEN {
         return Err(BlobProblem::BadHeader(format!(
             "file is {} bytes, shorter than the header",
@@ -184,30 +199,95 @@ pub(crate) fn decode(
             file[4]
         )));
     }
-    let payload = &file[BLOB_HEADER_LEN..];
-    let plain = match file[5] {
-        CODEC_RAW => payload.to_vec(),
-        CODEC_ZSTD => {
-            // The frame records its content size; cap it by the expected
-            // length so a corrupt header cannot make us allocate gigabytes.
-            let cap = expected_len.map_or(64 << 20, |n| n as usize);
-            zstd::bulk::decompress(payload, cap).map_err(|e| BlobProblem::Decompress(e.to_string()))?
-        }
-        other => return Err(BlobProblem::BadHeader(format!("unknown codec {other}"))),
-    };
-    if let Some(expected) = expected_len
-        && plain.len() as u64 != expected
-    {
-        return Err(BlobProblem::LengthMismatch {
-            expected,
-            actual: plain.len() as u64,
-        });
+    match file[5] {
+        c @ (CODEC_RAW | CODEC_ZSTD) => Ok((c, &file[BLOB_HEADER_LEN..])),
+        other => Err(BlobProblem::BadHeader(format!("unknown codec {other}"))),
     }
-    let actual = BlobHash::of(&plain);
+}
+
+/// Decodes a blob file straight into `out`, whose length is the expected
+/// plaintext length, and verifies it against `hash`.
+///
+/// # Errors
+/// The [`BlobProblem`] found; the caller adds the context.
+pub(crate) fn decode_into(file: &[u8], hash: &BlobHash, out: &mut [u8]) -> Result<(), BlobProblem> {
+    let (codec, payload) = parse(file)?;
+    let expected = out.len() as u64;
+    if codec == CODEC_RAW {
+        if payload.len() != out.len() {
+            return Err(BlobProblem::LengthMismatch {
+                expected,
+                actual: payload.len() as u64,
+            });
+        }
+        out.copy_from_slice(payload);
+    } else {
+        // The frame header states the content size; check it first so the
+        // error for a wrong length says so rather than "buffer too small".
+        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(payload)
+            && size != expected
+        {
+            return Err(BlobProblem::LengthMismatch {
+                expected,
+                actual: size,
+            });
+        }
+        let n = DECOMPRESSOR.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = Some(
+                    zstd::bulk::Decompressor::new().map_err(|e| BlobProblem::Decompress(e.to_string()))?,
+                );
+            }
+            let d = cell.as_mut().expect("just set");
+            d.decompress_to_buffer(payload, out)
+                .map_err(|e| BlobProblem::Decompress(e.to_string()))
+        })?;
+        if n != out.len() {
+            return Err(BlobProblem::LengthMismatch {
+                expected,
+                actual: n as u64,
+            });
+        }
+    }
+    let actual = BlobHash::of(out);
     if actual != *hash {
         return Err(BlobProblem::HashMismatch { actual });
     }
-    Ok(plain)
+    Ok(())
+}
+
+/// Decodes a blob file and verifies it against `hash` and (if given) the
+/// expected plaintext length.
+///
+/// # Errors
+/// The [`BlobProblem`] found; the caller adds the context.
+pub(crate) fn decode(
+    file: &[u8],
+    hash: &BlobHash,
+    expected_len: Option<u64>,
+) -> Result<Vec<u8>, BlobProblem> {
+    let len = match expected_len {
+        Some(n) => n,
+        None => {
+            let (codec, payload) = parse(file)?;
+            if codec == CODEC_RAW {
+                payload.len() as u64
+            } else {
+                match zstd::zstd_safe::get_frame_content_size(payload) {
+                    Ok(Some(n)) if n <= super::chunk::MAX_CHUNK as u64 => n,
+                    _ => {
+                        return Err(BlobProblem::Decompress(
+                            "frame does not state a plausible content size".into(),
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    let mut out = vec![0u8; len as usize];
+    decode_into(file, hash, &mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -759,9 +759,8 @@ impl TenantStore {
                 }
                 Err(e) => return Err((*i, blob, BlobProblem::Unreadable(e.to_string()))),
             };
-            let plain = blob::decode(&file, &blob, Some(len)).map_err(|p| (*i, blob, p))?;
-            slot.copy_from_slice(&plain);
-            Ok(())
+            debug_assert_eq!(slot.len() as u64, len);
+            blob::decode_into(&file, &blob, slot).map_err(|p| (*i, blob, p))
         };
         let threads = self.options().threads.max(1).min(slots.len().max(1));
         if threads <= 1 || slots.len() < 4 {
