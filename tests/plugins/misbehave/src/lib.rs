@@ -9,6 +9,13 @@
 //! - `grow-in-process`: allocate 1 MiB more per call until the limit
 //! - `fail-after`: with config `calls = N`, trap on call N+1 of `process`
 //! - `none` (default): pass through
+//!
+//! Independent of `mode`:
+//! - `snapshot_ms = N`: `snapshot-state` busy-waits N ms (timeout tests)
+//! - `decline = "true"`: `snapshot-state` returns an error (declined)
+//!
+//! The call counter is not part of the state, so after a restore the
+//! operator counts from zero again.
 
 use memento_guest::{Context, Error, Event, Operator, Output};
 use serde::{Deserialize, Serialize};
@@ -16,8 +23,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Default, Serialize, Deserialize)]
 pub struct Misbehave {
     mode: String,
+    #[serde(skip)]
     calls: u64,
     fail_after: u64,
+    snapshot_ms: u64,
+    decline: bool,
     #[serde(skip)]
     hoard: Vec<Vec<u8>>,
 }
@@ -31,6 +41,8 @@ impl Operator for Misbehave {
         memento_guest::info!("opened in mode {mode}");
         Ok(Misbehave {
             fail_after: ctx.parse_or("calls", u64::MAX)?,
+            snapshot_ms: ctx.parse_or("snapshot_ms", 0)?,
+            decline: ctx.parse_or("decline", false)?,
             mode,
             ..Default::default()
         })
@@ -57,6 +69,17 @@ impl Operator for Misbehave {
         }
         out.push(event);
         Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, Error> {
+        if self.decline {
+            return Err("declining on purpose".into());
+        }
+        let started = std::time::Instant::now();
+        while started.elapsed().as_millis() < u128::from(self.snapshot_ms) {
+            std::hint::spin_loop();
+        }
+        memento_guest::encode_state(Self::STATE_VERSION, self)
     }
 }
 
