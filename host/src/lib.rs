@@ -4,6 +4,7 @@
 //! Start at [`Host`]: it loads a job file and its plugins into a [`Job`],
 //! which runs them as a sandboxed dataflow while its coordinator takes
 //! checkpoints and savepoints into the unified [`store`].
+pub mod api;
 pub mod cli;
 pub mod coordinator;
 pub mod dataflow;

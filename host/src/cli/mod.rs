@@ -1,6 +1,7 @@
 //! The `memento` command line: argument parsing and printing only. Every
 //! command calls the library's public API.
 
+mod client;
 #[cfg(feature = "plugins")]
 mod demo;
 pub mod store;
@@ -45,6 +46,12 @@ enum Command {
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Serve the REST API for this job on this address (e.g. 127.0.0.1:8081).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Bearer token the API requires (required on a non-loopback address).
+        #[arg(long, env = "MEMENTO_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -63,10 +70,10 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Export, import and dispose savepoints.
+    /// Trigger, export, import and dispose savepoints.
     Savepoint {
         #[command(subcommand)]
-        command: SavepointFileCommand,
+        command: SavepointCommand,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -80,6 +87,26 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SavepointCommand {
+    /// Trigger a savepoint of a running job (started with `memento run --listen`).
+    Trigger {
+        /// The job's name.
+        job: String,
+        /// Wait until the savepoint completes and print its id.
+        #[arg(long)]
+        wait: bool,
+        /// The job's API address.
+        #[arg(long, env = "MEMENTO_URL", default_value = "http://127.0.0.1:8081")]
+        url: String,
+        /// Bearer token, if the job requires one.
+        #[arg(long, env = "MEMENTO_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    #[command(flatten)]
+    File(SavepointFileCommand),
 }
 
 /// What a termination signal does to a running job.
@@ -133,17 +160,42 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             from,
             on_sigterm,
             json,
+            listen,
+            token,
             store,
-        } => run(&job, from.as_deref(), on_sigterm, json, &store),
+        } => run(&job, from.as_deref(), on_sigterm, json, listen.as_deref(), token, &store),
         Command::Inspect { component, json } => inspect(&component, json),
         Command::Snapshots { command, store } => store::run_snapshots(&store, command).map(|()| ExitCode::SUCCESS),
-        Command::Savepoint { command, store } => store::run_savepoint(&store, command).map(|()| ExitCode::SUCCESS),
+        Command::Savepoint {
+            command: SavepointCommand::Trigger { job, wait, url, token },
+            ..
+        } => {
+            let id = client::trigger_savepoint(&url, token.as_deref(), &job, wait)?;
+            if wait {
+                println!("{id}");
+            } else {
+                println!("triggered savepoint of job `{job}`: request {id}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Savepoint {
+            command: SavepointCommand::File(command),
+            store,
+        } => store::run_savepoint(&store, command).map(|()| ExitCode::SUCCESS),
         Command::Fsck { store } => store::run_fsck(&store),
         Command::Gc { store } => store::run_gc(&store).map(|()| ExitCode::SUCCESS),
     }
 }
 
-fn run(job_file: &Path, from: Option<&str>, on_signal: OnSignal, json: bool, store: &StoreArgs) -> anyhow::Result<ExitCode> {
+fn run(
+    job_file: &Path,
+    from: Option<&str>,
+    on_signal: OnSignal,
+    json: bool,
+    listen: Option<&str>,
+    token: Option<String>,
+    store: &StoreArgs,
+) -> anyhow::Result<ExitCode> {
     let host = Host::open(&store.state_dir)?;
     let job = host.load_job(crate::spec::JobSpec::from_file(job_file)?, &store.tenant)?;
     let from = match from {
@@ -153,6 +205,14 @@ fn run(job_file: &Path, from: Option<&str>, on_signal: OnSignal, json: bool, sto
     };
     watch_signals(job.control(), on_signal)?;
     let name = job.spec().name.clone();
+    let _server = match listen {
+        Some(addr) => {
+            let server = crate::api::serve_job(addr, &name, job.control(), token)?;
+            eprintln!("memento: job `{name}` API on http://{}", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     match job.run(RunOptions { from }) {
         Ok(report) => {
             if json {

@@ -151,6 +151,7 @@ pub struct JobReport {
     /// Per operator, in chain order (last attempt).
     pub operators: Vec<OperatorReport>,
     /// Wall time of the whole run.
+    #[serde(serialize_with = "as_ms")]
     pub elapsed: Duration,
     /// Restarts after failures.
     pub restarts: u32,
@@ -176,7 +177,13 @@ pub struct OperatorReport {
     /// `process` calls made.
     pub process_calls: u64,
     /// Wall time inside the plugin, all tasks together.
+    #[serde(serialize_with = "as_ms")]
     pub time_in_plugin: Duration,
+}
+
+/// Durations appear in JSON as milliseconds.
+fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
 /// A job run failed for good.
@@ -449,6 +456,7 @@ impl<'a> Coordinator<'a> {
             total_tasks: self.spec.operators.iter().map(|o| o.parallelism as usize).sum(),
             done: BTreeMap::new(),
             source_end: None,
+            position: None,
             stopped: None,
             next_checkpoint: self.spec.checkpoints.interval.map(|i| Instant::now() + i.0),
             savepoints: Schedule::from_spec(&self.spec.savepoints),
@@ -488,7 +496,7 @@ impl<'a> Coordinator<'a> {
             })
             .collect();
         self.report.sink_records = run.done.values().map(|(f, _)| f.sink_records).sum();
-        self.report.source_records = run.source_end.unwrap_or(start_position).saturating_sub(start_position);
+        self.report.source_records = run.position.unwrap_or(start_position).saturating_sub(start_position);
         end
     }
 
@@ -676,12 +684,14 @@ impl<'a> Coordinator<'a> {
         match r {
             Report::Failed(e) => return Err(e),
             Report::SourceAck { id, position } => {
+                run.position = Some(position);
                 if let Some(p) = run.pending.as_mut().filter(|p| p.number == id) {
                     p.source_position = Some(position);
                 }
             }
             Report::SourceEnded { position } => {
                 run.source_end = Some(position);
+                run.position = Some(position);
                 // A barrier not injected before the end never will be.
                 if let Some(p) = run.pending.take_if(|p| p.source_position.is_none()) {
                     self.fail_pending(p, "the input ended before the barrier was injected", false);
@@ -963,6 +973,8 @@ struct AttemptState {
     total_tasks: usize,
     done: BTreeMap<TaskKey, (TaskFigures, Option<SinkCommit>)>,
     source_end: Option<u64>,
+    /// The source's last known position (acks and end).
+    position: Option<u64>,
     stopped: Option<SnapshotId>,
     next_checkpoint: Option<Instant>,
     savepoints: Schedule,
