@@ -36,7 +36,7 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 fn image(n: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(IMAGE_CHUNKS * CHUNK);
     for i in 0..IMAGE_CHUNKS as u64 {
-        if (i + n) % 5 == 0 {
+        if (i + n).is_multiple_of(5) {
             out.extend(std::iter::repeat_n(0u8, CHUNK));
         } else if i % 2 == 0 {
             out.extend(noise(i, CHUNK));
@@ -77,7 +77,7 @@ fn child_writer() {
         let mem_chunks = w.put_chunks_fixed(&img, CHUNK).unwrap();
         let state = canonical(n);
         let state_chunks = w.put_chunks_cdc(&state).unwrap();
-        let kind = if n % 4 == 0 {
+        let kind = if n.is_multiple_of(4) {
             SnapshotKind::Savepoint
         } else {
             SnapshotKind::Checkpoint
@@ -116,7 +116,7 @@ fn child_writer() {
         {
             t.delete(&old).unwrap();
         }
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             t.gc().unwrap();
         }
     }

@@ -249,6 +249,7 @@ fn main() {
     println!("|---|---|---|---|---|");
     for (name, c) in [
         ("none", Compression::None),
+        ("zstd -3", Compression::Zstd { level: -3 }),
         ("zstd 1", Compression::Zstd { level: 1 }),
         ("zstd 3", Compression::Zstd { level: 3 }),
     ] {
@@ -328,11 +329,23 @@ fn main() {
         .tenant("bench")
         .unwrap();
     let job = JobName::new("j").unwrap();
-    let (t_cdc, _) = time(1, || {
-        let mut w = t.begin(&job, 1).unwrap();
-        let c = w.put_chunks_cdc(&state).unwrap();
-        (c, w)
+    let start = Instant::now();
+    let mut w = t.begin(&job, 1).unwrap();
+    let first = w.put_chunks_cdc(&state).unwrap();
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: state.len() as u64,
+            chunks: first,
+        },
     });
+    w.commit(m).unwrap();
+    let t_cdc = start.elapsed();
     let mut edited = state.clone();
     let mid = edited.len() / 2;
     edited.splice(mid..mid, std::iter::repeat_n(7u8, 100));

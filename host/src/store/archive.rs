@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use super::backend::PutMode;
 use super::blob::{self, BLOB_HEADER_LEN, BlobHash};
 use super::chunk::MAX_CHUNK;
 use super::error::StoreError;
@@ -284,7 +283,6 @@ impl TenantStore {
         let number = self.next_snapshot_number(&source.job)?;
         let writer = self.begin(&source.job, number)?;
         let blobs = writer.blob_writer();
-        let shared = &blobs.shared;
         let mut count = 0u64;
         let mut new = 0usize;
         loop {
@@ -303,20 +301,9 @@ impl TenantStore {
                     r.read_exact(&mut file).map_err(truncated)?;
                     blob::decode(&file, &hash, Some(plain_len))
                         .map_err(|p| arch_err(name, format!("blob {hash}: {p}")))?;
-                    let key = self.blob_key(&hash);
-                    let present = self
-                        .backend()
-                        .size(&key)
-                        .map_err(|e| StoreError::io("stat blob", key.clone(), e))?
-                        .is_some();
-                    if !present {
-                        self.backend()
-                            .put(&key, &file, PutMode::Replace, self.options().sync)
-                            .map_err(|e| StoreError::io("write blob", key, e))?;
+                    if blobs.store_blob(hash, plain_len, || file)? {
                         new += 1;
-                        shared.note_written(plain_len, file_len);
                     }
-                    shared.seen.lock().unwrap().insert(hash);
                     count += 1;
                     progress(Progress {
                         done_bytes: r.count,

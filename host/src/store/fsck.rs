@@ -89,6 +89,7 @@ impl TenantStore {
                 report.snapshots_checked += 1;
                 match self.get(&id) {
                     Ok(m) => manifests.push(m),
+                    Err(StoreError::NotFound { .. }) => report.snapshots_checked -= 1,
                     Err(e) => damaged.entry(id.to_string()).or_default().push(e.to_string()),
                 }
             }
@@ -121,6 +122,11 @@ impl TenantStore {
                 }
             }
         }
+        // A snapshot deleted while we verified (its blobs collected by a
+        // concurrent GC) is not damaged, just gone.
+        damaged.retain(|id, _| {
+            SnapshotId::parse(id).map_or(true, |id| self.manifest_exists(&id).unwrap_or(true))
+        });
         report.damaged = damaged
             .into_iter()
             .map(|(id, problems)| DamagedSnapshot { id, problems })

@@ -57,7 +57,9 @@ impl TenantStore {
         let mut ids: HashSet<SnapshotId> = self.all_ids()?.into_iter().collect();
         let mut referenced: HashSet<BlobHash> = HashSet::new();
         for id in &ids {
-            referenced.extend(unique_blobs(&self.get(id)?));
+            if let Some(m) = self.get_if_present(id)? {
+                referenced.extend(unique_blobs(&m));
+            }
         }
         let mut candidates: Vec<BlobHash> = self
             .all_blobs()?
@@ -84,7 +86,9 @@ impl TenantStore {
             .ok_or_else(busy)?;
         for id in self.all_ids()? {
             if !ids.contains(&id) {
-                referenced.extend(unique_blobs(&self.get(&id)?));
+                if let Some(m) = self.get_if_present(&id)? {
+                    referenced.extend(unique_blobs(&m));
+                }
                 ids.insert(id);
             }
         }

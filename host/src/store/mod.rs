@@ -66,7 +66,7 @@ mod manifest;
 mod name;
 
 pub use archive::{ArchiveSummary, Progress};
-pub use backend::{Backend, LocalDir, LockGuard, LockMode, PutMode};
+pub use backend::{Backend, LocalDir, LockGuard, LockMode, PutMode, Staged};
 pub use blob::{BlobHash, Compression};
 pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK, MAX_CHUNK};
 pub use error::{BadChunk, BlobProblem, StoreError};
@@ -462,7 +462,8 @@ impl TenantStore {
             tenant: self.clone(),
             id,
             pin: Mutex::new(Some(pin)),
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
             written: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
@@ -500,6 +501,16 @@ impl TenantStore {
             Err(e) => return Err(StoreError::io("read manifest", key, e)),
         };
         Manifest::from_json(&id.to_string(), &bytes)
+    }
+
+    /// Like `get`, but a snapshot deleted meanwhile (by another thread or
+    /// process, between listing and reading) is `None` rather than an error.
+    fn get_if_present(&self, id: &SnapshotId) -> Result<Option<Manifest>, StoreError> {
+        match self.get(id) {
+            Ok(m) => Ok(Some(m)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Jobs that have a snapshot directory, sorted.
@@ -677,7 +688,18 @@ impl TenantStore {
         let mut added: Vec<SnapshotId> = ids.difference(&cache.manifests).cloned().collect();
         added.sort();
         for id in &added {
-            let m = self.get(id)?;
+            let m = match self.get(id) {
+                Ok(m) => m,
+                Err(StoreError::NotFound { .. }) => continue,
+                // Unknown references count as nothing; fsck reports it, and
+                // one bad manifest must not block every commit.
+                Err(e @ (StoreError::CorruptManifest { .. } | StoreError::UnsupportedSchema { .. })) => {
+                    tracing::warn!(tenant = %self.inner.name, "quota ignores snapshot: {e}");
+                    cache.add(id, []);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut blobs = Vec::new();
             for hash in unique_blobs(&m) {
                 let size = match cache.blobs.get(&hash) {
@@ -831,7 +853,11 @@ struct WriterShared {
     pin: Mutex<Option<Box<dyn LockGuard>>>,
     /// Blobs known to be in the store (written or found): no need to look
     /// again, and commit can skip checking them.
-    seen: Mutex<HashSet<BlobHash>>,
+    seen: Mutex<HashMap<BlobHash, u64>>,
+    /// Blobs written by this writer but not yet visible: staged files and
+    /// their keys, published at commit (one durability batch), discarded on
+    /// abort.
+    pending: Mutex<Vec<(Staged, String)>>,
     written: AtomicU64,
     new_bytes: AtomicU64,
     stored_bytes: AtomicU64,
@@ -879,24 +905,43 @@ impl BlobWriter {
                 reason: "the snapshot writer has already committed or aborted".into(),
             });
         }
-        if s.seen.lock().unwrap().contains(&hash) {
+        if s.seen.lock().unwrap().contains_key(&hash) {
             return Ok(());
         }
+        self.store_blob(hash, bytes.len() as u64, || {
+            blob::encode(bytes, s.tenant.options().compression)
+        })?;
+        Ok(())
+    }
+
+    /// Stages the blob file made by `encode` unless the store already has
+    /// `hash`. Returns whether it was new.
+    pub(crate) fn store_blob(
+        &self,
+        hash: BlobHash,
+        plain_len: u64,
+        encode: impl FnOnce() -> Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let s = &*self.shared;
         let key = s.tenant.blob_key(&hash);
         let backend = s.tenant.backend();
         let present = backend
             .size(&key)
-            .map_err(|e| StoreError::io("stat blob", key.clone(), e))?
-            .is_some();
-        if !present {
-            let file = blob::encode(bytes, s.tenant.options().compression);
-            backend
-                .put(&key, &file, PutMode::Replace, s.tenant.options().sync)
-                .map_err(|e| StoreError::io("write blob", key, e))?;
-            s.note_written(bytes.len() as u64, file.len() as u64);
-        }
-        s.seen.lock().unwrap().insert(hash);
-        Ok(())
+            .map_err(|e| StoreError::io("stat blob", key.clone(), e))?;
+        let (size, new) = match present {
+            Some(size) => (size, false),
+            None => {
+                let file = encode();
+                let staged = backend
+                    .stage(&file, s.tenant.options().sync)
+                    .map_err(|e| StoreError::io("write blob", key.clone(), e))?;
+                s.pending.lock().unwrap().push((staged, key));
+                s.note_written(plain_len, file.len() as u64);
+                (file.len() as u64, true)
+            }
+        };
+        s.seen.lock().unwrap().insert(hash, size);
+        Ok(new)
     }
 
     /// Stores the chunks `bounds` of `bytes` (zero chunks skipped when
@@ -1034,8 +1079,9 @@ impl SnapshotWriter {
         manifest.status = SnapshotStatus::Complete;
         manifest.check_lengths().map_err(mismatch)?;
 
-        // Every referenced blob must exist. We hold the pin, so none can
-        // disappear between this check and the manifest write.
+        // Every referenced blob must exist (or be staged by this writer). We
+        // hold the pin, so none can disappear between this check and the
+        // manifest write.
         let mut unique: HashMap<BlobHash, u64> = HashMap::new();
         {
             let seen = s.seen.lock().unwrap();
@@ -1044,10 +1090,12 @@ impl SnapshotWriter {
                 if unique.contains_key(&hash) {
                     continue;
                 }
-                let size = tenant.blob_size(&hash)?;
-                match size {
+                if let Some(&size) = seen.get(&hash) {
+                    unique.insert(hash, size);
+                    continue;
+                }
+                match tenant.blob_size(&hash)? {
                     Some(size) => unique.insert(hash, size),
-                    None if seen.contains(&hash) => unique.insert(hash, 0),
                     None => {
                         return Err(StoreError::MissingBlobAtCommit {
                             id: s.id.clone(),
@@ -1098,8 +1146,21 @@ impl SnapshotWriter {
 
         let backend = tenant.backend();
         let sync = tenant.options().sync;
-        // Write order: blobs durable (data synced at put, names here), then
+        // Write order: blobs durable and visible, their names durable, then
         // the manifest.
+        let pending = std::mem::take(&mut *s.pending.lock().unwrap());
+        let threads = tenant.options().threads.max(1);
+        let per = pending.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = pending
+                .chunks(per)
+                .map(|group| scope.spawn(move || backend.publish(group, sync)))
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("publisher thread panicked"))
+        })
+        .map_err(|e| StoreError::io("publish blobs", tenant.key("blobs"), e))?;
         if sync {
             backend
                 .flush()
@@ -1145,8 +1206,13 @@ impl SnapshotWriter {
 
 impl Drop for SnapshotWriter {
     fn drop(&mut self) {
+        let s = &self.blobs.shared;
+        // Staged blobs of an aborted (or failed) snapshot are never needed.
+        for (staged, _) in s.pending.lock().unwrap().drain(..) {
+            s.tenant.backend().discard(&staged);
+        }
         // Release the pin; any BlobWriter clones stop accepting puts.
-        self.blobs.shared.pin.lock().unwrap().take();
+        s.pin.lock().unwrap().take();
     }
 }
 

@@ -242,7 +242,8 @@ fn incremental_change_of_one_chunk_writes_one_blob() {
     let mut image = noise(3, 64 * chunk);
     let mut w = t.begin(&j, 1).unwrap();
     w.put_chunks_fixed(&image, chunk).unwrap();
-    w.abort();
+    let m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Native);
+    w.commit(m).unwrap();
     image[10 * chunk + 5] ^= 0xff;
     let mut w = t.begin(&j, 2).unwrap();
     let refs = w.put_chunks_fixed(&image, chunk).unwrap();
@@ -262,13 +263,19 @@ fn gc_removes_unreferenced_keeps_referenced_and_pinned() {
     let (keep, keep_chunks) = commit_canonical(&t, "j", &noise(1, 50_000));
     let (gone, _) = commit_canonical(&t, "j", &noise(2, 50_000));
     t.delete(&gone).unwrap();
-    // An aborted writer's blob: garbage.
+    assert_eq!(blob_files(dir.path(), "t1").len(), 2);
+    // An aborted writer leaves nothing behind: its blobs were only staged.
     let mut w = t.begin(&job("j"), 50).unwrap();
     w.put_chunk(b"aborted").unwrap();
     w.abort();
-    // An in-progress writer's blob: pinned, although no manifest has it.
+    assert_eq!(blob_files(dir.path(), "t1").len(), 2);
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+    assert_eq!(tmp.len(), 1, "only the owner file: {tmp:?}");
+    // An in-progress writer that dedupes against the deleted snapshot's
+    // (garbage) blob, and stages a new one: both must survive GC.
     let mut pending = t.begin(&job("j"), 60).unwrap();
-    let pinned = pending.put_chunk(b"in progress").unwrap();
+    let reused = pending.put_chunk(&noise(2, 50_000)).unwrap();
+    let staged = pending.put_chunk(b"in progress").unwrap();
     // GC would wait for `pending`; shorten the wait to see it refuse.
     let hurried = Store::open(
         dir.path(),
@@ -282,35 +289,41 @@ fn gc_removes_unreferenced_keeps_referenced_and_pinned() {
     .unwrap();
     let err = hurried.gc().unwrap_err();
     assert!(err.to_string().contains("waited"), "{err}");
-    assert_eq!(blob_files(dir.path(), "t1").len(), 4, "nothing deleted");
+    assert_eq!(blob_files(dir.path(), "t1").len(), 2, "nothing deleted");
 
-    // Commit on another thread once GC is waiting: GC must keep its blob.
+    // Commit on another thread once GC is waiting: GC must keep its blobs.
     let committer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
         let mut m = pending.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Canonical);
         m.tasks.push(TaskState {
             key: TaskKey::new("op", 0),
             state: TaskStateData::Canonical {
-                len: pinned.len(),
-                chunks: vec![pinned],
+                len: reused.len() + staged.len(),
+                chunks: vec![reused, staged],
             },
         });
         pending.commit(m).unwrap()
     });
     let report = t.gc().unwrap();
     let pending_id = committer.join().unwrap();
-    assert_eq!(report.blobs_removed, 2, "{report:?}");
+    assert_eq!(report.blobs_removed, 0, "{report:?}");
     assert_eq!(report.snapshots, 2, "{report:?}");
+    let mut expected = noise(2, 50_000);
+    expected.extend_from_slice(b"in progress");
+    assert_eq!(
+        t.read_chunks(&pending_id, &TaskKey::new("op", 0), &[reused, staged])
+            .unwrap(),
+        expected
+    );
+    // Unreferenced blobs go; referenced ones stay.
+    t.delete(&pending_id).unwrap();
+    let report = t.gc().unwrap();
+    assert_eq!(report.blobs_removed, 2, "{report:?}");
     assert!(report.bytes_freed > 0);
     assert_eq!(
         t.read_chunks(&keep, &TaskKey::new("op", 0), &keep_chunks)
             .unwrap(),
         noise(1, 50_000)
-    );
-    assert_eq!(
-        t.read_chunks(&pending_id, &TaskKey::new("op", 0), &[pinned])
-            .unwrap(),
-        b"in progress"
     );
     assert!(t.fsck().unwrap().is_clean());
     assert_eq!(t.gc().unwrap().blobs_removed, 0);
@@ -535,7 +548,7 @@ fn reopening_removes_temp_files_of_dead_writers_only() {
     let dir = tempfile::tempdir().unwrap();
     let t = open(dir.path());
     commit_canonical(&t, "j", b"x");
-    std::fs::write(dir.path().join("tmp/999-gone.owner"), b"").unwrap();
+    std::fs::write(dir.path().join("tmp/999-gone.owner"), b"999").unwrap();
     std::fs::write(dir.path().join("tmp/999-gone-0.tmp"), b"half a blob").unwrap();
     let _t2 = open(dir.path());
     assert!(!dir.path().join("tmp/999-gone-0.tmp").exists());
