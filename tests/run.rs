@@ -506,6 +506,7 @@ fn plugin_logs_carry_job_operator_and_task() {
     let out = memento()
         .arg("run")
         .arg(dir.path().join("job.toml"))
+        .current_dir(dir.path())
         .env("MEMENTO_LOG", "info")
         .output()
         .unwrap();

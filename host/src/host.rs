@@ -39,11 +39,11 @@ pub enum HostError {
         /// The operator whose plugin failed.
         operator: String,
         /// What was wrong with it.
-        source: RuntimeError,
+        source: Box<RuntimeError>,
     },
     /// The runtime could not start.
     #[error(transparent)]
-    Runtime(#[from] RuntimeError),
+    Runtime(Box<RuntimeError>),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -55,7 +55,19 @@ pub enum HostError {
     },
     /// The run failed for good.
     #[error(transparent)]
-    Job(#[from] JobFailed),
+    Job(Box<JobFailed>),
+}
+
+impl From<RuntimeError> for HostError {
+    fn from(e: RuntimeError) -> Self {
+        HostError::Runtime(Box::new(e))
+    }
+}
+
+impl From<Box<JobFailed>> for HostError {
+    fn from(e: Box<JobFailed>) -> Self {
+        HostError::Job(e)
+    }
 }
 
 /// Where a run starts.
@@ -132,7 +144,7 @@ impl Host {
                     .load_file(&spec.resolve(&op.plugin))
                     .map_err(|source| HostError::Plugin {
                         operator: op.name.clone(),
-                        source,
+                        source: Box::new(source),
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -219,10 +231,12 @@ impl Job {
             self.store.clone(),
             self.control_rx.clone(),
         )
-        .map_err(|e| JobFailed {
-            error: e,
-            restarts: 0,
-            resume_from: None,
+        .map_err(|e| {
+            Box::new(JobFailed {
+                error: e,
+                restarts: 0,
+                resume_from: None,
+            })
         })?;
         Ok(coordinator.run(from)?)
     }

@@ -29,7 +29,7 @@ pub enum CaptureError {
     Declined(String),
     /// The instance trapped or overran its deadline: the task fails.
     #[error(transparent)]
-    Failed(RuntimeError),
+    Failed(Box<RuntimeError>),
 }
 
 /// Capture the task's state in `format` (task thread, instance quiescent).
@@ -48,7 +48,7 @@ pub fn capture(instance: &mut TaskInstance, format: SnapshotFormat) -> Result<Ca
             Err(RuntimeError::Guest { message, task, .. }) => {
                 Err(CaptureError::Declined(format!("{task}: snapshot-state declined: {message}")))
             }
-            Err(e) => Err(CaptureError::Failed(e)),
+            Err(e) => Err(CaptureError::Failed(Box::new(e))),
         },
         SnapshotFormat::Native => Err(CaptureError::Declined(
             "native snapshots are not available in this version; use format = \"canonical\"".into(),
@@ -81,7 +81,7 @@ pub enum RestoreError {
         /// The snapshot being restored.
         id: SnapshotId,
         /// What the operator did.
-        source: RuntimeError,
+        source: Box<RuntimeError>,
     },
     /// The snapshot's format cannot be restored here.
     #[error("snapshot {id}: {reason}")]
@@ -109,7 +109,7 @@ pub fn restore(
             let bytes = store.read_chunks(id, &state.key, chunks)?;
             instance.restore_state(&bytes).map_err(|source| RestoreError::Operator {
                 id: id.clone(),
-                source,
+                source: Box::new(source),
             })
         }
         TaskStateData::Native { .. } => Err(RestoreError::Unsupported {

@@ -196,8 +196,10 @@ fn run(
     token: Option<String>,
     store: &StoreArgs,
 ) -> anyhow::Result<ExitCode> {
+    // Read the job file first: a bad one should not create a state directory.
+    let spec = crate::spec::JobSpec::from_file(job_file)?;
     let host = Host::open(&store.state_dir)?;
-    let job = host.load_job(crate::spec::JobSpec::from_file(job_file)?, &store.tenant)?;
+    let job = host.load_job(spec, &store.tenant)?;
     let from = match from {
         None => StartFrom::Scratch,
         Some("latest") => StartFrom::Latest,

@@ -25,7 +25,7 @@ use crate::dataflow::{Attempt, Barrier, JobError, Report, RestorePoint, TaskFigu
 use crate::runtime::{LoadedComponent, Runtime};
 use crate::spec::{JobSpec, RestartStrategy, SnapshotFormat};
 use crate::store::{
-    JobName, ListFilter, Manifest, Retention, SnapshotId, SnapshotKind, SourcePosition, StateFormat, StoreError,
+    JobName, ListFilter, Manifest, Retention, SnapshotId, SnapshotKind, SourcePosition, StateFormat,
     TaskKey, TaskState, TaskStateData, TenantStore, Trigger,
 };
 pub use schedule::Schedule;
@@ -273,13 +273,13 @@ impl<'a> Coordinator<'a> {
     }
 
     /// Run the job to its end, restarting per the strategy.
-    pub(crate) fn run(mut self, from: Option<Manifest>) -> Result<JobReport, JobFailed> {
+    pub(crate) fn run(mut self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
         let started = Instant::now();
         let mut restore = from;
         self.report.restored_from = restore.as_ref().map(|m| m.id.clone());
         loop {
             let end = match restore.as_ref() {
-                Some(m) if m.extra.get(FINISHED).is_some() => self.finish_again(m),
+                Some(m) if m.extra.contains_key(FINISHED) => self.finish_again(m),
                 _ => self.attempt(restore.as_ref()),
             };
             match end {
@@ -292,11 +292,11 @@ impl<'a> Coordinator<'a> {
                     let retry = retryable(&error) && self.restart_allowed();
                     if !retry {
                         let resume_from = self.store.latest(&self.job).ok().flatten().map(|m| m.id);
-                        return Err(JobFailed {
+                        return Err(Box::new(JobFailed {
                             error,
                             restarts: self.report.restarts,
                             resume_from,
-                        });
+                        }));
                     }
                     let delay = self.restart_delay();
                     self.report.restarts += 1;
@@ -317,11 +317,11 @@ impl<'a> Coordinator<'a> {
                     restore = match self.store.latest(&self.job) {
                         Ok(m) => m,
                         Err(e) => {
-                            return Err(JobFailed {
+                            return Err(Box::new(JobFailed {
                                 error: e.into(),
                                 restarts: self.report.restarts,
                                 resume_from: None,
-                            });
+                            }));
                         }
                     };
                 }
@@ -524,10 +524,10 @@ impl<'a> Coordinator<'a> {
                         stop: false,
                     });
                 }
-                if let Some(req) = run.queue.pop_front() {
-                    if let Err(e) = self.start(run, req) {
-                        return AttemptEnd::Failed(e);
-                    }
+                if let Some(req) = run.queue.pop_front()
+                    && let Err(e) = self.start(run, req)
+                {
+                    return AttemptEnd::Failed(e);
                 }
             }
             // Done?
@@ -1021,12 +1021,3 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl From<StoreError> for JobFailed {
-    fn from(e: StoreError) -> Self {
-        JobFailed {
-            error: e.into(),
-            restarts: 0,
-            resume_from: None,
-        }
-    }
-}

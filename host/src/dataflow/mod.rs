@@ -44,7 +44,7 @@ pub enum JobError {
     Sink(String),
     /// A task failed: trap, deadline, memory limit or an error from the plugin.
     #[error(transparent)]
-    Task(#[from] RuntimeError),
+    Task(Box<RuntimeError>),
     /// A task could not be restored from a snapshot.
     #[error("{task}: {reason}")]
     Restore {
@@ -75,6 +75,12 @@ pub enum JobError {
     Thread(String),
 }
 
+impl From<RuntimeError> for JobError {
+    fn from(e: RuntimeError) -> Self {
+        JobError::Task(Box::new(e))
+    }
+}
+
 /// A snapshot barrier: the coordinator's request that every task captures
 /// its state after the records before it and before the records after it.
 #[derive(Clone)]
@@ -98,6 +104,9 @@ pub(crate) enum Msg {
     /// Snapshot `n` completed (coordinator → sink tasks; not aligned).
     Complete(u64),
 }
+
+/// A task's input: messages tagged with the index of the sending task.
+type Channel = (Sender<(usize, Msg)>, Receiver<(usize, Msg)>);
 
 /// Sender index used for messages from the coordinator.
 const FROM_COORDINATOR: usize = usize::MAX;
@@ -199,7 +208,7 @@ impl Attempt {
             .collect::<Result<_, _>>()
             .map_err(JobError::Sink)?;
 
-        let channels: Vec<Vec<(Sender<(usize, Msg)>, Receiver<(usize, Msg)>)>> = spec
+        let channels: Vec<Vec<Channel>> = spec
             .operators
             .iter()
             .map(|op| (0..op.parallelism).map(|_| bounded(CHANNEL_CAPACITY)).collect())

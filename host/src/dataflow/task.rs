@@ -223,7 +223,7 @@ impl Task {
                 });
                 None
             }
-            Err(CaptureError::Failed(e)) => return Err(e.into()),
+            Err(CaptureError::Failed(e)) => return Err(JobError::Task(e)),
         };
         let sink = self.downstream.precommit(barrier.id)?;
         let b = barrier.clone();
