@@ -538,8 +538,8 @@ impl<'a> Coordinator<'a> {
                         Ok(()) => AttemptEnd::Done(FinalState::Finished),
                         Err(e) => AttemptEnd::Failed(e),
                     },
-                    None => AttemptEnd::Failed(JobError::Snapshots(
-                        "stop-with-savepoint failed: the job stopped without a savepoint".into(),
+                    None => AttemptEnd::Failed(JobError::StopFailed(
+                        "the job stopped without a savepoint".into(),
                     )),
                 };
             }
@@ -828,7 +828,7 @@ impl<'a> Coordinator<'a> {
         self.fail_pending(p, reason, true);
         self.after_snapshot(run, kind);
         if stop {
-            return Err(JobError::Snapshots(format!("stop-with-savepoint failed: {reason}")));
+            return Err(JobError::StopFailed(reason.to_string()));
         }
         self.count_failure(run, kind, reason)
     }

@@ -64,6 +64,9 @@ pub enum JobError {
     /// Too many snapshots failed in a row.
     #[error("{0}")]
     Snapshots(String),
+    /// The final savepoint of a stop failed; the job stopped without one.
+    #[error("stop-with-savepoint failed: {0}")]
+    StopFailed(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

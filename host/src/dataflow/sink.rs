@@ -65,6 +65,13 @@ pub fn part_file_name(task: u32, seq: u64) -> String {
     format!("part-{task:05}-{seq:06}")
 }
 
+/// Task and sequence number of a part file name.
+fn parse_part_file_name(name: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix("part-")?;
+    let (task, seq) = rest.split_once('-')?;
+    Some((task.parse().ok()?, seq.parse().ok()?))
+}
+
 fn sink_dir(path: &Path, base: &Path) -> PathBuf {
     if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
 }
@@ -112,6 +119,16 @@ pub fn commit(spec: &SinkSpec, base: &Path, commits: &[SinkCommit]) -> Result<()
             match std::fs::rename(&staged, &target) {
                 Ok(()) => renamed = true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && target.exists() => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // Neither staged nor committed: the snapshot was taken
+                    // elsewhere (an imported savepoint) or the staging
+                    // directory was removed. Say so; do not stop the job.
+                    tracing::warn!(
+                        target: "memento::sink",
+                        file = %target.display(),
+                        "pre-committed output is missing; it cannot be committed"
+                    );
+                }
                 Err(e) => return Err(format!("cannot commit {}: {e}", staged.display())),
             }
         }
@@ -147,6 +164,18 @@ pub fn recover(spec: &SinkSpec, base: &Path, restored: Option<&[SinkCommit]>) ->
             commit(spec, base, commits)?;
             for c in commits {
                 next.insert(c.task, c.next_seq);
+            }
+            // Output committed after the snapshot (when resuming from an
+            // older one) is rewound: the run will write it again.
+            for entry in std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
+                let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some((task, seq)) = parse_part_file_name(&name)
+                    && next.get(&task).is_some_and(|n| seq >= *n)
+                {
+                    std::fs::remove_file(entry.path())
+                        .map_err(|e| format!("cannot remove {}: {e}", entry.path().display()))?;
+                }
             }
         }
         None if dir.exists() => {
@@ -327,6 +356,10 @@ mod tests {
         assert_eq!(visible(&dir), vec!["part-00001-000000", "part-00001-000001"]);
         assert!(!dir.join(STAGING_DIR).exists());
         assert_eq!(std::fs::read_to_string(dir.join("part-00001-000001")).unwrap(), "b\tv\n");
+
+        // Resuming from the first snapshot rewinds the second's output.
+        recover(&spec, base.path(), Some(std::slice::from_ref(&first))).unwrap();
+        assert_eq!(visible(&dir), vec!["part-00001-000000"]);
 
         // A fresh start removes the output of earlier runs.
         recover(&spec, base.path(), None).unwrap();
