@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, unbounded};
 
-use crate::coordinator::{Control, Coordinator, JobControl, JobFailed, JobReport};
+use crate::coordinator::{Control, Coordinator, JobControl, JobFailed, JobReport, JobStatus, StatusHandle};
 use crate::runtime::{ComponentInfo, LoadedComponent, Runtime, RuntimeError};
 use crate::spec::{JobSpec, SpecError};
 use crate::store::{JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore};
@@ -152,6 +152,7 @@ impl Host {
         Ok(Job {
             host: self.clone(),
             store: self.store.tenant(tenant)?,
+            status: StatusHandle::new(&spec.name),
             spec,
             components,
             control: JobControl { tx },
@@ -176,6 +177,7 @@ pub struct Job {
     components: Vec<Arc<LoadedComponent>>,
     control: JobControl,
     control_rx: Receiver<Control>,
+    status: StatusHandle,
 }
 
 impl Job {
@@ -193,6 +195,22 @@ impl Job {
     /// thread.
     pub fn control(&self) -> JobControl {
         self.control.clone()
+    }
+
+    /// A copy of the job's current status: state, snapshot counts and
+    /// history (for APIs and dashboards).
+    pub fn status(&self) -> JobStatus {
+        self.status.get()
+    }
+
+    /// A handle that reads the status from another thread.
+    pub fn status_handle(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    /// The tenant's store this job snapshots into.
+    pub fn store(&self) -> &TenantStore {
+        &self.store
     }
 
     /// The snapshot `from` names, checked to exist.
@@ -230,6 +248,7 @@ impl Job {
             &self.components,
             self.store.clone(),
             self.control_rx.clone(),
+            self.status.clone(),
         )
         .map_err(|e| {
             Box::new(JobFailed {

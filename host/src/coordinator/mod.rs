@@ -12,6 +12,7 @@
 //! and reports); it shares no lock with them.
 
 pub(crate) mod schedule;
+pub mod status;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::store::{
     TaskKey, TaskState, TaskStateData, TenantStore, Trigger,
 };
 pub use schedule::Schedule;
+pub use status::{JobState, JobStatus, SnapshotOutcome, SnapshotRecord, StatusHandle};
 
 /// Key in a manifest's `extra` marking the record of a finished job.
 const FINISHED: &str = "finished";
@@ -220,6 +222,7 @@ struct Pending {
     source_position: Option<u64>,
     pause: Duration,
     upload: Duration,
+    tasks: BTreeMap<TaskKey, status::TaskFigures>,
     replies: Vec<Sender<TriggerResult>>,
     stop: bool,
 }
@@ -247,6 +250,7 @@ pub(crate) struct Coordinator<'a> {
     pub store: TenantStore,
     pub job: JobName,
     pub control: Receiver<Control>,
+    status: StatusHandle,
     report: JobReport,
     consecutive_failures: u32,
 }
@@ -258,6 +262,7 @@ impl<'a> Coordinator<'a> {
         components: &'a [Arc<LoadedComponent>],
         store: TenantStore,
         control: Receiver<Control>,
+        status: StatusHandle,
     ) -> Result<Self, JobError> {
         let job = JobName::new(&spec.name)?;
         Ok(Coordinator {
@@ -267,13 +272,28 @@ impl<'a> Coordinator<'a> {
             store,
             job,
             control,
+            status,
             report: JobReport::default(),
             consecutive_failures: 0,
         })
     }
 
     /// Run the job to its end, restarting per the strategy.
-    pub(crate) fn run(mut self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
+    pub(crate) fn run(self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
+        let status = self.status.clone();
+        let result = self.run_inner(from);
+        status.set_state(match &result {
+            Ok(r) => match r.state.clone() {
+                Some(FinalState::Stopped { savepoint }) => JobState::Stopped { savepoint },
+                Some(FinalState::Cancelled) => JobState::Cancelled,
+                _ => JobState::Finished,
+            },
+            Err(e) => JobState::Failed { error: e.to_string() },
+        });
+        result
+    }
+
+    fn run_inner(mut self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
         let started = Instant::now();
         let mut restore = from;
         self.report.restored_from = restore.as_ref().map(|m| m.id.clone());
@@ -300,6 +320,7 @@ impl<'a> Coordinator<'a> {
                     }
                     let delay = self.restart_delay();
                     self.report.restarts += 1;
+                    self.status.restarted(self.report.restarts);
                     tracing::warn!(
                         target: "memento::job",
                         job = %self.job,
@@ -431,9 +452,13 @@ impl<'a> Coordinator<'a> {
     /// One attempt: start the dataflow (from `restore`), coordinate
     /// snapshots until it ends, fails or is stopped.
     fn attempt(&mut self, restore: Option<&Manifest>) -> AttemptEnd {
+        self.status.set_state(JobState::Running);
         let point = match restore {
             Some(m) => match self.restore_point(m) {
-                Ok(p) => Some(p),
+                Ok(p) => {
+                    self.status.restored(&m.id);
+                    Some(p)
+                }
                 Err(e) => return AttemptEnd::Failed(e),
             },
             None => {
@@ -445,7 +470,14 @@ impl<'a> Coordinator<'a> {
         };
         let start_position = point.as_ref().map_or(0, |p| p.source_position);
         let (reports_tx, reports) = unbounded();
-        let attempt = match Attempt::start(self.runtime, self.spec, self.components, point.as_ref(), reports_tx) {
+        let attempt = match Attempt::start(
+            self.runtime,
+            self.spec,
+            self.components,
+            point.as_ref(),
+            reports_tx,
+            self.status.records_in.clone(),
+        ) {
             Ok(a) => a,
             Err(e) => return AttemptEnd::Failed(e),
         };
@@ -655,6 +687,7 @@ impl<'a> Coordinator<'a> {
             format: req.format,
             writer: writer.blob_writer(),
         };
+        self.status.triggered(number, req.kind, req.trigger, req.format);
         let attempt = run.attempt.as_ref().expect("attempt running");
         if req.stop {
             attempt.stop(barrier);
@@ -674,6 +707,7 @@ impl<'a> Coordinator<'a> {
             source_position: None,
             pause: Duration::ZERO,
             upload: Duration::ZERO,
+            tasks: BTreeMap::new(),
             replies: req.reply.into_iter().collect(),
             stop: req.stop,
         });
@@ -711,6 +745,15 @@ impl<'a> Coordinator<'a> {
                 upload,
             } => {
                 if let Some(p) = run.pending.as_mut().filter(|p| p.number == id) {
+                    p.tasks.insert(
+                        task.clone(),
+                        status::TaskFigures {
+                            task: task.clone(),
+                            pause_ms: pause.as_millis() as u64,
+                            async_ms: upload.as_millis() as u64,
+                            logical_bytes: state.logical_bytes(),
+                        },
+                    );
                     p.acks.insert(task, state);
                     p.sinks.extend(sink);
                     p.pause = p.pause.max(pause);
@@ -763,6 +806,8 @@ impl<'a> Coordinator<'a> {
                 for r in &p.replies {
                     let _ = r.send(Err(reason.clone()));
                 }
+                self.status
+                    .ended(p.number, SnapshotOutcome::Failed { reason: reason.clone() }, None);
                 log_failure(&self.job, p.number, p.kind, p.trigger, &reason);
                 return self.count_failure(run, p.kind, &reason);
             }
@@ -788,6 +833,17 @@ impl<'a> Coordinator<'a> {
             logical_bytes = m.figures.logical_bytes,
             new_bytes = m.figures.new_bytes,
             "snapshot completed"
+        );
+        self.status.ended(
+            p.number,
+            SnapshotOutcome::Completed,
+            Some(status::EndFigures {
+                id: id.clone(),
+                pause_ms: m.figures.sync_ms,
+                logical_bytes: m.figures.logical_bytes,
+                new_bytes: m.figures.new_bytes,
+                tasks: p.tasks,
+            }),
         );
         self.report.snapshots.push(SnapshotSummary {
             id: id.clone(),
@@ -835,6 +891,13 @@ impl<'a> Coordinator<'a> {
 
     fn fail_pending(&mut self, p: Pending, reason: &str, counted: bool) {
         log_failure(&self.job, p.number, p.kind, p.trigger, reason);
+        self.status.ended(
+            p.number,
+            SnapshotOutcome::Failed {
+                reason: reason.to_string(),
+            },
+            None,
+        );
         for r in &p.replies {
             let _ = r.send(Err(reason.to_string()));
         }

@@ -19,7 +19,7 @@ mod task;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -190,6 +190,7 @@ impl Attempt {
         components: &[Arc<LoadedComponent>],
         restore: Option<&RestorePoint>,
         reports: Sender<Report>,
+        records_in: Arc<AtomicU64>,
     ) -> Result<Attempt, JobError> {
         assert_eq!(components.len(), spec.operators.len(), "one component per operator");
         let limits = SandboxLimits {
@@ -267,7 +268,7 @@ impl Attempt {
         let source_halt = halt.clone();
         let handle = thread::Builder::new()
             .name("source".into())
-            .spawn(move || run_source(source, first, ctl_rx, reports, source_halt))
+            .spawn(move || run_source(source, first, ctl_rx, reports, source_halt, records_in))
             .map_err(|e| JobError::Thread(e.to_string()))?;
         handles.push(handle);
         Ok(Attempt {
@@ -317,6 +318,7 @@ fn run_source(
     ctl: Receiver<SourceCtl>,
     reports: Sender<Report>,
     halt: Arc<AtomicBool>,
+    records_in: Arc<AtomicU64>,
 ) {
     let broadcast = |make: &dyn Fn() -> Msg| -> bool { first.iter().all(|tx| tx.send((0, make())).is_ok()) };
     loop {
@@ -355,6 +357,7 @@ fn run_source(
                 return;
             }
             Ok(Some(batch)) => {
+                records_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let parts = partition::partition(batch, first.len());
                 for (t, part) in parts.into_iter().enumerate() {
                     if !part.is_empty() && first[t].send((0, Msg::Batch(part))).is_err() {
