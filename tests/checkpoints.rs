@@ -731,13 +731,11 @@ fn restart_strategy_none_fails_and_keeps_the_checkpoint() {
     assert!(err.contains("plugin trapped"), "{err}");
     assert!(err.contains("failing after 2000 calls"), "{err}");
     assert!(err.contains("resume with: memento run"), "{err}");
-    let id = err
-        .rsplit("--from ")
-        .next()
-        .filter(|_| err.contains("--from "))
-        .unwrap_or_else(|| panic!("no --from in {err}"))
-        .trim()
-        .to_string();
+    // The error ends with the command to resume: `... --from ID`.
+    let (_, id) = err
+        .rsplit_once(" --from ")
+        .unwrap_or_else(|| panic!("no --from in {err}"));
+    let id = id.to_string();
     assert!(id.starts_with("norestart-"), "{err}");
     let checkpoints = f.snapshots_of("checkpoint");
     assert!(
@@ -768,7 +766,8 @@ fn restart_strategy_none_fails_and_keeps_the_checkpoint() {
 /// coordinator exists although `[checkpoints]` has no interval; a manual
 /// savepoint, a manual checkpoint and then a stop-with-savepoint complete
 /// (one counter for all), the run ends `Stopped`, and resuming from the
-/// newest snapshot (CLI, `--from latest`) gives exactly-once output.
+/// newest snapshot (CLI, `--from latest`) gives exactly-once output; so
+/// does going back to the first savepoint after the job finished.
 #[test]
 fn savepoints_without_periodic_checkpoints_library_api() {
     use memento::store::{SnapshotId, SnapshotKind, Trigger};
@@ -836,6 +835,18 @@ fn savepoints_without_periodic_checkpoints_library_api() {
     assert_eq!(report["restored_from"], stop.to_string());
     assert_eq!(report["source_records"].as_u64(), Some(count - position));
     assert_same_output(&committed(&f.out()), &expected, "resumed after the stop");
+
+    // Savepoints outlive the run: going back to the first one (taken
+    // before the stop) rewinds the output committed after it, and the run
+    // from there commits the uninterrupted run's output again.
+    let rewound = f.run(&["--from", &savepoint.to_string()]).report();
+    assert_eq!(rewound["state"]["state"], "finished");
+    assert_eq!(rewound["restored_from"], savepoint.to_string());
+    assert_same_output(
+        &committed(&f.out()),
+        &expected,
+        "resumed from the first savepoint",
+    );
 }
 
 fn periodic_savepoints(name: &str, policy: &str) -> Fixture {
