@@ -291,6 +291,7 @@ fn inspect(component: &Path, json: bool) -> anyhow::Result<ExitCode> {
             Ok(()) => println!("  contract memento:operator/plugin@0.1.0: yes"),
             Err(why) => println!("  contract memento:operator/plugin@0.1.0: no — {why}"),
         }
+        println!("  native snapshots: {}", info.native_summary());
     }
     Ok(if info.fits_contract.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -19,12 +19,25 @@ pub struct LoadedComponent {
     /// Size of the component in bytes.
     pub size: usize,
     pub(super) pre: PluginPre<TaskState>,
+    /// Whether native snapshots can capture this component faithfully;
+    /// decided at load time from its core modules (see `native.rs`).
+    native: Result<(), String>,
 }
 
 impl LoadedComponent {
     /// The component's blake3 hash as lowercase hex.
     pub fn hash_hex(&self) -> String {
         blake3::Hash::from_bytes(self.hash).to_hex().to_string()
+    }
+
+    /// `Ok(())` when native snapshots (images of linear memory) capture
+    /// this component's state faithfully; otherwise why not, e.g. "core
+    /// module 0 has mutable globals other than the stack pointer (`x`)".
+    ///
+    /// # Errors
+    /// The reason native snapshots are refused, as text for the user.
+    pub fn native_support(&self) -> Result<(), String> {
+        self.native.clone()
     }
 
     /// A short name for messages: the file name without extension.
@@ -52,6 +65,18 @@ pub struct ComponentInfo {
     /// `Ok(())` when the component implements `memento:operator/plugin@0.1.0`
     /// with only imports the host provides; otherwise why not.
     pub fits_contract: Result<(), String>,
+    /// `Ok(())` when native snapshots are possible; otherwise why not.
+    pub native_snapshots: Result<(), String>,
+}
+
+impl ComponentInfo {
+    /// `yes`, or `no — <reason>`: whether native snapshots are possible.
+    pub fn native_summary(&self) -> String {
+        match &self.native_snapshots {
+            Ok(()) => "yes".into(),
+            Err(why) => format!("no — {why}"),
+        }
+    }
 }
 
 /// The preamble of a core module (`\0asm`, version 1) and of a component
@@ -154,6 +179,7 @@ pub(super) fn load(
         hash,
         size: bytes.len(),
         pre,
+        native: super::native::native_support(bytes),
     })
 }
 
@@ -180,6 +206,7 @@ pub(super) fn inspect(
         imports,
         exports,
         fits_contract,
+        native_snapshots: super::native::native_support(bytes),
     })
 }
 

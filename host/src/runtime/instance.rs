@@ -13,6 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::memento::operator::{log, types};
 use super::bindings::{Context, Event, Plugin};
 use super::component::{LoadedComponent, one_line};
+use super::memory::{self, Mapping};
 use super::{RuntimeError, SandboxLimits};
 
 /// How much of a guest's stderr is kept to explain a trap (a Rust panic
@@ -172,6 +173,13 @@ pub(crate) fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<TaskState
 pub struct TaskInstance {
     store: Store<TaskState>,
     plugin: Plugin,
+    /// The instance's linear memories in creation order (host-owned, see
+    /// `memory.rs`); what native snapshots copy and native restores fill.
+    memories: Vec<Arc<Mapping>>,
+    /// Entries in the WASI resource table right after instantiation. More
+    /// than that between calls means the guest holds host handles in its
+    /// memory, which a native image cannot carry over.
+    resources_at_start: usize,
     component: Arc<LoadedComponent>,
     label: Arc<TaskLabel>,
     stderr: MemoryOutputPipe,
@@ -188,6 +196,7 @@ impl TaskInstance {
         label: TaskLabel,
         limits: &SandboxLimits,
         tick: Duration,
+        presize: &[usize],
     ) -> Result<TaskInstance, RuntimeError> {
         let label = Arc::new(label);
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
@@ -208,17 +217,32 @@ impl TaskInstance {
         store.epoch_deadline_trap();
         let deadline_ticks = (limits.call_timeout.as_nanos() / tick.as_nanos()).max(1) as u64 + 1;
         store.set_epoch_deadline(deadline_ticks);
-        let plugin = component
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| RuntimeError::Instantiate {
-                task: (*label).clone(),
-                plugin: component.name(),
-                reason: one_line(&e),
-            })?;
+        let instantiate_error = |reason: String| RuntimeError::Instantiate {
+            task: (*label).clone(),
+            plugin: component.name(),
+            reason,
+        };
+        if let Some(&too_big) = presize.iter().find(|&&s| s > limits.memory_bytes as usize) {
+            return Err(instantiate_error(format!(
+                "the memory image is {too_big} bytes, more than the memory limit of {} bytes",
+                limits.memory_bytes
+            )));
+        }
+        let (plugin, memories) = memory::collect(presize, || component.pre.instantiate(&mut store));
+        let plugin = plugin.map_err(|e| instantiate_error(one_line(&e)))?;
+        if !presize.is_empty() && presize.len() != memories.len() {
+            return Err(instantiate_error(format!(
+                "the memory image has {} memories but the component created {}",
+                presize.len(),
+                memories.len()
+            )));
+        }
+        let resources_at_start = store.data_mut().table.iter_mut().count();
         Ok(TaskInstance {
             store,
             plugin,
+            memories,
+            resources_at_start,
             component,
             label,
             stderr,
@@ -242,6 +266,113 @@ impl TaskInstance {
     /// Counters of the calls made so far.
     pub fn stats(&self) -> CallStats {
         self.stats
+    }
+
+    /// The current size in bytes of each linear memory, in creation order.
+    pub fn memory_sizes(&self) -> Vec<u64> {
+        self.memories.iter().map(|m| m.size() as u64).collect()
+    }
+
+    /// The bytes of linear memory `index` (creation order) as the guest
+    /// left them after its last call; `None` if there is no such memory.
+    pub fn memory(&self, index: usize) -> Option<&[u8]> {
+        // SAFETY: the guest only runs inside `&mut self` calls, so it cannot
+        // run (or grow the memory) while this borrow of `self` lives.
+        self.memories.get(index).map(|m| unsafe { m.bytes() })
+    }
+
+    /// Linear memory `index`, writable: for filling it from an image before
+    /// the first call. `None` if there is no such memory.
+    pub fn memory_mut(&mut self, index: usize) -> Option<&mut [u8]> {
+        // SAFETY: as in `memory`, and `&mut self` makes this slice unique.
+        self.memories.get(index).map(|m| unsafe { m.bytes_mut() })
+    }
+
+    /// Make `[offset, offset + len)` of memory `index` read as zero, handing
+    /// whole pages back to the kernel rather than writing them.
+    ///
+    /// # Panics
+    /// If the memory does not exist or the range is outside it.
+    pub fn zero_memory(&mut self, index: usize, offset: usize, len: usize) {
+        let m = &self.memories[index];
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= m.size()),
+            "range outside memory {index}"
+        );
+        // SAFETY: `&mut self`: the guest is not running and no slice lives.
+        unsafe { m.zero(offset, len) }
+    }
+
+    /// Host resources (WASI streams, pollables, ...) the guest holds
+    /// between calls beyond those it held right after instantiation, named.
+    /// A native image would carry their handles but not the resources.
+    pub fn held_resources(&mut self) -> Vec<String> {
+        let names: Vec<String> = self
+            .store
+            .data_mut()
+            .table
+            .iter_mut()
+            .map(resource_name)
+            .collect();
+        if names.len() <= self.resources_at_start {
+            return Vec::new();
+        }
+        names
+    }
+
+    /// Copy every linear memory (creation order) with its current size: a
+    /// consistent image, since the guest is not running between calls.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Poisoned`] after a trap; [`RuntimeError::NativeSnapshot`]
+    /// if the component does not support native snapshots or the guest
+    /// holds host resources (named in the error).
+    pub fn capture_memories(&mut self) -> Result<Vec<CapturedMemory>, RuntimeError> {
+        if self.poisoned {
+            return Err(RuntimeError::Poisoned {
+                task: (*self.label).clone(),
+            });
+        }
+        let refuse = |reason: String, label: &TaskLabel| RuntimeError::NativeSnapshot {
+            task: label.clone(),
+            reason,
+        };
+        if let Err(why) = self.component.native_support() {
+            return Err(refuse(
+                format!(
+                    "{} does not support native snapshots: {why}",
+                    self.component.name()
+                ),
+                &self.label,
+            ));
+        }
+        let held = self.held_resources();
+        if !held.is_empty() {
+            return Err(refuse(
+                format!(
+                    "the plugin holds {} host resource(s) across calls ({}), e.g. a cached stdout \
+                     handle after printing; a memory image cannot carry them over. Log through \
+                     the `log` import instead of printing, or use format = \"canonical\"",
+                    held.len(),
+                    held.join(", ")
+                ),
+                &self.label,
+            ));
+        }
+        Ok(self
+            .memories
+            .iter()
+            .enumerate()
+            .map(|(index, m)| {
+                // SAFETY: `&mut self`: the guest is not running.
+                let bytes = unsafe { m.bytes() }.to_vec();
+                CapturedMemory {
+                    index: index as u32,
+                    size: bytes.len() as u64,
+                    bytes,
+                }
+            })
+            .collect())
     }
 
     /// Run one export call with the deadline armed and map its outcome:
@@ -343,6 +474,32 @@ impl TaskInstance {
         self.call(Phase::RestoreState, |p, s| {
             p.memento_operator_snapshot().call_restore_state(s, state)
         })
+    }
+}
+
+/// A consistent copy of one linear memory, taken between calls.
+#[derive(Debug, Clone)]
+pub struct CapturedMemory {
+    /// Index of the memory within the instance (creation order).
+    pub index: u32,
+    /// Its size in bytes when captured.
+    pub size: u64,
+    /// All of its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// What kind of host resource a table entry is, for error messages.
+fn resource_name(r: &mut (dyn std::any::Any + Send)) -> String {
+    use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable};
+    let any: &dyn std::any::Any = r;
+    if any.is::<DynOutputStream>() {
+        "wasi:io/streams output-stream".into()
+    } else if any.is::<DynInputStream>() {
+        "wasi:io/streams input-stream".into()
+    } else if any.is::<DynPollable>() {
+        "wasi:io/poll pollable".into()
+    } else {
+        "a WASI resource".into()
     }
 }
 

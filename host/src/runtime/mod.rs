@@ -9,10 +9,12 @@
 mod bindings;
 mod component;
 mod instance;
+mod memory;
+mod native;
 
 pub use bindings::{Context, Event};
 pub use component::{ComponentInfo, LoadedComponent};
-pub use instance::{CallStats, Phase, TaskInstance, TaskLabel};
+pub use instance::{CallStats, CapturedMemory, Phase, TaskInstance, TaskLabel};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -104,6 +106,10 @@ pub enum RuntimeError {
         phase: Phase,
         message: String,
     },
+    /// A native snapshot of the instance is not possible (unsupported
+    /// component, host resources held by the guest).
+    #[error("{task}: native snapshot refused: {reason}")]
+    NativeSnapshot { task: TaskLabel, reason: String },
     /// The instance trapped earlier and cannot be called again.
     #[error("{task}: instance is poisoned by an earlier trap")]
     Poisoned { task: TaskLabel },
@@ -144,6 +150,13 @@ impl Runtime {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // The host owns every linear memory, so native snapshots can copy
+        // them between calls at no cost to guest code. Copy-on-write
+        // initialisation would map the module's data image over our mapping
+        // behind our back; plain copying of the data segments keeps the
+        // mapping ours (and is what a restore overwrites anyway).
+        config.with_host_memory(Arc::new(memory::HostMemoryCreator));
+        config.memory_init_cow(false);
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let linker = instance::build_linker(&engine).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
 
@@ -247,6 +260,43 @@ impl Runtime {
         label: TaskLabel,
         limits: &SandboxLimits,
     ) -> Result<TaskInstance, RuntimeError> {
-        TaskInstance::new(&self.inner.engine, component.clone(), label, limits, EPOCH_TICK)
+        TaskInstance::new(
+            &self.inner.engine,
+            component.clone(),
+            label,
+            limits,
+            EPOCH_TICK,
+            &[],
+        )
+    }
+
+    /// Instantiate `component` with its linear memories created at
+    /// `memory_sizes` bytes (creation order) instead of their minimum: the
+    /// first step of a native restore, which then overwrites the memories
+    /// (data segments were applied inside them) before any call.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Instantiate`] naming the task and plugin, also when
+    /// the sizes exceed the memory limit or the component creates another
+    /// number of memories.
+    pub fn instantiate_presized(
+        &self,
+        component: &Arc<LoadedComponent>,
+        label: TaskLabel,
+        limits: &SandboxLimits,
+        memory_sizes: &[u64],
+    ) -> Result<TaskInstance, RuntimeError> {
+        let sizes: Vec<usize> = memory_sizes
+            .iter()
+            .map(|&s| usize::try_from(s).unwrap_or(usize::MAX))
+            .collect();
+        TaskInstance::new(
+            &self.inner.engine,
+            component.clone(),
+            label,
+            limits,
+            EPOCH_TICK,
+            &sizes,
+        )
     }
 }
