@@ -11,7 +11,7 @@ use super::sink::{SinkCommit, SinkWriter};
 use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, partition};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
 use crate::snapshot::{self, CaptureError};
-use crate::store::{SnapshotId, TaskKey, TaskState, TenantStore};
+use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
 
 /// Where a task sends what its operator emits.
 pub(super) enum Downstream {
@@ -113,20 +113,41 @@ impl Task {
             operator: self.key.operator.clone(),
             task: self.key.task_index,
         };
-        let mut instance = self.runtime.instantiate(&self.component, label, &self.limits)?;
-        instance.open(&Context {
-            job: self.job.clone(),
-            operator_name: self.key.operator.clone(),
-            task_index: self.key.task_index,
-            parallelism: self.parallelism,
-            config: self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        })?;
-        if let Some((store, id, state)) = self.restore.take() {
-            snapshot::restore(&mut instance, &store, &id, &state).map_err(|e| JobError::Restore {
-                task: self.key.clone(),
-                reason: e.to_string(),
-            })?;
-        }
+        let restore_error = |e: snapshot::RestoreError| JobError::Restore {
+            task: self.key.clone(),
+            reason: e.to_string(),
+        };
+        // A native image holds the guest's whole state, the opened operator
+        // included: it replaces instantiate + open + restore-state, and
+        // calling `open` again would build a fresh operator over it.
+        let mut instance = match self.restore.take() {
+            Some((store, id, state)) if matches!(state.state, TaskStateData::Native { .. }) => {
+                snapshot::restore_native(
+                    &self.runtime,
+                    &self.component,
+                    label,
+                    &self.limits,
+                    &store,
+                    &id,
+                    &state,
+                )
+                .map_err(restore_error)?
+            }
+            restore => {
+                let mut instance = self.runtime.instantiate(&self.component, label, &self.limits)?;
+                instance.open(&Context {
+                    job: self.job.clone(),
+                    operator_name: self.key.operator.clone(),
+                    task_index: self.key.task_index,
+                    parallelism: self.parallelism,
+                    config: self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                })?;
+                if let Some((store, id, state)) = restore {
+                    snapshot::restore(&mut instance, &store, &id, &state).map_err(restore_error)?;
+                }
+                instance
+            }
+        };
 
         let n = self.upstreams;
         let mut ended = vec![false; n];

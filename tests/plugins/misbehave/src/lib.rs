@@ -13,9 +13,12 @@
 //! Independent of `mode`:
 //! - `snapshot_ms = N`: `snapshot-state` busy-waits N ms (timeout tests)
 //! - `decline = "true"`: `snapshot-state` returns an error (declined)
+//! - `print = "true"`: print a line to stdout in `open` and in every
+//!   `process` call. The guest's libc then keeps the stdout stream handle
+//!   between calls, which native snapshots must detect and refuse.
 //!
-//! The call counter is not part of the state, so after a restore the
-//! operator counts from zero again.
+//! The call counter is not part of the canonical state, so after a canonical
+//! restore the operator counts from zero again (a native image keeps it).
 
 use memento_guest::{Context, Error, Event, Operator, Output};
 use serde::{Deserialize, Serialize};
@@ -28,6 +31,8 @@ pub struct Misbehave {
     fail_after: u64,
     snapshot_ms: u64,
     decline: bool,
+    #[serde(default)]
+    print: bool,
     #[serde(skip)]
     hoard: Vec<Vec<u8>>,
 }
@@ -39,7 +44,12 @@ impl Operator for Misbehave {
             panic!("refusing to open");
         }
         memento_guest::info!("opened in mode {mode}");
+        let print = ctx.parse_or("print", false)?;
+        if print {
+            println!("opened in mode {mode}");
+        }
         Ok(Misbehave {
+            print,
             fail_after: ctx.parse_or("calls", u64::MAX)?,
             snapshot_ms: ctx.parse_or("snapshot_ms", 0)?,
             decline: ctx.parse_or("decline", false)?,
@@ -50,6 +60,9 @@ impl Operator for Misbehave {
 
     fn process(&mut self, event: Event, out: &mut Output) -> Result<(), Error> {
         self.calls += 1;
+        if self.print {
+            println!("call {}", self.calls);
+        }
         match self.mode.as_str() {
             "loop-in-process" => {
                 let mut x = 0u64;

@@ -1,0 +1,579 @@
+//! End-to-end tests of native snapshots (issue 5): images of the guests'
+//! linear memories, taken without guest code and restored into the
+//! identical component.
+//!
+//! The library-level tests drive `runtime` + `snapshot` + `store` directly
+//! with the real plugins; the job-level tests drive the `memento` binary
+//! (exactly-once under SIGKILL with `[checkpoints] format = "native"`,
+//! `memento inspect`).
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memento::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
+use memento::snapshot::{self, CaptureError, RestoreError};
+use memento::spec::SnapshotFormat;
+use memento::store::{
+    JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TaskStateData,
+    TenantStore, Trigger,
+};
+
+// ------------------------------------------------------------ library helpers
+
+fn plugin(name: &str) -> PathBuf {
+    Path::new(env!("MEMENTO_PLUGIN_DIR")).join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+fn load(rt: &Runtime, name: &str) -> Arc<LoadedComponent> {
+    rt.load_file(&plugin(name)).unwrap()
+}
+
+fn label(operator: &str) -> TaskLabel {
+    TaskLabel {
+        job: "native".into(),
+        operator: operator.into(),
+        task: 0,
+    }
+}
+
+fn limits() -> SandboxLimits {
+    SandboxLimits {
+        memory_bytes: 1 << 30,
+        call_timeout: Duration::from_secs(60),
+    }
+}
+
+/// Instantiate and open `component` as task 0 of operator `operator`.
+fn opened(
+    rt: &Runtime,
+    component: &Arc<LoadedComponent>,
+    operator: &str,
+    config: &[(&str, &str)],
+) -> TaskInstance {
+    let mut instance = rt.instantiate(component, label(operator), &limits()).unwrap();
+    instance
+        .open(&Context {
+            job: "native".into(),
+            operator_name: operator.into(),
+            task_index: 0,
+            parallelism: 1,
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .unwrap();
+    instance
+}
+
+fn events(range: std::ops::Range<u64>) -> Vec<Event> {
+    range
+        .map(|i| Event {
+            key: format!("key-{}", i % 7).into_bytes(),
+            value: format!("value-{i}").into_bytes(),
+            timestamp: i as i64,
+        })
+        .collect()
+}
+
+fn store() -> (tempfile::TempDir, TenantStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        sync: false,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&dir.path().join("state"), options).unwrap();
+    let tenant = store.tenant("default").unwrap();
+    (dir, tenant)
+}
+
+/// Take a native snapshot of `instance` (operator `operator`, task 0) into
+/// the store, the way a checkpoint does: capture, persist, commit.
+fn native_snapshot(
+    tenant: &TenantStore,
+    instance: &mut TaskInstance,
+    component: &LoadedComponent,
+    operator: &str,
+) -> Manifest {
+    let job = JobName::new("native").unwrap();
+    let number = tenant.next_snapshot_number(&job).unwrap();
+    let writer = tenant.begin(&job, number).unwrap();
+    let captured =
+        snapshot::capture(instance, SnapshotFormat::Native).unwrap_or_else(|e| panic!("capture: {e}"));
+    let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
+    let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Native);
+    m.components.insert(operator.into(), component.hash_hex());
+    m.tasks.push(TaskState {
+        key: TaskKey::new(operator, 0),
+        state,
+    });
+    let id = writer.commit(m).unwrap();
+    tenant.get(&id).unwrap()
+}
+
+fn restore(
+    rt: &Runtime,
+    tenant: &TenantStore,
+    m: &Manifest,
+    component: &Arc<LoadedComponent>,
+    operator: &str,
+) -> Result<TaskInstance, RestoreError> {
+    snapshot::restore_native(
+        rt,
+        component,
+        label(operator),
+        &limits(),
+        tenant,
+        &m.id,
+        &m.tasks[0],
+    )
+}
+
+fn assert_same_memories(a: &TaskInstance, b: &TaskInstance, when: &str) {
+    assert_eq!(a.memory_sizes(), b.memory_sizes(), "{when}: memory sizes");
+    for i in 0..a.memory_sizes().len() {
+        let (x, y) = (a.memory(i).unwrap(), b.memory(i).unwrap());
+        if let Some(at) = x.iter().zip(y).position(|(p, q)| p != q) {
+            panic!("{when}: memory {i} differs first at byte {at} of {}", x.len());
+        }
+    }
+}
+
+// ------------------------------------------------------------ library tests
+
+/// The guard against wasmtime issue #12053: with host-owned memories the
+/// host must see what guest code wrote. `ballast` fills `state_mib` MiB with
+/// pseudo-random bytes in `open` -- written by guest code, after growing
+/// the memory -- so the host's view must hold that many non-zero bytes.
+#[test]
+fn host_sees_the_guests_writes() {
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let instance = opened(&rt, &ballast, "b", &[("state_mib", "4")]);
+    let sizes = instance.memory_sizes();
+    assert_eq!(sizes.len(), 1, "one linear memory in a wit-bindgen component");
+    assert!(
+        sizes[0] >= 4 << 20,
+        "the memory grew to hold the ballast: {sizes:?}"
+    );
+    let memory = instance.memory(0).unwrap();
+    let nonzero = memory.iter().filter(|&&b| b != 0).count();
+    assert!(
+        nonzero > (4 << 20) * 9 / 10,
+        "the host sees only {nonzero} non-zero bytes of the guest's 4 MiB ballast"
+    );
+}
+
+/// Every example plugin and the test plugin are accepted for native
+/// snapshots at load time (one memory, only the stack pointer mutable, no
+/// table mutation).
+#[test]
+fn example_plugins_support_native_snapshots() {
+    let rt = Runtime::new().unwrap();
+    for name in ["wordcount", "window-sum", "dedup", "ballast", "misbehave"] {
+        assert_eq!(load(&rt, name).native_support(), Ok(()), "{name}");
+    }
+}
+
+/// Byte-exact round trips at several sizes: capture, persist, restore into
+/// a fresh instance (pre-sized, filled before any call, not opened), then
+/// both instances process the same events and must emit the same output
+/// and hold identical memories again.
+#[test]
+fn round_trip_is_byte_exact_at_several_sizes() {
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let (_dir, tenant) = store();
+    for mib in ["0.25", "3", "24"] {
+        let mut original = opened(
+            &rt,
+            &ballast,
+            "b",
+            &[("state_mib", mib), ("dirty_fraction", "0.01")],
+        );
+        original.process(&events(0..50)).unwrap();
+        let m = native_snapshot(&tenant, &mut original, &ballast, "b");
+        let TaskStateData::Native { memories, .. } = &m.tasks[0].state else {
+            panic!("native state expected")
+        };
+        assert_eq!(memories.len(), 1);
+        assert_eq!(memories[0].size, original.memory_sizes()[0]);
+        let mut restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
+        assert_same_memories(&original, &restored, &format!("{mib} MiB right after restore"));
+        let a = original.process(&events(50..80)).unwrap();
+        let b = restored.process(&events(50..80)).unwrap();
+        assert_eq!(a, b, "{mib} MiB: same output after restore");
+        assert_eq!(
+            String::from_utf8_lossy(&b.last().unwrap().value),
+            "80",
+            "the restored operator continued from step 50 without `open`"
+        );
+        assert_same_memories(&original, &restored, &format!("{mib} MiB after more events"));
+    }
+}
+
+/// A restored memory keeps growing like the original: `misbehave` in
+/// `grow-in-process` mode allocates 1 MiB per event.
+#[test]
+fn restored_memories_grow() {
+    let rt = Runtime::new().unwrap();
+    let misbehave = load(&rt, "misbehave");
+    let (_dir, tenant) = store();
+    let mut original = opened(&rt, &misbehave, "m", &[("mode", "grow-in-process")]);
+    original.process(&events(0..3)).unwrap();
+    let m = native_snapshot(&tenant, &mut original, &misbehave, "m");
+    let mut restored = restore(&rt, &tenant, &m, &misbehave, "m").unwrap();
+    let before = restored.memory_sizes()[0];
+    for batch in 0..4 {
+        let evs = events(10 + batch * 2..12 + batch * 2);
+        assert_eq!(original.process(&evs).unwrap(), restored.process(&evs).unwrap());
+    }
+    assert!(
+        restored.memory_sizes()[0] >= before + (8 << 20),
+        "grew by 8 MiB after the restore"
+    );
+    assert_same_memories(&original, &restored, "after growth");
+    // And the grown image round-trips again.
+    let m2 = native_snapshot(&tenant, &mut restored, &misbehave, "m");
+    let again = restore(&rt, &tenant, &m2, &misbehave, "m").unwrap();
+    assert_same_memories(&restored, &again, "second generation");
+}
+
+/// Incremental by content: a second snapshot after the host changed one
+/// page writes exactly one chunk (256 KiB), and one after a real `process`
+/// call writes only a handful (the changed page, the stack, the heap).
+#[test]
+fn second_snapshot_writes_only_changed_chunks() {
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let (_dir, tenant) = store();
+    // 16 MiB = 4096 pages; one page per event.
+    let config = [("state_mib", "16"), ("dirty_fraction", "0.000244140625")];
+    let mut instance = opened(&rt, &ballast, "b", &config);
+    let first = native_snapshot(&tenant, &mut instance, &ballast, "b");
+    assert!(
+        first.figures.chunks_new >= 64,
+        "the first snapshot writes the ballast: {:?}",
+        first.figures
+    );
+
+    let unchanged = native_snapshot(&tenant, &mut instance, &ballast, "b");
+    assert_eq!(
+        unchanged.figures.chunks_new, 0,
+        "nothing changed: {:?}",
+        unchanged.figures
+    );
+
+    let len = instance.memory_sizes()[0] as usize;
+    let memory = instance.memory_mut(0).unwrap();
+    let at = len / 2 + 123;
+    memory[at] = memory[at].wrapping_add(1);
+    let one = native_snapshot(&tenant, &mut instance, &ballast, "b");
+    assert_eq!(
+        one.figures.chunks_new, 1,
+        "one changed page, one chunk: {:?}",
+        one.figures
+    );
+    assert_eq!(one.figures.new_bytes, 256 * 1024);
+
+    instance.process(&events(0..1)).unwrap();
+    let step = native_snapshot(&tenant, &mut instance, &ballast, "b");
+    eprintln!("chunks written after one ballast step: {:?}", step.figures);
+    assert!(
+        (1..=6).contains(&step.figures.chunks_new),
+        "one event changes one ballast page plus stack and heap: {:?}",
+        step.figures
+    );
+}
+
+/// `snapshot-state` plays no part in native snapshots: `misbehave` with
+/// `decline = "true"` refuses canonical snapshots but snapshots and
+/// restores natively, call counter included.
+#[test]
+fn declining_operator_snapshots_natively() {
+    let rt = Runtime::new().unwrap();
+    let misbehave = load(&rt, "misbehave");
+    let (_dir, tenant) = store();
+    let config = [("decline", "true"), ("mode", "fail-after"), ("calls", "10")];
+    let mut original = opened(&rt, &misbehave, "m", &config);
+    assert!(matches!(
+        snapshot::capture(&mut original, SnapshotFormat::Canonical),
+        Err(CaptureError::Declined(_))
+    ));
+    for i in 0..8 {
+        original.process(&events(i..i + 1)).unwrap();
+    }
+    let m = native_snapshot(&tenant, &mut original, &misbehave, "m");
+    let mut restored = restore(&rt, &tenant, &m, &misbehave, "m").unwrap();
+    // The call counter came back: calls 9 and 10 pass, 11 fails.
+    restored.process(&events(8..9)).unwrap();
+    restored.process(&events(9..10)).unwrap();
+    let err = restored.process(&events(10..11)).unwrap_err();
+    assert!(err.to_string().contains("failing after 10 calls"), "{err}");
+}
+
+/// Refusal: a native image restores only into the identical component; the
+/// error names both components and points to canonical savepoints.
+#[test]
+fn restoring_into_another_component_is_refused() {
+    let rt = Runtime::new().unwrap();
+    let v1 = load(&rt, "wordcount");
+    let v2 = load(&rt, "wordcount-v2");
+    let (_dir, tenant) = store();
+    let mut instance = opened(&rt, &v1, "count", &[]);
+    instance.process(&events(0..20)).unwrap();
+    let m = native_snapshot(&tenant, &mut instance, &v1, "count");
+    let err = restore(&rt, &tenant, &m, &v2, "count").err().expect("refused");
+    assert!(matches!(err, RestoreError::ComponentMismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&v1.hash_hex()) && text.contains(&v2.hash_hex()),
+        "{text}"
+    );
+    assert!(text.contains("identical component"), "{text}");
+    assert!(text.contains("canonical savepoint"), "{text}");
+    // The same component restores fine.
+    restore(&rt, &tenant, &m, &v1, "count").unwrap();
+}
+
+/// Refusal: a guest that printed holds its stdout stream across calls; a
+/// native image would carry a dead handle, so the snapshot is declined
+/// with the resource named -- before and after further printing calls --
+/// while canonical snapshots of the same instance still work.
+#[test]
+fn held_wasi_resources_are_refused_at_snapshot_time() {
+    let rt = Runtime::new().unwrap();
+    let misbehave = load(&rt, "misbehave");
+    let mut instance = opened(&rt, &misbehave, "m", &[("print", "true")]);
+    for round in 0..2 {
+        let err = match snapshot::capture(&mut instance, SnapshotFormat::Native) {
+            Err(CaptureError::Declined(reason)) => reason,
+            Err(e) => panic!("round {round}: should decline, failed: {e}"),
+            Ok(_) => panic!("round {round}: a native snapshot of a printing guest was taken"),
+        };
+        assert!(err.contains("native snapshot refused"), "{err}");
+        assert!(err.contains("wasi:io/streams output-stream"), "{err}");
+        assert!(err.contains("format = \"canonical\""), "{err}");
+        snapshot::capture(&mut instance, SnapshotFormat::Canonical).unwrap();
+        instance.process(&events(0..3)).unwrap();
+    }
+    // Without printing the same plugin snapshots natively.
+    let mut quiet = opened(&rt, &misbehave, "m", &[]);
+    quiet.process(&events(0..3)).unwrap();
+    assert!(snapshot::capture(&mut quiet, SnapshotFormat::Native).is_ok());
+}
+
+// ------------------------------------------------------------ binary helpers
+
+fn memento() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memento"));
+    cmd.env_remove("MEMENTO_LOG").env_remove("MEMENTO_STATE_DIR");
+    cmd
+}
+
+/// Refusal at load time: `memento inspect` says whether a component
+/// supports native snapshots and, if not, why.
+#[test]
+fn inspect_reports_native_support() {
+    let out = memento()
+        .arg("inspect")
+        .arg(plugin("wordcount"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("native snapshots: yes"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("globals.wasm");
+    let wasm = wat::parse_str(
+        r#"(component (core module
+             (memory 1)
+             (global $__stack_pointer (mut i32) (i32.const 1024))
+             (global $counter (mut i64) (i64.const 0))))"#,
+    )
+    .unwrap();
+    std::fs::write(&path, wasm).unwrap();
+    let out = memento().arg("inspect").arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "native snapshots: no — core module 0 has mutable globals other than the stack pointer (`counter`)"
+        ),
+        "{text}"
+    );
+}
+
+type Committed = BTreeMap<String, Vec<String>>;
+
+fn committed(dir: &Path) -> Committed {
+    let mut out = Committed::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let mut names: Vec<String> = entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    for name in names {
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+        for line in text.lines() {
+            let (k, v) = line.split_once('\t').expect("a tab");
+            out.entry(k.to_string()).or_default().push(v.to_string());
+        }
+    }
+    out
+}
+
+fn assert_prefix(got: &Committed, expected: &Committed, when: &str) {
+    for (k, vs) in got {
+        let want = expected.get(k).map_or(&[][..], Vec::as_slice);
+        assert!(
+            vs.len() <= want.len() && vs[..] == want[..vs.len()],
+            "{when}: committed output of key {k} is not a prefix of the expected ({} committed, {} expected)",
+            vs.len(),
+            want.len()
+        );
+    }
+}
+
+/// `wordcount` over the generator: per key 1, 2, 3, ...
+fn wordcount_output(count: u64, keys: u64, seed: u64) -> Committed {
+    let g = memento::dataflow::source::Generator::new(Some(count), None, keys, seed, 1);
+    let mut out = Committed::new();
+    for i in 0..count {
+        let k = String::from_utf8(g.event(i).key).unwrap();
+        let vs = out.entry(k).or_default();
+        vs.push((vs.len() + 1).to_string());
+    }
+    out
+}
+
+fn wait_for(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Exactly-once with native checkpoints under real crashes: `misbehave`
+/// (pass-through whose `snapshot-state` always declines, so only native
+/// snapshots can work) → `wordcount` (p = 2), 300 ms native checkpoints,
+/// SIGKILLed 6 times at random moments and resumed with `--from latest`;
+/// the committed output equals an uninterrupted run's, and the store
+/// passes fsck.
+#[test]
+fn exactly_once_under_sigkill_with_native_checkpoints() {
+    let (count, keys, seed) = (20_000u64, 30u64, 13u64);
+    let dir = tempfile::tempdir().unwrap();
+    let ops = format!(
+        "[[operators]]\nname = \"pass\"\nplugin = \"{}\"\nparallelism = 1\n[operators.config]\ndecline = \"true\"\n\n\
+         [[operators]]\nname = \"count\"\nplugin = \"{}\"\nparallelism = 2\n",
+        plugin("misbehave").display(),
+        plugin("wordcount").display()
+    );
+    let toml = format!(
+        "name = \"nat\"\n[source]\ntype = \"generator\"\ncount = {count}\nkeys = {keys}\nseed = {seed}\nbatch = 100\nrate = 8000\n\n\
+         {ops}\n[sink]\ntype = \"file\"\npath = \"out\"\n\n[checkpoints]\ninterval = \"300ms\"\nformat = \"native\"\n"
+    );
+    let job = dir.path().join("job.toml");
+    std::fs::write(&job, toml).unwrap();
+    let state = dir.path().join("state");
+    let out = dir.path().join("out");
+    let expected = wordcount_output(count, keys, seed);
+
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut kills, mut resumes, mut from_scratch, mut native_checkpoints) = (0, 0, true, 0);
+    let started = Instant::now();
+    let mut startup: Option<Duration> = None;
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(180), "no end in sight");
+        let mut cmd = memento();
+        cmd.arg("run").arg(&job).arg("--state-dir").arg(&state);
+        if !from_scratch {
+            cmd.args(["--from", "latest"]);
+        }
+        let spawned = Instant::now();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        if startup.is_none() {
+            // Start-up (compiling the plugins) is slow on a loaded machine:
+            // measure it once so that kills land mid-run, after checkpoints.
+            let staging = out.join(".staging");
+            while !staging.exists() && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            startup = Some(spawned.elapsed());
+        }
+        let status = if kills < 6 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let delay = (spawned + startup.unwrap_or_default() + Duration::from_millis(600 + rng % 1500))
+                .saturating_duration_since(Instant::now());
+            match wait_for(&mut child, delay) {
+                Some(s) => s,
+                None => {
+                    child.kill().unwrap();
+                    child.wait().unwrap()
+                }
+            }
+        } else {
+            wait_for(&mut child, Duration::from_secs(120)).expect("the last run hangs")
+        };
+        if status.signal() == Some(libc::SIGKILL) {
+            kills += 1;
+            resumes += usize::from(!from_scratch);
+            from_scratch = false;
+            assert_prefix(&committed(&out), &expected, &format!("after kill {kills}"));
+            // What the next run resumes from is a native checkpoint.
+            if let Ok(store) = Store::open(&state, StoreOptions::default())
+                && let Some(m) = store
+                    .tenant("default")
+                    .unwrap()
+                    .latest(&JobName::new("nat").unwrap())
+                    .unwrap()
+            {
+                assert_eq!(m.format, StateFormat::Native, "{}", m.id);
+                native_checkpoints += 1;
+            }
+            continue;
+        }
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !status.success() && stderr.contains("no snapshot of job") {
+            from_scratch = true;
+            continue;
+        }
+        assert!(status.success(), "memento failed: {stderr}");
+        break;
+    }
+    assert_eq!(
+        committed(&out),
+        expected,
+        "after {kills} kills and {resumes} resumes"
+    );
+    assert!(
+        resumes * 2 >= kills,
+        "most runs resumed from a native checkpoint ({resumes} of {kills})"
+    );
+    let fsck = memento()
+        .args(["fsck", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        native_checkpoints * 2 >= kills,
+        "most kills should leave a native checkpoint to resume from ({native_checkpoints} of {kills})"
+    );
+}
