@@ -1149,18 +1149,9 @@ impl SnapshotWriter {
         // Write order: blobs durable and visible, their names durable, then
         // the manifest.
         let pending = std::mem::take(&mut *s.pending.lock().unwrap());
-        let threads = tenant.options().threads.max(1);
-        let per = pending.len().div_ceil(threads).max(1);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = pending
-                .chunks(per)
-                .map(|group| scope.spawn(move || backend.publish(group, sync)))
-                .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().expect("publisher thread panicked"))
-        })
-        .map_err(|e| StoreError::io("publish blobs", tenant.key("blobs"), e))?;
+        backend
+            .publish(&pending, sync)
+            .map_err(|e| StoreError::io("publish blobs", tenant.key("blobs"), e))?;
         if sync {
             backend
                 .flush()
