@@ -36,11 +36,12 @@
 //!
 //! # Concepts
 //!
-//! * **Write order** (what makes crashes harmless): blobs are written to a
-//!   temporary file, synced and renamed into place; the manifest is written
-//!   last, after a directory sync, and is never overwritten. A snapshot
-//!   exists exactly when its manifest does, and a manifest only ever names
-//!   durable blobs.
+//! * **Write order** (what makes crashes harmless): new blobs are *staged*
+//!   in temporary files while the snapshot is written; at commit they are
+//!   synced and renamed into place as one batch, their directories synced,
+//!   and the manifest is written last and never overwritten. A snapshot
+//!   exists exactly when its manifest does, a manifest only ever names
+//!   durable blobs, and an aborted snapshot leaves nothing behind.
 //! * **Pins**: a [`SnapshotWriter`] holds a shared lock from `begin` until
 //!   commit, abort or drop; [`TenantStore::gc`] deletes only while holding it
 //!   exclusively, so blobs of snapshots in progress (in this process or any
@@ -872,9 +873,10 @@ impl WriterShared {
 }
 
 impl BlobWriter {
-    /// Stores one chunk (unless the store already has it) and returns its
-    /// reference. All-zero input is *not* special-cased here: use the
-    /// chunking puts for that.
+    /// Stores one chunk (unless the store already has it, or this writer
+    /// already stored it) and returns its reference. The blob is staged: it
+    /// becomes visible to readers when the snapshot commits. All-zero input
+    /// is *not* special-cased here: use the chunking puts for that.
     ///
     /// # Errors
     /// I/O errors; an error if the snapshot already committed or aborted;
