@@ -299,6 +299,10 @@ impl<'a> Coordinator<'a> {
         self.report.restored_from = restore.as_ref().map(|m| m.id.clone());
         loop {
             let end = match restore.as_ref() {
+                Some(m) if m.job != self.job => AttemptEnd::Failed(JobError::Incompatible {
+                    id: m.id.clone(),
+                    reason: format!("it belongs to job `{}`, not `{}`", m.job, self.job),
+                }),
                 Some(m) if m.extra.contains_key(FINISHED) => self.finish_again(m),
                 _ => self.attempt(restore.as_ref()),
             };
@@ -689,11 +693,7 @@ impl<'a> Coordinator<'a> {
         };
         self.status.triggered(number, req.kind, req.trigger, req.format);
         let attempt = run.attempt.as_ref().expect("attempt running");
-        if req.stop {
-            attempt.stop(barrier);
-        } else {
-            attempt.inject(barrier);
-        }
+        let injected = if req.stop { attempt.stop(barrier) } else { attempt.inject(barrier) };
         run.pending = Some(Pending {
             number,
             kind: req.kind,
@@ -711,6 +711,10 @@ impl<'a> Coordinator<'a> {
             replies: req.reply.into_iter().collect(),
             stop: req.stop,
         });
+        if let Err(reason) = injected {
+            let p = run.pending.take().expect("just set");
+            return self.snapshot_failed(run, p, &reason);
+        }
         Ok(())
     }
 
@@ -728,6 +732,9 @@ impl<'a> Coordinator<'a> {
                 run.position = Some(position);
                 // A barrier not injected before the end never will be.
                 if let Some(p) = run.pending.take_if(|p| p.source_position.is_none()) {
+                    if let Some(a) = &run.attempt {
+                        a.abort(p.number);
+                    }
                     self.fail_pending(p, "the input ended before the barrier was injected", false);
                 }
                 for r in run.queue.drain(..) {
@@ -879,6 +886,9 @@ impl<'a> Coordinator<'a> {
     }
 
     fn snapshot_failed(&mut self, run: &mut AttemptState, p: Pending, reason: &str) -> Result<(), JobError> {
+        if let Some(a) = &run.attempt {
+            a.abort(p.number);
+        }
         let kind = p.kind;
         let stop = p.stop;
         self.fail_pending(p, reason, true);

@@ -173,6 +173,10 @@ enum SourceCtl {
 /// A running attempt: handles to inject barriers, notify, stop and join.
 pub(crate) struct Attempt {
     source_ctl: Sender<SourceCtl>,
+    /// The highest snapshot number the coordinator aborted: sources and
+    /// tasks skip the work of barriers at or below it. A watermark, not
+    /// coordination: reading it late only costs a wasted capture.
+    aborted: Arc<AtomicU64>,
     /// Senders into the last stage's channels, for completion notices.
     sink_tasks: Vec<Sender<(usize, Msg)>>,
     halt: Arc<AtomicBool>,
@@ -221,6 +225,7 @@ impl Attempt {
             |stage: usize| -> Vec<Sender<(usize, Msg)>> { channels[stage].iter().map(|(tx, _)| tx.clone()).collect() };
 
         let halt = Arc::new(AtomicBool::new(false));
+        let aborted = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         for (stage, op) in spec.operators.iter().enumerate() {
             let upstreams = if stage == 0 { 1 } else { spec.operators[stage - 1].parallelism as usize };
@@ -251,6 +256,7 @@ impl Attempt {
                     downstream,
                     reports: reports.clone(),
                     restore: restored,
+                    aborted: aborted.clone(),
                 };
                 let reports = reports.clone();
                 let handle = thread::Builder::new()
@@ -266,27 +272,39 @@ impl Attempt {
         let sink_tasks = senders(last);
         drop(channels);
         let source_halt = halt.clone();
+        let source_aborted = aborted.clone();
         let handle = thread::Builder::new()
             .name("source".into())
-            .spawn(move || run_source(source, first, ctl_rx, reports, source_halt, records_in))
+            .spawn(move || run_source(source, first, ctl_rx, reports, source_halt, source_aborted, records_in))
             .map_err(|e| JobError::Thread(e.to_string()))?;
         handles.push(handle);
         Ok(Attempt {
             source_ctl: ctl_tx,
+            aborted,
             sink_tasks,
             halt,
             handles,
         })
     }
 
-    /// Ask the source to inject a barrier.
-    pub(crate) fn inject(&self, barrier: Barrier) {
-        let _ = self.source_ctl.send(SourceCtl::Inject(barrier));
+    /// Ask the source to inject a barrier. Never blocks: if the source has
+    /// not yet taken the previous requests, the barrier is refused.
+    pub(crate) fn inject(&self, barrier: Barrier) -> Result<(), String> {
+        self.source_ctl
+            .try_send(SourceCtl::Inject(barrier))
+            .map_err(|_| "the source is not taking barriers (blocked by backpressure)".to_string())
     }
 
     /// Ask the source to inject a final barrier and stop (no draining).
-    pub(crate) fn stop(&self, barrier: Barrier) {
-        let _ = self.source_ctl.send(SourceCtl::Stop(barrier));
+    pub(crate) fn stop(&self, barrier: Barrier) -> Result<(), String> {
+        self.source_ctl
+            .try_send(SourceCtl::Stop(barrier))
+            .map_err(|_| "the source is not taking barriers (blocked by backpressure)".to_string())
+    }
+
+    /// Snapshot `id` was aborted: barriers up to it need no more work.
+    pub(crate) fn abort(&self, id: u64) {
+        self.aborted.fetch_max(id, Ordering::SeqCst);
     }
 
     /// Tell the sink tasks that snapshot `id` completed, so they forget the
@@ -318,6 +336,7 @@ fn run_source(
     ctl: Receiver<SourceCtl>,
     reports: Sender<Report>,
     halt: Arc<AtomicBool>,
+    aborted: Arc<AtomicU64>,
     records_in: Arc<AtomicU64>,
 ) {
     let broadcast = |make: &dyn Fn() -> Msg| -> bool { first.iter().all(|tx| tx.send((0, make())).is_ok()) };
@@ -325,6 +344,9 @@ fn run_source(
         while let Ok(cmd) = ctl.try_recv() {
             match cmd {
                 SourceCtl::Inject(b) => {
+                    if b.id <= aborted.load(Ordering::SeqCst) {
+                        continue; // aborted before it was injected
+                    }
                     let (id, position) = (b.id, source.position());
                     if !broadcast(&|| Msg::Barrier(b.clone())) {
                         return;

@@ -76,6 +76,8 @@ pub(super) struct Task {
     pub downstream: Downstream,
     pub reports: Sender<Report>,
     pub restore: Option<(TenantStore, SnapshotId, TaskState)>,
+    /// Highest aborted snapshot number (see `Attempt::abort`).
+    pub aborted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Barrier alignment: inputs that delivered the current barrier are held
@@ -234,9 +236,13 @@ impl Task {
     /// on another thread and acknowledge from there.
     fn snapshot(&mut self, instance: &mut TaskInstance, barrier: Barrier) -> Result<(), JobError> {
         let started = Instant::now();
-        let captured = match snapshot::capture(instance, barrier.format) {
-            Ok(c) => Some(c),
-            Err(CaptureError::Declined(reason)) => {
+        // A barrier of a snapshot the coordinator already gave up on is
+        // only forwarded: capturing it would pause the task for nothing.
+        let aborted = barrier.id <= self.aborted.load(std::sync::atomic::Ordering::SeqCst);
+        let captured = match (!aborted).then(|| snapshot::capture(instance, barrier.format)) {
+            None => None,
+            Some(Ok(c)) => Some(c),
+            Some(Err(CaptureError::Declined(reason))) => {
                 let _ = self.reports.send(Report::Declined {
                     id: barrier.id,
                     task: self.key.clone(),
@@ -244,7 +250,7 @@ impl Task {
                 });
                 None
             }
-            Err(CaptureError::Failed(e)) => return Err(JobError::Task(e)),
+            Some(Err(CaptureError::Failed(e))) => return Err(JobError::Task(e)),
         };
         let sink = self.downstream.precommit(barrier.id)?;
         let b = barrier.clone();
