@@ -577,3 +577,97 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
         "most kills should leave a native checkpoint to resume from ({native_checkpoints} of {kills})"
     );
 }
+
+/// Figures for docs/PERFORMANCE.md (run on demand:
+/// `cargo test -p memento --test native -- --ignored --nocapture measure`):
+/// per ballast size, the task pause of a full-copy native capture, the
+/// upload (hash + compress + write with fsync), the restore, and beside
+/// them memcpy and blake3 of the same bytes. Medians of 3.
+#[test]
+#[ignore]
+fn measure_native_figures() {
+    fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let dir = tempfile::tempdir_in(std::env::var("MEASURE_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
+    let tenant = Store::open(&dir.path().join("state"), StoreOptions::default())
+        .unwrap()
+        .tenant("default")
+        .unwrap();
+    let sizes: Vec<u64> = std::env::var("MEASURE_MIB")
+        .unwrap_or_else(|_| "64,256,1024".into())
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let big = SandboxLimits {
+        memory_bytes: 2 << 30,
+        call_timeout: Duration::from_secs(600),
+    };
+    for mib in sizes {
+        let mut instance = rt.instantiate(&ballast, label("b"), &big).unwrap();
+        instance
+            .open(&Context {
+                job: "native".into(),
+                operator_name: "b".into(),
+                task_index: 0,
+                parallelism: 1,
+                config: vec![
+                    ("state_mib".into(), mib.to_string()),
+                    ("dirty_fraction".into(), "0.01".into()),
+                ],
+            })
+            .unwrap();
+        let (mut pause, mut upload, mut restore_t, mut copy, mut hash) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let mut written = vec![];
+        for round in 0..3 {
+            instance.process(&events(round..round + 1)).unwrap(); // 1% changed
+            let job = JobName::new("native").unwrap();
+            let writer = tenant
+                .begin(&job, tenant.next_snapshot_number(&job).unwrap())
+                .unwrap();
+            let t = Instant::now();
+            let captured = snapshot::capture(&mut instance, SnapshotFormat::Native).unwrap();
+            pause.push(t.elapsed());
+            let t = Instant::now();
+            let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
+            let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Native);
+            m.components.insert("b".into(), ballast.hash_hex());
+            m.tasks.push(TaskState {
+                key: TaskKey::new("b", 0),
+                state,
+            });
+            let id = writer.commit(m).unwrap();
+            upload.push(t.elapsed());
+            let m = tenant.get(&id).unwrap();
+            written.push(m.figures.new_bytes);
+            let t = Instant::now();
+            let restored =
+                snapshot::restore_native(&rt, &ballast, label("b"), &big, &tenant, &m.id, &m.tasks[0])
+                    .unwrap();
+            restore_t.push(t.elapsed());
+            drop(restored);
+            let bytes = instance.memory(0).unwrap();
+            let t = Instant::now();
+            let v = bytes.to_vec();
+            copy.push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(blake3::hash(&v));
+            hash.push(t.elapsed());
+        }
+        let size = instance.memory_sizes()[0] >> 20;
+        eprintln!(
+            "ballast {mib} MiB (memory {size} MiB): pause {:?} (memcpy {:?}), upload {:?} (blake3 {:?}), \
+             restore {:?}, bytes written {:?}",
+            median(pause),
+            median(copy),
+            median(upload),
+            median(hash),
+            median(restore_t),
+            written
+        );
+    }
+}
