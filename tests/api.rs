@@ -17,7 +17,10 @@ fn memento() -> Command {
 }
 
 fn plugin(name: &str) -> String {
-    Path::new(env!("MEMENTO_PLUGIN_DIR")).join(format!("{name}.wasm")).display().to_string()
+    Path::new(env!("MEMENTO_PLUGIN_DIR"))
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
 }
 
 /// A slow job (rate-limited generator) so the API has time to answer.
@@ -73,7 +76,9 @@ impl Running {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the job printed its API address");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the job printed its API address");
         Running { child, addr }
     }
 
@@ -92,7 +97,9 @@ impl Drop for Running {
 /// A minimal HTTP/1.1 request; returns (status, body).
 fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -138,7 +145,13 @@ fn request_status_and_errors() {
     let request = request["request_id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (status, body) = http(&job.addr, "GET", &format!("/v1/jobs/api/savepoints/{request}"), None, "");
+        let (status, body) = http(
+            &job.addr,
+            "GET",
+            &format!("/v1/jobs/api/savepoints/{request}"),
+            None,
+            "",
+        );
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         if v["status"] == "completed" {
@@ -171,7 +184,12 @@ fn stop_over_http_ends_the_run_with_a_savepoint() {
     let (status, body) = http(&job.addr, "POST", "/v1/jobs/api/stop", None, "");
     assert_eq!(status, 202, "{body}");
     let mut stdout = String::new();
-    job.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    job.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     assert!(job.child.wait().unwrap().success());
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["state"]["state"], "stopped", "{stdout}");
@@ -188,7 +206,16 @@ fn token_is_enforced() {
     let (status, _) = http(&job.addr, "POST", "/v1/jobs/api/checkpoints", Some("s3cret"), "");
     assert_eq!(status, 202);
     let out = memento()
-        .args(["savepoint", "trigger", "api", "--wait", "--url", &job.url(), "--token", "s3cret"])
+        .args([
+            "savepoint",
+            "trigger",
+            "api",
+            "--wait",
+            "--url",
+            &job.url(),
+            "--token",
+            "s3cret",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -206,7 +233,10 @@ fn non_loopback_listen_requires_a_token() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is not a loopback address: set a bearer token with --token"), "{err}");
+    assert!(
+        err.contains("is not a loopback address: set a bearer token with --token"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -217,5 +247,8 @@ fn trigger_without_a_running_job_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the job at http://127.0.0.1:9"), "{err}");
+    assert!(
+        err.contains("cannot reach the job at http://127.0.0.1:9"),
+        "{err}"
+    );
 }

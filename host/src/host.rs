@@ -110,6 +110,28 @@ impl Host {
         })
     }
 
+    /// Start a host whose store is opened with `options` (quotas,
+    /// durability).
+    ///
+    /// # Errors
+    /// As [`Host::open`].
+    pub fn open_with(state_dir: &Path, options: StoreOptions) -> Result<Host, HostError> {
+        Ok(Host {
+            runtime: Runtime::new()?,
+            store: Store::open(state_dir, options)?,
+        })
+    }
+
+    /// A host sharing this one's runtime (engine and component cache) but
+    /// snapshotting into `store`: how a multi-tenant service gives each
+    /// tenant its own store options (quota) without a second engine.
+    pub fn with_store(&self, store: Store) -> Host {
+        Host {
+            runtime: self.runtime.clone(),
+            store,
+        }
+    }
+
     /// The wasm runtime.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime

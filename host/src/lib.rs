@@ -10,6 +10,7 @@ pub mod coordinator;
 pub mod dataflow;
 mod host;
 pub mod runtime;
+pub mod service;
 pub mod snapshot;
 pub mod spec;
 pub mod store;

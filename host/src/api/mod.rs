@@ -3,6 +3,10 @@
 //! cancel. JSON under `/v1`; errors are `{"error": code, "message": …}`.
 //!
 //! It calls only the library's public [`JobControl`]; it never touches tasks.
+//! The multi-tenant API of `memento serve` is in [`service`]; both answer
+//! errors in the same shape ([`ApiError`]).
+
+pub mod service;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,8 +60,9 @@ struct ApiState {
     next: Mutex<u64>,
 }
 
-/// An API error: a status code, a short code and a message.
-struct ApiError(StatusCode, &'static str, String);
+/// An API error: a status code, a short code and a message, answered as
+/// `{"error": code, "message": …}`.
+pub(crate) struct ApiError(pub StatusCode, pub &'static str, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -98,7 +103,10 @@ impl ApiState {
             *next += 1;
             *next
         };
-        self.requests.lock().unwrap().insert(id, RequestStatus::InProgress);
+        self.requests
+            .lock()
+            .unwrap()
+            .insert(id, RequestStatus::InProgress);
         let state = self.clone();
         std::thread::spawn(move || {
             let status = match rx.recv() {
@@ -124,21 +132,33 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn get_job(State(s): Shared, headers: HeaderMap, Path(job): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn get_job(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     s.check(&headers, &job)?;
     Ok(Json(serde_json::json!({ "name": s.job, "state": "running" })))
 }
 
 async fn list_jobs(State(s): Shared, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
     s.check(&headers, &s.job.clone())?;
-    Ok(Json(serde_json::json!({ "jobs": [{ "name": s.job, "state": "running" }] })))
+    Ok(Json(
+        serde_json::json!({ "jobs": [{ "name": s.job, "state": "running" }] }),
+    ))
 }
 
 fn parse_body(body: &[u8]) -> Result<TriggerBody, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(TriggerBody::default());
     }
-    serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid JSON body: {e}"),
+        )
+    })
 }
 
 async fn trigger_savepoint(
@@ -163,13 +183,21 @@ async fn trigger_checkpoint(
     Ok((StatusCode::ACCEPTED, Json(s.track(rx))))
 }
 
-async fn stop(State(s): Shared, headers: HeaderMap, Path(job): Path<String>) -> Result<(StatusCode, Json<TriggerResponse>), ApiError> {
+async fn stop(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Result<(StatusCode, Json<TriggerResponse>), ApiError> {
     s.check(&headers, &job)?;
     let rx = s.control.stop_with_savepoint();
     Ok((StatusCode::ACCEPTED, Json(s.track(rx))))
 }
 
-async fn cancel(State(s): Shared, headers: HeaderMap, Path(job): Path<String>) -> Result<StatusCode, ApiError> {
+async fn cancel(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Result<StatusCode, ApiError> {
     s.check(&headers, &job)?;
     s.control.cancel();
     Ok(StatusCode::ACCEPTED)
@@ -181,9 +209,13 @@ async fn request_status(
     Path((job, request)): Path<(String, String)>,
 ) -> Result<Json<RequestStatus>, ApiError> {
     s.check(&headers, &job)?;
-    let id: u64 = request
-        .parse()
-        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("malformed request id {request:?}")))?;
+    let id: u64 = request.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("malformed request id {request:?}"),
+        )
+    })?;
     s.requests
         .lock()
         .unwrap()
@@ -228,7 +260,12 @@ pub enum ApiStartError {
 ///
 /// # Errors
 /// [`ApiStartError`] when the address cannot be bound or needs a token.
-pub fn serve_job(addr: &str, job: &str, control: JobControl, token: Option<String>) -> Result<JobServer, ApiStartError> {
+pub fn serve_job(
+    addr: &str,
+    job: &str,
+    control: JobControl,
+    token: Option<String>,
+) -> Result<JobServer, ApiStartError> {
     let bind_err = |reason: String| ApiStartError::Bind {
         addr: addr.to_string(),
         reason,
@@ -260,7 +297,10 @@ pub fn serve_job(addr: &str, job: &str, control: JobControl, token: Option<Strin
         .route("/v1/jobs/{job}/checkpoints", post(trigger_checkpoint))
         .route("/v1/jobs/{job}/savepoints", post(trigger_savepoint))
         .route("/v1/jobs/{job}/savepoints/{request}", get(request_status))
-        .route("/v1/jobs/{job}/checkpoints/requests/{request}", get(request_status))
+        .route(
+            "/v1/jobs/{job}/checkpoints/requests/{request}",
+            get(request_status),
+        )
         .route("/v1/jobs/{job}/stop", post(stop))
         .route("/v1/jobs/{job}/cancel", post(cancel))
         .with_state(state);

@@ -4,6 +4,7 @@
 mod client;
 #[cfg(feature = "plugins")]
 mod demo;
+mod serve;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +87,17 @@ enum Command {
     Gc {
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Run a long-lived multi-tenant host with the REST API and dashboard.
+    Serve {
+        /// The host config (TOML): listen address, state directory, tenants.
+        #[arg(long, value_name = "HOST.toml")]
+        config: PathBuf,
+    },
+    /// Make and hash bearer tokens for `serve`'s config.
+    Token {
+        #[command(subcommand)]
+        command: serve::TokenCommand,
     },
 }
 
@@ -184,6 +196,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => store::run_savepoint(&store, command).map(|()| ExitCode::SUCCESS),
         Command::Fsck { store } => store::run_fsck(&store),
         Command::Gc { store } => store::run_gc(&store).map(|()| ExitCode::SUCCESS),
+        Command::Serve { config } => serve::serve(&config),
+        Command::Token { command } => serve::token(command),
     }
 }
 

@@ -3,6 +3,7 @@
 //! Unknown keys and bad values are rejected with the field named. Paths in a
 //! job file are relative to the file's directory.
 
+pub mod host_config;
 mod units;
 
 pub use units::{format_size, parse_duration, parse_size};
