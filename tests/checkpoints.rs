@@ -1265,3 +1265,27 @@ fn resume_refuses_another_jobs_finished_record() {
     let err = f.run(&["--from", &id]).error();
     assert!(err.contains("belongs to job `gamma`"), "{err}");
 }
+
+/// A canonical state larger than wasmtime's default 128 MiB per-call copy
+/// budget checkpoints and restores: the budget follows the memory limit.
+#[test]
+fn canonical_state_above_128_mib_checkpoints_and_restores() {
+    let toml = job_toml(
+        "big",
+        &generator(40, 4, 1, Some(20), 1),
+        &[operator("ballast", "ballast", 1, &[("state_mib", "160"), ("dirty_fraction", "0.0001")])],
+        "[checkpoints]\ninterval = \"500ms\"\nretained = 100\n[limits]\nmemory = \"1GiB\"\ncall_timeout = \"60s\"\n",
+    );
+    let fx = Fixture::new("big", &toml);
+    let report = fx.run(&[]).report();
+    assert_eq!(report["failed_snapshots"], 0, "{report}");
+    let snapshots = report["snapshots"].as_array().unwrap();
+    let periodic: Vec<&Value> = snapshots.iter().filter(|s| s["trigger"] == "periodic").collect();
+    assert!(!periodic.is_empty(), "no checkpoint completed: {report}");
+    assert!(periodic[0]["logical_bytes"].as_u64().unwrap() > 160 << 20, "{report}");
+    // Restoring it copies the state back into a fresh instance.
+    let id = periodic[0]["id"].as_str().unwrap().to_string();
+    let again = fx.run(&["--from", &id]).report();
+    assert_eq!(again["restored_from"], id.as_str(), "{again}");
+    assert_eq!(again["state"]["state"], "finished", "{again}");
+}

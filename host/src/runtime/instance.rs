@@ -215,6 +215,11 @@ impl TaskInstance {
         let mut store = Store::new(engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         store.epoch_deadline_trap();
+        // Results the guest hands back (a batch, a snapshot) are copied into
+        // the host; wasmtime caps that at 128 MiB per call by default. The
+        // guest cannot produce more than its memory limit anyway, so that is
+        // the cap: large canonical states fit, the host stays bounded.
+        store.set_hostcall_fuel(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX));
         let deadline_ticks = (limits.call_timeout.as_nanos() / tick.as_nanos()).max(1) as u64 + 1;
         store.set_epoch_deadline(deadline_ticks);
         let instantiate_error = |reason: String| RuntimeError::Instantiate {
