@@ -156,7 +156,7 @@ fn main() {
     println!("# disk: {}", base.display());
     println!();
 
-    println!("## Full and incremental snapshots (256 KiB chunks, zstd 1)");
+    println!("## Full and incremental snapshots (256 KiB chunks, default codec: none)");
     println!();
     println!(
         "| state | memcpy | blake3 | write+fsync | full write | full / limit | read back | incr 1 % written/changed | incr 1 % time | incr 10 % written/changed | incr 10 % time | unchanged again |"
@@ -276,7 +276,7 @@ fn main() {
     }
     println!();
 
-    println!("## Fixed chunk size ({} MiB image, zstd 1)", len / MIB);
+    println!("## Fixed chunk size ({} MiB image, no compression)", len / MIB);
     println!();
     println!(
         "| chunk | full write | incremental, 0.1 % of 4 KiB pages dirty: bytes written | written / dirty bytes | manifest bytes |"

@@ -94,8 +94,9 @@ pub const STORE_VERSION: u32 = 1;
 /// Options of a [`Store`]; `StoreOptions::default()` is what the host uses.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Codec for newly written blobs (default zstd level 1). Readers handle
-    /// every codec, so this may change between runs.
+    /// Codec for newly written blobs (default none; see
+    /// [`Compression::default`]). Readers handle every codec, so this may
+    /// change between runs.
     pub compression: Compression,
     /// Per-tenant quota on the bytes of blobs referenced by the tenant's
     /// manifests, checked at commit (default: none).
