@@ -196,6 +196,7 @@ struct Driver {
     child: Child,
     base: String,
     session: String,
+    _profile: tempfile::TempDir,
 }
 
 impl Driver {
@@ -215,14 +216,15 @@ impl Driver {
         wait("chromedriver", || {
             ureq::get(format!("{base}/status")).call().ok().map(|_| ())
         });
+        let profile = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = BROWSER_ARGS.iter().map(|s| s.to_string()).collect();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
         let mut driver = Driver {
             child,
             base,
             session: String::new(),
+            _profile: profile,
         };
-        let profile = std::env::temp_dir().join(format!("memento-dashboard-{port}"));
-        let mut args: Vec<String> = BROWSER_ARGS.iter().map(|s| s.to_string()).collect();
-        args.push(format!("--user-data-dir={}", profile.display()));
         let v = driver.post(
             "/session",
             json!({ "capabilities": { "alwaysMatch": {
