@@ -1273,7 +1273,12 @@ fn canonical_state_above_128_mib_checkpoints_and_restores() {
     let toml = job_toml(
         "big",
         &generator(40, 4, 1, Some(20), 1),
-        &[operator("ballast", "ballast", 1, &[("state_mib", "160"), ("dirty_fraction", "0.0001")])],
+        &[operator(
+            "ballast",
+            "ballast",
+            1,
+            &[("state_mib", "160"), ("dirty_fraction", "0.0001")],
+        )],
         "[checkpoints]\ninterval = \"500ms\"\nretained = 100\n[limits]\nmemory = \"1GiB\"\ncall_timeout = \"60s\"\n",
     );
     let fx = Fixture::new("big", &toml);
@@ -1282,7 +1287,10 @@ fn canonical_state_above_128_mib_checkpoints_and_restores() {
     let snapshots = report["snapshots"].as_array().unwrap();
     let periodic: Vec<&Value> = snapshots.iter().filter(|s| s["trigger"] == "periodic").collect();
     assert!(!periodic.is_empty(), "no checkpoint completed: {report}");
-    assert!(periodic[0]["logical_bytes"].as_u64().unwrap() > 160 << 20, "{report}");
+    assert!(
+        periodic[0]["logical_bytes"].as_u64().unwrap() > 160 << 20,
+        "{report}"
+    );
     // Restoring it copies the state back into a fresh instance.
     let id = periodic[0]["id"].as_str().unwrap().to_string();
     let again = fx.run(&["--from", &id]).report();

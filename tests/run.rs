@@ -512,9 +512,18 @@ fn plugin_logs_carry_job_operator_and_task() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let log = stderr(&out);
-    let line = log.lines().find(|l| l.contains("opened in mode none")).unwrap_or_else(|| panic!("{log}"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("opened in mode none"))
+        .unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("INFO"), "{line}");
-    assert!(line.contains("job=\"misbehave\"") || line.contains("job=misbehave"), "{line}");
-    assert!(line.contains("operator=\"bad\"") || line.contains("operator=bad"), "{line}");
+    assert!(
+        line.contains("job=\"misbehave\"") || line.contains("job=misbehave"),
+        "{line}"
+    );
+    assert!(
+        line.contains("operator=\"bad\"") || line.contains("operator=bad"),
+        "{line}"
+    );
     assert!(line.contains("task=0"), "{line}");
 }

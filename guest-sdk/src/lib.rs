@@ -198,8 +198,7 @@ impl Context {
 /// When the text is empty, has an unknown unit, is not a whole number of
 /// milliseconds or overflows `u64`.
 pub fn parse_duration_ms(s: &str) -> Result<u64, Error> {
-    const EXPECTED: &str =
-        "expected a duration such as \"500ms\", \"1s\", \"2m\", \"1h30m\" or milliseconds";
+    const EXPECTED: &str = "expected a duration such as \"500ms\", \"1s\", \"2m\", \"1h30m\" or milliseconds";
     let text = s.trim();
     if text.is_empty() {
         return Err(Error(format!("empty duration: {EXPECTED}")));
@@ -444,7 +443,7 @@ macro_rules! export_operator {
                 }
             }
 
-            $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
+    $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
         };
     };
 }
@@ -480,8 +479,7 @@ mod tests {
     #[test]
     fn bad_durations_are_refused() {
         for text in [
-            "", " ", "s", "1x", "1.5", "-1s", "1.2.3s", "1.0005s", "0.5ms", "1s1m", "1s2s", "soon",
-            "1e3ms",
+            "", " ", "s", "1x", "1.5", "-1s", "1.2.3s", "1.0005s", "0.5ms", "1s1m", "1s2s", "soon", "1e3ms",
         ] {
             assert!(parse_duration_ms(text).is_err(), "{text:?} parsed");
         }
@@ -503,9 +501,6 @@ mod tests {
         assert_eq!(ctx.duration_ms_or("window", 7).unwrap(), 2_000);
         assert_eq!(ctx.duration_ms_or("absent", 7).unwrap(), 7);
         let err = ctx.duration_ms_or("bad", 7).unwrap_err();
-        assert!(
-            err.message().contains("config `bad` = \"2 parsecs\""),
-            "{err:?}"
-        );
+        assert!(err.message().contains("config `bad` = \"2 parsecs\""), "{err:?}");
     }
 }

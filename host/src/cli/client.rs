@@ -24,9 +24,16 @@ pub fn trigger_savepoint(url: &str, token: Option<&str>, job: &str, wait: bool) 
         .send_empty()
         .with_context(|| format!("cannot reach the job at {base} (is `memento run --listen` running?)"))?;
     if !resp.status().is_success() {
-        bail!("{post_url}: {}: {}", resp.status(), error_message(resp.body_mut().read_to_string().unwrap_or_default()));
+        bail!(
+            "{post_url}: {}: {}",
+            resp.status(),
+            error_message(resp.body_mut().read_to_string().unwrap_or_default())
+        );
     }
-    let trigger: TriggerResponse = resp.body_mut().read_json().context("unexpected answer from the job")?;
+    let trigger: TriggerResponse = resp
+        .body_mut()
+        .read_json()
+        .context("unexpected answer from the job")?;
     if !wait {
         return Ok(trigger.request_id);
     }
@@ -41,7 +48,11 @@ pub fn trigger_savepoint(url: &str, token: Option<&str>, job: &str, wait: bool) 
         if !resp.status().is_success() {
             bail!("{status_url}: {}", resp.status());
         }
-        match resp.body_mut().read_json::<RequestStatus>().context("unexpected answer from the job")? {
+        match resp
+            .body_mut()
+            .read_json::<RequestStatus>()
+            .context("unexpected answer from the job")?
+        {
             RequestStatus::InProgress => {}
             RequestStatus::Completed { snapshot } => return Ok(snapshot),
             RequestStatus::Failed { error } => bail!("savepoint of job `{job}` failed: {error}"),

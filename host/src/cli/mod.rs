@@ -175,11 +175,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             token,
             store,
-        } => run(&job, from.as_deref(), on_sigterm, json, listen.as_deref(), token, &store),
+        } => run(
+            &job,
+            from.as_deref(),
+            on_sigterm,
+            json,
+            listen.as_deref(),
+            token,
+            &store,
+        ),
         Command::Inspect { component, json } => inspect(&component, json),
-        Command::Snapshots { command, store } => store::run_snapshots(&store, command).map(|()| ExitCode::SUCCESS),
+        Command::Snapshots { command, store } => {
+            store::run_snapshots(&store, command).map(|()| ExitCode::SUCCESS)
+        }
         Command::Savepoint {
-            command: SavepointCommand::Trigger { job, wait, url, token },
+            command:
+                SavepointCommand::Trigger {
+                    job,
+                    wait,
+                    url,
+                    token,
+                },
             ..
         } => {
             let id = client::trigger_savepoint(&url, token.as_deref(), &job, wait)?;
@@ -264,24 +280,26 @@ fn watch_signals(control: crate::coordinator::JobControl, on_signal: OnSignal) -
         }?;
     }
     let seen = Arc::new(AtomicBool::new(false));
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut handled = 0;
-        loop {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            let n = hits.load(Ordering::SeqCst);
-            if n == handled {
-                continue;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut handled = 0;
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                let n = hits.load(Ordering::SeqCst);
+                if n == handled {
+                    continue;
+                }
+                handled = n;
+                if on_signal == OnSignal::Savepoint && !seen.swap(true, Ordering::SeqCst) {
+                    eprintln!("memento: signal received, stopping with a savepoint (signal again to cancel)");
+                    let _ = control.stop_with_savepoint();
+                } else {
+                    eprintln!("memento: signal received, cancelling");
+                    control.cancel();
+                }
             }
-            handled = n;
-            if on_signal == OnSignal::Savepoint && !seen.swap(true, Ordering::SeqCst) {
-                eprintln!("memento: signal received, stopping with a savepoint (signal again to cancel)");
-                let _ = control.stop_with_savepoint();
-            } else {
-                eprintln!("memento: signal received, cancelling");
-                control.cancel();
-            }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -307,7 +325,11 @@ fn inspect(component: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
         println!("  native snapshots: {}", info.native_summary());
     }
-    Ok(if info.fits_contract.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if info.fits_contract.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The human summary printed after a run.

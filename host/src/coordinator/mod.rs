@@ -26,8 +26,8 @@ use crate::dataflow::{Attempt, Barrier, JobError, Report, RestorePoint, TaskFigu
 use crate::runtime::{LoadedComponent, Runtime};
 use crate::spec::{JobSpec, RestartStrategy, SnapshotFormat};
 use crate::store::{
-    JobName, ListFilter, Manifest, Retention, SnapshotId, SnapshotKind, SourcePosition, StateFormat,
-    TaskKey, TaskState, TaskStateData, TenantStore, Trigger,
+    JobName, ListFilter, Manifest, Retention, SnapshotId, SnapshotKind, SourcePosition, StateFormat, TaskKey,
+    TaskState, TaskStateData, TenantStore, Trigger,
 };
 pub use schedule::Schedule;
 pub use status::{JobState, JobStatus, SnapshotOutcome, SnapshotRecord, StatusHandle};
@@ -89,7 +89,13 @@ impl JobControl {
     /// receiver gets the savepoint's id.
     pub fn stop_with_savepoint(&self) -> Receiver<TriggerResult> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.tx.send(Control::Stop { reply: Some(tx.clone()) }).is_err() {
+        if self
+            .tx
+            .send(Control::Stop {
+                reply: Some(tx.clone()),
+            })
+            .is_err()
+        {
             let _ = tx.send(Err("the job is not running".into()));
         }
         rx
@@ -201,11 +207,17 @@ pub struct JobFailed {
 }
 
 fn restarts_note(n: u32) -> String {
-    if n == 0 { String::new() } else { format!(" (after {n} restarts)") }
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" (after {n} restarts)")
+    }
 }
 
 fn resume_note(id: &Option<SnapshotId>) -> String {
-    id.as_ref().map(|id| format!("; its newest snapshot {id} is kept")).unwrap_or_default()
+    id.as_ref()
+        .map(|id| format!("; its newest snapshot {id} is kept"))
+        .unwrap_or_default()
 }
 
 /// A snapshot in flight.
@@ -405,7 +417,9 @@ impl<'a> Coordinator<'a> {
     /// (idempotent) and end.
     fn finish_again(&mut self, m: &Manifest) -> AttemptEnd {
         match sink::commit(&self.spec.sink, &self.spec.base_dir, &sink_commits(m)) {
-            Ok(()) => AttemptEnd::Done(FinalState::AlreadyFinished { snapshot: m.id.clone() }),
+            Ok(()) => AttemptEnd::Done(FinalState::AlreadyFinished {
+                snapshot: m.id.clone(),
+            }),
             Err(e) => AttemptEnd::Failed(JobError::Sink(e)),
         }
     }
@@ -417,7 +431,10 @@ impl<'a> Coordinator<'a> {
             reason,
         };
         if m.job != self.job {
-            return Err(incompatible(format!("it belongs to job `{}`, not `{}`", m.job, self.job)));
+            return Err(incompatible(format!(
+                "it belongs to job `{}`, not `{}`",
+                m.job, self.job
+            )));
         }
         let mut tasks = BTreeMap::new();
         for t in &m.tasks {
@@ -426,7 +443,10 @@ impl<'a> Coordinator<'a> {
         for op in &self.spec.operators {
             let n = m.tasks.iter().filter(|t| t.key.operator == op.name).count();
             if n == 0 {
-                return Err(incompatible(format!("it has no state for operator `{}`", op.name)));
+                return Err(incompatible(format!(
+                    "it has no state for operator `{}`",
+                    op.name
+                )));
             }
             if n != op.parallelism as usize {
                 return Err(incompatible(format!(
@@ -436,7 +456,11 @@ impl<'a> Coordinator<'a> {
                 )));
             }
         }
-        if let Some(t) = m.tasks.iter().find(|t| !self.spec.operators.iter().any(|o| o.name == t.key.operator)) {
+        if let Some(t) = m
+            .tasks
+            .iter()
+            .find(|t| !self.spec.operators.iter().any(|o| o.name == t.key.operator))
+        {
             return Err(incompatible(format!(
                 "it has state for operator `{}`, which the job does not have",
                 t.key.operator
@@ -532,7 +556,10 @@ impl<'a> Coordinator<'a> {
             })
             .collect();
         self.report.sink_records = run.done.values().map(|(f, _)| f.sink_records).sum();
-        self.report.source_records = run.position.unwrap_or(start_position).saturating_sub(start_position);
+        self.report.source_records = run
+            .position
+            .unwrap_or(start_position)
+            .saturating_sub(start_position);
         end
     }
 
@@ -574,9 +601,9 @@ impl<'a> Coordinator<'a> {
                         Ok(()) => AttemptEnd::Done(FinalState::Finished),
                         Err(e) => AttemptEnd::Failed(e),
                     },
-                    None => AttemptEnd::Failed(JobError::StopFailed(
-                        "the job stopped without a savepoint".into(),
-                    )),
+                    None => {
+                        AttemptEnd::Failed(JobError::StopFailed("the job stopped without a savepoint".into()))
+                    }
                 };
             }
 
@@ -693,7 +720,11 @@ impl<'a> Coordinator<'a> {
         };
         self.status.triggered(number, req.kind, req.trigger, req.format);
         let attempt = run.attempt.as_ref().expect("attempt running");
-        let injected = if req.stop { attempt.stop(barrier) } else { attempt.inject(barrier) };
+        let injected = if req.stop {
+            attempt.stop(barrier)
+        } else {
+            attempt.inject(barrier)
+        };
         run.pending = Some(Pending {
             number,
             kind: req.kind,
@@ -794,7 +825,11 @@ impl<'a> Coordinator<'a> {
         m.created_at_ms = p.created_at_ms;
         m.retention = self.retention(p.kind);
         m.components = self.component_hashes();
-        m.tasks = p.acks.into_iter().map(|(key, state)| TaskState { key, state }).collect();
+        m.tasks = p
+            .acks
+            .into_iter()
+            .map(|(key, state)| TaskState { key, state })
+            .collect();
         m.source_positions = vec![SourcePosition {
             source: "source".into(),
             task_index: 0,
@@ -813,8 +848,13 @@ impl<'a> Coordinator<'a> {
                 for r in &p.replies {
                     let _ = r.send(Err(reason.clone()));
                 }
-                self.status
-                    .ended(p.number, SnapshotOutcome::Failed { reason: reason.clone() }, None);
+                self.status.ended(
+                    p.number,
+                    SnapshotOutcome::Failed {
+                        reason: reason.clone(),
+                    },
+                    None,
+                );
                 log_failure(&self.job, p.number, p.kind, p.trigger, &reason);
                 return self.count_failure(run, p.kind, &reason);
             }
@@ -920,7 +960,12 @@ impl<'a> Coordinator<'a> {
 
     /// Checkpoint failures count against `tolerable_failures`; savepoint
     /// failures are only reported to whoever asked.
-    fn count_failure(&mut self, _run: &mut AttemptState, kind: SnapshotKind, reason: &str) -> Result<(), JobError> {
+    fn count_failure(
+        &mut self,
+        _run: &mut AttemptState,
+        kind: SnapshotKind,
+        reason: &str,
+    ) -> Result<(), JobError> {
         if kind != SnapshotKind::Checkpoint {
             return Ok(());
         }
@@ -942,7 +987,11 @@ impl<'a> Coordinator<'a> {
         let sinks: Vec<SinkCommit> = run.done.values().filter_map(|(_, s)| s.clone()).collect();
         let number = self.store.next_snapshot_number(&self.job)?;
         let writer = self.store.begin(&self.job, number)?;
-        let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::EndOfInput, StateFormat::Canonical);
+        let mut m = writer.manifest(
+            SnapshotKind::Checkpoint,
+            Trigger::EndOfInput,
+            StateFormat::Canonical,
+        );
         m.retention = self.retention(SnapshotKind::Checkpoint);
         m.components = self.component_hashes();
         m.source_positions = vec![SourcePosition {
@@ -1022,7 +1071,9 @@ impl<'a> Coordinator<'a> {
     }
 
     fn delete_checkpoints(&mut self, keep_unless: impl Fn(&Manifest) -> bool) {
-        let list = self.store.list(&ListFilter::job(&self.job).kind(SnapshotKind::Checkpoint));
+        let list = self
+            .store
+            .list(&ListFilter::job(&self.job).kind(SnapshotKind::Checkpoint));
         if let Ok(list) = list {
             for m in list.iter().filter(|m| keep_unless(m)) {
                 let _ = self.store.delete(&m.id);
@@ -1069,7 +1120,11 @@ fn log_failure(job: &JobName, number: u64, kind: SnapshotKind, trigger: Trigger,
 fn retryable(e: &JobError) -> bool {
     matches!(
         e,
-        JobError::Source(_) | JobError::Sink(_) | JobError::Task(_) | JobError::Snapshots(_) | JobError::Thread(_)
+        JobError::Source(_)
+            | JobError::Sink(_)
+            | JobError::Task(_)
+            | JobError::Snapshots(_)
+            | JobError::Thread(_)
     )
 }
 
@@ -1093,4 +1148,3 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
-

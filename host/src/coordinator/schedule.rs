@@ -104,7 +104,11 @@ mod tests {
         let s = Schedule::from_spec(&spec);
         let wait = s.next().unwrap() - Instant::now();
         assert!(wait <= Duration::from_secs(61), "{wait:?}");
-        assert!(parse_cron("every tuesday").unwrap_err().contains("invalid cron expression"));
+        assert!(
+            parse_cron("every tuesday")
+                .unwrap_err()
+                .contains("invalid cron expression")
+        );
         assert!(Schedule::from_spec(&SavepointSpec::default()).next().is_none());
     }
 }

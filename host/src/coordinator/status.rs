@@ -211,7 +211,13 @@ impl StatusHandle {
         i.restored_from = Some(id.clone());
     }
 
-    pub(crate) fn triggered(&self, number: u64, kind: SnapshotKind, trigger: Trigger, format: SnapshotFormat) {
+    pub(crate) fn triggered(
+        &self,
+        number: u64,
+        kind: SnapshotKind,
+        trigger: Trigger,
+        format: SnapshotFormat,
+    ) {
         let mut i = self.inner.lock().unwrap();
         i.counts.in_progress += 1;
         if i.history.len() == HISTORY_LEN {
@@ -273,11 +279,18 @@ mod tests {
     fn history_tracks_outcomes_and_is_bounded() {
         let s = StatusHandle::new("j");
         for n in 1..=(HISTORY_LEN as u64 + 5) {
-            s.triggered(n, SnapshotKind::Checkpoint, Trigger::Periodic, SnapshotFormat::Canonical);
+            s.triggered(
+                n,
+                SnapshotKind::Checkpoint,
+                Trigger::Periodic,
+                SnapshotFormat::Canonical,
+            );
             let outcome = if n % 2 == 0 {
                 SnapshotOutcome::Completed
             } else {
-                SnapshotOutcome::Failed { reason: "timed out".into() }
+                SnapshotOutcome::Failed {
+                    reason: "timed out".into(),
+                }
             };
             s.ended(n, outcome, None);
         }
@@ -286,6 +299,9 @@ mod tests {
         assert_eq!(st.history.first().unwrap().number, 6);
         assert_eq!(st.counts.completed + st.counts.failed, HISTORY_LEN as u64 + 5);
         assert_eq!(st.counts.in_progress, 0);
-        assert!(matches!(st.history.last().unwrap().outcome, SnapshotOutcome::Failed { .. }));
+        assert!(matches!(
+            st.history.last().unwrap().outcome,
+            SnapshotOutcome::Failed { .. }
+        ));
     }
 }

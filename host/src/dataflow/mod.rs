@@ -196,7 +196,11 @@ impl Attempt {
         reports: Sender<Report>,
         records_in: Arc<AtomicU64>,
     ) -> Result<Attempt, JobError> {
-        assert_eq!(components.len(), spec.operators.len(), "one component per operator");
+        assert_eq!(
+            components.len(),
+            spec.operators.len(),
+            "one component per operator"
+        );
         let limits = SandboxLimits {
             memory_bytes: spec.limits.memory.0,
             call_timeout: spec.limits.call_timeout.0,
@@ -210,7 +214,9 @@ impl Attempt {
         let last = spec.operators.len() - 1;
         let mut sinks: Vec<Option<Box<dyn sink::SinkWriter>>> = (0..spec.sink_parallelism())
             .map(|t| {
-                let seq = restore.and_then(|r| r.sink_next_seq.get(&t).copied()).unwrap_or(0);
+                let seq = restore
+                    .and_then(|r| r.sink_next_seq.get(&t).copied())
+                    .unwrap_or(0);
                 sink::open(&spec.sink, &spec.base_dir, t, seq).map(Some)
             })
             .collect::<Result<_, _>>()
@@ -221,14 +227,19 @@ impl Attempt {
             .iter()
             .map(|op| (0..op.parallelism).map(|_| bounded(CHANNEL_CAPACITY)).collect())
             .collect();
-        let senders =
-            |stage: usize| -> Vec<Sender<(usize, Msg)>> { channels[stage].iter().map(|(tx, _)| tx.clone()).collect() };
+        let senders = |stage: usize| -> Vec<Sender<(usize, Msg)>> {
+            channels[stage].iter().map(|(tx, _)| tx.clone()).collect()
+        };
 
         let halt = Arc::new(AtomicBool::new(false));
         let aborted = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         for (stage, op) in spec.operators.iter().enumerate() {
-            let upstreams = if stage == 0 { 1 } else { spec.operators[stage - 1].parallelism as usize };
+            let upstreams = if stage == 0 {
+                1
+            } else {
+                spec.operators[stage - 1].parallelism as usize
+            };
             for index in 0..op.parallelism {
                 let key = TaskKey::new(op.name.clone(), index);
                 let downstream = if stage < last {
@@ -275,7 +286,17 @@ impl Attempt {
         let source_aborted = aborted.clone();
         let handle = thread::Builder::new()
             .name("source".into())
-            .spawn(move || run_source(source, first, ctl_rx, reports, source_halt, source_aborted, records_in))
+            .spawn(move || {
+                run_source(
+                    source,
+                    first,
+                    ctl_rx,
+                    reports,
+                    source_halt,
+                    source_aborted,
+                    records_in,
+                )
+            })
             .map_err(|e| JobError::Thread(e.to_string()))?;
         handles.push(handle);
         Ok(Attempt {

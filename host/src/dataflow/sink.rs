@@ -73,7 +73,11 @@ fn parse_part_file_name(name: &str) -> Option<(u32, u64)> {
 }
 
 fn sink_dir(path: &Path, base: &Path) -> PathBuf {
-    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
 }
 
 /// Create the writer of task `task`, numbering its part files from
@@ -109,7 +113,9 @@ pub fn open(spec: &SinkSpec, base: &Path, task: u32, next_seq: u64) -> Result<Bo
 /// # Errors
 /// I/O errors, naming the file; a file neither staged nor committed.
 pub fn commit(spec: &SinkSpec, base: &Path, commits: &[SinkCommit]) -> Result<(), String> {
-    let SinkSpec::File { path } = spec else { return Ok(()) };
+    let SinkSpec::File { path } = spec else {
+        return Ok(());
+    };
     let dir = sink_dir(path, base);
     let mut renamed = false;
     for c in commits {
@@ -155,8 +161,14 @@ pub fn tidy(spec: &SinkSpec, base: &Path) {
 ///
 /// # Errors
 /// I/O errors, naming the file.
-pub fn recover(spec: &SinkSpec, base: &Path, restored: Option<&[SinkCommit]>) -> Result<BTreeMap<u32, u64>, String> {
-    let SinkSpec::File { path } = spec else { return Ok(BTreeMap::new()) };
+pub fn recover(
+    spec: &SinkSpec,
+    base: &Path,
+    restored: Option<&[SinkCommit]>,
+) -> Result<BTreeMap<u32, u64>, String> {
+    let SinkSpec::File { path } = spec else {
+        return Ok(BTreeMap::new());
+    };
     let dir = sink_dir(path, base);
     let mut next = BTreeMap::new();
     match restored {
@@ -243,12 +255,16 @@ impl SinkWriter for FileSink {
             format_line(e, &mut self.line);
         }
         if self.current.is_none() {
-            let path = self.dir.join(STAGING_DIR).join(part_file_name(self.task, self.seq));
+            let path = self
+                .dir
+                .join(STAGING_DIR)
+                .join(part_file_name(self.task, self.seq));
             let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
             self.current = Some((BufWriter::with_capacity(1 << 16, file), path));
         }
         let (out, path) = self.current.as_mut().expect("just opened");
-        out.write_all(&self.line).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        out.write_all(&self.line)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, String> {
@@ -289,7 +305,9 @@ impl SinkWriter for StdoutSink {
     }
 
     fn precommit(&mut self, _snapshot: u64) -> Result<Option<SinkCommit>, String> {
-        std::io::stdout().flush().map_err(|e| format!("cannot write to stdout: {e}"))?;
+        std::io::stdout()
+            .flush()
+            .map_err(|e| format!("cannot write to stdout: {e}"))?;
         Ok(None)
     }
 }
@@ -310,7 +328,11 @@ mod tests {
     use super::*;
 
     fn ev(k: &str) -> Event {
-        Event { key: k.as_bytes().to_vec(), value: b"v".to_vec(), timestamp: 0 }
+        Event {
+            key: k.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            timestamp: 0,
+        }
     }
 
     fn visible(dir: &Path) -> Vec<String> {
@@ -332,7 +354,14 @@ mod tests {
         let mut w = open(&spec, base.path(), 1, 0).unwrap();
         w.write(&[ev("a")]).unwrap();
         let first = w.precommit(1).unwrap().unwrap();
-        assert_eq!(first, SinkCommit { task: 1, next_seq: 1, files: vec!["part-00001-000000".into()] });
+        assert_eq!(
+            first,
+            SinkCommit {
+                task: 1,
+                next_seq: 1,
+                files: vec!["part-00001-000000".into()]
+            }
+        );
         // Nothing visible before the snapshot completes.
         assert!(visible(&dir).is_empty());
         w.committed(1);
@@ -340,7 +369,10 @@ mod tests {
         assert_eq!(w.precommit(2).unwrap().unwrap().files, Vec::<String>::new());
         w.write(&[ev("b")]).unwrap();
         // Snapshot 3 fails: its file is listed again by snapshot 4.
-        assert_eq!(w.precommit(3).unwrap().unwrap().files, vec!["part-00001-000001".to_string()]);
+        assert_eq!(
+            w.precommit(3).unwrap().unwrap().files,
+            vec!["part-00001-000001".to_string()]
+        );
         let second = w.precommit(4).unwrap().unwrap();
         assert_eq!(second.files, vec!["part-00001-000001".to_string()]);
         w.write(&[ev("c")]).unwrap(); // staged, never pre-committed: lost in a crash
@@ -355,7 +387,10 @@ mod tests {
         assert_eq!(next[&1], 2);
         assert_eq!(visible(&dir), vec!["part-00001-000000", "part-00001-000001"]);
         assert!(!dir.join(STAGING_DIR).exists());
-        assert_eq!(std::fs::read_to_string(dir.join("part-00001-000001")).unwrap(), "b\tv\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("part-00001-000001")).unwrap(),
+            "b\tv\n"
+        );
 
         // Resuming from the first snapshot rewinds the second's output.
         recover(&spec, base.path(), Some(std::slice::from_ref(&first))).unwrap();

@@ -271,7 +271,10 @@ impl Source for Generator {
 
     fn seek(&mut self, position: u64) -> Result<(), String> {
         if self.count.is_some_and(|c| position > c) {
-            return Err(format!("generator position {position} is past its count {}", self.count.unwrap_or(0)));
+            return Err(format!(
+                "generator position {position} is past its count {}",
+                self.count.unwrap_or(0)
+            ));
         }
         self.next = position;
         self.started = None;
@@ -375,9 +378,19 @@ mod tests {
         let rest: Vec<_> = drain(s).into_iter().map(|e| e.key).collect();
         assert_eq!(rest, vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]);
         let mut s = open(&spec, dir.path()).unwrap();
-        assert!(s.seek(9).unwrap_err().contains("fewer than the snapshot's position 9"));
+        assert!(
+            s.seek(9)
+                .unwrap_err()
+                .contains("fewer than the snapshot's position 9")
+        );
 
-        let gen_spec = SourceSpec::Generator { count: Some(10), rate: None, keys: 3, seed: 1, batch: 4 };
+        let gen_spec = SourceSpec::Generator {
+            count: Some(10),
+            rate: None,
+            keys: 3,
+            seed: 1,
+            batch: 4,
+        };
         let all = drain(open(&gen_spec, dir.path()).unwrap());
         let mut g = open(&gen_spec, dir.path()).unwrap();
         g.seek(6).unwrap();

@@ -211,20 +211,28 @@ impl Task {
             }
             if stopped.iter().zip(&ended).all(|(s, e)| *s || *e) && stopped.iter().any(|s| *s) {
                 // Stop-with-savepoint: do not close (the job will resume).
-                self.downstream.broadcast(|| Msg::Stop).map_err(|Gone| JobError::Cancelled(String::new()))?;
+                self.downstream
+                    .broadcast(|| Msg::Stop)
+                    .map_err(|Gone| JobError::Cancelled(String::new()))?;
                 return self.finish(&instance, figures);
             }
             if ended.iter().all(|e| *e) {
                 let out = instance.close()?;
                 figures.records_out += out.len() as u64;
                 self.downstream.send(out, figures)?;
-                self.downstream.broadcast(|| Msg::End).map_err(|Gone| JobError::Cancelled(String::new()))?;
+                self.downstream
+                    .broadcast(|| Msg::End)
+                    .map_err(|Gone| JobError::Cancelled(String::new()))?;
                 return self.finish(&instance, figures);
             }
         }
     }
 
-    fn finish(&mut self, instance: &TaskInstance, figures: &mut TaskFigures) -> Result<Option<SinkCommit>, JobError> {
+    fn finish(
+        &mut self,
+        instance: &TaskInstance,
+        figures: &mut TaskFigures,
+    ) -> Result<Option<SinkCommit>, JobError> {
         let stats = instance.stats();
         figures.process_calls = stats.process_calls;
         figures.time_in_plugin = stats.time_in_plugin;

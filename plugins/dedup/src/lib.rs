@@ -258,10 +258,7 @@ mod tests {
     fn memory_is_bounded_and_eviction_is_fifo_not_lru() {
         let mut op = open(&[("max_keys", "2")]);
         // `a` is seen again before `c` arrives; FIFO still evicts `a` first.
-        let out = run(
-            &mut op,
-            &[("a", "", 0), ("b", "", 0), ("a", "", 0), ("c", "", 0)],
-        );
+        let out = run(&mut op, &[("a", "", 0), ("b", "", 0), ("a", "", 0), ("c", "", 0)]);
         assert_eq!(keys(&out), ["a", "b", "c"]);
         assert_eq!(op.remembered(), 2);
         assert_eq!(op.evicted(), 1);
@@ -274,12 +271,10 @@ mod tests {
     #[test]
     fn many_keys_stay_within_max_keys() {
         let mut op = open(&[("max_keys", "100")]);
-        let events: Vec<(String, i64)> =
-            (0..10_000).map(|i| (format!("k{}", i % 1000), i)).collect();
+        let events: Vec<(String, i64)> = (0..10_000).map(|i| (format!("k{}", i % 1000), i)).collect();
         let mut out = Output::new();
         for (k, t) in &events {
-            op.process(Event::new(k.as_str(), "", *t), &mut out)
-                .unwrap();
+            op.process(Event::new(k.as_str(), "", *t), &mut out).unwrap();
             assert!(op.remembered() <= 100);
         }
         // Cycling through 1000 keys with room for 100: every event is new.
@@ -349,8 +344,7 @@ mod tests {
         let events: Vec<(String, i64)> = (0..200)
             .map(|i| (format!("k{}", (i * 7) % 5), i * 10_000))
             .collect();
-        let as_refs: Vec<(&str, &str, i64)> =
-            events.iter().map(|(k, t)| (k.as_str(), "", *t)).collect();
+        let as_refs: Vec<(&str, &str, i64)> = events.iter().map(|(k, t)| (k.as_str(), "", *t)).collect();
 
         let mut whole = open(&config);
         let expected = run(&mut whole, &as_refs);
@@ -386,11 +380,8 @@ mod tests {
 
     #[test]
     fn snapshot_does_not_depend_on_hash_order() {
-        let events: Vec<(String, i64)> = (0..500)
-            .map(|i| (format!("key-{}", (i * 31) % 97), i))
-            .collect();
-        let as_refs: Vec<(&str, &str, i64)> =
-            events.iter().map(|(k, t)| (k.as_str(), "", *t)).collect();
+        let events: Vec<(String, i64)> = (0..500).map(|i| (format!("key-{}", (i * 31) % 97), i)).collect();
+        let as_refs: Vec<(&str, &str, i64)> = events.iter().map(|(k, t)| (k.as_str(), "", *t)).collect();
         let mut a = open(&[("max_keys", "50")]);
         let mut b = open(&[("max_keys", "50")]);
         assert_eq!(run(&mut a, &as_refs), run(&mut b, &as_refs));

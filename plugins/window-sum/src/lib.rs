@@ -82,11 +82,7 @@ impl WindowSum {
             if watermark.is_some_and(|wm| wm < end) {
                 break;
             }
-            let sums = self
-                .windows
-                .pop_first()
-                .map(|(_, sums)| sums)
-                .unwrap_or_default();
+            let sums = self.windows.pop_first().map(|(_, sums)| sums).unwrap_or_default();
             for (key, sum) in sums {
                 out.emit(key, sum.to_string(), end - 1);
             }
@@ -142,9 +138,7 @@ fn config(ctx: &Context) -> Result<(i64, bool), Error> {
         None | Some("error") => false,
         Some("skip") => true,
         Some(other) => {
-            return Err(
-                format!("config `on_invalid` = {other:?}: expected \"error\" or \"skip\"").into(),
-            );
+            return Err(format!("config `on_invalid` = {other:?}: expected \"error\" or \"skip\"").into());
         }
     };
     Ok((window_ms, skip_invalid))
@@ -291,10 +285,7 @@ mod tests {
         let mut op = open(&[("window", "100")]);
         let out = run(&mut op, &[("z", "1", 50), ("y", "1", 40), ("m", "7", 99)]);
         assert!(out.is_empty());
-        let out = run(
-            &mut op,
-            &[("b", "2", 150), ("a", "3", 120), ("c", "4", 1000)],
-        );
+        let out = run(&mut op, &[("b", "2", 150), ("a", "3", 120), ("c", "4", 1000)]);
         assert_eq!(
             out,
             vec![
@@ -357,8 +348,7 @@ mod tests {
                 "{msg}"
             );
         }
-        let err =
-            WindowSum::open(&Context::for_test([("window", "18446744073709551615")])).unwrap_err();
+        let err = WindowSum::open(&Context::for_test([("window", "18446744073709551615")])).unwrap_err();
         assert!(err.message().contains("config `window`"), "{err:?}");
     }
 
@@ -366,9 +356,7 @@ mod tests {
     fn invalid_value_is_an_error_naming_the_value() {
         let mut op = open(&[]);
         let mut out = Output::new();
-        let err = op
-            .process(Event::new("k", "12abc", 0), &mut out)
-            .unwrap_err();
+        let err = op.process(Event::new("k", "12abc", 0), &mut out).unwrap_err();
         assert!(err.message().contains("\"12abc\""), "{err:?}");
         let err = op
             .process(Event::new("k", vec![0xff, 0xfe], 0), &mut out)
@@ -441,10 +429,7 @@ mod tests {
         let ctx = Context::for_test([("window", "2s")]);
         let mut other = WindowSum::open(&ctx).unwrap();
         let err = other.restore(&ctx, &state).unwrap_err();
-        assert!(
-            err.message().contains("config `window` = \"2s\""),
-            "{err:?}"
-        );
+        assert!(err.message().contains("config `window` = \"2s\""), "{err:?}");
 
         // With no open window the size may change.
         finish(&mut op);

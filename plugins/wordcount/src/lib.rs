@@ -78,7 +78,12 @@ mod tests {
         }
         out.take()
             .into_iter()
-            .map(|e| (String::from_utf8(e.key).unwrap(), String::from_utf8(e.value).unwrap()))
+            .map(|e| {
+                (
+                    String::from_utf8(e.key).unwrap(),
+                    String::from_utf8(e.value).unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -91,7 +96,11 @@ mod tests {
         let mut op = WordCount::open(&Context::for_test([])).unwrap();
         let out = run(
             &mut op,
-            vec![Event::new("a", "", 1), Event::new("b", "", 2), Event::new("a", "", 3)],
+            vec![
+                Event::new("a", "", 1),
+                Event::new("b", "", 2),
+                Event::new("a", "", 3),
+            ],
         );
         assert_eq!(out, pairs(&[("a", "1"), ("b", "1"), ("a", "2")]));
     }
@@ -102,7 +111,14 @@ mod tests {
         let out = run(&mut op, vec![Event::new("", "to be or  not to be", 0)]);
         assert_eq!(
             out,
-            pairs(&[("to", "1"), ("be", "1"), ("or", "1"), ("not", "1"), ("to", "2"), ("be", "2")])
+            pairs(&[
+                ("to", "1"),
+                ("be", "1"),
+                ("or", "1"),
+                ("not", "1"),
+                ("to", "2"),
+                ("be", "2")
+            ])
         );
     }
 
@@ -120,6 +136,9 @@ mod tests {
         let ctx = Context::for_test([]);
         let mut fresh = WordCount::open(&ctx).unwrap();
         fresh.restore(&ctx, &state).unwrap();
-        assert_eq!(run(&mut fresh, vec![Event::new("a", "", 3)]), pairs(&[("a", "3")]));
+        assert_eq!(
+            run(&mut fresh, vec![Event::new("a", "", 3)]),
+            pairs(&[("a", "3")])
+        );
     }
 }
