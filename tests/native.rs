@@ -44,6 +44,7 @@ fn limits() -> SandboxLimits {
     SandboxLimits {
         memory_bytes: 1 << 30,
         call_timeout: Duration::from_secs(60),
+        ..SandboxLimits::default()
     }
 }
 
@@ -605,6 +606,7 @@ fn measure_native_figures() {
     let big = SandboxLimits {
         memory_bytes: 2 << 30,
         call_timeout: Duration::from_secs(600),
+        ..SandboxLimits::default()
     };
     for mib in sizes {
         let mut instance = rt.instantiate(&ballast, label("b"), &big).unwrap();

@@ -169,6 +169,7 @@ fn pieces(runtime: &Runtime, size_mib: u64, reps: usize) -> Result<Pieces, Strin
     let limits = SandboxLimits {
         memory_bytes: 4 << 30,
         call_timeout: Duration::from_secs(60),
+        ..SandboxLimits::default()
     };
     let mut task = runtime
         .instantiate(&component, label, &limits)

@@ -158,6 +158,18 @@ impl Host {
     /// [`HostError::Plugin`] naming the operator; store errors for a bad
     /// tenant name.
     pub fn load_job(&self, spec: JobSpec, tenant: &str) -> Result<Job, HostError> {
+        // Directory grants must stay inside the job file's directory, also
+        // through symlinks; checked against the filesystem here because
+        // parsing the job file does not touch it.
+        for (i, op) in spec.operators.iter().enumerate() {
+            for (j, g) in op.grants.iter().enumerate() {
+                g.resolve(&spec.base_dir).map_err(|reason| SpecError::Invalid {
+                    path: spec.base_dir.clone(),
+                    field: format!("operators[{i}].grants[{j}].dir"),
+                    reason,
+                })?;
+            }
+        }
         let components = spec
             .operators
             .iter()

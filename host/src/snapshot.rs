@@ -138,13 +138,18 @@ pub enum RestoreError {
     /// The snapshot's bytes could not be read (missing or corrupt blob).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The operator refused or trapped on `restore-state`.
-    #[error("restoring snapshot {id}: {source}")]
+    /// The operator refused or trapped on `restore-state` (or, native,
+    /// could not be instantiated from the image).
+    #[error("restoring snapshot {id}: {source}{}", older_note(.next_older))]
     Operator {
         /// The snapshot being restored.
         id: SnapshotId,
         /// What the operator did.
         source: Box<RuntimeError>,
+        /// The newest older intact snapshot of the job, where a restore can
+        /// go instead (a plugin that cannot read this state may read an
+        /// older one); `None` if there is none or it cannot be listed.
+        next_older: Option<SnapshotId>,
     },
     /// A native snapshot was taken with another component than the one the
     /// job runs now.
@@ -173,6 +178,13 @@ pub enum RestoreError {
     },
 }
 
+fn older_note(id: &Option<SnapshotId>) -> String {
+    match id {
+        Some(id) => format!("; the next older intact snapshot is {id}"),
+        None => "; no older intact snapshot of this job exists".into(),
+    }
+}
+
 /// Restore a freshly opened instance from a task's state in snapshot `id`.
 ///
 /// # Errors
@@ -192,6 +204,7 @@ pub fn restore(
                 .map_err(|source| RestoreError::Operator {
                     id: id.clone(),
                     source: Box::new(source),
+                    next_older: store.next_intact_before(id).unwrap_or(None),
                 })
         }
         TaskStateData::Native { .. } => Err(RestoreError::Unsupported {
@@ -277,6 +290,7 @@ pub fn restore_native(
         .map_err(|source| RestoreError::Operator {
             id: id.clone(),
             source: Box::new(source),
+            next_older: store.next_intact_before(id).unwrap_or(None),
         })?;
     let actual = instance.memory_sizes();
     for m in memories {

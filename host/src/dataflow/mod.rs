@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::runtime::{Event, LoadedComponent, Runtime, RuntimeError, SandboxLimits};
+use crate::runtime::{DirGrant, Event, LoadedComponent, Runtime, RuntimeError, SandboxLimits};
 use crate::spec::{JobSpec, SnapshotFormat};
 use crate::store::{BlobWriter, SnapshotId, StoreError, TaskKey, TaskState, TaskStateData, TenantStore};
 use sink::SinkCommit;
@@ -51,6 +51,14 @@ pub enum JobError {
         /// The task.
         task: TaskKey,
         /// Why (names the snapshot).
+        reason: String,
+    },
+    /// A directory grant of an operator cannot be given.
+    #[error("operator `{operator}`: cannot grant a directory: {reason}")]
+    Grant {
+        /// The operator.
+        operator: String,
+        /// Why (names the directory).
         reason: String,
     },
     /// The snapshot to start from does not fit the job.
@@ -201,10 +209,40 @@ impl Attempt {
             spec.operators.len(),
             "one component per operator"
         );
+        let l = &spec.limits;
         let limits = SandboxLimits {
-            memory_bytes: spec.limits.memory.0,
-            call_timeout: spec.limits.call_timeout.0,
+            memory_bytes: l.memory.0,
+            call_timeout: l.call_timeout.0,
+            fuel: l.fuel,
+            max_output: l.max_output.0,
+            max_snapshot: l.max_snapshot.map(|s| s.0),
+            max_instances: l.max_instances as usize,
+            max_tables: l.max_tables as usize,
+            max_memories: l.max_memories as usize,
+            max_table_elements: l.max_table_elements as usize,
+            max_resources: l.max_resources as usize,
+            grants: Vec::new(),
         };
+        // Grants were checked when the job was loaded; resolving again here
+        // (symlinks included) means a directory swapped since is caught.
+        let grants = spec
+            .operators
+            .iter()
+            .map(|op| {
+                op.grants
+                    .iter()
+                    .map(|g| {
+                        Ok(DirGrant {
+                            host: g.resolve(&spec.base_dir).map_err(|reason| JobError::Grant {
+                                operator: op.name.clone(),
+                                reason,
+                            })?,
+                            guest: g.guest.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, JobError>>()
+            })
+            .collect::<Result<Vec<_>, JobError>>()?;
         let mut source = source::open(&spec.source, &spec.base_dir).map_err(JobError::Source)?;
         if let Some(r) = restore {
             source.seek(r.source_position).map_err(JobError::Source)?;
@@ -257,7 +295,10 @@ impl Attempt {
                 let t = task::Task {
                     runtime: runtime.clone(),
                     component: components[stage].clone(),
-                    limits: limits.clone(),
+                    limits: SandboxLimits {
+                        grants: grants[stage].clone(),
+                        ..limits.clone()
+                    },
                     job: spec.name.clone(),
                     key,
                     parallelism: op.parallelism,

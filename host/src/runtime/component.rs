@@ -19,6 +19,9 @@ pub struct LoadedComponent {
     /// Size of the component in bytes.
     pub size: usize,
     pub(super) pre: PluginPre<TaskState>,
+    /// Bytes of compiled code and metadata the engine keeps for it: what
+    /// the runtime's component cache is bounded by.
+    compiled_size: usize,
     /// Whether native snapshots can capture this component faithfully;
     /// decided at load time from its core modules (see `native.rs`).
     native: Result<(), String>,
@@ -38,6 +41,12 @@ impl LoadedComponent {
     /// The reason native snapshots are refused, as text for the user.
     pub fn native_support(&self) -> Result<(), String> {
         self.native.clone()
+    }
+
+    /// Bytes of compiled code and metadata held for this component (what
+    /// it costs to keep it in the runtime's cache).
+    pub fn compiled_size(&self) -> usize {
+        self.compiled_size
     }
 
     /// A short name for messages: the file name without extension.
@@ -174,10 +183,13 @@ pub(super) fn load(
         .map_err(|e| invalid(path, format!("cannot link: {}", one_line(&e))))?;
     let pre = PluginPre::new(pre)
         .map_err(|e| invalid(path, format!("does not fit the contract: {}", one_line(&e))))?;
+    let image = component.image_range();
+    let compiled_size = (image.end as usize).saturating_sub(image.start as usize);
     Ok(LoadedComponent {
         origin: path.to_path_buf(),
         hash,
         size: bytes.len(),
+        compiled_size,
         pre,
         native: super::native::native_support(bytes),
     })

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::memento::operator::{log, types};
 use super::bindings::{Context, Event, Plugin};
@@ -86,9 +86,16 @@ pub(crate) struct TaskState {
     table: ResourceTable,
     label: Arc<TaskLabel>,
     memory_limit: usize,
+    /// Caps of the limiter (`[limits] max_instances`, ...).
+    max_instances: usize,
+    max_tables: usize,
+    max_memories: usize,
+    max_table_elements: usize,
     /// Set when the limiter refused a growth, so the resulting trap can be
     /// reported as a memory-limit error rather than a generic one.
     limit_hit: Option<String>,
+    /// Likewise for a table growth refused by `max_table_elements`.
+    table_hit: Option<String>,
 }
 
 impl WasiView for TaskState {
@@ -149,11 +156,35 @@ impl ResourceLimiter for TaskState {
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if desired > self.max_table_elements {
+            let detail = format!(
+                "growing a table from {current} to {desired} elements, limit {} (limits.max_table_elements)",
+                self.max_table_elements
+            );
+            self.table_hit = Some(detail.clone());
+            return Err(wasmtime::format_err!("table limit exceeded: {detail}"));
+        }
         Ok(maximum.is_none_or(|m| desired <= m))
+    }
+
+    // A component instantiates several core instances, tables and
+    // memories; these caps bound what a crafted component can make one
+    // store allocate. Exceeding one fails instantiation ("resource limit
+    // exceeded: instance count too high at N").
+    fn instances(&self) -> usize {
+        self.max_instances
+    }
+
+    fn tables(&self) -> usize {
+        self.max_tables
+    }
+
+    fn memories(&self) -> usize {
+        self.max_memories
     }
 }
 
@@ -185,11 +216,23 @@ pub struct TaskInstance {
     stderr: MemoryOutputPipe,
     deadline_ticks: u64,
     call_timeout: Duration,
+    /// Fuel per call when the engine meters fuel: the job's limit, or
+    /// unlimited. `None` when the engine does not meter.
+    fuel: Option<u64>,
+    /// Whether `fuel` is the job's limit (an exhaustion is its error).
+    fuel_limited: bool,
+    /// Copy budgets per call (see `call`): results of `process`/`close`,
+    /// of `snapshot-state`, and everything else.
+    max_output: usize,
+    max_snapshot: usize,
+    max_other: usize,
+    max_resources: usize,
     poisoned: bool,
     stats: CallStats,
 }
 
 impl TaskInstance {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         engine: &Engine,
         component: Arc<LoadedComponent>,
@@ -197,36 +240,77 @@ impl TaskInstance {
         limits: &SandboxLimits,
         tick: Duration,
         presize: &[usize],
+        metered: bool,
     ) -> Result<TaskInstance, RuntimeError> {
         let label = Arc::new(label);
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        // Nothing is granted: no preopened directories, no environment, no
-        // arguments, no network; stdout is discarded (operators log instead).
-        let mut wasi = WasiCtx::builder();
-        wasi.stderr(stderr.clone());
-        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
-        let state = TaskState {
-            wasi: wasi.build(),
-            table: ResourceTable::new(),
-            label: label.clone(),
-            memory_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
-            limit_hit: None,
-        };
-        let mut store = Store::new(engine, state);
-        store.limiter(|s| s as &mut dyn ResourceLimiter);
-        store.epoch_deadline_trap();
-        // Results the guest hands back (a batch, a snapshot) are copied into
-        // the host; wasmtime caps that at 128 MiB per call by default. The
-        // guest cannot produce more than its memory limit anyway, so that is
-        // the cap: large canonical states fit, the host stays bounded.
-        store.set_hostcall_fuel(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX));
-        let deadline_ticks = (limits.call_timeout.as_nanos() / tick.as_nanos()).max(1) as u64 + 1;
-        store.set_epoch_deadline(deadline_ticks);
         let instantiate_error = |reason: String| RuntimeError::Instantiate {
             task: (*label).clone(),
             plugin: component.name(),
             reason,
         };
+        if limits.fuel.is_some() && !metered {
+            return Err(RuntimeError::FuelUnavailable {
+                task: (*label).clone(),
+            });
+        }
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        // Nothing is granted unless the job says so: no preopened
+        // directories, no environment, no arguments, no network; stdout is
+        // discarded (operators log instead).
+        let mut wasi = WasiCtx::builder();
+        wasi.stderr(stderr.clone());
+        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        for grant in &limits.grants {
+            // Read-only: the guest can neither create nor modify entries
+            // nor open a file for writing.
+            wasi.preopened_dir(&grant.host, &grant.guest, FsPerms::ReadOnly)
+                .map_err(|e| {
+                    instantiate_error(format!(
+                        "cannot grant directory {} as {}: {e:#}",
+                        grant.host.display(),
+                        grant.guest
+                    ))
+                })?;
+        }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits.max_resources);
+        let state = TaskState {
+            wasi: wasi.build(),
+            table,
+            label: label.clone(),
+            memory_limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            max_instances: limits.max_instances,
+            max_tables: limits.max_tables,
+            max_memories: limits.max_memories,
+            max_table_elements: limits.max_table_elements,
+            limit_hit: None,
+            table_hit: None,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        store.epoch_deadline_trap();
+        store.set_max_component_handles(limits.max_resources);
+        let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        // Results the guest hands back are copied into the host, and
+        // wasmtime charges every byte (and every list element at its host
+        // size) against the store's "hostcall fuel" before allocating it.
+        // Setting that budget per call to the job's output or snapshot
+        // limit makes an oversized result an error while it is being
+        // copied, never an allocation the host cannot afford. Other calls
+        // return at most an error string; the memory limit bounds them.
+        let max_other = to_usize(limits.memory_bytes);
+        store.set_hostcall_fuel(max_other);
+        let (fuel, fuel_limited) = match (metered, limits.fuel) {
+            (false, _) => (None, false),
+            (true, Some(f)) => (Some(f), true),
+            (true, None) => (Some(u64::MAX), false),
+        };
+        if let Some(f) = fuel {
+            // Instantiation runs start functions: they get the same budget.
+            store.set_fuel(f).map_err(|e| instantiate_error(one_line(&e)))?;
+        }
+        let deadline_ticks = (limits.call_timeout.as_nanos() / tick.as_nanos()).max(1) as u64 + 1;
+        store.set_epoch_deadline(deadline_ticks);
         if let Some(&too_big) = presize.iter().find(|&&s| s > limits.memory_bytes as usize) {
             return Err(instantiate_error(format!(
                 "the memory image is {too_big} bytes, more than the memory limit of {} bytes",
@@ -234,7 +318,17 @@ impl TaskInstance {
             )));
         }
         let (plugin, memories) = memory::collect(presize, || component.pre.instantiate(&mut store));
-        let plugin = plugin.map_err(|e| instantiate_error(one_line(&e)))?;
+        let plugin = plugin.map_err(|e| {
+            let reason = one_line(&e);
+            if reason.contains("count too high") {
+                instantiate_error(format!(
+                    "{reason} (limits: max_instances = {}, max_tables = {}, max_memories = {})",
+                    limits.max_instances, limits.max_tables, limits.max_memories
+                ))
+            } else {
+                instantiate_error(reason)
+            }
+        })?;
         if !presize.is_empty() && presize.len() != memories.len() {
             return Err(instantiate_error(format!(
                 "the memory image has {} memories but the component created {}",
@@ -253,6 +347,12 @@ impl TaskInstance {
             stderr,
             deadline_ticks,
             call_timeout: limits.call_timeout,
+            fuel,
+            fuel_limited,
+            max_output: to_usize(limits.max_output),
+            max_snapshot: to_usize(limits.max_snapshot.unwrap_or(limits.memory_bytes)),
+            max_other,
+            max_resources: limits.max_resources,
             poisoned: false,
             stats: CallStats::default(),
         })
@@ -393,6 +493,14 @@ impl TaskInstance {
             });
         }
         self.store.set_epoch_deadline(self.deadline_ticks);
+        if let Some(fuel) = self.fuel {
+            // Per call, not per instance: the limit bounds one call's CPU
+            // like the deadline does, deterministically.
+            self.store
+                .set_fuel(fuel)
+                .expect("the engine meters fuel when `fuel` is set");
+        }
+        self.store.set_hostcall_fuel(self.copy_budget(phase));
         let started = Instant::now();
         let result = f(&self.plugin, &mut self.store);
         self.stats.time_in_plugin += started.elapsed();
@@ -410,19 +518,70 @@ impl TaskInstance {
         }
     }
 
+    /// Bytes the host copies out of the result of a call in `phase` at
+    /// most (see `new`).
+    fn copy_budget(&self, phase: Phase) -> usize {
+        match phase {
+            Phase::Process | Phase::Close => self.max_output,
+            Phase::SnapshotState => self.max_snapshot,
+            _ => self.max_other,
+        }
+    }
+
     fn trap_error(&mut self, phase: Phase, e: &wasmtime::Error) -> RuntimeError {
         let task = (*self.label).clone();
         if let Some(detail) = self.store.data_mut().limit_hit.take() {
             return RuntimeError::MemoryLimit { task, phase, detail };
         }
-        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        if let Some(detail) = self.store.data_mut().table_hit.take() {
+            return RuntimeError::ResourceLimit { task, phase, detail };
+        }
+        let trap = e.downcast_ref::<Trap>();
+        if trap == Some(&Trap::Interrupt) {
             return RuntimeError::DeadlineExceeded {
                 task,
                 phase,
                 timeout: self.call_timeout,
             };
         }
-        let mut message = match e.downcast_ref::<Trap>() {
+        if trap == Some(&Trap::OutOfFuel) && self.fuel_limited {
+            return RuntimeError::FuelExhausted {
+                task,
+                phase,
+                fuel: self.fuel.unwrap_or(0),
+            };
+        }
+        // wasmtime reports these through its error chain only (the types
+        // are private); the texts are pinned by tests/sandbox.rs.
+        let chain = one_line(e);
+        if chain.contains("fuel allocated for hostcalls has been exhausted") {
+            let (key, limit) = match phase {
+                Phase::Process | Phase::Close => ("max_output", self.max_output),
+                Phase::SnapshotState => ("max_snapshot", self.max_snapshot),
+                _ => ("memory", self.max_other),
+            };
+            return RuntimeError::OutputLimit {
+                task,
+                phase,
+                key,
+                limit: limit as u64,
+            };
+        }
+        if chain.contains("resource table has no free keys") || chain.contains("store handle limit exceeded")
+        {
+            return RuntimeError::ResourceLimit {
+                task,
+                phase,
+                detail: format!(
+                    "more than {} live host resources (limits.max_resources)",
+                    self.max_resources
+                ),
+            };
+        }
+        let mut message = match trap {
+            Some(Trap::StackOverflow) => {
+                "call stack exhausted (stack overflow: too deep a recursion)".to_string()
+            }
             Some(trap) => trap.to_string(),
             None => e.root_cause().to_string(),
         };

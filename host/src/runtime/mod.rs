@@ -40,7 +40,12 @@ pub const SNAPSHOT_INTERFACE: &str = "memento:operator/snapshot@0.1.0";
 /// most one tick.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Limits applied to every task instance.
+/// Limits applied to every task instance, and the capabilities granted to
+/// it (nothing unless `grants` says so).
+///
+/// Every limit bounds what one task can cost the host: a guest that hits
+/// one traps (its instance is poisoned) with a [`RuntimeError`] naming the
+/// limit, the task and the phase; the host and other tasks are unaffected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SandboxLimits {
     /// Maximum size of each linear memory of an instance, in bytes.
@@ -49,14 +54,93 @@ pub struct SandboxLimits {
     /// Maximum wall time of one call into the guest. An overrun traps the
     /// instance with a "deadline exceeded" error.
     pub call_timeout: Duration,
+    /// Maximum wasm instructions (wasmtime fuel units, roughly one per
+    /// instruction) of one call; `None`: unmetered. Needs a runtime created
+    /// with [`RuntimeOptions::fuel`] on.
+    pub fuel: Option<u64>,
+    /// Maximum bytes the host copies out of one `process` or `close` result:
+    /// keys and values plus [`EVENT_OVERHEAD`] per event. Checked while the
+    /// result is copied, before the host allocates it.
+    pub max_output: u64,
+    /// Maximum bytes of one `snapshot-state` result; `None`: the memory
+    /// limit (a guest cannot return more than its memory anyway).
+    pub max_snapshot: Option<u64>,
+    /// Maximum core instances per store (a component is several).
+    pub max_instances: usize,
+    /// Maximum tables per store.
+    pub max_tables: usize,
+    /// Maximum linear memories per store.
+    pub max_memories: usize,
+    /// Maximum elements of one table.
+    pub max_table_elements: usize,
+    /// Maximum live host resources (WASI streams, pollables, descriptors,
+    /// ...) and component handles per store.
+    pub max_resources: usize,
+    /// Directories the guest may read (preopened read-only); empty: no
+    /// filesystem at all.
+    pub grants: Vec<DirGrant>,
+}
+
+/// Host bytes counted per event of a `process`/`close` result beyond its key
+/// and value: the size of the host's event record, which is what wasmtime
+/// charges per list element while copying.
+pub const EVENT_OVERHEAD: u64 = std::mem::size_of::<Event>() as u64;
+
+/// A host directory the guest may read, at a path of its own.
+///
+/// Granted read-only (`FsPerms::ReadOnly`: no file opened for writing, no
+/// entry created, renamed or removed) through wasmtime-wasi's preopens,
+/// which resolve every guest path with `cap-std`: `..`, absolute paths and
+/// symlinks cannot leave the directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirGrant {
+    /// The directory on the host (already confined by the caller).
+    pub host: PathBuf,
+    /// Where the guest sees it, e.g. `/data`.
+    pub guest: String,
 }
 
 impl Default for SandboxLimits {
-    /// 512 MiB of memory and 10 s per call.
+    /// 512 MiB of memory, 10 s per call, no fuel metering, 64 MiB of output
+    /// per call, snapshots up to the memory limit, 64 instances, 64
+    /// tables, 16 memories, 100 000 table elements, 1 024 host resources,
+    /// nothing granted.
     fn default() -> Self {
         SandboxLimits {
             memory_bytes: 512 << 20,
             call_timeout: Duration::from_secs(10),
+            fuel: None,
+            max_output: 64 << 20,
+            max_snapshot: None,
+            max_instances: 64,
+            max_tables: 64,
+            max_memories: 16,
+            max_table_elements: 100_000,
+            max_resources: 1024,
+            grants: Vec::new(),
+        }
+    }
+}
+
+/// Engine-wide settings of a [`Runtime`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeOptions {
+    /// Compile plugins with fuel metering, so jobs may set `[limits] fuel`.
+    /// Off by default: metering slows guest code for every job (see
+    /// `docs/PERFORMANCE.md`), and the call deadline already stops endless
+    /// loops.
+    pub fuel: bool,
+    /// Bound of the compiled-component cache, in bytes of compiled code
+    /// (least recently used entries are dropped first; a component in use
+    /// by a job stays alive through the job's own handle). Default 256 MiB.
+    pub component_cache_bytes: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            fuel: false,
+            component_cache_bytes: 256 << 20,
         }
     }
 }
@@ -88,6 +172,34 @@ pub enum RuntimeError {
         phase: Phase,
         timeout: Duration,
     },
+    /// The call used up its fuel (`[limits] fuel`).
+    #[error("{task}: fuel exhausted in `{phase}` (limit {fuel} per call)")]
+    FuelExhausted {
+        task: TaskLabel,
+        phase: Phase,
+        fuel: u64,
+    },
+    /// The guest returned more than the host accepts from one call
+    /// (`[limits] max_output` or `max_snapshot`).
+    #[error("{task}: `{phase}` returned more than {limit} bytes (limits.{key})")]
+    OutputLimit {
+        task: TaskLabel,
+        phase: Phase,
+        /// The job-file key of the limit.
+        key: &'static str,
+        limit: u64,
+    },
+    /// The guest exceeded a resource cap: live host resources, table
+    /// elements.
+    #[error("{task}: resource limit exceeded in `{phase}`: {detail}")]
+    ResourceLimit {
+        task: TaskLabel,
+        phase: Phase,
+        detail: String,
+    },
+    /// Fuel was asked for on a runtime compiled without metering.
+    #[error("{task}: `[limits] fuel` is set but this host runs without fuel metering")]
+    FuelUnavailable { task: TaskLabel },
     /// The guest tried to grow a memory past the limit.
     #[error("{task}: memory limit exceeded in `{phase}`: {detail}")]
     MemoryLimit {
@@ -131,7 +243,8 @@ pub struct Runtime {
 struct RuntimeInner {
     engine: Engine,
     linker: Linker<instance::TaskState>,
-    cache: Mutex<HashMap<[u8; 32], Arc<LoadedComponent>>>,
+    options: RuntimeOptions,
+    cache: Mutex<ComponentCache>,
     ticker: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
 }
 
@@ -145,14 +258,24 @@ impl Drop for RuntimeInner {
 }
 
 impl Runtime {
-    /// Create the engine (Cranelift, component model, epoch interruption).
+    /// Create the engine (Cranelift, component model, epoch interruption)
+    /// with default [`RuntimeOptions`].
     ///
     /// # Errors
     /// [`RuntimeError::Engine`] if wasmtime rejects the configuration.
     pub fn new() -> Result<Runtime, RuntimeError> {
+        Runtime::with_options(RuntimeOptions::default())
+    }
+
+    /// Create the engine with `options` (fuel metering, cache bound).
+    ///
+    /// # Errors
+    /// [`RuntimeError::Engine`] if wasmtime rejects the configuration.
+    pub fn with_options(options: RuntimeOptions) -> Result<Runtime, RuntimeError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        config.consume_fuel(options.fuel);
         // The host owns every linear memory, so native snapshots can copy
         // them between calls at no cost to guest code. Copy-on-write
         // initialisation would map the module's data image over our mapping
@@ -184,10 +307,22 @@ impl Runtime {
             inner: Arc::new(RuntimeInner {
                 engine,
                 linker,
-                cache: Mutex::new(HashMap::new()),
+                cache: Mutex::new(ComponentCache::new(options.component_cache_bytes)),
+                options,
                 ticker: Mutex::new(Some((stop, ticker))),
             }),
         })
+    }
+
+    /// The options the runtime was created with.
+    pub fn options(&self) -> &RuntimeOptions {
+        &self.inner.options
+    }
+
+    /// Compiled components in the cache and their compiled bytes.
+    pub fn cached_components(&self) -> (usize, usize) {
+        let cache = self.inner.cache.lock().unwrap();
+        (cache.entries.len(), cache.bytes)
     }
 
     /// The underlying wasmtime engine.
@@ -196,7 +331,8 @@ impl Runtime {
     }
 
     /// Load, validate and compile the component at `path`. Compiled
-    /// components are cached by the blake3 hash of their bytes.
+    /// components are cached by the blake3 hash of their bytes, up to
+    /// [`RuntimeOptions::component_cache_bytes`] (least recently used out).
     ///
     /// # Errors
     /// [`RuntimeError::Read`] if the file cannot be read, and
@@ -223,7 +359,7 @@ impl Runtime {
     pub fn load_bytes(&self, origin: &Path, bytes: &[u8]) -> Result<Arc<LoadedComponent>, RuntimeError> {
         let hash = *blake3::hash(bytes).as_bytes();
         if let Some(hit) = self.inner.cache.lock().unwrap().get(&hash) {
-            return Ok(hit.clone());
+            return Ok(hit);
         }
         // Compile outside the lock: compiling takes long and other tasks may
         // want other components meanwhile.
@@ -270,6 +406,7 @@ impl Runtime {
             limits,
             EPOCH_TICK,
             &[],
+            self.inner.options.fuel,
         )
     }
 
@@ -300,6 +437,63 @@ impl Runtime {
             limits,
             EPOCH_TICK,
             &sizes,
+            self.inner.options.fuel,
         )
+    }
+}
+
+/// The compiled-component cache: blake3 of the bytes → compiled component,
+/// bounded by compiled bytes, least recently used dropped first.
+///
+/// A linear scan finds the oldest entry; the cache holds a handful of
+/// plugins (each several MiB compiled), so that is cheaper than keeping a
+/// second index. Dropping an entry only drops the cache's handle: jobs
+/// running the component keep theirs.
+struct ComponentCache {
+    entries: HashMap<[u8; 32], (Arc<LoadedComponent>, u64)>,
+    bytes: usize,
+    max_bytes: usize,
+    clock: u64,
+}
+
+impl ComponentCache {
+    fn new(max_bytes: usize) -> ComponentCache {
+        ComponentCache {
+            entries: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+            clock: 0,
+        }
+    }
+
+    fn get(&mut self, hash: &[u8; 32]) -> Option<Arc<LoadedComponent>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(hash).map(|(c, used)| {
+            *used = clock;
+            c.clone()
+        })
+    }
+
+    fn insert(&mut self, hash: [u8; 32], component: Arc<LoadedComponent>) {
+        self.clock += 1;
+        let size = component.compiled_size();
+        if let Some((old, _)) = self.entries.insert(hash, (component, self.clock)) {
+            self.bytes -= old.compiled_size();
+        }
+        self.bytes += size;
+        // Never evict the entry just added, even if it alone is too big: the
+        // caller is about to use it.
+        while self.bytes > self.max_bytes && self.entries.len() > 1 {
+            let oldest = *self
+                .entries
+                .iter()
+                .filter(|(h, _)| **h != hash)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(h, _)| h)
+                .expect("more than one entry");
+            let (gone, _) = self.entries.remove(&oldest).expect("present");
+            self.bytes -= gone.compiled_size();
+        }
     }
 }

@@ -180,6 +180,58 @@ pub struct OperatorSpec {
     /// Passed to the operator's `open` as its config.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Directories the operator may read (`[[operators.grants]]`); none by
+    /// default: a plugin gets no filesystem at all.
+    #[serde(default)]
+    pub grants: Vec<GrantSpec>,
+}
+
+/// `[[operators.grants]]`: a directory the operator may read, for lookup
+/// data. Read-only: output goes through the sink, state through snapshots.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSpec {
+    /// The directory, relative to the job file's directory and inside it
+    /// (no absolute paths, no `..`; symlinks leading out are refused when
+    /// the job is loaded).
+    pub dir: PathBuf,
+    /// Where the plugin sees it: an absolute guest path such as `/data`.
+    pub guest: String,
+    /// Must be `true` (the default): write grants are not offered.
+    #[serde(default = "yes")]
+    pub read_only: bool,
+}
+
+impl GrantSpec {
+    /// The granted directory on the host, canonical, checked to lie inside
+    /// `base_dir` (the job file's directory) after following symlinks.
+    ///
+    /// # Errors
+    /// Why the directory cannot be granted, as text.
+    pub fn resolve(&self, base_dir: &Path) -> Result<PathBuf, String> {
+        let base = base_dir.canonicalize().map_err(|e| {
+            format!(
+                "cannot resolve the job file's directory {}: {e}",
+                base_dir.display()
+            )
+        })?;
+        let dir = base
+            .join(&self.dir)
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", base_dir.join(&self.dir).display()))?;
+        if !dir.starts_with(&base) {
+            return Err(format!(
+                "{} leads to {}, outside the job file's directory {}",
+                self.dir.display(),
+                dir.display(),
+                base.display()
+            ));
+        }
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        Ok(dir)
+    }
 }
 
 fn one() -> u32 {
@@ -350,7 +402,9 @@ fn tenth() -> f64 {
     0.1
 }
 
-/// `[limits]`: sandbox limits of each task.
+/// `[limits]`: sandbox limits of each task. Every limit bounds one task
+/// instance; exceeding one fails the task with an error naming the limit,
+/// and the job follows its restart strategy.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
@@ -360,6 +414,33 @@ pub struct LimitsSpec {
     /// Deadline of one call into a plugin (default 10s).
     #[serde(default = "default_call_timeout")]
     pub call_timeout: HumanDuration,
+    /// Wasm instructions per call (wasmtime fuel); absent: unmetered. Needs
+    /// a host with fuel metering on.
+    #[serde(default)]
+    pub fuel: Option<u64>,
+    /// Bytes one `process` or `close` call may return: keys and values plus
+    /// 56 per event (default 64MiB).
+    #[serde(default = "default_max_output")]
+    pub max_output: HumanSize,
+    /// Bytes one `snapshot-state` call may return (default: `memory`).
+    #[serde(default)]
+    pub max_snapshot: Option<HumanSize>,
+    /// Core instances per task (default 64; a component is several).
+    #[serde(default = "sixty_four")]
+    pub max_instances: u32,
+    /// Tables per task (default 64).
+    #[serde(default = "sixty_four")]
+    pub max_tables: u32,
+    /// Linear memories per task (default 16).
+    #[serde(default = "sixteen")]
+    pub max_memories: u32,
+    /// Elements of one table (default 100000).
+    #[serde(default = "default_table_elements")]
+    pub max_table_elements: u32,
+    /// Live host resources (WASI streams, pollables, ...) per task
+    /// (default 1024).
+    #[serde(default = "default_resources")]
+    pub max_resources: u32,
 }
 
 impl Default for LimitsSpec {
@@ -367,8 +448,32 @@ impl Default for LimitsSpec {
         LimitsSpec {
             memory: default_memory(),
             call_timeout: default_call_timeout(),
+            fuel: None,
+            max_output: default_max_output(),
+            max_snapshot: None,
+            max_instances: sixty_four(),
+            max_tables: sixty_four(),
+            max_memories: sixteen(),
+            max_table_elements: default_table_elements(),
+            max_resources: default_resources(),
         }
     }
+}
+
+fn default_max_output() -> HumanSize {
+    HumanSize(64 << 20)
+}
+fn sixty_four() -> u32 {
+    64
+}
+fn sixteen() -> u32 {
+    16
+}
+fn default_table_elements() -> u32 {
+    100_000
+}
+fn default_resources() -> u32 {
+    1024
 }
 
 fn default_memory() -> HumanSize {
@@ -460,6 +565,39 @@ impl JobSpec {
             if op.plugin.as_os_str().is_empty() {
                 return bad(&field("plugin"), "must name a component file".into());
             }
+            let mut guests = std::collections::BTreeSet::new();
+            for (j, g) in op.grants.iter().enumerate() {
+                let field = |f: &str| format!("operators[{i}].grants[{j}].{f}");
+                if !g.read_only {
+                    return bad(
+                        &field("read_only"),
+                        "only read-only grants are offered (output goes through the sink)".into(),
+                    );
+                }
+                if g.dir.as_os_str().is_empty()
+                    || g.dir.is_absolute()
+                    || g.dir
+                        .components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+                {
+                    return bad(
+                        &field("dir"),
+                        format!(
+                            "{} must be a relative path inside the job file's directory (no `..`)",
+                            g.dir.display()
+                        ),
+                    );
+                }
+                if !g.guest.starts_with('/') || g.guest.split('/').any(|c| c == "..") {
+                    return bad(
+                        &field("guest"),
+                        format!("{:?} must be an absolute guest path such as \"/data\"", g.guest),
+                    );
+                }
+                if !guests.insert(g.guest.as_str()) {
+                    return bad(&field("guest"), format!("{:?} is granted twice", g.guest));
+                }
+            }
         }
         match &self.source {
             SourceSpec::File { batch, path, .. } => {
@@ -535,6 +673,27 @@ impl JobSpec {
         }
         if self.limits.call_timeout.0 < Duration::from_millis(10) {
             return bad("limits.call_timeout", "must be at least 10ms".into());
+        }
+        let l = &self.limits;
+        if l.fuel == Some(0) {
+            return bad("limits.fuel", "must be at least 1".into());
+        }
+        if l.max_output.0 < 1024 {
+            return bad("limits.max_output", "must be at least 1KiB".into());
+        }
+        if l.max_snapshot.is_some_and(|s| s.0 < 1024) {
+            return bad("limits.max_snapshot", "must be at least 1KiB".into());
+        }
+        for (key, v) in [
+            ("max_instances", l.max_instances),
+            ("max_tables", l.max_tables),
+            ("max_memories", l.max_memories),
+            ("max_table_elements", l.max_table_elements),
+            ("max_resources", l.max_resources),
+        ] {
+            if v == 0 {
+                return bad(&format!("limits.{key}"), "must be at least 1".into());
+            }
         }
         Ok(())
     }
@@ -693,5 +852,70 @@ call_timeout = "500ms"
         assert!(e.contains("unknown variant `kafka`"), "{e}");
         let e = err(&format!("{MINIMAL}\n[restart]\njitter = 2.0"));
         assert!(e.contains("restart.jitter"), "{e}");
+    }
+
+    #[test]
+    fn sandbox_limits_parse_with_defaults_and_bounds() {
+        let spec = parse(MINIMAL).unwrap();
+        assert_eq!(spec.limits, LimitsSpec::default());
+        assert_eq!(spec.limits.max_output.0, 64 << 20);
+        assert_eq!(spec.limits.max_snapshot, None);
+        assert_eq!(spec.limits.fuel, None);
+        let spec = parse(&format!(
+            "{MINIMAL}\n[limits]\nfuel = 1000000\nmax_output = \"1MiB\"\nmax_snapshot = \"2MiB\"\n\
+             max_instances = 8\nmax_tables = 9\nmax_memories = 2\nmax_table_elements = 500\nmax_resources = 10"
+        ))
+        .unwrap();
+        let l = &spec.limits;
+        assert_eq!(l.fuel, Some(1_000_000));
+        assert_eq!((l.max_output.0, l.max_snapshot.unwrap().0), (1 << 20, 2 << 20));
+        assert_eq!(
+            (
+                l.max_instances,
+                l.max_tables,
+                l.max_memories,
+                l.max_table_elements,
+                l.max_resources
+            ),
+            (8, 9, 2, 500, 10)
+        );
+        let e = err(&format!("{MINIMAL}\n[limits]\nmax_resources = 0"));
+        assert!(e.ends_with("limits.max_resources: must be at least 1"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[limits]\nmax_output = 10"));
+        assert!(e.ends_with("limits.max_output: must be at least 1KiB"), "{e}");
+    }
+
+    #[test]
+    fn grants_are_read_only_relative_and_distinct() {
+        let grant = |body: &str| {
+            MINIMAL.replace(
+                "plugin = \"wordcount.wasm\"\n",
+                &format!("plugin = \"wordcount.wasm\"\n[[operators.grants]]\n{body}\n"),
+            )
+        };
+        let spec = parse(&grant("dir = \"data\"\nguest = \"/data\"")).unwrap();
+        assert_eq!(spec.operators[0].grants[0].dir, Path::new("data"));
+        assert!(spec.operators[0].grants[0].read_only);
+        for (body, why) in [
+            (
+                "dir = \"/etc\"\nguest = \"/etc\"",
+                "grants[0].dir: /etc must be a relative path",
+            ),
+            (
+                "dir = \"a/../../b\"\nguest = \"/b\"",
+                "grants[0].dir: a/../../b must be a relative path",
+            ),
+            (
+                "dir = \"data\"\nguest = \"data\"",
+                "grants[0].guest: \"data\" must be an absolute guest path",
+            ),
+            (
+                "dir = \"data\"\nguest = \"/data\"\nread_only = false",
+                "grants[0].read_only: only read-only",
+            ),
+        ] {
+            let e = err(&grant(body));
+            assert!(e.contains(why), "{body}: {e}");
+        }
     }
 }
