@@ -79,6 +79,30 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (median(times), last.unwrap())
 }
 
+/// Like `time`, but `setup` (untimed) runs before each repetition: deleting
+/// the previous repetition's files must not count (with `discard` mounts it
+/// costs as much as writing).
+fn time_with<S, T>(reps: usize, mut setup: impl FnMut() -> S, mut f: impl FnMut(S) -> T) -> (Duration, T) {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..reps {
+        let input = setup();
+        let start = Instant::now();
+        let out = f(input);
+        times.push(start.elapsed());
+        last = Some(out);
+    }
+    (median(times), last.unwrap())
+}
+
+fn open_fresh(base: &Path, name: &str, compression: Compression) -> TenantStore {
+    let dir = fresh_dir(base, name);
+    Store::open(&dir, options(compression))
+        .unwrap()
+        .tenant("bench")
+        .unwrap()
+}
+
 fn mibs(bytes: usize, d: Duration) -> String {
     format!("{:.0} MiB/s", bytes as f64 / MIB as f64 / d.as_secs_f64())
 }
@@ -170,25 +194,27 @@ fn main() {
         drop(copy);
         let (t_blake3, _) = time(reps, || blake3::hash(&image));
         let raw_dir = fresh_dir(&base, "raw");
-        let (t_disk, _) = time(reps, || {
-            let path = raw_dir.join("image");
-            let mut f = std::fs::File::create(&path).unwrap();
-            f.write_all(&image).unwrap();
-            f.sync_all().unwrap();
-            drop(f);
-            std::fs::remove_file(&path).unwrap();
-        });
+        let path = raw_dir.join("image");
+        let (t_disk, _) = time_with(
+            reps,
+            || {
+                let _ = std::fs::remove_file(&path);
+            },
+            |()| {
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(&image).unwrap();
+                f.sync_all().unwrap();
+            },
+        );
+        let _ = std::fs::remove_file(&path);
         let limit = t_blake3.max(t_disk);
 
         // Full writes: a fresh store each repetition (nothing to dedupe).
-        let (t_full, m) = time(reps, || {
-            let dir = fresh_dir(&base, "full");
-            let t = Store::open(&dir, options(Compression::default()))
-                .unwrap()
-                .tenant("bench")
-                .unwrap();
-            write_snapshot(&t, &JobName::new("j").unwrap(), &image, DEFAULT_FIXED_CHUNK)
-        });
+        let (t_full, m) = time_with(
+            reps,
+            || open_fresh(&base, "full", Compression::default()),
+            |t| write_snapshot(&t, &JobName::new("j").unwrap(), &image, DEFAULT_FIXED_CHUNK),
+        );
         let dir = base.join("full");
         let t = Store::open(&dir, options(Compression::default()))
             .unwrap()
@@ -253,11 +279,11 @@ fn main() {
         ("zstd 1", Compression::Zstd { level: 1 }),
         ("zstd 3", Compression::Zstd { level: 3 }),
     ] {
-        let (t_write, m) = time(reps, || {
-            let dir = fresh_dir(&base, "codec");
-            let t = Store::open(&dir, options(c)).unwrap().tenant("bench").unwrap();
-            write_snapshot(&t, &JobName::new("j").unwrap(), &image, DEFAULT_FIXED_CHUNK)
-        });
+        let (t_write, m) = time_with(
+            reps,
+            || open_fresh(&base, "codec", c),
+            |t| write_snapshot(&t, &JobName::new("j").unwrap(), &image, DEFAULT_FIXED_CHUNK),
+        );
         let t = Store::open(&base.join("codec"), options(c))
             .unwrap()
             .tenant("bench")
@@ -283,14 +309,11 @@ fn main() {
     );
     println!("|---|---|---|---|---|");
     for chunk in [64 * 1024, 256 * 1024, 1024 * 1024] {
-        let (t_write, _) = time(reps, || {
-            let dir = fresh_dir(&base, "chunk");
-            let t = Store::open(&dir, options(Compression::default()))
-                .unwrap()
-                .tenant("bench")
-                .unwrap();
-            write_snapshot(&t, &JobName::new("j").unwrap(), &image, chunk)
-        });
+        let (t_write, _) = time_with(
+            reps,
+            || open_fresh(&base, "chunk", Compression::default()),
+            |t| write_snapshot(&t, &JobName::new("j").unwrap(), &image, chunk),
+        );
         let t = Store::open(&base.join("chunk"), options(Compression::default()))
             .unwrap()
             .tenant("bench")
