@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::coordinator::{FinalState, JobReport};
 use crate::host::{Host, HostError, RunOptions, StartFrom};
@@ -75,8 +75,6 @@ enum Command {
     Savepoint {
         #[command(subcommand)]
         command: SavepointCommand,
-        #[command(flatten)]
-        store: StoreArgs,
     },
     /// Check every manifest and blob of the store; non-zero exit if damaged.
     Fsck {
@@ -99,26 +97,111 @@ enum Command {
         #[command(subcommand)]
         command: serve::TokenCommand,
     },
+    /// List the jobs on a running host.
+    Jobs {
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Show a job's checkpoint counts, summary and history on a running host.
+    Checkpoints {
+        /// The job's name.
+        job: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Cancel a job on a running host (its checkpoints stay if persistent).
+    Cancel {
+        /// The job's name.
+        job: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Stop a job on a running host with a final savepoint.
+    Stop {
+        /// The job's name.
+        job: String,
+        /// Wait until the final savepoint completes and print its id.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
+/// Where a running host is (`memento serve`, or `memento run --listen`) and
+/// who is asking: flattened into every command that talks to one.
+#[derive(Debug, Clone, Args)]
+struct HostArgs {
+    /// The host's API URL (default http://127.0.0.1:8081; `savepoint
+    /// dispose` without it uses the local store instead).
+    #[arg(long, visible_alias = "url", env = "MEMENTO_HOST", value_name = "URL")]
+    host: Option<String>,
+    /// Bearer token (a tenant's, or the admin's).
+    #[arg(long, env = "MEMENTO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The tenant to act in: needed with the admin token (sent as
+    /// `?tenant=`); for a local `savepoint dispose`, the store's tenant
+    /// (default `default`).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Print the server's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl HostArgs {
+    fn client(&self) -> client::Client {
+        // MEMENTO_URL is what `savepoint trigger` read before `--host`
+        // existed; still honoured so old scripts keep working.
+        let host = self
+            .host
+            .clone()
+            .or_else(|| std::env::var("MEMENTO_URL").ok())
+            .unwrap_or_else(|| client::DEFAULT_HOST.to_string());
+        client::Client::new(&host, self.token.as_deref(), self.tenant.as_deref())
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum SavepointCommand {
-    /// Trigger a savepoint of a running job (started with `memento run --listen`).
+    /// Trigger a savepoint of a job on a running host (`memento serve` or
+    /// `memento run --listen`).
     Trigger {
         /// The job's name.
         job: String,
         /// Wait until the savepoint completes and print its id.
         #[arg(long)]
         wait: bool,
-        /// The job's API address.
-        #[arg(long, env = "MEMENTO_URL", default_value = "http://127.0.0.1:8081")]
-        url: String,
-        /// Bearer token, if the job requires one.
-        #[arg(long, env = "MEMENTO_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        #[command(flatten)]
+        host: HostArgs,
     },
-    #[command(flatten)]
-    File(SavepointFileCommand),
+    /// Delete a savepoint: on the running host given by `--host` (or
+    /// MEMENTO_HOST), else in the local store of `--state-dir`.
+    Dispose {
+        /// The savepoint id.
+        id: String,
+        #[command(flatten)]
+        host: HostArgs,
+        /// Without a host: the state directory holding the snapshot store.
+        #[arg(long, env = "MEMENTO_STATE_DIR", default_value = "memento-state")]
+        state_dir: PathBuf,
+    },
+    /// Write a snapshot and all its blobs to a self-contained archive file.
+    Export {
+        /// The snapshot id.
+        id: String,
+        /// The archive file to create (must not exist).
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Add the snapshot in an archive file to this store.
+    Import {
+        /// The archive file.
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// What a termination signal does to a running job.
@@ -188,33 +271,98 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Snapshots { command, store } => {
             store::run_snapshots(&store, command).map(|()| ExitCode::SUCCESS)
         }
-        Command::Savepoint {
-            command:
-                SavepointCommand::Trigger {
-                    job,
-                    wait,
-                    url,
-                    token,
-                },
-            ..
-        } => {
-            let id = client::trigger_savepoint(&url, token.as_deref(), &job, wait)?;
-            if wait {
-                println!("{id}");
-            } else {
-                println!("triggered savepoint of job `{job}`: request {id}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Savepoint {
-            command: SavepointCommand::File(command),
-            store,
-        } => store::run_savepoint(&store, command).map(|()| ExitCode::SUCCESS),
+        Command::Savepoint { command } => savepoint(command),
         Command::Fsck { store } => store::run_fsck(&store),
         Command::Gc { store } => store::run_gc(&store).map(|()| ExitCode::SUCCESS),
         Command::Serve { config } => serve::serve(&config),
         Command::Token { command } => serve::token(command),
+        Command::Jobs { host } => {
+            let v = host.client().jobs()?;
+            print_or_json(host.json, &v, || client::format_jobs(&v))
+        }
+        Command::Checkpoints { job, host } => {
+            let v = host.client().checkpoints(&job)?;
+            print_or_json(host.json, &v, || client::format_checkpoints(&job, &v))
+        }
+        Command::Cancel { job, host } => {
+            let v = host.client().cancel(&job)?;
+            print_or_json(host.json, &v, || format!("cancelling job `{job}`\n"))
+        }
+        Command::Stop { job, wait, host } => {
+            let client = host.client();
+            let request = client.stop(&job)?;
+            if !wait {
+                let v = serde_json::json!({ "request_id": request });
+                return print_or_json(host.json, &v, || {
+                    format!("stopping job `{job}` with a savepoint: request {request}\n")
+                });
+            }
+            let id = client.wait_savepoint(&job, &request)?;
+            let v = serde_json::json!({ "status": "completed", "snapshot": id });
+            print_or_json(host.json, &v, || format!("{id}\n"))
+        }
     }
+}
+
+/// Print `v` as JSON, or the human form `text` makes.
+fn print_or_json(
+    json: bool,
+    v: &serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn savepoint(command: SavepointCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        SavepointCommand::Trigger { job, wait, host } => {
+            let client = host.client();
+            let request = client.trigger_savepoint(&job)?;
+            if !wait {
+                let v = serde_json::json!({ "request_id": request });
+                return print_or_json(host.json, &v, || {
+                    format!("triggered savepoint of job `{job}`: request {request}\n")
+                });
+            }
+            let id = client.wait_savepoint(&job, &request)?;
+            let v = serde_json::json!({ "status": "completed", "snapshot": id });
+            print_or_json(host.json, &v, || format!("{id}\n"))
+        }
+        // Remote only when a host is named explicitly: a bare `dispose ID`
+        // has always meant the local store, and must not start deleting on
+        // whatever listens on the default address.
+        SavepointCommand::Dispose { id, host, .. } if host.host.is_some() => {
+            let v = host.client().dispose(&id)?;
+            print_or_json(host.json, &v, || format!("disposed {}\n", cell_id(&v, &id)))
+        }
+        SavepointCommand::Dispose { id, host, state_dir } => {
+            if host.json {
+                anyhow::bail!("--json is for a host's API: name the host with --host or MEMENTO_HOST");
+            }
+            let store = StoreArgs {
+                state_dir,
+                tenant: host.tenant.unwrap_or_else(|| "default".into()),
+            };
+            store::run_savepoint(&store, SavepointFileCommand::Dispose { id }).map(|()| ExitCode::SUCCESS)
+        }
+        SavepointCommand::Export { id, file, store } => {
+            store::run_savepoint(&store, SavepointFileCommand::Export { id, file })
+                .map(|()| ExitCode::SUCCESS)
+        }
+        SavepointCommand::Import { file, store } => {
+            store::run_savepoint(&store, SavepointFileCommand::Import { file }).map(|()| ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The id a dispose answer names, or the one asked for.
+fn cell_id(v: &serde_json::Value, asked: &str) -> String {
+    v["disposed"].as_str().unwrap_or(asked).to_string()
 }
 
 fn run(
