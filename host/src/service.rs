@@ -22,14 +22,22 @@
 //!   `<state_dir>/components/<blake3>.wasm`), its file source and sink paths
 //!   are relative and resolve inside `<state_dir>/files/<tenant>/`, and it
 //!   cannot write to the host's stdout.
+//! - **Restarts resume.** A submitted job is recorded under
+//!   `<state_dir>/service/jobs/<tenant>/<name>.json` (tenant, job file text,
+//!   the blake3 of each plugin) while it runs, and the record is removed
+//!   when the job ends for good (finished, stopped, cancelled by a user,
+//!   failed). Jobs cancelled because the service shuts down keep theirs, as
+//!   do jobs of a killed process, so [`Service::start`] resumes every
+//!   recorded job from its latest snapshot: the state directory, not the
+//!   process, is the source of truth.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::api::RequestStatus;
 use crate::coordinator::{
@@ -151,6 +159,22 @@ struct Inner {
     jobs: Mutex<BTreeMap<(String, String), Arc<ServiceJob>>>,
     components_dir: PathBuf,
     files_dir: PathBuf,
+    /// `<state_dir>/service/jobs`: one record per running submitted job.
+    records_dir: PathBuf,
+    /// Set by [`Service::shutdown`]: jobs it cancels keep their records so
+    /// the next start resumes them.
+    shutting_down: Arc<AtomicBool>,
+}
+
+/// What is kept on disk about a running submitted job: enough to submit it
+/// again, exactly as the tenant did, after a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct JobRecord {
+    tenant: String,
+    /// The job file's text as submitted.
+    job: String,
+    /// Upload name → blake3 hex of the component in `components/`.
+    plugins: BTreeMap<String, String>,
 }
 
 /// One job of one tenant, running or ended.
@@ -381,7 +405,8 @@ impl Service {
         }
         let components_dir = config.state_dir.join("components");
         let files_dir = config.state_dir.join("files");
-        for dir in [&components_dir, &files_dir] {
+        let records_dir = config.state_dir.join("service").join("jobs");
+        for dir in [&components_dir, &files_dir, &records_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| ServiceError::Internal(format!("create {}: {e}", dir.display())))?;
         }
@@ -393,19 +418,91 @@ impl Service {
                 jobs: Mutex::new(BTreeMap::new()),
                 components_dir,
                 files_dir,
+                records_dir,
+                shutting_down: Arc::new(AtomicBool::new(false)),
             }),
         };
+        service.resume_recorded();
         for b in boot {
-            service
-                .submit_file(&b.tenant, &b.file, b.from.as_deref())
-                .map_err(|e| match e {
-                    ServiceError::Internal(m) => {
-                        ServiceError::Internal(format!("job {}: {m}", b.file.display()))
-                    }
-                    e => ServiceError::Internal(format!("job {}: {e}", b.file.display())),
-                })?;
+            match service.submit_file(&b.tenant, &b.file, b.from.as_deref()) {
+                // A job of that name was resumed from its record (it was
+                // submitted over the API after the boot job ended): the
+                // running one wins, the host still starts.
+                Err(ServiceError::Conflict(m)) => {
+                    tracing::warn!(tenant = %b.tenant, file = %b.file.display(), "boot job not started: {m}");
+                    continue;
+                }
+                r => r,
+            }
+            .map_err(|e| match e {
+                ServiceError::Internal(m) => ServiceError::Internal(format!("job {}: {m}", b.file.display())),
+                e => ServiceError::Internal(format!("job {}: {e}", b.file.display())),
+            })?;
         }
         Ok(service)
+    }
+
+    /// Submit again every job recorded under `service/jobs/`, from its
+    /// latest snapshot (from scratch when it has none). A record that
+    /// cannot be resumed (its tenant left the config, a component is gone,
+    /// a cap was lowered below what it asks) is logged and kept, so the job
+    /// resumes once the config is fixed; it does not stop the other
+    /// tenants' jobs from starting.
+    fn resume_recorded(&self) {
+        let mut records = Vec::new();
+        let Ok(tenants) = std::fs::read_dir(&self.inner.records_dir) else {
+            return;
+        };
+        for t in tenants.flatten() {
+            for f in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+                let path = f.path();
+                if path.extension().is_some_and(|e| e == "json") {
+                    records.push(path);
+                }
+            }
+        }
+        records.sort();
+        for path in records {
+            match self.resume(&path) {
+                Ok(job) => tracing::info!(
+                    tenant = %job.tenant,
+                    job = %job.name,
+                    from = ?job.status().restored_from,
+                    "job resumed from the state directory"
+                ),
+                Err(e) => tracing::error!(record = %path.display(), "cannot resume job: {e}"),
+            }
+        }
+    }
+
+    fn resume(&self, path: &Path) -> Result<Arc<ServiceJob>, ServiceError> {
+        let text = std::fs::read(path).map_err(|e| ServiceError::Internal(format!("read: {e}")))?;
+        let record: JobRecord =
+            serde_json::from_slice(&text).map_err(|e| ServiceError::Internal(format!("parse: {e}")))?;
+        let mut plugins = BTreeMap::new();
+        for (name, hash) in &record.plugins {
+            let file = self.inner.components_dir.join(format!("{hash}.wasm"));
+            let bytes = std::fs::read(&file)
+                .map_err(|e| ServiceError::Internal(format!("component {}: {e}", file.display())))?;
+            plugins.insert(name.clone(), bytes);
+        }
+        let submission = Submission {
+            job: record.job,
+            plugins,
+            from: Some("latest".into()),
+        };
+        match self.submit(&record.tenant, submission.clone()) {
+            // No snapshot yet: it had not checkpointed when the host went
+            // down, so it starts over, as it would have on its first run.
+            Err(ServiceError::NotFound(m)) if m.starts_with("no snapshot") => self.submit(
+                &record.tenant,
+                Submission {
+                    from: None,
+                    ..submission
+                },
+            ),
+            r => r,
+        }
     }
 
     /// The configuration the service runs with.
@@ -507,6 +604,7 @@ impl Service {
         for name in submission.plugins.keys() {
             validate_name(name).map_err(|r| ServiceError::bad("bad_request", format!("plugin name {r}")))?;
         }
+        let mut plugins = BTreeMap::new();
         for (i, op) in spec.operators.iter_mut().enumerate() {
             let name = op.plugin.to_string_lossy().into_owned();
             let bytes = submission.plugins.get(&name).ok_or_else(|| {
@@ -524,10 +622,16 @@ impl Service {
                 )
             })?;
             op.plugin = self.store_component(bytes)?;
+            plugins.insert(name, blake3::hash(bytes).to_hex().to_string());
         }
         std::fs::create_dir_all(&base_dir)
             .map_err(|e| ServiceError::Internal(format!("create {}: {e}", base_dir.display())))?;
-        self.launch(tenant, entry, spec, submission.from.as_deref())
+        let record = JobRecord {
+            tenant: tenant.to_string(),
+            job: submission.job.clone(),
+            plugins,
+        };
+        self.launch(tenant, entry, spec, submission.from.as_deref(), Some(record))
     }
 
     /// Start a job from a file of the operator's (a boot job): trusted, so
@@ -553,7 +657,8 @@ impl Service {
             .map_err(|e| ServiceError::bad("invalid_job", e.to_string()))?;
         self.check_capacity(tenant, &spec.name)?;
         apply_caps(&mut spec, &text, &entry.config)?;
-        self.launch(tenant, entry, spec, from)
+        // Not recorded: the config starts boot jobs at every start anyway.
+        self.launch(tenant, entry, spec, from, None)
     }
 
     /// Store a component under its blake3 hash (written once, atomically).
@@ -619,6 +724,7 @@ impl Service {
         entry: &TenantEntry,
         spec: JobSpec,
         from: Option<&str>,
+        record: Option<JobRecord>,
     ) -> Result<Arc<ServiceJob>, ServiceError> {
         let name = spec.name.clone();
         let from = match from {
@@ -666,9 +772,25 @@ impl Service {
             // the last slot (or the same name) cannot both get in.
             let mut jobs = self.inner.jobs.lock().unwrap();
             self.admit(&jobs, tenant, &name)?;
+            // Recorded after admission (a refused duplicate must not
+            // overwrite the running job's record) and before the job runs
+            // (a crash from here on finds it).
+            let record_path = match &record {
+                Some(r) => {
+                    let path = self.inner.records_dir.join(tenant).join(format!("{name}.json"));
+                    let bytes = serde_json::to_vec_pretty(r)
+                        .map_err(|e| ServiceError::Internal(format!("encode job record: {e}")))?;
+                    write_durably(&path, &bytes).map_err(|e| {
+                        ServiceError::Internal(format!("write job record {}: {e}", path.display()))
+                    })?;
+                    Some(path)
+                }
+                None => None,
+            };
             jobs.insert((tenant.to_string(), name.clone()), service_job.clone());
             prune_ended(&mut jobs, tenant);
             let outcome = service_job.outcome.clone();
+            let shutting_down = self.inner.shutting_down.clone();
             let label = format!("job-{tenant}-{name}");
             let handle = std::thread::Builder::new()
                 .name(label.chars().take(15).collect())
@@ -679,6 +801,14 @@ impl Service {
                         .map_err(|e| e.to_string());
                     if let Err(e) = &result {
                         tracing::warn!(job = %job.spec().name, "job ended with an error: {e}");
+                    }
+                    // Ended for good, unless the service's own shutdown
+                    // cancelled it: then the next start resumes it.
+                    if let Some(path) = record_path
+                        && !shutting_down.load(Ordering::SeqCst)
+                        && let Err(e) = remove_durably(&path)
+                    {
+                        tracing::warn!(record = %path.display(), "cannot remove job record: {e}");
                     }
                     *outcome.lock().unwrap() = Some(result);
                 })
@@ -769,8 +899,10 @@ impl Service {
     }
 
     /// Cancel every running job and wait for their threads (checkpoints
-    /// stay where `persistent`).
+    /// stay where `persistent`). Their records stay: the next
+    /// [`Service::start`] on this state directory resumes them.
     pub fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
         let jobs: Vec<_> = self.inner.jobs.lock().unwrap().values().cloned().collect();
         for j in &jobs {
             j.control.cancel();
@@ -781,6 +913,28 @@ impl Service {
             }
         }
     }
+}
+
+/// Write `path` so that after a crash it holds either nothing or all of
+/// `bytes`: a synced temporary file renamed into place, then the directory
+/// synced so the rename itself survives.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Remove `path` (gone already is fine) and sync its directory.
+fn remove_durably(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Forget the oldest ended jobs of `tenant` beyond [`ENDED_JOBS_KEPT`].
