@@ -744,3 +744,13 @@ fn gc_concurrent_with_writers_is_safe() {
     }
     assert!(t.fsck().unwrap().is_clean());
 }
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<Store>();
+    check::<TenantStore>();
+    check::<BlobWriter>();
+    fn send<T: Send>() {}
+    send::<SnapshotWriter>();
+}
