@@ -403,9 +403,15 @@ impl Service {
                 },
             );
         }
-        let components_dir = config.state_dir.join("components");
-        let files_dir = config.state_dir.join("files");
-        let records_dir = config.state_dir.join("service").join("jobs");
+        // Absolute: a submitted job's plugin paths point into
+        // `components/`, and a job resolves relative paths against its own
+        // base directory, so a relative state_dir (a HOST.toml given as a
+        // relative path) would be resolved twice.
+        let state_dir = std::path::absolute(&config.state_dir)
+            .map_err(|e| ServiceError::Internal(format!("{}: {e}", config.state_dir.display())))?;
+        let components_dir = state_dir.join("components");
+        let files_dir = state_dir.join("files");
+        let records_dir = state_dir.join("service").join("jobs");
         for dir in [&components_dir, &files_dir, &records_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| ServiceError::Internal(format!("create {}: {e}", dir.display())))?;
