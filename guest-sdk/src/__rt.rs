@@ -1,8 +1,9 @@
 //! Glue between the generated bindings and an [`Operator`]; used by
 //! [`export_operator!`](crate::export_operator) only.
 
-use crate::bindings::memento::operator::types::Context as WitContext;
-use crate::{Context, Event, Operator, Output};
+use crate::batch::{pack, unpack};
+use crate::bindings::memento::operator::types::{Batch, Context as WitContext};
+use crate::{Context, Operator, Output};
 use std::cell::RefCell;
 
 /// The one operator instance of this component and its context.
@@ -37,22 +38,22 @@ pub fn open<T: Operator>(slot: &RefCell<Slot<T>>, ctx: WitContext) -> Result<(),
     Ok(())
 }
 
-pub fn process<T: Operator>(slot: &RefCell<Slot<T>>, events: Vec<Event>) -> Result<Vec<Event>, String> {
+pub fn process<T: Operator>(slot: &RefCell<Slot<T>>, events: Batch) -> Result<Batch, String> {
     let mut slot = slot.borrow_mut();
     let op = slot.op.as_mut().ok_or_else(not_open)?;
     let mut out = Output::new();
-    for event in events {
+    for event in unpack(events)? {
         op.process(event, &mut out).map_err(|e| e.0)?;
     }
-    Ok(out.take())
+    Ok(pack(out.take()))
 }
 
-pub fn close<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Vec<Event>, String> {
+pub fn close<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Batch, String> {
     let mut slot = slot.borrow_mut();
     let op = slot.op.as_mut().ok_or_else(not_open)?;
     let mut out = Output::new();
     op.close(&mut out).map_err(|e| e.0)?;
-    Ok(out.take())
+    Ok(pack(out.take()))
 }
 
 pub fn snapshot<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Vec<u8>, String> {

@@ -68,7 +68,8 @@ pub mod bindings {
 }
 
 pub use bindings::memento::operator::log::Level;
-pub use bindings::memento::operator::types::Event;
+
+mod batch;
 
 mod envelope;
 pub use envelope::{STATE_ENCODING_MSGPACK, decode_state, encode_state};
@@ -273,6 +274,18 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, Error> {
     Ok(total)
 }
 
+/// One record flowing through a job: a key (partitions between stages), a
+/// value (the payload) and an event time in milliseconds since the epoch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Event {
+    /// Partitioning key.
+    pub key: Vec<u8>,
+    /// Payload.
+    pub value: Vec<u8>,
+    /// Event time, ms since the Unix epoch.
+    pub timestamp: i64,
+}
+
 impl Event {
     /// An event from anything byte-like.
     pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, timestamp: i64) -> Event {
@@ -423,11 +436,17 @@ macro_rules! export_operator {
                     __MEMENTO_SLOT.with(|slot| $crate::__rt::open::<$ty>(slot, ctx))
                 }
                 fn process(
-                    events: ::std::vec::Vec<$crate::Event>,
-                ) -> ::core::result::Result<::std::vec::Vec<$crate::Event>, ::std::string::String> {
+                    events: $crate::bindings::memento::operator::types::Batch,
+                ) -> ::core::result::Result<
+                    $crate::bindings::memento::operator::types::Batch,
+                    ::std::string::String,
+                > {
                     __MEMENTO_SLOT.with(|slot| $crate::__rt::process::<$ty>(slot, events))
                 }
-                fn close() -> ::core::result::Result<::std::vec::Vec<$crate::Event>, ::std::string::String> {
+                fn close() -> ::core::result::Result<
+                    $crate::bindings::memento::operator::types::Batch,
+                    ::std::string::String,
+                > {
                     __MEMENTO_SLOT.with(|slot| $crate::__rt::close::<$ty>(slot))
                 }
             }
@@ -437,13 +456,13 @@ macro_rules! export_operator {
                     __MEMENTO_SLOT.with(|slot| $crate::__rt::snapshot::<$ty>(slot))
                 }
                 fn restore_state(
-                    state: ::std::vec::Vec<u8>,
+            state: ::std::vec::Vec<u8>,
                 ) -> ::core::result::Result<(), ::std::string::String> {
                     __MEMENTO_SLOT.with(|slot| $crate::__rt::restore::<$ty>(slot, state))
                 }
             }
 
-    $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
+            $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
         };
     };
 }

@@ -6,4 +6,4 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq, Eq],
 });
 
-pub use self::memento::operator::types::{Context, Event};
+pub use self::memento::operator::types::{Batch, Context};

@@ -11,7 +11,9 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::memento::operator::{log, types};
-use super::bindings::{Context, Event, Plugin};
+use super::Event;
+use super::batch;
+use super::bindings::{Context, Plugin};
 use super::component::{LoadedComponent, one_line};
 use super::memory::{self, Mapping};
 use super::{RuntimeError, SandboxLimits};
@@ -607,8 +609,20 @@ impl TaskInstance {
     /// A [`RuntimeError`] naming the task and `process`.
     pub fn process(&mut self, events: &[Event]) -> Result<Vec<Event>, RuntimeError> {
         self.stats.process_calls += 1;
-        self.call(Phase::Process, |p, s| {
-            p.memento_operator_operator().call_process(s, events)
+        let batch = batch::pack(events);
+        let out = self.call(Phase::Process, |p, s| {
+            p.memento_operator_operator().call_process(s, &batch)
+        })?;
+        self.unpack(Phase::Process, out)
+    }
+
+    /// Unpack a batch the guest returned; a malformed one is the guest's
+    /// error.
+    fn unpack(&self, phase: Phase, out: super::bindings::Batch) -> Result<Vec<Event>, RuntimeError> {
+        batch::unpack(out).map_err(|message| RuntimeError::Guest {
+            task: (*self.label).clone(),
+            phase,
+            message,
         })
     }
 
@@ -617,7 +631,8 @@ impl TaskInstance {
     /// # Errors
     /// A [`RuntimeError`] naming the task and `close`.
     pub fn close(&mut self) -> Result<Vec<Event>, RuntimeError> {
-        self.call(Phase::Close, |p, s| p.memento_operator_operator().call_close(s))
+        let out = self.call(Phase::Close, |p, s| p.memento_operator_operator().call_close(s))?;
+        self.unpack(Phase::Close, out)
     }
 
     /// Call `snapshot-state`; returns the canonical state bytes.

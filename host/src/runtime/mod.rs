@@ -6,6 +6,7 @@
 //! component bytes into [`TaskInstance`]s and reports what went wrong in
 //! terms a plugin author can act on ([`RuntimeError`]).
 
+mod batch;
 mod bindings;
 mod component;
 // Measured and tested, not yet used by capture (see its module docs).
@@ -15,7 +16,8 @@ mod instance;
 mod memory;
 mod native;
 
-pub use bindings::{Context, Event};
+pub use batch::Event;
+pub use bindings::Context;
 pub use component::{ComponentInfo, LoadedComponent};
 pub use instance::{CallStats, CapturedMemory, Phase, TaskInstance, TaskLabel};
 

@@ -1,0 +1,99 @@
+//! Packing events into the contract's `batch` record and back (see
+//! `wit/operator.wit`): one buffer of keys and values, their lengths, and
+//! the event times.
+
+use crate::Event;
+use crate::bindings::memento::operator::types::Batch;
+
+/// Pack events (consumed) into a batch.
+pub fn pack(events: Vec<Event>) -> Batch {
+    let bytes: usize = events.iter().map(|e| e.key.len() + e.value.len()).sum();
+    let mut batch = Batch {
+        data: Vec::with_capacity(bytes),
+        lengths: Vec::with_capacity(events.len() * 2),
+        timestamps: Vec::with_capacity(events.len()),
+    };
+    for e in events {
+        batch.data.extend_from_slice(&e.key);
+        batch.data.extend_from_slice(&e.value);
+        batch.lengths.push(e.key.len() as u32);
+        batch.lengths.push(e.value.len() as u32);
+        batch.timestamps.push(e.timestamp);
+    }
+    batch
+}
+
+/// Unpack a batch into events.
+///
+/// # Errors
+/// When the batch is malformed (lengths that do not add up).
+pub fn unpack(batch: Batch) -> Result<Vec<Event>, String> {
+    let Batch {
+        data,
+        lengths,
+        timestamps,
+    } = batch;
+    if lengths.len() != timestamps.len() * 2 {
+        return Err(format!(
+            "malformed batch: {} lengths for {} events",
+            lengths.len(),
+            timestamps.len()
+        ));
+    }
+    let mut events = Vec::with_capacity(timestamps.len());
+    let mut at = 0usize;
+    let mut take = |len: u32| -> Result<Vec<u8>, String> {
+        let end = at
+            .checked_add(len as usize)
+            .filter(|end| *end <= data.len())
+            .ok_or_else(|| format!("malformed batch: lengths exceed the {} bytes of data", data.len()))?;
+        let bytes = data[at..end].to_vec();
+        at = end;
+        Ok(bytes)
+    };
+    for (i, timestamp) in timestamps.into_iter().enumerate() {
+        let key = take(lengths[2 * i])?;
+        let value = take(lengths[2 * i + 1])?;
+        events.push(Event {
+            key,
+            value,
+            timestamp,
+        });
+    }
+    if at != data.len() {
+        return Err(format!(
+            "malformed batch: {} bytes of data left over",
+            data.len() - at
+        ));
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let events = vec![
+            Event::new("a", "1", 5),
+            Event::new("", "", -1),
+            Event::new("key", vec![0u8, 255], 7),
+        ];
+        assert_eq!(unpack(pack(events.clone())).unwrap(), events);
+        assert!(unpack(pack(Vec::new())).unwrap().is_empty());
+    }
+
+    #[test]
+    fn malformed_batches_are_refused() {
+        let mut b = pack(vec![Event::new("a", "1", 5)]);
+        b.lengths.pop();
+        assert!(unpack(b).unwrap_err().contains("1 lengths for 1 events"));
+        let mut b = pack(vec![Event::new("a", "1", 5)]);
+        b.lengths[1] = 9;
+        assert!(unpack(b).unwrap_err().contains("exceed"));
+        let mut b = pack(vec![Event::new("a", "1", 5)]);
+        b.data.push(0);
+        assert!(unpack(b).unwrap_err().contains("left over"));
+    }
+}
