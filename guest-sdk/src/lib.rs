@@ -456,13 +456,13 @@ macro_rules! export_operator {
                     __MEMENTO_SLOT.with(|slot| $crate::__rt::snapshot::<$ty>(slot))
                 }
                 fn restore_state(
-            state: ::std::vec::Vec<u8>,
+                    state: ::std::vec::Vec<u8>,
                 ) -> ::core::result::Result<(), ::std::string::String> {
                     __MEMENTO_SLOT.with(|slot| $crate::__rt::restore::<$ty>(slot, state))
                 }
             }
 
-            $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
+    $crate::bindings::__export_plugin!(__MementoExport with_types_in $crate::bindings);
         };
     };
 }

@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, Sender, select, unbounded};
 use serde::Serialize;
 
 use crate::dataflow::sink::{self, SinkCommit};
-use crate::dataflow::{Attempt, Barrier, JobError, Report, RestorePoint, TaskFigures};
+use crate::dataflow::{Attempt, Barrier, InjectError, JobError, Report, RestorePoint, TaskFigures};
 use crate::runtime::{LoadedComponent, Runtime};
 use crate::spec::{JobSpec, RestartStrategy, SnapshotFormat};
 use crate::store::{
@@ -31,6 +31,9 @@ use crate::store::{
 };
 pub use schedule::Schedule;
 pub use status::{JobState, JobStatus, SnapshotOutcome, SnapshotRecord, StatusHandle};
+
+/// Least time between two garbage collections of a running job.
+const GC_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Key in a manifest's `extra` marking the record of a finished job.
 const FINISHED: &str = "finished";
@@ -265,6 +268,8 @@ pub(crate) struct Coordinator<'a> {
     status: StatusHandle,
     report: JobReport,
     consecutive_failures: u32,
+    last_gc: Option<Instant>,
+    gc_pending: bool,
 }
 
 impl<'a> Coordinator<'a> {
@@ -287,13 +292,18 @@ impl<'a> Coordinator<'a> {
             status,
             report: JobReport::default(),
             consecutive_failures: 0,
+            last_gc: None,
+            gc_pending: false,
         })
     }
 
     /// Run the job to its end, restarting per the strategy.
-    pub(crate) fn run(self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
+    pub(crate) fn run(mut self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
         let status = self.status.clone();
         let result = self.run_inner(from);
+        if self.gc_pending {
+            self.run_gc();
+        }
         status.set_state(match &result {
             Ok(r) => match r.state.clone() {
                 Some(FinalState::Stopped { savepoint }) => JobState::Stopped { savepoint },
@@ -305,7 +315,7 @@ impl<'a> Coordinator<'a> {
         result
     }
 
-    fn run_inner(mut self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
+    fn run_inner(&mut self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
         let started = Instant::now();
         let mut restore = from;
         self.report.restored_from = restore.as_ref().map(|m| m.id.clone());
@@ -322,7 +332,7 @@ impl<'a> Coordinator<'a> {
                 AttemptEnd::Done(state) => {
                     self.report.state = Some(state);
                     self.report.elapsed = started.elapsed();
-                    return Ok(self.report);
+                    return Ok(std::mem::take(&mut self.report));
                 }
                 AttemptEnd::Failed(error) => {
                     let retry = retryable(&error) && self.restart_allowed();
@@ -347,7 +357,7 @@ impl<'a> Coordinator<'a> {
                     if self.sleep_or_cancel(delay) {
                         self.report.state = Some(FinalState::Cancelled);
                         self.report.elapsed = started.elapsed();
-                        return Ok(self.report);
+                        return Ok(std::mem::take(&mut self.report));
                     }
                     // The newest complete snapshot of any kind (FLIP-10: they
                     // are all restore points); none means start from scratch.
@@ -622,6 +632,9 @@ impl<'a> Coordinator<'a> {
                 }
                 default(wait) => {}
             }
+            if self.gc_pending && self.last_gc.is_none_or(|t| t.elapsed() >= GC_INTERVAL) {
+                self.run_gc();
+            }
             // Timeout of the snapshot in flight.
             if let Some(p) = &run.pending
                 && p.started.elapsed() > self.spec.checkpoints.timeout.0
@@ -742,9 +755,22 @@ impl<'a> Coordinator<'a> {
             replies: req.reply.into_iter().collect(),
             stop: req.stop,
         });
-        if let Err(reason) = injected {
-            let p = run.pending.take().expect("just set");
-            return self.snapshot_failed(run, p, &reason);
+        match injected {
+            Ok(()) => {}
+            Err(InjectError::Busy) => {
+                let p = run.pending.take().expect("just set");
+                return self.snapshot_failed(
+                    run,
+                    p,
+                    "the source is not taking barriers (blocked by backpressure)",
+                );
+            }
+            // The input just ended: not a failure, there is nothing left to
+            // snapshot (the end-of-input record follows).
+            Err(InjectError::Ended) => {
+                let p = run.pending.take().expect("just set");
+                self.fail_pending(p, "the input ended before the barrier was injected", false);
+            }
         }
         Ok(())
     }
@@ -1082,7 +1108,20 @@ impl<'a> Coordinator<'a> {
         }
     }
 
-    fn collect_garbage(&self) {
+    /// Collect the blobs of deleted snapshots. GC marks over the whole
+    /// tenant, so it runs at most every [`GC_INTERVAL`] while the job runs
+    /// (garbage waits a little; checkpoints do not) and once at the end.
+    fn collect_garbage(&mut self) {
+        self.gc_pending = true;
+        if self.last_gc.is_some_and(|t| t.elapsed() < GC_INTERVAL) {
+            return;
+        }
+        self.run_gc();
+    }
+
+    fn run_gc(&mut self) {
+        self.gc_pending = false;
+        self.last_gc = Some(Instant::now());
         match self.store.gc() {
             Ok(r) => tracing::debug!(target: "memento::snapshot", "gc: {r:?}"),
             Err(e) => tracing::warn!(target: "memento::snapshot", "gc failed: {e}"),

@@ -173,6 +173,24 @@ pub(crate) struct RestorePoint {
     pub sink_next_seq: BTreeMap<u32, u64>,
 }
 
+/// Why a barrier could not be handed to the source.
+pub(crate) enum InjectError {
+    /// The source has not taken earlier requests (blocked by backpressure).
+    Busy,
+    /// The source has ended: its input is exhausted (the coordinator hears
+    /// of it soon) or the attempt is going down.
+    Ended,
+}
+
+impl<T> From<crossbeam_channel::TrySendError<T>> for InjectError {
+    fn from(e: crossbeam_channel::TrySendError<T>) -> Self {
+        match e {
+            crossbeam_channel::TrySendError::Full(_) => InjectError::Busy,
+            crossbeam_channel::TrySendError::Disconnected(_) => InjectError::Ended,
+        }
+    }
+}
+
 enum SourceCtl {
     Inject(Barrier),
     Stop(Barrier),
@@ -350,18 +368,18 @@ impl Attempt {
     }
 
     /// Ask the source to inject a barrier. Never blocks: if the source has
-    /// not yet taken the previous requests, the barrier is refused.
-    pub(crate) fn inject(&self, barrier: Barrier) -> Result<(), String> {
+    /// not yet taken earlier requests, the barrier is refused.
+    pub(crate) fn inject(&self, barrier: Barrier) -> Result<(), InjectError> {
         self.source_ctl
             .try_send(SourceCtl::Inject(barrier))
-            .map_err(|_| "the source is not taking barriers (blocked by backpressure)".to_string())
+            .map_err(InjectError::from)
     }
 
     /// Ask the source to inject a final barrier and stop (no draining).
-    pub(crate) fn stop(&self, barrier: Barrier) -> Result<(), String> {
+    pub(crate) fn stop(&self, barrier: Barrier) -> Result<(), InjectError> {
         self.source_ctl
             .try_send(SourceCtl::Stop(barrier))
-            .map_err(|_| "the source is not taking barriers (blocked by backpressure)".to_string())
+            .map_err(InjectError::from)
     }
 
     /// Snapshot `id` was aborted: barriers up to it need no more work.

@@ -10,9 +10,9 @@ use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::memento::operator::{log, types};
 use super::Event;
 use super::batch;
+use super::bindings::memento::operator::{log, types};
 use super::bindings::{Context, Plugin};
 use super::component::{LoadedComponent, one_line};
 use super::memory::{self, Mapping};
