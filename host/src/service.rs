@@ -31,9 +31,9 @@
 //!   recorded job from its latest snapshot: the state directory, not the
 //!   process, is the source of truth.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -188,8 +188,7 @@ pub struct ServiceJob {
     /// failed (also failures before the coordinator started).
     outcome: Arc<Mutex<Option<Result<(), String>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    requests: Arc<Mutex<HashMap<u64, RequestStatus>>>,
-    next_request: AtomicU64,
+    requests: crate::api::RequestLog,
     submitted_at_ms: u64,
 }
 
@@ -769,8 +768,7 @@ impl Service {
             job: job.clone(),
             outcome: Arc::new(Mutex::new(None)),
             thread: Mutex::new(None),
-            requests: Arc::new(Mutex::new(HashMap::new())),
-            next_request: AtomicU64::new(0),
+            requests: crate::api::RequestLog::default(),
             submitted_at_ms: crate::store::now_ms(),
         });
         {
@@ -1227,34 +1225,13 @@ impl ServiceJob {
             .parse()
             .map_err(|_| ServiceError::bad("bad_request", format!("malformed request id {id:?}")))?;
         self.requests
-            .lock()
-            .unwrap()
-            .get(&n)
-            .cloned()
+            .get(n)
             .ok_or_else(|| ServiceError::NotFound(format!("no request {n} for job `{}`", self.name)))
     }
 
-    /// Record a trigger and follow its outcome on a short-lived thread.
+    /// Record a trigger and follow its outcome.
     fn track(&self, rx: crossbeam_channel::Receiver<TriggerResult>) -> String {
-        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
-        self.requests
-            .lock()
-            .unwrap()
-            .insert(id, RequestStatus::InProgress);
-        let requests = self.requests.clone();
-        std::thread::spawn(move || {
-            let status = match rx.recv() {
-                Ok(Ok(snapshot)) => RequestStatus::Completed {
-                    snapshot: snapshot.to_string(),
-                },
-                Ok(Err(error)) => RequestStatus::Failed { error },
-                Err(_) => RequestStatus::Failed {
-                    error: "the job ended".into(),
-                },
-            };
-            requests.lock().unwrap().insert(id, status);
-        });
-        id.to_string()
+        self.requests.track(rx).to_string()
     }
 }
 

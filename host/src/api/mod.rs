@@ -40,6 +40,63 @@ pub enum RequestStatus {
     },
 }
 
+/// The triggers of one job and their outcomes, by request id.
+#[derive(Default)]
+pub(crate) struct RequestLog {
+    next: std::sync::atomic::AtomicU64,
+    map: Arc<Mutex<HashMap<u64, RequestStatus>>>,
+}
+
+impl RequestLog {
+    /// Record a trigger and follow its outcome on a short-lived thread;
+    /// returns its request id.
+    pub(crate) fn track(&self, rx: crossbeam_channel::Receiver<TriggerResult>) -> u64 {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.map.lock().unwrap().insert(id, RequestStatus::InProgress);
+        let map = self.map.clone();
+        std::thread::spawn(move || {
+            let status = match rx.recv() {
+                Ok(Ok(snapshot)) => RequestStatus::Completed {
+                    snapshot: snapshot.to_string(),
+                },
+                Ok(Err(error)) => RequestStatus::Failed { error },
+                Err(_) => RequestStatus::Failed {
+                    error: "the job ended".into(),
+                },
+            };
+            map.lock().unwrap().insert(id, status);
+        });
+        id
+    }
+
+    /// The status of request `id`, if there is one.
+    pub(crate) fn get(&self, id: u64) -> Option<RequestStatus> {
+        self.map.lock().unwrap().get(&id).cloned()
+    }
+}
+
+/// A tokio runtime with `workers` threads and a listener bound to `addr`.
+pub(crate) fn bind(
+    addr: &str,
+    workers: usize,
+) -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr), ApiStartError> {
+    let bind_err = |reason: String| ApiStartError::Bind {
+        addr: addr.to_string(),
+        reason,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .thread_name("memento-api")
+        .build()
+        .map_err(|e| bind_err(e.to_string()))?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .map_err(|e| bind_err(e.to_string()))?;
+    let local = listener.local_addr().map_err(|e| bind_err(e.to_string()))?;
+    Ok((runtime, listener, local))
+}
+
 /// The answer to a trigger: the id to poll.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TriggerResponse {
@@ -56,8 +113,7 @@ struct ApiState {
     job: String,
     control: JobControl,
     token: Option<String>,
-    requests: Mutex<HashMap<u64, RequestStatus>>,
-    next: Mutex<u64>,
+    requests: RequestLog,
 }
 
 /// An API error: a status code, a short code and a message, answered as
@@ -96,32 +152,10 @@ impl ApiState {
         Ok(())
     }
 
-    /// Record a trigger and follow its outcome on a thread.
-    fn track(self: &Arc<Self>, rx: crossbeam_channel::Receiver<TriggerResult>) -> TriggerResponse {
-        let id = {
-            let mut next = self.next.lock().unwrap();
-            *next += 1;
-            *next
-        };
-        self.requests
-            .lock()
-            .unwrap()
-            .insert(id, RequestStatus::InProgress);
-        let state = self.clone();
-        std::thread::spawn(move || {
-            let status = match rx.recv() {
-                Ok(Ok(snapshot)) => RequestStatus::Completed {
-                    snapshot: snapshot.to_string(),
-                },
-                Ok(Err(error)) => RequestStatus::Failed { error },
-                Err(_) => RequestStatus::Failed {
-                    error: "the job ended".into(),
-                },
-            };
-            state.requests.lock().unwrap().insert(id, status);
-        });
+    /// Record a trigger and follow its outcome.
+    fn track(&self, rx: crossbeam_channel::Receiver<TriggerResult>) -> TriggerResponse {
         TriggerResponse {
-            request_id: id.to_string(),
+            request_id: self.requests.track(rx).to_string(),
         }
     }
 }
@@ -217,10 +251,7 @@ async fn request_status(
         )
     })?;
     s.requests
-        .lock()
-        .unwrap()
-        .get(&id)
-        .cloned()
+        .get(id)
         .map(Json)
         .ok_or_else(|| not_found(format!("no request {id}")))
 }
@@ -266,20 +297,7 @@ pub fn serve_job(
     control: JobControl,
     token: Option<String>,
 ) -> Result<JobServer, ApiStartError> {
-    let bind_err = |reason: String| ApiStartError::Bind {
-        addr: addr.to_string(),
-        reason,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name("memento-api")
-        .build()
-        .map_err(|e| bind_err(e.to_string()))?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(addr))
-        .map_err(|e| bind_err(e.to_string()))?;
-    let local = listener.local_addr().map_err(|e| bind_err(e.to_string()))?;
+    let (runtime, listener, local) = bind(addr, 1)?;
     if !local.ip().is_loopback() && token.is_none() {
         return Err(ApiStartError::TokenRequired(local));
     }
@@ -287,8 +305,7 @@ pub fn serve_job(
         job: job.to_string(),
         control,
         token,
-        requests: Mutex::new(HashMap::new()),
-        next: Mutex::new(0),
+        requests: RequestLog::default(),
     });
     let app = Router::new()
         .route("/healthz", get(healthz))

@@ -456,20 +456,7 @@ impl Drop for ServiceServer {
 /// [`ApiStartError::Bind`] when the address cannot be bound.
 pub fn serve(service: Service) -> Result<ServiceServer, ApiStartError> {
     let addr = service.config().listen;
-    let bind_err = |reason: String| ApiStartError::Bind {
-        addr: addr.to_string(),
-        reason,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("memento-api")
-        .build()
-        .map_err(|e| bind_err(e.to_string()))?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(addr))
-        .map_err(|e| bind_err(e.to_string()))?;
-    let local = listener.local_addr().map_err(|e| bind_err(e.to_string()))?;
+    let (runtime, listener, local) = super::bind(&addr.to_string(), 2)?;
     let app = router(service.clone());
     runtime.spawn(async move {
         let _ = axum::serve(listener, app).await;

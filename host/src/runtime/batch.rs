@@ -1,6 +1,10 @@
 //! Events and the contract's packed `batch` record (see `wit/operator.wit`):
 //! a batch crosses the component boundary as three lists, so lowering it
 //! into the guest costs three allocations there instead of two per event.
+//!
+//! `guest-sdk/src/batch.rs` is the guest's side of the same layout. The two
+//! are written twice on purpose: the guest SDK is never a dependency of the
+//! host (and the host's code never ships into guests); both are tested.
 
 use super::bindings::Batch;
 
