@@ -11,6 +11,8 @@
 //! It talks to tasks only through messages ([`crate::dataflow`]'s barriers
 //! and reports); it shares no lock with them.
 
+mod control;
+mod report;
 pub(crate) mod schedule;
 pub mod status;
 
@@ -19,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select, unbounded};
-use serde::Serialize;
 
 use crate::dataflow::sink::{self, SinkCommit};
 use crate::dataflow::{Attempt, Barrier, InjectError, JobError, Report, RestorePoint, TaskFigures};
@@ -29,6 +30,9 @@ use crate::store::{
     JobName, ListFilter, Manifest, Retention, SnapshotId, SnapshotKind, SourcePosition, StateFormat, TaskKey,
     TaskState, TaskStateData, TenantStore, Trigger,
 };
+pub(crate) use control::Control;
+pub use control::{JobControl, TriggerResult};
+pub use report::{FinalState, JobFailed, JobReport, OperatorReport, SnapshotSummary};
 pub use schedule::Schedule;
 pub use status::{JobState, JobStatus, SnapshotOutcome, SnapshotRecord, StatusHandle};
 
@@ -37,191 +41,6 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Key in a manifest's `extra` marking the record of a finished job.
 const FINISHED: &str = "finished";
-
-/// The answer to a trigger: the completed snapshot, or why it failed.
-pub type TriggerResult = Result<SnapshotId, String>;
-
-/// Requests to a running job's coordinator.
-pub(crate) enum Control {
-    Trigger {
-        kind: SnapshotKind,
-        format: Option<SnapshotFormat>,
-        reply: Option<Sender<TriggerResult>>,
-    },
-    Stop {
-        reply: Option<Sender<TriggerResult>>,
-    },
-    Cancel,
-}
-
-/// A handle to a running job: trigger snapshots, stop or cancel it, from any
-/// thread. Cheap to clone.
-#[derive(Clone)]
-pub struct JobControl {
-    pub(crate) tx: Sender<Control>,
-}
-
-impl JobControl {
-    /// Take a checkpoint now; the receiver gets its id when it completes.
-    pub fn trigger_checkpoint(&self) -> Receiver<TriggerResult> {
-        self.trigger(SnapshotKind::Checkpoint, None)
-    }
-
-    /// Take a savepoint now (in `format`, or the job's savepoint format).
-    pub fn trigger_savepoint(&self, format: Option<SnapshotFormat>) -> Receiver<TriggerResult> {
-        self.trigger(SnapshotKind::Savepoint, format)
-    }
-
-    fn trigger(&self, kind: SnapshotKind, format: Option<SnapshotFormat>) -> Receiver<TriggerResult> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if self
-            .tx
-            .send(Control::Trigger {
-                kind,
-                format,
-                reply: Some(tx.clone()),
-            })
-            .is_err()
-        {
-            let _ = tx.send(Err("the job is not running".into()));
-        }
-        rx
-    }
-
-    /// Stop the sources, take a final savepoint and end the job; the
-    /// receiver gets the savepoint's id.
-    pub fn stop_with_savepoint(&self) -> Receiver<TriggerResult> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if self
-            .tx
-            .send(Control::Stop {
-                reply: Some(tx.clone()),
-            })
-            .is_err()
-        {
-            let _ = tx.send(Err("the job is not running".into()));
-        }
-        rx
-    }
-
-    /// Cancel the job: stop at once, commit nothing more. Checkpoints stay
-    /// if `persistent`.
-    pub fn cancel(&self) {
-        let _ = self.tx.send(Control::Cancel);
-    }
-}
-
-/// How a job run ended (when it did not fail).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
-pub enum FinalState {
-    /// The input ended and all output is committed.
-    Finished,
-    /// Stopped with a savepoint; resume from it.
-    Stopped {
-        /// The final savepoint.
-        savepoint: SnapshotId,
-    },
-    /// Cancelled.
-    Cancelled,
-    /// The snapshot resumed from records that the job had already finished.
-    AlreadyFinished {
-        /// That snapshot.
-        snapshot: SnapshotId,
-    },
-}
-
-/// One completed snapshot, for the run summary.
-#[derive(Clone, Debug, Serialize)]
-pub struct SnapshotSummary {
-    /// Its id.
-    pub id: SnapshotId,
-    /// Checkpoint or savepoint.
-    pub kind: SnapshotKind,
-    /// What triggered it.
-    pub trigger: Trigger,
-    /// Longest task pause, ms.
-    pub pause_ms: u64,
-    /// Trigger to commit, ms.
-    pub duration_ms: u64,
-    /// Logical size of the state.
-    pub logical_bytes: u64,
-    /// Bytes of new blobs written.
-    pub new_bytes: u64,
-}
-
-/// What one run of a job did.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct JobReport {
-    /// How it ended.
-    pub state: Option<FinalState>,
-    /// Records read from the source in the last attempt.
-    pub source_records: u64,
-    /// Records written to the sink in the last attempt.
-    pub sink_records: u64,
-    /// Per operator, in chain order (last attempt).
-    pub operators: Vec<OperatorReport>,
-    /// Wall time of the whole run.
-    #[serde(serialize_with = "as_ms")]
-    pub elapsed: Duration,
-    /// Restarts after failures.
-    pub restarts: u32,
-    /// The snapshot the run started from.
-    pub restored_from: Option<SnapshotId>,
-    /// Snapshots completed.
-    pub snapshots: Vec<SnapshotSummary>,
-    /// Snapshots that failed (timeouts, declines, write errors).
-    pub failed_snapshots: u32,
-}
-
-/// Figures of one operator, summed over its tasks.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct OperatorReport {
-    /// Operator name.
-    pub name: String,
-    /// Number of tasks.
-    pub parallelism: u32,
-    /// Events passed to `process`.
-    pub records_in: u64,
-    /// Events returned from `process` and `close`.
-    pub records_out: u64,
-    /// `process` calls made.
-    pub process_calls: u64,
-    /// Wall time inside the plugin, all tasks together.
-    #[serde(serialize_with = "as_ms")]
-    pub time_in_plugin: Duration,
-}
-
-/// Durations appear in JSON as milliseconds.
-fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
-}
-
-/// A job run failed for good.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}{}{}", restarts_note(*.restarts), resume_note(.resume_from))]
-pub struct JobFailed {
-    /// The error of the last attempt.
-    pub error: JobError,
-    /// Restarts made before giving up.
-    pub restarts: u32,
-    /// The newest complete snapshot, kept so the job can resume from it.
-    pub resume_from: Option<SnapshotId>,
-}
-
-fn restarts_note(n: u32) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" (after {n} restarts)")
-    }
-}
-
-fn resume_note(id: &Option<SnapshotId>) -> String {
-    id.as_ref()
-        .map(|id| format!("; its newest snapshot {id} is kept"))
-        .unwrap_or_default()
-}
 
 /// A snapshot in flight.
 struct Pending {
