@@ -15,9 +15,11 @@
 //! Soft-dirty bits (`/proc/self/clear_refs` + `pagemap`) would be the older
 //! way; the kernels here never set them, so they are not used.
 //!
-//! Not yet wired into capture: see the note in `docs/PERFORMANCE.md` on
-//! why a dirty set alone is not enough (the clean chunks' blobs must be
-//! known to exist in the store).
+//! Used by native capture (`TaskInstance::written_chunks`): a memory's
+//! whole reservation is registered once, so pages made accessible by
+//! growth are covered without registering again; only the accessible
+//! prefix is protected (protecting the never-accessible rest would cost
+//! page tables for nothing).
 
 use std::fs::File;
 use std::io;
@@ -113,14 +115,15 @@ fn ioctl<T>(fd: libc::c_int, request: u64, arg: &mut T) -> io::Result<libc::c_in
 
 impl DirtyTracker {
     /// Track writes to `[start, start + len)` (page aligned, one private
-    /// anonymous mapping). Everything starts write-protected: the first
-    /// scan reports what was written after this call.
+    /// anonymous mapping, parts of it may be `PROT_NONE`). The first
+    /// `protect_len` bytes start write-protected: the first scan of them
+    /// reports what was written after this call.
     ///
     /// # Errors
     /// When the kernel lacks the mechanism or forbids it (older kernels,
     /// seccomp, `vm.unprivileged_userfaultfd` with `UFFD_USER_MODE_ONLY`
     /// refused): the caller falls back to comparing contents.
-    pub(crate) fn new(start: *mut u8, len: usize) -> io::Result<DirtyTracker> {
+    pub(crate) fn new(start: *mut u8, len: usize, protect_len: usize) -> io::Result<DirtyTracker> {
         // SAFETY: plain system call; the fd is owned right away.
         let fd = unsafe {
             libc::syscall(
@@ -155,7 +158,9 @@ impl DirtyTracker {
             start: start as u64,
             len: len as u64,
         };
-        tracker.protect(0, len)?;
+        if protect_len > 0 {
+            tracker.protect(0, protect_len.min(len))?;
+        }
         Ok(tracker)
     }
 
@@ -243,7 +248,7 @@ mod tests {
     fn written_pages_are_found_and_reprotected() {
         let m = map(64 << 20);
         unsafe { std::ptr::write_bytes(m.0, 1, 8 << 20) }; // populated before tracking
-        let tracker = match DirtyTracker::new(m.0, m.1) {
+        let tracker = match DirtyTracker::new(m.0, m.1, m.1) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("dirty tracking unavailable here: {e}");
@@ -269,6 +274,38 @@ mod tests {
         assert_eq!(tracker.scan(m.1).unwrap(), vec![(3 * 4096, 4 * 4096)]);
     }
 
+    /// A reservation registered while mostly `PROT_NONE` tracks the pages
+    /// growth makes accessible once they are protected (how memories grow).
+    #[test]
+    fn grown_region_is_tracked_after_protect() {
+        let m = map(16 << 20);
+        unsafe { libc::mprotect(m.0.add(1 << 20).cast(), (16 << 20) - (1 << 20), libc::PROT_NONE) };
+        let tracker = match DirtyTracker::new(m.0, m.1, 1 << 20) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("dirty tracking unavailable here: {e}");
+                return;
+            }
+        };
+        unsafe {
+            *m.0.add(4096) = 1;
+            libc::mprotect(
+                m.0.add(1 << 20).cast(),
+                1 << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+            );
+            *m.0.add((1 << 20) + 8192) = 1; // before protection: the caller counts it dirty
+        }
+        assert_eq!(tracker.scan(1 << 20).unwrap(), vec![(4096, 8192)]);
+        tracker.protect(1 << 20, 1 << 20).unwrap();
+        assert!(tracker.scan(2 << 20).unwrap().is_empty());
+        unsafe { *m.0.add((1 << 20) + 3 * 4096) = 2 };
+        assert_eq!(
+            tracker.scan(2 << 20).unwrap(),
+            vec![((1 << 20) + 3 * 4096, (1 << 20) + 4 * 4096)]
+        );
+    }
+
     /// Cost of a scan of 1 GiB with 1% of its pages written (run on demand
     /// with `--ignored --nocapture`): beside copying the same dirty bytes.
     #[test]
@@ -277,7 +314,7 @@ mod tests {
         let len = 1usize << 30;
         let m = map(len);
         unsafe { std::ptr::write_bytes(m.0, 1, len) };
-        let tracker = DirtyTracker::new(m.0, len).unwrap();
+        let tracker = DirtyTracker::new(m.0, len, len).unwrap();
         let pages = len / 4096;
         let mut times = Vec::new();
         for round in 0..5u64 {

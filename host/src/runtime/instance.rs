@@ -15,6 +15,7 @@ use super::batch;
 use super::bindings::memento::operator::{log, types};
 use super::bindings::{Context, Plugin};
 use super::component::{LoadedComponent, one_line};
+use super::dirty::DirtyTracker;
 use super::memory::{self, Mapping};
 use super::{RuntimeError, SandboxLimits};
 
@@ -209,6 +210,8 @@ pub struct TaskInstance {
     /// The instance's linear memories in creation order (host-owned, see
     /// `memory.rs`); what native snapshots copy and native restores fill.
     memories: Vec<Arc<Mapping>>,
+    /// Write tracking of `memories` for incremental native capture.
+    tracking: Tracking,
     /// Entries in the WASI resource table right after instantiation. More
     /// than that between calls means the guest holds host handles in its
     /// memory, which a native image cannot carry over.
@@ -343,6 +346,7 @@ impl TaskInstance {
             store,
             plugin,
             memories,
+            tracking: Tracking::Off,
             resources_at_start,
             component,
             label,
@@ -427,14 +431,15 @@ impl TaskInstance {
         names
     }
 
-    /// Copy every linear memory (creation order) with its current size: a
-    /// consistent image, since the guest is not running between calls.
+    /// Why a native image of this instance cannot be taken right now, if
+    /// it cannot: checked before anything is captured or scanned, so a
+    /// refusal loses no dirty-page information.
     ///
     /// # Errors
     /// [`RuntimeError::Poisoned`] after a trap; [`RuntimeError::NativeSnapshot`]
     /// if the component does not support native snapshots or the guest
     /// holds host resources (named in the error).
-    pub fn capture_memories(&mut self) -> Result<Vec<CapturedMemory>, RuntimeError> {
+    pub fn check_native_capture(&mut self) -> Result<(), RuntimeError> {
         if self.poisoned {
             return Err(RuntimeError::Poisoned {
                 task: (*self.label).clone(),
@@ -466,6 +471,16 @@ impl TaskInstance {
                 &self.label,
             ));
         }
+        Ok(())
+    }
+
+    /// Copy every linear memory (creation order) with its current size: a
+    /// consistent image, since the guest is not running between calls.
+    ///
+    /// # Errors
+    /// As [`TaskInstance::check_native_capture`].
+    pub fn capture_memories(&mut self) -> Result<Vec<CapturedMemory>, RuntimeError> {
+        self.check_native_capture()?;
         Ok(self
             .memories
             .iter()
@@ -480,6 +495,138 @@ impl TaskInstance {
                 }
             })
             .collect())
+    }
+
+    /// Copy the chunks of memory `index` for which `copy(chunk)` holds, in
+    /// order, into one buffer (chunks of `chunk_size` bytes; the memory's
+    /// last chunk may be shorter). Call only while the guest is quiescent
+    /// and right after [`TaskInstance::written_chunks`], so that no write
+    /// falls between the scan and the copy.
+    ///
+    /// # Panics
+    /// If the memory does not exist or `chunk_size` is 0.
+    pub fn copy_chunks(&mut self, index: usize, chunk_size: usize, copy: impl Fn(usize) -> bool) -> Vec<u8> {
+        // SAFETY: `&mut self`: the guest is not running.
+        let bytes = unsafe { self.memories[index].bytes() };
+        let mut out = Vec::new();
+        let chunks: Vec<&[u8]> = bytes
+            .chunks(chunk_size)
+            .enumerate()
+            .filter(|(i, _)| copy(*i))
+            .map(|(_, c)| c)
+            .collect();
+        out.reserve_exact(chunks.iter().map(|c| c.len()).sum());
+        for c in chunks {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+
+    /// Turn write tracking off for good: every capture copies whole
+    /// memories (the portable path). A test hook, and what the host does
+    /// by itself when the kernel refuses the mechanism.
+    #[doc(hidden)]
+    pub fn disable_write_tracking(&mut self) {
+        self.tracking = Tracking::Unavailable;
+    }
+
+    /// Whether writes are being tracked (incremental capture possible).
+    pub fn tracks_writes(&self) -> bool {
+        matches!(self.tracking, Tracking::On(_))
+    }
+
+    /// (Re)start write tracking from the memories as they are now: the
+    /// next [`TaskInstance::written_chunks`] reports only later writes.
+    /// Called after a native restore filled the memories, so that the
+    /// restored image can serve as the base of the next capture. Returns
+    /// whether tracking is on.
+    pub fn reset_write_tracking(&mut self) -> bool {
+        if matches!(self.tracking, Tracking::Unavailable) {
+            return false;
+        }
+        if std::env::var_os(DISABLE_TRACKING_ENV).is_some_and(|v| v == "off" || v == "0") {
+            log_mechanism(Err("disabled by MEMENTO_DIRTY_TRACKING".into()));
+            self.tracking = Tracking::Unavailable;
+            return false;
+        }
+        let mut trackers = Vec::with_capacity(self.memories.len());
+        for m in &self.memories {
+            // The whole reservation is registered (growth stays covered);
+            // only the accessible prefix is protected.
+            match DirtyTracker::new(m.base(), m.capacity(), m.size()) {
+                Ok(t) => trackers.push((t, m.size())),
+                Err(e) => {
+                    log_mechanism(Err(e.to_string()));
+                    self.tracking = Tracking::Unavailable;
+                    return false;
+                }
+            }
+        }
+        log_mechanism(Ok(()));
+        self.tracking = Tracking::On(trackers);
+        true
+    }
+
+    /// Which `chunk_size` chunks of each memory were written since the
+    /// previous call (or since tracking started), protecting them again in
+    /// the same walk; chunks that growth added count as written. The first
+    /// call starts tracking and answers [`Written::All`], as does every
+    /// call where tracking is unavailable.
+    ///
+    /// # Panics
+    /// If `chunk_size` is 0 or not a multiple of the host page.
+    pub fn written_chunks(&mut self, chunk_size: usize) -> Written {
+        assert!(
+            chunk_size > 0 && chunk_size.is_multiple_of(4096),
+            "chunk size {chunk_size}"
+        );
+        match &mut self.tracking {
+            Tracking::Unavailable => return Written::All,
+            Tracking::Off => {
+                self.reset_write_tracking();
+                return Written::All;
+            }
+            Tracking::On(_) => {}
+        }
+        let Tracking::On(trackers) = &mut self.tracking else {
+            unreachable!("checked above")
+        };
+        let mut out = Vec::with_capacity(self.memories.len());
+        for (m, (tracker, tracked)) in self.memories.iter().zip(trackers.iter_mut()) {
+            let size = m.size();
+            let mut flags = vec![false; size.div_ceil(chunk_size)];
+            let mut mark = |from: usize, to: usize| {
+                if to > from {
+                    for f in &mut flags[from / chunk_size..=(to - 1) / chunk_size] {
+                        *f = true;
+                    }
+                }
+            };
+            let scanned = tracker.scan((*tracked).min(size)).and_then(|ranges| {
+                for (a, b) in ranges {
+                    mark(a, b.min(size));
+                }
+                // Pages growth made accessible since the last look were
+                // not protected: all of them count as written, and from now
+                // on they are tracked.
+                if size > *tracked {
+                    mark(*tracked, size);
+                    tracker.protect(*tracked, size - *tracked)?;
+                    *tracked = size;
+                }
+                Ok(())
+            });
+            if let Err(e) = scanned {
+                tracing::warn!(
+                    target: "memento::snapshot",
+                    "dirty-page tracking failed ({e}); native captures copy whole memories from now on"
+                );
+                self.tracking = Tracking::Unavailable;
+                return Written::All;
+            }
+            out.push(flags);
+        }
+        Written::Chunks(out)
     }
 
     /// Run one export call with the deadline armed and map its outcome:
@@ -653,6 +800,50 @@ impl TaskInstance {
         self.call(Phase::RestoreState, |p, s| {
             p.memento_operator_snapshot().call_restore_state(s, state)
         })
+    }
+}
+
+/// Environment variable that turns dirty-page tracking off (`off` or `0`):
+/// native captures then copy whole memories, as where the kernel lacks it.
+pub const DISABLE_TRACKING_ENV: &str = "MEMENTO_DIRTY_TRACKING";
+
+/// Write tracking of an instance's memories (see `dirty.rs`).
+enum Tracking {
+    /// Not started: the first native capture starts it, so tasks that only
+    /// take canonical snapshots never pay for write faults.
+    Off,
+    /// One tracker per memory, with how many leading bytes it protects
+    /// (where its scan is authoritative).
+    On(Vec<(DirtyTracker, usize)>),
+    /// Unavailable, refused or disabled: captures copy everything.
+    Unavailable,
+}
+
+/// Which chunks of each memory were written since the last look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Not known: treat every chunk as written.
+    All,
+    /// Per memory (creation order), one flag per chunk.
+    Chunks(Vec<Vec<bool>>),
+}
+
+/// Say once per process which mechanism native captures use.
+fn log_mechanism(outcome: Result<(), String>) {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    match outcome {
+        Ok(()) => tracing::info!(
+            target: "memento::snapshot",
+            "native snapshots: dirty-page tracking with userfaultfd write-protect + PAGEMAP_SCAN \
+             (captures copy only chunks written since the last committed snapshot)"
+        ),
+        Err(why) => tracing::info!(
+            target: "memento::snapshot",
+            "native snapshots: dirty-page tracking unavailable ({why}); captures copy whole memories"
+        ),
     }
 }
 

@@ -127,6 +127,11 @@ impl Mapping {
         self.size.load(Ordering::Relaxed)
     }
 
+    /// Bytes the memory may grow to without moving (its reservation).
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Start of the memory.
     pub(crate) fn base(&self) -> *mut u8 {
         self.base.as_ptr()

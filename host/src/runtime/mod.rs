@@ -19,7 +19,9 @@ mod native;
 pub use batch::Event;
 pub use bindings::Context;
 pub use component::{ComponentInfo, LoadedComponent};
-pub use instance::{CallStats, CapturedMemory, Phase, TaskInstance, TaskLabel};
+pub use instance::{
+    CallStats, CapturedMemory, DISABLE_TRACKING_ENV, Phase, TaskInstance, TaskLabel, Written,
+};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
