@@ -116,6 +116,53 @@ fn native_snapshot(
     tenant.get(&id).unwrap()
 }
 
+/// What an incremental snapshot should do after the capture.
+#[derive(PartialEq)]
+enum Outcome {
+    /// Commit and send the task its `Complete` notice.
+    Committed,
+    /// Commit, but the notice is lost.
+    NoticeMissed,
+    /// The coordinator aborts the snapshot: nothing is committed.
+    Aborted,
+}
+
+/// Take an incremental native snapshot through `base` (as a task does at a
+/// barrier); returns the manifest (if committed) and the bytes copied
+/// during the pause and the pause.
+fn incremental_snapshot(
+    tenant: &TenantStore,
+    instance: &mut TaskInstance,
+    component: &LoadedComponent,
+    base: &snapshot::NativeBase,
+    aborted: u64,
+    outcome: Outcome,
+) -> (Option<Manifest>, u64, Duration) {
+    let job = JobName::new("native").unwrap();
+    let number = tenant.next_snapshot_number(&job).unwrap();
+    let writer = tenant.begin(&job, number).unwrap();
+    let captured = base
+        .capture(instance, number, aborted)
+        .unwrap_or_else(|e| panic!("capture: {e}"));
+    let copied = captured.copied_bytes();
+    let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
+    if outcome == Outcome::Aborted {
+        writer.abort();
+        return (None, copied, captured.pause);
+    }
+    let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Native);
+    m.components.insert("b".into(), component.hash_hex());
+    m.tasks.push(TaskState {
+        key: TaskKey::new("b", 0),
+        state,
+    });
+    let id = writer.commit(m).unwrap();
+    if outcome == Outcome::Committed {
+        base.committed(number);
+    }
+    (Some(tenant.get(&id).unwrap()), copied, captured.pause)
+}
+
 fn restore(
     rt: &Runtime,
     tenant: &TenantStore,
@@ -289,6 +336,174 @@ fn second_snapshot_writes_only_changed_chunks() {
         "one event changes one ballast page plus stack and heap: {:?}",
         step.figures
     );
+}
+
+/// Incremental capture with dirty-page tracking: after a committed base,
+/// one changed page copies one chunk during the pause and writes one;
+/// the image restores byte-exact.
+#[test]
+fn incremental_capture_copies_only_written_chunks() {
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let (_dir, tenant) = store();
+    let mut instance = opened(&rt, &ballast, "b", &[("state_mib", "16")]);
+    let base = snapshot::NativeBase::new();
+    let (_, first, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    assert!(first >= 16 << 20, "no base yet: everything is copied ({first})");
+    if !instance.tracks_writes() {
+        eprintln!("dirty-page tracking unavailable here: only the full path is tested");
+        return;
+    }
+    let len = instance.memory_sizes()[0] as usize;
+    let memory = instance.memory_mut(0).unwrap();
+    memory[len / 2 + 123] ^= 0x5a;
+    let (m, copied, pause) =
+        incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    let m = m.unwrap();
+    assert_eq!(copied, 256 * 1024, "one changed page, one chunk copied");
+    assert_eq!(m.figures.chunks_new, 1, "{:?}", m.figures);
+    assert!(pause < Duration::from_millis(200), "pause {pause:?}");
+    let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
+    assert_same_memories(&instance, &restored, "incremental image");
+    // Nothing written: nothing copied.
+    let (m, copied, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    assert_eq!(copied, 0);
+    let restored = restore(&rt, &tenant, &m.unwrap(), &ballast, "b").unwrap();
+    assert_same_memories(&instance, &restored, "unchanged image");
+}
+
+/// An aborted snapshot never becomes a base, and a missed `Complete`
+/// notice keeps the older base with the writes since it accumulated:
+/// either way the next image restores byte-exact.
+#[test]
+fn incremental_capture_survives_aborts_and_missed_notices() {
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let (_dir, tenant) = store();
+    let mut instance = opened(
+        &rt,
+        &ballast,
+        "b",
+        &[("state_mib", "8"), ("dirty_fraction", "0.01")],
+    );
+    let base = snapshot::NativeBase::new();
+    incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    // Aborted: its blobs are discarded.
+    instance.process(&events(0..1)).unwrap();
+    incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Aborted);
+    let aborted = tenant
+        .next_snapshot_number(&JobName::new("native").unwrap())
+        .unwrap()
+        - 1;
+    instance.process(&events(1..2)).unwrap();
+    let (m, _, _) = incremental_snapshot(
+        &tenant,
+        &mut instance,
+        &ballast,
+        &base,
+        aborted,
+        Outcome::Committed,
+    );
+    let restored = restore(&rt, &tenant, &m.unwrap(), &ballast, "b").unwrap();
+    assert_same_memories(&instance, &restored, "after an aborted snapshot");
+    if !instance.tracks_writes() {
+        return;
+    }
+    let committed = base.base();
+    assert!(committed.is_some());
+    // Missed notice: the next captures build on the older base, with the
+    // writes of both intervals.
+    instance.process(&events(2..3)).unwrap();
+    let (_, one, _) = incremental_snapshot(
+        &tenant,
+        &mut instance,
+        &ballast,
+        &base,
+        aborted,
+        Outcome::NoticeMissed,
+    );
+    assert_eq!(base.base(), committed, "an unnoticed snapshot is not the base");
+    instance.process(&events(3..4)).unwrap();
+    let len = instance.memory_sizes()[0] as usize;
+    instance.memory_mut(0).unwrap()[len - 1] ^= 1;
+    let (m, two, _) = incremental_snapshot(
+        &tenant,
+        &mut instance,
+        &ballast,
+        &base,
+        aborted,
+        Outcome::Committed,
+    );
+    assert!(
+        two > one,
+        "writes of both intervals copied ({one} then {two} bytes)"
+    );
+    assert!(two < len as u64, "still incremental ({two} of {len} bytes)");
+    let restored = restore(&rt, &tenant, &m.unwrap(), &ballast, "b").unwrap();
+    assert_same_memories(&instance, &restored, "after a missed notice");
+}
+
+/// Growth between incremental captures (new pages count as written), and
+/// after a restore (tracking restarts from the restored image).
+#[test]
+fn incremental_capture_follows_growth_and_restore() {
+    let rt = Runtime::new().unwrap();
+    let misbehave = load(&rt, "misbehave");
+    let (_dir, tenant) = store();
+    let mut original = opened(&rt, &misbehave, "m", &[("mode", "grow-in-process")]);
+    let base = snapshot::NativeBase::new();
+    original.process(&events(0..3)).unwrap();
+    incremental_snapshot(&tenant, &mut original, &misbehave, &base, 0, Outcome::Committed);
+    original.process(&events(3..6)).unwrap();
+    let (m, _, _) = incremental_snapshot(&tenant, &mut original, &misbehave, &base, 0, Outcome::Committed);
+    let m = m.unwrap();
+    let mut restored = restore(&rt, &tenant, &m, &misbehave, "m").unwrap();
+    assert_same_memories(&original, &restored, "grown image");
+    // Continue from the restored instance, its snapshot as the base.
+    let TaskStateData::Native { memories, .. } = &m.tasks[0].state else {
+        panic!("native state")
+    };
+    let after = snapshot::NativeBase::new();
+    if restored.tracks_writes() {
+        after.restored(m.id.number(), memories.clone());
+    }
+    restored.process(&events(6..9)).unwrap();
+    let (m2, copied, _) =
+        incremental_snapshot(&tenant, &mut restored, &misbehave, &after, 0, Outcome::Committed);
+    if restored.tracks_writes() {
+        assert!(
+            copied < restored.memory_sizes()[0],
+            "incremental on the restored image ({copied} bytes copied)"
+        );
+    }
+    let again = restore(&rt, &tenant, &m2.unwrap(), &misbehave, "m").unwrap();
+    assert_same_memories(&restored, &again, "grown after restore");
+}
+
+/// With tracking off (the portable path, as where the kernel refuses it)
+/// every capture copies whole memories and is still correct.
+#[test]
+fn capture_without_tracking_copies_everything() {
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let (_dir, tenant) = store();
+    let mut instance = opened(
+        &rt,
+        &ballast,
+        "b",
+        &[("state_mib", "4"), ("dirty_fraction", "0.01")],
+    );
+    instance.disable_write_tracking();
+    let base = snapshot::NativeBase::new();
+    for round in 0..3 {
+        instance.process(&events(round..round + 1)).unwrap();
+        let (m, copied, _) =
+            incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+        assert_eq!(copied, instance.memory_sizes()[0], "round {round}: full copy");
+        let restored = restore(&rt, &tenant, &m.unwrap(), &ballast, "b").unwrap();
+        assert_same_memories(&instance, &restored, "full path");
+    }
+    assert!(!instance.tracks_writes());
 }
 
 /// `snapshot-state` plays no part in native snapshots: `misbehave` with
@@ -671,5 +886,65 @@ fn measure_native_figures() {
             median(restore_t),
             written
         );
+    }
+}
+
+/// Task pause of incremental native captures (run on demand with
+/// `--ignored --nocapture measure`): per ballast size, after a committed
+/// base, 0%, 1%, 10% and 100% of the memory's pages written (spread
+/// evenly, one byte per page, by the host), the pause, the bytes copied in
+/// it and the bytes written. `MEASURE_MIB` picks the sizes.
+#[test]
+#[ignore]
+fn measure_incremental_pause() {
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let dir = tempfile::tempdir_in(std::env::var("MEASURE_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
+    let tenant = Store::open(&dir.path().join("state"), StoreOptions::default())
+        .unwrap()
+        .tenant("default")
+        .unwrap();
+    let sizes: Vec<u64> = std::env::var("MEASURE_MIB")
+        .unwrap_or_else(|_| "64,256,1024".into())
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let big = SandboxLimits {
+        memory_bytes: 2 << 30,
+        call_timeout: Duration::from_secs(600),
+        ..SandboxLimits::default()
+    };
+    for mib in sizes {
+        let mut instance = rt.instantiate(&ballast, label("b"), &big).unwrap();
+        instance
+            .open(&Context {
+                job: "native".into(),
+                operator_name: "b".into(),
+                task_index: 0,
+                parallelism: 1,
+                config: vec![("state_mib".into(), mib.to_string())],
+            })
+            .unwrap();
+        let base = snapshot::NativeBase::new();
+        let (_, _, full) =
+            incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+        let mut line = format!("ballast {mib} MiB: first (full) pause {full:?}");
+        for (percent, step) in [(0, 0usize), (1, 100), (10, 10), (100, 1)] {
+            let len = instance.memory_sizes()[0] as usize;
+            if step > 0 {
+                let memory = instance.memory_mut(0).unwrap();
+                for page in (0..len / 4096).step_by(step) {
+                    memory[page * 4096] ^= 1;
+                }
+            }
+            let (m, copied, pause) =
+                incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+            line += &format!(
+                "; {percent}%: pause {pause:?}, copied {} MiB, written {} MiB",
+                copied >> 20,
+                m.unwrap().figures.new_bytes >> 20
+            );
+        }
+        eprintln!("{line}");
     }
 }

@@ -6,11 +6,12 @@
 //! returns the state's bytes; [`persist`] chunks and writes them to the store
 //! on another thread while the task goes on processing.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::runtime::{
-    CapturedMemory, LoadedComponent, Runtime, RuntimeError, SandboxLimits, TaskInstance, TaskLabel,
+    CapturedMemory, LoadedComponent, Runtime, RuntimeError, SandboxLimits, TaskInstance, TaskLabel, Written,
 };
 use crate::spec::SnapshotFormat;
 use crate::store::{
@@ -28,6 +29,9 @@ pub struct Captured {
     pub state: CapturedState,
     /// How long the task was paused for the capture.
     pub pause: Duration,
+    /// For an incremental native capture: where to record the persisted
+    /// images (they become the base once the snapshot is known committed).
+    record: Option<(NativeBase, u64)>,
 }
 
 /// The two kinds of captured state.
@@ -36,6 +40,221 @@ pub enum CapturedState {
     Canonical(Vec<u8>),
     /// Copies of the instance's linear memories.
     Native(Vec<CapturedMemory>),
+    /// Copies of the chunks written since a committed base snapshot, and
+    /// the base's references for the others.
+    NativeDelta(Vec<MemoryDelta>),
+}
+
+/// One memory of an incremental native capture.
+pub struct MemoryDelta {
+    /// Index of the memory (creation order).
+    pub index: u32,
+    /// Its size in bytes when captured.
+    pub size: u64,
+    /// Per chunk of [`DEFAULT_FIXED_CHUNK`]: the base's reference if the
+    /// chunk is unchanged, `None` if it was copied into `copied`.
+    pub chunks: Vec<Option<ChunkRef>>,
+    /// The copied chunks, in order, back to back. All are whole chunks
+    /// except possibly the memory's last, so fixed chunking of this buffer
+    /// yields exactly their references.
+    pub copied: Vec<u8>,
+}
+
+impl Captured {
+    /// Bytes copied during the pause.
+    pub fn copied_bytes(&self) -> u64 {
+        match &self.state {
+            CapturedState::Canonical(b) => b.len() as u64,
+            CapturedState::Native(m) => m.iter().map(|m| m.bytes.len() as u64).sum(),
+            CapturedState::NativeDelta(m) => m.iter().map(|m| m.copied.len() as u64).sum(),
+        }
+    }
+}
+
+/// A task's memory of its native snapshots, for incremental capture: the
+/// last snapshot known to be committed (the *base*) with its chunk lists,
+/// the images persisted but not yet known committed, and the chunks
+/// written at each capture since the base.
+///
+/// A capture may reference the base's chunks only because the base
+/// committed: its blobs are in the store as long as its manifest is, and
+/// the store's commit checks they still are (retention may have deleted
+/// it; then that snapshot fails and the base is dropped, so the next
+/// capture is a full one -- see [`NativeBase::capture`]). An aborted
+/// snapshot never becomes a base: only a `Complete` notice promotes one.
+/// A missed notice only keeps an older base, with the writes since it
+/// accumulated from the log. Cheap to clone (shared with upload threads).
+#[derive(Clone, Default)]
+pub struct NativeBase(Arc<Mutex<BaseState>>);
+
+#[derive(Default)]
+struct BaseState {
+    /// The base: snapshot number and its memory images.
+    base: Option<(u64, Vec<MemoryImage>)>,
+    /// Per capture since the base: (snapshot number, chunks written since
+    /// the previous capture or `None` for "all", the base it referenced).
+    log: Vec<(u64, Option<ChunkFlags>, Option<u64>)>,
+    /// Images persisted by uploads, by snapshot number, awaiting a notice.
+    persisted: BTreeMap<u64, Vec<MemoryImage>>,
+}
+
+/// Per memory, one flag per chunk: written or not.
+type ChunkFlags = Vec<Vec<bool>>;
+
+/// Captures kept in the log at most: past that (notices missed for that
+/// long), the log and base are forgotten and the next capture is full.
+const MAX_LOG: usize = 1024;
+
+impl NativeBase {
+    /// No base yet: the first capture copies everything.
+    pub fn new() -> NativeBase {
+        NativeBase::default()
+    }
+
+    /// The base's snapshot number, if there is one.
+    pub fn base(&self) -> Option<u64> {
+        self.0.lock().unwrap().base.as_ref().map(|(n, _)| *n)
+    }
+
+    /// Snapshot `number` committed (a `Complete` notice): its images, if
+    /// this task persisted them, become the base.
+    pub fn committed(&self, number: u64) {
+        let mut s = self.0.lock().unwrap();
+        if let Some(images) = s.persisted.remove(&number) {
+            s.base = Some((number, images));
+            s.log.retain(|(n, ..)| *n > number);
+        }
+        // Older persisted images may be committed too (a missed notice) or
+        // aborted: either way a newer snapshot supersedes them.
+        s.persisted.retain(|n, _| *n > number);
+    }
+
+    /// The instance was restored from snapshot `number` (committed, by
+    /// definition) with these images; its write tracking restarted.
+    pub fn restored(&self, number: u64, images: Vec<MemoryImage>) {
+        let mut s = self.0.lock().unwrap();
+        *s = BaseState {
+            base: Some((number, images)),
+            ..BaseState::default()
+        };
+    }
+
+    /// Capture the instance's memories natively for snapshot `number`,
+    /// copying only the chunks written since the base (all of them if there
+    /// is no base or tracking is unavailable). `aborted` is the highest
+    /// snapshot number the coordinator gave up on.
+    ///
+    /// The guest is quiescent (`&mut` instance, between calls): the scan,
+    /// which protects the pages again, and the copy see the same bytes.
+    ///
+    /// # Errors
+    /// As [`capture`].
+    pub fn capture(
+        &self,
+        instance: &mut TaskInstance,
+        number: u64,
+        aborted: u64,
+    ) -> Result<Captured, CaptureError> {
+        let started = std::time::Instant::now();
+        instance.check_native_capture().map_err(native_error)?;
+        let mut s = self.0.lock().unwrap();
+        s.forget_aborted(aborted);
+        let written = instance.written_chunks(DEFAULT_FIXED_CHUNK);
+        let dirty = match written {
+            Written::All => None,
+            Written::Chunks(c) => Some(c),
+        };
+        if s.log.len() >= MAX_LOG {
+            *s = BaseState::default();
+        }
+        let base_number = s.base.as_ref().map(|(n, _)| *n);
+        s.log.push((number, dirty, base_number));
+        // Chunks written since the base: the union over the captures after
+        // it (this one included); `None` if any of them saw "all".
+        let since_base: Option<Vec<Vec<bool>>> = s.base.as_ref().and_then(|(b, _)| {
+            let mut union: Vec<Vec<bool>> = Vec::new();
+            for (_, d, _) in s.log.iter().filter(|(n, ..)| n > b) {
+                let d = d.as_ref()?;
+                union.resize(union.len().max(d.len()), Vec::new());
+                for (u, m) in union.iter_mut().zip(d) {
+                    u.resize(u.len().max(m.len()), false);
+                    for (x, y) in u.iter_mut().zip(m) {
+                        *x |= *y;
+                    }
+                }
+            }
+            Some(union)
+        });
+        let sizes = instance.memory_sizes();
+        let images = s.base.as_ref().map(|(_, images)| images);
+        let mut deltas = Vec::with_capacity(sizes.len());
+        for (index, &size) in sizes.iter().enumerate() {
+            let base = images.and_then(|i| i.iter().find(|m| m.index as usize == index));
+            let n_chunks = (size as usize).div_ceil(DEFAULT_FIXED_CHUNK);
+            let written = since_base.as_ref().and_then(|u| u.get(index));
+            let chunks: Vec<Option<ChunkRef>> = (0..n_chunks)
+                .map(|i| {
+                    let (base, written) = (base?, written?);
+                    if base.chunk_size != DEFAULT_FIXED_CHUNK as u64
+                        || written.get(i).copied().unwrap_or(true)
+                    {
+                        return None;
+                    }
+                    let len = (size as usize - i * DEFAULT_FIXED_CHUNK).min(DEFAULT_FIXED_CHUNK) as u64;
+                    // A chunk the base had shorter (memory grew since) is
+                    // copied again.
+                    base.chunks.get(i).filter(|c| c.len() == len).copied()
+                })
+                .collect();
+            let copied = instance.copy_chunks(index, DEFAULT_FIXED_CHUNK, |i| chunks[i].is_none());
+            deltas.push(MemoryDelta {
+                index: index as u32,
+                size,
+                chunks,
+                copied,
+            });
+        }
+        drop(s);
+        Ok(Captured {
+            state: CapturedState::NativeDelta(deltas),
+            pause: started.elapsed(),
+            record: Some((self.clone(), number)),
+        })
+    }
+
+    fn record(&self, number: u64, images: &[MemoryImage]) {
+        let mut s = self.0.lock().unwrap();
+        // A notice for a newer snapshot already came: this one is stale.
+        if s.base.as_ref().is_some_and(|(b, _)| *b >= number) {
+            return;
+        }
+        s.persisted.insert(number, images.to_vec());
+    }
+}
+
+impl BaseState {
+    /// Snapshots up to `aborted` without a notice may have failed. If one
+    /// of them referenced the current base, the base itself may be gone
+    /// (retention deleted it, so commit refused the references): drop it,
+    /// so the next capture is full and cannot fail that way again.
+    fn forget_aborted(&mut self, aborted: u64) {
+        self.persisted.retain(|n, _| *n > aborted);
+        if let Some((b, _)) = &self.base
+            && self
+                .log
+                .iter()
+                .any(|(n, _, used)| *n <= aborted && *used == Some(*b))
+        {
+            self.base = None;
+        }
+    }
+}
+
+fn native_error(e: RuntimeError) -> CaptureError {
+    match e {
+        e @ RuntimeError::NativeSnapshot { .. } => CaptureError::Declined(e.to_string()),
+        e => CaptureError::Failed(Box::new(e)),
+    }
 }
 
 /// Why a capture did not produce state.
@@ -73,17 +292,12 @@ pub fn capture(instance: &mut TaskInstance, format: SnapshotFormat) -> Result<Ca
             }
             Err(e) => return Err(CaptureError::Failed(Box::new(e))),
         },
-        SnapshotFormat::Native => match instance.capture_memories() {
-            Ok(memories) => CapturedState::Native(memories),
-            Err(e @ RuntimeError::NativeSnapshot { .. }) => {
-                return Err(CaptureError::Declined(e.to_string()));
-            }
-            Err(e) => return Err(CaptureError::Failed(Box::new(e))),
-        },
+        SnapshotFormat::Native => CapturedState::Native(instance.capture_memories().map_err(native_error)?),
     };
     Ok(Captured {
         state,
         pause: started.elapsed(),
+        record: None,
     })
 }
 
@@ -113,6 +327,38 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
                     chunk_size: DEFAULT_FIXED_CHUNK as u64,
                     chunks: writer.put_chunks_fixed(&m.bytes, DEFAULT_FIXED_CHUNK)?,
                 });
+            }
+            Ok(TaskStateData::Native {
+                memories: images,
+                extra: native_extra(),
+            })
+        }
+        CapturedState::NativeDelta(memories) => {
+            let mut images = Vec::with_capacity(memories.len());
+            for m in memories {
+                let mut fresh = writer
+                    .put_chunks_fixed(&m.copied, DEFAULT_FIXED_CHUNK)?
+                    .into_iter();
+                let chunks = m
+                    .chunks
+                    .iter()
+                    .map(|c| match c {
+                        Some(c) => *c,
+                        // Every copied chunk is whole but possibly the
+                        // memory's last, so fixed chunking of `copied`
+                        // yields exactly one reference per copied chunk.
+                        None => fresh.next().expect("one reference per copied chunk"),
+                    })
+                    .collect();
+                images.push(MemoryImage {
+                    index: m.index,
+                    size: m.size,
+                    chunk_size: DEFAULT_FIXED_CHUNK as u64,
+                    chunks,
+                });
+            }
+            if let Some((base, number)) = &captured.record {
+                base.record(*number, &images);
             }
             Ok(TaskStateData::Native {
                 memories: images,
@@ -307,6 +553,9 @@ pub fn restore_native(
         instance.zero_memory(index, 0, m.size as usize);
         fill_memory(&mut instance, index, store, id, &state.key, &m.chunks)?;
     }
+    // The memories now equal the image: track writes from here, so that
+    // the restored snapshot can be the base of the next capture.
+    instance.reset_write_tracking();
     Ok(instance)
 }
 

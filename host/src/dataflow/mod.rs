@@ -112,7 +112,8 @@ pub(crate) enum Msg {
     End,
     /// Stop without draining (after a stop-with-savepoint barrier).
     Stop,
-    /// Snapshot `n` completed (coordinator → sink tasks; not aligned).
+    /// Snapshot `n` completed (coordinator → every task; not aligned):
+    /// sinks forget its part files, native captures may use it as a base.
     Complete(u64),
 }
 
@@ -203,8 +204,8 @@ pub(crate) struct Attempt {
     /// tasks skip the work of barriers at or below it. A watermark, not
     /// coordination: reading it late only costs a wasted capture.
     aborted: Arc<AtomicU64>,
-    /// Senders into the last stage's channels, for completion notices.
-    sink_tasks: Vec<Sender<(usize, Msg)>>,
+    /// Senders into every task's channel, for completion notices.
+    all_tasks: Vec<Sender<(usize, Msg)>>,
     halt: Arc<AtomicBool>,
     handles: Vec<JoinHandle<()>>,
 }
@@ -327,6 +328,7 @@ impl Attempt {
                     reports: reports.clone(),
                     restore: restored,
                     aborted: aborted.clone(),
+                    native: crate::snapshot::NativeBase::new(),
                 };
                 let reports = reports.clone();
                 let handle = thread::Builder::new()
@@ -339,7 +341,7 @@ impl Attempt {
 
         let (ctl_tx, ctl_rx) = bounded::<SourceCtl>(16);
         let first = senders(0);
-        let sink_tasks = senders(last);
+        let all_tasks = (0..channels.len()).flat_map(senders).collect();
         drop(channels);
         let source_halt = halt.clone();
         let source_aborted = aborted.clone();
@@ -361,7 +363,7 @@ impl Attempt {
         Ok(Attempt {
             source_ctl: ctl_tx,
             aborted,
-            sink_tasks,
+            all_tasks,
             halt,
             handles,
         })
@@ -387,11 +389,13 @@ impl Attempt {
         self.aborted.fetch_max(id, Ordering::SeqCst);
     }
 
-    /// Tell the sink tasks that snapshot `id` completed, so they forget the
-    /// part files it committed. Never blocks: a missed notice only means
-    /// the files are listed (harmlessly) once more.
+    /// Tell every task that snapshot `id` completed: sink tasks forget the
+    /// part files it committed, tasks with native state may use it as the
+    /// base of incremental captures. Never blocks: a missed notice only
+    /// means the files are listed (harmlessly) once more, or that the next
+    /// native capture builds on an older base (see `snapshot::NativeBase`).
     pub(crate) fn notify_complete(&self, id: u64) {
-        for tx in &self.sink_tasks {
+        for tx in &self.all_tasks {
             let _ = tx.try_send((FROM_COORDINATOR, Msg::Complete(id)));
         }
     }
@@ -400,7 +404,7 @@ impl Attempt {
     pub(crate) fn shutdown(mut self) {
         self.halt.store(true, Ordering::SeqCst);
         // Dropping our senders lets tasks see their inputs disconnect.
-        self.sink_tasks.clear();
+        self.all_tasks.clear();
         drop(self.source_ctl);
         for h in self.handles.drain(..) {
             let _ = h.join();

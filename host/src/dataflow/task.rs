@@ -10,7 +10,8 @@ use crossbeam_channel::{Receiver, Sender};
 use super::sink::{SinkCommit, SinkWriter};
 use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, partition};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
-use crate::snapshot::{self, CaptureError};
+use crate::snapshot::{self, CaptureError, NativeBase};
+use crate::spec::SnapshotFormat;
 use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
 
 /// Where a task sends what its operator emits.
@@ -78,6 +79,8 @@ pub(super) struct Task {
     pub restore: Option<(TenantStore, SnapshotId, TaskState)>,
     /// Highest aborted snapshot number (see `Attempt::abort`).
     pub aborted: Arc<std::sync::atomic::AtomicU64>,
+    /// Base of incremental native captures (see `snapshot::NativeBase`).
+    pub native: NativeBase,
 }
 
 /// Barrier alignment: inputs that delivered the current barrier are held
@@ -124,7 +127,7 @@ impl Task {
         // calling `open` again would build a fresh operator over it.
         let mut instance = match self.restore.take() {
             Some((store, id, state)) if matches!(state.state, TaskStateData::Native { .. }) => {
-                snapshot::restore_native(
+                let instance = snapshot::restore_native(
                     &self.runtime,
                     &self.component,
                     label,
@@ -133,7 +136,15 @@ impl Task {
                     &id,
                     &state,
                 )
-                .map_err(restore_error)?
+                .map_err(restore_error)?;
+                // The restored snapshot is committed: the next native
+                // capture only copies what changes from here.
+                if let TaskStateData::Native { memories, .. } = state.state
+                    && instance.tracks_writes()
+                {
+                    self.native.restored(id.number(), memories);
+                }
+                instance
             }
             restore => {
                 let mut instance = self.runtime.instantiate(&self.component, label, &self.limits)?;
@@ -190,6 +201,7 @@ impl Task {
                 Msg::End => ended[from] = true,
                 Msg::Stop => stopped[from] = true,
                 Msg::Complete(id) => {
+                    self.native.committed(id);
                     if let Downstream::Sink(sink) = &mut self.downstream {
                         sink.committed(id);
                     }
@@ -246,8 +258,13 @@ impl Task {
         let started = Instant::now();
         // A barrier of a snapshot the coordinator already gave up on is
         // only forwarded: capturing it would pause the task for nothing.
-        let aborted = barrier.id <= self.aborted.load(std::sync::atomic::Ordering::SeqCst);
-        let captured = match (!aborted).then(|| snapshot::capture(instance, barrier.format)) {
+        let watermark = self.aborted.load(std::sync::atomic::Ordering::SeqCst);
+        let aborted = barrier.id <= watermark;
+        let capture = |instance: &mut TaskInstance| match barrier.format {
+            SnapshotFormat::Native => self.native.capture(instance, barrier.id, watermark),
+            SnapshotFormat::Canonical => snapshot::capture(instance, SnapshotFormat::Canonical),
+        };
+        let captured = match (!aborted).then(|| capture(instance)) {
             None => None,
             Some(Ok(c)) => Some(c),
             Some(Err(CaptureError::Declined(reason))) => {
