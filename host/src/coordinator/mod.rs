@@ -87,7 +87,6 @@ pub(crate) struct Coordinator<'a> {
     status: StatusHandle,
     report: JobReport,
     consecutive_failures: u32,
-    last_gc: Option<Instant>,
     gc_pending: bool,
 }
 
@@ -111,7 +110,6 @@ impl<'a> Coordinator<'a> {
             status,
             report: JobReport::default(),
             consecutive_failures: 0,
-            last_gc: None,
             gc_pending: false,
         })
     }
@@ -451,8 +449,9 @@ impl<'a> Coordinator<'a> {
                 }
                 default(wait) => {}
             }
-            if self.gc_pending && self.last_gc.is_none_or(|t| t.elapsed() >= GC_INTERVAL) {
-                self.run_gc();
+            // Never while this job holds a writer: GC waits for writers.
+            if self.gc_pending && run.pending.is_none() {
+                self.collect_garbage();
             }
             // Timeout of the snapshot in flight.
             if let Some(p) = &run.pending
@@ -928,19 +927,27 @@ impl<'a> Coordinator<'a> {
     }
 
     /// Collect the blobs of deleted snapshots. GC marks over the whole
-    /// tenant, so it runs at most every [`GC_INTERVAL`] while the job runs
-    /// (garbage waits a little; checkpoints do not) and once at the end.
+    /// tenant, so while jobs run it happens at most every [`GC_INTERVAL`]
+    /// per tenant (garbage waits a little; checkpoints do not), and once
+    /// when a job ends.
     fn collect_garbage(&mut self) {
         self.gc_pending = true;
-        if self.last_gc.is_some_and(|t| t.elapsed() < GC_INTERVAL) {
-            return;
+        match self.store.gc_if_due(GC_INTERVAL) {
+            Ok(Some(r)) => {
+                self.gc_pending = false;
+                tracing::debug!(target: "memento::snapshot", "gc: {r:?}");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.gc_pending = false;
+                tracing::warn!(target: "memento::snapshot", "gc failed: {e}");
+            }
         }
-        self.run_gc();
     }
 
+    /// The final collection when a job ends (not throttled).
     fn run_gc(&mut self) {
         self.gc_pending = false;
-        self.last_gc = Some(Instant::now());
         match self.store.gc() {
             Ok(r) => tracing::debug!(target: "memento::snapshot", "gc: {r:?}"),
             Err(e) => tracing::warn!(target: "memento::snapshot", "gc failed: {e}"),

@@ -49,6 +49,26 @@ impl TenantStore {
     /// [`StoreError::Busy`] if writers stayed active for longer than
     /// `StoreOptions::gc_wait` (e.g. `gc` called by a thread that holds a
     /// `SnapshotWriter`); I/O errors.
+    /// Like [`TenantStore::gc`], but only if no GC of this tenant started in
+    /// this process within `min_interval`; returns `None` when skipped. A
+    /// GC marks over all of the tenant's snapshots and holds new writers
+    /// back while it deletes, so many jobs of one tenant must not each run
+    /// one after every checkpoint.
+    ///
+    /// # Errors
+    /// As [`TenantStore::gc`].
+    pub fn gc_if_due(&self, min_interval: std::time::Duration) -> Result<Option<GcReport>, StoreError> {
+        {
+            let mut last = self.inner.last_gc.lock().unwrap();
+            if last.is_some_and(|t| t.elapsed() < min_interval) {
+                return Ok(None);
+            }
+            // Claim the slot before running, so concurrent callers skip.
+            *last = Some(std::time::Instant::now());
+        }
+        self.gc().map(Some)
+    }
+
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let start = Instant::now();
         let mut report = GcReport::default();

@@ -236,6 +236,7 @@ impl Store {
                     prefix: format!("tenants/{name}"),
                     name,
                     usage: Mutex::new(None),
+                    last_gc: Mutex::new(None),
                 })
             })
             .clone();
@@ -275,6 +276,9 @@ struct TenantInner {
     prefix: String,
     /// Bytes referenced by the tenant's manifests, for quotas; built lazily.
     usage: Mutex<Option<UsageCache>>,
+    /// When this process last started a GC of the tenant (see
+    /// [`TenantStore::gc_if_due`]).
+    last_gc: Mutex<Option<std::time::Instant>>,
 }
 
 /// Which snapshots [`TenantStore::list`] returns.
