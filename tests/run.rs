@@ -232,6 +232,18 @@ fn demo_runs() {
     assert!(text.contains("demo-words"), "{text}");
     assert!(text.contains("most frequent words"), "{text}");
     assert!(text.contains("window sums emitted: 20000"), "{text}");
+    // The third job snapshots while it runs: checkpoints and a savepoint
+    // side by side in the store.
+    assert!(text.contains("savepoint  demo-clicks-"), "{text}");
+    let listed = text
+        .split("the store now holds")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        listed.contains(" savepoint ") && listed.contains(" checkpoint "),
+        "{listed}"
+    );
+    assert!(listed.contains("end_of_input"), "{listed}");
 }
 
 #[test]

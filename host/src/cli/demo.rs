@@ -71,6 +71,31 @@ type = "file"
 path = "out/windows"
 "#;
 
+const CHECKPOINTS_JOB: &str = r#"
+name = "demo-clicks"
+
+# Two seconds of input, so that snapshots happen while it runs.
+[source]
+type = "generator"
+count = 100000
+keys = 500
+rate = 50000
+batch = 500
+
+[[operators]]
+name = "count"
+plugin = "plugins/wordcount.wasm"
+parallelism = 2
+
+[sink]
+type = "file"
+path = "out/clicks"
+
+[checkpoints]
+interval = "400ms"
+retained = 2
+"#;
+
 pub fn run() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("memento-demo-")
@@ -106,8 +131,57 @@ pub fn run() -> anyhow::Result<()> {
         .map(|e| Ok(std::fs::read_to_string(e?.path())?.lines().count()))
         .sum::<anyhow::Result<usize>>()?;
     println!("window sums emitted: {windows} (100 keys × 200 one-second windows)");
+
+    checkpoints(&host, &dir)?;
     println!("\noutput is in {}", dir.join("out").display());
+    println!(
+        "snapshots are in {} (try: memento snapshots list --state-dir {})",
+        dir.join("state").display(),
+        dir.join("state").display()
+    );
     Ok(())
+}
+
+/// A job with periodic checkpoints and a savepoint taken while it runs;
+/// then the unified list of what the store holds.
+fn checkpoints(host: &Host, dir: &Path) -> anyhow::Result<()> {
+    let file = dir.join("clicks.toml");
+    std::fs::write(&file, CHECKPOINTS_JOB)?;
+    let spec = JobSpec::from_toml(CHECKPOINTS_JOB, &file, dir)?;
+    println!("\n== demo-clicks (clicks.toml): checkpoints every 400 ms, a savepoint after 1 s");
+    let job = host.load_job(spec, crate::DEFAULT_TENANT)?;
+    let control = job.control();
+    let savepoint = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        control.trigger_savepoint(None).recv().ok()
+    });
+    let report = job.run(crate::RunOptions::default())?;
+    print!("{}", super::format_report("demo-clicks", &report));
+    if let Some(Ok(id)) = savepoint.join().ok().flatten() {
+        println!("  savepoint  {id:>12} (taken while running)");
+    }
+    println!("\nthe store now holds (checkpoints beyond `retained = 2` were subsumed):");
+    let mut listed = job.store().list(&crate::store::ListFilter::all())?;
+    listed.retain(|m| m.job.as_str() == "demo-clicks");
+    for m in listed {
+        println!(
+            "  {:<20} {:<10} {:<13} {:>10} logical {:>10} new",
+            m.id.to_string(),
+            json_name(&m.kind),
+            json_name(&m.trigger),
+            crate::spec::format_size(m.figures.logical_bytes),
+            crate::spec::format_size(m.figures.new_bytes),
+        );
+    }
+    Ok(())
+}
+
+/// How a serde enum value is spelled in manifests (`end_of_input`).
+fn json_name(v: &impl serde::Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// The last value written per key across the part files of a `file` sink.

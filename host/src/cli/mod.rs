@@ -522,5 +522,19 @@ pub fn format_report(job: &str, r: &JobReport) -> String {
             r.source_records as f64 / secs
         );
     }
+    if !r.snapshots.is_empty() || r.failed_snapshots > 0 {
+        let _ = writeln!(
+            s,
+            "  snapshots  {:>12} completed, {} failed",
+            r.snapshots.len(),
+            r.failed_snapshots
+        );
+        if let Some(last) = r.snapshots.last() {
+            let _ = writeln!(s, "  latest     {:>12}", last.id.to_string());
+        }
+    }
+    if r.restarts > 0 {
+        let _ = writeln!(s, "  restarts   {:>12}", r.restarts);
+    }
     s
 }
