@@ -120,6 +120,16 @@ pub(crate) enum Msg {
 /// A task's input: messages tagged with the index of the sending task.
 type Channel = (Sender<(usize, Msg)>, Receiver<(usize, Msg)>);
 
+/// Partition `events` by key over the next stage's channels and send each
+/// non-empty part, tagged with the sender's index `from`. `false` if a
+/// receiving task is gone (it failed; its error is reported).
+fn route(next: &[Sender<(usize, Msg)>], from: usize, events: Vec<Event>) -> bool {
+    partition::partition(events, next.len())
+        .into_iter()
+        .enumerate()
+        .all(|(task, part)| part.is_empty() || next[task].send((from, Msg::Batch(part))).is_ok())
+}
+
 /// Sender index used for messages from the coordinator.
 const FROM_COORDINATOR: usize = usize::MAX;
 
@@ -464,11 +474,8 @@ fn run_source(
             }
             Ok(Some(batch)) => {
                 records_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                let parts = partition::partition(batch, first.len());
-                for (t, part) in parts.into_iter().enumerate() {
-                    if !part.is_empty() && first[t].send((0, Msg::Batch(part))).is_err() {
-                        return; // a task failed; its error is reported
-                    }
+                if !route(&first, 0, batch) {
+                    return; // a task failed; its error is reported
                 }
             }
         }

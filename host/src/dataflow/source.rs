@@ -136,19 +136,29 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+impl FileSource {
+    /// Read the next line into `self.line` and count it; `false` at the end
+    /// of the file.
+    fn read_line(&mut self) -> Result<bool, String> {
+        self.line.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.line)
+            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+        if n > 0 {
+            self.line_no += 1;
+        }
+        Ok(n > 0)
+    }
+}
+
 impl Source for FileSource {
     fn next_batch(&mut self) -> Result<Option<Vec<Event>>, String> {
         let mut out = Vec::with_capacity(self.batch.min(4096));
         while out.len() < self.batch {
-            self.line.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.line)
-                .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
-            if n == 0 {
+            if !self.read_line()? {
                 break;
             }
-            self.line_no += 1;
             let mut line = std::mem::take(&mut self.line);
             while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                 line.pop();
@@ -175,19 +185,13 @@ impl Source for FileSource {
             .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
         self.line_no = 0;
         while self.line_no < position {
-            self.line.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.line)
-                .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
-            if n == 0 {
+            if !self.read_line()? {
                 return Err(format!(
                     "{} has {} lines, fewer than the snapshot's position {position} (did the input change?)",
                     self.path.display(),
                     self.line_no
                 ));
             }
-            self.line_no += 1;
         }
         Ok(())
     }

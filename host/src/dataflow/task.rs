@@ -8,7 +8,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::sink::{SinkCommit, SinkWriter};
-use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, partition};
+use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, route};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
 use crate::snapshot::{self, CaptureError, NativeBase};
 use crate::spec::SnapshotFormat;
@@ -32,12 +32,11 @@ impl Downstream {
         }
         match self {
             Downstream::Next(next, me) => {
-                for (task, part) in partition::partition(events, next.len()).into_iter().enumerate() {
-                    if !part.is_empty() && next[task].send((*me, Msg::Batch(part))).is_err() {
-                        return Err(JobError::Cancelled(String::new()));
-                    }
+                if route(next, *me, events) {
+                    Ok(())
+                } else {
+                    Err(JobError::Cancelled(String::new()))
                 }
-                Ok(())
             }
             Downstream::Sink(sink) => {
                 figures.sink_records += events.len() as u64;
