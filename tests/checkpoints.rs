@@ -684,6 +684,9 @@ fn exactly_once_under_sigkill_one_second_checkpoints() {
 
 // ------------------------------------------------------- restart strategy
 
+/// The plugin's call counter is not part of its canonical state, so each
+/// restart gets 2,000 fresh calls; a native image would bring the count
+/// back (and fail again at once), hence `format = "canonical"`.
 fn failing_job(name: &str, restart: &str) -> String {
     job_toml(
         name,
@@ -694,7 +697,7 @@ fn failing_job(name: &str, restart: &str) -> String {
             1,
             &[("mode", "fail-after"), ("calls", "2000")],
         )],
-        &format!("[checkpoints]\ninterval = \"200ms\"\n\n[restart]\n{restart}\n"),
+        &format!("[checkpoints]\ninterval = \"200ms\"\nformat = \"canonical\"\n\n[restart]\n{restart}\n"),
     )
 }
 
@@ -1053,6 +1056,7 @@ fn stop_with_savepoint_on_sigterm_and_resume() {
 
 // ------------------------------------------ timeouts and tolerable failures
 
+/// `snapshot-state` is slow or declines: canonical checkpoints call it.
 fn slow_or_declining(name: &str, config: (&str, &str), interval: &str, tolerable: u32) -> Fixture {
     Fixture::new(
         name,
@@ -1061,7 +1065,7 @@ fn slow_or_declining(name: &str, config: (&str, &str), interval: &str, tolerable
             &generator(6_000, 10, 6, Some(3_000), 100),
             &[operator("pass", "misbehave", 1, &[("mode", "none"), config])],
             &format!(
-                "[checkpoints]\ninterval = \"{interval}\"\ntimeout = \"100ms\"\ntolerable_failures = {tolerable}\n\n\
+                "[checkpoints]\ninterval = \"{interval}\"\nformat = \"canonical\"\ntimeout = \"100ms\"\ntolerable_failures = {tolerable}\n\n\
                  [restart]\nstrategy = \"none\"\n"
             ),
         ),
@@ -1279,7 +1283,7 @@ fn canonical_state_above_128_mib_checkpoints_and_restores() {
             1,
             &[("state_mib", "160"), ("dirty_fraction", "0.0001")],
         )],
-        "[checkpoints]\ninterval = \"500ms\"\nretained = 100\n[limits]\nmemory = \"1GiB\"\ncall_timeout = \"60s\"\n",
+        "[checkpoints]\ninterval = \"500ms\"\nformat = \"canonical\"\nretained = 100\n[limits]\nmemory = \"1GiB\"\ncall_timeout = \"60s\"\n",
     );
     let fx = Fixture::new("big", &toml);
     let report = fx.run(&[]).report();

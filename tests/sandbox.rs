@@ -174,6 +174,9 @@ fn checkpoints_then_cancel(job: &Job, n: usize) -> Vec<SnapshotId> {
     })
 }
 
+// Tests of `snapshot-state` / `restore-state` behaviour pin
+// `format = "canonical"`: by default checkpoints image memory natively and
+// never call them.
 const SHORT_DEADLINE: &str = "[limits]\ncall_timeout = \"200ms\"";
 
 #[test]
@@ -184,7 +187,7 @@ fn endless_loop_in_open_process_and_snapshot_hits_the_deadline() {
         (
             "loop-in-snapshot",
             "snapshot-state",
-            format!("{SHORT_DEADLINE}\n[checkpoints]\ninterval = \"50ms\""),
+            format!("{SHORT_DEADLINE}\n[checkpoints]\ninterval = \"50ms\"\nformat = \"canonical\""),
         ),
     ] {
         let name = format!("deadline-{mode}");
@@ -205,7 +208,12 @@ fn endless_loop_in_restore_hits_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let ids = checkpoints_then_cancel(
         &load(
-            &hostile_job("deadline-restore", "none", "", "[checkpoints]\nretained = 2"),
+            &hostile_job(
+                "deadline-restore",
+                "none",
+                "",
+                "[checkpoints]\nretained = 2\nformat = \"canonical\"",
+            ),
             dir.path(),
         ),
         2,
@@ -296,7 +304,7 @@ fn huge_snapshot_is_refused_and_never_visible() {
         "huge-snapshot",
         "huge-snapshot",
         "snapshot_mib = \"4\"",
-        "[limits]\nmax_snapshot = \"1MiB\"\n[checkpoints]\ninterval = \"50ms\"",
+        "[limits]\nmax_snapshot = \"1MiB\"\n[checkpoints]\ninterval = \"50ms\"\nformat = \"canonical\"",
     );
     assert!(
         err.starts_with(
@@ -316,7 +324,7 @@ fn huge_snapshot_is_refused_and_never_visible() {
 #[test]
 fn garbage_state_fails_restore_and_the_older_snapshot_is_offered() {
     let dir = tempfile::tempdir().unwrap();
-    let sections = "[checkpoints]\nretained = 2";
+    let sections = "[checkpoints]\nretained = 2\nformat = \"canonical\"";
     let ids = checkpoints_then_cancel(
         &load(
             &hostile_job("garbage", "garbage-snapshot", "good_snapshots = \"1\"", sections),
@@ -363,7 +371,7 @@ fn garbage_state_fails_restore_and_the_older_snapshot_is_offered() {
 #[test]
 fn trap_in_restore_fails_restore_and_the_older_snapshot_is_offered() {
     let dir = tempfile::tempdir().unwrap();
-    let sections = "[checkpoints]\nretained = 2";
+    let sections = "[checkpoints]\nretained = 2\nformat = \"canonical\"";
     let ids = checkpoints_then_cancel(
         &load(&hostile_job("trap-restore", "none", "", sections), dir.path()),
         2,

@@ -270,7 +270,9 @@ pub enum CaptureError {
     Failed(Box<RuntimeError>),
 }
 
-/// Capture the task's state in `format` (task thread, instance quiescent).
+/// Capture the task's state in `format` (task thread, instance quiescent),
+/// copying the whole memory for native; `auto` means canonical here (it
+/// needs a task's base: see [`capture_at_barrier`]).
 ///
 /// Native format copies the linear memories and runs no guest code, so it
 /// works for operators whose `snapshot-state` fails.
@@ -283,7 +285,7 @@ pub enum CaptureError {
 pub fn capture(instance: &mut TaskInstance, format: SnapshotFormat) -> Result<Captured, CaptureError> {
     let started = std::time::Instant::now();
     let state = match format {
-        SnapshotFormat::Canonical => match instance.snapshot_state() {
+        SnapshotFormat::Canonical | SnapshotFormat::Auto => match instance.snapshot_state() {
             Ok(bytes) => CapturedState::Canonical(bytes),
             Err(RuntimeError::Guest { message, task, .. }) => {
                 return Err(CaptureError::Declined(format!(
@@ -299,6 +301,45 @@ pub fn capture(instance: &mut TaskInstance, format: SnapshotFormat) -> Result<Ca
         pause: started.elapsed(),
         record: None,
     })
+}
+
+/// Capture the task's state for snapshot `number` in `format`, the way a
+/// task does at a barrier: native captures go through the task's `base`
+/// (incremental); `auto` captures natively where the component allows it
+/// and, when the guest holds host resources right now (or the component
+/// cannot be imaged at all), canonically instead. `aborted` is the highest
+/// snapshot number the coordinator gave up on.
+///
+/// # Errors
+/// As [`capture`]; for `auto`, a decline names both reasons.
+pub fn capture_at_barrier(
+    instance: &mut TaskInstance,
+    format: SnapshotFormat,
+    base: &NativeBase,
+    number: u64,
+    aborted: u64,
+) -> Result<Captured, CaptureError> {
+    match format {
+        SnapshotFormat::Native => base.capture(instance, number, aborted),
+        SnapshotFormat::Canonical => capture(instance, SnapshotFormat::Canonical),
+        SnapshotFormat::Auto => {
+            let native = match instance.component().native_support() {
+                Ok(()) => base.capture(instance, number, aborted),
+                Err(why) => Err(CaptureError::Declined(why)),
+            };
+            match native {
+                Err(CaptureError::Declined(why)) => {
+                    capture(instance, SnapshotFormat::Canonical).map_err(|e| match e {
+                        CaptureError::Declined(c) => {
+                            CaptureError::Declined(format!("native: {why}; canonical: {c}"))
+                        }
+                        e => e,
+                    })
+                }
+                other => other,
+            }
+        }
+    }
 }
 
 /// Write captured state into the snapshot's blobs: canonical bytes

@@ -665,7 +665,9 @@ impl<'a> Coordinator<'a> {
 
     /// Every task acknowledged: commit the manifest, then the output.
     fn complete(&mut self, run: &mut AttemptState, p: Pending) -> Result<(), JobError> {
-        let mut m = p.writer.manifest(p.kind, p.trigger, state_format(p.format));
+        // With `auto`, tasks may differ: the manifest says what was taken.
+        let format = StateFormat::of_tasks(p.acks.values());
+        let mut m = p.writer.manifest(p.kind, p.trigger, format);
         m.created_at_ms = p.created_at_ms;
         m.retention = self.retention(p.kind);
         m.components = self.component_hashes();
@@ -991,13 +993,6 @@ fn retryable(e: &JobError) -> bool {
             | JobError::Snapshots(_)
             | JobError::Thread(_)
     )
-}
-
-fn state_format(f: SnapshotFormat) -> StateFormat {
-    match f {
-        SnapshotFormat::Canonical => StateFormat::Canonical,
-        SnapshotFormat::Native => StateFormat::Native,
-    }
 }
 
 /// The sink commits recorded in a manifest.

@@ -11,7 +11,6 @@ use super::sink::{SinkCommit, SinkWriter};
 use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, route};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
 use crate::snapshot::{self, CaptureError, NativeBase};
-use crate::spec::SnapshotFormat;
 use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
 
 /// Where a task sends what its operator emits.
@@ -259,9 +258,8 @@ impl Task {
         // only forwarded: capturing it would pause the task for nothing.
         let watermark = self.aborted.load(std::sync::atomic::Ordering::SeqCst);
         let aborted = barrier.id <= watermark;
-        let capture = |instance: &mut TaskInstance| match barrier.format {
-            SnapshotFormat::Native => self.native.capture(instance, barrier.id, watermark),
-            SnapshotFormat::Canonical => snapshot::capture(instance, SnapshotFormat::Canonical),
+        let capture = |instance: &mut TaskInstance| {
+            snapshot::capture_at_barrier(instance, barrier.format, &self.native, barrier.id, watermark)
         };
         let captured = match (!aborted).then(|| capture(instance)) {
             None => None,

@@ -254,14 +254,19 @@ pub enum SinkSpec {
 }
 
 /// Snapshot format.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotFormat {
-    /// The operator's own bytes from `snapshot-state`.
-    #[default]
+    /// The operator's own bytes from `snapshot-state`: portable across
+    /// plugin versions.
     Canonical,
-    /// The host's image of the linear memories.
+    /// The host's image of the linear memories: no guest code runs, but the
+    /// snapshot restores only into the identical component.
     Native,
+    /// Per task, native where the component allows it (see
+    /// `LoadedComponent::native_support`) and the guest holds no host
+    /// resources at that moment; canonical otherwise.
+    Auto,
 }
 
 /// `[checkpoints]`.
@@ -286,8 +291,8 @@ pub struct CheckpointSpec {
     /// Keep checkpoints when the job is cancelled or fails (default true).
     #[serde(default = "yes")]
     pub persistent: bool,
-    /// Snapshot format (default canonical).
-    #[serde(default)]
+    /// Snapshot format (default auto: native where the component allows it).
+    #[serde(default = "auto")]
     pub format: SnapshotFormat,
 }
 
@@ -300,7 +305,7 @@ impl Default for CheckpointSpec {
             tolerable_failures: 0,
             retained: 1,
             persistent: true,
-            format: SnapshotFormat::Canonical,
+            format: SnapshotFormat::Auto,
         }
     }
 }
@@ -314,9 +319,15 @@ fn zero() -> HumanDuration {
 fn yes() -> bool {
     true
 }
+fn auto() -> SnapshotFormat {
+    SnapshotFormat::Auto
+}
+fn canonical() -> SnapshotFormat {
+    SnapshotFormat::Canonical
+}
 
 /// `[savepoints]`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SavepointSpec {
     /// Time between periodic savepoints.
@@ -331,9 +342,21 @@ pub struct SavepointSpec {
     /// Dispose savepoints older than this (the newest is always kept).
     #[serde(default)]
     pub max_age: Option<HumanDuration>,
-    /// Snapshot format (default canonical).
-    #[serde(default)]
+    /// Snapshot format (default canonical: portable across plugin versions).
+    #[serde(default = "canonical")]
     pub format: SnapshotFormat,
+}
+
+impl Default for SavepointSpec {
+    fn default() -> Self {
+        SavepointSpec {
+            interval: None,
+            cron: None,
+            max_count: None,
+            max_age: None,
+            format: SnapshotFormat::Canonical,
+        }
+    }
 }
 
 /// Restart strategy.
@@ -728,6 +751,7 @@ impl fmt::Display for SnapshotFormat {
         f.write_str(match self {
             SnapshotFormat::Canonical => "canonical",
             SnapshotFormat::Native => "native",
+            SnapshotFormat::Auto => "auto",
         })
     }
 }

@@ -56,6 +56,28 @@ pub enum StateFormat {
     Native,
     /// The operator's own `snapshot-state` bytes; portable across versions.
     Canonical,
+    /// Some tasks native, some canonical (each task's state says which):
+    /// the native ones restore only into their identical component.
+    Mixed,
+}
+
+impl StateFormat {
+    /// The format of a snapshot made of these task states: `Native` or
+    /// `Canonical` if all agree (`Canonical` for none), else `Mixed`.
+    pub fn of_tasks<'a>(tasks: impl IntoIterator<Item = &'a TaskStateData>) -> StateFormat {
+        let (mut native, mut canonical) = (false, false);
+        for t in tasks {
+            match t {
+                TaskStateData::Native { .. } => native = true,
+                TaskStateData::Canonical { .. } => canonical = true,
+            }
+        }
+        match (native, canonical) {
+            (true, false) => StateFormat::Native,
+            (true, true) => StateFormat::Mixed,
+            _ => StateFormat::Canonical,
+        }
+    }
 }
 
 /// State of a snapshot as recorded in its manifest. Only complete snapshots
