@@ -503,11 +503,6 @@ pub fn restore(
     }
 }
 
-/// How many chunks one read of a native restore brings in at most: bounds
-/// the transient buffer (64 × 256 KiB = 16 MiB) while keeping the store's
-/// parallel reads busy.
-const RESTORE_CHUNKS_PER_READ: usize = 64;
-
 /// Restore a task from native state: instantiate the identical component
 /// with its memories created at the image's sizes, then overwrite them with
 /// the image before any call. The guest's whole state -- including the
@@ -600,9 +595,8 @@ pub fn restore_native(
     Ok(instance)
 }
 
-/// Copy the blob chunks of one memory image into memory `index`, reading
-/// runs of consecutive blob chunks together (zero chunks are left alone:
-/// the memory already reads zero there).
+/// Read the chunks of one memory image straight into memory `index`
+/// (zero chunks are left alone: the memory already reads zero there).
 fn fill_memory(
     instance: &mut TaskInstance,
     index: usize,
@@ -611,27 +605,10 @@ fn fill_memory(
     task: &TaskKey,
     chunks: &[ChunkRef],
 ) -> Result<(), RestoreError> {
-    let mut offset = 0usize;
-    let mut i = 0usize;
-    while i < chunks.len() {
-        if chunks[i].blob().is_none() {
-            offset += chunks[i].len() as usize;
-            i += 1;
-            continue;
-        }
-        let run_end = (i..chunks.len())
-            .take(RESTORE_CHUNKS_PER_READ)
-            .take_while(|&j| chunks[j].blob().is_some())
-            .last()
-            .map_or(i + 1, |j| j + 1);
-        let bytes = store.read_chunks(id, task, &chunks[i..run_end])?;
-        let memory = instance
-            .memory_mut(index)
-            .expect("memory exists: sizes were checked");
-        memory[offset..offset + bytes.len()].copy_from_slice(&bytes);
-        offset += bytes.len();
-        i = run_end;
-    }
+    let memory = instance
+        .memory_mut(index)
+        .expect("memory exists: sizes were checked");
+    store.read_chunks_into(id, task, chunks, memory, false)?;
     Ok(())
 }
 

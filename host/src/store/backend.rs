@@ -60,6 +60,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `NotFound`.
     fn read(&self, key: &str) -> io::Result<Vec<u8>>;
 
+    /// Reads the object into `head` and then `body` if its size is exactly
+    /// their combined length, and says so; `Ok(false)` (buffers
+    /// unspecified) if the size differs. Saves a copy when the caller knows
+    /// where the bytes go. The default reads the whole object and copies.
+    fn read_split(&self, key: &str, head: &mut [u8], body: &mut [u8]) -> io::Result<bool> {
+        let all = self.read(key)?;
+        if all.len() != head.len() + body.len() {
+            return Ok(false);
+        }
+        let (h, b) = all.split_at(head.len());
+        head.copy_from_slice(h);
+        body.copy_from_slice(b);
+        Ok(true)
+    }
+
     /// Size of the object in bytes, `None` if absent.
     fn size(&self, key: &str) -> io::Result<Option<u64>>;
 
@@ -310,6 +325,18 @@ impl Backend for LocalDir {
     fn read(&self, key: &str) -> io::Result<Vec<u8>> {
         check_key(key)?;
         self.root.read(key)
+    }
+
+    fn read_split(&self, key: &str, head: &mut [u8], body: &mut [u8]) -> io::Result<bool> {
+        use std::io::Read;
+        check_key(key)?;
+        let mut file = self.root.open(key)?;
+        if file.metadata()?.len() != (head.len() + body.len()) as u64 {
+            return Ok(false);
+        }
+        file.read_exact(head)?;
+        file.read_exact(body)?;
+        Ok(true)
     }
 
     fn size(&self, key: &str) -> io::Result<Option<u64>> {

@@ -254,7 +254,24 @@ pub(crate) fn decode_into(file: &[u8], hash: &BlobHash, out: &mut [u8]) -> Resul
             });
         }
     }
-    let actual = BlobHash::of(out);
+    verify(out, hash)
+}
+
+/// Whether a blob header (the first [`BLOB_HEADER_LEN`] bytes) says the
+/// payload is stored raw: then the payload *is* the content.
+///
+/// # Errors
+/// A bad header.
+pub(crate) fn is_raw(head: &[u8]) -> Result<bool, BlobProblem> {
+    Ok(parse(head)?.0 == CODEC_RAW)
+}
+
+/// Checks content against the hash it is stored under.
+///
+/// # Errors
+/// [`BlobProblem::HashMismatch`].
+pub(crate) fn verify(content: &[u8], hash: &BlobHash) -> Result<(), BlobProblem> {
+    let actual = BlobHash::of(content);
     if actual != *hash {
         return Err(BlobProblem::HashMismatch { actual });
     }

@@ -739,6 +739,31 @@ impl TenantStore {
         task: &TaskKey,
         chunks: &[ChunkRef],
     ) -> Result<Vec<u8>, StoreError> {
+        let total: u64 = chunks.iter().map(ChunkRef::len).sum();
+        let mut out = vec![0u8; total as usize];
+        self.read_chunks_into(id, task, chunks, &mut out, true)?;
+        Ok(out)
+    }
+
+    /// As [`TenantStore::read_chunks`], into `out`, whose length must be
+    /// the chunks' total: raw blobs are read straight into place (no
+    /// intermediate buffer). Zero chunks are written as zeros unless
+    /// `write_zeros` is false (the caller knows `out` reads zero there
+    /// already, as a fresh memory does).
+    ///
+    /// # Errors
+    /// As [`TenantStore::read_chunks`].
+    ///
+    /// # Panics
+    /// If `out` is not exactly as long as the chunks.
+    pub fn read_chunks_into(
+        &self,
+        id: &SnapshotId,
+        task: &TaskKey,
+        chunks: &[ChunkRef],
+        out: &mut [u8],
+        write_zeros: bool,
+    ) -> Result<(), StoreError> {
         if !self.manifest_exists(id)? {
             return Err(StoreError::NotFound {
                 tenant: self.inner.name.to_string(),
@@ -746,14 +771,16 @@ impl TenantStore {
             });
         }
         let total: u64 = chunks.iter().map(ChunkRef::len).sum();
-        let mut out = vec![0u8; total as usize];
+        assert_eq!(out.len() as u64, total, "output is not as long as the chunks");
         let mut slots: Vec<(usize, &ChunkRef, &mut [u8])> = Vec::with_capacity(chunks.len());
-        let mut rest = out.as_mut_slice();
+        let mut rest = out;
         for (i, c) in chunks.iter().enumerate() {
             let (slot, tail) = rest.split_at_mut(c.len() as usize);
             rest = tail;
             if c.blob().is_some() {
                 slots.push((i, c, slot));
+            } else if write_zeros {
+                slot.fill(0);
             }
         }
         let failure = self.read_slots(slots);
@@ -767,7 +794,24 @@ impl TenantStore {
                 next_intact: self.next_intact_before(id).unwrap_or(None),
             })));
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Reads blob `blob` into `out` (its exact plaintext length) and
+    /// verifies it. A raw blob is read straight into `out`; a compressed
+    /// one through a buffer.
+    fn read_blob_into(&self, blob: &BlobHash, out: &mut [u8]) -> Result<(), BlobProblem> {
+        let key = self.blob_key(blob);
+        let io_problem = |e: io::Error| match e.kind() {
+            io::ErrorKind::NotFound => BlobProblem::Missing,
+            _ => BlobProblem::Unreadable(e.to_string()),
+        };
+        let mut head = [0u8; blob::BLOB_HEADER_LEN];
+        if self.backend().read_split(&key, &mut head, out).map_err(io_problem)? && blob::is_raw(&head)? {
+            return blob::verify(out, blob);
+        }
+        let file = self.backend().read(&key).map_err(io_problem)?;
+        blob::decode_into(&file, blob, out)
     }
 
     /// Fills the slots from their blobs using up to `threads` threads;
@@ -780,15 +824,8 @@ impl TenantStore {
             let ChunkRef::Blob { blob, len } = **c else {
                 return Ok(());
             };
-            let file = match self.backend().read(&self.blob_key(&blob)) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err((*i, blob, BlobProblem::Missing));
-                }
-                Err(e) => return Err((*i, blob, BlobProblem::Unreadable(e.to_string()))),
-            };
             debug_assert_eq!(slot.len() as u64, len);
-            blob::decode_into(&file, &blob, slot).map_err(|p| (*i, blob, p))
+            self.read_blob_into(&blob, slot).map_err(|p| (*i, blob, p))
         };
         let threads = self.options().threads.max(1).min(slots.len().max(1));
         if threads <= 1 || slots.len() < 4 {

@@ -754,3 +754,53 @@ fn handles_are_send_and_sync() {
     fn send<T: Send>() {}
     send::<SnapshotWriter>();
 }
+
+/// Reading into place: raw blobs go straight into the caller's buffer,
+/// compressed ones through a buffer, zero chunks are left alone when asked,
+/// and a truncated raw blob is caught by its length.
+#[test]
+fn read_chunks_into_fills_place_and_checks_every_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let zstd = StoreOptions {
+        compression: Compression::Zstd { level: 1 },
+        ..opts()
+    };
+    let t_raw = open(dir.path());
+    let t_zstd = Store::open(dir.path(), zstd).unwrap().tenant("t2").unwrap();
+    // Compressible text, a zero stretch, noise.
+    let mut state = b"memento ".repeat(40_000);
+    state.extend(vec![0u8; 3 << 20]);
+    state.extend(noise(3, 200_000));
+    for t in [&t_raw, &t_zstd] {
+        let (id, chunks) = commit_canonical(t, "j", &state);
+        assert!(chunks.iter().any(|c| c.blob().is_none()), "a zero chunk");
+        let mut out = vec![0xAAu8; state.len()];
+        t.read_chunks_into(&id, &TaskKey::new("op", 0), &chunks, &mut out, true)
+            .unwrap();
+        assert!(out == state);
+        // Without zero filling, zero chunks keep what was there.
+        let mut out = vec![0xAAu8; state.len()];
+        t.read_chunks_into(&id, &TaskKey::new("op", 0), &chunks, &mut out, false)
+            .unwrap();
+        let (mut offset, mut kept) = (0, 0);
+        for c in &chunks {
+            let piece = &out[offset..offset + c.len() as usize];
+            if c.blob().is_none() {
+                assert!(piece.iter().all(|b| *b == 0xAA));
+                kept += 1;
+            } else {
+                assert!(piece == &state[offset..offset + c.len() as usize]);
+            }
+            offset += c.len() as usize;
+        }
+        assert!(kept > 0);
+    }
+    // A raw blob cut short is reported, not read as a shorter chunk.
+    let (id, chunks) = commit_canonical(&t_raw, "k", &noise(4, 100_000));
+    let victim = chunks[0].blob().unwrap();
+    let path = dir.path().join("tenants/t1").join(victim.rel_path());
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let err = t_raw.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap_err();
+    assert!(err.to_string().contains("chunk 0 (blob"), "{err}");
+}
