@@ -339,10 +339,13 @@ fn second_snapshot_writes_only_changed_chunks() {
 }
 
 /// Incremental capture with dirty-page tracking: after a committed base,
-/// one changed page copies one chunk during the pause and writes one;
-/// the image restores byte-exact.
+/// the pause copies only the written pages; the upload rebuilds their
+/// chunks from the base's and writes one blob per changed chunk; every
+/// image restores byte-exact.
 #[test]
-fn incremental_capture_copies_only_written_chunks() {
+fn incremental_capture_copies_only_written_pages() {
+    const PAGE: usize = 4096;
+    const CHUNK: usize = 256 * 1024;
     let rt = Runtime::new().unwrap();
     let ballast = load(&rt, "ballast");
     let (_dir, tenant) = store();
@@ -360,11 +363,30 @@ fn incremental_capture_copies_only_written_chunks() {
     let (m, copied, pause) =
         incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
     let m = m.unwrap();
-    assert_eq!(copied, 256 * 1024, "one changed page, one chunk copied");
+    assert_eq!(copied, PAGE as u64, "one changed page, one page copied");
     assert_eq!(m.figures.chunks_new, 1, "{:?}", m.figures);
+    assert_eq!(m.tasks[0].state.native_new_chunks(), Some(1));
     assert!(pause < Duration::from_millis(200), "pause {pause:?}");
     let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
     assert_same_memories(&instance, &restored, "incremental image");
+    // Three pages of one chunk (two of them adjacent), the memory's last
+    // page, and one chunk written whole.
+    let memory = instance.memory_mut(0).unwrap();
+    for at in [
+        3 * CHUNK + PAGE,
+        3 * CHUNK + 2 * PAGE + 7,
+        3 * CHUNK + 40 * PAGE,
+        len - 1,
+    ] {
+        memory[at] = memory[at].wrapping_add(1);
+    }
+    memory[5 * CHUNK..6 * CHUNK].fill(0x77);
+    let (m, copied, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    let m = m.unwrap();
+    assert_eq!(copied, (4 * PAGE + CHUNK) as u64);
+    assert_eq!(m.figures.chunks_new, 3, "{:?}", m.figures);
+    let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
+    assert_same_memories(&instance, &restored, "patched and copied chunks");
     // Nothing written: nothing copied.
     let (m, copied, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
     assert_eq!(copied, 0);

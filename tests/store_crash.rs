@@ -91,6 +91,7 @@ fn child_writer() {
                     size: img.len() as u64,
                     chunk_size: CHUNK as u64,
                     chunks: mem_chunks,
+                    new_chunks: None,
                 }],
                 extra: serde_json::Value::Null,
             },

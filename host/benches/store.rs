@@ -139,6 +139,7 @@ fn write_snapshot(t: &TenantStore, job: &JobName, image: &[u8], chunk: usize) ->
                 size: image.len() as u64,
                 chunk_size: chunk as u64,
                 chunks,
+                new_chunks: None,
             }],
             extra: serde_json::Value::Null,
         },

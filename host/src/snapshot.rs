@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::runtime::{
-    CapturedMemory, LoadedComponent, Runtime, RuntimeError, SandboxLimits, TaskInstance, TaskLabel, Written,
+    CapturedMemory, LoadedComponent, PAGE, Runtime, RuntimeError, SandboxLimits, TaskInstance, TaskLabel,
+    Written,
 };
 use crate::spec::SnapshotFormat;
 use crate::store::{
@@ -51,13 +52,31 @@ pub struct MemoryDelta {
     pub index: u32,
     /// Its size in bytes when captured.
     pub size: u64,
-    /// Per chunk of [`DEFAULT_FIXED_CHUNK`]: the base's reference if the
-    /// chunk is unchanged, `None` if it was copied into `copied`.
-    pub chunks: Vec<Option<ChunkRef>>,
-    /// The copied chunks, in order, back to back. All are whole chunks
-    /// except possibly the memory's last, so fixed chunking of this buffer
-    /// yields exactly their references.
+    /// Where each chunk of [`DEFAULT_FIXED_CHUNK`] comes from.
+    pub chunks: Vec<ChunkSource>,
+    /// The bytes copied in the pause, back to back in chunk order: whole
+    /// chunks for [`ChunkSource::Copied`], the written pages (ascending)
+    /// for [`ChunkSource::Patched`].
     pub copied: Vec<u8>,
+}
+
+/// Where one chunk of an incremental native capture comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkSource {
+    /// Unchanged since the base: the base's chunk, as it is.
+    Base(ChunkRef),
+    /// Copied whole.
+    Copied,
+    /// Some pages written since the base: those (bit `p` of `pages` = the
+    /// chunk's [`PAGE`] `p`) were copied; the upload rebuilds the chunk
+    /// from the base's chunk with them laid over it. The pause copies only
+    /// the written pages, however few per chunk.
+    Patched {
+        /// The base's version of the chunk.
+        base: ChunkRef,
+        /// Written pages.
+        pages: u64,
+    },
 }
 
 impl Captured {
@@ -91,15 +110,15 @@ pub struct NativeBase(Arc<Mutex<BaseState>>);
 struct BaseState {
     /// The base: snapshot number and its memory images.
     base: Option<(u64, Vec<MemoryImage>)>,
-    /// Per capture since the base: (snapshot number, chunks written since
+    /// Per capture since the base: (snapshot number, pages written since
     /// the previous capture or `None` for "all", the base it referenced).
-    log: Vec<(u64, Option<ChunkFlags>, Option<u64>)>,
+    log: Vec<(u64, Option<PageMasks>, Option<u64>)>,
     /// Images persisted by uploads, by snapshot number, awaiting a notice.
     persisted: BTreeMap<u64, Vec<MemoryImage>>,
 }
 
-/// Per memory, one flag per chunk: written or not.
-type ChunkFlags = Vec<Vec<bool>>;
+/// Per memory, per chunk, the mask of written pages (see [`Written`]).
+type PageMasks = Vec<Vec<u64>>;
 
 /// Captures kept in the log at most: past that (notices missed for that
 /// long), the log and base are forgotten and the next capture is full.
@@ -140,7 +159,7 @@ impl NativeBase {
     }
 
     /// Capture the instance's memories natively for snapshot `number`,
-    /// copying only the chunks written since the base (all of them if there
+    /// copying only the pages written since the base (everything if there
     /// is no base or tracking is unavailable). `aborted` is the highest
     /// snapshot number the coordinator gave up on.
     ///
@@ -159,25 +178,24 @@ impl NativeBase {
         instance.check_native_capture().map_err(native_error)?;
         let mut s = self.0.lock().unwrap();
         s.forget_aborted(aborted);
-        let written = instance.written_chunks(DEFAULT_FIXED_CHUNK);
-        let dirty = match written {
+        let written = match instance.written_pages(DEFAULT_FIXED_CHUNK) {
             Written::All => None,
-            Written::Chunks(c) => Some(c),
+            Written::Pages(p) => Some(p),
         };
         if s.log.len() >= MAX_LOG {
             *s = BaseState::default();
         }
         let base_number = s.base.as_ref().map(|(n, _)| *n);
-        s.log.push((number, dirty, base_number));
-        // Chunks written since the base: the union over the captures after
+        s.log.push((number, written, base_number));
+        // Pages written since the base: the union over the captures after
         // it (this one included); `None` if any of them saw "all".
-        let since_base: Option<Vec<Vec<bool>>> = s.base.as_ref().and_then(|(b, _)| {
-            let mut union: Vec<Vec<bool>> = Vec::new();
-            for (_, d, _) in s.log.iter().filter(|(n, ..)| n > b) {
-                let d = d.as_ref()?;
-                union.resize(union.len().max(d.len()), Vec::new());
-                for (u, m) in union.iter_mut().zip(d) {
-                    u.resize(u.len().max(m.len()), false);
+        let since_base: Option<PageMasks> = s.base.as_ref().and_then(|(b, _)| {
+            let mut union: PageMasks = Vec::new();
+            for (_, w, _) in s.log.iter().filter(|(n, ..)| n > b) {
+                let w = w.as_ref()?;
+                union.resize(union.len().max(w.len()), Vec::new());
+                for (u, m) in union.iter_mut().zip(w) {
+                    u.resize(u.len().max(m.len()), 0);
                     for (x, y) in u.iter_mut().zip(m) {
                         *x |= *y;
                     }
@@ -185,28 +203,35 @@ impl NativeBase {
             }
             Some(union)
         });
-        let sizes = instance.memory_sizes();
         let images = s.base.as_ref().map(|(_, images)| images);
-        let mut deltas = Vec::with_capacity(sizes.len());
-        for (index, &size) in sizes.iter().enumerate() {
-            let base = images.and_then(|i| i.iter().find(|m| m.index as usize == index));
-            let n_chunks = (size as usize).div_ceil(DEFAULT_FIXED_CHUNK);
+        let mut deltas = Vec::new();
+        for (index, size) in instance.memory_sizes().into_iter().enumerate() {
+            let base = images
+                .and_then(|i| i.iter().find(|m| m.index as usize == index))
+                .filter(|b| b.chunk_size == DEFAULT_FIXED_CHUNK as u64);
             let written = since_base.as_ref().and_then(|u| u.get(index));
-            let chunks: Vec<Option<ChunkRef>> = (0..n_chunks)
+            let chunks: Vec<ChunkSource> = (0..(size as usize).div_ceil(DEFAULT_FIXED_CHUNK))
                 .map(|i| {
-                    let (base, written) = (base?, written?);
-                    if base.chunk_size != DEFAULT_FIXED_CHUNK as u64
-                        || written.get(i).copied().unwrap_or(true)
-                    {
-                        return None;
-                    }
-                    let len = (size as usize - i * DEFAULT_FIXED_CHUNK).min(DEFAULT_FIXED_CHUNK) as u64;
+                    let len = chunk_len(size, i);
                     // A chunk the base had shorter (memory grew since) is
                     // copied again.
-                    base.chunks.get(i).filter(|c| c.len() == len).copied()
+                    let (Some(base), Some(written)) = (
+                        base.and_then(|b| b.chunks.get(i))
+                            .filter(|c| c.len() == len as u64),
+                        written,
+                    ) else {
+                        return ChunkSource::Copied;
+                    };
+                    let all = all_pages(len);
+                    match written.get(i).map_or(all, |m| m & all) {
+                        0 => ChunkSource::Base(*base),
+                        pages if pages == all => ChunkSource::Copied,
+                        pages => ChunkSource::Patched { base: *base, pages },
+                    }
                 })
                 .collect();
-            let copied = instance.copy_chunks(index, DEFAULT_FIXED_CHUNK, |i| chunks[i].is_none());
+            let memory = instance.memory(index).expect("memory exists");
+            let copied = copy_sources(memory, &chunks);
             deltas.push(MemoryDelta {
                 index: index as u32,
                 size,
@@ -246,6 +271,74 @@ impl BaseState {
                 .any(|(n, _, used)| *n <= aborted && *used == Some(*b))
         {
             self.base = None;
+        }
+    }
+}
+
+/// Length of chunk `i` of a memory of `size` bytes.
+fn chunk_len(size: u64, i: usize) -> usize {
+    (size as usize - i * DEFAULT_FIXED_CHUNK).min(DEFAULT_FIXED_CHUNK)
+}
+
+/// The mask of every page of a chunk of `len` bytes.
+fn all_pages(len: usize) -> u64 {
+    match len.div_ceil(PAGE) {
+        64 => u64::MAX,
+        n => (1 << n) - 1,
+    }
+}
+
+/// Runs of set bits of `mask`, as (first page, pages), ascending.
+fn page_runs(mut mask: u64) -> impl Iterator<Item = (usize, usize)> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let first = mask.trailing_zeros();
+        let run = (mask >> first).trailing_ones();
+        let end = first + run;
+        mask = if end == 64 { 0 } else { mask & !((1 << end) - 1) };
+        Some((first as usize, run as usize))
+    })
+}
+
+/// The byte range within a chunk of `len` bytes of `pages` pages from page
+/// `first` (the chunk's last page may be short).
+fn page_range(first: usize, pages: usize, len: usize) -> std::ops::Range<usize> {
+    first * PAGE..((first + pages) * PAGE).min(len)
+}
+
+/// Copy what `chunks` says is needed from `memory`, back to back.
+fn copy_sources(memory: &[u8], chunks: &[ChunkSource]) -> Vec<u8> {
+    let bytes: usize = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| source_len(c, chunk_len(memory.len() as u64, i)))
+        .sum();
+    let mut out = Vec::with_capacity(bytes);
+    for (i, c) in chunks.iter().enumerate() {
+        let start = i * DEFAULT_FIXED_CHUNK;
+        let chunk = &memory[start..start + chunk_len(memory.len() as u64, i)];
+        match c {
+            ChunkSource::Base(_) => {}
+            ChunkSource::Copied => out.extend_from_slice(chunk),
+            ChunkSource::Patched { pages, .. } => {
+                for (first, n) in page_runs(*pages) {
+                    out.extend_from_slice(&chunk[page_range(first, n, chunk.len())]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Bytes a chunk of `len` bytes takes in a delta's `copied`.
+fn source_len(c: &ChunkSource, len: usize) -> usize {
+    match c {
+        ChunkSource::Base(_) => 0,
+        ChunkSource::Copied => len,
+        ChunkSource::Patched { pages, .. } => {
+            page_runs(*pages).map(|(f, n)| page_range(f, n, len).len()).sum()
         }
     }
 }
@@ -362,12 +455,8 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
         CapturedState::Native(memories) => {
             let mut images = Vec::with_capacity(memories.len());
             for m in memories {
-                images.push(MemoryImage {
-                    index: m.index,
-                    size: m.size,
-                    chunk_size: DEFAULT_FIXED_CHUNK as u64,
-                    chunks: writer.put_chunks_fixed(&m.bytes, DEFAULT_FIXED_CHUNK)?,
-                });
+                let sources = vec![ChunkSource::Copied; (m.size as usize).div_ceil(DEFAULT_FIXED_CHUNK)];
+                images.push(persist_image(writer, m.index, m.size, &sources, &m.bytes)?);
             }
             Ok(TaskStateData::Native {
                 memories: images,
@@ -377,26 +466,7 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
         CapturedState::NativeDelta(memories) => {
             let mut images = Vec::with_capacity(memories.len());
             for m in memories {
-                let mut fresh = writer
-                    .put_chunks_fixed(&m.copied, DEFAULT_FIXED_CHUNK)?
-                    .into_iter();
-                let chunks = m
-                    .chunks
-                    .iter()
-                    .map(|c| match c {
-                        Some(c) => *c,
-                        // Every copied chunk is whole but possibly the
-                        // memory's last, so fixed chunking of `copied`
-                        // yields exactly one reference per copied chunk.
-                        None => fresh.next().expect("one reference per copied chunk"),
-                    })
-                    .collect();
-                images.push(MemoryImage {
-                    index: m.index,
-                    size: m.size,
-                    chunk_size: DEFAULT_FIXED_CHUNK as u64,
-                    chunks,
-                });
+                images.push(persist_image(writer, m.index, m.size, &m.chunks, &m.copied)?);
             }
             if let Some((base, number)) = &captured.record {
                 base.record(*number, &images);
@@ -407,6 +477,83 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
             })
         }
     }
+}
+
+/// Store one memory image from its chunk sources and the bytes copied for
+/// them, on the store's threads: copied chunks as they are, patched ones
+/// rebuilt from the base's chunk (read back from the store) with the
+/// written pages laid over it.
+fn persist_image(
+    writer: &BlobWriter,
+    index: u32,
+    size: u64,
+    sources: &[ChunkSource],
+    copied: &[u8],
+) -> Result<MemoryImage, StoreError> {
+    // Each chunk to store, with where its bytes start in `copied`.
+    let mut todo = Vec::new();
+    let mut at = 0;
+    for (i, c) in sources.iter().enumerate() {
+        let n = source_len(c, chunk_len(size, i));
+        if !matches!(c, ChunkSource::Base(_)) {
+            todo.push((i, at));
+        }
+        at += n;
+    }
+    debug_assert_eq!(at, copied.len());
+    let store = |group: &[(usize, usize)]| -> Result<Vec<(usize, ChunkRef, bool)>, StoreError> {
+        let mut scratch = Vec::new();
+        let mut out = Vec::with_capacity(group.len());
+        for &(i, at) in group {
+            let len = chunk_len(size, i);
+            let bytes: &[u8] = match sources[i] {
+                ChunkSource::Patched { base, pages } => {
+                    scratch.resize(len, 0);
+                    writer.read_chunk_into(&base, &mut scratch)?;
+                    let mut from = at;
+                    for (first, n) in page_runs(pages) {
+                        let range = page_range(first, n, len);
+                        let to = from + range.len();
+                        scratch[range].copy_from_slice(&copied[from..to]);
+                        from = to;
+                    }
+                    &scratch
+                }
+                _ => &copied[at..at + len],
+            };
+            let (chunk, new) = writer.store_chunk(bytes)?;
+            out.push((i, chunk, new));
+        }
+        Ok(out)
+    };
+    let per = todo.len().div_ceil(writer.threads()).max(1);
+    let stored: Vec<(usize, ChunkRef, bool)> = std::thread::scope(|s| {
+        let handles: Vec<_> = todo.chunks(per).map(|g| s.spawn(move || store(g))).collect();
+        let mut all = Vec::with_capacity(todo.len());
+        for h in handles {
+            all.extend(h.join().expect("store thread panicked")?);
+        }
+        Ok::<_, StoreError>(all)
+    })?;
+    let mut chunks: Vec<ChunkRef> = sources
+        .iter()
+        .map(|c| match c {
+            ChunkSource::Base(c) => *c,
+            _ => ChunkRef::Zero { zero: 0 }, // replaced below
+        })
+        .collect();
+    let mut new_chunks = 0;
+    for (i, chunk, new) in stored {
+        chunks[i] = chunk;
+        new_chunks += u64::from(new);
+    }
+    Ok(MemoryImage {
+        index,
+        size,
+        chunk_size: DEFAULT_FIXED_CHUNK as u64,
+        chunks,
+        new_chunks: Some(new_chunks),
+    })
 }
 
 /// What a native image records besides its memories: the layout version
@@ -615,4 +762,28 @@ fn fill_memory(
 /// The key of a task in manifests.
 pub fn task_key(operator: &str, index: u32) -> TaskKey {
     TaskKey::new(operator, index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_masks_and_runs() {
+        assert_eq!(all_pages(DEFAULT_FIXED_CHUNK), u64::MAX);
+        assert_eq!(all_pages(64 * 1024), 0xffff);
+        assert_eq!(all_pages(PAGE + 1), 0b11);
+        assert_eq!(page_runs(0).count(), 0);
+        let runs: Vec<_> = page_runs(0b1011_0001 | 1 << 63).collect();
+        assert_eq!(runs, vec![(0, 1), (4, 2), (7, 1), (63, 1)]);
+        assert_eq!(page_runs(u64::MAX).collect::<Vec<_>>(), vec![(0, 64)]);
+        // The last page of a short chunk is short.
+        assert_eq!(page_range(1, 2, 2 * PAGE + 100), PAGE..2 * PAGE + 100);
+        let patched = ChunkSource::Patched {
+            base: ChunkRef::Zero { zero: 0 },
+            pages: 0b101,
+        };
+        assert_eq!(source_len(&patched, DEFAULT_FIXED_CHUNK), 2 * PAGE);
+        assert_eq!(source_len(&ChunkSource::Copied, 1000), 1000);
+    }
 }

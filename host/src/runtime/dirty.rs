@@ -15,7 +15,7 @@
 //! Soft-dirty bits (`/proc/self/clear_refs` + `pagemap`) would be the older
 //! way; the kernels here never set them, so they are not used.
 //!
-//! Used by native capture (`TaskInstance::written_chunks`): a memory's
+//! Used by native capture (`TaskInstance::written_pages`): a memory's
 //! whole reservation is registered once, so pages made accessible by
 //! growth are covered without registering again; only the accessible
 //! prefix is protected (protecting the never-accessible rest would cost

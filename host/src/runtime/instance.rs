@@ -497,31 +497,6 @@ impl TaskInstance {
             .collect())
     }
 
-    /// Copy the chunks of memory `index` for which `copy(chunk)` holds, in
-    /// order, into one buffer (chunks of `chunk_size` bytes; the memory's
-    /// last chunk may be shorter). Call only while the guest is quiescent
-    /// and right after [`TaskInstance::written_chunks`], so that no write
-    /// falls between the scan and the copy.
-    ///
-    /// # Panics
-    /// If the memory does not exist or `chunk_size` is 0.
-    pub fn copy_chunks(&mut self, index: usize, chunk_size: usize, copy: impl Fn(usize) -> bool) -> Vec<u8> {
-        // SAFETY: `&mut self`: the guest is not running.
-        let bytes = unsafe { self.memories[index].bytes() };
-        let mut out = Vec::new();
-        let chunks: Vec<&[u8]> = bytes
-            .chunks(chunk_size)
-            .enumerate()
-            .filter(|(i, _)| copy(*i))
-            .map(|(_, c)| c)
-            .collect();
-        out.reserve_exact(chunks.iter().map(|c| c.len()).sum());
-        for c in chunks {
-            out.extend_from_slice(c);
-        }
-        out
-    }
-
     /// Turn write tracking off for good: every capture copies whole
     /// memories (the portable path). A test hook, and what the host does
     /// by itself when the kernel refuses the mechanism.
@@ -536,7 +511,7 @@ impl TaskInstance {
     }
 
     /// (Re)start write tracking from the memories as they are now: the
-    /// next [`TaskInstance::written_chunks`] reports only later writes.
+    /// next [`TaskInstance::written_pages`] reports only later writes.
     /// Called after a native restore filled the memories, so that the
     /// restored image can serve as the base of the next capture. Returns
     /// whether tracking is on.
@@ -567,17 +542,18 @@ impl TaskInstance {
         true
     }
 
-    /// Which `chunk_size` chunks of each memory were written since the
-    /// previous call (or since tracking started), protecting them again in
-    /// the same walk; chunks that growth added count as written. The first
-    /// call starts tracking and answers [`Written::All`], as does every
-    /// call where tracking is unavailable.
+    /// Which [`PAGE`]s of each memory were written since the previous call
+    /// (or since tracking started), grouped by `chunk_size` chunk, and
+    /// protected again in the same walk; pages that growth added count as
+    /// written. The first call starts tracking and answers
+    /// [`Written::All`], as does every call where tracking is unavailable.
     ///
     /// # Panics
-    /// If `chunk_size` is 0 or not a multiple of the host page.
-    pub fn written_chunks(&mut self, chunk_size: usize) -> Written {
+    /// If `chunk_size` is not a multiple of [`PAGE`] between 1 and 64
+    /// pages (one bit per page of a chunk).
+    pub fn written_pages(&mut self, chunk_size: usize) -> Written {
         assert!(
-            chunk_size > 0 && chunk_size.is_multiple_of(4096),
+            chunk_size > 0 && chunk_size.is_multiple_of(PAGE) && chunk_size / PAGE <= 64,
             "chunk size {chunk_size}"
         );
         match &mut self.tracking {
@@ -594,12 +570,11 @@ impl TaskInstance {
         let mut out = Vec::with_capacity(self.memories.len());
         for (m, (tracker, tracked)) in self.memories.iter().zip(trackers.iter_mut()) {
             let size = m.size();
-            let mut flags = vec![false; size.div_ceil(chunk_size)];
+            let mut masks = vec![0u64; size.div_ceil(chunk_size)];
             let mut mark = |from: usize, to: usize| {
-                if to > from {
-                    for f in &mut flags[from / chunk_size..=(to - 1) / chunk_size] {
-                        *f = true;
-                    }
+                for page in from / PAGE..to.div_ceil(PAGE) {
+                    let at = page * PAGE;
+                    masks[at / chunk_size] |= 1 << ((at % chunk_size) / PAGE);
                 }
             };
             let scanned = tracker.scan((*tracked).min(size)).and_then(|ranges| {
@@ -624,9 +599,9 @@ impl TaskInstance {
                 self.tracking = Tracking::Unavailable;
                 return Written::All;
             }
-            out.push(flags);
+            out.push(masks);
         }
-        Written::Chunks(out)
+        Written::Pages(out)
     }
 
     /// Run one export call with the deadline armed and map its outcome:
@@ -819,13 +794,18 @@ enum Tracking {
     Unavailable,
 }
 
-/// Which chunks of each memory were written since the last look.
+/// The unit of write tracking: 4 KiB, the smallest page size of the
+/// hosts memento runs on (a larger host page marks all its 4 KiB pages).
+pub const PAGE: usize = 4096;
+
+/// Which pages of each memory were written since the last look.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
-    /// Not known: treat every chunk as written.
+    /// Not known: treat every page as written.
     All,
-    /// Per memory (creation order), one flag per chunk.
-    Chunks(Vec<Vec<bool>>),
+    /// Per memory (creation order), per chunk, a mask of its written
+    /// [`PAGE`]s (bit `p` = page `p` of the chunk).
+    Pages(Vec<Vec<u64>>),
 }
 
 /// Say once per process which mechanism native captures use.

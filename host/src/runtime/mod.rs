@@ -20,7 +20,7 @@ pub use batch::Event;
 pub use bindings::Context;
 pub use component::{ComponentInfo, LoadedComponent};
 pub use instance::{
-    CallStats, CapturedMemory, DISABLE_TRACKING_ENV, Phase, TaskInstance, TaskLabel, Written,
+    CallStats, CapturedMemory, DISABLE_TRACKING_ENV, PAGE, Phase, TaskInstance, TaskLabel, Written,
 };
 
 use std::collections::HashMap;

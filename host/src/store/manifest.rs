@@ -189,6 +189,11 @@ pub struct MemoryImage {
     pub chunk_size: u64,
     /// The chunks in order.
     pub chunks: Vec<ChunkRef>,
+    /// How many of the chunks this snapshot wrote as new blobs (the rest
+    /// were in the store already or are zero). Informational; absent when
+    /// not recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_chunks: Option<u64>,
 }
 
 /// A task's state, tagged by format.
@@ -219,6 +224,15 @@ impl TaskStateData {
         match self {
             TaskStateData::Canonical { chunks, .. } => Box::new(chunks.iter()),
             TaskStateData::Native { memories, .. } => Box::new(memories.iter().flat_map(|m| m.chunks.iter())),
+        }
+    }
+
+    /// For native state, how many chunks its snapshot wrote as new blobs,
+    /// over all memories; `None` for canonical state or where not recorded.
+    pub fn native_new_chunks(&self) -> Option<u64> {
+        match self {
+            TaskStateData::Canonical { .. } => None,
+            TaskStateData::Native { memories, .. } => memories.iter().map(|m| m.new_chunks).sum(),
         }
     }
 
@@ -499,6 +513,7 @@ mod tests {
                     size: 4,
                     chunk_size: 4,
                     chunks: vec![ChunkRef::Zero { zero: 4 }],
+                    new_chunks: None,
                 }],
                 extra: serde_json::json!({"globals": [1, 2]}),
             },

@@ -807,7 +807,12 @@ impl TenantStore {
             _ => BlobProblem::Unreadable(e.to_string()),
         };
         let mut head = [0u8; blob::BLOB_HEADER_LEN];
-        if self.backend().read_split(&key, &mut head, out).map_err(io_problem)? && blob::is_raw(&head)? {
+        if self
+            .backend()
+            .read_split(&key, &mut head, out)
+            .map_err(io_problem)?
+            && blob::is_raw(&head)?
+        {
             return blob::verify(out, blob);
         }
         let file = self.backend().read(&key).map_err(io_problem)?;
@@ -932,7 +937,68 @@ impl BlobWriter {
         })
     }
 
-    fn put_hashed(&self, hash: BlobHash, bytes: &[u8]) -> Result<(), StoreError> {
+    /// Stores one chunk of a memory image: an all-zero chunk becomes a zero
+    /// reference and is not stored; any other as [`BlobWriter::put_chunk`].
+    /// Also says whether this call wrote a new blob (for the manifest's
+    /// count of new chunks).
+    ///
+    /// # Errors
+    /// As [`BlobWriter::put_chunk`].
+    pub fn store_chunk(&self, bytes: &[u8]) -> Result<(ChunkRef, bool), StoreError> {
+        if chunk::is_all_zero(bytes) {
+            return Ok((
+                ChunkRef::Zero {
+                    zero: bytes.len() as u64,
+                },
+                false,
+            ));
+        }
+        let hash = BlobHash::of(bytes);
+        let new = self.put_hashed(hash, bytes)?;
+        Ok((
+            ChunkRef::Blob {
+                blob: hash,
+                len: bytes.len() as u64,
+            },
+            new,
+        ))
+    }
+
+    /// Reads a chunk the store already holds (a zero reference reads as
+    /// zeros) into `out`, its exact length, verified: for building a chunk
+    /// from an earlier snapshot's version of it.
+    ///
+    /// # Errors
+    /// [`StoreError::BadBlob`] if the blob is missing or damaged.
+    ///
+    /// # Panics
+    /// If `out` is not as long as the chunk.
+    pub fn read_chunk_into(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
+        assert_eq!(
+            out.len() as u64,
+            chunk.len(),
+            "output is not as long as the chunk"
+        );
+        match *chunk {
+            ChunkRef::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            ChunkRef::Blob { blob, .. } => self
+                .shared
+                .tenant
+                .read_blob_into(&blob, out)
+                .map_err(|problem| StoreError::BadBlob { hash: blob, problem }),
+        }
+    }
+
+    /// How many threads the store may use for one snapshot's blobs.
+    pub fn threads(&self) -> usize {
+        self.shared.tenant.options().threads.max(1)
+    }
+
+    /// Returns whether the blob was new to the store.
+    fn put_hashed(&self, hash: BlobHash, bytes: &[u8]) -> Result<bool, StoreError> {
         let s = &*self.shared;
         if bytes.len() > MAX_CHUNK {
             return Err(StoreError::ManifestMismatch {
@@ -950,12 +1016,11 @@ impl BlobWriter {
             });
         }
         if s.seen.lock().unwrap().contains_key(&hash) {
-            return Ok(());
+            return Ok(false);
         }
         self.store_blob(hash, bytes.len() as u64, || {
             blob::encode(bytes, s.tenant.options().compression)
-        })?;
-        Ok(())
+        })
     }
 
     /// Stages the blob file made by `encode` unless the store already has

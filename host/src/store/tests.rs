@@ -221,6 +221,7 @@ fn zero_chunks_are_not_stored_and_read_back_as_zeros() {
                 size: image.len() as u64,
                 chunk_size: 256 * 1024,
                 chunks: chunks.clone(),
+                new_chunks: None,
             }],
             extra: serde_json::Value::Null,
         },
@@ -663,6 +664,7 @@ fn blob_writer_is_usable_from_many_threads() {
                     size: 1 << 20,
                     chunk_size: 128 * 1024,
                     chunks: chunks.clone(),
+                    new_chunks: None,
                 }],
                 extra: serde_json::Value::Null,
             },
@@ -705,6 +707,7 @@ fn gc_concurrent_with_writers_is_safe() {
                                 size: state.len() as u64,
                                 chunk_size: 64 * 1024,
                                 chunks: chunks.clone(),
+                                new_chunks: None,
                             }],
                             extra: serde_json::Value::Null,
                         },
@@ -801,6 +804,8 @@ fn read_chunks_into_fills_place_and_checks_every_blob() {
     let path = dir.path().join("tenants/t1").join(victim.rel_path());
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-    let err = t_raw.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap_err();
+    let err = t_raw
+        .read_chunks(&id, &TaskKey::new("op", 0), &chunks)
+        .unwrap_err();
     assert!(err.to_string().contains("chunk 0 (blob"), "{err}");
 }
