@@ -18,8 +18,8 @@ use memento::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, 
 use memento::snapshot::{self, CaptureError, RestoreError};
 use memento::spec::SnapshotFormat;
 use memento::store::{
-    JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TaskStateData,
-    TenantStore, Trigger,
+    JobName, ListFilter, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState,
+    TaskStateData, TenantStore, Trigger,
 };
 
 // ------------------------------------------------------------ library helpers
@@ -814,6 +814,98 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
         native_checkpoints * 2 >= kills,
         "most kills should leave a native checkpoint to resume from ({native_checkpoints} of {kills})"
     );
+}
+
+/// The default checkpoint format, `auto`, from the job file: a task whose
+/// guest holds a WASI stream (it prints) is snapshotted canonically, the
+/// other natively, so the checkpoints are `mixed`; such a checkpoint
+/// restores with exactly-once output, and restoring its native image under
+/// a changed operator config is refused with the way out.
+#[test]
+fn auto_format_mixes_per_task_and_guards_the_config() {
+    let (count, keys, seed) = (6_000u64, 20u64, 5u64);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |split: &str| {
+        format!(
+            "name = \"auto\"\n[source]\ntype = \"generator\"\ncount = {count}\nkeys = {keys}\nseed = {seed}\n\
+             batch = 100\nrate = 6000\n\n[[operators]]\nname = \"pass\"\nplugin = \"{}\"\n[operators.config]\n\
+             print = \"true\"\n\n[[operators]]\nname = \"count\"\nplugin = \"{}\"\n[operators.config]\n\
+             split = \"{split}\"\n\n[sink]\ntype = \"file\"\npath = \"out\"\n\n[checkpoints]\n\
+             interval = \"150ms\"\nretained = 50\n",
+            plugin("misbehave").display(),
+            plugin("wordcount").display()
+        )
+    };
+    let job = dir.path().join("job.toml");
+    let state = dir.path().join("state");
+    let run = |split: &str, from: Option<&str>| {
+        std::fs::write(&job, toml(split)).unwrap();
+        let mut cmd = memento();
+        cmd.arg("run").arg(&job).arg("--state-dir").arg(&state);
+        if let Some(id) = from {
+            cmd.args(["--from", id]);
+        }
+        cmd.output().unwrap()
+    };
+    let first = run("keys", None);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let expected = wordcount_output(count, keys, seed);
+    assert_eq!(committed(&dir.path().join("out")), expected);
+
+    let tenant = Store::open(&state, StoreOptions::default())
+        .unwrap()
+        .tenant("default")
+        .unwrap();
+    let periodic: Vec<_> = tenant
+        .list(&ListFilter::job(&JobName::new("auto").unwrap()))
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.trigger == Trigger::Periodic)
+        .collect();
+    let m = periodic
+        .get(periodic.len() / 2)
+        .expect("periodic checkpoints were taken");
+    assert_eq!(m.format, StateFormat::Mixed, "{}", m.id);
+    for t in &m.tasks {
+        let native = matches!(t.state, TaskStateData::Native { .. });
+        assert_eq!(native, t.key.operator == "count", "{}: {:?}", t.key, m.format);
+    }
+
+    let id = m.id.to_string();
+    // `snapshots show` tells the formats apart and lists the native memory.
+    let show = memento()
+        .args(["snapshots", "show", &id, "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("mixed"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("memory 0") && l.contains(" new)")),
+        "{text}"
+    );
+    let refused = run("words", Some(&id));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("count[0]")
+            && stderr.contains("the operator's config changed since this native snapshot"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("format = \"canonical\""), "{stderr}");
+
+    let resumed = run("keys", Some(&id));
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(committed(&dir.path().join("out")), expected, "resumed from {id}");
 }
 
 /// Figures for docs/PERFORMANCE.md (run on demand:

@@ -104,7 +104,12 @@ impl Captured {
 /// A missed notice only keeps an older base, with the writes since it
 /// accumulated from the log. Cheap to clone (shared with upload threads).
 #[derive(Clone, Default)]
-pub struct NativeBase(Arc<Mutex<BaseState>>);
+pub struct NativeBase {
+    state: Arc<Mutex<BaseState>>,
+    /// Digest of the operator config the task was opened with, recorded in
+    /// its images (see [`config_digest`]).
+    config: Option<Arc<str>>,
+}
 
 #[derive(Default)]
 struct BaseState {
@@ -130,15 +135,25 @@ impl NativeBase {
         NativeBase::default()
     }
 
+    /// As [`NativeBase::new`], for a task opened with `config`: its images
+    /// record the config's digest, and restoring one under another config
+    /// is refused (see [`check_config`]).
+    pub fn with_config(config: &BTreeMap<String, String>) -> NativeBase {
+        NativeBase {
+            config: Some(config_digest(config).into()),
+            ..NativeBase::default()
+        }
+    }
+
     /// The base's snapshot number, if there is one.
     pub fn base(&self) -> Option<u64> {
-        self.0.lock().unwrap().base.as_ref().map(|(n, _)| *n)
+        self.state.lock().unwrap().base.as_ref().map(|(n, _)| *n)
     }
 
     /// Snapshot `number` committed (a `Complete` notice): its images, if
     /// this task persisted them, become the base.
     pub fn committed(&self, number: u64) {
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
         if let Some(images) = s.persisted.remove(&number) {
             s.base = Some((number, images));
             s.log.retain(|(n, ..)| *n > number);
@@ -151,7 +166,7 @@ impl NativeBase {
     /// The instance was restored from snapshot `number` (committed, by
     /// definition) with these images; its write tracking restarted.
     pub fn restored(&self, number: u64, images: Vec<MemoryImage>) {
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
         *s = BaseState {
             base: Some((number, images)),
             ..BaseState::default()
@@ -176,7 +191,7 @@ impl NativeBase {
     ) -> Result<Captured, CaptureError> {
         let started = std::time::Instant::now();
         instance.check_native_capture().map_err(native_error)?;
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
         s.forget_aborted(aborted);
         let written = match instance.written_pages(DEFAULT_FIXED_CHUNK) {
             Written::All => None,
@@ -248,7 +263,7 @@ impl NativeBase {
     }
 
     fn record(&self, number: u64, images: &[MemoryImage]) {
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
         // A notice for a newer snapshot already came: this one is stale.
         if s.base.as_ref().is_some_and(|(b, _)| *b >= number) {
             return;
@@ -460,7 +475,7 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
             }
             Ok(TaskStateData::Native {
                 memories: images,
-                extra: native_extra(),
+                extra: native_extra(None),
             })
         }
         CapturedState::NativeDelta(memories) => {
@@ -468,12 +483,14 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
             for m in memories {
                 images.push(persist_image(writer, m.index, m.size, &m.chunks, &m.copied)?);
             }
+            let mut config = None;
             if let Some((base, number)) = &captured.record {
                 base.record(*number, &images);
+                config = base.config.as_deref();
             }
             Ok(TaskStateData::Native {
                 memories: images,
-                extra: native_extra(),
+                extra: native_extra(config),
             })
         }
     }
@@ -557,13 +574,60 @@ fn persist_image(
 }
 
 /// What a native image records besides its memories: the layout version
-/// (checked on restore) and the engine that took it (for diagnostics; the
-/// guest's memory does not depend on it).
-fn native_extra() -> serde_json::Value {
-    serde_json::json!({
+/// (checked on restore), the digest of the operator config the task was
+/// opened with (checked on restore, when known) and the engine that took it
+/// (for diagnostics; the guest's memory does not depend on it).
+fn native_extra(config: Option<&str>) -> serde_json::Value {
+    let mut extra = serde_json::json!({
         "image_version": NATIVE_IMAGE_VERSION,
         "engine": "wasmtime 48",
-    })
+    });
+    if let Some(config) = config {
+        extra["config"] = config.into();
+    }
+    extra
+}
+
+/// blake3 hex of an operator config (keys in order, each key and value
+/// length-prefixed, so no two configs share a digest by concatenation).
+pub fn config_digest(config: &BTreeMap<String, String>) -> String {
+    let mut h = blake3::Hasher::new();
+    for (k, v) in config {
+        for part in [k, v] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// A native image holds the operator that `open` built from the config of
+/// its time, and `open` does not run again on restore: refuse to restore
+/// it into a job whose config for the operator differs (images that did
+/// not record their config pass).
+///
+/// # Errors
+/// [`RestoreError::Unsupported`] naming the task and the way out.
+pub fn check_config(
+    id: &SnapshotId,
+    state: &TaskState,
+    config: &BTreeMap<String, String>,
+) -> Result<(), RestoreError> {
+    let TaskStateData::Native { extra, .. } = &state.state else {
+        return Ok(());
+    };
+    match extra.get("config").and_then(serde_json::Value::as_str) {
+        Some(recorded) if recorded != config_digest(config) => Err(RestoreError::Unsupported {
+            id: id.clone(),
+            reason: format!(
+                "task {}: the operator's config changed since this native snapshot was taken, and a native \
+                 image holds the operator built from the old config; run with the old config, or resume from \
+                 a canonical savepoint (format = \"canonical\")",
+                state.key
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Why a task could not be restored.

@@ -335,7 +335,10 @@ fn format_manifest(m: &Manifest) -> String {
         let zero = t.state.chunks().filter(|c| c.blob().is_none()).count();
         let what = match &t.state {
             TaskStateData::Canonical { .. } => "canonical".to_string(),
-            TaskStateData::Native { memories, .. } => format!("native, {} memories", memories.len()),
+            TaskStateData::Native { memories, .. } => match memories.len() {
+                1 => "native, 1 memory".to_string(),
+                n => format!("native, {n} memories"),
+            },
         };
         let _ = writeln!(
             s,
@@ -343,6 +346,22 @@ fn format_manifest(m: &Manifest) -> String {
             t.key.to_string(),
             human_bytes(t.state.logical_bytes())
         );
+        if let TaskStateData::Native { memories, .. } = &t.state {
+            for m in memories {
+                let zero = m.chunks.iter().filter(|c| c.blob().is_none()).count();
+                let new = m
+                    .new_chunks
+                    .map_or_else(|| "? new".to_string(), |n| format!("{n} new"));
+                let _ = writeln!(
+                    s,
+                    "      memory {:<13} {}, {} chunks of {} ({zero} zero, {new})",
+                    m.index,
+                    human_bytes(m.size),
+                    m.chunks.len(),
+                    human_bytes(m.chunk_size)
+                );
+            }
+        }
     }
     if !m.source_positions.is_empty() {
         let _ = writeln!(s, "  sources");

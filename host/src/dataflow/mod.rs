@@ -338,7 +338,7 @@ impl Attempt {
                     reports: reports.clone(),
                     restore: restored,
                     aborted: aborted.clone(),
-                    native: crate::snapshot::NativeBase::new(),
+                    native: crate::snapshot::NativeBase::with_config(&op.config),
                 };
                 let reports = reports.clone();
                 let handle = thread::Builder::new()
