@@ -908,21 +908,37 @@ fn auto_format_mixes_per_task_and_guards_the_config() {
     assert_eq!(committed(&dir.path().join("out")), expected, "resumed from {id}");
 }
 
-/// Figures for docs/PERFORMANCE.md (run on demand:
-/// `cargo test -p memento --test native -- --ignored --nocapture measure`):
-/// per ballast size, the task pause of a full-copy native capture, the
-/// upload (hash + compress + write with fsync), the restore, and beside
-/// them memcpy and blake3 of the same bytes. Medians of 3.
+/// The figures of docs/PERFORMANCE.md, "Native snapshots" (run on demand:
+/// `cargo test -p memento --release --test native -- --ignored --nocapture measure`;
+/// sizes in MiB via `MEASURE_MIB`, default `64,256,1024`; store directory
+/// via `MEASURE_DIR`, default the system's temporary directory).
+///
+/// Per `ballast` size: the limits on the memory's bytes (memcpy into a new
+/// buffer, blake3 on one thread, write + fsync of one file in the store's
+/// directory); a full native checkpoint; then, after a committed base,
+/// 0%, 1%, 10% and 100% of the pages written (spread evenly, one byte per
+/// page, by the host), each snapshot's pause, its end-to-end time (capture,
+/// persist with fsync, commit: sequential here, while in a job the task
+/// goes on after the pause), the bytes copied in the pause and written,
+/// and the time to restore it into a fresh instance; last, the canonical
+/// format on the same state (full, then after 1% written). Prints Markdown
+/// rows. One run per cell (state this large leaves no room for more on
+/// the 2-core test machine); rerun to see the spread.
 #[test]
 #[ignore]
 fn measure_native_figures() {
-    fn median(mut v: Vec<Duration>) -> Duration {
-        v.sort();
-        v[v.len() / 2]
+    fn ms(d: Duration) -> String {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+    fn mib(bytes: u64) -> String {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
     }
     let rt = Runtime::new().unwrap();
     let ballast = load(&rt, "ballast");
-    let dir = tempfile::tempdir_in(std::env::var("MEASURE_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
+    let dir = tempfile::tempdir_in(
+        std::env::var("MEASURE_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+    )
+    .unwrap();
     let tenant = Store::open(&dir.path().join("state"), StoreOptions::default())
         .unwrap()
         .tenant("default")
@@ -932,103 +948,13 @@ fn measure_native_figures() {
         .split(',')
         .map(|s| s.parse().unwrap())
         .collect();
+    // Canonical state needs room for the state and its serialized copy.
     let big = SandboxLimits {
-        memory_bytes: 2 << 30,
+        memory_bytes: 3 << 30,
         call_timeout: Duration::from_secs(600),
         ..SandboxLimits::default()
     };
-    for mib in sizes {
-        let mut instance = rt.instantiate(&ballast, label("b"), &big).unwrap();
-        instance
-            .open(&Context {
-                job: "native".into(),
-                operator_name: "b".into(),
-                task_index: 0,
-                parallelism: 1,
-                config: vec![
-                    ("state_mib".into(), mib.to_string()),
-                    ("dirty_fraction".into(), "0.01".into()),
-                ],
-            })
-            .unwrap();
-        let (mut pause, mut upload, mut restore_t, mut copy, mut hash) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        let mut written = vec![];
-        for round in 0..3 {
-            instance.process(&events(round..round + 1)).unwrap(); // 1% changed
-            let job = JobName::new("native").unwrap();
-            let writer = tenant
-                .begin(&job, tenant.next_snapshot_number(&job).unwrap())
-                .unwrap();
-            let t = Instant::now();
-            let captured = snapshot::capture(&mut instance, SnapshotFormat::Native).unwrap();
-            pause.push(t.elapsed());
-            let t = Instant::now();
-            let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
-            let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Native);
-            m.components.insert("b".into(), ballast.hash_hex());
-            m.tasks.push(TaskState {
-                key: TaskKey::new("b", 0),
-                state,
-            });
-            let id = writer.commit(m).unwrap();
-            upload.push(t.elapsed());
-            let m = tenant.get(&id).unwrap();
-            written.push(m.figures.new_bytes);
-            let t = Instant::now();
-            let restored =
-                snapshot::restore_native(&rt, &ballast, label("b"), &big, &tenant, &m.id, &m.tasks[0])
-                    .unwrap();
-            restore_t.push(t.elapsed());
-            drop(restored);
-            let bytes = instance.memory(0).unwrap();
-            let t = Instant::now();
-            let v = bytes.to_vec();
-            copy.push(t.elapsed());
-            let t = Instant::now();
-            std::hint::black_box(blake3::hash(&v));
-            hash.push(t.elapsed());
-        }
-        let size = instance.memory_sizes()[0] >> 20;
-        eprintln!(
-            "ballast {mib} MiB (memory {size} MiB): pause {:?} (memcpy {:?}), upload {:?} (blake3 {:?}), \
-             restore {:?}, bytes written {:?}",
-            median(pause),
-            median(copy),
-            median(upload),
-            median(hash),
-            median(restore_t),
-            written
-        );
-    }
-}
-
-/// Task pause of incremental native captures (run on demand with
-/// `--ignored --nocapture measure`): per ballast size, after a committed
-/// base, 0%, 1%, 10% and 100% of the memory's pages written (spread
-/// evenly, one byte per page, by the host), the pause, the bytes copied in
-/// it and the bytes written. `MEASURE_MIB` picks the sizes.
-#[test]
-#[ignore]
-fn measure_incremental_pause() {
-    let rt = Runtime::new().unwrap();
-    let ballast = load(&rt, "ballast");
-    let dir = tempfile::tempdir_in(std::env::var("MEASURE_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
-    let tenant = Store::open(&dir.path().join("state"), StoreOptions::default())
-        .unwrap()
-        .tenant("default")
-        .unwrap();
-    let sizes: Vec<u64> = std::env::var("MEASURE_MIB")
-        .unwrap_or_else(|_| "64,256,1024".into())
-        .split(',')
-        .map(|s| s.parse().unwrap())
-        .collect();
-    let big = SandboxLimits {
-        memory_bytes: 2 << 30,
-        call_timeout: Duration::from_secs(600),
-        ..SandboxLimits::default()
-    };
-    for mib in sizes {
+    let open = |mib: u64| {
         let mut instance = rt.instantiate(&ballast, label("b"), &big).unwrap();
         instance
             .open(&Context {
@@ -1039,26 +965,114 @@ fn measure_incremental_pause() {
                 config: vec![("state_mib".into(), mib.to_string())],
             })
             .unwrap();
+        instance
+    };
+    let write_pages = |instance: &mut TaskInstance, step: usize| {
+        let len = instance.memory_sizes()[0] as usize;
+        let memory = instance.memory_mut(0).unwrap();
+        for page in (0..len / 4096).step_by(step) {
+            memory[page * 4096] ^= 1;
+        }
+    };
+    let mut limits = vec![];
+    let mut rows = vec![];
+    for size in sizes {
+        let mut instance = open(size);
+        let bytes = instance.memory(0).unwrap();
+        let t = Instant::now();
+        let copy = bytes.to_vec();
+        let memcpy = t.elapsed();
+        let t = Instant::now();
+        std::hint::black_box(blake3::hash(&copy));
+        let hash = t.elapsed();
+        let path = dir.path().join("limit");
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&path).unwrap();
+        std::io::Write::write_all(&mut f, &copy).unwrap();
+        f.sync_all().unwrap();
+        let disk = t.elapsed();
+        drop((f, copy));
+        std::fs::remove_file(&path).unwrap();
+        let memory = instance.memory_sizes()[0];
+        limits.push(format!(
+            "| {size} MiB ({}) | {} | {} | {} |",
+            mib(memory),
+            ms(memcpy),
+            ms(hash),
+            ms(disk)
+        ));
+
         let base = snapshot::NativeBase::new();
-        let (_, _, full) =
-            incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
-        let mut line = format!("ballast {mib} MiB: first (full) pause {full:?}");
-        for (percent, step) in [(0, 0usize), (1, 100), (10, 10), (100, 1)] {
-            let len = instance.memory_sizes()[0] as usize;
-            if step > 0 {
-                let memory = instance.memory_mut(0).unwrap();
-                for page in (0..len / 4096).step_by(step) {
-                    memory[page * 4096] ^= 1;
-                }
+        for (what, step) in [
+            ("full", None),
+            ("0%", Some(0)),
+            ("1%", Some(100)),
+            ("10%", Some(10)),
+            ("100%", Some(1)),
+        ] {
+            if let Some(step @ 1..) = step {
+                write_pages(&mut instance, step);
             }
+            let t = Instant::now();
             let (m, copied, pause) =
                 incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
-            line += &format!(
-                "; {percent}%: pause {pause:?}, copied {} MiB, written {} MiB",
-                copied >> 20,
-                m.unwrap().figures.new_bytes >> 20
-            );
+            let end_to_end = t.elapsed();
+            let m = m.unwrap();
+            let t = Instant::now();
+            let restored =
+                snapshot::restore_native(&rt, &ballast, label("b"), &big, &tenant, &m.id, &m.tasks[0]);
+            let restore = t.elapsed();
+            drop(restored.unwrap());
+            rows.push(format!(
+                "| {size} MiB | native | {what} | {} | {} | {} | {} | {} |",
+                ms(pause),
+                ms(end_to_end),
+                mib(copied),
+                mib(m.figures.new_bytes),
+                ms(restore)
+            ));
         }
-        eprintln!("{line}");
+        for (what, step) in [("full", None), ("1%", Some(100))] {
+            if let Some(step) = step {
+                write_pages(&mut instance, step);
+            }
+            let job = JobName::new("canonical").unwrap();
+            let t = Instant::now();
+            let writer = tenant
+                .begin(&job, tenant.next_snapshot_number(&job).unwrap())
+                .unwrap();
+            let captured = snapshot::capture(&mut instance, SnapshotFormat::Canonical).unwrap();
+            let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
+            let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Canonical);
+            let key = TaskKey::new("b", 0);
+            m.tasks.push(TaskState { key, state });
+            let id = writer.commit(m).unwrap();
+            let end_to_end = t.elapsed();
+            let m = tenant.get(&id).unwrap();
+            let t = Instant::now();
+            let mut fresh = open(1);
+            snapshot::restore(&mut fresh, &tenant, &id, &m.tasks[0]).unwrap();
+            let restore = t.elapsed();
+            drop(fresh);
+            rows.push(format!(
+                "| {size} MiB | canonical | {what} | {} | {} | {} | {} | {} |",
+                ms(captured.pause),
+                ms(end_to_end),
+                mib(captured.copied_bytes()),
+                mib(m.figures.new_bytes),
+                ms(restore)
+            ));
+        }
+    }
+    eprintln!("\n| state (memory) | memcpy | blake3 | write + fsync |\n|---|---|---|---|");
+    for l in limits {
+        eprintln!("{l}");
+    }
+    eprintln!(
+        "\n| state | format | pages written | pause | end to end | copied in pause | written | restore |\n\
+         |---|---|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        eprintln!("{r}");
     }
 }
