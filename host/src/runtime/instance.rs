@@ -818,7 +818,7 @@ fn log_mechanism(outcome: Result<(), String>) {
         Ok(()) => tracing::info!(
             target: "memento::snapshot",
             "native snapshots: dirty-page tracking with userfaultfd write-protect + PAGEMAP_SCAN \
-             (captures copy only chunks written since the last committed snapshot)"
+             (captures copy only pages written since the last committed snapshot)"
         ),
         Err(why) => tracing::info!(
             target: "memento::snapshot",

@@ -61,6 +61,16 @@ pub enum StateFormat {
     Mixed,
 }
 
+impl fmt::Display for StateFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StateFormat::Native => "native",
+            StateFormat::Canonical => "canonical",
+            StateFormat::Mixed => "mixed",
+        })
+    }
+}
+
 impl StateFormat {
     /// The format of a snapshot made of these task states: `Native` or
     /// `Canonical` if all agree (`Canonical` for none), else `Mixed`.
