@@ -18,9 +18,10 @@
 //!   the process's resident memory by 300.
 //! - **idle**: 50 running jobs (generator at 1 event/s, `wordcount`, null
 //!   sink, no checkpoints) in one host; resident memory and threads per job.
-//! - **checkpoints**: N jobs of `ballast` with 16 MiB of state (canonical
-//!   checkpoints every second, 10 events/s changing 0.1% of the pages per
-//!   event, null sink) in one host, sharing one store. After a warm-up in
+//! - **checkpoints**: N jobs of `ballast` with 16 MiB of state (checkpoints
+//!   every second in `MEMENTO_SCALE_FORMAT`, default `auto`, i.e. native;
+//!   10 events/s changing 0.1% of the pages per event, null sink) in one
+//!   host, sharing one store. After a warm-up in
 //!   which every job completes a first checkpoint, the measured window
 //!   counts each job's completed and failed checkpoints and their
 //!   durations (trigger to commit). The coordinator arms the next periodic
@@ -273,8 +274,9 @@ fn idle_jobs() {
 }
 
 fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
+    let format = std::env::var("MEMENTO_SCALE_FORMAT").unwrap_or_else(|_| "auto".into());
     println!(
-        "## ballast 16 MiB, canonical checkpoints every 1 s, {secs} s measured per row, {}",
+        "## ballast 16 MiB, {format} checkpoints every 1 s, {secs} s measured per row, {}",
         if tenant_per_job {
             "one tenant (store namespace) per job"
         } else {
@@ -282,8 +284,17 @@ fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
         }
     );
     println!(
-        "{:>5} {:>10} {:>11} {:>10} {:>8} {:>9} {:>7} {:>7} {:>8}",
-        "jobs", "keeping up", "ckpt/job/s", "median ms", "p95 ms", "worst ms", "failed", "CPU %", "RSS MiB"
+        "{:>5} {:>10} {:>11} {:>10} {:>8} {:>9} {:>7} {:>7} {:>8} {:>13}",
+        "jobs",
+        "keeping up",
+        "ckpt/job/s",
+        "median ms",
+        "p95 ms",
+        "worst ms",
+        "failed",
+        "CPU %",
+        "RSS MiB",
+        "written MiB/s"
     );
     for &n in counts {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -291,7 +302,7 @@ fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
         let body = format!(
             "[source]\ntype = \"generator\"\nrate = 10.0\nbatch = 1\n[[operators]]\nname = \"ballast\"\nplugin = \"{}\"\n\
              [operators.config]\nstate_mib = \"16\"\ndirty_fraction = \"0.001\"\n[sink]\ntype = \"null\"\n\
-             [checkpoints]\ninterval = \"1s\"\n[limits]\nmemory = \"64MiB\"\n",
+             [checkpoints]\ninterval = \"1s\"\nformat = \"{format}\"\n[limits]\nmemory = \"64MiB\"\n",
             plugin("ballast").display()
         );
         let rss0 = rss_mib();
@@ -322,7 +333,7 @@ fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
         let cpu = (cpu_seconds() - cpu0) / elapsed;
         let rss = rss_mib() - rss0;
         let mut durations = Vec::new();
-        let (mut keeping_up, mut completed, mut failed) = (0, 0u64, 0u64);
+        let (mut keeping_up, mut completed, mut failed, mut written) = (0, 0u64, 0u64, 0u64);
         let window_start = now_ms() - (elapsed * 1000.0) as u64;
         for ((s, _, _), c0) in jobs.iter().zip(&counts0) {
             let st = s.get();
@@ -330,12 +341,12 @@ fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
             let fails = st.counts.failed - c0.failed;
             completed += done;
             failed += fails;
-            let mine: Vec<f64> = st
+            let window = st
                 .history
                 .iter()
-                .filter(|r| r.id.is_some() && r.triggered_at_ms >= window_start)
-                .map(|r| r.duration_ms as f64)
-                .collect();
+                .filter(|r| r.id.is_some() && r.triggered_at_ms >= window_start);
+            written += window.clone().map(|r| r.new_bytes).sum::<u64>();
+            let mine: Vec<f64> = window.map(|r| r.duration_ms as f64).collect();
             let rate = done as f64 / elapsed;
             if fails == 0 && rate >= 0.85 && st.state == JobState::Running && mine.iter().all(|&d| d < 1000.0)
             {
@@ -344,7 +355,7 @@ fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
             durations.extend(mine);
         }
         println!(
-            "{n:>5} {:>10} {:>11.2} {:>10.0} {:>8.0} {:>9.0} {:>7} {:>6.0}% {:>8.0}",
+            "{n:>5} {:>10} {:>11.2} {:>10.0} {:>8.0} {:>9.0} {:>7} {:>6.0}% {:>8.0} {:>13.0}",
             format!("{keeping_up}/{n}"),
             completed as f64 / n as f64 / elapsed,
             median(&durations),
@@ -352,7 +363,8 @@ fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
             durations.iter().cloned().fold(0.0, f64::max),
             failed,
             100.0 * cpu,
-            rss
+            rss,
+            written as f64 / (1 << 20) as f64 / elapsed
         );
         for (_, control, _) in &jobs {
             control.cancel();

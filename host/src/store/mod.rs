@@ -385,6 +385,12 @@ impl TenantStore {
         self.key(&format!("counters/{job}"))
     }
 
+    /// The lock of `job`'s counter: per job, so that jobs sharing a tenant
+    /// do not queue behind each other's counter fsyncs.
+    fn counter_lock(&self, job: &JobName) -> Result<Option<Box<dyn LockGuard>>, StoreError> {
+        self.lock(&format!("counter.{job}"), LockMode::Exclusive, None)
+    }
+
     fn lock(
         &self,
         name: &str,
@@ -407,7 +413,7 @@ impl TenantStore {
     pub fn next_snapshot_number(&self, job: &JobName) -> Result<u64, StoreError> {
         // The lock makes read-increment-write atomic across threads and
         // processes.
-        let _guard = self.lock("counters", LockMode::Exclusive, None)?;
+        let _guard = self.counter_lock(job)?;
         let stored = self.read_counter(job)?;
         let above_existing = self.list_ids(job)?.last().map_or(1, |id| id.number() + 1);
         let n = stored.max(above_existing);
@@ -1290,7 +1296,7 @@ impl SnapshotWriter {
         // by `begin` without `next_snapshot_number` (import) is never reissued.
         let job = s.id.job();
         if tenant.read_counter(job)? <= s.id.number() {
-            let _guard = tenant.lock("counters", LockMode::Exclusive, None)?;
+            let _guard = tenant.counter_lock(job)?;
             if tenant.read_counter(job)? <= s.id.number() {
                 tenant.write_counter(job, s.id.number() + 1)?;
             }
