@@ -1,7 +1,7 @@
 //! Glue between the generated bindings and an [`Operator`]; used by
 //! [`export_operator!`](crate::export_operator) only.
 
-use crate::batch::{pack, unpack};
+use crate::batch::unpack;
 use crate::bindings::memento::operator::types::{Batch, Context as WitContext};
 use crate::{Context, Operator, Output};
 use std::cell::RefCell;
@@ -45,7 +45,7 @@ pub fn process<T: Operator>(slot: &RefCell<Slot<T>>, events: Batch) -> Result<Ba
     for event in unpack(events)? {
         op.process(event, &mut out).map_err(|e| e.0)?;
     }
-    Ok(pack(out.take()))
+    Ok(out.take_batch())
 }
 
 pub fn close<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Batch, String> {
@@ -53,7 +53,7 @@ pub fn close<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Batch, String> {
     let op = slot.op.as_mut().ok_or_else(not_open)?;
     let mut out = Output::new();
     op.close(&mut out).map_err(|e| e.0)?;
-    Ok(pack(out.take()))
+    Ok(out.take_batch())
 }
 
 pub fn snapshot<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Vec<u8>, String> {

@@ -6,22 +6,46 @@
 use crate::Event;
 use crate::bindings::memento::operator::types::Batch;
 
-/// Pack events (consumed) into a batch.
-pub fn pack(events: Vec<Event>) -> Batch {
-    let bytes: usize = events.iter().map(|e| e.key.len() + e.value.len()).sum();
-    let mut batch = Batch {
-        data: Vec::with_capacity(bytes),
-        lengths: Vec::with_capacity(events.len() * 2),
-        timestamps: Vec::with_capacity(events.len()),
-    };
-    for e in events {
-        batch.data.extend_from_slice(&e.key);
-        batch.data.extend_from_slice(&e.value);
-        batch.lengths.push(e.key.len() as u32);
-        batch.lengths.push(e.value.len() as u32);
-        batch.timestamps.push(e.timestamp);
+/// Events being packed into a batch, appended one at a time: an emitted
+/// event costs a copy of its bytes, no allocation of its own.
+#[derive(Debug, Default)]
+pub(crate) struct Packer {
+    data: Vec<u8>,
+    lengths: Vec<u32>,
+    timestamps: Vec<i64>,
+}
+
+impl Packer {
+    pub(crate) fn push(&mut self, key: &[u8], value: &[u8], timestamp: i64) {
+        self.data.extend_from_slice(key);
+        self.data.extend_from_slice(value);
+        self.lengths.push(key.len() as u32);
+        self.lengths.push(value.len() as u32);
+        self.timestamps.push(timestamp);
     }
-    batch
+
+    pub(crate) fn len(&self) -> usize {
+        self.timestamps.len()
+    }
+
+    /// The batch so far, leaving the packer empty.
+    pub(crate) fn take(&mut self) -> Batch {
+        Batch {
+            data: std::mem::take(&mut self.data),
+            lengths: std::mem::take(&mut self.lengths),
+            timestamps: std::mem::take(&mut self.timestamps),
+        }
+    }
+}
+
+/// Pack events into a batch.
+#[cfg(test)]
+pub(crate) fn pack(events: Vec<Event>) -> Batch {
+    let mut p = Packer::default();
+    for e in &events {
+        p.push(&e.key, &e.value, e.timestamp);
+    }
+    p.take()
 }
 
 /// Unpack a batch into events.

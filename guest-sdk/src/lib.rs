@@ -70,6 +70,9 @@ pub mod bindings {
 pub use bindings::memento::operator::log::Level;
 
 mod batch;
+// Only in guests: a native build keeps the platform's (vectorised) memcmp.
+#[cfg(any(target_arch = "wasm32", test))]
+mod mem;
 
 mod envelope;
 pub use envelope::{STATE_ENCODING_MSGPACK, decode_state, encode_state};
@@ -297,10 +300,12 @@ impl Event {
     }
 }
 
-/// Collects the events an operator emits during one call, in order.
+/// Collects the events an operator emits during one call, in order, packed
+/// the way they leave the component (emitting copies the bytes, nothing
+/// is allocated per event).
 #[derive(Debug, Default)]
 pub struct Output {
-    events: Vec<Event>,
+    packed: batch::Packer,
 }
 
 impl Output {
@@ -309,24 +314,35 @@ impl Output {
         Output::default()
     }
 
-    /// Emit an event.
-    pub fn emit(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, timestamp: i64) {
-        self.events.push(Event::new(key, value, timestamp));
+    /// Emit an event; `key` and `value` are anything byte-like (`&str`,
+    /// `String`, `&[u8]`, `Vec<u8>`, ...).
+    pub fn emit(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, timestamp: i64) {
+        self.packed.push(key.as_ref(), value.as_ref(), timestamp);
     }
 
     /// Emit an event that is already built.
     pub fn push(&mut self, event: Event) {
-        self.events.push(event);
+        self.emit(&event.key, &event.value, event.timestamp);
     }
 
-    /// The events emitted so far.
-    pub fn events(&self) -> &[Event] {
-        &self.events
+    /// How many events were emitted so far.
+    pub fn len(&self) -> usize {
+        self.packed.len()
     }
 
-    /// Take the emitted events, leaving the buffer empty.
+    /// Whether nothing was emitted so far.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Take the emitted events, leaving the buffer empty (for tests; the
+    /// export glue hands the packed batch over as it is).
     pub fn take(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
+        batch::unpack(self.packed.take()).expect("a batch packed here is well formed")
+    }
+
+    pub(crate) fn take_batch(&mut self) -> bindings::memento::operator::types::Batch {
+        self.packed.take()
     }
 }
 

@@ -280,6 +280,11 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.consume_fuel(options.fuel);
+        // `perf` sees guest functions by name with MEMENTO_PROFILE=perfmap
+        // (wasmtime writes /tmp/perf-<pid>.map).
+        if std::env::var_os("MEMENTO_PROFILE").is_some_and(|v| v == "perfmap") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         // The host owns every linear memory, so native snapshots can copy
         // them between calls at no cost to guest code. Copy-on-write
         // initialisation would map the module's data image over our mapping

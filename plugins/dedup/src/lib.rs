@@ -278,7 +278,7 @@ mod tests {
             assert!(op.remembered() <= 100);
         }
         // Cycling through 1000 keys with room for 100: every event is new.
-        assert_eq!(out.events().len(), 10_000);
+        assert_eq!(out.len(), 10_000);
         assert_eq!(op.evicted(), 9_900);
         check_invariants(&op);
     }
