@@ -16,11 +16,15 @@
 //! mapping the size of the memory, as a restore does.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use memento::runtime::uffd::{
+    self, UFFD_EVENT_PAGEFAULT, UFFDIO_COPY, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_ZEROPAGE, UffdioCopy,
+    UffdioRange, UffdioZeropage, ioctl,
+};
 use memento::store::*;
 
 mod common;
@@ -70,89 +74,9 @@ impl Drop for Mapping {
     }
 }
 
-// userfaultfd, missing-page mode (linux/userfaultfd.h).
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const fn uffd_iowr(nr: u64, size: u64) -> u64 {
-    (3 << 30) | (size << 16) | (0xAA << 8) | nr
-}
-const UFFDIO_API: u64 = uffd_iowr(0x3F, 24);
-const UFFDIO_REGISTER: u64 = uffd_iowr(0x00, 32);
-const UFFDIO_COPY: u64 = uffd_iowr(0x03, 40);
-const UFFDIO_ZEROPAGE: u64 = uffd_iowr(0x04, 32);
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-#[repr(C)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
-fn ioctl<T>(fd: libc::c_int, request: u64, arg: &mut T) -> io::Result<()> {
-    // SAFETY: `arg` is the `repr(C)` struct the request expects.
-    if unsafe { libc::ioctl(fd, request as _, arg as *mut T) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Registers `m` for missing-page faults.
 fn register_missing(m: &Mapping) -> io::Result<OwnedFd> {
-    // SAFETY: plain system call; the fd is owned right away.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let uffd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api)?;
-    let mut register = UffdioRegister {
-        range: UffdioRange {
-            start: m.ptr as u64,
-            len: m.len as u64,
-        },
-        mode: UFFDIO_REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut register)?;
-    Ok(uffd)
+    uffd::open_registered(0, m.ptr as u64, m.len as u64, UFFDIO_REGISTER_MODE_MISSING)
 }
 
 /// Serves missing-page faults on `m` until `stop`: the whole 256 KiB chunk

@@ -23,53 +23,18 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+use super::uffd::{
+    UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFDIO_REGISTER_MODE_WP, UFFDIO_WRITEPROTECT,
+    UFFDIO_WRITEPROTECT_MODE_WP, UffdioRange, UffdioWriteprotect, ioctl,
+};
 
-/// `_IOWR(0xAA, nr, size)`.
-const fn uffd_iowr(nr: u64, size: u64) -> u64 {
-    (3 << 30) | (size << 16) | (0xAA << 8) | nr
-}
-const UFFDIO_API: u64 = uffd_iowr(0x3F, 24);
-const UFFDIO_REGISTER: u64 = uffd_iowr(0x00, 32);
-const UFFDIO_WRITEPROTECT: u64 = uffd_iowr(0x06, 24);
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | ((b'f' as u64) << 8) | 16;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
 
 #[repr(C)]
 struct PmScanArg {
@@ -103,16 +68,6 @@ pub(crate) struct DirtyTracker {
     len: u64,
 }
 
-fn ioctl<T>(fd: libc::c_int, request: u64, arg: &mut T) -> io::Result<libc::c_int> {
-    // SAFETY: `arg` is the `repr(C)` struct the request expects.
-    let rc = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 impl DirtyTracker {
     /// Track writes to `[start, start + len)` (page aligned, one private
     /// anonymous mapping, parts of it may be `PROT_NONE`). The first
@@ -124,33 +79,12 @@ impl DirtyTracker {
     /// seccomp, `vm.unprivileged_userfaultfd` with `UFFD_USER_MODE_ONLY`
     /// refused): the caller falls back to comparing contents.
     pub(crate) fn new(start: *mut u8, len: usize, protect_len: usize) -> io::Result<DirtyTracker> {
-        // SAFETY: plain system call; the fd is owned right away.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor that nothing else owns.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-            ioctls: 0,
-        };
-        ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api)?;
-        let mut register = UffdioRegister {
-            range: UffdioRange {
-                start: start as u64,
-                len: len as u64,
-            },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut register)?;
+        let uffd = super::uffd::open_registered(
+            UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+            start as u64,
+            len as u64,
+            UFFDIO_REGISTER_MODE_WP,
+        )?;
         let pagemap = File::open("/proc/self/pagemap")?;
         let tracker = DirtyTracker {
             uffd,

@@ -15,6 +15,8 @@ mod dirty;
 mod instance;
 mod memory;
 mod native;
+#[doc(hidden)]
+pub mod uffd;
 
 pub use batch::Event;
 pub use bindings::Context;
