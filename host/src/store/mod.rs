@@ -1069,12 +1069,12 @@ impl BlobWriter {
     ) -> Result<Vec<ChunkRef>, StoreError> {
         let one = |&(off, len): &(usize, usize)| -> Result<ChunkRef, StoreError> {
             let piece = &bytes[off..off + len];
-            if skip_zero && chunk::is_all_zero(piece) {
-                return Ok(ChunkRef::Zero { zero: len as u64 });
+            if skip_zero {
+                return self.store_chunk(piece).map(|(chunk, _)| chunk);
             }
             self.put_chunk(piece)
         };
-        let threads = self.shared.tenant.options().threads.max(1);
+        let threads = self.threads();
         if threads <= 1 || bounds.len() < 4 {
             return bounds.iter().map(one).collect();
         }
