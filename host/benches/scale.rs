@@ -20,6 +20,7 @@
 //!   sink, no checkpoints) in one host; resident memory and threads per job.
 //! - **checkpoints**: N jobs of `ballast` with 16 MiB of state (checkpoints
 //!   every second in `MEMENTO_SCALE_FORMAT`, default `auto`, i.e. native;
+//!   `MEMENTO_SCALE_SYNC=off` drops the store's fsyncs, to see their cost;
 //!   10 events/s changing 0.1% of the pages per event, null sink) in one
 //!   host, sharing one store. After a warm-up in
 //!   which every job completes a first checkpoint, the measured window
@@ -298,7 +299,14 @@ fn checkpoints(counts: &[usize], secs: u64, tenant_per_job: bool) {
     );
     for &n in counts {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let host = Host::open(&dir.path().join("state")).unwrap();
+        // MEMENTO_SCALE_SYNC=off: no fsync in the store (an experiment on
+        // what durability costs; never a production setting).
+        let sync = std::env::var("MEMENTO_SCALE_SYNC").map_or(true, |v| v != "off");
+        let options = memento::store::StoreOptions {
+            sync,
+            ..Default::default()
+        };
+        let host = Host::open_with(&dir.path().join("state"), options).unwrap();
         let body = format!(
             "[source]\ntype = \"generator\"\nrate = 10.0\nbatch = 1\n[[operators]]\nname = \"ballast\"\nplugin = \"{}\"\n\
              [operators.config]\nstate_mib = \"16\"\ndirty_fraction = \"0.001\"\n[sink]\ntype = \"null\"\n\
