@@ -4,6 +4,7 @@
 //! tenancy through the CLI), and a restarted `memento serve` resuming its
 //! jobs from the state directory with exactly-once output.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -379,6 +380,24 @@ fn every_command_against_a_running_host() {
     ));
     let sp3 = sp3.trim().to_string();
     assert!(sp3.starts_with("clicks-"), "{sp3}");
+    // --format overrides the job's savepoint format (canonical by default).
+    let native = ok(host.cli(
+        TOKEN_A,
+        &["savepoint", "trigger", "clicks", "--wait", "--format", "native"],
+    ));
+    let formats: BTreeMap<String, String> = host.api("GET", "/v1/snapshots", TOKEN_A, None)["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["format"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(formats[native.trim()], "native", "{formats:?}");
+    assert_eq!(formats[&sp1], "canonical", "{formats:?}");
 
     // Another tenant: every command answers 404 as if the job or savepoint
     // did not exist; one error line with the status and the reason.

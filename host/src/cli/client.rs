@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::store::human_bytes;
 use crate::api::RequestStatus;
+use crate::spec::SnapshotFormat;
 
 /// Where the CLI looks for a host when neither `--host` nor `MEMENTO_HOST`
 /// is given (`memento serve`'s default listen address).
@@ -87,6 +88,17 @@ impl Client {
     /// ("the host", "the job"). A non-2xx answer becomes one line with the
     /// method, URL, status and the server's message.
     fn call(&self, method: Method, path: &str, subject: &str) -> anyhow::Result<Value> {
+        self.call_with(method, path, subject, None)
+    }
+
+    /// As `call`, with a JSON body for a POST.
+    fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        subject: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {
@@ -118,7 +130,10 @@ impl Client {
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }
-                r.send_empty()
+                match body {
+                    Some(b) => r.header("Content-Type", "application/json").send(b.to_string()),
+                    None => r.send_empty(),
+                }
             }
         };
         let mut resp = result.with_context(|| {
@@ -173,12 +188,15 @@ impl Client {
         request_id(&v)
     }
 
-    /// `POST /v1/jobs/{job}/savepoints`: the request id.
-    pub fn trigger_savepoint(&self, job: &str) -> anyhow::Result<String> {
-        let v = self.call(
+    /// `POST /v1/jobs/{job}/savepoints`, in `format` if given (else the
+    /// job's savepoint format): the request id.
+    pub fn trigger_savepoint(&self, job: &str, format: Option<SnapshotFormat>) -> anyhow::Result<String> {
+        let body = format.map(|f| serde_json::json!({ "format": f }));
+        let v = self.call_with(
             Method::Post,
             &format!("/v1/jobs/{}/savepoints", segment(job)),
             "the job",
+            body.as_ref(),
         )?;
         request_id(&v)
     }

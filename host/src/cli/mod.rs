@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::coordinator::{FinalState, JobReport};
 use crate::host::{Host, HostError, RunOptions, StartFrom};
 use crate::runtime::Runtime;
+use crate::spec::SnapshotFormat;
 use crate::store::SnapshotId;
 use store::{SavepointFileCommand, SnapshotsCommand, StoreArgs};
 
@@ -172,6 +173,11 @@ enum SavepointCommand {
         /// Wait until the savepoint completes and print its id.
         #[arg(long)]
         wait: bool,
+        /// Snapshot format: canonical (portable across plugin versions),
+        /// native (memory images) or auto (native where possible); default:
+        /// the job's `[savepoints] format`.
+        #[arg(long, value_parser = parse_format)]
+        format: Option<SnapshotFormat>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -318,11 +324,21 @@ fn print_or_json(
     Ok(ExitCode::SUCCESS)
 }
 
+fn parse_format(s: &str) -> Result<SnapshotFormat, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?} is not a snapshot format: expected canonical, native or auto"))
+}
+
 fn savepoint(command: SavepointCommand) -> anyhow::Result<ExitCode> {
     match command {
-        SavepointCommand::Trigger { job, wait, host } => {
+        SavepointCommand::Trigger {
+            job,
+            wait,
+            format,
+            host,
+        } => {
             let client = host.client();
-            let request = client.trigger_savepoint(&job)?;
+            let request = client.trigger_savepoint(&job, format)?;
             if !wait {
                 let v = serde_json::json!({ "request_id": request });
                 return print_or_json(host.json, &v, || {
