@@ -1,6 +1,8 @@
 //! Canonical checkpoints of the `ballast` operator at 16 MiB, 256 MiB and
 //! 1 GiB of state, beside the physical limits for the same bytes, and the
-//! throughput of `wordcount` with 1 s checkpoints versus none.
+//! throughput of `wordcount` with 1 s checkpoints versus none. The jobs pin
+//! `format = "canonical"` (the default, `auto`, would image memory
+//! natively; native figures: `measure_native_figures` in `tests/native.rs`).
 //!
 //! Run: `cargo bench -p memento --bench checkpoint [-- SIZES]`
 //! where SIZES (or env `MEMENTO_BENCH_SIZES`) is a comma-separated list of
@@ -241,6 +243,7 @@ call_timeout = "60s"
 
 [checkpoints]
 timeout = "10m"
+format = "canonical"
 "#,
         plugin = plugin("ballast").display().to_string(),
     )
@@ -373,7 +376,7 @@ fn bench_size(runtime: &Runtime, size_mib: u64) -> SizeResult {
 
 fn wordcount_job(interval: Option<&str>) -> String {
     let checkpoints = match interval {
-        Some(i) => format!("[checkpoints]\ninterval = {i:?}\n"),
+        Some(i) => format!("[checkpoints]\ninterval = {i:?}\nformat = \"canonical\"\n"),
         None => String::new(),
     };
     format!(
