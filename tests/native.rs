@@ -599,6 +599,14 @@ fn held_wasi_resources_are_refused_at_snapshot_time() {
         snapshot::capture(&mut instance, SnapshotFormat::Canonical).unwrap();
         instance.process(&events(0..3)).unwrap();
     }
+    // With `auto` the snapshot goes canonical instead, and the task's
+    // native base is forgotten: retention may delete it once this snapshot
+    // commits, so the next native capture must not reference it.
+    let base = snapshot::NativeBase::new();
+    base.restored(1, Vec::new());
+    let captured = snapshot::capture_at_barrier(&mut instance, SnapshotFormat::Auto, &base, 2, 0).unwrap();
+    assert!(matches!(captured.state, snapshot::CapturedState::Canonical(_)));
+    assert_eq!(base.base(), None);
     // Without printing the same plugin snapshots natively.
     let mut quiet = opened(&rt, &misbehave, "m", &[]);
     quiet.process(&events(0..3)).unwrap();

@@ -163,6 +163,14 @@ impl NativeBase {
         s.persisted.retain(|n, _| *n > number);
     }
 
+    /// Forget the base: the next native capture copies everything. For a
+    /// task whose snapshot went canonical instead: retention may delete
+    /// the base once that snapshot commits (the task's newer state no
+    /// longer references the base's chunks), so nothing may build on it.
+    pub fn forget(&self) {
+        *self.state.lock().unwrap() = BaseState::default();
+    }
+
     /// The instance was restored from snapshot `number` (committed, by
     /// definition) with these images; its write tracking restarted.
     pub fn restored(&self, number: u64, images: Vec<MemoryImage>) {
@@ -437,6 +445,7 @@ pub fn capture_at_barrier(
             };
             match native {
                 Err(CaptureError::Declined(why)) => {
+                    base.forget();
                     capture(instance, SnapshotFormat::Canonical).map_err(|e| match e {
                         CaptureError::Declined(c) => {
                             CaptureError::Declined(format!("native: {why}; canonical: {c}"))
