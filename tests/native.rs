@@ -613,6 +613,69 @@ fn held_wasi_resources_are_refused_at_snapshot_time() {
     assert!(snapshot::capture(&mut quiet, SnapshotFormat::Native).is_ok());
 }
 
+/// A native savepoint becomes the task's base; disposing it (and collecting
+/// its blobs) must not make the next checkpoint reference it: the task
+/// notices the base is gone and copies everything, and that checkpoint
+/// restores.
+#[test]
+fn a_disposed_native_base_is_not_built_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = memento::Host::open(&dir.path().join("state")).unwrap();
+    let toml = format!(
+        "name = \"disposed\"\n[source]\ntype = \"generator\"\nrate = 2000.0\nbatch = 10\n\
+         [[operators]]\nname = \"b\"\nplugin = \"{}\"\n[operators.config]\nstate_mib = \"4\"\n\
+         dirty_fraction = \"0.001\"\n[sink]\ntype = \"null\"\n",
+        plugin("ballast").display()
+    );
+    let load = || {
+        let spec = memento::spec::JobSpec::from_toml(&toml, Path::new("job.toml"), dir.path()).unwrap();
+        host.load_job(spec, "default").unwrap()
+    };
+    let tenant = host.store().tenant("default").unwrap();
+    let job = load();
+    let (control, status) = (job.control(), job.status_handle());
+    let checkpoint = std::thread::scope(|s| {
+        let run = s.spawn(|| job.run(memento::RunOptions::default()));
+        while status.get().records_in == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let savepoint = control
+            .trigger_savepoint(Some(SnapshotFormat::Native))
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap()
+            .expect("native savepoint");
+        assert_eq!(tenant.get(&savepoint).unwrap().format, StateFormat::Native);
+        tenant.delete(&savepoint).unwrap();
+        assert!(tenant.gc().unwrap().blobs_removed > 0);
+        let checkpoint = control
+            .trigger_checkpoint()
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap()
+            .expect("the checkpoint after the disposal completes");
+        control.cancel();
+        run.join().unwrap().expect("cancelled cleanly");
+        checkpoint
+    });
+    let m = tenant.get(&checkpoint).unwrap();
+    assert_eq!(m.format, StateFormat::Native);
+    let job = load();
+    let control = job.control();
+    let status = job.status_handle();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            job.run(memento::RunOptions {
+                from: memento::StartFrom::Snapshot(checkpoint.clone()),
+            })
+        });
+        while status.get().records_in == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        control.cancel();
+        let report = run.join().unwrap().expect("restored and cancelled");
+        assert_eq!(report.restored_from, Some(checkpoint.clone()));
+    });
+}
+
 // ------------------------------------------------------------ binary helpers
 
 fn memento() -> Command {

@@ -998,6 +998,14 @@ impl BlobWriter {
         }
     }
 
+    /// Whether snapshot `number` of this writer's job is committed and not
+    /// deleted: what a chunk reference into it relies on. An I/O error
+    /// answers `false` (the caller then builds on nothing).
+    pub fn job_snapshot_exists(&self, number: u64) -> bool {
+        let id = SnapshotId::new(self.shared.id.job().clone(), number);
+        self.shared.tenant.manifest_exists(&id).unwrap_or(false)
+    }
+
     /// How many threads the store may use for one snapshot's blobs.
     pub fn threads(&self) -> usize {
         self.shared.tenant.options().threads.max(1)
