@@ -142,7 +142,7 @@ fn incremental_snapshot(
     let number = tenant.next_snapshot_number(&job).unwrap();
     let writer = tenant.begin(&job, number).unwrap();
     let captured = base
-        .capture(instance, number, aborted)
+        .capture(instance, &writer.blob_writer(), aborted)
         .unwrap_or_else(|e| panic!("capture: {e}"));
     let copied = captured.copied_bytes();
     let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
@@ -604,7 +604,16 @@ fn held_wasi_resources_are_refused_at_snapshot_time() {
     // commits, so the next native capture must not reference it.
     let base = snapshot::NativeBase::new();
     base.restored(1, Vec::new());
-    let captured = snapshot::capture_at_barrier(&mut instance, SnapshotFormat::Auto, &base, 2, 0).unwrap();
+    let (_dir, tenant) = store();
+    let writer = tenant.begin(&JobName::new("native").unwrap(), 2).unwrap();
+    let captured = snapshot::capture_at_barrier(
+        &mut instance,
+        SnapshotFormat::Auto,
+        &base,
+        &writer.blob_writer(),
+        0,
+    )
+    .unwrap();
     assert!(matches!(captured.state, snapshot::CapturedState::Canonical(_)));
     assert_eq!(base.base(), None);
     // Without printing the same plugin snapshots natively.

@@ -181,10 +181,10 @@ impl NativeBase {
         };
     }
 
-    /// Capture the instance's memories natively for snapshot `number`,
-    /// copying only the pages written since the base (everything if there
-    /// is no base or tracking is unavailable). `aborted` is the highest
-    /// snapshot number the coordinator gave up on.
+    /// Capture the instance's memories natively for the snapshot `writer`
+    /// writes, copying only the pages written since the base (everything
+    /// if there is no base or tracking is unavailable). `aborted` is the
+    /// highest snapshot number the coordinator gave up on.
     ///
     /// The guest is quiescent (`&mut` instance, between calls): the scan,
     /// which protects the pages again, and the copy see the same bytes.
@@ -194,13 +194,21 @@ impl NativeBase {
     pub fn capture(
         &self,
         instance: &mut TaskInstance,
-        number: u64,
+        writer: &BlobWriter,
         aborted: u64,
     ) -> Result<Captured, CaptureError> {
         let started = std::time::Instant::now();
+        let number = writer.id().number();
         instance.check_native_capture().map_err(native_error)?;
         let mut s = self.state.lock().unwrap();
         s.forget_aborted(aborted);
+        // The base may have been deleted since it committed (a disposed
+        // native savepoint): then nothing may reference it.
+        if let Some((b, _)) = &s.base
+            && !writer.job_snapshot_exists(*b)
+        {
+            *s = BaseState::default();
+        }
         let written = match instance.written_pages(DEFAULT_FIXED_CHUNK) {
             Written::All => None,
             Written::Pages(p) => Some(p),
@@ -419,7 +427,7 @@ pub fn capture(instance: &mut TaskInstance, format: SnapshotFormat) -> Result<Ca
     })
 }
 
-/// Capture the task's state for snapshot `number` in `format`, the way a
+/// Capture the task's state for the snapshot `writer` writes in `format`, the way a
 /// task does at a barrier: native captures go through the task's `base`
 /// (incremental); `auto` captures natively where the component allows it
 /// and, when the guest holds host resources right now (or the component
@@ -432,15 +440,15 @@ pub fn capture_at_barrier(
     instance: &mut TaskInstance,
     format: SnapshotFormat,
     base: &NativeBase,
-    number: u64,
+    writer: &BlobWriter,
     aborted: u64,
 ) -> Result<Captured, CaptureError> {
     match format {
-        SnapshotFormat::Native => base.capture(instance, number, aborted),
+        SnapshotFormat::Native => base.capture(instance, writer, aborted),
         SnapshotFormat::Canonical => capture(instance, SnapshotFormat::Canonical),
         SnapshotFormat::Auto => {
             let native = match instance.component().native_support() {
-                Ok(()) => base.capture(instance, number, aborted),
+                Ok(()) => base.capture(instance, writer, aborted),
                 Err(why) => Err(CaptureError::Declined(why)),
             };
             match native {
@@ -527,7 +535,7 @@ fn persist_image(
         at += n;
     }
     debug_assert_eq!(at, copied.len());
-    let store = |group: &[(usize, usize)]| -> Result<Vec<(usize, ChunkRef, bool)>, StoreError> {
+    let store = |group: &[(usize, usize)]| -> Result<Vec<(ChunkRef, bool)>, StoreError> {
         let mut scratch = Vec::new();
         let mut out = Vec::with_capacity(group.len());
         for &(i, at) in group {
@@ -547,13 +555,14 @@ fn persist_image(
                 }
                 _ => &copied[at..at + len],
             };
-            let (chunk, new) = writer.store_chunk(bytes)?;
-            out.push((i, chunk, new));
+            out.push(writer.store_chunk(bytes)?);
         }
         Ok(out)
     };
     let per = todo.len().div_ceil(writer.threads()).max(1);
-    let stored: Vec<(usize, ChunkRef, bool)> = std::thread::scope(|s| {
+    // The groups are contiguous and joined in order: `stored` is in chunk
+    // order, one entry per chunk that is not the base's.
+    let stored: Vec<(ChunkRef, bool)> = std::thread::scope(|s| {
         let handles: Vec<_> = todo.chunks(per).map(|g| s.spawn(move || store(g))).collect();
         let mut all = Vec::with_capacity(todo.len());
         for h in handles {
@@ -561,18 +570,17 @@ fn persist_image(
         }
         Ok::<_, StoreError>(all)
     })?;
-    let mut chunks: Vec<ChunkRef> = sources
+    let new_chunks = stored.iter().filter(|(_, new)| *new).count() as u64;
+    let mut fresh = stored.into_iter().map(|(chunk, _)| chunk);
+    let chunks = sources
         .iter()
         .map(|c| match c {
             ChunkSource::Base(c) => *c,
-            _ => ChunkRef::Zero { zero: 0 }, // replaced below
+            _ => fresh
+                .next()
+                .expect("one stored chunk per chunk not from the base"),
         })
         .collect();
-    let mut new_chunks = 0;
-    for (i, chunk, new) in stored {
-        chunks[i] = chunk;
-        new_chunks += u64::from(new);
-    }
     Ok(MemoryImage {
         index,
         size,

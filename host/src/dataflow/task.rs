@@ -259,15 +259,8 @@ impl Task {
         // only forwarded: capturing it would pause the task for nothing.
         let watermark = self.aborted.load(std::sync::atomic::Ordering::SeqCst);
         let aborted = barrier.id <= watermark;
-        // The base may have been deleted since it committed (a disposed
-        // native savepoint): then the next image must not reference it.
-        if let Some(base) = self.native.base()
-            && !barrier.writer.job_snapshot_exists(base)
-        {
-            self.native.forget();
-        }
         let capture = |instance: &mut TaskInstance| {
-            snapshot::capture_at_barrier(instance, barrier.format, &self.native, barrier.id, watermark)
+            snapshot::capture_at_barrier(instance, barrier.format, &self.native, &barrier.writer, watermark)
         };
         let captured = match (!aborted).then(|| capture(instance)) {
             None => None,

@@ -747,7 +747,7 @@ impl TenantStore {
     ) -> Result<Vec<u8>, StoreError> {
         let total: u64 = chunks.iter().map(ChunkRef::len).sum();
         let mut out = vec![0u8; total as usize];
-        self.read_chunks_into(id, task, chunks, &mut out, true)?;
+        self.read_chunks_into(id, task, chunks, &mut out, false)?;
         Ok(out)
     }
 
@@ -996,6 +996,11 @@ impl BlobWriter {
                 .read_blob_into(&blob, out)
                 .map_err(|problem| StoreError::BadBlob { hash: blob, problem }),
         }
+    }
+
+    /// The snapshot this writer writes.
+    pub fn id(&self) -> &SnapshotId {
+        &self.shared.id
     }
 
     /// Whether snapshot `number` of this writer's job is committed and not
