@@ -410,15 +410,7 @@ impl Runtime {
         label: TaskLabel,
         limits: &SandboxLimits,
     ) -> Result<TaskInstance, RuntimeError> {
-        TaskInstance::new(
-            &self.inner.engine,
-            component.clone(),
-            label,
-            limits,
-            EPOCH_TICK,
-            &[],
-            self.inner.options.fuel,
-        )
+        self.instantiate_presized(component, label, limits, &[])
     }
 
     /// Instantiate `component` with its linear memories created at
