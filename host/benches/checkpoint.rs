@@ -2,7 +2,7 @@
 //! 1 GiB of state, beside the physical limits for the same bytes, and the
 //! throughput of `wordcount` with 1 s checkpoints versus none. The jobs pin
 //! `format = "canonical"` (the default, `auto`, would image memory
-//! natively; native figures: `measure_native_figures` in `tests/native.rs`).
+//! natively; native figures: `cargo bench -p memento --bench native`).
 //!
 //! Run: `cargo bench -p memento --bench checkpoint [-- SIZES]`
 //! where SIZES (or env `MEMENTO_BENCH_SIZES`) is a comma-separated list of
