@@ -346,7 +346,7 @@ fn copy_sources(memory: &[u8], chunks: &[ChunkSource]) -> Vec<u8> {
         .enumerate()
         .map(|(i, c)| source_len(c, chunk_len(memory.len() as u64, i)))
         .sum();
-    let mut out = Vec::with_capacity(bytes);
+    let mut out = crate::runtime::prefaulted_buffer(bytes);
     for (i, c) in chunks.iter().enumerate() {
         let start = i * DEFAULT_FIXED_CHUNK;
         let chunk = &memory[start..start + chunk_len(memory.len() as u64, i)];

@@ -486,8 +486,9 @@ impl TaskInstance {
             .iter()
             .enumerate()
             .map(|(index, m)| {
+                let mut bytes = super::prefaulted_buffer(m.size());
                 // SAFETY: `&mut self`: the guest is not running.
-                let bytes = unsafe { m.bytes() }.to_vec();
+                bytes.extend_from_slice(unsafe { m.bytes() });
                 CapturedMemory {
                     index: index as u32,
                     size: bytes.len() as u64,

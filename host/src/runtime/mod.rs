@@ -24,6 +24,9 @@ pub use component::{ComponentInfo, LoadedComponent};
 pub use instance::{
     CallStats, CapturedMemory, DISABLE_TRACKING_ENV, PAGE, Phase, TaskInstance, TaskLabel, Written,
 };
+#[doc(hidden)]
+pub use memory::HostMemoryCreator;
+pub use memory::prefaulted_buffer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
