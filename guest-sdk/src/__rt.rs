@@ -1,7 +1,7 @@
 //! Glue between the generated bindings and an [`Operator`]; used by
 //! [`export_operator!`](crate::export_operator) only.
 
-use crate::batch::unpack;
+use crate::batch;
 use crate::bindings::memento::operator::types::{Batch, Context as WitContext};
 use crate::{Context, Operator, Output};
 use std::cell::RefCell;
@@ -42,8 +42,8 @@ pub fn process<T: Operator>(slot: &RefCell<Slot<T>>, events: Batch) -> Result<Ba
     let mut slot = slot.borrow_mut();
     let op = slot.op.as_mut().ok_or_else(not_open)?;
     let mut out = Output::new();
-    for event in unpack(events)? {
-        op.process(event, &mut out).map_err(|e| e.0)?;
+    for event in batch::refs(&events)? {
+        op.process_ref(event, &mut out).map_err(|e| e.0)?;
     }
     Ok(out.take_batch())
 }

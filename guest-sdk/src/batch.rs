@@ -3,8 +3,8 @@
 //! the event times. `host/src/runtime/batch.rs` is the host's side of the
 //! same layout, kept apart on purpose (the SDK never depends on the host).
 
-use crate::Event;
 use crate::bindings::memento::operator::types::Batch;
+use crate::{Event, EventRef};
 
 /// Events being packed into a batch, appended one at a time: an emitted
 /// event costs a copy of its bytes, no allocation of its own.
@@ -48,11 +48,13 @@ pub(crate) fn pack(events: Vec<Event>) -> Batch {
     p.take()
 }
 
-/// Unpack a batch into events.
+/// The events of a batch, borrowed from it: one allocation per batch, none
+/// per event. The whole batch is checked first, so a malformed one yields
+/// no events at all.
 ///
 /// # Errors
 /// When the batch is malformed (lengths that do not add up).
-pub fn unpack(batch: Batch) -> Result<Vec<Event>, String> {
+pub fn refs(batch: &Batch) -> Result<Vec<EventRef<'_>>, String> {
     let Batch {
         data,
         lengths,
@@ -65,33 +67,47 @@ pub fn unpack(batch: Batch) -> Result<Vec<Event>, String> {
             timestamps.len()
         ));
     }
-    let mut events = Vec::with_capacity(timestamps.len());
+    let total = lengths
+        .iter()
+        .try_fold(0usize, |sum, &len| sum.checked_add(len as usize));
+    match total {
+        Some(total) if total == data.len() => {}
+        Some(total) if total < data.len() => {
+            return Err(format!(
+                "malformed batch: {} bytes of data left over",
+                data.len() - total
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "malformed batch: lengths exceed the {} bytes of data",
+                data.len()
+            ));
+        }
+    }
     let mut at = 0usize;
-    let mut take = |len: u32| -> Result<Vec<u8>, String> {
-        let end = at
-            .checked_add(len as usize)
-            .filter(|end| *end <= data.len())
-            .ok_or_else(|| format!("malformed batch: lengths exceed the {} bytes of data", data.len()))?;
-        let bytes = data[at..end].to_vec();
-        at = end;
-        Ok(bytes)
+    let mut take = |len: u32| {
+        let bytes = &data[at..at + len as usize];
+        at += len as usize;
+        bytes
     };
-    for (i, timestamp) in timestamps.into_iter().enumerate() {
-        let key = take(lengths[2 * i])?;
-        let value = take(lengths[2 * i + 1])?;
-        events.push(Event {
-            key,
-            value,
+    Ok(timestamps
+        .iter()
+        .enumerate()
+        .map(|(i, &timestamp)| EventRef {
+            key: take(lengths[2 * i]),
+            value: take(lengths[2 * i + 1]),
             timestamp,
-        });
-    }
-    if at != data.len() {
-        return Err(format!(
-            "malformed batch: {} bytes of data left over",
-            data.len() - at
-        ));
-    }
-    Ok(events)
+        })
+        .collect())
+}
+
+/// Unpack a batch into owned events.
+///
+/// # Errors
+/// When the batch is malformed (lengths that do not add up).
+pub fn unpack(batch: Batch) -> Result<Vec<Event>, String> {
+    Ok(refs(&batch)?.into_iter().map(EventRef::to_event).collect())
 }
 
 #[cfg(test)]
