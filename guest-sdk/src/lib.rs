@@ -526,6 +526,31 @@ macro_rules! export_operator {
 mod tests {
     use super::*;
 
+    /// An operator that implements only `process` sees, through the
+    /// `process_ref` the SDK calls, exactly the events of the batch.
+    #[test]
+    fn process_ref_defaults_to_process() {
+        #[derive(Default, Serialize, serde::Deserialize)]
+        struct Echo;
+        impl Operator for Echo {
+            fn open(_: &Context) -> Result<Self, Error> {
+                Ok(Echo)
+            }
+            fn process(&mut self, event: Event, out: &mut Output) -> Result<(), Error> {
+                out.push(event);
+                Ok(())
+            }
+        }
+        let events = vec![Event::new("k", "v", 3), Event::new("", vec![0u8, 255], -1)];
+        let batch = batch::pack(events.clone());
+        let mut op = Echo;
+        let mut out = Output::new();
+        for e in batch::refs(&batch).unwrap() {
+            op.process_ref(e, &mut out).unwrap();
+        }
+        assert_eq!(out.take(), events);
+    }
+
     #[test]
     fn durations_parse() {
         let cases = [
