@@ -1054,6 +1054,46 @@ fn stop_with_savepoint_on_sigterm_and_resume() {
     assert_same_output(&committed(&f.out()), &expected, "resumed from the stop savepoint");
 }
 
+/// A savepoint resumes into a new, missing output directory (the job moved,
+/// or the old output was archived): the run creates it and writes what
+/// comes after the savepoint; the old directory and the new one together
+/// hold exactly the uninterrupted run's output.
+#[test]
+fn resume_into_a_new_output_directory() {
+    let (count, keys, seed) = (12_000, 20, 9);
+    let f = Fixture::new(
+        "moved",
+        &job_toml(
+            "moved",
+            &generator(count, keys, seed, Some(4_000), 100),
+            &[operator("count", "wordcount", 2, &[])],
+            "",
+        ),
+    );
+    let running = f.spawn(&[]);
+    f.wait_running();
+    std::thread::sleep(Duration::from_millis(300));
+    running.sigterm();
+    let report = running.finish(Duration::from_secs(60)).report();
+    let id = report["state"]["savepoint"].as_str().unwrap().to_string();
+    let archived = f.dir.join("out-before");
+    std::fs::rename(f.out(), &archived).unwrap();
+    let resumed = f.run(&["--from", &id]).report();
+    assert_eq!(resumed["state"]["state"], "finished");
+    for entry in std::fs::read_dir(&archived).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), f.out().join(entry.file_name())).unwrap();
+        }
+    }
+    let expected = wordcount_output(count, keys, seed);
+    assert_same_output(
+        &committed(&f.out()),
+        &expected,
+        "archived output and the resumed run's",
+    );
+}
+
 // ------------------------------------------ timeouts and tolerable failures
 
 /// `snapshot-state` is slow or declines: canonical checkpoints call it.

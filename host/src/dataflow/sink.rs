@@ -178,9 +178,16 @@ pub fn recover(
                 next.insert(c.task, c.next_seq);
             }
             // Output committed after the snapshot (when resuming from an
-            // older one) is rewound: the run will write it again.
-            for entry in std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
-                let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            // older one) is rewound: the run will write it again. A missing
+            // directory (the output was moved away) has nothing to rewind;
+            // the run creates it.
+            let entries = match std::fs::read_dir(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                listed => listed
+                    .and_then(|l| l.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("cannot list {}: {e}", dir.display()))?,
+            };
+            for entry in entries {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if let Some((task, seq)) = parse_part_file_name(&name)
                     && next.get(&task).is_some_and(|n| seq >= *n)
