@@ -237,6 +237,11 @@ fn endless_loop_in_restore_hits_the_deadline() {
         )),
         "{err}"
     );
+    // The way out offered is the older snapshot, not the one that failed.
+    assert!(
+        err.ends_with(&format!("; snapshot {} is kept to resume from", ids[0])),
+        "{err}"
+    );
 }
 
 #[test]

@@ -153,7 +153,14 @@ impl<'a> Coordinator<'a> {
                 AttemptEnd::Failed(error) => {
                     let retry = retryable(&error) && self.restart_allowed();
                     if !retry {
-                        let resume_from = self.store.latest(&self.job).ok().flatten().map(|m| m.id);
+                        let resume_from = match (&error, restore.as_ref()) {
+                            // Restoring that snapshot is what failed: point
+                            // past it, not back at it.
+                            (JobError::Restore { .. }, Some(m)) => {
+                                self.store.next_intact_before(&m.id).ok().flatten()
+                            }
+                            _ => self.store.latest(&self.job).ok().flatten().map(|m| m.id),
+                        };
                         return Err(Box::new(JobFailed {
                             error,
                             restarts: self.report.restarts,

@@ -102,7 +102,8 @@ pub struct JobFailed {
     pub error: JobError,
     /// Restarts made before giving up.
     pub restarts: u32,
-    /// The newest complete snapshot, kept so the job can resume from it.
+    /// The snapshot to resume from: the newest complete one, or, when
+    /// restoring a snapshot is what failed, the next older intact one.
     pub resume_from: Option<SnapshotId>,
 }
 
@@ -116,6 +117,6 @@ fn restarts_note(n: u32) -> String {
 
 fn resume_note(id: &Option<SnapshotId>) -> String {
     id.as_ref()
-        .map(|id| format!("; its newest snapshot {id} is kept"))
+        .map(|id| format!("; snapshot {id} is kept to resume from"))
         .unwrap_or_default()
 }
