@@ -329,6 +329,7 @@ pub fn prefaulted_buffer(capacity: usize) -> Vec<u8> {
     let mut buffer = Vec::with_capacity(capacity);
     // Below this, the allocator serves the buffer from memory it mostly
     // already has mapped.
+    #[cfg(target_os = "linux")]
     if capacity >= 1 << 20 {
         let page = 4096;
         let start = (buffer.as_mut_ptr() as usize).next_multiple_of(page);
