@@ -1094,6 +1094,86 @@ fn resume_into_a_new_output_directory() {
     );
 }
 
+/// A run started from scratch discards earlier runs' output, so their
+/// snapshots must stop being restore points for `latest`: a fresh run that
+/// fails before its first snapshot leaves nothing to resume (not the old,
+/// finished run's record, which would "resume" to no output at all), and
+/// offers no old snapshot in its error. The old snapshots stay listed.
+#[test]
+fn starting_over_fences_off_earlier_runs() {
+    let (count, keys, seed) = (6_000, 20, 4);
+    let good = job_toml(
+        "over",
+        &generator(count, keys, seed, Some(6_000), 100),
+        &[operator("count", "wordcount", 2, &[])],
+        "[checkpoints]\ninterval = \"200ms\"\n",
+    );
+    let f = Fixture::new("over", &good);
+    assert_eq!(f.run(&[]).state(), "finished");
+    let before = f.snapshots();
+    assert!(!before.is_empty());
+    // A fresh run with a config `open` refuses: it fails at once, after
+    // discarding the first run's output.
+    f.write(&job_toml(
+        "over",
+        &generator(count, keys, seed, Some(6_000), 100),
+        &[operator("count", "wordcount", 2, &[("split", "bogus")])],
+        "[checkpoints]\ninterval = \"200ms\"\n",
+    ));
+    let err = f.run(&[]).error();
+    assert!(err.contains("config `split`"), "{err}");
+    assert!(!err.contains("--from"), "offers an earlier run's snapshot: {err}");
+    f.write(&good);
+    let err = f.run(&["--from", "latest"]).error();
+    assert!(err.contains("no snapshot of job `over` to resume from"), "{err}");
+    assert!(
+        f.snapshots().len() >= before.len(),
+        "earlier snapshots stay listed"
+    );
+    // Started over properly, it finishes with the whole output.
+    assert_eq!(f.run(&[]).state(), "finished");
+    assert_same_output(
+        &committed(&f.out()),
+        &wordcount_output(count, keys, seed),
+        "started over",
+    );
+}
+
+/// One run of a job per store: a second `memento run` of the same job on
+/// the same state directory is refused while the first runs, and the
+/// first's output is unharmed.
+#[test]
+fn a_second_run_of_a_running_job_is_refused() {
+    let (count, keys, seed) = (12_000, 20, 6);
+    let f = Fixture::new(
+        "twice",
+        &job_toml(
+            "twice",
+            &generator(count, keys, seed, Some(4_000), 100),
+            &[operator("count", "wordcount", 2, &[])],
+            "[checkpoints]\ninterval = \"300ms\"\n",
+        ),
+    );
+    let first = f.spawn(&[]);
+    f.wait_running();
+    for args in [&[][..], &["--from", "latest"][..]] {
+        // Not `f.run`: its stdout and stderr files are the first run's.
+        let second = f.command(args).output().unwrap();
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(!second.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("error: job `twice` is already running on this store"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(first.finish(Duration::from_secs(60)).state(), "finished");
+    assert_same_output(
+        &committed(&f.out()),
+        &wordcount_output(count, keys, seed),
+        "the first run",
+    );
+}
+
 // ------------------------------------------ timeouts and tolerable failures
 
 /// `snapshot-state` is slow or declines: canonical checkpoints call it.

@@ -47,8 +47,12 @@ pub enum HostError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// No snapshot to resume from.
-    #[error("no snapshot of job `{job}` to resume from (`--from latest`)")]
+    /// No snapshot to resume from (none since the job last started over
+    /// from scratch).
+    #[error(
+        "no snapshot of job `{job}` to resume from (`--from latest` considers the snapshots taken since the job \
+         last started from scratch; older ones are restorable by id)"
+    )]
     NoSnapshot {
         /// The job.
         job: String,
@@ -273,9 +277,19 @@ impl Job {
     ///
     /// # Errors
     /// [`HostError::Job`] with the last failure and the snapshot kept to
-    /// resume from; errors resolving `options.from`.
+    /// resume from; errors resolving `options.from`;
+    /// [`StoreError::JobBusy`] if another run of the job is using the store.
     pub fn run(&self, options: RunOptions) -> Result<JobReport, HostError> {
+        let job = JobName::new(&self.spec.name)?;
+        // One run of a job per store at a time: two would commit into the
+        // same output and snapshot sequence.
+        let _hold = self.store.hold_job(&job)?;
         let from = self.resolve_start(&options.from)?;
+        if from.is_none() {
+            // Starting over discards earlier runs' output; from now on their
+            // snapshots are no restore points for `latest`.
+            self.store.start_over(&job)?;
+        }
         let coordinator = Coordinator::new(
             &self.host.runtime,
             &self.spec,

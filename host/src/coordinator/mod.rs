@@ -159,6 +159,9 @@ impl<'a> Coordinator<'a> {
                             (JobError::Restore { .. }, Some(m)) => {
                                 self.store.next_intact_before(&m.id).ok().flatten()
                             }
+                            // The job file does not fit the snapshot: the
+                            // same command would fail the same way.
+                            (JobError::Incompatible { .. }, _) => None,
                             _ => self.store.latest(&self.job).ok().flatten().map(|m| m.id),
                         };
                         return Err(Box::new(JobFailed {

@@ -91,6 +91,19 @@ pub enum StoreError {
         id: SnapshotId,
     },
 
+    /// Another run of the job holds it: another process on the same store,
+    /// or another run in this one.
+    #[error(
+        "job `{job}` is already running on this store (tenant {tenant}); a job runs once at a time \
+         -- stop the other run first"
+    )]
+    JobBusy {
+        /// Tenant of the job.
+        tenant: String,
+        /// The job.
+        job: String,
+    },
+
     /// A manifest file is not valid JSON or violates the format.
     #[error("manifest of snapshot {id} is corrupt: {reason}")]
     CorruptManifest {

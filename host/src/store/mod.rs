@@ -421,6 +421,63 @@ impl TenantStore {
         Ok(n)
     }
 
+    /// Marks a run of `job` that starts over from scratch, before it
+    /// discards the output of earlier runs: [`TenantStore::latest`] (restarts,
+    /// `--from latest`, resuming after a host restart) ignores every
+    /// snapshot numbered below the returned fence from now on, since the
+    /// output they would resume alongside is gone. They stay listed and
+    /// restorable by id. Durable when it returns.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn start_over(&self, job: &JobName) -> Result<u64, StoreError> {
+        let fence = self.next_snapshot_number(job)?;
+        let key = self.key(&format!("fences/{job}"));
+        let sync = self.options().sync;
+        self.backend()
+            .put(&key, format!("{fence}\n").as_bytes(), PutMode::Replace, sync)
+            .and_then(|_| if sync { self.backend().flush() } else { Ok(()) })
+            .map_err(|e| StoreError::io("write fence", key, e))?;
+        Ok(fence)
+    }
+
+    /// The fence of `job` (see [`TenantStore::start_over`]); 0 if it never
+    /// started over.
+    fn fence(&self, job: &JobName) -> Result<u64, StoreError> {
+        let key = self.key(&format!("fences/{job}"));
+        match self.backend().read(&key) {
+            Ok(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    StoreError::io(
+                        "parse fence",
+                        key,
+                        io::Error::new(io::ErrorKind::InvalidData, "not a decimal number"),
+                    )
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(StoreError::io("read fence", key, e)),
+        }
+    }
+
+    /// Holds `job` for one run: while the guard lives, another run of the
+    /// same job on this store -- from another process or this one -- is
+    /// refused. Released when dropped or when the process dies (an
+    /// advisory lock), so a crash never leaves a job stuck.
+    ///
+    /// # Errors
+    /// [`StoreError::JobBusy`] if another run holds it; I/O errors.
+    pub fn hold_job(&self, job: &JobName) -> Result<JobHold, StoreError> {
+        match self.lock(&format!("job.{job}"), LockMode::Exclusive, Some(Duration::ZERO))? {
+            Some(guard) => Ok(JobHold { _guard: guard }),
+            None => Err(StoreError::JobBusy {
+                tenant: self.inner.name.to_string(),
+                job: job.to_string(),
+            }),
+        }
+    }
+
     fn read_counter(&self, job: &JobName) -> Result<u64, StoreError> {
         let key = self.counter_key(job);
         match self.backend().read(&key) {
@@ -602,7 +659,13 @@ impl TenantStore {
     /// # Errors
     /// I/O errors.
     pub fn latest(&self, job: &JobName) -> Result<Option<Manifest>, StoreError> {
+        let fence = self.fence(job)?;
         for id in self.list_ids(job)?.into_iter().rev() {
+            if id.number() < fence {
+                // An earlier run's: the run that started over discarded
+                // the output those snapshots would restore alongside.
+                break;
+            }
             match self.get(&id) {
                 Ok(m) if m.status == SnapshotStatus::Complete => return Ok(Some(m)),
                 Ok(_) | Err(StoreError::NotFound { .. }) => {}
@@ -888,6 +951,12 @@ impl TenantStore {
 pub struct SnapshotWriter {
     blobs: BlobWriter,
     started: Instant,
+}
+
+/// A job held for one run (see [`TenantStore::hold_job`]).
+#[derive(Debug)]
+pub struct JobHold {
+    _guard: Box<dyn LockGuard>,
 }
 
 /// A handle for storing blobs of one snapshot from several threads.
