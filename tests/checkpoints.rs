@@ -1174,6 +1174,44 @@ fn a_second_run_of_a_running_job_is_refused() {
     );
 }
 
+/// Every trigger gets an answer, even one sent while the job fails or after
+/// it ended: savepoints requested in a tight loop around the failure of a
+/// job all resolve (completed, or failed with a reason), none waits forever.
+#[test]
+fn triggers_around_the_end_of_a_job_are_all_answered() {
+    let toml = failing_job("answered", "strategy = \"none\"");
+    let f = Fixture::new("answered", &toml);
+    let host = memento::Host::open(&f.state).unwrap();
+    let spec = memento::spec::JobSpec::from_toml(&toml, &f.job, &f.dir).unwrap();
+    let job = host.load_job(spec, "default").unwrap();
+    let control = job.control();
+    let run = std::thread::spawn(move || job.run(memento::RunOptions::default()));
+    let mut pending = Vec::new();
+    while !run.is_finished() {
+        pending.push(control.trigger_savepoint(None));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for _ in 0..10 {
+        pending.push(control.trigger_savepoint(None));
+    }
+    assert!(run.join().unwrap().is_err(), "the job fails");
+    let (mut completed, mut failed) = (0, 0);
+    for (i, rx) in pending.into_iter().enumerate() {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(_)) => completed += 1,
+            Ok(Err(reason)) => {
+                assert!(!reason.is_empty());
+                failed += 1;
+            }
+            Err(e) => panic!("trigger {i} was never answered: {e}"),
+        }
+    }
+    assert!(
+        failed >= 10,
+        "the triggers after the end fail ({completed} completed, {failed} failed)"
+    );
+}
+
 // ------------------------------------------ timeouts and tolerable failures
 
 /// `snapshot-state` is slow or declines: canonical checkpoints call it.

@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, unbounded};
+use crossbeam_channel::Receiver;
 
 use crate::coordinator::{Control, Coordinator, JobControl, JobFailed, JobReport, JobStatus, StatusHandle};
 use crate::runtime::{ComponentInfo, LoadedComponent, Runtime, RuntimeError};
@@ -186,15 +186,15 @@ impl Host {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (tx, rx) = unbounded();
+        let (control, control_rx) = JobControl::new();
         Ok(Job {
             host: self.clone(),
             store: self.store.tenant(tenant)?,
             status: StatusHandle::new(&spec.name),
             spec,
             components,
-            control: JobControl { tx },
-            control_rx: rx,
+            control,
+            control_rx,
         })
     }
 
@@ -281,6 +281,9 @@ impl Job {
     /// [`StoreError::JobBusy`] if another run of the job is using the store.
     pub fn run(&self, options: RunOptions) -> Result<JobReport, HostError> {
         let job = JobName::new(&self.spec.name)?;
+        self.control.set_ended(false);
+        // Whatever happens below, requests nobody will take get an answer.
+        let _ended = Ended(&self.control);
         // One run of a job per store at a time: two would commit into the
         // same output and snapshot sequence.
         let _hold = self.store.hold_job(&job)?;
@@ -306,5 +309,14 @@ impl Job {
             })
         })?;
         Ok(coordinator.run(from)?)
+    }
+}
+
+/// Marks the run ended when dropped (see [`JobControl::set_ended`]).
+struct Ended<'a>(&'a JobControl);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.set_ended(true);
     }
 }

@@ -1,5 +1,8 @@
 //! Requests to a running job's coordinator, from any thread.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::spec::SnapshotFormat;
@@ -25,10 +28,58 @@ pub(crate) enum Control {
 /// thread. Cheap to clone.
 #[derive(Clone)]
 pub struct JobControl {
-    pub(crate) tx: Sender<Control>,
+    tx: Sender<Control>,
+    /// The coordinator's end of the channel, kept to answer requests that
+    /// no coordinator will take once the run has ended: a trigger must
+    /// never wait forever.
+    rx: Receiver<Control>,
+    /// Set when a run ends (and cleared when one starts).
+    ended: Arc<AtomicBool>,
 }
 
 impl JobControl {
+    /// A control handle and the receiver the coordinator reads.
+    pub(crate) fn new() -> (JobControl, Receiver<Control>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let control = JobControl {
+            tx,
+            rx: rx.clone(),
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        (control, rx)
+    }
+
+    /// A run starts (requests queue for its coordinator) or has ended
+    /// (requests left over, and any sent from now on, are answered "not
+    /// running" at once).
+    pub(crate) fn set_ended(&self, ended: bool) {
+        self.ended.store(ended, Ordering::SeqCst);
+        if ended {
+            self.answer_leftovers();
+        }
+    }
+
+    /// Answer every queued request: nobody will take it. Called after
+    /// `ended` is set by the ending run, and after sending by a requester
+    /// that then sees `ended`: whichever comes second finds the request.
+    fn answer_leftovers(&self) {
+        while let Ok(request) = self.rx.try_recv() {
+            if let Control::Trigger {
+                reply: Some(reply), ..
+            }
+            | Control::Stop { reply: Some(reply) } = request
+            {
+                let _ = reply.send(Err("the job is not running".into()));
+            }
+        }
+    }
+
+    fn send(&self, request: Control) {
+        if self.tx.send(request).is_ok() && self.ended.load(Ordering::SeqCst) {
+            self.answer_leftovers();
+        }
+    }
+
     /// Take a checkpoint now; the receiver gets its id when it completes.
     pub fn trigger_checkpoint(&self) -> Receiver<TriggerResult> {
         self.trigger(SnapshotKind::Checkpoint, None)
@@ -41,17 +92,11 @@ impl JobControl {
 
     fn trigger(&self, kind: SnapshotKind, format: Option<SnapshotFormat>) -> Receiver<TriggerResult> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self
-            .tx
-            .send(Control::Trigger {
-                kind,
-                format,
-                reply: Some(tx.clone()),
-            })
-            .is_err()
-        {
-            let _ = tx.send(Err("the job is not running".into()));
-        }
+        self.send(Control::Trigger {
+            kind,
+            format,
+            reply: Some(tx),
+        });
         rx
     }
 
@@ -59,21 +104,13 @@ impl JobControl {
     /// receiver gets the savepoint's id.
     pub fn stop_with_savepoint(&self) -> Receiver<TriggerResult> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self
-            .tx
-            .send(Control::Stop {
-                reply: Some(tx.clone()),
-            })
-            .is_err()
-        {
-            let _ = tx.send(Err("the job is not running".into()));
-        }
+        self.send(Control::Stop { reply: Some(tx) });
         rx
     }
 
     /// Cancel the job: stop at once, commit nothing more. Checkpoints stay
     /// if `persistent`.
     pub fn cancel(&self) {
-        let _ = self.tx.send(Control::Cancel);
+        self.send(Control::Cancel);
     }
 }
