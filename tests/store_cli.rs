@@ -212,7 +212,7 @@ fn fsck_names_damaged_snapshots_and_exits_non_zero() {
 }
 
 #[test]
-fn corrupt_manifest_is_reported_by_list_show_fsck_and_stops_gc() {
+fn corrupt_manifest_is_reported_stops_gc_and_can_be_disposed() {
     let dir = tempfile::tempdir().unwrap();
     populated(dir.path());
     let path = dir
@@ -230,10 +230,24 @@ fn corrupt_manifest_is_reported_by_list_show_fsck_and_stops_gc() {
     let o = memento(dir.path(), &["fsck"]);
     assert!(stdout(&o).contains("DAMAGED wordcount-000001"), "{}", stdout(&o));
     fails_with(o, "damaged snapshots: wordcount-000001");
-    fails_with(
-        memento(dir.path(), &["gc"]),
-        "manifest of snapshot wordcount-000001 is corrupt",
+    let o = memento(dir.path(), &["gc"]);
+    let err = stderr(&o);
+    fails_with(o, "manifest of snapshot wordcount-000001 is corrupt");
+    assert!(
+        err.contains("memento savepoint dispose wordcount-000001"),
+        "gc names the way out: {err}"
     );
+    // The way out: dispose removes the damaged snapshot (its kind unknown,
+    // with a warning), and gc runs again.
+    let o = memento(dir.path(), &["savepoint", "dispose", "wordcount-000001"]);
+    assert!(
+        stderr(&o).contains("removing the damaged snapshot"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(ok(o).contains("disposed wordcount-000001"));
+    ok(memento(dir.path(), &["fsck"]));
+    ok(memento(dir.path(), &["gc"]));
 }
 
 #[test]

@@ -420,7 +420,18 @@ pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
 /// errors.
 pub fn run_gc(store: &StoreArgs) -> anyhow::Result<()> {
     let tenant = open(store)?;
-    let r = tenant.gc()?;
+    let r = match tenant.gc() {
+        Err(e @ StoreError::CorruptManifest { .. }) => {
+            let StoreError::CorruptManifest { id, .. } = &e else {
+                unreachable!()
+            };
+            bail!(
+                "{e}; gc deletes nothing while a manifest is unreadable (it may reference any blob): \
+                 restore the file, or remove the snapshot with `memento savepoint dispose {id}`"
+            )
+        }
+        r => r?,
+    };
     println!(
         "removed {} blobs, freed {}; kept {} blobs referenced by {} snapshots ({} ms)",
         r.blobs_removed,
@@ -517,12 +528,18 @@ pub fn run_savepoint_import(store: &StoreArgs, file: &Path) -> anyhow::Result<()
 pub fn run_savepoint_dispose(store: &StoreArgs, id: &str) -> anyhow::Result<()> {
     let tenant = open(store)?;
     let id = SnapshotId::parse(id)?;
-    let m = tenant.get(&id)?;
-    if m.kind != SnapshotKind::Savepoint {
-        bail!(
+    match tenant.get(&id) {
+        Ok(m) if m.kind != SnapshotKind::Savepoint => bail!(
             "{id} is a {}, not a savepoint; checkpoints are removed by their retention",
             snake(&m.kind)
-        );
+        ),
+        Ok(_) => {}
+        // A damaged snapshot restores nothing and stops `gc`: let the user
+        // remove it, whatever its kind was.
+        Err(e @ StoreError::CorruptManifest { .. }) => {
+            eprintln!("warning: {e}; removing the damaged snapshot")
+        }
+        Err(e) => return Err(e.into()),
     }
     tenant.delete(&id)?;
     match tenant.gc() {
