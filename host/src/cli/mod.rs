@@ -233,8 +233,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes on one line; a cause whose text the message
+/// already includes (library errors often embed their source) is not
+/// repeated.
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
 }
 
 fn init_logging() {
@@ -553,4 +566,18 @@ pub fn format_report(job: &str, r: &JobReport) -> String {
         let _ = writeln!(s, "  restarts   {:>12}", r.restarts);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_does_not_repeat_embedded_causes() {
+        let e =
+            anyhow::Error::new(std::io::Error::other("disk on fire")).context("cannot write x: disk on fire");
+        assert_eq!(one_line(&e), "cannot write x: disk on fire");
+        let e = anyhow::Error::new(std::io::Error::other("root cause")).context("outer\nline");
+        assert_eq!(one_line(&e), "outer line: root cause");
+    }
 }
