@@ -175,14 +175,41 @@ fn request_status_and_errors() {
     assert!(body.contains("invalid JSON body"), "{body}");
     let (status, body) = http(&job.addr, "GET", "/healthz", None, "");
     assert_eq!((status, body.trim()), (200, "ok"));
+    // What a single job's API does not serve is a JSON error too.
+    let (status, body) = http(&job.addr, "GET", "/v1/snapshots", None, "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("memento run --listen"), "{body}");
+    let (status, body) = http(&job.addr, "DELETE", "/v1/jobs/api", None, "");
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("\"error\":\"method_not_allowed\""), "{body}");
+    // The job and its checkpoints, as `memento serve` shapes them.
+    let (status, body) = http(&job.addr, "GET", "/v1/jobs/api", None, "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["name"].as_str(), v["state"].as_str()),
+        (Some("api"), Some("running")),
+        "{body}"
+    );
+    let (status, body) = http(&job.addr, "GET", "/v1/jobs/api/checkpoints", None, "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["counts"]["completed"].as_u64().unwrap() >= 1, "{body}");
 }
 
 #[test]
 fn stop_over_http_ends_the_run_with_a_savepoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut job = Running::start(dir.path(), &["--json"]);
-    let (status, body) = http(&job.addr, "POST", "/v1/jobs/api/stop", None, "");
-    assert_eq!(status, 202, "{body}");
+    // `memento stop --wait` gets the final savepoint's id although the job
+    // (and its API) ends with the stop: the API stays up until it is read.
+    let out = memento()
+        .args(["stop", "api", "--wait", "--url", &job.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let savepoint = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(savepoint.starts_with("api-"), "{savepoint}");
     let mut stdout = String::new();
     job.child
         .stdout
@@ -193,6 +220,7 @@ fn stop_over_http_ends_the_run_with_a_savepoint() {
     assert!(job.child.wait().unwrap().success());
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["state"]["state"], "stopped", "{stdout}");
+    assert_eq!(report["state"]["savepoint"], savepoint.as_str(), "{stdout}");
 }
 
 #[test]

@@ -292,6 +292,42 @@ pub struct CheckpointsView {
     pub history: Vec<SnapshotRecord>,
 }
 
+impl CheckpointsView {
+    /// The view of a job's status: counts, summary over the completed
+    /// snapshots of its history, the newest of each kind, the history
+    /// newest first.
+    pub fn of(st: &crate::coordinator::JobStatus) -> CheckpointsView {
+        let completed: Vec<&SnapshotRecord> = st
+            .history
+            .iter()
+            .filter(|r| r.outcome == SnapshotOutcome::Completed)
+            .collect();
+        let stats = |f: fn(&SnapshotRecord) -> u64| Stats::of(completed.iter().map(|r| f(r)).collect());
+        let newest =
+            |pred: &dyn Fn(&SnapshotRecord) -> bool| st.history.iter().rev().find(|r| pred(r)).cloned();
+        CheckpointsView {
+            summary: Summary {
+                completed: completed.len(),
+                duration_ms: stats(|r| r.duration_ms),
+                logical_bytes: stats(|r| r.logical_bytes),
+                new_bytes: stats(|r| r.new_bytes),
+            },
+            latest: Latest {
+                completed: newest(&|r| {
+                    r.kind == SnapshotKind::Checkpoint && r.outcome == SnapshotOutcome::Completed
+                }),
+                savepoint: newest(&|r| {
+                    r.kind == SnapshotKind::Savepoint && r.outcome == SnapshotOutcome::Completed
+                }),
+                failed: newest(&|r| matches!(r.outcome, SnapshotOutcome::Failed { .. })),
+                restored: st.restored_from.clone(),
+            },
+            counts: st.counts.clone(),
+            history: st.history.iter().rev().cloned().collect(),
+        }
+    }
+}
+
 /// Statistics over completed snapshots.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -1117,35 +1153,7 @@ impl ServiceJob {
 
     /// Counts, summary, latest and history of the job's snapshots.
     pub fn checkpoints(&self) -> CheckpointsView {
-        let st = self.status.get();
-        let completed: Vec<&SnapshotRecord> = st
-            .history
-            .iter()
-            .filter(|r| r.outcome == SnapshotOutcome::Completed)
-            .collect();
-        let stats = |f: fn(&SnapshotRecord) -> u64| Stats::of(completed.iter().map(|r| f(r)).collect());
-        let newest =
-            |pred: &dyn Fn(&SnapshotRecord) -> bool| st.history.iter().rev().find(|r| pred(r)).cloned();
-        CheckpointsView {
-            summary: Summary {
-                completed: completed.len(),
-                duration_ms: stats(|r| r.duration_ms),
-                logical_bytes: stats(|r| r.logical_bytes),
-                new_bytes: stats(|r| r.new_bytes),
-            },
-            latest: Latest {
-                completed: newest(&|r| {
-                    r.kind == SnapshotKind::Checkpoint && r.outcome == SnapshotOutcome::Completed
-                }),
-                savepoint: newest(&|r| {
-                    r.kind == SnapshotKind::Savepoint && r.outcome == SnapshotOutcome::Completed
-                }),
-                failed: newest(&|r| matches!(r.outcome, SnapshotOutcome::Failed { .. })),
-                restored: st.restored_from.clone(),
-            },
-            counts: st.counts,
-            history: st.history.iter().rev().cloned().collect(),
-        }
+        CheckpointsView::of(&self.status.get())
     }
 
     /// Snapshot `number` from the history, with its per-task figures.

@@ -2,7 +2,8 @@
 //! Flink's: trigger checkpoints and savepoints, poll their status, stop or
 //! cancel. JSON under `/v1`; errors are `{"error": code, "message": …}`.
 //!
-//! It calls only the library's public [`JobControl`]; it never touches tasks.
+//! It calls only the library's public [`JobControl`] and [`StatusHandle`]; it never
+//! touches tasks.
 //! The multi-tenant API of `memento serve` is in [`service`]; both answer
 //! errors in the same shape ([`ApiError`]).
 
@@ -19,7 +20,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::coordinator::{JobControl, TriggerResult};
+use crate::coordinator::{JobControl, StatusHandle, TriggerResult};
+use crate::service::CheckpointsView;
 use crate::spec::SnapshotFormat;
 
 /// Status of a triggered snapshot, as `GET …/savepoints/{request}` returns it.
@@ -44,7 +46,9 @@ pub enum RequestStatus {
 #[derive(Default)]
 pub(crate) struct RequestLog {
     next: std::sync::atomic::AtomicU64,
-    map: Arc<Mutex<HashMap<u64, RequestStatus>>>,
+    /// Status by request id, and whether a client has read it since it
+    /// was resolved.
+    map: Arc<Mutex<HashMap<u64, (RequestStatus, bool)>>>,
 }
 
 impl RequestLog {
@@ -52,7 +56,10 @@ impl RequestLog {
     /// returns its request id.
     pub(crate) fn track(&self, rx: crossbeam_channel::Receiver<TriggerResult>) -> u64 {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        self.map.lock().unwrap().insert(id, RequestStatus::InProgress);
+        self.map
+            .lock()
+            .unwrap()
+            .insert(id, (RequestStatus::InProgress, false));
         let map = self.map.clone();
         std::thread::spawn(move || {
             let status = match rx.recv() {
@@ -64,14 +71,22 @@ impl RequestLog {
                     error: "the job ended".into(),
                 },
             };
-            map.lock().unwrap().insert(id, status);
+            map.lock().unwrap().insert(id, (status, false));
         });
         id
     }
 
     /// The status of request `id`, if there is one.
     pub(crate) fn get(&self, id: u64) -> Option<RequestStatus> {
-        self.map.lock().unwrap().get(&id).cloned()
+        let mut map = self.map.lock().unwrap();
+        let (status, read) = map.get_mut(&id)?;
+        *read = !matches!(status, RequestStatus::InProgress);
+        Some(status.clone())
+    }
+
+    /// Whether some request's outcome has not been read by a client yet.
+    fn unread(&self) -> bool {
+        self.map.lock().unwrap().values().any(|(_, read)| !read)
     }
 }
 
@@ -112,8 +127,9 @@ struct TriggerBody {
 struct ApiState {
     job: String,
     control: JobControl,
+    status: StatusHandle,
     token: Option<String>,
-    requests: RequestLog,
+    requests: Arc<RequestLog>,
 }
 
 /// An API error: a status code, a short code and a message, answered as
@@ -170,16 +186,41 @@ async fn get_job(
     State(s): Shared,
     headers: HeaderMap,
     Path(job): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<crate::coordinator::JobStatus>, ApiError> {
     s.check(&headers, &job)?;
-    Ok(Json(serde_json::json!({ "name": s.job, "state": "running" })))
+    Ok(Json(s.status.get()))
 }
 
 async fn list_jobs(State(s): Shared, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
     s.check(&headers, &s.job.clone())?;
-    Ok(Json(
-        serde_json::json!({ "jobs": [{ "name": s.job, "state": "running" }] }),
-    ))
+    Ok(Json(serde_json::json!({ "jobs": [s.status.get()] })))
+}
+
+async fn checkpoints(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Result<Json<CheckpointsView>, ApiError> {
+    s.check(&headers, &job)?;
+    Ok(Json(CheckpointsView::of(&s.status.get())))
+}
+
+/// What `memento run --listen` does not serve (the multi-tenant API of
+/// `memento serve` does): a JSON error, like every other answer.
+async fn not_served() -> ApiError {
+    not_found(
+        "no such endpoint on `memento run --listen`: it serves the job, its checkpoints, triggers, their status, \
+         stop and cancel (`memento serve` serves the whole API)"
+            .into(),
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint".into(),
+    )
 }
 
 fn parse_body(body: &[u8]) -> Result<TriggerBody, ApiError> {
@@ -259,6 +300,7 @@ async fn request_status(
 /// A server answering for one running job.
 pub struct JobServer {
     addr: SocketAddr,
+    requests: Arc<RequestLog>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -266,6 +308,16 @@ impl JobServer {
     /// The address it listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// After the job ended: keep answering, for at most `max`, until every
+    /// trigger's outcome has been read -- a client that asked to stop the
+    /// job polls for the final savepoint's id after the job is gone.
+    pub fn linger(&self, max: std::time::Duration) {
+        let deadline = std::time::Instant::now() + max;
+        while self.requests.unread() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
@@ -295,6 +347,7 @@ pub fn serve_job(
     addr: &str,
     job: &str,
     control: JobControl,
+    status: StatusHandle,
     token: Option<String>,
 ) -> Result<JobServer, ApiStartError> {
     let (runtime, listener, local) = bind(addr, 1)?;
@@ -304,14 +357,19 @@ pub fn serve_job(
     let state = Arc::new(ApiState {
         job: job.to_string(),
         control,
+        status,
         token,
-        requests: RequestLog::default(),
+        requests: Arc::new(RequestLog::default()),
     });
+    let requests = state.requests.clone();
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{job}", get(get_job))
-        .route("/v1/jobs/{job}/checkpoints", post(trigger_checkpoint))
+        .route(
+            "/v1/jobs/{job}/checkpoints",
+            get(checkpoints).post(trigger_checkpoint),
+        )
         .route("/v1/jobs/{job}/savepoints", post(trigger_savepoint))
         .route("/v1/jobs/{job}/savepoints/{request}", get(request_status))
         .route(
@@ -320,12 +378,15 @@ pub fn serve_job(
         )
         .route("/v1/jobs/{job}/stop", post(stop))
         .route("/v1/jobs/{job}/cancel", post(cancel))
+        .fallback(not_served)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
     runtime.spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     Ok(JobServer {
         addr: local,
+        requests,
         _runtime: runtime,
     })
 }

@@ -414,15 +414,20 @@ fn run(
     };
     watch_signals(job.control(), on_signal)?;
     let name = job.spec().name.clone();
-    let _server = match listen {
+    let server = match listen {
         Some(addr) => {
-            let server = crate::api::serve_job(addr, &name, job.control(), token)?;
+            let server = crate::api::serve_job(addr, &name, job.control(), job.status_handle(), token)?;
             eprintln!("memento: job `{name}` API on http://{}", server.local_addr());
             Some(server)
         }
         None => None,
     };
-    match job.run(RunOptions { from }) {
+    let result = job.run(RunOptions { from });
+    if let Some(server) = &server {
+        // A client that stopped the job over HTTP polls for its savepoint.
+        server.linger(std::time::Duration::from_secs(3));
+    }
+    match result {
         Ok(report) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
