@@ -190,9 +190,9 @@ impl HostConfig {
     /// # Errors
     /// [`HostConfigError`] naming `origin`, the field and the reason.
     pub fn from_toml(text: &str, origin: &Path, base_dir: &Path) -> Result<HostConfig, HostConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| HostConfigError::Parse {
+        let raw: Raw = super::parse_toml(text).map_err(|reason| HostConfigError::Parse {
             path: origin.to_path_buf(),
-            reason: super::toml_error_one_line(&e),
+            reason,
         })?;
         let invalid = |field: String, reason: String| HostConfigError::Invalid {
             path: origin.to_path_buf(),

@@ -546,9 +546,9 @@ impl JobSpec {
     /// # Errors
     /// [`SpecError`] naming `origin`, the field and the reason.
     pub fn from_toml(text: &str, origin: &Path, base_dir: &Path) -> Result<JobSpec, SpecError> {
-        let mut spec: JobSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
+        let mut spec: JobSpec = parse_toml(text).map_err(|reason| SpecError::Parse {
             path: origin.to_path_buf(),
-            reason: toml_error_one_line(&e),
+            reason,
         })?;
         spec.base_dir = base_dir.to_path_buf();
         spec.validate().map_err(|(field, reason)| SpecError::Invalid {
@@ -736,12 +736,33 @@ impl JobSpec {
     }
 }
 
-/// toml's errors span several lines (with a source excerpt); keep the line
-/// and column and the message.
-fn toml_error_one_line(e: &toml::de::Error) -> String {
+/// Parse TOML `text` into `T`; an error is one line naming the key that is
+/// wrong (`source.count`, `operators[0].parallelism`), its line and column
+/// in `text`, and the reason.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| toml_error_one_line(&e, text))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = toml_error_one_line(e.inner(), text);
+        if path.is_empty() || path == "." {
+            reason
+        } else {
+            format!("`{path}`: {reason}")
+        }
+    })
+}
+
+/// toml's errors span several lines (with a source excerpt); keep the
+/// message and where it is.
+fn toml_error_one_line(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message().trim().replace('\n', " ");
     match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{msg} (line {line}, column {column})")
+        }
         None => msg,
     }
 }
@@ -774,6 +795,28 @@ type = "null"
 
     fn parse(text: &str) -> Result<JobSpec, SpecError> {
         JobSpec::from_toml(text, Path::new("job.toml"), Path::new("/jobs"))
+    }
+
+    /// A value of the wrong type names its key and where it is.
+    #[test]
+    fn type_errors_name_the_key_and_line() {
+        let text = MINIMAL.replace(
+            "plugin = \"wordcount.wasm\"",
+            "plugin = \"wordcount.wasm\"\nparallelism = \"2\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("`operators[0].parallelism`: invalid type: string \"2\""),
+            "{err}"
+        );
+        assert!(err.contains("(line 9, column 15)"), "{err}");
+        let err = parse(&format!("{MINIMAL}[checkpoints]\ninterval = \"5xx\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`checkpoints.interval`: invalid duration \"5xx\""),
+            "{err}"
+        );
     }
 
     #[test]
