@@ -89,6 +89,10 @@ pub enum ServiceError {
     /// The host itself failed (I/O on the state directory, a thread).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The host's configuration cannot be put into effect (a boot job of
+    /// HOST.toml that does not load): only at start, never for a request.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl ServiceError {
@@ -475,9 +479,12 @@ impl Service {
                 }
                 r => r,
             }
-            .map_err(|e| match e {
-                ServiceError::Internal(m) => ServiceError::Internal(format!("job {}: {m}", b.file.display())),
-                e => ServiceError::Internal(format!("job {}: {e}", b.file.display())),
+            .map_err(|e| {
+                let reason = match e {
+                    ServiceError::Internal(m) => m,
+                    e => e.to_string(),
+                };
+                ServiceError::Config(format!("[[jobs]] {}: {reason}", b.file.display()))
             })?;
         }
         Ok(service)

@@ -43,7 +43,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::Conflict(_) => ApiError(StatusCode::CONFLICT, "conflict", message),
             ServiceError::TooManyJobs(_) => ApiError(StatusCode::TOO_MANY_REQUESTS, "too_many_jobs", message),
             ServiceError::TooLarge { .. } => ApiError(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message),
-            ServiceError::Internal(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+            ServiceError::Internal(_) | ServiceError::Config(_) => {
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
         }
     }
 }
