@@ -539,3 +539,29 @@ fn plugin_logs_carry_job_operator_and_task() {
     );
     assert!(line.contains("task=0"), "{line}");
 }
+
+/// `memento token hash` hashes what it is given, without a trailing newline,
+/// and refuses an empty token (its hash would lock the tenant out).
+#[test]
+fn token_hash_refuses_an_empty_token() {
+    let hash = |arg: Option<&str>, stdin: &str| {
+        let mut cmd = memento();
+        cmd.args(["token", "hash"]).args(arg);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let by_arg = hash(Some("abc"), "");
+    let by_stdin = hash(None, "abc\n");
+    assert!(by_arg.status.success() && by_stdin.status.success());
+    assert_eq!(stdout(&by_arg), stdout(&by_stdin));
+    assert_eq!(stdout(&by_arg).trim(), blake3::hash(b"abc").to_hex().as_str());
+    for (arg, stdin) in [(Some(""), ""), (None, ""), (None, "\n")] {
+        let o = hash(arg, stdin);
+        assert!(!o.status.success(), "{arg:?} {stdin:?}");
+        assert!(stderr(&o).contains("error: the token is empty"), "{}", stderr(&o));
+    }
+}

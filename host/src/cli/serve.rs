@@ -51,7 +51,12 @@ pub fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
                 }
             };
             // A trailing newline from `echo` is not part of the token.
-            println!("{}", hash_token(token.trim_end_matches(['\n', '\r'])));
+            let token = token.trim_end_matches(['\n', '\r']);
+            if token.is_empty() {
+                // Its hash would configure a tenant nobody can authenticate as.
+                anyhow::bail!("the token is empty: give it as an argument or on standard input");
+            }
+            println!("{}", hash_token(token));
         }
     }
     Ok(ExitCode::SUCCESS)
