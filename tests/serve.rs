@@ -451,7 +451,8 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
         submit(&job_toml("x", ""), json!({ "wordcount.wasm": garbage })),
         400,
         "invalid_plugin",
-        "operator `count`",
+        // Named as uploaded, not by the host's path for it.
+        "operator `count`: wordcount.wasm: ",
     );
     expect(
         submit(

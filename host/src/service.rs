@@ -669,6 +669,14 @@ impl Service {
                     ),
                 )
             })?;
+            // Validate before storing: the error names the uploaded name, and
+            // what is no component is never kept (compiled once: the cache
+            // is by content, so loading the stored file later hits it).
+            entry
+                .host
+                .runtime()
+                .load_bytes(Path::new(&name), bytes)
+                .map_err(|e| ServiceError::bad("invalid_plugin", format!("operator `{}`: {e}", op.name)))?;
             op.plugin = self.store_component(bytes)?;
             plugins.insert(name, blake3::hash(bytes).to_hex().to_string());
         }
