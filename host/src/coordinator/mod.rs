@@ -694,6 +694,7 @@ impl<'a> Coordinator<'a> {
         }
         m.figures.sync_ms = p.pause.as_millis() as u64;
         m.figures.async_ms = p.upload.as_millis() as u64;
+        m.figures.before_commit_ms = p.started.elapsed().as_millis() as u64;
         let sinks = p.sinks;
         let id = match p.writer.commit(m) {
             Ok(id) => id,
@@ -719,7 +720,7 @@ impl<'a> Coordinator<'a> {
             a.notify_complete(p.number);
         }
         let m = self.store.get(&id)?;
-        let duration_ms = p.started.elapsed().as_millis() as u64;
+        let duration_ms = m.figures.duration_ms();
         tracing::info!(
             target: "memento::snapshot",
             id = %id,
@@ -740,6 +741,7 @@ impl<'a> Coordinator<'a> {
             SnapshotOutcome::Completed,
             Some(status::EndFigures {
                 id: id.clone(),
+                duration_ms,
                 pause_ms: m.figures.sync_ms,
                 logical_bytes: m.figures.logical_bytes,
                 new_bytes: m.figures.new_bytes,

@@ -252,6 +252,7 @@ impl StatusHandle {
             r.outcome = outcome;
             r.duration_ms = super::now_ms().saturating_sub(r.triggered_at_ms);
             if let Some(f) = figures {
+                r.duration_ms = f.duration_ms;
                 r.id = Some(f.id);
                 r.pause_ms = f.pause_ms;
                 r.logical_bytes = f.logical_bytes;
@@ -265,6 +266,9 @@ impl StatusHandle {
 /// Figures of a completed snapshot for its history record.
 pub(crate) struct EndFigures {
     pub id: SnapshotId,
+    /// Start to commit, as the manifest records it (the same figure in the
+    /// log, the store's list and the API).
+    pub duration_ms: u64,
     pub pause_ms: u64,
     pub logical_bytes: u64,
     pub new_bytes: u64,

@@ -302,12 +302,26 @@ pub struct Figures {
     /// Commit (durability barrier + manifest), milliseconds.
     #[serde(default)]
     pub commit_ms: u64,
+    /// From the trigger to the start of the commit, milliseconds: the
+    /// phases plus the barrier's travel and alignment (0: not recorded).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub before_commit_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Figures {
-    /// Total duration of the phases in milliseconds.
+    /// Trigger to commit in milliseconds, as the job's log and status
+    /// report it; for snapshots that did not record it, the sum of the
+    /// phases.
     pub fn duration_ms(&self) -> u64 {
-        self.sync_ms + self.async_ms + self.commit_ms
+        if self.before_commit_ms > 0 {
+            self.before_commit_ms + self.commit_ms
+        } else {
+            self.sync_ms + self.async_ms + self.commit_ms
+        }
     }
 }
 
