@@ -1391,6 +1391,20 @@ fn resume_refusals() {
     let err = f.run(&["--from", &periodic]).error();
     assert!(err.contains("parallelism"), "{err}");
     assert!(err.contains(&periodic), "{err}");
+    assert!(
+        !err.contains("resume with"),
+        "no hint that would fail the same way: {err}"
+    );
+    // Through the library the same refusal comes before anything runs.
+    let host = memento::Host::open(&f.state).unwrap();
+    let spec = memento::spec::JobSpec::from_toml(&checkpointed("alpha", 2), &f.job, &f.dir).unwrap();
+    let job = host.load_job(spec, "default").unwrap();
+    let id = memento::store::SnapshotId::parse(&periodic).unwrap();
+    let err = job
+        .resolve_start(&memento::StartFrom::Snapshot(id))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("parallelism 2 in the job file"), "{err}");
 
     // No snapshot at all.
     let err = beta(&["--from", "latest"]).error();

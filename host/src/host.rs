@@ -257,7 +257,7 @@ impl Job {
     /// [`HostError::NoSnapshot`] for `Latest` without snapshots; store
     /// errors (not found, damaged) for an id.
     pub fn resolve_start(&self, from: &StartFrom) -> Result<Option<Manifest>, HostError> {
-        match from {
+        let m = match from {
             StartFrom::Scratch => Ok(None),
             StartFrom::Latest => {
                 let job = JobName::new(&self.spec.name)?;
@@ -269,7 +269,20 @@ impl Job {
                 }
             }
             StartFrom::Snapshot(id) => Ok(Some(self.store.get(id)?)),
+        }?;
+        if let Some(m) = &m {
+            // Refuse a snapshot that cannot start this job before anything
+            // runs (a submission over the API is answered at once).
+            let job = JobName::new(&self.spec.name)?;
+            crate::coordinator::check_fits(&self.spec, &job, m).map_err(|error| {
+                Box::new(JobFailed {
+                    error,
+                    restarts: 0,
+                    resume_from: None,
+                })
+            })?;
         }
+        Ok(m)
     }
 
     /// Run the job until its input ends, it is stopped or cancelled, or it

@@ -808,6 +808,9 @@ impl Service {
                 ServiceError::NotFound(format!("no snapshot of job `{job}` to resume from"))
             }
             HostError::Store(e) => ServiceError::from_store(e),
+            // The snapshot does not fit the job file (operators,
+            // parallelism, the config of a native image).
+            HostError::Job(f) => ServiceError::bad("incompatible_snapshot", f.to_string()),
             e => ServiceError::Internal(e.to_string()),
         })?;
         let job = Arc::new(job);

@@ -262,45 +262,10 @@ impl<'a> Coordinator<'a> {
 
     /// Check that a snapshot fits this job and bring the sink to its state.
     fn restore_point(&self, m: &Manifest) -> Result<RestorePoint, JobError> {
-        let incompatible = |reason: String| JobError::Incompatible {
-            id: m.id.clone(),
-            reason,
-        };
-        if m.job != self.job {
-            return Err(incompatible(format!(
-                "it belongs to job `{}`, not `{}`",
-                m.job, self.job
-            )));
-        }
+        check_fits(self.spec, &self.job, m)?;
         let mut tasks = BTreeMap::new();
         for t in &m.tasks {
             tasks.insert(t.key.clone(), t.clone());
-        }
-        for op in &self.spec.operators {
-            let n = m.tasks.iter().filter(|t| t.key.operator == op.name).count();
-            if n == 0 {
-                return Err(incompatible(format!(
-                    "it has no state for operator `{}`",
-                    op.name
-                )));
-            }
-            if n != op.parallelism as usize {
-                return Err(incompatible(format!(
-                    "operator `{}` has {n} tasks in the snapshot but parallelism {} in the job file \
-                     (changing parallelism is not supported)",
-                    op.name, op.parallelism
-                )));
-            }
-        }
-        if let Some(t) = m
-            .tasks
-            .iter()
-            .find(|t| !self.spec.operators.iter().any(|o| o.name == t.key.operator))
-        {
-            return Err(incompatible(format!(
-                "it has state for operator `{}`, which the job does not have",
-                t.key.operator
-            )));
         }
         let sink_next_seq = sink::recover(&self.spec.sink, &self.spec.base_dir, Some(&sink_commits(m)))
             .map_err(JobError::Sink)?;
@@ -1017,4 +982,63 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether snapshot `m` can start job `job` as `spec` describes it: the same
+/// job, the same operators at the same parallelism, and native images taken
+/// under the same operator config. Checked before a run starts (so that a
+/// submission is refused at once) and again by the coordinator.
+///
+/// # Errors
+/// [`JobError::Incompatible`] with the reason.
+pub(crate) fn check_fits(spec: &JobSpec, job: &JobName, m: &Manifest) -> Result<(), JobError> {
+    let incompatible = |reason: String| JobError::Incompatible {
+        id: m.id.clone(),
+        reason,
+    };
+    if m.job != *job {
+        return Err(incompatible(format!(
+            "it belongs to job `{}`, not `{}`",
+            m.job, job
+        )));
+    }
+    if m.extra.contains_key(FINISHED) {
+        // The record of a finished run holds no state: it only commits.
+        return Ok(());
+    }
+    for op in &spec.operators {
+        let n = m.tasks.iter().filter(|t| t.key.operator == op.name).count();
+        if n == 0 {
+            return Err(incompatible(format!(
+                "it has no state for operator `{}`",
+                op.name
+            )));
+        }
+        if n != op.parallelism as usize {
+            return Err(incompatible(format!(
+                "operator `{}` has {n} tasks in the snapshot but parallelism {} in the job file \
+                     (changing parallelism is not supported)",
+                op.name, op.parallelism
+            )));
+        }
+    }
+    if let Some(t) = m
+        .tasks
+        .iter()
+        .find(|t| !spec.operators.iter().any(|o| o.name == t.key.operator))
+    {
+        return Err(incompatible(format!(
+            "it has state for operator `{}`, which the job does not have",
+            t.key.operator
+        )));
+    }
+    for op in &spec.operators {
+        for t in m.tasks.iter().filter(|t| t.key.operator == op.name) {
+            crate::snapshot::check_config(&m.id, t, &op.config).map_err(|e| match e {
+                crate::snapshot::RestoreError::Unsupported { reason, .. } => incompatible(reason),
+                e => incompatible(e.to_string()),
+            })?;
+        }
+    }
+    Ok(())
 }

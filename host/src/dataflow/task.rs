@@ -125,7 +125,6 @@ impl Task {
         // calling `open` again would build a fresh operator over it.
         let mut instance = match self.restore.take() {
             Some((store, id, state)) if matches!(state.state, TaskStateData::Native { .. }) => {
-                snapshot::check_config(&id, &state, &self.config).map_err(restore_error)?;
                 let instance = snapshot::restore_native(
                     &self.runtime,
                     &self.component,
