@@ -432,33 +432,16 @@ impl TenantStore {
     /// I/O errors.
     pub fn start_over(&self, job: &JobName) -> Result<u64, StoreError> {
         let fence = self.next_snapshot_number(job)?;
-        let key = self.key(&format!("fences/{job}"));
-        let sync = self.options().sync;
-        self.backend()
-            .put(&key, format!("{fence}\n").as_bytes(), PutMode::Replace, sync)
-            .and_then(|_| if sync { self.backend().flush() } else { Ok(()) })
-            .map_err(|e| StoreError::io("write fence", key, e))?;
+        self.write_number(self.key(&format!("fences/{job}")), FENCE, fence)?;
         Ok(fence)
     }
 
     /// The fence of `job` (see [`TenantStore::start_over`]); 0 if it never
     /// started over.
     fn fence(&self, job: &JobName) -> Result<u64, StoreError> {
-        let key = self.key(&format!("fences/{job}"));
-        match self.backend().read(&key) {
-            Ok(bytes) => std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    StoreError::io(
-                        "parse fence",
-                        key,
-                        io::Error::new(io::ErrorKind::InvalidData, "not a decimal number"),
-                    )
-                }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(StoreError::io("read fence", key, e)),
-        }
+        Ok(self
+            .read_number(self.key(&format!("fences/{job}")), FENCE)?
+            .unwrap_or(0))
     }
 
     /// Holds `job` for one run: while the guard lives, another run of the
@@ -479,30 +462,39 @@ impl TenantStore {
     }
 
     fn read_counter(&self, job: &JobName) -> Result<u64, StoreError> {
-        let key = self.counter_key(job);
+        Ok(self.read_number(self.counter_key(job), COUNTER)?.unwrap_or(1))
+    }
+
+    fn write_counter(&self, job: &JobName, next: u64) -> Result<(), StoreError> {
+        self.write_number(self.counter_key(job), COUNTER, next)
+    }
+
+    /// A small file holding one decimal number (`None` if it is missing).
+    fn read_number(&self, key: String, what: NumberFile) -> Result<Option<u64>, StoreError> {
         match self.backend().read(&key) {
             Ok(bytes) => std::str::from_utf8(&bytes)
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Some)
                 .ok_or_else(|| {
                     StoreError::io(
-                        "parse counter",
+                        what.parse,
                         key,
                         io::Error::new(io::ErrorKind::InvalidData, "not a decimal number"),
                     )
                 }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(1),
-            Err(e) => Err(StoreError::io("read counter", key, e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(what.read, key, e)),
         }
     }
 
-    fn write_counter(&self, job: &JobName, next: u64) -> Result<(), StoreError> {
-        let key = self.counter_key(job);
+    /// Replace such a file, durably when the store syncs.
+    fn write_number(&self, key: String, what: NumberFile, n: u64) -> Result<(), StoreError> {
         let sync = self.options().sync;
         self.backend()
-            .put(&key, format!("{next}\n").as_bytes(), PutMode::Replace, sync)
+            .put(&key, format!("{n}\n").as_bytes(), PutMode::Replace, sync)
             .and_then(|_| if sync { self.backend().flush() } else { Ok(()) })
-            .map_err(|e| StoreError::io("write counter", key, e))
+            .map_err(|e| StoreError::io(what.write, key, e))
     }
 
     /// Starts writing snapshot `number` of `job`. Blobs the writer stores (or
@@ -952,6 +944,26 @@ pub struct SnapshotWriter {
     blobs: BlobWriter,
     started: Instant,
 }
+
+/// The actions naming a small number file in errors.
+#[derive(Clone, Copy)]
+struct NumberFile {
+    read: &'static str,
+    parse: &'static str,
+    write: &'static str,
+}
+
+const COUNTER: NumberFile = NumberFile {
+    read: "read counter",
+    parse: "parse counter",
+    write: "write counter",
+};
+
+const FENCE: NumberFile = NumberFile {
+    read: "read fence",
+    parse: "parse fence",
+    write: "write fence",
+};
 
 /// A job held for one run (see [`TenantStore::hold_job`]).
 #[derive(Debug)]
