@@ -42,21 +42,17 @@ use std::time::{Duration, Instant};
 
 use memento::dataflow::source::Generator;
 use memento::runtime::{
-    Context, Event, HostMemoryCreator, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel,
+    Context, Event, HostMemoryCreator, LoadedComponent, PAGE, Runtime, SandboxLimits, TaskInstance, TaskLabel,
 };
 use memento::snapshot::{self, NativeBase};
 use memento::spec::SnapshotFormat;
 use memento::store::{
-    JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TenantStore,
-    Trigger,
+    DEFAULT_FIXED_CHUNK as CHUNK, JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey,
+    TaskState, TenantStore, Trigger,
 };
 
 mod common;
 use common::median;
-
-/// The chunk size of memory images (`store::chunk::DEFAULT_FIXED_CHUNK`).
-const CHUNK: usize = 256 << 10;
-const PAGE: usize = 4096;
 
 fn env_list(name: &str, default: &str) -> Vec<u64> {
     std::env::var(name)

@@ -257,23 +257,20 @@ impl Job {
     /// [`HostError::NoSnapshot`] for `Latest` without snapshots; store
     /// errors (not found, damaged) for an id.
     pub fn resolve_start(&self, from: &StartFrom) -> Result<Option<Manifest>, HostError> {
+        let job = JobName::new(&self.spec.name)?;
         let m = match from {
             StartFrom::Scratch => Ok(None),
-            StartFrom::Latest => {
-                let job = JobName::new(&self.spec.name)?;
-                match self.store.latest(&job)? {
-                    Some(m) => Ok(Some(m)),
-                    None => Err(HostError::NoSnapshot {
-                        job: self.spec.name.clone(),
-                    }),
-                }
-            }
+            StartFrom::Latest => match self.store.latest(&job)? {
+                Some(m) => Ok(Some(m)),
+                None => Err(HostError::NoSnapshot {
+                    job: self.spec.name.clone(),
+                }),
+            },
             StartFrom::Snapshot(id) => Ok(Some(self.store.get(id)?)),
         }?;
         if let Some(m) = &m {
             // Refuse a snapshot that cannot start this job before anything
             // runs (a submission over the API is answered at once).
-            let job = JobName::new(&self.spec.name)?;
             crate::coordinator::check_fits(&self.spec, &job, m).map_err(|error| {
                 Box::new(JobFailed {
                     error,

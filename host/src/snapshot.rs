@@ -624,25 +624,18 @@ pub fn config_digest(config: &BTreeMap<String, String>) -> String {
 /// not record their config pass).
 ///
 /// # Errors
-/// [`RestoreError::Unsupported`] naming the task and the way out.
-pub fn check_config(
-    id: &SnapshotId,
-    state: &TaskState,
-    config: &BTreeMap<String, String>,
-) -> Result<(), RestoreError> {
+/// The reason, naming the task and the way out.
+pub fn check_config(state: &TaskState, config: &BTreeMap<String, String>) -> Result<(), String> {
     let TaskStateData::Native { extra, .. } = &state.state else {
         return Ok(());
     };
     match extra.get("config").and_then(serde_json::Value::as_str) {
-        Some(recorded) if recorded != config_digest(config) => Err(RestoreError::Unsupported {
-            id: id.clone(),
-            reason: format!(
-                "task {}: the operator's config changed since this native snapshot was taken, and a native \
-                 image holds the operator built from the old config; run with the old config, or resume from \
-                 a canonical savepoint (format = \"canonical\")",
-                state.key
-            ),
-        }),
+        Some(recorded) if recorded != config_digest(config) => Err(format!(
+            "task {}: the operator's config changed since this native snapshot was taken, and a native \
+             image holds the operator built from the old config; run with the old config, or resume from \
+             a canonical savepoint (format = \"canonical\")",
+            state.key
+        )),
         _ => Ok(()),
     }
 }

@@ -420,18 +420,13 @@ pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
 /// errors.
 pub fn run_gc(store: &StoreArgs) -> anyhow::Result<()> {
     let tenant = open(store)?;
-    let r = match tenant.gc() {
-        Err(e @ StoreError::CorruptManifest { .. }) => {
-            let StoreError::CorruptManifest { id, .. } = &e else {
-                unreachable!()
-            };
-            bail!(
-                "{e}; gc deletes nothing while a manifest is unreadable (it may reference any blob): \
-                 restore the file, or remove the snapshot with `memento savepoint dispose {id}`"
-            )
-        }
-        r => r?,
-    };
+    let r = tenant.gc().map_err(|e| match &e {
+        StoreError::CorruptManifest { id, .. } => anyhow::anyhow!(
+            "{e}; gc deletes nothing while a manifest is unreadable (it may reference any blob): \
+             restore the file, or remove the snapshot with `memento savepoint dispose {id}`"
+        ),
+        _ => e.into(),
+    })?;
     println!(
         "removed {} blobs, freed {}; kept {} blobs referenced by {} snapshots ({} ms)",
         r.blobs_removed,

@@ -137,11 +137,12 @@ impl<'a> Coordinator<'a> {
         self.report.restored_from = restore.as_ref().map(|m| m.id.clone());
         loop {
             let end = match restore.as_ref() {
-                Some(m) if m.job != self.job => AttemptEnd::Failed(JobError::Incompatible {
-                    id: m.id.clone(),
-                    reason: format!("it belongs to job `{}`, not `{}`", m.job, self.job),
-                }),
-                Some(m) if m.extra.contains_key(FINISHED) => self.finish_again(m),
+                // A finished run's record only commits; `attempt` checks
+                // every other snapshot (`restore_point`).
+                Some(m) if m.extra.contains_key(FINISHED) => match check_fits(self.spec, &self.job, m) {
+                    Ok(()) => self.finish_again(m),
+                    Err(e) => AttemptEnd::Failed(e),
+                },
                 _ => self.attempt(restore.as_ref()),
             };
             match end {
@@ -1034,10 +1035,7 @@ pub(crate) fn check_fits(spec: &JobSpec, job: &JobName, m: &Manifest) -> Result<
     }
     for op in &spec.operators {
         for t in m.tasks.iter().filter(|t| t.key.operator == op.name) {
-            crate::snapshot::check_config(&m.id, t, &op.config).map_err(|e| match e {
-                crate::snapshot::RestoreError::Unsupported { reason, .. } => incompatible(reason),
-                e => incompatible(e.to_string()),
-            })?;
+            crate::snapshot::check_config(t, &op.config).map_err(incompatible)?;
         }
     }
     Ok(())
