@@ -17,7 +17,7 @@ fn memento() -> Command {
 }
 
 fn plugin(name: &str) -> String {
-    Path::new(env!("MEMENTO_PLUGIN_DIR"))
+    Path::new(memento_plugins::DIR)
         .join(format!("{name}.wasm"))
         .display()
         .to_string()

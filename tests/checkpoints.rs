@@ -7,7 +7,7 @@
 //!
 //! They drive the real `memento` binary (and, where a test triggers
 //! snapshots itself, the library API) with the real plugins built by
-//! host/build.rs. Timing only shapes the runs (rate-limited inputs so that
+//! crates/plugins/build.rs. Timing only shapes the runs (rate-limited inputs so that
 //! kills and signals land mid-run); correctness assertions never depend on
 //! it: output is compared per key, in order, with an uninterrupted run.
 
@@ -30,7 +30,7 @@ fn memento() -> Command {
 
 /// Path of a built plugin (example or test plugin).
 fn plugin(name: &str) -> PathBuf {
-    Path::new(env!("MEMENTO_PLUGIN_DIR")).join(format!("{}.wasm", name.replace('-', "_")))
+    Path::new(memento_plugins::DIR).join(format!("{}.wasm", name.replace('-', "_")))
 }
 
 fn toml_path(p: &Path) -> String {
@@ -494,7 +494,9 @@ struct CrashStats {
 /// start, plus the measured start-up time of the process) until `kills` kills landed mid-run, resume each time with
 /// `--from latest` (from scratch when there is no snapshot yet), then let
 /// the last run finish. After every kill the committed output must be a
-/// per-key prefix of `expected`; at the end it must equal it.
+/// per-key prefix of `expected`; at the end it must equal it. The callers'
+/// rates make an uninterrupted run outlast `kills × hi`, so that every kill
+/// lands before the input ends.
 fn crash_until_done(
     f: &Fixture,
     kills: usize,
@@ -612,7 +614,7 @@ fn exactly_once_under_sigkill_one_operator() {
         "eo1",
         &job_toml(
             "eo1",
-            &generator(count, keys, seed, Some(8_000), 100),
+            &generator(count, keys, seed, Some(1_000), 100),
             &ops,
             "[checkpoints]\ninterval = \"300ms\"\n",
         ),
@@ -641,7 +643,7 @@ fn exactly_once_under_sigkill_parallel_chain() {
         "eo2",
         &job_toml(
             "eo2",
-            &generator(count, keys, seed, Some(8_000), 100),
+            &generator(count, keys, seed, Some(1_200), 100),
             &ops,
             "[checkpoints]\ninterval = \"250ms\"\n",
         ),
@@ -673,7 +675,7 @@ fn exactly_once_under_sigkill_one_second_checkpoints() {
         "eo3",
         &job_toml(
             "eo3",
-            &generator(count, keys, seed, Some(6_000), 100),
+            &generator(count, keys, seed, Some(1_400), 100),
             &ops,
             "[checkpoints]\ninterval = \"1s\"\n",
         ),

@@ -2,8 +2,10 @@
 //! Chromium, driven directly (`--dump-dom`) and through chromedriver's
 //! WebDriver protocol (plain HTTP, spoken with `ureq`).
 //!
-//! Chromium comes from the OS packages (`.ci/run` installs them); without it
-//! these tests fail and say how to install it.
+//! Chromium comes from the OS packages, so `cargo test` ignores these tests
+//! (the reason says how to run them); `.ci/run` installs the browser and
+//! runs them with `--ignored`. Asked for without a browser, they fail and
+//! say how to install it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -91,7 +93,7 @@ impl Served {
             addr,
             _dir: dir,
         };
-        let plugin = Path::new(env!("MEMENTO_PLUGIN_DIR")).join("wordcount.wasm");
+        let plugin = Path::new(memento_plugins::DIR).join("wordcount.wasm");
         let body = json!({
             "job": "name = \"clicks\"\n[source]\ntype = \"generator\"\nrate = 2000\nbatch = 100\n\
                     [[operators]]\nname = \"count\"\nplugin = \"wordcount.wasm\"\n[sink]\ntype = \"null\"\n\
@@ -161,6 +163,7 @@ fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 /// scripts for a few (virtual) seconds, lists the running job and the id
 /// of a savepoint taken through the API.
 #[test]
+#[ignore = "needs headless Chromium and chromedriver (apt-get install chromium chromium-driver); run: cargo test -p memento-cli --test dashboard -- --ignored"]
 fn dashboard_lists_the_job_and_its_savepoint_in_headless_chromium() {
     let chromium = chromium();
     let s = Served::start();
@@ -288,6 +291,7 @@ impl Drop for Driver {
 /// see the new savepoint appear in the stored list; a screenshot is saved
 /// as a test artifact (`$CARGO_TARGET_TMPDIR/dashboard.png`).
 #[test]
+#[ignore = "needs headless Chromium and chromedriver (apt-get install chromium chromium-driver); run: cargo test -p memento-cli --test dashboard -- --ignored"]
 fn clicking_trigger_savepoint_shows_the_new_savepoint() {
     chromium();
     let s = Served::start();

@@ -216,7 +216,7 @@ fn ten_jobs_with_1s_checkpoints_under_1000_concurrent_requests() {
     let served = Served::start();
     let base = format!("http://{}", served.addr);
     let wasm = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(Path::new(env!("MEMENTO_PLUGIN_DIR")).join("wordcount.wasm")).unwrap());
+        .encode(std::fs::read(Path::new(memento_plugins::DIR).join("wordcount.wasm")).unwrap());
     let agent = new_agent();
     let mut jobs = Vec::new();
     for (tenant, token) in TENANTS {

@@ -20,7 +20,7 @@ const TOKEN_A: &str = "token-of-a";
 const TOKEN_B: &str = "token-of-b";
 
 fn plugin_b64(name: &str) -> String {
-    let path = Path::new(env!("MEMENTO_PLUGIN_DIR")).join(format!("{name}.wasm"));
+    let path = Path::new(memento_plugins::DIR).join(format!("{name}.wasm"));
     base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
 }
 

@@ -1,5 +1,5 @@
 //! End-to-end tests of `memento run`, `memento inspect` and `memento demo`:
-//! they drive the real binary with the real plugins (built by host/build.rs).
+//! they drive the real binary with the real plugins (built by crates/plugins/build.rs).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ fn memento() -> Command {
 
 /// Path of a built plugin (example or test plugin).
 fn plugin(name: &str) -> PathBuf {
-    Path::new(env!("MEMENTO_PLUGIN_DIR")).join(format!("{}.wasm", name.replace('-', "_")))
+    Path::new(memento_plugins::DIR).join(format!("{}.wasm", name.replace('-', "_")))
 }
 
 fn stdout(o: &Output) -> String {
@@ -492,7 +492,7 @@ fn memory_limit_is_enforced() {
 /// The job files in `examples/` stay valid and run.
 #[test]
 fn example_jobs_run() {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
     let state = tempfile::tempdir().unwrap();
     for name in ["words.toml", "clicks.toml", "windows.toml"] {
         let out = memento()

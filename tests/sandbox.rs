@@ -21,7 +21,7 @@ use memento::{Host, Job, RunOptions, StartFrom};
 
 /// Path of a built plugin.
 fn plugin(name: &str) -> PathBuf {
-    Path::new(env!("MEMENTO_PLUGIN_DIR")).join(format!("{}.wasm", name.replace('-', "_")))
+    Path::new(memento_plugins::DIR).join(format!("{}.wasm", name.replace('-', "_")))
 }
 
 fn toml_path(p: &Path) -> String {

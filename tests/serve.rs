@@ -18,7 +18,7 @@ const TOKEN_A: &str = "token-of-a";
 const TOKEN_B: &str = "token-of-b";
 
 fn plugin_path(name: &str) -> PathBuf {
-    Path::new(env!("MEMENTO_PLUGIN_DIR")).join(format!("{name}.wasm"))
+    Path::new(memento_plugins::DIR).join(format!("{name}.wasm"))
 }
 
 fn plugin_b64(name: &str) -> String {
@@ -615,7 +615,7 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
     let (status, text) = s.call("GET", "/v1/openapi.json", None, "");
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_str(&text).expect("openapi.json is JSON");
-    assert_eq!(text, memento::api::service::OPENAPI);
+    assert_eq!(text, memento_cli::api::service::OPENAPI);
     assert!(
         doc["openapi"].as_str().unwrap().starts_with("3."),
         "not OpenAPI 3"
@@ -631,7 +631,7 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
             documented.insert((method.clone(), path.clone()));
         }
     }
-    let routed: std::collections::BTreeSet<(String, String)> = memento::api::service::routes()
+    let routed: std::collections::BTreeSet<(String, String)> = memento_cli::api::service::routes()
         .into_iter()
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect();

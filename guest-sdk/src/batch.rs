@@ -1,6 +1,6 @@
 //! Packing events into the contract's `batch` record and back (see
 //! `wit/operator.wit`): one buffer of keys and values, their lengths, and
-//! the event times. `host/src/runtime/batch.rs` is the host's side of the
+//! the event times. `crates/runtime/src/batch.rs` is the host's side of the
 //! same layout, kept apart on purpose (the SDK never depends on the host).
 
 use crate::bindings::memento::operator::types::Batch;

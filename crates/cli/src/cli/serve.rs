@@ -1,0 +1,88 @@
+//! `memento serve` (the multi-tenant host) and `memento token` (making and
+//! hashing bearer tokens for its config).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use memento::service::Service;
+use memento::spec::host_config::{HostConfig, hash_token};
+
+/// `memento token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new random token and, on stderr, its blake3 for HOST.toml.
+    New,
+    /// Print the blake3 of a token (the argument, or standard input) as
+    /// `token_blake3` / `admin_token_blake3` expect it.
+    Hash {
+        /// The token; read from standard input when absent (keeps it out of
+        /// the shell history).
+        token: Option<String>,
+    },
+}
+
+/// Run `memento token …`.
+pub fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        TokenCommand::New => {
+            let mut bytes = [0u8; 24];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .context("read /dev/urandom")?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            println!("{token}");
+            eprintln!("token_blake3 = \"{}\"", hash_token(&token));
+        }
+        TokenCommand::Hash { token } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("read the token from stdin")?;
+                    s
+                }
+            };
+            // A trailing newline from `echo` is not part of the token.
+            let token = token.trim_end_matches(['\n', '\r']);
+            if token.is_empty() {
+                // Its hash would configure a tenant nobody can authenticate as.
+                anyhow::bail!("the token is empty: give it as an argument or on standard input");
+            }
+            println!("{}", hash_token(token));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run `memento serve --config HOST.toml` until SIGTERM or SIGINT, then
+/// cancel every job (persistent checkpoints stay) and exit.
+pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
+    let config = HostConfig::from_file(config)?;
+    let tenants = config.tenants.len();
+    let service = Service::start(config)?;
+    let server = crate::api::service::serve(service.clone())?;
+    eprintln!(
+        "memento: host for {tenants} tenant(s), {} job(s) started; API on http://{}",
+        service.jobs(&memento::service::Scope::All).len(),
+        server.local_addr()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("memento: signal received, cancelling jobs (persistent checkpoints are kept)");
+    drop(server);
+    service.shutdown();
+    Ok(ExitCode::SUCCESS)
+}

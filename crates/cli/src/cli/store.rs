@@ -1,0 +1,576 @@
+//! CLI commands over the snapshot store: `snapshots list|show`, `fsck`,
+//! `gc`, `savepoint export|import|dispose`. Parsing and printing only; all
+//! work is done by `memento::store`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use memento::store::{
+    JobName, Manifest, Progress, SnapshotId, SnapshotKind, Store, StoreError, StoreOptions, TaskStateData,
+    TenantStore,
+};
+
+/// Where the store is: flattened into every store command.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// The state directory holding the snapshot store.
+    #[arg(
+        long,
+        env = "MEMENTO_STATE_DIR",
+        default_value = "memento-state",
+        global = true
+    )]
+    pub state_dir: PathBuf,
+    /// The tenant whose snapshots to use.
+    #[arg(long, default_value = "default", global = true)]
+    pub tenant: String,
+}
+
+/// `memento snapshots ...`
+#[derive(Debug, Clone, Subcommand)]
+pub enum SnapshotsCommand {
+    /// List checkpoints and savepoints side by side.
+    List {
+        /// Only snapshots of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Print JSON (an array of manifests) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot's manifest.
+    Show {
+        /// The snapshot id, e.g. wordcount-000042 (or wordcount-42).
+        id: String,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `memento savepoint export|import|dispose` (the store side of
+/// `memento savepoint`; `trigger` needs a running job and is not here).
+#[derive(Debug, Clone, Subcommand)]
+pub enum SavepointFileCommand {
+    /// Write a snapshot and all its blobs to a self-contained archive file.
+    Export {
+        /// The snapshot id.
+        id: String,
+        /// The archive file to create (must not exist).
+        file: PathBuf,
+    },
+    /// Add the snapshot in an archive file to this store.
+    Import {
+        /// The archive file.
+        file: PathBuf,
+    },
+    /// Delete a savepoint and collect the blobs only it used.
+    Dispose {
+        /// The savepoint id.
+        id: String,
+    },
+}
+
+/// Runs a [`SavepointFileCommand`].
+///
+/// # Errors
+/// As the individual `run_savepoint_*` functions.
+pub fn run_savepoint(store: &StoreArgs, cmd: SavepointFileCommand) -> anyhow::Result<()> {
+    match cmd {
+        SavepointFileCommand::Export { id, file } => run_savepoint_export(store, &id, &file),
+        SavepointFileCommand::Import { file } => run_savepoint_import(store, &file),
+        SavepointFileCommand::Dispose { id } => run_savepoint_dispose(store, &id),
+    }
+}
+
+/// Opens the tenant's store, refusing to create a store where there is none
+/// (a mistyped `--state-dir` should not silently show an empty list).
+fn open(args: &StoreArgs) -> anyhow::Result<TenantStore> {
+    let dir = &args.state_dir;
+    if !dir.join(memento::store::STORE_FILE).is_file() {
+        bail!(
+            "no snapshot store at {} (set --state-dir or MEMENTO_STATE_DIR)",
+            dir.display()
+        );
+    }
+    let store = Store::open(dir, StoreOptions::default())?;
+    Ok(store.tenant(&args.tenant)?)
+}
+
+/// `memento snapshots list|show`.
+///
+/// # Errors
+/// No store at the state dir, invalid names or ids, unknown snapshot,
+/// damaged manifest (for `show`), I/O errors.
+pub fn run_snapshots(store: &StoreArgs, cmd: SnapshotsCommand) -> anyhow::Result<()> {
+    let tenant = open(store)?;
+    match cmd {
+        SnapshotsCommand::List { job, json } => list(&tenant, job.as_deref(), json),
+        SnapshotsCommand::Show { id, json } => {
+            let id = SnapshotId::parse(&id)?;
+            let m = tenant.get(&id)?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&m.to_json()));
+            } else {
+                print!("{}", format_manifest(&m));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A listed snapshot: its manifest, or why it does not read.
+enum Row {
+    Ok(Box<Manifest>),
+    Damaged(SnapshotId, StoreError),
+}
+
+fn list(tenant: &TenantStore, job: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let jobs = match job {
+        Some(j) => vec![JobName::new(j)?],
+        None => tenant.jobs()?,
+    };
+    let mut rows = Vec::new();
+    for job in jobs {
+        for id in tenant.list_ids(&job)? {
+            match tenant.get(&id) {
+                Ok(m) => rows.push(Row::Ok(Box::new(m))),
+                Err(StoreError::NotFound { .. }) => {} // deleted meanwhile
+                Err(e @ (StoreError::CorruptManifest { .. } | StoreError::UnsupportedSchema { .. })) => {
+                    rows.push(Row::Damaged(id, e));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if json {
+        let values: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| match r {
+                Row::Ok(m) => serde_json::to_value(m).expect("manifest serializes"),
+                Row::Damaged(id, e) => serde_json::json!({
+                    "id": id.to_string(), "status": "damaged", "error": e.to_string()
+                }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&values)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        eprintln!("no snapshots (tenant {})", tenant.name());
+        return Ok(());
+    }
+    let mut table = vec![
+        [
+            "ID",
+            "KIND",
+            "TRIGGER",
+            "FORMAT",
+            "STATUS",
+            "LOGICAL",
+            "NEW",
+            "DURATION",
+            "RETENTION",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for r in &rows {
+        table.push(match r {
+            Row::Ok(m) => vec![
+                m.id.to_string(),
+                snake(&m.kind),
+                snake(&m.trigger),
+                snake(&m.format),
+                snake(&m.status),
+                human_bytes(m.figures.logical_bytes),
+                human_bytes(m.figures.new_bytes),
+                format!("{} ms", m.figures.duration_ms()),
+                m.retention.to_string(),
+            ],
+            Row::Damaged(id, _) => {
+                let mut row = vec![id.to_string()];
+                row.extend(["-", "-", "-", "damaged", "-", "-", "-", "-"].map(String::from));
+                row
+            }
+        });
+    }
+    print!("{}", format_table(&table));
+    for r in &rows {
+        if let Row::Damaged(_, e) = r {
+            eprintln!("warning: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// The serde (snake_case) name of an enum value.
+fn snake<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s.replace('_', "-"),
+        _ => "?".into(),
+    }
+}
+
+/// Left-aligned columns separated by two spaces; numbers right-aligned.
+fn format_table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let right = [5, 6, 7]; // LOGICAL, NEW, DURATION
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, s)| {
+                if right.contains(&c) {
+                    format!("{s:>w$}", w = widths[c])
+                } else {
+                    format!("{s:<w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Sizes in binary units with one decimal (`1.5 MiB`).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The human form of `snapshots show`.
+fn format_manifest(m: &Manifest) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let f = &m.figures;
+    let _ = writeln!(s, "snapshot   {}", m.id);
+    let _ = writeln!(s, "  job        {} (number {})", m.job, m.number);
+    let _ = writeln!(
+        s,
+        "  kind       {} ({}), {} format, {}",
+        snake(&m.kind),
+        snake(&m.trigger),
+        snake(&m.format),
+        snake(&m.status)
+    );
+    let _ = writeln!(s, "  created    {}", utc(m.created_at_ms));
+    if m.completed_at_ms > 0 {
+        let _ = writeln!(s, "  completed  {}", utc(m.completed_at_ms));
+    }
+    let _ = writeln!(s, "  retention  {}", m.retention);
+    let _ = writeln!(
+        s,
+        "  size       {} logical, {} new ({} stored), {} of {} chunks new",
+        human_bytes(f.logical_bytes),
+        human_bytes(f.new_bytes),
+        human_bytes(f.stored_bytes),
+        f.chunks_new,
+        f.chunks_total
+    );
+    let _ = writeln!(
+        s,
+        "  duration   {} ms (sync {} ms, async {} ms, commit {} ms)",
+        f.duration_ms(),
+        f.sync_ms,
+        f.async_ms,
+        f.commit_ms
+    );
+    if !m.components.is_empty() {
+        let _ = writeln!(s, "  components");
+        for (op, hash) in &m.components {
+            let _ = writeln!(s, "    {op:<16} {hash}");
+        }
+    }
+    let _ = writeln!(s, "  tasks");
+    for t in &m.tasks {
+        let chunks = t.state.chunks().count();
+        let zero = t.state.chunks().filter(|c| c.blob().is_none()).count();
+        let what = match &t.state {
+            TaskStateData::Canonical { .. } => "canonical".to_string(),
+            TaskStateData::Native { memories, .. } => match memories.len() {
+                1 => "native, 1 memory".to_string(),
+                n => format!("native, {n} memories"),
+            },
+        };
+        let _ = writeln!(
+            s,
+            "    {:<20} {what}, {}, {chunks} chunks ({zero} zero)",
+            t.key.to_string(),
+            human_bytes(t.state.logical_bytes())
+        );
+        if let TaskStateData::Native { memories, .. } = &t.state {
+            for m in memories {
+                let zero = m.chunks.iter().filter(|c| c.blob().is_none()).count();
+                let new = m
+                    .new_chunks
+                    .map_or_else(|| "? new".to_string(), |n| format!("{n} new"));
+                let _ = writeln!(
+                    s,
+                    "      memory {:<13} {}, {} chunks of {} ({zero} zero, {new})",
+                    m.index,
+                    human_bytes(m.size),
+                    m.chunks.len(),
+                    human_bytes(m.chunk_size)
+                );
+            }
+        }
+    }
+    if !m.source_positions.is_empty() {
+        let _ = writeln!(s, "  sources");
+        for p in &m.source_positions {
+            let _ = writeln!(s, "    {}[{}] at {}", p.source, p.task_index, p.position);
+        }
+    }
+    if !m.sink_commit.is_null() {
+        let _ = writeln!(s, "  sink       {}", m.sink_commit);
+    }
+    s
+}
+
+/// `memento fsck`: verifies every manifest and blob of the tenant; exit code
+/// 1 if any snapshot is damaged.
+///
+/// # Errors
+/// No store at the state dir, I/O errors that stop the scan.
+pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
+    let tenant = open(store)?;
+    let r = tenant.fsck()?;
+    for d in &r.damaged {
+        println!("DAMAGED {}", d.id);
+        for p in d.problems.iter().take(10) {
+            println!("  {p}");
+        }
+        if d.problems.len() > 10 {
+            println!("  ... and {} more problems", d.problems.len() - 10);
+        }
+    }
+    for f in &r.stray_files {
+        eprintln!("warning: stray file {f}");
+    }
+    println!(
+        "checked {} snapshots, {} blobs ({}) in {} ms; {} damaged, {} unreferenced blobs",
+        r.snapshots_checked,
+        r.blobs_checked,
+        human_bytes(r.bytes_checked),
+        r.duration_ms,
+        r.damaged.len(),
+        r.unreferenced_blobs
+    );
+    if r.is_clean() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let ids: Vec<&str> = r.damaged.iter().map(|d| d.id.as_str()).collect();
+        eprintln!("error: damaged snapshots: {}", ids.join(", "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `memento gc`: deletes unreferenced blobs and prints what it freed.
+///
+/// # Errors
+/// A damaged manifest (GC refuses to guess), a store busy for too long, I/O
+/// errors.
+pub fn run_gc(store: &StoreArgs) -> anyhow::Result<()> {
+    let tenant = open(store)?;
+    let r = tenant.gc().map_err(|e| match &e {
+        StoreError::CorruptManifest { id, .. } => anyhow::anyhow!(
+            "{e}; gc deletes nothing while a manifest is unreadable (it may reference any blob): \
+             restore the file, or remove the snapshot with `memento savepoint dispose {id}`"
+        ),
+        _ => e.into(),
+    })?;
+    println!(
+        "removed {} blobs, freed {}; kept {} blobs referenced by {} snapshots ({} ms)",
+        r.blobs_removed,
+        human_bytes(r.bytes_freed),
+        r.blobs_referenced,
+        r.snapshots,
+        r.duration_ms
+    );
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal, nothing otherwise.
+fn progress_bar(message: &'static str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    Some(bar)
+}
+
+fn on_progress(bar: &Option<indicatif::ProgressBar>) -> impl FnMut(Progress) + '_ {
+    move |p: Progress| {
+        if let Some(bar) = bar {
+            if let Some(total) = p.total_bytes {
+                bar.set_length(total);
+            }
+            bar.set_position(p.done_bytes);
+        }
+    }
+}
+
+/// `memento savepoint export ID FILE`.
+///
+/// # Errors
+/// Invalid or unknown id, a damaged snapshot (the error names the chunk),
+/// FILE exists or cannot be written.
+pub fn run_savepoint_export(store: &StoreArgs, id: &str, file: &Path) -> anyhow::Result<()> {
+    let tenant = open(store)?;
+    let id = SnapshotId::parse(id)?;
+    let bar = progress_bar("export");
+    let summary = tenant.export_to_file(&id, file, &mut on_progress(&bar));
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    println!(
+        "exported {} to {} ({} blobs, {})",
+        summary.id,
+        file.display(),
+        summary.blobs,
+        human_bytes(summary.archive_bytes)
+    );
+    Ok(())
+}
+
+/// `memento savepoint import FILE`: prints the id the snapshot got here.
+///
+/// # Errors
+/// The archive is unreadable, malformed, truncated or fails verification
+/// (nothing is committed then); quota; I/O errors.
+pub fn run_savepoint_import(store: &StoreArgs, file: &Path) -> anyhow::Result<()> {
+    // Importing into a fresh state dir is normal: create the store.
+    let s = Store::open(&store.state_dir, StoreOptions::default())
+        .with_context(|| format!("opening the store at {}", store.state_dir.display()))?;
+    let tenant = s.tenant(&store.tenant)?;
+    let bar = progress_bar("import");
+    let summary = tenant.import_file(file, &mut on_progress(&bar));
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    println!(
+        "imported {} as {} ({} blobs, {} new)",
+        summary.source_id, summary.id, summary.blobs, summary.blobs_new
+    );
+    Ok(())
+}
+
+/// `memento savepoint dispose ID`: deletes a savepoint (not a checkpoint)
+/// and runs GC to free the blobs only it used.
+///
+/// # Errors
+/// Invalid or unknown id, the id is a checkpoint, I/O errors. A GC failure
+/// after the delete is reported as a warning (the savepoint is gone; the
+/// next `memento gc` frees its blobs).
+pub fn run_savepoint_dispose(store: &StoreArgs, id: &str) -> anyhow::Result<()> {
+    let tenant = open(store)?;
+    let id = SnapshotId::parse(id)?;
+    match tenant.get(&id) {
+        Ok(m) if m.kind != SnapshotKind::Savepoint => bail!(
+            "{id} is a {}, not a savepoint; checkpoints are removed by their retention",
+            snake(&m.kind)
+        ),
+        Ok(_) => {}
+        // A damaged snapshot restores nothing and stops `gc`: let the user
+        // remove it, whatever its kind was.
+        Err(e @ StoreError::CorruptManifest { .. }) => {
+            eprintln!("warning: {e}; removing the damaged snapshot")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tenant.delete(&id)?;
+    match tenant.gc() {
+        Ok(r) => println!(
+            "disposed {id}; freed {} ({} blobs)",
+            human_bytes(r.bytes_freed),
+            r.blobs_removed
+        ),
+        Err(e) => {
+            println!("disposed {id}");
+            eprintln!("warning: its blobs were not collected yet: {e}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_dates_print_as_humans_read_them() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_709_210_096_000), "2024-02-29 12:34:56 UTC");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = format_table(&[
+            vec!["ID".into(), "KIND".into()],
+            vec!["a-000001".into(), "savepoint".into()],
+        ]);
+        assert_eq!(t, "ID        KIND\na-000001  savepoint\n");
+    }
+}

@@ -1,0 +1,22 @@
+//! memento: a WebAssembly plugin host for stateful stream operators with
+//! unified checkpoints and savepoints.
+//!
+//! Start at [`Host`]: it loads a job file and its plugins into a [`Job`],
+//! which runs them as a sandboxed dataflow while its coordinator takes
+//! checkpoints and savepoints into the unified [`store`].
+//!
+//! The store ([`store`], crate `memento-store`) and the Wasm runtime
+//! ([`runtime`], crate `memento-runtime`) are crates of their own, re-exported
+//! here so that an embedder needs only this one.
+pub mod coordinator;
+pub mod dataflow;
+mod host;
+pub mod service;
+pub mod snapshot;
+pub mod spec;
+
+pub use memento_runtime as runtime;
+pub use memento_store as store;
+
+pub use coordinator::{FinalState, JobControl, JobFailed, JobReport};
+pub use host::{DEFAULT_TENANT, Host, HostError, Job, RunOptions, StartFrom};

@@ -1,0 +1,171 @@
+//! Human-readable durations ("2s", "1m30s", "250ms") and sizes ("512MiB").
+
+use std::time::Duration;
+
+/// Parse a duration: one or more `<number><unit>` parts with units `ms`, `s`,
+/// `m`, `h`, `d` (e.g. `"1h30m"`, `"250ms"`, `"1.5s"`).
+///
+/// # Errors
+/// A message naming the input and what is wrong with it.
+pub fn parse_duration(input: &str) -> Result<Duration, String> {
+    let s = input.trim();
+    if s.is_empty() {
+        return Err("empty duration (expected e.g. \"2s\", \"500ms\", \"1h\")".into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return Err(format!(
+                "invalid duration {input:?}: expected a number before {rest:?}"
+            ));
+        }
+        let number: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("invalid duration {input:?}: bad number {:?}", &rest[..num_len]))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = rest[..unit_len].trim();
+        let seconds = match unit {
+            "ms" => 0.001,
+            "s" | "sec" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            "" => {
+                return Err(format!(
+                    "invalid duration {input:?}: missing unit (use ms, s, m, h or d)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration {input:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+                ));
+            }
+        };
+        total += number * seconds;
+        rest = &rest[unit_len..];
+    }
+    if !total.is_finite() || total > 1e12 {
+        return Err(format!("invalid duration {input:?}: too large"));
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Parse a size in bytes: a number with an optional unit `B`, `KiB`, `MiB`,
+/// `GiB`, `TiB` (powers of 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000).
+///
+/// # Errors
+/// A message naming the input and what is wrong with it.
+pub fn parse_size(input: &str) -> Result<u64, String> {
+    let s = input.trim();
+    let num_len = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    if num_len == 0 {
+        return Err(format!(
+            "invalid size {input:?} (expected e.g. \"512MiB\", \"2GiB\")"
+        ));
+    }
+    let number: f64 = s[..num_len]
+        .parse()
+        .map_err(|_| format!("invalid size {input:?}: bad number"))?;
+    let factor: u64 = match s[num_len..].trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size {input:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
+    };
+    let bytes = number * factor as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("invalid size {input:?}: too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Format a byte count for people: `1.5 MiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Parse a cron expression: five fields (minute hour day month weekday) or
+/// six with seconds first.
+///
+/// # Errors
+/// The parser's message.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::Cron::new(expr)
+        .with_seconds_optional()
+        .parse()
+        .map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("10").unwrap_err().contains("missing unit"));
+        assert!(
+            parse_duration("3 weeks")
+                .unwrap_err()
+                .contains("unknown unit \"weeks\"")
+        );
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").unwrap_err().contains("expected a number"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("MiB").is_err());
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(12), "12 B");
+    }
+
+    #[test]
+    fn cron_expressions() {
+        assert!(parse_cron("* * * * *").is_ok());
+        assert!(parse_cron("0 0 * * * *").is_ok());
+        assert!(
+            parse_cron("every tuesday")
+                .unwrap_err()
+                .contains("invalid cron expression")
+        );
+    }
+}

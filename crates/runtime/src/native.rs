@@ -1,0 +1,275 @@
+//! Whether a component can be snapshotted natively, decided once at load
+//! time by reading its core modules.
+//!
+//! A native snapshot saves linear memories only. It is faithful when all of
+//! an instance's mutable state between two calls lives in its memories, and
+//! everything else is either rebuilt identically by a fresh instantiation
+//! (tables filled by element segments, immutable globals, data segments --
+//! then overwritten by the image) or back at its starting value. So we
+//! refuse components whose core modules
+//!
+//! * define a mutable global other than the shadow stack pointer (its value
+//!   would be lost), or more than one candidate for it;
+//! * mutate a table at run time (`table.set/grow/fill/copy/init`,
+//!   `elem.drop`): a fresh instance would hold the original table;
+//! * drop a data segment at run time (`data.drop`): a fresh instance would
+//!   still have it.
+//!
+//! The stack pointer is the one mutable global allowed: LLVM's shadow stack
+//! pointer is restored by every function before it returns, so between two
+//! exported calls it holds its initial value again, which instantiation
+//! sets. It is recognised by its name (`__stack_pointer`) when the module
+//! keeps a name section, or else as the module's only mutable `i32`/`i64`
+//! global that is not exported.
+
+use wasmtime::wasmparser::{self, KnownCustom, Name, Operator, Parser, Payload, TypeRef, ValType};
+
+/// What the scan of one core module found.
+#[derive(Default)]
+struct ModuleScan {
+    /// Index of the module among the component's core modules.
+    index: usize,
+    /// Number of imported globals (defined globals are numbered after them).
+    imported_globals: u32,
+    /// Defined mutable globals: (global index, value type).
+    mutable: Vec<(u32, ValType)>,
+    /// Exported global indices.
+    exported: Vec<u32>,
+    /// Names from the name section, by global index.
+    names: Vec<(u32, String)>,
+    /// Instructions that change tables or segments at run time, with counts.
+    mutations: Vec<(&'static str, usize)>,
+}
+
+impl ModuleScan {
+    fn note(&mut self, what: &'static str) {
+        match self.mutations.iter_mut().find(|(w, _)| *w == what) {
+            Some((_, n)) => *n += 1,
+            None => self.mutations.push((what, 1)),
+        }
+    }
+
+    /// Why this module cannot be snapshotted natively, if it cannot.
+    fn verdict(&self) -> Result<(), String> {
+        let module = format!("core module {}", self.index);
+        if let Some((what, n)) = self.mutations.first() {
+            return Err(format!(
+                "{module} mutates its tables or segments at run time ({what}, {n} times), \
+                 which a memory image does not capture"
+            ));
+        }
+        let name_of = |g: u32| self.names.iter().find(|(i, _)| *i == g).map(|(_, n)| n.as_str());
+        let others: Vec<String> = self
+            .mutable
+            .iter()
+            .filter(|(g, ty)| {
+                let is_sp = match name_of(*g) {
+                    Some(name) => name == "__stack_pointer",
+                    None => {
+                        self.mutable.len() == 1
+                            && matches!(ty, ValType::I32 | ValType::I64)
+                            && !self.exported.contains(g)
+                    }
+                };
+                !is_sp
+            })
+            .map(|(g, _)| match name_of(*g) {
+                Some(name) => format!("`{name}`"),
+                None => format!("global {g}"),
+            })
+            .collect();
+        if !others.is_empty() {
+            // Interpreters compiled to Wasm have hundreds: name a few.
+            const NAMED: usize = 4;
+            let mut named = others[..others.len().min(NAMED)].join(", ");
+            if others.len() > NAMED {
+                named.push_str(&format!(", … {} more", others.len() - NAMED));
+            }
+            let count = others.len();
+            let noun = if count == 1 { "global" } else { "globals" };
+            return Err(format!(
+                "{module} has {count} mutable {noun} other than the stack pointer ({named}), \
+                 whose values a memory image does not capture"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The result of scanning a component: how many core modules define
+/// memories, and whether native snapshots are possible.
+pub(crate) fn native_support(bytes: &[u8]) -> Result<(), String> {
+    let mut stack: Vec<Option<ModuleScan>> = Vec::new();
+    let mut modules = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| format!("cannot parse the component: {e}"))?;
+        match payload {
+            Payload::Version { encoding, .. } => {
+                stack.push(match encoding {
+                    wasmparser::Encoding::Module => {
+                        modules += 1;
+                        Some(ModuleScan {
+                            index: modules - 1,
+                            ..Default::default()
+                        })
+                    }
+                    wasmparser::Encoding::Component => None,
+                });
+            }
+            Payload::End(_) => {
+                if let Some(Some(scan)) = stack.pop() {
+                    scan.verdict()?;
+                }
+            }
+            other => {
+                if let Some(Some(scan)) = stack.last_mut() {
+                    scan_module_payload(scan, other)
+                        .map_err(|e| format!("cannot parse core module {}: {e}", scan.index))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scan_module_payload(scan: &mut ModuleScan, payload: Payload<'_>) -> wasmparser::Result<()> {
+    match payload {
+        Payload::ImportSection(reader) => {
+            for imports in reader {
+                match imports? {
+                    wasmparser::Imports::Single(_, import) => {
+                        if matches!(import.ty, TypeRef::Global(_)) {
+                            scan.imported_globals += 1;
+                        }
+                    }
+                    wasmparser::Imports::Compact1 { items, .. } => {
+                        for item in items {
+                            if matches!(item?.ty, TypeRef::Global(_)) {
+                                scan.imported_globals += 1;
+                            }
+                        }
+                    }
+                    wasmparser::Imports::Compact2 { ty, names, .. } => {
+                        if matches!(ty, TypeRef::Global(_)) {
+                            scan.imported_globals += names.count();
+                        }
+                    }
+                }
+            }
+        }
+        Payload::GlobalSection(reader) => {
+            for (i, global) in reader.into_iter().enumerate() {
+                let global = global?;
+                if global.ty.mutable {
+                    scan.mutable
+                        .push((scan.imported_globals + i as u32, global.ty.content_type));
+                }
+            }
+        }
+        Payload::ExportSection(reader) => {
+            for export in reader {
+                let export = export?;
+                if export.kind == wasmparser::ExternalKind::Global {
+                    scan.exported.push(export.index);
+                }
+            }
+        }
+        Payload::CustomSection(reader) => {
+            if let KnownCustom::Name(names) = reader.as_known() {
+                for name in names {
+                    // A malformed name section is only a missing hint.
+                    let Ok(Name::Global(map)) = name else { continue };
+                    for naming in map.into_iter().flatten() {
+                        scan.names.push((naming.index, naming.name.to_string()));
+                    }
+                }
+            }
+        }
+        Payload::CodeSectionEntry(body) => {
+            let mut ops = body.get_operators_reader()?;
+            while !ops.eof() {
+                match ops.read()? {
+                    Operator::TableSet { .. } => scan.note("table.set"),
+                    Operator::TableGrow { .. } => scan.note("table.grow"),
+                    Operator::TableFill { .. } => scan.note("table.fill"),
+                    Operator::TableCopy { .. } => scan.note("table.copy"),
+                    Operator::TableInit { .. } => scan.note("table.init"),
+                    Operator::ElemDrop { .. } => scan.note("elem.drop"),
+                    Operator::DataDrop { .. } => scan.note("data.drop"),
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(core: &str) -> Vec<u8> {
+        // A component embedding one core module is enough for the scan.
+        wat::parse_str(format!("(component (core module {core}))")).unwrap()
+    }
+
+    #[test]
+    fn stack_pointer_alone_is_fine() {
+        let named = component(
+            r#"(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024))
+               (func (global.set $__stack_pointer (i32.const 8)))"#,
+        );
+        assert_eq!(native_support(&named), Ok(()));
+        // Without names: one unexported mutable i32 is the stack pointer.
+        let anonymous =
+            wat::parse_str("(component (core module (memory 1) (global (mut i32) (i32.const 1024))))")
+                .unwrap();
+        assert_eq!(native_support(&anonymous), Ok(()));
+    }
+
+    #[test]
+    fn other_mutable_globals_are_refused_by_name() {
+        let c = component(
+            r#"(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024))
+               (global $counter (mut i64) (i64.const 0))"#,
+        );
+        let err = native_support(&c).unwrap_err();
+        assert!(err.contains("core module 0"), "{err}");
+        assert!(
+            err.contains("has 1 mutable global other than the stack pointer (`counter`)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn many_mutable_globals_are_counted_and_a_few_named() {
+        let globals: String = (0..490)
+            .map(|i| format!("(global $g{i} (mut i32) (i32.const 0))"))
+            .collect();
+        let c = component(&format!(
+            "(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024)) {globals}"
+        ));
+        let err = native_support(&c).unwrap_err();
+        assert!(
+            err.contains(
+                "has 490 mutable globals other than the stack pointer (`g0`, `g1`, `g2`, `g3`, … 486 more)"
+            ),
+            "{err}"
+        );
+        assert!(err.len() < 300, "one readable line: {err}");
+    }
+
+    #[test]
+    fn table_mutation_is_refused() {
+        let c = component(
+            r#"(table 1 funcref) (func $f)
+               (func (table.set 0 (i32.const 0) (ref.func $f))) (elem declare func $f)"#,
+        );
+        let err = native_support(&c).unwrap_err();
+        assert!(
+            err.contains("mutates its tables or segments at run time (table.set, 1 times)"),
+            "{err}"
+        );
+    }
+}

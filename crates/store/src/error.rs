@@ -1,0 +1,253 @@
+//! The one error type of the store.
+//!
+//! Every variant names the thing that failed (tenant, snapshot, task, chunk,
+//! blob, file) and the reason, so that a message printed by the CLI or the
+//! REST API is enough to act on without a debugger.
+
+use std::fmt;
+use std::io;
+
+use super::blob::BlobHash;
+use super::name::SnapshotId;
+
+/// What is wrong with one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BlobProblem {
+    /// No file exists under the blob's name.
+    Missing,
+    /// The file's content does not hash to its name.
+    HashMismatch {
+        /// blake3 of the bytes actually found (after decompression).
+        actual: BlobHash,
+    },
+    /// The decoded bytes have a different length than the reference says.
+    LengthMismatch {
+        /// Length recorded in the manifest.
+        expected: u64,
+        /// Length found on disk.
+        actual: u64,
+    },
+    /// The file does not start with a valid blob header.
+    BadHeader(String),
+    /// The compressed payload does not decompress.
+    Decompress(String),
+    /// The file could not be read.
+    Unreadable(String),
+}
+
+impl fmt::Display for BlobProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlobProblem::Missing => write!(f, "blob is missing"),
+            BlobProblem::HashMismatch { actual } => {
+                write!(f, "content hashes to {actual} (blob is corrupt)")
+            }
+            BlobProblem::LengthMismatch { expected, actual } => {
+                write!(f, "length is {actual} bytes, expected {expected}")
+            }
+            BlobProblem::BadHeader(reason) => write!(f, "bad blob header: {reason}"),
+            BlobProblem::Decompress(reason) => write!(f, "cannot decompress: {reason}"),
+            BlobProblem::Unreadable(reason) => write!(f, "cannot read: {reason}"),
+        }
+    }
+}
+
+/// Errors of the snapshot store.
+///
+/// Errors a caller can act on are distinct variants (`NotFound`,
+/// `QuotaExceeded`, `Busy`, `BadChunk`); plain I/O failures carry the action
+/// and the store-relative path they failed on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A tenant name, job name, snapshot id or blob hash was rejected.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        /// Which kind of name ("tenant name", "job name", "snapshot id", ...).
+        what: &'static str,
+        /// The rejected input, escaped by `{:?}` so control bytes show.
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// The tenant has no snapshot with this id (other tenants' snapshots are
+    /// never visible, so this is also the answer for them).
+    #[error("snapshot {id} not found (tenant {tenant})")]
+    NotFound {
+        /// Tenant that was asked.
+        tenant: String,
+        /// The id asked for.
+        id: SnapshotId,
+    },
+
+    /// A snapshot with this id is already committed.
+    #[error("snapshot {id} already exists (tenant {tenant})")]
+    AlreadyExists {
+        /// Tenant of the writer.
+        tenant: String,
+        /// The id that is taken.
+        id: SnapshotId,
+    },
+
+    /// A manifest file is not valid JSON or violates the format.
+    #[error("manifest of snapshot {id} is corrupt: {reason}")]
+    CorruptManifest {
+        /// Snapshot whose manifest is damaged (derived from the file name).
+        id: String,
+        /// Parser or validation message.
+        reason: String,
+    },
+
+    /// A manifest was written by a newer (or unknown) version of the format.
+    #[error(
+        "manifest of snapshot {id} has schema version {found}; this build of memento reads version {supported}"
+    )]
+    UnsupportedSchema {
+        /// Snapshot whose manifest it is.
+        id: String,
+        /// Version found in the file.
+        found: u64,
+        /// Version this build understands.
+        supported: u32,
+    },
+
+    /// A chunk of a snapshot could not be read back intact (boxed: it is
+    /// the largest variant and errors travel through every `Result`).
+    #[error("{0}")]
+    BadChunk(Box<BadChunk>),
+
+    /// A blob is damaged, outside the context of one snapshot (import, fsck).
+    #[error("blob {hash}: {problem}")]
+    BadBlob {
+        /// The blob.
+        hash: BlobHash,
+        /// What is wrong with it.
+        problem: BlobProblem,
+    },
+
+    /// Committing would reference a blob that is not in the store.
+    #[error(
+        "cannot commit snapshot {id}: task {task}, chunk {index} references blob {hash}, which is not in the store"
+    )]
+    MissingBlobAtCommit {
+        /// Snapshot being committed.
+        id: SnapshotId,
+        /// Task holding the reference.
+        task: String,
+        /// Chunk position within the task's list.
+        index: usize,
+        /// The missing blob.
+        hash: BlobHash,
+    },
+
+    /// The manifest handed to `commit` does not belong to the writer.
+    #[error("cannot commit snapshot {id}: {reason}")]
+    ManifestMismatch {
+        /// Id of the writer.
+        id: SnapshotId,
+        /// What does not match.
+        reason: String,
+    },
+
+    /// Committing would put the tenant over its quota. Nothing was committed;
+    /// the blobs the writer stored are garbage for the next GC.
+    #[error(
+        "quota exceeded for tenant {tenant}: committing snapshot {id} would use {would_use} bytes, the quota is {quota} bytes (delete snapshots and run gc)"
+    )]
+    QuotaExceeded {
+        /// Tenant over quota.
+        tenant: String,
+        /// Snapshot that was refused.
+        id: SnapshotId,
+        /// Bytes the tenant's manifests would reference after the commit.
+        would_use: u64,
+        /// The configured quota.
+        quota: u64,
+    },
+
+    /// Garbage collection could not get the store to itself in time
+    /// (snapshot writers were active throughout).
+    #[error("store busy: {0}")]
+    Busy(String),
+
+    /// The store directory is not a memento store or of an unknown version.
+    #[error("store at {root}: {reason}")]
+    StoreFormat {
+        /// Root directory as given to `Store::open`.
+        root: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// An export archive is malformed or truncated.
+    #[error("archive {name}: {reason}")]
+    Archive {
+        /// File name (or "<stream>").
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// An I/O operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("write blob", "read manifest", ...).
+        action: &'static str,
+        /// Path relative to the store root (never absolute, so messages are
+        /// the same wherever the store lives).
+        path: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A chunk of a snapshot that could not be read back intact.
+#[derive(Debug)]
+pub struct BadChunk {
+    /// The snapshot being read.
+    pub snapshot: SnapshotId,
+    /// The task whose state was being read (`operator[index]`).
+    pub task: String,
+    /// Position of the chunk in the list passed to the read.
+    pub index: usize,
+    /// The blob the chunk refers to.
+    pub hash: BlobHash,
+    /// What is wrong with it.
+    pub problem: BlobProblem,
+    /// The newest older snapshot of the same job whose manifest reads and
+    /// whose blobs are all present, if any: where a restore can go instead.
+    pub next_intact: Option<SnapshotId>,
+}
+
+impl fmt::Display for BadChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "snapshot {}, task {}, chunk {} (blob {}): {}",
+            self.snapshot, self.task, self.index, self.hash, self.problem
+        )?;
+        match &self.next_intact {
+            Some(id) => write!(f, "; the next older intact snapshot is {id}"),
+            None => write!(f, "; no older intact snapshot of this job exists"),
+        }
+    }
+}
+
+impl StoreError {
+    /// Wraps an I/O error with the action and store-relative path.
+    pub(crate) fn io(action: &'static str, path: impl Into<String>, source: io::Error) -> Self {
+        StoreError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True if the error means "this does not exist" (unknown snapshot).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
