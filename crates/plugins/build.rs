@@ -27,6 +27,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
+    // First, so that a failure's output is only its one line.
+    ensure_target()?;
     println!("cargo::rerun-if-changed=build.rs");
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR")?);
     let root = manifest_dir
@@ -37,8 +39,6 @@ fn run() -> Result<(), String> {
         println!("cargo::rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo::rerun-if-changed={}", root.join("Cargo.lock").display());
-
-    ensure_target()?;
 
     // Examples are embedded in the binary; test plugins are only built, for
     // the tests.
