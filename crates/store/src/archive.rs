@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
+use super::blob::MAX_CHUNK;
 use super::blob::{self, BLOB_HEADER_LEN, BlobHash};
-use super::chunk::MAX_CHUNK;
 use super::error::StoreError;
 use super::manifest::{Manifest, Trigger};
 use super::name::SnapshotId;

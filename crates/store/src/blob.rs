@@ -20,6 +20,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::error::{BlobProblem, StoreError};
 
+/// Largest chunk accepted by any `put`: a blob holds one chunk, so this
+/// bounds the memory a read of one blob may allocate.
+pub const MAX_CHUNK: usize = 16 * 1024 * 1024;
+
 /// Magic bytes at the start of every blob file.
 pub const BLOB_MAGIC: &[u8; 4] = b"MBLB";
 /// Version of the blob file layout written by this build.
@@ -296,7 +300,7 @@ pub(crate) fn decode(
                 payload.len() as u64
             } else {
                 match zstd::zstd_safe::get_frame_content_size(payload) {
-                    Ok(Some(n)) if n <= super::chunk::MAX_CHUNK as u64 => n,
+                    Ok(Some(n)) if n <= MAX_CHUNK as u64 => n,
                     _ => {
                         return Err(BlobProblem::Decompress(
                             "frame does not state a plausible content size".into(),

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::blob::BlobHash;
+use crate::blob::BlobHash;
 
 /// Default fixed chunk size for memory images (256 KiB); the measurements
 /// behind it are in docs/PERFORMANCE.md.
@@ -21,10 +21,6 @@ pub const CDC_MIN: usize = 64 * 1024;
 pub const CDC_AVG: usize = 256 * 1024;
 /// FastCDC maximum chunk size.
 pub const CDC_MAX: usize = 1024 * 1024;
-
-/// Largest chunk accepted by any `put` (bounds the memory a read of one
-/// chunk may allocate).
-pub const MAX_CHUNK: usize = 16 * 1024 * 1024;
 
 /// One chunk of a task's state, in order: either a stored blob or a run of
 /// zero bytes that is not stored at all.

@@ -2,6 +2,7 @@
 //! tenancy, quotas, integrity errors).
 
 use super::*;
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 fn opts() -> StoreOptions {

@@ -1,0 +1,364 @@
+//! One tenant's snapshots: naming, listing, the latest, expiry, deletion.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, LockGuard, LockMode};
+use crate::{
+    BlobHash, BlobWriter, JobName, Manifest, SnapshotId, SnapshotKind, SnapshotStatus, SnapshotWriter,
+    StoreError, StoreInner, StoreOptions, TenantName, UsageCache, WriterShared,
+};
+
+/// One tenant's view of the store: the only way to reach snapshots.
+/// Clone + Send + Sync.
+#[derive(Clone, Debug)]
+pub struct TenantStore {
+    pub(crate) inner: Arc<TenantInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct TenantInner {
+    pub(crate) store: Arc<StoreInner>,
+    pub(crate) name: TenantName,
+    /// `tenants/<name>`: every key this tenant touches starts with it.
+    pub(crate) prefix: String,
+    /// Bytes referenced by the tenant's manifests, for quotas; built lazily.
+    pub(crate) usage: Mutex<Option<UsageCache>>,
+    /// When this process last started a GC of the tenant (see
+    /// [`TenantStore::gc_if_due`]).
+    pub(crate) last_gc: Mutex<Option<std::time::Instant>>,
+}
+
+/// Which snapshots [`TenantStore::list`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this job.
+    pub job: Option<JobName>,
+    /// Only this kind.
+    pub kind: Option<SnapshotKind>,
+}
+
+impl ListFilter {
+    /// Every snapshot of every job.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only snapshots of `job`.
+    pub fn job(job: &JobName) -> Self {
+        ListFilter {
+            job: Some(job.clone()),
+            kind: None,
+        }
+    }
+
+    /// Restricts to `kind`.
+    pub fn kind(mut self, kind: SnapshotKind) -> Self {
+        self.kind = Some(kind);
+        self
+    }
+}
+
+/// Distinct blobs of a manifest.
+pub(crate) fn unique_blobs(m: &Manifest) -> HashSet<BlobHash> {
+    m.chunk_refs().filter_map(|(_, _, c)| c.blob()).collect()
+}
+
+impl TenantStore {
+    /// The tenant's name.
+    pub fn name(&self) -> &TenantName {
+        &self.inner.name
+    }
+
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.inner.store.backend
+    }
+
+    pub(crate) fn options(&self) -> &StoreOptions {
+        &self.inner.store.options
+    }
+
+    pub(crate) fn key(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.inner.prefix)
+    }
+
+    pub(crate) fn blob_key(&self, hash: &BlobHash) -> String {
+        self.key(&hash.rel_path())
+    }
+
+    pub(crate) fn manifest_key(&self, id: &SnapshotId) -> String {
+        self.key(&format!("snapshots/{}/{id}.json", id.job()))
+    }
+
+    pub(crate) fn lock(
+        &self,
+        name: &str,
+        mode: LockMode,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Box<dyn LockGuard>>, StoreError> {
+        let key = self.key(&format!("locks/{name}"));
+        self.backend()
+            .lock(&key, mode, timeout)
+            .map_err(|e| StoreError::io("lock", key, e))
+    }
+
+    /// Starts writing snapshot `number` of `job`. Blobs the writer stores (or
+    /// finds already present) are protected from GC until it commits, aborts
+    /// or is dropped. Waits while a GC is deleting.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] if that snapshot is committed; I/O
+    /// errors.
+    pub fn begin(&self, job: &JobName, number: u64) -> Result<SnapshotWriter, StoreError> {
+        let id = SnapshotId::new(job.clone(), number);
+        // The gate lets a GC that is waiting for writers stop new ones from
+        // starting, so a busy store cannot starve it.
+        let gate = self.lock("gate", LockMode::Shared, None)?;
+        let pin = self
+            .lock("writers", LockMode::Shared, None)?
+            .expect("waits without timeout");
+        drop(gate);
+        if self.manifest_exists(&id)? {
+            return Err(StoreError::AlreadyExists {
+                tenant: self.inner.name.to_string(),
+                id,
+            });
+        }
+        let shared = Arc::new(WriterShared {
+            tenant: self.clone(),
+            id,
+            pin: Mutex::new(Some(pin)),
+            seen: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
+            written: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+            stored_bytes: AtomicU64::new(0),
+        });
+        Ok(SnapshotWriter {
+            blobs: BlobWriter { shared },
+            started: Instant::now(),
+        })
+    }
+
+    pub(crate) fn manifest_exists(&self, id: &SnapshotId) -> Result<bool, StoreError> {
+        let key = self.manifest_key(id);
+        self.backend()
+            .size(&key)
+            .map(|s| s.is_some())
+            .map_err(|e| StoreError::io("stat", key, e))
+    }
+
+    /// Reads the manifest of `id`.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if the tenant has no such snapshot;
+    /// [`StoreError::CorruptManifest`] / [`StoreError::UnsupportedSchema`] if
+    /// it does not parse.
+    pub fn get(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
+        let key = self.manifest_key(id);
+        let bytes = match self.backend().read(&key) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound {
+                    tenant: self.inner.name.to_string(),
+                    id: id.clone(),
+                });
+            }
+            Err(e) => return Err(StoreError::io("read manifest", key, e)),
+        };
+        Manifest::from_json(&id.to_string(), &bytes)
+    }
+
+    /// Like `get`, but a snapshot deleted meanwhile (by another thread or
+    /// process, between listing and reading) is `None` rather than an error.
+    pub(crate) fn get_if_present(&self, id: &SnapshotId) -> Result<Option<Manifest>, StoreError> {
+        match self.get(id) {
+            Ok(m) => Ok(Some(m)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Jobs that have a snapshot directory, sorted.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn jobs(&self) -> Result<Vec<JobName>, StoreError> {
+        let key = self.key("snapshots");
+        let mut jobs: Vec<JobName> = self
+            .backend()
+            .list(&key)
+            .map_err(|e| StoreError::io("list", key, e))?
+            .iter()
+            .filter_map(|n| JobName::new(n).ok())
+            .collect();
+        jobs.sort();
+        Ok(jobs)
+    }
+
+    /// Ids of `job`'s committed snapshots in number order (manifests are not
+    /// read, so damaged ones are included).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn list_ids(&self, job: &JobName) -> Result<Vec<SnapshotId>, StoreError> {
+        let key = self.key(&format!("snapshots/{job}"));
+        let mut ids: Vec<SnapshotId> = self
+            .backend()
+            .list(&key)
+            .map_err(|e| StoreError::io("list", key, e))?
+            .iter()
+            .filter_map(|n| n.strip_suffix(".json"))
+            .filter_map(|stem| SnapshotId::parse(stem).ok())
+            .filter(|id| id.job() == job)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub(crate) fn all_ids(&self) -> Result<Vec<SnapshotId>, StoreError> {
+        let mut ids = Vec::new();
+        for job in self.jobs()? {
+            ids.extend(self.list_ids(&job)?);
+        }
+        Ok(ids)
+    }
+
+    /// Manifests matching `filter`, ordered by job then number. Manifests that
+    /// do not parse are skipped with a warning (`fsck` reports them).
+    ///
+    /// # Errors
+    /// I/O errors listing or reading.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<Manifest>, StoreError> {
+        let jobs = match &filter.job {
+            Some(j) => vec![j.clone()],
+            None => self.jobs()?,
+        };
+        let mut out = Vec::new();
+        for job in jobs {
+            for id in self.list_ids(&job)? {
+                match self.get(&id) {
+                    Ok(m) if filter.kind.is_none_or(|k| k == m.kind) => out.push(m),
+                    Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e @ (StoreError::CorruptManifest { .. } | StoreError::UnsupportedSchema { .. })) => {
+                        tracing::warn!(tenant = %self.inner.name, "skipping snapshot: {e}");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest complete snapshot of `job` whose manifest reads, of any
+    /// kind.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn latest(&self, job: &JobName) -> Result<Option<Manifest>, StoreError> {
+        let fence = self.fence(job)?;
+        for id in self.list_ids(job)?.into_iter().rev() {
+            if id.number() < fence {
+                // An earlier run's: the run that started over discarded
+                // the output those snapshots would restore alongside.
+                break;
+            }
+            match self.get(&id) {
+                Ok(m) if m.status == SnapshotStatus::Complete => return Ok(Some(m)),
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e @ (StoreError::CorruptManifest { .. } | StoreError::UnsupportedSchema { .. })) => {
+                    tracing::warn!(tenant = %self.inner.name, "skipping snapshot: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Snapshots of `job` and `kind` that a count/age policy would expire,
+    /// oldest first. The newest is never returned. The store only answers;
+    /// the caller deletes (and decides about persistent checkpoints).
+    ///
+    /// # Errors
+    /// As [`TenantStore::list`].
+    pub fn expired(
+        &self,
+        job: &JobName,
+        kind: SnapshotKind,
+        max_count: Option<usize>,
+        max_age: Option<Duration>,
+        now_ms: u64,
+    ) -> Result<Vec<SnapshotId>, StoreError> {
+        let all = self.list(&ListFilter::job(job).kind(kind))?;
+        let mut out = Vec::new();
+        for (age_rank, m) in all.iter().rev().enumerate() {
+            if age_rank == 0 {
+                continue;
+            }
+            let too_many = max_count.is_some_and(|n| age_rank >= n);
+            let too_old =
+                max_age.is_some_and(|a| now_ms.saturating_sub(m.created_at_ms) > a.as_millis() as u64);
+            if too_many || too_old {
+                out.push(m.id.clone());
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Deletes the snapshot's manifest (its blobs go at the next GC).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is no such snapshot.
+    pub fn delete(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        let manifest = self.get(id);
+        if let Err(StoreError::NotFound { .. }) = manifest {
+            return manifest.map(|_| ());
+        }
+        let key = self.manifest_key(id);
+        let deleted = self
+            .backend()
+            .delete(&key)
+            .and_then(|d| self.backend().flush().map(|()| d))
+            .map_err(|e| StoreError::io("delete manifest", key, e))?;
+        if !deleted {
+            return Err(StoreError::NotFound {
+                tenant: self.inner.name.to_string(),
+                id: id.clone(),
+            });
+        }
+        let mut usage = self.inner.usage.lock().unwrap();
+        match (manifest, usage.as_mut()) {
+            (Ok(m), Some(cache)) => cache.remove(id, unique_blobs(&m)),
+            // A damaged manifest's references are unknown: rebuild later.
+            (Err(_), _) => *usage = None,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The newest snapshot of the same job older than `id` whose manifest
+    /// reads and whose blobs are all present (checked by existence, not by
+    /// content: cheap enough to call on an error path).
+    ///
+    /// # Errors
+    /// I/O errors listing the job.
+    pub fn next_intact_before(&self, id: &SnapshotId) -> Result<Option<SnapshotId>, StoreError> {
+        for older in self.list_ids(id.job())?.into_iter().rev() {
+            if older.number() >= id.number() {
+                continue;
+            }
+            let Ok(m) = self.get(&older) else { continue };
+            let all_present = unique_blobs(&m)
+                .iter()
+                .all(|h| matches!(self.blob_size(h), Ok(Some(_))));
+            if all_present {
+                return Ok(Some(older));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,101 @@
+//! What a tenant's snapshots occupy, for its quota.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::{BlobHash, SnapshotId, StoreError, TenantStore, unique_blobs};
+
+/// Reference counts of the blobs the tenant's manifests use, with the blobs'
+/// stored sizes: what a quota counts.
+#[derive(Debug, Default)]
+pub(crate) struct UsageCache {
+    pub(crate) manifests: HashSet<SnapshotId>,
+    pub(crate) blobs: HashMap<BlobHash, (u64, u32)>,
+    pub(crate) total: u64,
+}
+
+impl UsageCache {
+    pub(crate) fn add(&mut self, id: &SnapshotId, blobs: impl IntoIterator<Item = (BlobHash, u64)>) {
+        if !self.manifests.insert(id.clone()) {
+            return;
+        }
+        for (hash, size) in blobs {
+            let e = self.blobs.entry(hash).or_insert((size, 0));
+            if e.1 == 0 {
+                self.total += e.0;
+            }
+            e.1 += 1;
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: &SnapshotId, blobs: impl IntoIterator<Item = BlobHash>) {
+        if !self.manifests.remove(id) {
+            return;
+        }
+        for hash in blobs {
+            if let Some(e) = self.blobs.get_mut(&hash) {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    self.total -= e.0;
+                    self.blobs.remove(&hash);
+                }
+            }
+        }
+    }
+}
+
+impl TenantStore {
+    /// Bytes of the blobs referenced by the tenant's manifests (each blob
+    /// counted once, at its stored size): what the quota limits. Garbage not
+    /// yet collected is not counted.
+    ///
+    /// # Errors
+    /// Damaged manifests or I/O errors.
+    pub fn usage_bytes(&self) -> Result<u64, StoreError> {
+        let mut usage = self.inner.usage.lock().unwrap();
+        self.refresh_usage(&mut usage)?;
+        Ok(usage.as_ref().map_or(0, |u| u.total))
+    }
+
+    /// Brings the usage cache up to date with the manifests on disk (others
+    /// may have been added or removed by other processes).
+    pub(crate) fn refresh_usage(&self, usage: &mut Option<UsageCache>) -> Result<(), StoreError> {
+        let ids: HashSet<SnapshotId> = self.all_ids()?.into_iter().collect();
+        if usage.as_ref().is_some_and(|u| !u.manifests.is_subset(&ids)) {
+            *usage = None; // something was deleted elsewhere: recount
+        }
+        let cache = usage.get_or_insert_with(UsageCache::default);
+        let mut added: Vec<SnapshotId> = ids.difference(&cache.manifests).cloned().collect();
+        added.sort();
+        for id in &added {
+            let m = match self.get(id) {
+                Ok(m) => m,
+                Err(StoreError::NotFound { .. }) => continue,
+                // Unknown references count as nothing; fsck reports it, and
+                // one bad manifest must not block every commit.
+                Err(e @ (StoreError::CorruptManifest { .. } | StoreError::UnsupportedSchema { .. })) => {
+                    tracing::warn!(tenant = %self.inner.name, "quota ignores snapshot: {e}");
+                    cache.add(id, []);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut blobs = Vec::new();
+            for hash in unique_blobs(&m) {
+                let size = match cache.blobs.get(&hash) {
+                    Some(&(size, _)) => size,
+                    None => self.blob_size(&hash)?.unwrap_or(0),
+                };
+                blobs.push((hash, size));
+            }
+            cache.add(id, blobs);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn blob_size(&self, hash: &BlobHash) -> Result<Option<u64>, StoreError> {
+        let key = self.blob_key(hash);
+        self.backend()
+            .size(&key)
+            .map_err(|e| StoreError::io("stat blob", key, e))
+    }
+}

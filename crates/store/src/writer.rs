@@ -1,0 +1,470 @@
+//! Writing one snapshot: its blobs (from several threads) and, last, its
+//! manifest.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::backend::{LockGuard, PutMode, Staged};
+use crate::manifest::now_ms;
+use crate::{
+    BlobHash, ChunkRef, MANIFEST_SCHEMA_VERSION, MAX_CHUNK, Manifest, SnapshotId, SnapshotKind,
+    SnapshotStatus, StateFormat, StoreError, TenantStore, Trigger,
+};
+use crate::{blob, chunk};
+
+/// Writes the blobs of one snapshot and commits its manifest.
+///
+/// Dropping it without `commit` aborts: the manifest is never written, the
+/// pin is released, and the blobs it wrote become garbage for the next GC.
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    pub(crate) blobs: BlobWriter,
+    pub(crate) started: Instant,
+}
+
+/// A handle for storing blobs of one snapshot from several threads.
+/// Clone + Send + Sync; obtained from [`SnapshotWriter::blob_writer`].
+/// After the snapshot commits or aborts, puts fail.
+#[derive(Debug, Clone)]
+pub struct BlobWriter {
+    pub(crate) shared: Arc<WriterShared>,
+}
+
+#[derive(Debug)]
+pub(crate) struct WriterShared {
+    pub(crate) tenant: TenantStore,
+    pub(crate) id: SnapshotId,
+    /// The shared `writers` lock: GC cannot delete while it is held. `None`
+    /// once the writer committed or aborted.
+    pub(crate) pin: Mutex<Option<Box<dyn LockGuard>>>,
+    /// Blobs known to be in the store (written or found): no need to look
+    /// again, and commit can skip checking them.
+    pub(crate) seen: Mutex<HashMap<BlobHash, u64>>,
+    /// Blobs written by this writer but not yet visible: staged files and
+    /// their keys, published at commit (one durability batch), discarded on
+    /// abort.
+    pub(crate) pending: Mutex<Vec<(Staged, String)>>,
+    pub(crate) written: AtomicU64,
+    pub(crate) new_bytes: AtomicU64,
+    pub(crate) stored_bytes: AtomicU64,
+}
+
+impl WriterShared {
+    pub(crate) fn note_written(&self, plain: u64, stored: u64) {
+        self.written.fetch_add(1, Ordering::Relaxed);
+        self.new_bytes.fetch_add(plain, Ordering::Relaxed);
+        self.stored_bytes.fetch_add(stored, Ordering::Relaxed);
+    }
+}
+
+impl BlobWriter {
+    /// Stores one chunk (unless the store already has it, or this writer
+    /// already stored it) and returns its reference. The blob is staged: it
+    /// becomes visible to readers when the snapshot commits. All-zero input
+    /// is *not* special-cased here: use the chunking puts for that.
+    ///
+    /// # Errors
+    /// I/O errors; an error if the snapshot already committed or aborted;
+    /// an error for chunks larger than [`MAX_CHUNK`].
+    pub fn put_chunk(&self, bytes: &[u8]) -> Result<ChunkRef, StoreError> {
+        let hash = BlobHash::of(bytes);
+        self.put_hashed(hash, bytes)?;
+        Ok(ChunkRef::Blob {
+            blob: hash,
+            len: bytes.len() as u64,
+        })
+    }
+
+    /// Stores one chunk of a memory image: an all-zero chunk becomes a zero
+    /// reference and is not stored; any other as [`BlobWriter::put_chunk`].
+    /// Also says whether this call wrote a new blob (for the manifest's
+    /// count of new chunks).
+    ///
+    /// # Errors
+    /// As [`BlobWriter::put_chunk`].
+    pub fn store_chunk(&self, bytes: &[u8]) -> Result<(ChunkRef, bool), StoreError> {
+        if chunk::is_all_zero(bytes) {
+            return Ok((
+                ChunkRef::Zero {
+                    zero: bytes.len() as u64,
+                },
+                false,
+            ));
+        }
+        let hash = BlobHash::of(bytes);
+        let new = self.put_hashed(hash, bytes)?;
+        Ok((
+            ChunkRef::Blob {
+                blob: hash,
+                len: bytes.len() as u64,
+            },
+            new,
+        ))
+    }
+
+    /// Reads a chunk the store already holds (a zero reference reads as
+    /// zeros) into `out`, its exact length, verified: for building a chunk
+    /// from an earlier snapshot's version of it.
+    ///
+    /// # Errors
+    /// [`StoreError::BadBlob`] if the blob is missing or damaged.
+    ///
+    /// # Panics
+    /// If `out` is not as long as the chunk.
+    pub fn read_chunk_into(&self, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
+        assert_eq!(
+            out.len() as u64,
+            chunk.len(),
+            "output is not as long as the chunk"
+        );
+        match *chunk {
+            ChunkRef::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            ChunkRef::Blob { blob, .. } => self
+                .shared
+                .tenant
+                .read_blob_into(&blob, out)
+                .map_err(|problem| StoreError::BadBlob { hash: blob, problem }),
+        }
+    }
+
+    /// The snapshot this writer writes.
+    pub fn id(&self) -> &SnapshotId {
+        &self.shared.id
+    }
+
+    /// Whether snapshot `number` of this writer's job is committed and not
+    /// deleted: what a chunk reference into it relies on. An I/O error
+    /// answers `false` (the caller then builds on nothing).
+    pub fn job_snapshot_exists(&self, number: u64) -> bool {
+        let id = SnapshotId::new(self.shared.id.job().clone(), number);
+        self.shared.tenant.manifest_exists(&id).unwrap_or(false)
+    }
+
+    /// How many threads the store may use for one snapshot's blobs.
+    pub fn threads(&self) -> usize {
+        self.shared.tenant.options().threads.max(1)
+    }
+
+    /// Returns whether the blob was new to the store.
+    pub(crate) fn put_hashed(&self, hash: BlobHash, bytes: &[u8]) -> Result<bool, StoreError> {
+        let s = &*self.shared;
+        if bytes.len() > MAX_CHUNK {
+            return Err(StoreError::ManifestMismatch {
+                id: s.id.clone(),
+                reason: format!(
+                    "chunk of {} bytes is larger than the maximum of {MAX_CHUNK}",
+                    bytes.len()
+                ),
+            });
+        }
+        if s.pin.lock().unwrap().is_none() {
+            return Err(StoreError::ManifestMismatch {
+                id: s.id.clone(),
+                reason: "the snapshot writer has already committed or aborted".into(),
+            });
+        }
+        if s.seen.lock().unwrap().contains_key(&hash) {
+            return Ok(false);
+        }
+        self.store_blob(hash, bytes.len() as u64, || {
+            blob::encode(bytes, s.tenant.options().compression)
+        })
+    }
+
+    /// Stages the blob file made by `encode` unless the store already has
+    /// `hash`. Returns whether it was new.
+    pub(crate) fn store_blob(
+        &self,
+        hash: BlobHash,
+        plain_len: u64,
+        encode: impl FnOnce() -> Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let s = &*self.shared;
+        let key = s.tenant.blob_key(&hash);
+        let backend = s.tenant.backend();
+        let present = backend
+            .size(&key)
+            .map_err(|e| StoreError::io("stat blob", key.clone(), e))?;
+        let (size, new) = match present {
+            Some(size) => (size, false),
+            None => {
+                let file = encode();
+                let staged = backend
+                    .stage(&file, s.tenant.options().sync)
+                    .map_err(|e| StoreError::io("write blob", key.clone(), e))?;
+                s.pending.lock().unwrap().push((staged, key));
+                s.note_written(plain_len, file.len() as u64);
+                (file.len() as u64, true)
+            }
+        };
+        s.seen.lock().unwrap().insert(hash, size);
+        Ok(new)
+    }
+
+    /// Stores the chunks `bounds` of `bytes` (zero chunks skipped when
+    /// `skip_zero`) using up to `threads` threads; references in order.
+    pub(crate) fn put_ranges(
+        &self,
+        bytes: &[u8],
+        bounds: &[(usize, usize)],
+        skip_zero: bool,
+    ) -> Result<Vec<ChunkRef>, StoreError> {
+        let one = |&(off, len): &(usize, usize)| -> Result<ChunkRef, StoreError> {
+            let piece = &bytes[off..off + len];
+            if skip_zero {
+                return self.store_chunk(piece).map(|(chunk, _)| chunk);
+            }
+            self.put_chunk(piece)
+        };
+        let threads = self.threads();
+        if threads <= 1 || bounds.len() < 4 {
+            return bounds.iter().map(one).collect();
+        }
+        // Contiguous groups keep each thread's writes local; chunks are
+        // similar in size so the split is balanced enough.
+        let per = bounds.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = bounds
+                .chunks(per)
+                .map(|group| s.spawn(move || group.iter().map(one).collect::<Result<Vec<_>, _>>()))
+                .collect();
+            let mut out = Vec::with_capacity(bounds.len());
+            for h in handles {
+                out.extend(h.join().expect("writer thread panicked")?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Cuts `bytes` into fixed `chunk_size` chunks (the last may be shorter),
+    /// stores those not all-zero and not already present, and returns the
+    /// references in order. For memory images.
+    ///
+    /// # Errors
+    /// As [`BlobWriter::put_chunk`]; `chunk_size` must be 1..=[`MAX_CHUNK`].
+    pub fn put_chunks_fixed(&self, bytes: &[u8], chunk_size: usize) -> Result<Vec<ChunkRef>, StoreError> {
+        if chunk_size == 0 || chunk_size > MAX_CHUNK {
+            return Err(StoreError::ManifestMismatch {
+                id: self.shared.id.clone(),
+                reason: format!("chunk size {chunk_size} is not within 1..={MAX_CHUNK}"),
+            });
+        }
+        self.put_ranges(bytes, &chunk::fixed_boundaries(bytes.len(), chunk_size), true)
+    }
+
+    /// Cuts `bytes` with FastCDC ([`CDC_MIN`]/[`CDC_AVG`]/[`CDC_MAX`]),
+    /// stores the chunks not all-zero and not already present, and returns
+    /// the references in order. For canonical state.
+    ///
+    /// # Errors
+    /// As [`BlobWriter::put_chunk`].
+    pub fn put_chunks_cdc(&self, bytes: &[u8]) -> Result<Vec<ChunkRef>, StoreError> {
+        self.put_ranges(bytes, &chunk::cdc_boundaries(bytes), true)
+    }
+}
+
+impl SnapshotWriter {
+    /// The id this writer commits.
+    pub fn id(&self) -> &SnapshotId {
+        &self.blobs.shared.id
+    }
+
+    /// A handle for putting blobs from other threads.
+    pub fn blob_writer(&self) -> BlobWriter {
+        self.blobs.clone()
+    }
+
+    /// A fresh manifest for this snapshot (id, job, number, created now).
+    pub fn manifest(&self, kind: SnapshotKind, trigger: Trigger, format: StateFormat) -> Manifest {
+        let id = self.id();
+        Manifest::new(id.job().clone(), id.number(), kind, trigger, format)
+    }
+
+    /// See [`BlobWriter::put_chunk`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn put_chunk(&mut self, bytes: &[u8]) -> Result<ChunkRef, StoreError> {
+        self.blobs.put_chunk(bytes)
+    }
+
+    /// See [`BlobWriter::put_chunks_fixed`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn put_chunks_fixed(&mut self, bytes: &[u8], chunk_size: usize) -> Result<Vec<ChunkRef>, StoreError> {
+        self.blobs.put_chunks_fixed(bytes, chunk_size)
+    }
+
+    /// See [`BlobWriter::put_chunks_cdc`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn put_chunks_cdc(&mut self, bytes: &[u8]) -> Result<Vec<ChunkRef>, StoreError> {
+        self.blobs.put_chunks_cdc(bytes)
+    }
+
+    /// Commits the snapshot: checks that `manifest` belongs to this writer
+    /// and that every blob it references is in the store, enforces the quota,
+    /// makes the blobs durable, then writes the manifest atomically (never
+    /// replacing an existing one) and syncs its directory. Fills the store's
+    /// figures (`new_bytes`, `stored_bytes`, `chunks_*`, `commit_ms`, and
+    /// `logical_bytes` if 0) and `completed_at_ms`.
+    ///
+    /// Chunk references may come from earlier snapshots without being put
+    /// again (incremental snapshots): commit checks they still exist.
+    ///
+    /// # Errors
+    /// [`StoreError::ManifestMismatch`], [`StoreError::MissingBlobAtCommit`],
+    /// [`StoreError::QuotaExceeded`], [`StoreError::AlreadyExists`], I/O
+    /// errors. On error nothing is committed.
+    pub fn commit(self, mut manifest: Manifest) -> Result<SnapshotId, StoreError> {
+        let commit_start = Instant::now();
+        let s = &*self.blobs.shared;
+        let tenant = &s.tenant;
+        let mismatch = |reason: String| StoreError::ManifestMismatch {
+            id: s.id.clone(),
+            reason,
+        };
+        if manifest.id != s.id || manifest.job != *s.id.job() || manifest.number != s.id.number() {
+            return Err(mismatch(format!(
+                "manifest is for {} (job {}, number {})",
+                manifest.id, manifest.job, manifest.number
+            )));
+        }
+        manifest.schema_version = MANIFEST_SCHEMA_VERSION;
+        manifest.status = SnapshotStatus::Complete;
+        manifest.check_lengths().map_err(mismatch)?;
+
+        // Every referenced blob must exist (or be staged by this writer). We
+        // hold the pin, so none can disappear between this check and the
+        // manifest write.
+        let mut unique: HashMap<BlobHash, u64> = HashMap::new();
+        {
+            let seen = s.seen.lock().unwrap();
+            for (task, index, c) in manifest.chunk_refs() {
+                let Some(hash) = c.blob() else { continue };
+                if unique.contains_key(&hash) {
+                    continue;
+                }
+                if let Some(&size) = seen.get(&hash) {
+                    unique.insert(hash, size);
+                    continue;
+                }
+                match tenant.blob_size(&hash)? {
+                    Some(size) => unique.insert(hash, size),
+                    None => {
+                        return Err(StoreError::MissingBlobAtCommit {
+                            id: s.id.clone(),
+                            task: task.to_string(),
+                            index,
+                            hash,
+                        });
+                    }
+                };
+            }
+        }
+
+        let f = &mut manifest.figures;
+        if f.logical_bytes == 0 {
+            f.logical_bytes = manifest.tasks.iter().map(|t| t.state.logical_bytes()).sum();
+        }
+        f.chunks_total = manifest
+            .tasks
+            .iter()
+            .map(|t| t.state.chunks().count() as u64)
+            .sum();
+        f.chunks_new = s.written.load(Ordering::Relaxed);
+        f.new_bytes = s.new_bytes.load(Ordering::Relaxed);
+        f.stored_bytes = s.stored_bytes.load(Ordering::Relaxed);
+        if f.async_ms == 0 {
+            f.async_ms = self.started.elapsed().as_millis() as u64;
+        }
+
+        let mut usage = tenant.inner.usage.lock().unwrap();
+        if let Some(quota) = tenant.options().quota_bytes {
+            tenant.refresh_usage(&mut usage)?;
+            let cache = usage.as_ref().expect("refreshed");
+            let extra: u64 = unique
+                .iter()
+                .filter(|(h, _)| !cache.blobs.contains_key(h))
+                .map(|(_, size)| size)
+                .sum();
+            let would_use = cache.total + extra;
+            if would_use > quota {
+                return Err(StoreError::QuotaExceeded {
+                    tenant: tenant.inner.name.to_string(),
+                    id: s.id.clone(),
+                    would_use,
+                    quota,
+                });
+            }
+        }
+
+        let backend = tenant.backend();
+        let sync = tenant.options().sync;
+        // Write order: blobs durable and visible, their names durable, then
+        // the manifest.
+        let pending = std::mem::take(&mut *s.pending.lock().unwrap());
+        backend
+            .publish(&pending, sync)
+            .map_err(|e| StoreError::io("publish blobs", tenant.key("blobs"), e))?;
+        if sync {
+            backend
+                .flush()
+                .map_err(|e| StoreError::io("sync", tenant.key("blobs"), e))?;
+        }
+        manifest.completed_at_ms = now_ms();
+        manifest.figures.commit_ms = commit_start.elapsed().as_millis() as u64;
+        let key = tenant.manifest_key(&s.id);
+        let written = backend
+            .put(&key, &manifest.to_json(), PutMode::NoReplace, sync)
+            .map_err(|e| StoreError::io("write manifest", key.clone(), e))?;
+        if !written {
+            return Err(StoreError::AlreadyExists {
+                tenant: tenant.inner.name.to_string(),
+                id: s.id.clone(),
+            });
+        }
+        if sync {
+            backend.flush().map_err(|e| StoreError::io("sync", key, e))?;
+        }
+        if let Some(cache) = usage.as_mut() {
+            cache.add(&s.id, unique);
+        }
+        drop(usage);
+
+        // Keep the counter above every committed number, so a number used
+        // by `begin` without `next_snapshot_number` (import) is never reissued.
+        let job = s.id.job();
+        if tenant.read_counter(job)? <= s.id.number() {
+            let _guard = tenant.counter_lock(job)?;
+            if tenant.read_counter(job)? <= s.id.number() {
+                tenant.write_counter(job, s.id.number() + 1)?;
+            }
+        }
+        s.pin.lock().unwrap().take();
+        Ok(s.id.clone())
+    }
+
+    /// Abandons the snapshot (same as dropping it): nothing is committed and
+    /// the blobs it wrote are garbage for the next GC.
+    pub fn abort(self) {}
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        let s = &self.blobs.shared;
+        // Staged blobs of an aborted (or failed) snapshot are never needed.
+        for (staged, _) in s.pending.lock().unwrap().drain(..) {
+            s.tenant.backend().discard(&staged);
+        }
+        // Release the pin; any BlobWriter clones stop accepting puts.
+        s.pin.lock().unwrap().take();
+    }
+}
