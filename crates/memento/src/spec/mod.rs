@@ -6,7 +6,7 @@
 pub mod host_config;
 mod units;
 
-pub use units::{format_size, parse_cron, parse_duration, parse_size};
+pub use units::{UnitError, format_size, parse_cron, parse_duration, parse_size};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -668,7 +668,7 @@ impl JobSpec {
         if let Some(expr) = &self.savepoints.cron
             && let Err(e) = parse_cron(expr)
         {
-            return bad("savepoints.cron", e);
+            return bad("savepoints.cron", e.to_string());
         }
         if self.savepoints.max_count == Some(0) {
             return bad(

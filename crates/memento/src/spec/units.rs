@@ -2,15 +2,41 @@
 
 use std::time::Duration;
 
+/// A duration, size or cron expression that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {input:?}: {reason}")]
+pub struct UnitError {
+    /// `duration`, `size` or `cron expression`.
+    pub what: &'static str,
+    /// The input, cut to its first 40 characters.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl UnitError {
+    fn new(what: &'static str, input: &str, reason: impl Into<String>) -> Self {
+        UnitError {
+            what,
+            input: match input.char_indices().nth(40) {
+                Some((cut, _)) => format!("{}…", &input[..cut]),
+                None => input.to_string(),
+            },
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Parse a duration: one or more `<number><unit>` parts with units `ms`, `s`,
 /// `m`, `h`, `d` (e.g. `"1h30m"`, `"250ms"`, `"1.5s"`).
 ///
 /// # Errors
-/// A message naming the input and what is wrong with it.
-pub fn parse_duration(input: &str) -> Result<Duration, String> {
+/// [`UnitError`] naming the input and what is wrong with it.
+pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
+    let bad = |reason: String| UnitError::new("duration", input, reason);
     let s = input.trim();
     if s.is_empty() {
-        return Err("empty duration (expected e.g. \"2s\", \"500ms\", \"1h\")".into());
+        return Err(bad("empty (expected e.g. \"2s\", \"500ms\", \"1h\")".into()));
     }
     let mut total = 0f64;
     let mut rest = s;
@@ -19,13 +45,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(rest.len());
         if num_len == 0 {
-            return Err(format!(
-                "invalid duration {input:?}: expected a number before {rest:?}"
-            ));
+            return Err(bad(format!("expected a number before {rest:?}")));
         }
         let number: f64 = rest[..num_len]
             .parse()
-            .map_err(|_| format!("invalid duration {input:?}: bad number {:?}", &rest[..num_len]))?;
+            .map_err(|_| bad(format!("bad number {:?}", &rest[..num_len])))?;
         rest = &rest[num_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -38,21 +62,17 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
             "h" => 3600.0,
             "d" => 86400.0,
             "" => {
-                return Err(format!(
-                    "invalid duration {input:?}: missing unit (use ms, s, m, h or d)"
-                ));
+                return Err(bad("missing unit (use ms, s, m, h or d)".into()));
             }
             other => {
-                return Err(format!(
-                    "invalid duration {input:?}: unknown unit {other:?} (use ms, s, m, h or d)"
-                ));
+                return Err(bad(format!("unknown unit {other:?} (use ms, s, m, h or d)")));
             }
         };
         total += number * seconds;
         rest = &rest[unit_len..];
     }
     if !total.is_finite() || total > 1e12 {
-        return Err(format!("invalid duration {input:?}: too large"));
+        return Err(bad("too large".into()));
     }
     Ok(Duration::from_secs_f64(total))
 }
@@ -61,20 +81,17 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
 /// `GiB`, `TiB` (powers of 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000).
 ///
 /// # Errors
-/// A message naming the input and what is wrong with it.
-pub fn parse_size(input: &str) -> Result<u64, String> {
+/// [`UnitError`] naming the input and what is wrong with it.
+pub fn parse_size(input: &str) -> Result<u64, UnitError> {
+    let bad = |reason: String| UnitError::new("size", input, reason);
     let s = input.trim();
     let num_len = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     if num_len == 0 {
-        return Err(format!(
-            "invalid size {input:?} (expected e.g. \"512MiB\", \"2GiB\")"
-        ));
+        return Err(bad("expected a number first, e.g. \"512MiB\", \"2GiB\"".into()));
     }
-    let number: f64 = s[..num_len]
-        .parse()
-        .map_err(|_| format!("invalid size {input:?}: bad number"))?;
+    let number: f64 = s[..num_len].parse().map_err(|_| bad("bad number".into()))?;
     let factor: u64 = match s[num_len..].trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -86,14 +103,14 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
         other => {
-            return Err(format!(
-                "invalid size {input:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ));
+            return Err(bad(format!(
+                "unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            )));
         }
     };
     let bytes = number * factor as f64;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
-        return Err(format!("invalid size {input:?}: too large"));
+        return Err(bad("too large".into()));
     }
     Ok(bytes as u64)
 }
@@ -118,12 +135,12 @@ pub fn format_size(bytes: u64) -> String {
 /// six with seconds first.
 ///
 /// # Errors
-/// The parser's message.
-pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+/// [`UnitError`] with the parser's message.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, UnitError> {
     croner::Cron::new(expr)
         .with_seconds_optional()
         .parse()
-        .map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
+        .map_err(|e| UnitError::new("cron expression", expr, e.to_string()))
 }
 
 #[cfg(test)]
@@ -136,14 +153,25 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("10").unwrap_err().contains("missing unit"));
+        assert!(
+            parse_duration("10")
+                .unwrap_err()
+                .to_string()
+                .contains("missing unit")
+        );
         assert!(
             parse_duration("3 weeks")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown unit \"weeks\"")
         );
         assert!(parse_duration("").is_err());
-        assert!(parse_duration("s").unwrap_err().contains("expected a number"));
+        assert!(
+            parse_duration("s")
+                .unwrap_err()
+                .to_string()
+                .contains("expected a number")
+        );
     }
 
     #[test]
@@ -152,8 +180,16 @@ mod tests {
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_size("12 parsecs")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown unit")
+        );
         assert!(parse_size("MiB").is_err());
+        let long = "9".repeat(10_000) + "parsecs";
+        let e = parse_size(&long).unwrap_err().to_string();
+        assert!(e.len() < 200, "the input is cut, not echoed whole: {e}");
         assert_eq!(format_size(1536), "1.5 KiB");
         assert_eq!(format_size(12), "12 B");
     }
@@ -165,6 +201,7 @@ mod tests {
         assert!(
             parse_cron("every tuesday")
                 .unwrap_err()
+                .to_string()
                 .contains("invalid cron expression")
         );
     }
