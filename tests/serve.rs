@@ -357,7 +357,7 @@ fn tenants_see_only_their_own_jobs_and_snapshots_on_every_endpoint() {
         "{metrics_a}"
     );
     assert!(
-        metrics_a.contains("memento_snapshot_duration_ms{tenant=\"a\",job=\"clicks\",quantile=\"0.99\"}")
+        metrics_a.contains("memento_snapshot_duration_seconds{tenant=\"a\",job=\"clicks\",quantile=\"0.99\"}")
     );
     // Dispose of the savepoint: gone from the list, a second dispose is 404.
     let v = s.json("DELETE", &format!("/v1/snapshots/{savepoint}"), a, "", 200);
