@@ -41,7 +41,9 @@ struct TenantLabels {
     tenant: String,
 }
 
-type Gauges<L> = Family<L, Gauge<f64, std::sync::atomic::AtomicU64>>;
+/// Whole numbers (counts, bytes) print as integers.
+type Gauges<L> = Family<L, Gauge<u64, std::sync::atomic::AtomicU64>>;
+type Seconds<L> = Family<L, Gauge<f64, std::sync::atomic::AtomicU64>>;
 type Counters<L> = Family<L, Counter>;
 
 /// Register `metric` as `name` in `registry` and hand it back to fill.
@@ -83,7 +85,7 @@ pub(crate) fn render(service: &Service, scope: &Scope) -> Result<String, std::fm
     );
     let in_progress: Gauges<JobLabels> = add(&mut r, "memento_snapshots_in_progress", "Snapshots in flight.");
     let restores: Counters<JobLabels> = add(&mut r, "memento_restores", "Restores from a snapshot.");
-    let duration: Gauges<QuantileLabels> = add(
+    let duration: Seconds<QuantileLabels> = add(
         &mut r,
         "memento_snapshot_duration_seconds",
         "Trigger-to-commit time of recent completed snapshots, by quantile (0: min, 1: max).",
@@ -122,31 +124,31 @@ pub(crate) fn render(service: &Service, scope: &Scope) -> Result<String, std::fm
             tenant: view.tenant.clone(),
             job: view.name.clone(),
         };
-        running
-            .get_or_create(&l)
-            .set(if view.state.is_live() { 1.0 } else { 0.0 });
+        running.get_or_create(&l).set(u64::from(view.state.is_live()));
         records.get_or_create(&l).inc_by(view.records_in);
         restarts.get_or_create(&l).inc_by(u64::from(view.restarts));
         completed.get_or_create(&l).inc_by(cps.counts.completed);
         failed.get_or_create(&l).inc_by(cps.counts.failed);
-        in_progress.get_or_create(&l).set(cps.counts.in_progress as f64);
+        in_progress.get_or_create(&l).set(cps.counts.in_progress);
         restores.get_or_create(&l).inc_by(cps.counts.restored);
         if cps.summary.completed == 0 {
             continue;
         }
-        let quantiles = |family: &Gauges<QuantileLabels>, stats: &Stats, scale: f64| {
+        let labels = |q: &str| QuantileLabels {
+            tenant: l.tenant.clone(),
+            job: l.job.clone(),
+            quantile: q.to_string(),
+        };
+        for (q, ms) in cps.summary.duration_ms.quantiles() {
+            duration.get_or_create(&labels(q)).set(ms as f64 / 1e3);
+        }
+        let sizes = |family: &Gauges<QuantileLabels>, stats: &Stats| {
             for (q, v) in stats.quantiles() {
-                let labels = QuantileLabels {
-                    tenant: l.tenant.clone(),
-                    job: l.job.clone(),
-                    quantile: q.to_string(),
-                };
-                family.get_or_create(&labels).set(v as f64 * scale);
+                family.get_or_create(&labels(q)).set(v);
             }
         };
-        quantiles(&duration, &cps.summary.duration_ms, 1e-3);
-        quantiles(&logical, &cps.summary.logical_bytes, 1.0);
-        quantiles(&new_bytes, &cps.summary.new_bytes, 1.0);
+        sizes(&logical, &cps.summary.logical_bytes);
+        sizes(&new_bytes, &cps.summary.new_bytes);
     }
     for t in service.tenants(scope) {
         let l = TenantLabels {
@@ -156,15 +158,15 @@ pub(crate) fn render(service: &Service, scope: &Scope) -> Result<String, std::fm
             .iter()
             .filter(|j| j.tenant() == t.name && !j.has_ended())
             .count();
-        tenant_running.get_or_create(&l).set(live as f64);
+        tenant_running.get_or_create(&l).set(live as u64);
         match service.usage_bytes(&t.name) {
             Ok(bytes) => {
-                storage.get_or_create(&l).set(bytes as f64);
+                storage.get_or_create(&l).set(bytes);
             }
             Err(e) => tracing::warn!(tenant = %t.name, "metrics: storage of the tenant unknown: {e}"),
         }
         if let Some(q) = t.quota {
-            quota.get_or_create(&l).set(q as f64);
+            quota.get_or_create(&l).set(q);
         }
     }
     let mut out = String::new();
