@@ -283,7 +283,8 @@ fn both_servers_answer_the_job_routes_alike() {
     let padded = format!("bearer   {TOKEN}  ");
     let ok = Some(bearer.as_str());
     // (method, path, Authorization, body, status, error code)
-    let cases: Vec<(&str, &str, Option<&str>, &str, u16, &str)> = vec![
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("GET", "/v1/jobs", ok, "", 200, ""),
         ("GET", "/v1/jobs?tenant=default", ok, "", 200, ""),
         ("GET", "/v1/jobs?tenant=other", ok, "", 404, "not_found"),

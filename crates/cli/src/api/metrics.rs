@@ -173,3 +173,43 @@ pub(crate) fn render(service: &Service, scope: &Scope) -> Result<String, std::fm
     prometheus_client::encoding::prometheus_text::encode(&mut out, &r)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memento::spec::host_config::{HostConfig, hash_token};
+
+    #[test]
+    fn tenants_are_scoped_and_unknown_values_are_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("host.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"state\"\n[[tenants]]\nname = \"a\"\ntoken_blake3 = \"{}\"\nquota = \"1KiB\"\n\
+                 [[tenants]]\nname = \"b\"\ntoken_blake3 = \"{}\"\n",
+                hash_token("ta"),
+                hash_token("tb")
+            ),
+        )
+        .unwrap();
+        let service = Service::start(HostConfig::from_file(&config).unwrap()).unwrap();
+        let all = render(&service, &Scope::All).unwrap();
+        for line in [
+            "memento_tenant_jobs_running{tenant=\"a\"} 0",
+            "memento_tenant_storage_bytes{tenant=\"a\"} 0",
+            "memento_tenant_storage_bytes{tenant=\"b\"} 0",
+            "memento_tenant_quota_bytes{tenant=\"a\"} 1024",
+            "# TYPE memento_tenant_quota_bytes gauge",
+        ] {
+            assert!(all.lines().any(|l| l == line), "{line}:\n{all}");
+        }
+        // Unlimited: no quota series rather than a made-up number.
+        assert!(!all.contains("memento_tenant_quota_bytes{tenant=\"b\"}"), "{all}");
+        // No job: no job series at all.
+        assert!(!all.contains("job=\""), "{all}");
+        let b = render(&service, &Scope::Tenant("b".into())).unwrap();
+        assert!(!b.contains("tenant=\"a\""), "{b}");
+        assert!(b.contains("memento_tenant_storage_bytes{tenant=\"b\"} 0"), "{b}");
+    }
+}
