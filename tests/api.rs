@@ -1,36 +1,21 @@
 //! End-to-end tests of a running job's REST API (`memento run --listen`) and
 //! of `memento savepoint trigger`, against the real binary over real HTTP.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod common;
+
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn memento() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memento"));
-    cmd.env_remove("MEMENTO_LOG")
-        .env_remove("MEMENTO_STATE_DIR")
-        .env_remove("MEMENTO_TOKEN")
-        .env_remove("MEMENTO_URL");
-    cmd
-}
+use common::openapi::Doc;
+use common::{Listening, Serve, hash_token, memento, plugin, plugin_b64, request};
+use serde_json::{Value, json};
 
-fn plugin(name: &str) -> String {
-    Path::new(memento_plugins::DIR)
-        .join(format!("{name}.wasm"))
-        .display()
-        .to_string()
-}
-
-/// A slow job (rate-limited generator) so the API has time to answer.
-fn job_file(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("job.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-name = "api"
+/// A slow job (rate-limited generator) so the API has time to answer;
+/// `plugin` as the job file names it.
+fn job_toml(plugin: &str) -> String {
+    format!(
+        r#"name = "api"
 [source]
 type = "generator"
 count = 1000000
@@ -38,85 +23,36 @@ rate = 2000
 batch = 100
 [[operators]]
 name = "count"
-plugin = "{}"
+plugin = "{plugin}"
 [sink]
 type = "null"
-"#,
-            plugin("wordcount")
-        ),
+"#
     )
-    .unwrap();
+}
+
+fn job_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, job_toml(&plugin("wordcount"))).unwrap();
     path
 }
 
-/// A job run with `--listen 127.0.0.1:0`; its address is read from stderr.
-struct Running {
-    child: Child,
-    addr: String,
+/// `memento run --listen` on the job of [`job_file`] in `dir`.
+fn running(dir: &Path, extra: &[&str]) -> Listening {
+    Listening::start(dir, &job_file(dir), extra)
 }
 
-impl Running {
-    fn start(dir: &Path, extra: &[&str]) -> Running {
-        let mut child = memento()
-            .arg("run")
-            .arg(job_file(dir))
-            .args(["--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.join("state"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("API on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the job printed its API address");
-        Running { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal HTTP/1.1 request; returns (status, body).
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
+fn http(job: &Listening, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let (status, text) = job.call(method, path, token, body);
+    Doc::get()
+        .check_response(method, path, status, &text)
+        .unwrap_or_else(|e| panic!("{method} {path}: {status} {text}\ndoes not match openapi.json: {e}"));
+    (status, text)
 }
 
 #[test]
 fn savepoint_trigger_over_http_waits_for_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let job = Running::start(dir.path(), &[]);
+    let job = running(dir.path(), &[]);
     let out = memento()
         .args(["savepoint", "trigger", "api", "--wait", "--url", &job.url()])
         .output()
@@ -138,15 +74,15 @@ fn savepoint_trigger_over_http_waits_for_the_snapshot() {
 #[test]
 fn request_status_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let job = Running::start(dir.path(), &[]);
-    let (status, body) = http(&job.addr, "POST", "/v1/jobs/api/savepoints", None, "");
+    let job = running(dir.path(), &[]);
+    let (status, body) = http(&job, "POST", "/v1/jobs/api/savepoints", None, "");
     assert_eq!(status, 202, "{body}");
     let request: serde_json::Value = serde_json::from_str(&body).unwrap();
     let request = request["request_id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, body) = http(
-            &job.addr,
+            &job,
             "GET",
             &format!("/v1/jobs/api/savepoints/{request}"),
             None,
@@ -163,27 +99,27 @@ fn request_status_and_errors() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Unknown job, unknown request, malformed id, bad JSON: 4xx with a reason.
-    let (status, body) = http(&job.addr, "POST", "/v1/jobs/other/savepoints", None, "");
+    let (status, body) = http(&job, "POST", "/v1/jobs/other/savepoints", None, "");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("\"error\":\"not_found\""), "{body}");
-    let (status, _) = http(&job.addr, "GET", "/v1/jobs/api/savepoints/999", None, "");
+    let (status, _) = http(&job, "GET", "/v1/jobs/api/savepoints/999", None, "");
     assert_eq!(status, 404);
-    let (status, body) = http(&job.addr, "GET", "/v1/jobs/api/savepoints/x%2F..", None, "");
+    let (status, body) = http(&job, "GET", "/v1/jobs/api/savepoints/x%2F..", None, "");
     assert_eq!(status, 400, "{body}");
-    let (status, body) = http(&job.addr, "POST", "/v1/jobs/api/savepoints", None, "{not json");
+    let (status, body) = http(&job, "POST", "/v1/jobs/api/savepoints", None, "{not json");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("invalid JSON body"), "{body}");
-    let (status, body) = http(&job.addr, "GET", "/healthz", None, "");
+    let (status, body) = http(&job, "GET", "/healthz", None, "");
     assert_eq!((status, body.trim()), (200, "ok"));
     // What a single job's API does not serve is a JSON error too.
-    let (status, body) = http(&job.addr, "GET", "/v1/snapshots", None, "");
+    let (status, body) = http(&job, "GET", "/v1/snapshots", None, "");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("memento run --listen"), "{body}");
-    let (status, body) = http(&job.addr, "DELETE", "/v1/jobs/api", None, "");
+    let (status, body) = http(&job, "DELETE", "/v1/jobs/api", None, "");
     assert_eq!(status, 405, "{body}");
     assert!(body.contains("\"error\":\"method_not_allowed\""), "{body}");
     // The job and its checkpoints, as `memento serve` shapes them.
-    let (status, body) = http(&job.addr, "GET", "/v1/jobs/api", None, "");
+    let (status, body) = http(&job, "GET", "/v1/jobs/api", None, "");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -191,7 +127,7 @@ fn request_status_and_errors() {
         (Some("api"), Some("running")),
         "{body}"
     );
-    let (status, body) = http(&job.addr, "GET", "/v1/jobs/api/checkpoints", None, "");
+    let (status, body) = http(&job, "GET", "/v1/jobs/api/checkpoints", None, "");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(v["counts"]["completed"].as_u64().unwrap() >= 1, "{body}");
@@ -200,7 +136,7 @@ fn request_status_and_errors() {
 #[test]
 fn stop_over_http_ends_the_run_with_a_savepoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut job = Running::start(dir.path(), &["--json"]);
+    let mut job = running(dir.path(), &["--json"]);
     // `memento stop --wait` gets the final savepoint's id although the job
     // (and its API) ends with the stop: the API stays up until it is read.
     let out = memento()
@@ -226,12 +162,12 @@ fn stop_over_http_ends_the_run_with_a_savepoint() {
 #[test]
 fn token_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
-    let job = Running::start(dir.path(), &["--token", "s3cret"]);
-    let (status, body) = http(&job.addr, "POST", "/v1/jobs/api/savepoints", None, "");
+    let job = running(dir.path(), &["--token", "s3cret"]);
+    let (status, body) = http(&job, "POST", "/v1/jobs/api/savepoints", None, "");
     assert_eq!(status, 401, "{body}");
-    let (status, _) = http(&job.addr, "POST", "/v1/jobs/api/savepoints", Some("wrong"), "");
+    let (status, _) = http(&job, "POST", "/v1/jobs/api/savepoints", Some("wrong"), "");
     assert_eq!(status, 401);
-    let (status, _) = http(&job.addr, "POST", "/v1/jobs/api/checkpoints", Some("s3cret"), "");
+    let (status, _) = http(&job, "POST", "/v1/jobs/api/checkpoints", Some("s3cret"), "");
     assert_eq!(status, 202);
     let out = memento()
         .args([
@@ -279,4 +215,198 @@ fn trigger_without_a_running_job_is_a_clear_error() {
         err.contains("cannot reach the job at http://127.0.0.1:9"),
         "{err}"
     );
+}
+
+/// The shape of a JSON value: objects by their keys (recursively), arrays
+/// by their first element, scalars by their kind.
+fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().take(1).map(shape).collect()),
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => Value::Null,
+    }
+}
+
+/// `memento run --listen` and `memento serve` answer the job routes alike:
+/// the same job (same name, same tenant `default`, same token) on both, the
+/// same requests, the same status, error code and body shape, and every
+/// body as `openapi.json` documents it. Covers the drifts the two servers
+/// once had: unknown fields in a trigger body, the bearer token's
+/// whitespace and scheme case, the shape of `GET /v1/jobs/{job}`.
+#[test]
+fn both_servers_answer_the_job_routes_alike() {
+    const TOKEN: &str = "tok-of-default";
+    let dir = tempfile::tempdir().unwrap();
+    let single = running(dir.path(), &["--token", TOKEN]);
+    let serve = Serve::start(&format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[[tenants]]\nname = \"default\"\ntoken_blake3 = \"{}\"\n",
+        hash_token(TOKEN)
+    ));
+    let body = json!({ "job": job_toml("wordcount.wasm"), "plugins": { "wordcount.wasm": plugin_b64("wordcount") } });
+    serve.json("POST", "/v1/jobs", Some(TOKEN), &body.to_string(), 201);
+    let servers = [
+        ("run --listen", single.addr.clone()),
+        ("serve", serve.addr.clone()),
+    ];
+    // Both running, with a completed savepoint each: request 1.
+    for (name, addr) in &servers {
+        let (status, text) = request(
+            addr,
+            "POST",
+            "/v1/jobs/api/savepoints",
+            Some(&format!("Bearer {TOKEN}")),
+            "",
+        );
+        assert_eq!(status, 202, "{name}: {text}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, text) = request(
+                addr,
+                "GET",
+                "/v1/jobs/api/savepoints/1",
+                Some(&format!("Bearer {TOKEN}")),
+                "",
+            );
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["status"] == "completed" {
+                break;
+            }
+            assert_eq!(v["status"], "in_progress", "{name}: {text}");
+            assert!(Instant::now() < deadline, "{name}: savepoint never completed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    let padded = format!("bearer   {TOKEN}  ");
+    let ok = Some(bearer.as_str());
+    // (method, path, Authorization, body, status, error code)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("GET", "/v1/jobs", ok, "", 200, ""),
+        ("GET", "/v1/jobs?tenant=default", ok, "", 200, ""),
+        ("GET", "/v1/jobs?tenant=other", ok, "", 404, "not_found"),
+        ("GET", "/v1/jobs/api", ok, "", 200, ""),
+        ("GET", "/v1/jobs/api", Some(padded.as_str()), "", 200, ""),
+        ("GET", "/v1/jobs/api", None, "", 401, "unauthorized"),
+        (
+            "GET",
+            "/v1/jobs/api",
+            Some("Bearer wrong"),
+            "",
+            401,
+            "unauthorized",
+        ),
+        ("GET", "/v1/jobs/api", Some("Bearer "), "", 401, "unauthorized"),
+        ("GET", "/v1/jobs/api", Some(TOKEN), "", 401, "unauthorized"),
+        ("GET", "/v1/jobs/nope", ok, "", 404, "not_found"),
+        ("GET", "/v1/jobs/..%2Fx", ok, "", 400, "bad_request"),
+        ("GET", "/v1/jobs/api?tenant=other", ok, "", 404, "not_found"),
+        ("GET", "/v1/jobs/api/checkpoints", ok, "", 200, ""),
+        ("GET", "/v1/jobs/api/checkpoints/config", ok, "", 200, ""),
+        ("GET", "/v1/jobs/api/checkpoints/{n}", ok, "", 200, ""),
+        ("GET", "/v1/jobs/api/checkpoints/abc", ok, "", 400, "bad_request"),
+        ("GET", "/v1/jobs/api/checkpoints/99999", ok, "", 404, "not_found"),
+        ("GET", "/v1/jobs/api/checkpoints/requests/1", ok, "", 200, ""),
+        (
+            "GET",
+            "/v1/jobs/api/checkpoints/requests/77",
+            ok,
+            "",
+            404,
+            "not_found",
+        ),
+        ("GET", "/v1/jobs/api/savepoints/1", ok, "", 200, ""),
+        ("GET", "/v1/jobs/api/savepoints/abc", ok, "", 400, "bad_request"),
+        (
+            "POST",
+            "/v1/jobs/api/savepoints",
+            ok,
+            "{\"format\": \"canonical\"}",
+            202,
+            "",
+        ),
+        (
+            "POST",
+            "/v1/jobs/api/savepoints",
+            ok,
+            "{\"colour\": 1}",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs/api/savepoints",
+            ok,
+            "{\"format\": \"zip\"}",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs/api/savepoints",
+            ok,
+            "{not json",
+            400,
+            "bad_request",
+        ),
+        ("POST", "/v1/jobs/api/checkpoints", ok, "", 202, ""),
+        ("POST", "/v1/jobs/nope/checkpoints", ok, "", 404, "not_found"),
+        ("DELETE", "/v1/jobs/api", ok, "", 405, "method_not_allowed"),
+        ("POST", "/v1/jobs/api/cancel", ok, "", 202, ""),
+    ];
+    // `{n}`: the number of the savepoint in each server's history.
+    let numbers: Vec<String> = servers
+        .iter()
+        .map(|(_, addr)| {
+            let (_, text) = request(addr, "GET", "/v1/jobs/api/checkpoints", ok, "");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            v["history"][0]["number"].to_string()
+        })
+        .collect();
+    for (method, path, auth, body, want, code) in &cases {
+        let answers: Vec<(u16, Value)> = servers
+            .iter()
+            .zip(&numbers)
+            .map(|((name, addr), n)| {
+                let path = &path.replace("{n}", n);
+                let (status, text) = request(addr, method, path, *auth, body);
+                assert_eq!(status, *want, "{name}: {method} {path} ({auth:?}): {text}");
+                Doc::get()
+                    .check_response(method, path, status, &text)
+                    .unwrap_or_else(|e| {
+                        panic!("{name}: {method} {path}: {text}\ndoes not match openapi.json: {e}")
+                    });
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if !code.is_empty() {
+                    assert_eq!(v["error"], *code, "{name}: {method} {path}: {text}");
+                }
+                (status, v)
+            })
+            .collect();
+        assert_eq!(
+            shape(&answers[0].1),
+            shape(&answers[1].1),
+            "{method} {path}: run --listen answered {}, serve {}",
+            answers[0].1,
+            answers[1].1
+        );
+    }
+    // Cancelled on both: the job ends, a second cancel is a conflict.
+    for (name, addr) in &servers {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, text) = request(addr, "POST", "/v1/jobs/api/cancel", ok, "");
+            if status == 409 {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["error"], "conflict", "{name}: {text}");
+                break;
+            }
+            assert_eq!(status, 202, "{name}: {text}");
+            assert!(Instant::now() < deadline, "{name}: the job never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -7,13 +7,14 @@
 //! runs them with `--ignored`. Asked for without a browser, they fail and
 //! say how to install it.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use memento::spec::host_config::hash_token;
+use common::{Serve, endless_job, hash_token};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "dashboard-token";
@@ -51,100 +52,35 @@ const BROWSER_ARGS: &[&str] = &[
 ];
 
 /// `memento serve` with one tenant running the slow job `clicks`.
-struct Served {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
+struct Served(Serve);
 
 impl Served {
     fn start() -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("host.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[[tenants]]\nname = \"t\"\ntoken_blake3 = \"{}\"\n",
-                hash_token(TOKEN)
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memento"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("API on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("memento serve started");
-        let served = Served {
-            child,
-            addr,
-            _dir: dir,
-        };
-        let plugin = Path::new(memento_plugins::DIR).join("wordcount.wasm");
-        let body = json!({
-            "job": "name = \"clicks\"\n[source]\ntype = \"generator\"\nrate = 2000\nbatch = 100\n\
-                    [[operators]]\nname = \"count\"\nplugin = \"wordcount.wasm\"\n[sink]\ntype = \"null\"\n\
-                    [checkpoints]\ninterval = \"500ms\"\n",
-            "plugins": { "wordcount.wasm": base64::engine::general_purpose::STANDARD.encode(std::fs::read(plugin).unwrap()) },
-        });
-        let (status, text) = served.call("POST", "/v1/jobs", Some(body));
-        assert_eq!(status, 201, "{text}");
+        let served = Served(Serve::start(&format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[[tenants]]\nname = \"t\"\ntoken_blake3 = \"{}\"\n",
+            hash_token(TOKEN)
+        )));
+        served.0.submit(
+            TOKEN,
+            &endless_job("clicks", "[checkpoints]\ninterval = \"500ms\""),
+        );
         served
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let url = self.url(path);
-        let auth = format!("Bearer {TOKEN}");
-        let mut r = match (method, body) {
-            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-            ("POST", None) => agent.post(&url).header("Authorization", &auth).send_empty(),
-            _ => agent.get(&url).header("Authorization", &auth).call(),
-        }
-        .unwrap();
-        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+        format!("{}{path}", self.0.url())
     }
 
     /// Trigger a savepoint over the API and wait for its id.
     fn savepoint(&self) -> String {
-        let (status, text) = self.call("POST", "/v1/jobs/clicks/savepoints", None);
-        assert_eq!(status, 202, "{text}");
-        let request: Value = serde_json::from_str(&text).unwrap();
-        let path = format!(
-            "/v1/jobs/clicks/savepoints/{}",
-            request["request_id"].as_str().unwrap()
-        );
-        wait("the savepoint", || {
-            let v: Value = serde_json::from_str(&self.call("GET", &path, None).1).unwrap();
-            v["snapshot"].as_str().map(str::to_string)
-        })
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let r = self
+            .0
+            .json("POST", "/v1/jobs/clicks/savepoints", Some(TOKEN), "", 202);
+        let done = self
+            .0
+            .wait_request(TOKEN, "clicks", r["request_id"].as_str().unwrap());
+        assert_eq!(done["status"], "completed", "{done}");
+        done["snapshot"].as_str().unwrap().to_string()
     }
 }
 

@@ -5,17 +5,15 @@
 //! percentiles (see docs/PERFORMANCE.md, "Service under load"):
 //!
 //! ```sh
-//! cargo test -p memento --test load -- --nocapture
+//! cargo test -p memento-cli --test load -- --nocapture
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use memento::spec::host_config::hash_token;
+use common::{Serve, hash_token, plugin_b64};
 use serde_json::{Value, json};
 
 const TENANTS: [(&str, &str); 2] = [("a", "token-of-a"), ("b", "token-of-b")];
@@ -26,67 +24,16 @@ const REQUESTS: usize = 1000;
 /// a second after the start, and one may be in flight when counted.
 const SLACK: u64 = 2;
 
-struct Served {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Served {
-    fn start() -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("host.toml");
-        let mut toml = "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n".to_string();
-        for (name, token) in TENANTS {
-            toml += &format!(
-                "[[tenants]]\nname = \"{name}\"\ntoken_blake3 = \"{}\"\nmax_jobs = {JOBS_PER_TENANT}\n",
-                hash_token(token)
-            );
-        }
-        std::fs::write(&config, toml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memento"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env_remove("MEMENTO_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("API on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-                sink.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let Ok(addr) = rx.recv_timeout(Duration::from_secs(120)) else {
-            let _ = child.kill();
-            panic!("memento serve did not start:\n{}", log.lock().unwrap());
-        };
-        Served {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        }
+/// `memento serve` with the two tenants, each allowed its five jobs.
+fn serve() -> Serve {
+    let mut toml = "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n".to_string();
+    for (name, token) in TENANTS {
+        toml += &format!(
+            "[[tenants]]\nname = \"{name}\"\ntoken_blake3 = \"{}\"\nmax_jobs = {JOBS_PER_TENANT}\n",
+            hash_token(token)
+        );
     }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Serve::start(&toml)
 }
 
 fn new_agent() -> ureq::Agent {
@@ -213,10 +160,9 @@ fn ms(d: Duration) -> f64 {
 
 #[test]
 fn ten_jobs_with_1s_checkpoints_under_1000_concurrent_requests() {
-    let served = Served::start();
-    let base = format!("http://{}", served.addr);
-    let wasm = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(Path::new(memento_plugins::DIR).join("wordcount.wasm")).unwrap());
+    let served = serve();
+    let base = served.url();
+    let wasm = plugin_b64("wordcount");
     let agent = new_agent();
     let mut jobs = Vec::new();
     for (tenant, token) in TENANTS {

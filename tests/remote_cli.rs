@@ -4,141 +4,35 @@
 //! tenancy through the CLI), and a restarted `memento serve` resuming its
 //! jobs from the state directory with exactly-once output.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod common;
 
-use base64::Engine as _;
-use memento::spec::host_config::hash_token;
+use std::collections::BTreeMap;
+use std::process::Output;
+use std::time::Duration;
+
+use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, committed, memento, plugin_b64, two_tenants};
 use serde_json::{Value, json};
 
-const ADMIN: &str = "admin-token";
-const TOKEN_A: &str = "token-of-a";
-const TOKEN_B: &str = "token-of-b";
+/// A `memento serve` of tenants `a` and `b` and an admin, with what the
+/// CLI tests ask of it.
+struct Host(Serve);
 
-fn plugin_b64(name: &str) -> String {
-    let path = Path::new(memento_plugins::DIR).join(format!("{name}.wasm"));
-    base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+impl std::ops::Deref for Host {
+    type Target = Serve;
+    fn deref(&self) -> &Serve {
+        &self.0
+    }
 }
 
-/// A host config in a temporary directory and, while started, the
-/// `memento serve` process running it (restartable on the same state).
-struct Host {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    child: Option<Child>,
-    addr: String,
-    log: Arc<Mutex<String>>,
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut Serve {
+        &mut self.0
+    }
 }
 
 impl Host {
-    /// Tenants `a` and `b` and an admin, listening on 127.0.0.1:0.
     fn new() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("host.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"listen = "127.0.0.1:0"
-state_dir = "state"
-admin_token_blake3 = "{}"
-[[tenants]]
-name = "a"
-token_blake3 = "{}"
-[[tenants]]
-name = "b"
-token_blake3 = "{}"
-"#,
-                hash_token(ADMIN),
-                hash_token(TOKEN_A),
-                hash_token(TOKEN_B)
-            ),
-        )
-        .unwrap();
-        let mut host = Host {
-            dir,
-            config,
-            child: None,
-            addr: String::new(),
-            log: Arc::new(Mutex::new(String::new())),
-        };
-        host.start();
-        host
-    }
-
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "already started");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memento"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .env("MEMENTO_LOG", "warn,memento::service=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("API on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-                sink.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        self.child = Some(child);
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(addr) => self.addr = addr,
-            Err(_) => {
-                self.kill();
-                panic!("memento serve did not start:\n{}", self.log());
-            }
-        }
-    }
-
-    /// SIGTERM, and wait for the exit (serve cancels its jobs first).
-    fn terminate(&mut self) {
-        let mut child = self.child.take().expect("not started");
-        // SAFETY: signalling our own child process.
-        let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "serve exited with {status}:\n{}", self.log());
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve ignored SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: no shutdown at all, as in a crash.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
+        Host(Serve::start(&two_tenants("", "")))
     }
 
     /// `memento ARGS --host URL --token TOKEN`, with no MEMENTO_* variable
@@ -151,69 +45,44 @@ token_blake3 = "{}"
             .unwrap()
     }
 
-    /// A JSON API call that must succeed.
+    /// A JSON API call that must succeed (checked against openapi.json).
     fn api(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .new_agent();
-        let url = format!("{}{path}", self.url());
-        let auth = format!("Bearer {token}");
-        let mut resp = match (method, body) {
-            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
-            (_, Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-            (_, None) => agent.post(&url).header("Authorization", &auth).send_empty(),
-        }
-        .unwrap();
-        let status = resp.status();
-        let text = resp.body_mut().read_to_string().unwrap();
-        assert!(
-            status.is_success(),
-            "{method} {path}: {status}: {text}\nserver log:\n{}",
-            self.log()
-        );
-        serde_json::from_str(&text).unwrap()
+        let want = match (method, path) {
+            ("POST", "/v1/jobs") => 201,
+            ("POST", _) => 202,
+            _ => 200,
+        };
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.json(method, path, Some(token), &body, want)
     }
 
-    fn submit(&self, token: &str, toml: &str) -> Value {
+    fn submit_a(&self, toml: &str) -> Value {
         let body = json!({ "job": toml, "plugins": { "wordcount.wasm": plugin_b64("wordcount") } });
-        self.api("POST", "/v1/jobs", token, Some(body))
+        self.api("POST", "/v1/jobs", TOKEN_A, Some(body))
     }
 
     fn job(&self, name: &str) -> Value {
         self.api("GET", &format!("/v1/jobs/{name}"), TOKEN_A, None)
     }
 
-    fn wait(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !done() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\nserver log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn wait_long(&self, what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+        common::wait_for(what, timeout, || self.log(), done)
     }
 
     /// Wait until job `name` of tenant `a` runs restored from a snapshot;
     /// that snapshot's id.
     fn wait_restored(&self, name: &str) -> String {
         let mut id = String::new();
-        self.wait(
-            &format!("{name} to run restored"),
-            Duration::from_secs(60),
-            || {
-                let v = self.job(name);
-                match v["restored_from"].as_str() {
-                    Some(s) if v["state"] == "running" => {
-                        id = s.to_string();
-                        true
-                    }
-                    _ => false,
+        self.wait(&format!("{name} to run restored"), || {
+            let v = self.job(name);
+            match v["restored_from"].as_str() {
+                Some(s) if v["state"] == "running" => {
+                    id = s.to_string();
+                    true
                 }
-            },
-        );
+                _ => false,
+            }
+        });
         assert!(id.starts_with(&format!("{name}-")), "{id}");
         id
     }
@@ -221,32 +90,10 @@ token_blake3 = "{}"
     /// Wait until job `name` of tenant `a` has `n` completed checkpoints in
     /// this process.
     fn wait_checkpoints(&self, name: &str, n: u64) {
-        self.wait(
-            &format!("{n} checkpoints of {name}"),
-            Duration::from_secs(60),
-            || self.job(name)["counts"]["completed"].as_u64().unwrap_or(0) >= n,
-        );
+        self.wait(&format!("{n} checkpoints of {name}"), || {
+            self.job(name)["counts"]["completed"].as_u64().unwrap_or(0) >= n
+        });
     }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn memento() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memento"));
-    for var in [
-        "MEMENTO_HOST",
-        "MEMENTO_URL",
-        "MEMENTO_TOKEN",
-        "MEMENTO_STATE_DIR",
-        "MEMENTO_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
 }
 
 fn stdout(o: &Output) -> String {
@@ -301,7 +148,7 @@ interval = "300ms"
 #[test]
 fn every_command_against_a_running_host() {
     let host = Host::new();
-    host.submit(TOKEN_A, &endless("clicks"));
+    host.submit_a(&endless("clicks"));
     host.wait_checkpoints("clicks", 1);
 
     // jobs: a table with a header and the job; JSON as the API answers.
@@ -460,13 +307,13 @@ fn every_command_against_a_running_host() {
     );
 
     // cancel: a second job, cancelled, shows as cancelled.
-    host.submit(TOKEN_A, &endless("other"));
-    host.wait("other running", Duration::from_secs(60), || {
+    host.submit_a(&endless("other"));
+    host.wait_long("other running", Duration::from_secs(60), || {
         host.job("other")["state"] == "running"
     });
     let text = ok(host.cli(TOKEN_A, &["cancel", "other"]));
     assert_eq!(text.trim(), "cancelling job `other`");
-    host.wait("other cancelled", Duration::from_secs(60), || {
+    host.wait_long("other cancelled", Duration::from_secs(60), || {
         host.job("other")["state"] == "cancelled"
     });
     fails(
@@ -478,7 +325,7 @@ fn every_command_against_a_running_host() {
     let stopped = ok(host.cli(TOKEN_A, &["stop", "clicks", "--wait"]));
     let stopped = stopped.trim().to_string();
     assert!(stopped.starts_with("clicks-"), "{stopped}");
-    host.wait("clicks stopped", Duration::from_secs(60), || {
+    host.wait_long("clicks stopped", Duration::from_secs(60), || {
         host.job("clicks")["state"] == "stopped"
     });
     let v = ok_json(host.cli(TOKEN_A, &["jobs", "--json"]));
@@ -490,7 +337,7 @@ fn every_command_against_a_running_host() {
         .unwrap();
     assert_eq!(clicks["savepoint"], stopped.as_str(), "{v}");
     // stop without --wait on a fresh job: the request id.
-    host.submit(TOKEN_A, &endless("third"));
+    host.submit_a(&endless("third"));
     host.wait_checkpoints("third", 1);
     let v = ok_json(host.cli(TOKEN_A, &["stop", "third", "--json"]));
     assert!(v["request_id"].is_string(), "{v}");
@@ -534,24 +381,6 @@ fn an_unreachable_host_is_a_clear_error() {
     fails(o, &["cannot reach the job at http://127.0.0.1:9"]);
 }
 
-/// The committed lines of a file sink's directory, by key.
-fn committed(dir: &Path) -> std::collections::BTreeMap<String, Vec<u64>> {
-    let mut out = std::collections::BTreeMap::<String, Vec<u64>>::new();
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    names.sort();
-    for name in names {
-        for line in std::fs::read_to_string(dir.join(&name)).unwrap().lines() {
-            let (k, v) = line.split_once('\t').unwrap();
-            out.entry(k.into()).or_default().push(v.parse().unwrap());
-        }
-    }
-    out
-}
-
 /// Restarting `memento serve` resumes every job that was running, from its
 /// latest checkpoint: after a SIGTERM (serve cancels its jobs) and after a
 /// SIGKILL (no shutdown at all). A job cancelled by its tenant is not
@@ -581,11 +410,11 @@ path = "out"
 interval = "300ms"
 "#
     );
-    host.submit(TOKEN_A, &job);
-    host.submit(TOKEN_A, &endless("cancelled"));
+    host.submit_a(&job);
+    host.submit_a(&endless("cancelled"));
     host.wait_checkpoints("resumed", 2);
     ok(host.cli(TOKEN_A, &["cancel", "cancelled"]));
-    host.wait("cancelled to end", Duration::from_secs(60), || {
+    host.wait_long("cancelled to end", Duration::from_secs(60), || {
         host.job("cancelled")["state"] == "cancelled"
     });
     let records = host.state().join("service/jobs/a");
@@ -595,7 +424,7 @@ interval = "300ms"
     // SIGTERM: serve cancels the job, keeps its record; the next start
     // resumes it from its latest checkpoint.
     host.terminate();
-    host.start();
+    host.restart();
     let v = ok_json(host.cli(TOKEN_A, &["jobs", "--json"]));
     let jobs = v["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 1, "only the running job comes back: {v}");
@@ -605,7 +434,7 @@ interval = "300ms"
 
     // SIGKILL: nothing runs at exit; the record alone brings it back.
     host.kill();
-    host.start();
+    host.restart();
     let second = host.wait_restored("resumed");
     assert!(
         second > first,
@@ -614,7 +443,7 @@ interval = "300ms"
     let table = ok(host.cli(TOKEN_A, &["jobs"]));
     assert!(table.contains(&second), "{table}");
 
-    host.wait("resumed to finish", Duration::from_secs(120), || {
+    host.wait_long("resumed to finish", Duration::from_secs(120), || {
         let v = host.job("resumed");
         assert_ne!(v["state"], "failed", "{v}");
         v["state"] == "finished"
@@ -628,11 +457,11 @@ interval = "300ms"
     assert_eq!(total as u64, COUNT, "every record exactly once");
 
     // Finished for good: its record is gone and a restart starts nothing.
-    host.wait("the record removed", Duration::from_secs(10), || {
+    host.wait_long("the record removed", Duration::from_secs(10), || {
         !records.join("resumed.json").exists()
     });
     host.terminate();
-    host.start();
+    host.restart();
     let v = ok_json(host.cli(TOKEN_A, &["jobs", "--json"]));
     assert_eq!(v["jobs"], json!([]), "{v}");
 }

@@ -2,210 +2,19 @@
 //! real binary over real HTTP — submission, snapshots, tenancy on every
 //! endpoint, limits, bad input, metrics, the OpenAPI document.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::collections::BTreeSet;
 
 use base64::Engine as _;
-use memento::spec::host_config::hash_token;
+use common::openapi::Doc;
+use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, endless_job, plugin, plugin_b64, raw, two_tenants};
 use serde_json::{Value, json};
 
-const ADMIN: &str = "admin-token";
-const TOKEN_A: &str = "token-of-a";
-const TOKEN_B: &str = "token-of-b";
-
-fn plugin_path(name: &str) -> PathBuf {
-    Path::new(memento_plugins::DIR).join(format!("{name}.wasm"))
-}
-
-fn plugin_b64(name: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(std::fs::read(plugin_path(name)).unwrap())
-}
-
-/// A `memento serve` process on 127.0.0.1:0 with tenants `a` and `b` and an
-/// admin; `extra` is appended to HOST.toml (more tenant keys for `b`, jobs).
-struct Served {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Served {
-    fn start(tenant_a: &str, extra: &str) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("host.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"listen = "127.0.0.1:0"
-state_dir = "state"
-max_upload = "1MiB"
-admin_token_blake3 = "{}"
-[[tenants]]
-name = "a"
-token_blake3 = "{}"
-{tenant_a}
-[[tenants]]
-name = "b"
-token_blake3 = "{}"
-{extra}
-"#,
-                hash_token(ADMIN),
-                hash_token(TOKEN_A),
-                hash_token(TOKEN_B)
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memento"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env_remove("MEMENTO_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("API on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-                sink.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
-                panic!("memento serve did not start:\n{}", log.lock().unwrap());
-            }
-        };
-        Served {
-            child,
-            addr,
-            _dir: dir,
-            stderr: log,
-        }
-    }
-
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-        http(&self.addr, method, path, token, body)
-    }
-
-    /// A JSON call that must answer `want`.
-    fn json(&self, method: &str, path: &str, token: Option<&str>, body: &str, want: u16) -> Value {
-        let (status, text) = self.call(method, path, token, body);
-        assert_eq!(
-            status,
-            want,
-            "{method} {path}: {text}\nserver log:\n{}",
-            self.stderr.lock().unwrap()
-        );
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    /// Submit the slow job `name` as `token`; must answer 201.
-    fn submit(&self, token: &str, name: &str, extra_toml: &str) -> Value {
-        let body = json!({ "job": job_toml(name, extra_toml), "plugins": { "wordcount.wasm": plugin_b64("wordcount") } });
-        self.json("POST", "/v1/jobs", Some(token), &body.to_string(), 201)
-    }
-
-    fn wait_running(&self, token: &str, job: &str) {
-        self.wait(&format!("job {job} running"), || {
-            self.json("GET", &format!("/v1/jobs/{job}"), Some(token), "", 200)["state"] == "running"
-        });
-    }
-
-    /// Poll trigger request `request` of `job` until it is no longer in
-    /// progress; returns its final status.
-    fn wait_request(&self, token: &str, job: &str, request: &str) -> Value {
-        let mut last = Value::Null;
-        self.wait(&format!("request {request} of {job}"), || {
-            last = self.json(
-                "GET",
-                &format!("/v1/jobs/{job}/savepoints/{request}"),
-                Some(token),
-                "",
-                200,
-            );
-            last["status"] != "in_progress"
-        });
-        last
-    }
-
-    fn wait(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !done() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\nserver log:\n{}",
-                self.stderr.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An unbounded, rate-limited job: it runs until stopped.
-fn job_toml(name: &str, extra: &str) -> String {
-    format!(
-        r#"name = "{name}"
-[source]
-type = "generator"
-rate = 2000
-batch = 100
-[[operators]]
-name = "count"
-plugin = "wordcount.wasm"
-[sink]
-type = "null"
-{extra}
-"#
-    )
-}
-
-/// A minimal HTTP/1.1 request; returns (status, body).
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    raw(addr, request.as_bytes())
-}
-
-fn raw(addr: &str, request: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(request).unwrap();
-    let mut response = Vec::new();
-    // The server may close after answering without reading all of a body.
-    let _ = s.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
+/// The value of the series `name{labels}` in a Prometheus text answer.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Tenancy on every endpoint: a job and savepoint of tenant `a` are
@@ -214,13 +23,12 @@ fn raw(addr: &str, request: &[u8]) -> (u16, String) {
 /// `?tenant=`; then `a` uses every endpoint for real, ending with stop.
 #[test]
 fn tenants_see_only_their_own_jobs_and_snapshots_on_every_endpoint() {
-    let s = Served::start("", "");
+    let s = Serve::start(&two_tenants("", ""));
     let a = Some(TOKEN_A);
     let b = Some(TOKEN_B);
     s.submit(
         TOKEN_A,
-        "clicks",
-        "[checkpoints]\ninterval = \"300ms\"\nretained = 2",
+        &endless_job("clicks", "[checkpoints]\ninterval = \"300ms\"\nretained = 2"),
     );
     s.wait_running(TOKEN_A, "clicks");
 
@@ -292,10 +100,9 @@ fn tenants_see_only_their_own_jobs_and_snapshots_on_every_endpoint() {
         ("GET", "/metrics".to_string(), ""),
     ]);
     for (method, path, body) in &all {
-        for token in [None, Some("wrong"), Some("")] {
-            let (status, text) = s.call(method, path, token, body);
-            assert_eq!(status, 401, "{method} {path} with {token:?}: {text}");
-            assert!(text.contains("\"unauthorized\""), "{text}");
+        for token in [None, Some("wrong"), Some(""), Some("token-of-a-")] {
+            let v = s.json(method, path, token, body, 401);
+            assert_eq!(v["error"], "unauthorized", "{method} {path} with {token:?}: {v}");
         }
     }
 
@@ -356,9 +163,22 @@ fn tenants_see_only_their_own_jobs_and_snapshots_on_every_endpoint() {
         metrics_a.contains("memento_job_records_in_total{tenant=\"a\",job=\"clicks\"}"),
         "{metrics_a}"
     );
-    assert!(
-        metrics_a.contains("memento_snapshot_duration_ms{tenant=\"a\",job=\"clicks\",quantile=\"0.99\"}")
-    );
+    // Quantiles in seconds, typed; no quota series for a tenant without one.
+    let p99 = metric(
+        &metrics_a,
+        "memento_snapshot_duration_seconds{tenant=\"a\",job=\"clicks\",quantile=\"0.99\"}",
+    )
+    .expect("a duration p99 once snapshots completed");
+    assert!(p99 > 0.0 && p99 < 60.0, "seconds, not ms: {p99}");
+    for line in [
+        "# TYPE memento_snapshot_duration_seconds gauge",
+        "# TYPE memento_snapshots_completed_total counter",
+        "# TYPE memento_tenant_storage_bytes gauge",
+    ] {
+        assert!(metrics_a.lines().any(|l| l == line), "{line}:\n{metrics_a}");
+    }
+    assert!(!metrics_a.contains("memento_tenant_quota_bytes{"), "{metrics_a}");
+    assert!(metric(&metrics_a, "memento_tenant_storage_bytes{tenant=\"a\"}").unwrap() > 0.0);
     // Dispose of the savepoint: gone from the list, a second dispose is 404.
     let v = s.json("DELETE", &format!("/v1/snapshots/{savepoint}"), a, "", 200);
     assert_eq!(v["disposed"], savepoint);
@@ -377,7 +197,7 @@ fn tenants_see_only_their_own_jobs_and_snapshots_on_every_endpoint() {
     assert_eq!(v["error"], "conflict");
     // It can be resubmitted under the same name, resuming from its savepoint.
     let body = json!({
-        "job": job_toml("clicks", ""),
+        "job": endless_job("clicks", ""),
         "plugins": { "wordcount.wasm": plugin_b64("wordcount") },
         "from": stopped["snapshot"],
     });
@@ -399,10 +219,10 @@ fn tenants_see_only_their_own_jobs_and_snapshots_on_every_endpoint() {
 /// fails snapshots with "quota exceeded".
 #[test]
 fn limits_and_bad_requests_answer_4xx_with_the_reason() {
-    let s = Served::start(
+    let s = Serve::start(&two_tenants(
         "max_jobs = 1\nmemory = \"64MiB\"\ncall_timeout = \"2s\"",
         "quota = 1",
-    );
+    ));
     let a = Some(TOKEN_A);
     let wasm = plugin_b64("wordcount");
     let submit = |job: &str, plugins: Value| json!({ "job": job, "plugins": plugins }).to_string();
@@ -429,26 +249,26 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
         "missing field",
     );
     expect(
-        submit(&job_toml("x", "[limits]\nspeed = 1"), plugins.clone()),
+        submit(&endless_job("x", "[limits]\nspeed = 1"), plugins.clone()),
         400,
         "invalid_job",
         "unknown field `speed`",
     );
     expect(
-        submit(&job_toml("x", ""), json!({})),
+        submit(&endless_job("x", ""), json!({})),
         400,
         "invalid_job",
         "\"wordcount.wasm\" was not uploaded",
     );
     expect(
-        submit(&job_toml("x", ""), json!({ "wordcount.wasm": "!!!" })),
+        submit(&endless_job("x", ""), json!({ "wordcount.wasm": "!!!" })),
         400,
         "bad_request",
         "invalid base64",
     );
     let garbage = base64::engine::general_purpose::STANDARD.encode(b"\0asm but not really");
     expect(
-        submit(&job_toml("x", ""), json!({ "wordcount.wasm": garbage })),
+        submit(&endless_job("x", ""), json!({ "wordcount.wasm": garbage })),
         400,
         "invalid_plugin",
         // Named as uploaded, not by the host's path for it.
@@ -456,21 +276,22 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
     );
     expect(
         submit(
-            &job_toml("x", "").replace("plugin = \"wordcount.wasm\"", "plugin = \"../wordcount.wasm\""),
+            &endless_job("x", "").replace("plugin = \"wordcount.wasm\"", "plugin = \"../wordcount.wasm\""),
             plugins.clone(),
         ),
         400,
         "invalid_job",
         "operators[0].plugin",
     );
-    let file_sink = job_toml("x", "").replace("type = \"null\"", "type = \"file\"\npath = \"../../escape\"");
+    let file_sink =
+        endless_job("x", "").replace("type = \"null\"", "type = \"file\"\npath = \"../../escape\"");
     expect(
         submit(&file_sink, plugins.clone()),
         400,
         "invalid_job",
         "sink.path",
     );
-    let abs_source = job_toml("x", "").replace(
+    let abs_source = endless_job("x", "").replace(
         "type = \"generator\"\nrate = 2000\nbatch = 100",
         "type = \"file\"\npath = \"/etc/passwd\"",
     );
@@ -480,24 +301,30 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
         "invalid_job",
         "source.path",
     );
-    let stdout = job_toml("x", "").replace("type = \"null\"", "type = \"stdout\"");
+    let stdout = endless_job("x", "").replace("type = \"null\"", "type = \"stdout\"");
     expect(submit(&stdout, plugins.clone()), 400, "invalid_job", "stdout");
     expect(
-        submit(&job_toml("x", "[limits]\nmemory = \"128MiB\""), plugins.clone()),
+        submit(
+            &endless_job("x", "[limits]\nmemory = \"128MiB\""),
+            plugins.clone(),
+        ),
         400,
         "limit_exceeded",
         "limits.memory",
     );
     expect(
-        submit(&job_toml("x", "[limits]\ncall_timeout = \"1m\""), plugins.clone()),
+        submit(
+            &endless_job("x", "[limits]\ncall_timeout = \"1m\""),
+            plugins.clone(),
+        ),
         400,
         "limit_exceeded",
         "limits.call_timeout",
     );
     let from_missing =
-        json!({ "job": job_toml("x", ""), "plugins": plugins, "from": "x-000009" }).to_string();
+        json!({ "job": endless_job("x", ""), "plugins": plugins, "from": "x-000009" }).to_string();
     expect(from_missing, 404, "not_found", "x-000009");
-    let from_bad = json!({ "job": job_toml("x", ""), "plugins": plugins, "from": "../x" }).to_string();
+    let from_bad = json!({ "job": endless_job("x", ""), "plugins": plugins, "from": "../x" }).to_string();
     expect(from_bad, 400, "bad_request", "from:");
 
     // An oversize upload is refused with the limit, before being read.
@@ -510,18 +337,18 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
     assert!(text.contains("1048576 bytes (max_upload)"), "{text}");
 
     // Defaults above the caps are lowered to them.
-    let v = s.submit(TOKEN_A, "first", "");
+    let v = s.submit(TOKEN_A, &endless_job("first", ""));
     assert_eq!(v["limits"]["memory"], 64 << 20, "{v}");
     assert_eq!(v["limits"]["call_timeout_ms"], 2000, "{v}");
     // The same name again while it runs: 409. Another job: a runs 1 at most.
     expect(
-        submit(&job_toml("first", ""), plugins.clone()),
+        submit(&endless_job("first", ""), plugins.clone()),
         409,
         "conflict",
         "already running",
     );
     expect(
-        submit(&job_toml("second", ""), plugins.clone()),
+        submit(&endless_job("second", ""), plugins.clone()),
         429,
         "too_many_jobs",
         "max_jobs",
@@ -561,7 +388,10 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
     assert_eq!(got, 405, "{text}");
 
     // b's quota (1 byte) is smaller than any snapshot: it fails, and says why.
-    s.submit(TOKEN_B, "tiny", "[checkpoints]\ntolerable_failures = 100");
+    s.submit(
+        TOKEN_B,
+        &endless_job("tiny", "[checkpoints]\ntolerable_failures = 100"),
+    );
     s.wait_running(TOKEN_B, "tiny");
     let r = s.json("POST", "/v1/jobs/tiny/savepoints", Some(TOKEN_B), "", 202);
     let failed = s.wait_request(TOKEN_B, "tiny", r["request_id"].as_str().unwrap());
@@ -578,11 +408,26 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
             .contains("quota"),
         "{cps}"
     );
+    // Nothing completed: no quantiles at all (not zeros); the failure counts.
+    let (status, metrics_b) = s.call("GET", "/metrics", Some(TOKEN_B), "");
+    assert_eq!(status, 200);
     assert!(
-        !s.stderr.lock().unwrap().contains("panicked"),
-        "{}",
-        s.stderr.lock().unwrap()
+        !metrics_b.contains("memento_snapshot_duration_seconds{"),
+        "{metrics_b}"
     );
+    assert!(
+        metric(
+            &metrics_b,
+            "memento_snapshots_failed_total{tenant=\"b\",job=\"tiny\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        metric(&metrics_b, "memento_tenant_quota_bytes{tenant=\"b\"}"),
+        Some(1.0)
+    );
+    assert!(!s.log().contains("panicked"), "{}", s.log());
 }
 
 /// Boot jobs from HOST.toml start with the host; `/healthz` answers without
@@ -595,14 +440,14 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
     let job = dir.path().join("boot.toml");
     std::fs::write(
         &job,
-        job_toml("boot", "[checkpoints]\ninterval = \"200ms\"")
-            .replace("wordcount.wasm", &plugin_path("wordcount").display().to_string()),
+        endless_job("boot", "[checkpoints]\ninterval = \"200ms\"")
+            .replace("wordcount.wasm", &plugin("wordcount")),
     )
     .unwrap();
-    let s = Served::start(
+    let s = Serve::start(&two_tenants(
         "",
         &format!("[[jobs]]\ntenant = \"a\"\nfile = \"{}\"\n", job.display()),
-    );
+    ));
     assert_eq!(s.call("GET", "/healthz", None, ""), (200, "ok\n".to_string()));
     s.wait_running(TOKEN_A, "boot");
     s.wait("a periodic checkpoint", || {
@@ -650,29 +495,171 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
             "dangling $ref {name}"
         );
     }
-    // Every route is really served: with the admin's token and sample
-    // parameters, no answer is the router's fallback (404 "no such
-    // endpoint" / 405).
-    for (method, path) in &routed {
-        if method == "post" && (path.ends_with("/stop") || path.ends_with("/cancel")) {
-            continue; // would end the job; covered by the tenancy test
-        }
-        let concrete = path
-            .replace("{job}", "boot")
-            .replace("{number}", "1")
-            .replace("{request}", "1")
-            .replace("{id}", "boot-000999");
-        let sep = if concrete.contains('?') { '&' } else { '?' };
-        let (status, text) = s.call(
-            &method.to_uppercase(),
-            &format!("{concrete}{sep}tenant=a"),
-            Some(ADMIN),
+
+    // Every route really answers, with a body that matches its documented
+    // schema: a savepoint and a checkpoint first, so that every route has
+    // something to show; the admin acts with ?tenant=a. Stop and cancel
+    // come last (they end the job); cancel after stop is a 409.
+    let a = Some(TOKEN_A);
+    let r = s.json("POST", "/v1/jobs/boot/savepoints", a, "", 202);
+    let request = r["request_id"].as_str().unwrap().to_string();
+    let savepoint = s.wait_request(TOKEN_A, "boot", &request)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cps = s.json("GET", "/v1/jobs/boot/checkpoints", a, "", 200);
+    let number = cps["history"][0]["number"].as_u64().unwrap().to_string();
+    let submit =
+        json!({ "job": endless_job("fresh", ""), "plugins": { "wordcount.wasm": plugin_b64("wordcount") } })
+            .to_string();
+    let mut exercised = BTreeSet::new();
+    let cases: Vec<(&str, &str, String, &str, u16)> = vec![
+        ("get", "/", "/".into(), "", 200),
+        ("get", "/healthz", "/healthz".into(), "", 200),
+        ("get", "/metrics", "/metrics".into(), "", 200),
+        ("get", "/v1/openapi.json", "/v1/openapi.json".into(), "", 200),
+        ("get", "/v1/jobs", "/v1/jobs".into(), "", 200),
+        ("post", "/v1/jobs", "/v1/jobs".into(), &submit, 201),
+        ("get", "/v1/jobs/{job}", "/v1/jobs/boot".into(), "", 200),
+        (
+            "get",
+            "/v1/jobs/{job}/checkpoints",
+            "/v1/jobs/boot/checkpoints".into(),
             "",
-        );
-        assert!(
-            status != 405 && !text.contains("no such endpoint"),
-            "{method} {concrete}: {status} {text}"
-        );
-        assert!(status < 500, "{method} {concrete}: {status} {text}");
+            200,
+        ),
+        (
+            "post",
+            "/v1/jobs/{job}/checkpoints",
+            "/v1/jobs/boot/checkpoints".into(),
+            "",
+            202,
+        ),
+        (
+            "get",
+            "/v1/jobs/{job}/checkpoints/config",
+            "/v1/jobs/boot/checkpoints/config".into(),
+            "",
+            200,
+        ),
+        (
+            "get",
+            "/v1/jobs/{job}/checkpoints/{number}",
+            format!("/v1/jobs/boot/checkpoints/{number}"),
+            "",
+            200,
+        ),
+        (
+            "get",
+            "/v1/jobs/{job}/checkpoints/requests/{request}",
+            format!("/v1/jobs/boot/checkpoints/requests/{request}"),
+            "",
+            200,
+        ),
+        (
+            "post",
+            "/v1/jobs/{job}/savepoints",
+            "/v1/jobs/boot/savepoints".into(),
+            "{\"format\": \"native\"}",
+            202,
+        ),
+        (
+            "get",
+            "/v1/jobs/{job}/savepoints/{request}",
+            format!("/v1/jobs/boot/savepoints/{request}"),
+            "",
+            200,
+        ),
+        ("get", "/v1/snapshots", "/v1/snapshots".into(), "", 200),
+        (
+            "delete",
+            "/v1/snapshots/{id}",
+            format!("/v1/snapshots/{savepoint}"),
+            "",
+            200,
+        ),
+        (
+            "post",
+            "/v1/jobs/{job}/stop",
+            "/v1/jobs/boot/stop".into(),
+            "",
+            202,
+        ),
+        (
+            "post",
+            "/v1/jobs/{job}/cancel",
+            "/v1/jobs/boot/cancel".into(),
+            "",
+            409,
+        ),
+        (
+            "post",
+            "/v1/jobs/{job}/cancel",
+            "/v1/jobs/fresh/cancel".into(),
+            "",
+            202,
+        ),
+    ];
+    for (method, template, path, body, want) in &cases {
+        assert_eq!(Doc::get().template(method, path), Some(*template), "{path}");
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let path = format!("{path}{sep}tenant=a");
+        let (status, text) = s.call(&method.to_uppercase(), &path, Some(ADMIN), body);
+        assert_eq!(status, *want, "{method} {path}: {text}\nlog:\n{}", s.log());
+        Doc::get()
+            .check_response(method, &path, status, &text)
+            .unwrap_or_else(|e| panic!("{method} {path}: {text}\ndoes not match openapi.json: {e}"));
+        if *template == "/v1/jobs/{job}/stop" {
+            s.wait("boot stopped", || {
+                s.json("GET", "/v1/jobs/boot", a, "", 200)["state"] == "stopped"
+            });
+        }
+        exercised.insert((method.to_string(), template.to_string()));
     }
+    let unexercised: Vec<_> = routed.difference(&exercised).collect();
+    assert!(
+        unexercised.is_empty(),
+        "routes without a checked answer: {unexercised:?}"
+    );
+}
+
+/// The checker the tests above rely on refuses what does not match: a
+/// missing required field, an unknown one, a value outside an enum, a
+/// wrong type, a null that is not allowed, an undocumented status.
+#[test]
+fn the_openapi_checker_refuses_bodies_that_do_not_match() {
+    let doc = Doc::get();
+    let ok = json!({"request_id": "1"});
+    let job = Value::Object(serde_json::Map::new());
+    let check = |method: &str, path: &str, status: u16, body: &Value| {
+        doc.check_response(method, path, status, &body.to_string())
+    };
+    check("POST", "/v1/jobs/x/stop", 202, &ok).unwrap();
+    for (status, body, why) in [
+        (202, json!({}), "required field `request_id`"),
+        (202, json!({"request_id": "1", "extra": 1}), "not in the schema"),
+        (202, json!({"request_id": 1}), "expected string"),
+        (404, json!({"error": "not_found"}), "required field `message`"),
+        (418, ok.clone(), "not documented"),
+    ] {
+        let e = check("POST", "/v1/jobs/x/stop", status, &body).unwrap_err();
+        assert!(e.contains(why), "{e}");
+    }
+    let e = check("GET", "/v1/jobs/x", 200, &job).unwrap_err();
+    assert!(e.contains("required field"), "{e}");
+    let e = check("GET", "/v1/jobs/x/savepoints/1", 200, &json!({"status": "done"})).unwrap_err();
+    assert!(e.contains("is not one of"), "{e}");
+    let latest_null = json!({"completed": null, "savepoint": null, "failed": null, "restored": null});
+    let schema = &doc.value()["components"]["schemas"]["Checkpoints"]["properties"]["latest"];
+    doc.check(schema, &latest_null, "$").unwrap();
+    let e = doc
+        .check(
+            schema,
+            &json!({"completed": {"number": 1}, "savepoint": null, "failed": null, "restored": null}),
+            "$",
+        )
+        .unwrap_err();
+    assert!(e.contains("$.completed: required field"), "{e}");
+    let e = check("GET", "/v1/snapshots", 200, &json!({"snapshots": null})).unwrap_err();
+    assert!(e.contains("not nullable"), "{e}");
 }

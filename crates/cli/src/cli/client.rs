@@ -8,9 +8,14 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::store::human_bytes;
+use crate::api::views::{
+    CancelResponse, CheckpointsView, DisposeResponse, ErrorBody, JobsView, OutcomeView, RecordView, Stats,
+    TriggerResponse,
+};
 use memento::coordinator::RequestStatus;
 use memento::spec::SnapshotFormat;
 
@@ -86,19 +91,15 @@ impl Client {
 
     /// One request. `subject` names what is unreachable in that message
     /// ("the host", "the job"). A non-2xx answer becomes one line with the
-    /// method, URL, status and the server's message.
-    fn call(&self, method: Method, path: &str, subject: &str) -> anyhow::Result<Value> {
-        self.call_with(method, path, subject, None)
-    }
-
-    /// As `call`, with a JSON body for a POST.
-    fn call_with(
+    /// method, URL, status and the server's message; a 2xx answer is read
+    /// as `T`, and comes back with the JSON as the server sent it.
+    fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         subject: &str,
         body: Option<&Value>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<Answer<T>> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {
@@ -149,56 +150,60 @@ impl Client {
         if !status.is_success() {
             bail!("{m} {url}: {status}: {}", error_message(&body));
         }
-        if body.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&body).with_context(|| format!("{m} {url}: {status}: the answer is not JSON"))
+        let json: Value = serde_json::from_str(&body)
+            .with_context(|| format!("{m} {url}: {status}: the answer is not JSON"))?;
+        let value = T::deserialize(&json)
+            .with_context(|| format!("{m} {url}: {status}: unexpected answer {json}"))?;
+        Ok(Answer { value, json })
     }
 
-    /// `GET /v1/jobs`: `{"jobs": [...]}`.
-    pub fn jobs(&self) -> anyhow::Result<Value> {
-        self.call(Method::Get, "/v1/jobs", "the host")
+    /// `GET /v1/jobs`.
+    pub fn jobs(&self) -> anyhow::Result<Answer<JobsView>> {
+        self.call(Method::Get, "/v1/jobs", "the host", None)
     }
 
     /// `GET /v1/jobs/{job}/checkpoints`.
-    pub fn checkpoints(&self, job: &str) -> anyhow::Result<Value> {
+    pub fn checkpoints(&self, job: &str) -> anyhow::Result<Answer<CheckpointsView>> {
         self.call(
             Method::Get,
             &format!("/v1/jobs/{}/checkpoints", segment(job)),
             "the host",
+            None,
         )
     }
 
     /// `POST /v1/jobs/{job}/cancel`.
-    pub fn cancel(&self, job: &str) -> anyhow::Result<Value> {
+    pub fn cancel(&self, job: &str) -> anyhow::Result<Answer<CancelResponse>> {
         self.call(
             Method::Post,
             &format!("/v1/jobs/{}/cancel", segment(job)),
             "the job",
+            None,
         )
     }
 
     /// `POST /v1/jobs/{job}/stop`: the request id of the final savepoint.
     pub fn stop(&self, job: &str) -> anyhow::Result<String> {
-        let v = self.call(
+        let a: Answer<TriggerResponse> = self.call(
             Method::Post,
             &format!("/v1/jobs/{}/stop", segment(job)),
             "the job",
+            None,
         )?;
-        request_id(&v)
+        Ok(a.value.request_id)
     }
 
     /// `POST /v1/jobs/{job}/savepoints`, in `format` if given (else the
     /// job's savepoint format): the request id.
     pub fn trigger_savepoint(&self, job: &str, format: Option<SnapshotFormat>) -> anyhow::Result<String> {
         let body = format.map(|f| serde_json::json!({ "format": f }));
-        let v = self.call_with(
+        let a: Answer<TriggerResponse> = self.call(
             Method::Post,
             &format!("/v1/jobs/{}/savepoints", segment(job)),
             "the job",
             body.as_ref(),
         )?;
-        request_id(&v)
+        Ok(a.value.request_id)
     }
 
     /// Poll `GET /v1/jobs/{job}/savepoints/{request}` until the savepoint
@@ -207,10 +212,8 @@ impl Client {
         let path = format!("/v1/jobs/{}/savepoints/{}", segment(job), segment(request));
         let started = Instant::now();
         loop {
-            let v = self.call(Method::Get, &path, "the job")?;
-            match serde_json::from_value::<RequestStatus>(v.clone())
-                .with_context(|| format!("unexpected answer to GET {path}: {v}"))?
-            {
+            let a: Answer<RequestStatus> = self.call(Method::Get, &path, "the job", None)?;
+            match a.value {
                 RequestStatus::InProgress => {}
                 RequestStatus::Completed { snapshot } => return Ok(snapshot),
                 RequestStatus::Failed { error } => bail!("savepoint of job `{job}` failed: {error}"),
@@ -223,28 +226,30 @@ impl Client {
     }
 
     /// `DELETE /v1/snapshots/{id}`.
-    pub fn dispose(&self, id: &str) -> anyhow::Result<Value> {
+    pub fn dispose(&self, id: &str) -> anyhow::Result<Answer<DisposeResponse>> {
         self.call(
             Method::Delete,
             &format!("/v1/snapshots/{}", segment(id)),
             "the host",
+            None,
         )
     }
 }
 
-fn request_id(v: &Value) -> anyhow::Result<String> {
-    v.get("request_id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .with_context(|| format!("unexpected answer without a request_id: {v}"))
+/// A server's answer: as the API's type, and as the JSON it sent (what
+/// `--json` prints).
+pub struct Answer<T> {
+    /// The answer read as its type.
+    pub value: T,
+    /// The answer as sent.
+    pub json: Value,
 }
 
 /// The `message` of an API error body, or the body itself.
 fn error_message(body: &str) -> String {
-    serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
-        .unwrap_or_else(|| body.trim().to_string())
+    serde_json::from_str::<ErrorBody>(body)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| body.trim().to_string())
         .replace('\n', " ")
 }
 
@@ -271,38 +276,38 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// A field as text: strings bare, numbers as they are, absent or null `-`.
-fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        v => v.to_string(),
+/// An optional field as text: `-` when absent.
+fn opt(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// A value as its JSON text, strings bare (`checkpoint`, `manual`).
+fn text<T: serde::Serialize>(x: &T) -> String {
+    match serde_json::to_value(x) {
+        Ok(Value::String(s)) => s,
+        Ok(v) => v.to_string(),
+        Err(_) => "-".into(),
     }
 }
 
-fn bytes_cell(v: &Value) -> String {
-    v.as_u64().map_or_else(|| "-".into(), human_bytes)
-}
-
-/// The `memento jobs` table. The single-job API of `memento run --listen`
-/// knows only names and states, so every other column may be `-`.
-pub fn format_jobs(v: &Value) -> String {
-    let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
-    if jobs.is_empty() {
+/// The `memento jobs` table.
+pub fn format_jobs(v: &JobsView) -> String {
+    if v.jobs.is_empty() {
         return "no jobs\n".into();
     }
-    let rows: Vec<Vec<String>> = jobs
+    let rows: Vec<Vec<String>> = v
+        .jobs
         .iter()
         .map(|j| {
             vec![
-                cell(&j["name"]),
-                cell(&j["tenant"]),
-                cell(&j["state"]),
-                cell(&j["records_in"]),
-                cell(&j["counts"]["completed"]),
-                cell(&j["counts"]["failed"]),
-                cell(&j["restarts"]),
-                cell(&j["restored_from"]),
+                j.name.clone(),
+                j.tenant.clone(),
+                j.state.as_str().to_string(),
+                j.records_in.to_string(),
+                j.counts.completed.to_string(),
+                j.counts.failed.to_string(),
+                j.restarts.to_string(),
+                opt(j.restored_from.as_ref()),
             ]
         })
         .collect();
@@ -322,65 +327,76 @@ pub fn format_jobs(v: &Value) -> String {
 }
 
 /// The `memento checkpoints JOB` view: counts, summary, latest, history.
-pub fn format_checkpoints(job: &str, v: &Value) -> String {
+pub fn format_checkpoints(job: &str, v: &CheckpointsView) -> String {
     let mut s = String::new();
-    let c = &v["counts"];
+    let c = &v.counts;
     let _ = writeln!(
         s,
         "job `{job}`: {} completed, {} failed, {} in progress, {} restored",
-        cell(&c["completed"]),
-        cell(&c["failed"]),
-        cell(&c["in_progress"]),
-        cell(&c["restored"])
+        c.completed, c.failed, c.in_progress, c.restored
     );
-    let sum = &v["summary"];
-    let stats = |st: &Value, f: &dyn Fn(&Value) -> String| {
-        ["min", "p50", "p90", "p99", "max"]
-            .iter()
-            .map(|k| format!("{k} {}", f(&st[*k])))
-            .collect::<Vec<_>>()
-            .join("  ")
+    let stats = |st: &Stats, f: &dyn Fn(u64) -> String| {
+        [
+            ("min", st.min),
+            ("p50", st.p50),
+            ("p90", st.p90),
+            ("p99", st.p99),
+            ("max", st.max),
+        ]
+        .iter()
+        .map(|(k, x)| format!("{k} {}", f(*x)))
+        .collect::<Vec<_>>()
+        .join("  ")
     };
-    if sum["completed"].as_u64().unwrap_or(0) > 0 {
-        let _ = writeln!(s, "  duration ms   {}", stats(&sum["duration_ms"], &cell));
-        let _ = writeln!(s, "  logical size  {}", stats(&sum["logical_bytes"], &bytes_cell));
-        let _ = writeln!(s, "  new bytes     {}", stats(&sum["new_bytes"], &bytes_cell));
+    let sum = &v.summary;
+    if sum.completed > 0 {
+        let _ = writeln!(
+            s,
+            "  duration ms   {}",
+            stats(&sum.duration_ms, &|x| x.to_string())
+        );
+        let _ = writeln!(s, "  logical size  {}", stats(&sum.logical_bytes, &human_bytes));
+        let _ = writeln!(s, "  new bytes     {}", stats(&sum.new_bytes, &human_bytes));
     }
-    let latest = &v["latest"];
+    let id = |r: &Option<RecordView>| opt(r.as_ref().and_then(|r| r.id.as_ref()));
     let _ = writeln!(
         s,
         "  latest checkpoint {}, savepoint {}, restored from {}",
-        cell(&latest["completed"]["id"]),
-        cell(&latest["savepoint"]["id"]),
-        cell(&latest["restored"])
+        id(&v.latest.completed),
+        id(&v.latest.savepoint),
+        opt(v.latest.restored.as_ref())
     );
-    if let Some(f) = latest["failed"].as_object() {
-        let _ = writeln!(
-            s,
-            "  latest failure #{}: {}",
-            cell(&f["number"]),
-            cell(&f["reason"])
-        );
+    if let Some(f) = &v.latest.failed {
+        let reason = match &f.outcome {
+            OutcomeView::Failed { reason } => reason.as_str(),
+            _ => "-",
+        };
+        let _ = writeln!(s, "  latest failure #{}: {reason}", f.number);
     }
-    let history = v["history"].as_array().cloned().unwrap_or_default();
-    if history.is_empty() {
+    if v.history.is_empty() {
         let _ = writeln!(s, "no snapshots yet");
         return s;
     }
-    let rows: Vec<Vec<String>> = history
+    let rows: Vec<Vec<String>> = v
+        .history
         .iter()
         .map(|r| {
+            let status = match r.outcome {
+                OutcomeView::InProgress => "in_progress",
+                OutcomeView::Completed => "completed",
+                OutcomeView::Failed { .. } => "failed",
+            };
             vec![
-                cell(&r["number"]),
-                cell(&r["id"]),
-                cell(&r["kind"]),
-                cell(&r["trigger"]),
-                cell(&r["format"]),
-                cell(&r["status"]),
-                cell(&r["duration_ms"]),
-                cell(&r["pause_ms"]),
-                bytes_cell(&r["logical_bytes"]),
-                bytes_cell(&r["new_bytes"]),
+                r.number.to_string(),
+                opt(r.id.as_ref()),
+                text(&r.kind),
+                text(&r.trigger),
+                text(&r.format),
+                status.to_string(),
+                r.duration_ms.to_string(),
+                r.pause_ms.to_string(),
+                human_bytes(r.logical_bytes),
+                human_bytes(r.new_bytes),
             ]
         })
         .collect();
@@ -405,13 +421,31 @@ mod tests {
 
     #[test]
     fn tables_align_and_fill_gaps() {
-        let v = serde_json::json!({"jobs": [{"name": "a", "state": "running"},
-            {"name": "longer", "tenant": "t", "state": "failed", "counts": {"completed": 3}}]});
+        let job = |name: &str, tenant: &str, state: &str, completed: u64, restored: Option<&str>| {
+            serde_json::json!({
+                "tenant": tenant, "name": name, "state": state, "restarts": 0,
+                "restored_from": restored, "records_in": 12,
+                "counts": {"completed": completed, "failed": 0, "in_progress": 0, "restored": 0},
+                "submitted_at_ms": 1, "started_at_ms": 2, "operators": [],
+                "limits": {"memory": 1, "call_timeout_ms": 1},
+            })
+        };
+        let v: JobsView = serde_json::from_value(serde_json::json!({"jobs": [
+            job("a", "t", "running", 0, None),
+            job("longer", "t", "failed", 3, Some("longer-000002")),
+        ]}))
+        .unwrap();
         let t = format_jobs(&v);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("JOB     TENANT  STATE"), "{t}");
-        assert!(lines[1].starts_with("a       -       running"), "{t}");
-        assert!(lines[2].contains("failed   -        3"), "{t}");
+        assert!(
+            lines[1].starts_with("a       t       running  12       0 "),
+            "{t}"
+        );
+        assert!(lines[1].ends_with("  -"), "{t}");
+        assert!(lines[2].contains("failed   12       3 "), "{t}");
+        assert!(lines[2].ends_with("longer-000002"), "{t}");
+        assert_eq!(format_jobs(&JobsView { jobs: vec![] }), "no jobs\n");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use memento::coordinator::{FinalState, JobReport};
 use memento::runtime::Runtime;
+use memento::service::ServiceJob;
 use memento::spec::SnapshotFormat;
 use memento::store::SnapshotId;
 use memento::{Host, HostError, RunOptions, StartFrom};
@@ -54,6 +55,11 @@ enum Command {
         /// Bearer token the API requires (required on a non-loopback address).
         #[arg(long, env = "MEMENTO_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Once the API listens, write its address (`HOST:PORT` and a
+        /// newline) to this file, replacing it whole: how a script finds
+        /// the port of `--listen 127.0.0.1:0`.
+        #[arg(long, value_name = "PATH", requires = "listen")]
+        addr_file: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -92,6 +98,11 @@ enum Command {
         /// The host config (TOML): listen address, state directory, tenants.
         #[arg(long, value_name = "HOST.toml")]
         config: PathBuf,
+        /// Once the API listens, write its address (`HOST:PORT` and a
+        /// newline) to this file, replacing it whole: how a script finds
+        /// the port of `listen = "127.0.0.1:0"`.
+        #[arg(long, value_name = "PATH")]
+        addr_file: Option<PathBuf>,
     },
     /// Make and hash bearer tokens for `serve`'s config.
     Token {
@@ -276,14 +287,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             listen,
             token,
+            addr_file,
             store,
         } => run(
             &job,
             from.as_deref(),
             on_sigterm,
             json,
-            listen.as_deref(),
-            token,
+            listen.as_deref().map(|addr| Listen {
+                addr,
+                token: token.as_deref(),
+                addr_file: addr_file.as_deref(),
+            }),
             &store,
         ),
         Command::Inspect { component, json } => inspect(&component, json),
@@ -293,19 +308,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Savepoint { command } => savepoint(command),
         Command::Fsck { store } => store::run_fsck(&store),
         Command::Gc { store } => store::run_gc(&store).map(|()| ExitCode::SUCCESS),
-        Command::Serve { config } => serve::serve(&config),
+        Command::Serve { config, addr_file } => serve::serve(&config, addr_file.as_deref()),
         Command::Token { command } => serve::token(command),
         Command::Jobs { host } => {
-            let v = host.client().jobs()?;
-            print_or_json(host.json, &v, || client::format_jobs(&v))
+            let a = host.client().jobs()?;
+            print_or_json(host.json, &a.json, || client::format_jobs(&a.value))
         }
         Command::Checkpoints { job, host } => {
-            let v = host.client().checkpoints(&job)?;
-            print_or_json(host.json, &v, || client::format_checkpoints(&job, &v))
+            let a = host.client().checkpoints(&job)?;
+            print_or_json(host.json, &a.json, || client::format_checkpoints(&job, &a.value))
         }
         Command::Cancel { job, host } => {
-            let v = host.client().cancel(&job)?;
-            print_or_json(host.json, &v, || format!("cancelling job `{job}`\n"))
+            let a = host.client().cancel(&job)?;
+            print_or_json(host.json, &a.json, || {
+                format!("cancelling job `{}`\n", a.value.job)
+            })
         }
         Command::Stop { job, wait, host } => {
             let client = host.client();
@@ -366,8 +383,8 @@ fn savepoint(command: SavepointCommand) -> anyhow::Result<ExitCode> {
         // has always meant the local store, and must not start deleting on
         // whatever listens on the default address.
         SavepointCommand::Dispose { id, host, .. } if host.host.is_some() => {
-            let v = host.client().dispose(&id)?;
-            print_or_json(host.json, &v, || format!("disposed {}\n", cell_id(&v, &id)))
+            let a = host.client().dispose(&id)?;
+            print_or_json(host.json, &a.json, || format!("disposed {}\n", a.value.disposed))
         }
         SavepointCommand::Dispose { id, host, state_dir } => {
             if host.json {
@@ -389,9 +406,11 @@ fn savepoint(command: SavepointCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The id a dispose answer names, or the one asked for.
-fn cell_id(v: &serde_json::Value, asked: &str) -> String {
-    v["disposed"].as_str().unwrap_or(asked).to_string()
+/// `memento run --listen`: where the job's API listens and how.
+struct Listen<'a> {
+    addr: &'a str,
+    token: Option<&'a str>,
+    addr_file: Option<&'a Path>,
 }
 
 fn run(
@@ -399,8 +418,7 @@ fn run(
     from: Option<&str>,
     on_signal: OnSignal,
     json: bool,
-    listen: Option<&str>,
-    token: Option<String>,
+    listen: Option<Listen>,
     store: &StoreArgs,
 ) -> anyhow::Result<ExitCode> {
     // Read the job file first: a bad one should not create a state directory.
@@ -414,10 +432,22 @@ fn run(
     };
     watch_signals(job.control(), on_signal)?;
     let name = job.spec().name.clone();
+    // The API and this thread share the job through its handle, so both
+    // APIs answer from the same state (and a failed start shows as failed).
+    let job = Arc::new(ServiceJob::new(job));
     let server = match listen {
-        Some(addr) => {
-            let server = crate::api::serve_job(addr, &name, job.control(), job.status_handle(), token)?;
+        Some(listen) => {
+            // Read as the API reads a presented token: without surrounding
+            // whitespace; an empty one would protect nothing.
+            let token = listen.token.map(str::trim);
+            if token == Some("") {
+                anyhow::bail!("--token is empty: give the bearer token the API should require");
+            }
+            let server = crate::api::serve_job(listen.addr, job.clone(), token)?;
             eprintln!("memento: job `{name}` API on http://{}", server.local_addr());
+            if let Some(path) = listen.addr_file {
+                serve::write_addr_file(path, server.local_addr())?;
+            }
             Some(server)
         }
         None => None,

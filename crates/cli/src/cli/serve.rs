@@ -1,7 +1,8 @@
 //! `memento serve` (the multi-tenant host) and `memento token` (making and
 //! hashing bearer tokens for its config).
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -62,9 +63,26 @@ pub fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Write `addr` as `HOST:PORT` and a newline to `path`, replacing the file
+/// whole (a temporary file renamed into place), so that whoever polls for
+/// it never reads half an address.
+pub(crate) fn write_addr_file(path: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let write = || -> std::io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        writeln!(tmp, "{addr}")?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().with_context(|| format!("--addr-file {}: cannot write the address", path.display()))
+}
+
 /// Run `memento serve --config HOST.toml` until SIGTERM or SIGINT, then
 /// cancel every job (persistent checkpoints stay) and exit.
-pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
+pub fn serve(config: &Path, addr_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = HostConfig::from_file(config)?;
     let tenants = config.tenants.len();
     let service = Service::start(config)?;
@@ -74,6 +92,14 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         service.jobs(&memento::service::Scope::All).len(),
         server.local_addr()
     );
+    if let Some(path) = addr_file
+        && let Err(e) = write_addr_file(path, server.local_addr())
+    {
+        // Nobody could find the API: stop as at a signal, then say why.
+        drop(server);
+        service.shutdown();
+        return Err(e);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone())?;

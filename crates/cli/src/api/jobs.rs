@@ -1,0 +1,297 @@
+//! The job routes, shared by `memento serve` and `memento run --listen`:
+//! one handler per route over a [`Backend`], the bearer-token extractor
+//! and the tenant resolution every request goes through.
+//!
+//! Order of checks, the same on every route: the token (401), the query
+//! string and `?tenant=` (400, 404), the job name (400 when malformed,
+//! 404 when unknown), then the rest of the path and the body (400).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::{MethodRouter, get, post};
+use serde::Deserialize;
+
+use super::ApiError;
+use super::views::{
+    CancelResponse, CheckpointsView, JobView, JobsView, RecordView, Requested, TriggerResponse,
+};
+use memento::coordinator::RequestStatus;
+use memento::service::{Caller, Scope, ServiceError, ServiceJob};
+use memento::spec::SnapshotFormat;
+
+/// What the job routes act on: the jobs of a [`Service`](memento::service::Service),
+/// or the one job of `memento run --listen`.
+pub trait Backend: Send + Sync + 'static {
+    /// Who holds `token` (the bearer token in clear, `None` when the
+    /// request has none).
+    ///
+    /// # Errors
+    /// [`ServiceError::Unauthorized`].
+    fn authenticate(&self, token: Option<&str>) -> Result<Caller, ServiceError>;
+
+    /// Whether a tenant of this name exists here.
+    fn has_tenant(&self, tenant: &str) -> bool;
+
+    /// Jobs in `scope`, by tenant then name.
+    fn jobs(&self, scope: &Scope) -> Vec<Arc<ServiceJob>>;
+
+    /// The tenant's job `name`.
+    ///
+    /// # Errors
+    /// [`ServiceError::BadRequest`] for a malformed name,
+    /// [`ServiceError::NotFound`] for an unknown one.
+    fn job(&self, tenant: &str, name: &str) -> Result<Arc<ServiceJob>, ServiceError>;
+}
+
+/// The token of an `Authorization: Bearer <token>` header: the scheme in
+/// any case, the token without surrounding whitespace; `None` when there
+/// is no such header or the token is empty.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The authenticated caller of a request (401 otherwise).
+pub struct Authed(pub Caller);
+
+impl<B: Backend> FromRequestParts<Arc<B>> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, backend: &Arc<B>) -> Result<Self, ApiError> {
+        Ok(Authed(backend.authenticate(bearer(&parts.headers))?))
+    }
+}
+
+#[derive(Default, Deserialize)]
+struct TenantQuery {
+    tenant: Option<String>,
+}
+
+fn tenant_query(parts: &Parts) -> Result<Option<String>, ApiError> {
+    Query::<TenantQuery>::try_from_uri(&parts.uri)
+        .map(|Query(q)| q.tenant)
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))
+}
+
+/// What a listing covers: the caller's tenant, or for the admin every
+/// tenant or the one of `?tenant=`.
+pub struct InScope(pub Scope);
+
+impl<B: Backend> FromRequestParts<Arc<B>> for InScope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, backend: &Arc<B>) -> Result<Self, ApiError> {
+        let Authed(caller) = Authed::from_request_parts(parts, backend).await?;
+        let tenant = tenant_query(parts)?;
+        Ok(InScope(
+            caller.scope(tenant.as_deref(), |t| backend.has_tenant(t))?,
+        ))
+    }
+}
+
+/// The one tenant a request acts in.
+pub struct InTenant(pub String);
+
+impl<B: Backend> FromRequestParts<Arc<B>> for InTenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, backend: &Arc<B>) -> Result<Self, ApiError> {
+        let Authed(caller) = Authed::from_request_parts(parts, backend).await?;
+        let tenant = tenant_query(parts)?;
+        Ok(InTenant(
+            caller.act_in(tenant.as_deref(), |t| backend.has_tenant(t))?,
+        ))
+    }
+}
+
+/// The job a `/v1/jobs/{job}/…` request names, in the caller's tenant.
+pub struct TheJob(pub Arc<ServiceJob>);
+
+impl<B: Backend> FromRequestParts<Arc<B>> for TheJob {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, backend: &Arc<B>) -> Result<Self, ApiError> {
+        let InTenant(tenant) = InTenant::from_request_parts(parts, backend).await?;
+        let Path(params) = Path::<BTreeMap<String, String>>::from_request_parts(parts, backend)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("bad path: {}", e.body_text())))?;
+        let name = params
+            .get("job")
+            .ok_or_else(|| ApiError::internal("a job route without {job}"))?;
+        Ok(TheJob(backend.job(&tenant, name)?))
+    }
+}
+
+/// The second path parameter of a job route (`{number}`, `{request}`).
+fn second(
+    p: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<String, ApiError> {
+    p.map(|Path((_, x))| x)
+        .map_err(|e| ApiError::bad_request(format!("bad path: {}", e.body_text())))
+}
+
+type Accepted<T> = (StatusCode, Json<T>);
+
+async fn list_jobs<B: Backend>(State(b): State<Arc<B>>, InScope(scope): InScope) -> Json<JobsView> {
+    let jobs = b.jobs(&scope).iter().map(|j| JobView::of(j)).collect();
+    Json(JobsView { jobs })
+}
+
+async fn get_job(TheJob(job): TheJob) -> Json<JobView> {
+    Json(JobView::of(&job))
+}
+
+async fn cancel(TheJob(job): TheJob) -> Result<Accepted<CancelResponse>, ApiError> {
+    job.cancel()?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CancelResponse {
+            job: job.name().to_string(),
+            requested: Requested::Cancel,
+        }),
+    ))
+}
+
+async fn stop(TheJob(job): TheJob) -> Result<Accepted<TriggerResponse>, ApiError> {
+    let request_id = job.stop()?;
+    Ok((StatusCode::ACCEPTED, Json(TriggerResponse { request_id })))
+}
+
+async fn checkpoints(TheJob(job): TheJob) -> Json<CheckpointsView> {
+    Json(CheckpointsView::of(&job.status()))
+}
+
+async fn trigger_checkpoint(TheJob(job): TheJob) -> Result<Accepted<TriggerResponse>, ApiError> {
+    let request_id = job.trigger_checkpoint()?;
+    Ok((StatusCode::ACCEPTED, Json(TriggerResponse { request_id })))
+}
+
+async fn checkpoints_config(TheJob(job): TheJob) -> Json<serde_json::Value> {
+    let spec = job.spec();
+    Json(serde_json::json!({
+        "checkpoints": spec.checkpoints,
+        "savepoints": spec.savepoints,
+        "restart": spec.restart,
+        "limits": spec.limits,
+    }))
+}
+
+async fn checkpoint_detail(
+    TheJob(job): TheJob,
+    p: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<RecordView>, ApiError> {
+    let n = second(p)?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("malformed snapshot number {n:?}")))?;
+    Ok(Json(RecordView::from(&job.checkpoint(n)?)))
+}
+
+/// `POST …/savepoints` body: optional, and nothing but `format`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    format: Option<SnapshotFormat>,
+}
+
+fn trigger_body(body: &[u8]) -> Result<TriggerBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(TriggerBody::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn trigger_savepoint(
+    TheJob(job): TheJob,
+    body: axum::body::Bytes,
+) -> Result<Accepted<TriggerResponse>, ApiError> {
+    let body = trigger_body(&body)?;
+    let request_id = job.trigger_savepoint(body.format)?;
+    Ok((StatusCode::ACCEPTED, Json(TriggerResponse { request_id })))
+}
+
+async fn request_status(
+    TheJob(job): TheJob,
+    p: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<RequestStatus>, ApiError> {
+    Ok(Json(job.request(&second(p)?)?))
+}
+
+/// A route: lowercase method, path template, handler.
+pub(crate) type Route<S> = (&'static str, &'static str, MethodRouter<S>);
+
+/// The job routes over backend `B`.
+pub(crate) fn route_table<B: Backend>() -> Vec<Route<Arc<B>>> {
+    vec![
+        ("get", "/v1/jobs", get(list_jobs::<B>)),
+        ("get", "/v1/jobs/{job}", get(get_job)),
+        ("post", "/v1/jobs/{job}/cancel", post(cancel)),
+        ("post", "/v1/jobs/{job}/stop", post(stop)),
+        ("get", "/v1/jobs/{job}/checkpoints", get(checkpoints)),
+        ("post", "/v1/jobs/{job}/checkpoints", post(trigger_checkpoint)),
+        (
+            "get",
+            "/v1/jobs/{job}/checkpoints/config",
+            get(checkpoints_config),
+        ),
+        (
+            "get",
+            "/v1/jobs/{job}/checkpoints/{number}",
+            get(checkpoint_detail),
+        ),
+        (
+            "get",
+            "/v1/jobs/{job}/checkpoints/requests/{request}",
+            get(request_status),
+        ),
+        ("post", "/v1/jobs/{job}/savepoints", post(trigger_savepoint)),
+        ("get", "/v1/jobs/{job}/savepoints/{request}", get(request_status)),
+    ]
+}
+
+/// The job routes as (lowercase method, path template): what both
+/// `memento serve` and `memento run --listen` serve.
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    route_table::<super::single::SingleJob>()
+        .into_iter()
+        .map(|(m, p, _)| (m, p))
+        .collect()
+}
+
+/// Build a router from a route table (the same path twice with different
+/// methods merges them).
+pub(crate) fn router<S: Clone + Send + Sync + 'static>(table: Vec<Route<S>>) -> axum::Router<S> {
+    table
+        .into_iter()
+        .fold(axum::Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_the_same_way_everywhere() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            bearer(&h).map(str::to_string)
+        };
+        assert_eq!(with("Bearer abc"), Some("abc".into()));
+        assert_eq!(with("bearer  abc "), Some("abc".into()));
+        assert_eq!(with("BEARER abc"), Some("abc".into()));
+        assert_eq!(with("Bearer "), None);
+        assert_eq!(with("Basic abc"), None);
+        assert_eq!(with("abc"), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+}

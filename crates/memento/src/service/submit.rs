@@ -1,0 +1,241 @@
+//! Submission and confinement: a job submitted over the API is kept inside
+//! its tenant (uploaded plugins only, paths inside the tenant's directory,
+//! no stdout), held to the tenant's caps, and its components are stored
+//! once by content.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use super::record::JobRecord;
+use super::{Service, ServiceError, ServiceJob};
+use crate::spec::host_config::TenantConfig;
+use crate::spec::{HumanDuration, HumanSize, JobSpec, SinkSpec, SourceSpec, validate_name};
+
+/// A job submission: the job file's text and the uploaded components.
+#[derive(Clone, Debug, Default)]
+pub struct Submission {
+    /// The job file (TOML). Its operators' `plugin` keys name entries of
+    /// `plugins`.
+    pub job: String,
+    /// Uploaded components by name (e.g. `wordcount.wasm`).
+    pub plugins: BTreeMap<String, Vec<u8>>,
+    /// `None` from scratch, `Some("latest")`, or a snapshot id.
+    pub from: Option<String>,
+}
+
+impl Service {
+    /// Submit a job over the API: confine it to the tenant, store its
+    /// components, load (compile) its plugins and start it on its own
+    /// thread. Blocks while compiling: call it off the async executor.
+    ///
+    /// # Errors
+    /// [`ServiceError::BadRequest`] for an invalid job file, a plugin that
+    /// was not uploaded or is not a valid component, a limit above the
+    /// tenant's cap, a path leaving the tenant's directory, a malformed
+    /// `from`; [`ServiceError::Conflict`] if a job of that name is running;
+    /// [`ServiceError::TooManyJobs`]; [`ServiceError::NotFound`] for a
+    /// `from` snapshot the tenant does not have.
+    pub fn submit(&self, tenant: &str, submission: Submission) -> Result<Arc<ServiceJob>, ServiceError> {
+        let entry = self.tenant(tenant)?;
+        let base_dir = self.inner.files_dir.join(tenant);
+        let mut spec = JobSpec::from_toml(&submission.job, Path::new("<submitted>"), &base_dir)
+            .map_err(|e| ServiceError::bad("invalid_job", e.to_string()))?;
+        // Cheap checks first: do not compile plugins for a job that cannot run.
+        self.check_capacity(tenant, &spec.name)?;
+        confine(&mut spec)?;
+        apply_caps(&mut spec, &submission.job, &entry.config)?;
+        for name in submission.plugins.keys() {
+            validate_name(name).map_err(|r| ServiceError::bad("bad_request", format!("plugin name {r}")))?;
+        }
+        let mut plugins = BTreeMap::new();
+        for (i, op) in spec.operators.iter_mut().enumerate() {
+            let name = op.plugin.to_string_lossy().into_owned();
+            let bytes = submission.plugins.get(&name).ok_or_else(|| {
+                let uploaded: Vec<&str> = submission.plugins.keys().map(String::as_str).collect();
+                ServiceError::bad(
+                    "invalid_job",
+                    format!(
+                        "operators[{i}].plugin: {name:?} was not uploaded (uploaded: {})",
+                        if uploaded.is_empty() {
+                            "none".to_string()
+                        } else {
+                            uploaded.join(", ")
+                        }
+                    ),
+                )
+            })?;
+            // Validate before storing: the error names the uploaded name, and
+            // what is no component is never kept (compiled once: the cache
+            // is by content, so loading the stored file later hits it).
+            entry
+                .host
+                .runtime()
+                .load_bytes(Path::new(&name), bytes)
+                .map_err(|e| ServiceError::bad("invalid_plugin", format!("operator `{}`: {e}", op.name)))?;
+            op.plugin = self.store_component(bytes)?;
+            plugins.insert(name, blake3::hash(bytes).to_hex().to_string());
+        }
+        std::fs::create_dir_all(&base_dir)
+            .map_err(|e| ServiceError::Internal(format!("create {}: {e}", base_dir.display())))?;
+        let record = JobRecord {
+            tenant: tenant.to_string(),
+            job: submission.job.clone(),
+            plugins,
+        };
+        self.launch(tenant, entry, spec, submission.from.as_deref(), Some(record))
+    }
+
+    /// Start a job from a file of the operator's (a boot job): trusted, so
+    /// its paths are used as written; the tenant's caps and limits apply.
+    ///
+    /// # Errors
+    /// As [`Service::submit`], and an unreadable file.
+    pub fn submit_file(
+        &self,
+        tenant: &str,
+        path: &Path,
+        from: Option<&str>,
+    ) -> Result<Arc<ServiceJob>, ServiceError> {
+        let entry = self.tenant(tenant)?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ServiceError::bad(
+                "invalid_job",
+                format!("cannot read job file {}: {e}", path.display()),
+            )
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut spec = JobSpec::from_toml(&text, path, &base)
+            .map_err(|e| ServiceError::bad("invalid_job", e.to_string()))?;
+        self.check_capacity(tenant, &spec.name)?;
+        apply_caps(&mut spec, &text, &entry.config)?;
+        // Not recorded: the config starts boot jobs at every start anyway.
+        self.launch(tenant, entry, spec, from, None)
+    }
+
+    /// Store a component under its blake3 hash (written once, atomically).
+    fn store_component(&self, bytes: &[u8]) -> Result<PathBuf, ServiceError> {
+        let path = self
+            .inner
+            .components_dir
+            .join(format!("{}.wasm", blake3::hash(bytes).to_hex()));
+        if path.exists() {
+            return Ok(path);
+        }
+        let io =
+            |e: std::io::Error| ServiceError::Internal(format!("store component {}: {e}", path.display()));
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.inner.components_dir).map_err(io)?;
+        std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        Ok(path)
+    }
+
+    /// The stored component of blake3 `hash` (hex), as [`Service::submit`]
+    /// stored it.
+    pub(super) fn stored_component(&self, hash: &str) -> Result<Vec<u8>, ServiceError> {
+        let file = self.inner.components_dir.join(format!("{hash}.wasm"));
+        std::fs::read(&file).map_err(|e| ServiceError::Internal(format!("component {}: {e}", file.display())))
+    }
+}
+
+/// A relative path of normal components only: it cannot leave its base.
+fn is_confined(path: &Path) -> bool {
+    !path.as_os_str().is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Keep a submitted job inside its tenant: plugins by bare upload name,
+/// file paths relative and without `..`, no stdout sink.
+fn confine(spec: &mut JobSpec) -> Result<(), ServiceError> {
+    for (i, op) in spec.operators.iter().enumerate() {
+        let name = op.plugin.to_string_lossy();
+        if op.plugin.components().count() != 1 || !is_confined(&op.plugin) {
+            return Err(ServiceError::bad(
+                "invalid_job",
+                format!(
+                    "operators[{i}].plugin: {name:?} must be the name of an uploaded component, not a path"
+                ),
+            ));
+        }
+    }
+    if let SourceSpec::File { path, .. } = &spec.source
+        && !is_confined(path)
+    {
+        return Err(ServiceError::bad(
+            "invalid_job",
+            format!(
+                "source.path: {} must be a relative path inside the tenant's directory",
+                path.display()
+            ),
+        ));
+    }
+    match &spec.sink {
+        SinkSpec::File { path } if !is_confined(path) => Err(ServiceError::bad(
+            "invalid_job",
+            format!(
+                "sink.path: {} must be a relative path inside the tenant's directory",
+                path.display()
+            ),
+        )),
+        SinkSpec::Stdout => Err(ServiceError::bad(
+            "invalid_job",
+            "sink.type: `stdout` is not available on a shared host (use `file` or `null`)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Apply the tenant's caps to `[limits]`: an explicit value above a cap is
+/// refused (the author asked for something the host will not give); a
+/// default above it is lowered to the cap (the author asked for nothing).
+fn apply_caps(spec: &mut JobSpec, text: &str, tenant: &TenantConfig) -> Result<(), ServiceError> {
+    let explicit = |key: &str| {
+        toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|t| t.get("limits").and_then(|l| l.get(key)).map(|_| ()))
+            .is_some()
+    };
+    if let Some(cap) = tenant.memory
+        && spec.limits.memory.0 > cap
+    {
+        if explicit("memory") {
+            return Err(ServiceError::bad(
+                "limit_exceeded",
+                format!(
+                    "limits.memory: {} bytes is above tenant {:?}'s cap of {cap} bytes",
+                    spec.limits.memory.0, tenant.name
+                ),
+            ));
+        }
+        spec.limits.memory = HumanSize(cap);
+    }
+    if let Some(cap) = tenant.call_timeout
+        && spec.limits.call_timeout.0 > cap
+    {
+        if explicit("call_timeout") {
+            return Err(ServiceError::bad(
+                "limit_exceeded",
+                format!(
+                    "limits.call_timeout: {} ms is above tenant {:?}'s cap of {} ms",
+                    spec.limits.call_timeout.0.as_millis(),
+                    tenant.name,
+                    cap.as_millis()
+                ),
+            ));
+        }
+        spec.limits.call_timeout = HumanDuration(cap);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confinement_rejects_paths_that_leave_the_tenant() {
+        assert!(is_confined(Path::new("out/part")));
+        for bad in ["/etc/passwd", "../x", "a/../../b", "", "./x"] {
+            assert!(!is_confined(Path::new(bad)), "{bad}");
+        }
+    }
+}
