@@ -460,7 +460,7 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
     let (status, text) = s.call("GET", "/v1/openapi.json", None, "");
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_str(&text).expect("openapi.json is JSON");
-    assert_eq!(text, memento_cli::api::service::OPENAPI);
+    assert_eq!(text, memento_cli::api::multi::OPENAPI);
     assert!(
         doc["openapi"].as_str().unwrap().starts_with("3."),
         "not OpenAPI 3"
@@ -476,7 +476,7 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
             documented.insert((method.clone(), path.clone()));
         }
     }
-    let routed: std::collections::BTreeSet<(String, String)> = memento_cli::api::service::routes()
+    let routed: std::collections::BTreeSet<(String, String)> = memento_cli::api::multi::routes()
         .into_iter()
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect();

@@ -18,7 +18,7 @@ impl Doc {
     pub fn get() -> &'static Doc {
         static DOC: OnceLock<Doc> = OnceLock::new();
         DOC.get_or_init(|| {
-            Doc(serde_json::from_str(memento_cli::api::service::OPENAPI).expect("openapi.json is JSON"))
+            Doc(serde_json::from_str(memento_cli::api::multi::OPENAPI).expect("openapi.json is JSON"))
         })
     }
 

@@ -1,6 +1,6 @@
 //! The REST API, JSON under `/v1` shaped like Flink's, served two ways:
 //!
-//! - [`service`]: `memento serve`, the multi-tenant host over a
+//! - [`multi`]: `memento serve`, the multi-tenant host over a
 //!   [`Service`](memento::service::Service): every route, `/metrics`, the
 //!   OpenAPI document and the dashboard;
 //! - [`single`]: `memento run --listen`, the API of the one job the command
@@ -13,7 +13,7 @@
 
 pub mod jobs;
 mod metrics;
-pub mod service;
+pub mod multi;
 pub mod single;
 pub mod views;
 

@@ -86,7 +86,7 @@ pub fn serve(config: &Path, addr_file: Option<&Path>) -> anyhow::Result<ExitCode
     let config = HostConfig::from_file(config)?;
     let tenants = config.tenants.len();
     let service = Service::start(config)?;
-    let server = crate::api::service::serve(service.clone())?;
+    let server = crate::api::multi::serve(service.clone())?;
     eprintln!(
         "memento: host for {tenants} tenant(s), {} job(s) started; API on http://{}",
         service.jobs(&memento::service::Scope::All).len(),
