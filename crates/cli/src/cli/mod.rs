@@ -10,9 +10,10 @@ pub mod store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use memento::coordinator::{FinalState, JobReport};
 use memento::runtime::Runtime;
@@ -481,29 +482,14 @@ fn run(
 /// Turn SIGTERM/SIGINT into a stop-with-savepoint or a cancel; a second
 /// signal cancels.
 fn watch_signals(control: memento::coordinator::JobControl, on_signal: OnSignal) -> anyhow::Result<()> {
-    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        let hits = hits.clone();
-        // SAFETY: the handler only increments an atomic counter.
-        unsafe {
-            signal_hook::low_level::register(sig, move || {
-                hits.fetch_add(1, Ordering::SeqCst);
-            })
-        }?;
-    }
-    let seen = Arc::new(AtomicBool::new(false));
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut handled = 0;
-            loop {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                let n = hits.load(Ordering::SeqCst);
-                if n == handled {
-                    continue;
-                }
-                handled = n;
-                if on_signal == OnSignal::Savepoint && !seen.swap(true, Ordering::SeqCst) {
+            let mut stopping = false;
+            for _ in signals.forever() {
+                if on_signal == OnSignal::Savepoint && !stopping {
+                    stopping = true;
                     eprintln!("memento: signal received, stopping with a savepoint (signal again to cancel)");
                     let _ = control.stop_with_savepoint();
                 } else {

@@ -5,11 +5,11 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Subcommand;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use memento::service::Service;
 use memento::spec::host_config::{HostConfig, hash_token};
@@ -100,13 +100,8 @@ pub fn serve(config: &Path, addr_file: Option<&Path>) -> anyhow::Result<ExitCode
         service.shutdown();
         return Err(e);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
-    while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    signals.forever().next();
     eprintln!("memento: signal received, cancelling jobs (persistent checkpoints are kept)");
     drop(server);
     service.shutdown();
