@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 
 use crate::coordinator::{Control, Coordinator, JobControl, JobFailed, JobReport, JobStatus, StatusHandle};
-use crate::runtime::{ComponentInfo, LoadedComponent, Runtime, RuntimeError};
+use crate::runtime::{ComponentInfo, LoadedComponent, NativeUnsupported, Runtime, RuntimeError};
 use crate::spec::{JobSpec, SnapshotFormat, SpecError};
 use crate::store::{JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore};
 
@@ -53,7 +53,7 @@ pub enum HostError {
         /// `checkpoints` or `savepoints`.
         section: &'static str,
         /// Why its component cannot be imaged.
-        reason: String,
+        reason: NativeUnsupported,
     },
     /// The runtime could not start.
     #[error(transparent)]

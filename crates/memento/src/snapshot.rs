@@ -449,7 +449,7 @@ pub fn capture_at_barrier(
         SnapshotFormat::Auto => {
             let native = match instance.component().native_support() {
                 Ok(()) => base.capture(instance, writer, aborted),
-                Err(why) => Err(CaptureError::Declined(why)),
+                Err(why) => Err(CaptureError::Declined(why.to_string())),
             };
             match native {
                 Err(CaptureError::Declined(why)) => {
