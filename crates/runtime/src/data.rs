@@ -10,7 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::Plugin;
 use crate::bindings::memento::operator::{log, types};
-use crate::instance::TaskLabel;
+use crate::label::TaskLabel;
 use crate::limits::SandboxLimits;
 
 /// The data of one task's `Store`: its WASI context and resource table, and

@@ -14,7 +14,8 @@ use crate::cache::ComponentCache;
 use crate::component::{self, ComponentInfo, LoadedComponent};
 use crate::data::{self, InstanceData};
 use crate::error::RuntimeError;
-use crate::instance::{TaskInstance, TaskLabel};
+use crate::instance::TaskInstance;
+use crate::label::TaskLabel;
 use crate::limits::SandboxLimits;
 use crate::memory;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::batch::MalformedBatch;
-use crate::instance::{Phase, TaskLabel};
+use crate::label::{Phase, TaskLabel};
 use crate::native::NativeUnsupported;
 
 /// Everything that can go wrong loading or running a plugin. Each variant

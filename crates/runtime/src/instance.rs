@@ -8,7 +8,6 @@ mod calls;
 mod capture;
 mod stderr;
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use crate::bindings::Plugin;
 use crate::component::LoadedComponent;
 use crate::data::InstanceData;
 use crate::error::{RuntimeError, one_line};
+use crate::label::TaskLabel;
 use crate::limits::SandboxLimits;
 use crate::memory::{self, Mapping};
 
@@ -30,57 +30,6 @@ pub use capture::{CapturedMemory, DISABLE_TRACKING_ENV, PAGE, Written};
 /// How much of a guest's stderr is kept to explain a trap (a Rust panic
 /// message lands there). Writes beyond it fail in the guest.
 const STDERR_CAPACITY: usize = 64 << 10;
-
-/// Which task an instance runs; used in every error and log line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TaskLabel {
-    /// Job name.
-    pub job: String,
-    /// Operator name within the job.
-    pub operator: String,
-    /// Task index within the operator.
-    pub task: u32,
-}
-
-impl fmt::Display for TaskLabel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "job `{}`, operator `{}`, task {}",
-            self.job, self.operator, self.task
-        )
-    }
-}
-
-/// The lifecycle phase a call belongs to, named like the WIT export.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Instantiation (start functions, data segments).
-    Instantiate,
-    /// `open`.
-    Open,
-    /// `process`.
-    Process,
-    /// `close`.
-    Close,
-    /// `snapshot-state`.
-    SnapshotState,
-    /// `restore-state`.
-    RestoreState,
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Instantiate => "instantiate",
-            Phase::Open => "open",
-            Phase::Process => "process",
-            Phase::Close => "close",
-            Phase::SnapshotState => "snapshot-state",
-            Phase::RestoreState => "restore-state",
-        })
-    }
-}
 
 /// Counters of the calls made into one instance.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -15,6 +15,7 @@ mod dirty;
 mod engine;
 mod error;
 mod instance;
+mod label;
 mod limits;
 mod memory;
 mod native;
@@ -28,9 +29,8 @@ pub use component::{
 };
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
-pub use instance::{
-    CallStats, CapturedMemory, DISABLE_TRACKING_ENV, PAGE, Phase, TaskInstance, TaskLabel, Written,
-};
+pub use instance::{CallStats, CapturedMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, Written};
+pub use label::{Phase, TaskLabel};
 pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};
 #[doc(hidden)]
 pub use memory::HostMemoryCreator;

@@ -4,14 +4,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::batch::Event;
-#[cfg(doc)]
-use crate::{RuntimeError, RuntimeOptions};
 
 /// Limits applied to every task instance, and the capabilities granted to
 /// it (nothing unless `grants` says so).
 ///
 /// Every limit bounds what one task can cost the host: a guest that hits
-/// one traps (its instance is poisoned) with a [`RuntimeError`] naming the
+/// one traps (its instance is poisoned) with a [`crate::RuntimeError`] naming the
 /// limit, the task and the phase; the host and other tasks are unaffected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SandboxLimits {
@@ -23,7 +21,7 @@ pub struct SandboxLimits {
     pub call_timeout: Duration,
     /// Maximum wasm instructions (wasmtime fuel units, roughly one per
     /// instruction) of one call; `None`: unmetered. Needs a runtime created
-    /// with [`RuntimeOptions::fuel`] on.
+    /// with [`crate::RuntimeOptions::fuel`] on.
     pub fuel: Option<u64>,
     /// Maximum bytes the host copies out of one `process` or `close` result:
     /// keys and values plus [`EVENT_OVERHEAD`] per event. Checked while the

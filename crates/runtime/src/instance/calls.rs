@@ -10,9 +10,10 @@ use crate::batch::{self, Event};
 use crate::bindings::{Batch, Context, Plugin};
 use crate::data::{InstanceData, LimitHit};
 use crate::error::{RuntimeError, one_line};
+use crate::label::{Phase, TaskLabel};
 
+use super::TaskInstance;
 use super::stderr::last_stderr_message;
-use super::{Phase, TaskInstance, TaskLabel};
 
 impl TaskInstance {
     /// Run one export call with the deadline armed and map its outcome:

@@ -4,8 +4,9 @@
 
 use crate::dirty::DirtyTracker;
 use crate::error::{NativeRefusal, RuntimeError};
+use crate::label::TaskLabel;
 
-use super::{TaskInstance, TaskLabel};
+use super::TaskInstance;
 
 impl TaskInstance {
     /// The current size in bytes of each linear memory, in creation order.
