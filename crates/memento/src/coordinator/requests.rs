@@ -50,7 +50,9 @@ impl RequestLog {
                 Ok(Ok(snapshot)) => RequestStatus::Completed {
                     snapshot: snapshot.to_string(),
                 },
-                Ok(Err(error)) => RequestStatus::Failed { error },
+                Ok(Err(error)) => RequestStatus::Failed {
+                    error: error.to_string(),
+                },
                 Err(_) => RequestStatus::Failed {
                     error: "the job ended".into(),
                 },

@@ -20,6 +20,11 @@ enum Kind {
 impl Schedule {
     /// The schedule a job file's `[savepoints]` asks for (validated there).
     pub fn from_spec(spec: &SavepointSpec) -> Schedule {
+        Schedule::from_spec_at(spec, Instant::now())
+    }
+
+    /// As [`Schedule::from_spec`], starting at `now`.
+    pub(crate) fn from_spec_at(spec: &SavepointSpec, now: Instant) -> Schedule {
         let kind = if let Some(i) = spec.interval {
             Kind::Every(i.0)
         } else if let Some(expr) = &spec.cron {
@@ -31,7 +36,7 @@ impl Schedule {
             Kind::None
         };
         let mut s = Schedule { kind, next: None };
-        s.next = s.after(Instant::now());
+        s.next = s.after(now);
         s
     }
 

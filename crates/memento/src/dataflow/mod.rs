@@ -12,6 +12,7 @@
 //! to the coordinator only through messages ([`Report`]); nothing else is
 //! shared between threads.
 
+mod align;
 pub mod partition;
 pub mod sink;
 pub mod source;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::runtime::{DirGrant, Event, LoadedComponent, Runtime, RuntimeError, SandboxLimits};
+use crate::snapshot::RestoreError;
 use crate::spec::{JobSpec, SnapshotFormat};
 use crate::store::{BlobWriter, SnapshotId, StoreError, TaskKey, TaskState, TaskStateData, TenantStore};
 use sink::SinkCommit;
@@ -38,20 +40,20 @@ const CHANNEL_CAPACITY: usize = 4;
 pub enum JobError {
     /// The source failed (unreadable input, malformed record).
     #[error("source: {0}")]
-    Source(String),
+    Source(#[from] source::SourceError),
     /// The sink failed (I/O).
     #[error("sink: {0}")]
-    Sink(String),
+    Sink(#[from] sink::SinkError),
     /// A task failed: trap, deadline, memory limit or an error from the plugin.
     #[error(transparent)]
     Task(Box<RuntimeError>),
     /// A task could not be restored from a snapshot.
-    #[error("{task}: {reason}")]
+    #[error("{task}: {source}")]
     Restore {
         /// The task.
         task: TaskKey,
         /// Why (names the snapshot).
-        reason: String,
+        source: Box<RestoreError>,
     },
     /// A directory grant of an operator cannot be given.
     #[error("operator `{operator}`: cannot grant a directory: {reason}")]
@@ -272,9 +274,9 @@ impl Attempt {
                     .collect::<Result<Vec<_>, JobError>>()
             })
             .collect::<Result<Vec<_>, JobError>>()?;
-        let mut source = source::open(&spec.source, &spec.base_dir).map_err(JobError::Source)?;
+        let mut source = source::open(&spec.source, &spec.base_dir)?;
         if let Some(r) = restore {
-            source.seek(r.source_position).map_err(JobError::Source)?;
+            source.seek(r.source_position)?;
         }
         // Open every sink writer first, so an unwritable output fails the
         // job before any work is done.
@@ -286,8 +288,7 @@ impl Attempt {
                     .unwrap_or(0);
                 sink::open(&spec.sink, &spec.base_dir, t, seq).map(Some)
             })
-            .collect::<Result<_, _>>()
-            .map_err(JobError::Sink)?;
+            .collect::<Result<_, _>>()?;
 
         let channels: Vec<Vec<Channel>> = spec
             .operators
@@ -462,7 +463,7 @@ fn run_source(
         }
         match source.next_batch() {
             Err(e) => {
-                let _ = reports.send(Report::Failed(JobError::Source(e)));
+                let _ = reports.send(Report::Failed(e.into()));
                 return;
             }
             Ok(None) => {
