@@ -44,7 +44,7 @@ pub(super) struct Acks {
     /// Longest task pause and upload.
     pub(super) pause: Duration,
     pub(super) upload: Duration,
-    pub(super) tasks: BTreeMap<TaskKey, status::TaskFigures>,
+    pub(super) tasks: BTreeMap<TaskKey, status::TaskSnapshotFigures>,
 }
 
 impl Acks {
@@ -72,7 +72,7 @@ impl Acks {
     ) {
         self.tasks.insert(
             task.clone(),
-            status::TaskFigures {
+            status::TaskSnapshotFigures {
                 task: task.clone(),
                 pause_ms: pause.as_millis() as u64,
                 async_ms: upload.as_millis() as u64,

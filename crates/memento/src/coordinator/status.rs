@@ -64,7 +64,7 @@ pub enum SnapshotOutcome {
 
 /// One task's part of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TaskFigures {
+pub struct TaskSnapshotFigures {
     /// The task.
     pub task: TaskKey,
     /// How long the task was paused to capture its state, ms.
@@ -102,7 +102,7 @@ pub struct SnapshotRecord {
     /// Bytes of blobs newly written.
     pub new_bytes: u64,
     /// Per task.
-    pub tasks: Vec<TaskFigures>,
+    pub tasks: Vec<TaskSnapshotFigures>,
 }
 
 /// Counts over the job's life (this process).
@@ -272,7 +272,7 @@ pub(crate) struct EndFigures {
     pub pause_ms: u64,
     pub logical_bytes: u64,
     pub new_bytes: u64,
-    pub tasks: BTreeMap<TaskKey, TaskFigures>,
+    pub tasks: BTreeMap<TaskKey, TaskSnapshotFigures>,
 }
 
 #[cfg(test)]
