@@ -133,6 +133,33 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_times_out_only_past_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), crate::store::StoreOptions::default())
+            .unwrap()
+            .tenant("default")
+            .unwrap();
+        let job = crate::store::JobName::new("j").unwrap();
+        let started = Instant::now();
+        let p = Pending {
+            number: 1,
+            kind: SnapshotKind::Checkpoint,
+            trigger: Trigger::Periodic,
+            writer: store.begin(&job, 1).unwrap(),
+            started,
+            created_at_ms: 0,
+            acks: Acks::new(1),
+            replies: Vec::new(),
+            stop: false,
+        };
+        let timeout = Duration::from_secs(60);
+        assert!(!p.timed_out(started + timeout, timeout));
+        assert!(p.timed_out(started + timeout + Duration::from_millis(1), timeout));
+        assert!(!p.timed_out(started, timeout));
+        p.writer.abort();
+    }
+
+    #[test]
     fn a_repeated_ack_does_not_stand_for_a_missing_one() {
         let mut acks = Acks::new(2);
         acks.source(0);

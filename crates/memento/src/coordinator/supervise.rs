@@ -15,7 +15,7 @@ use super::{Coordinator, FINISHED, FinalState, JobFailed, JobReport, JobState, O
 use crate::dataflow::sink::{self, SinkCommit};
 use crate::dataflow::{Attempt, JobError, RestorePoint};
 use crate::spec::RestartStrategy;
-use crate::store::Manifest;
+use crate::store::{JobName, Manifest, SnapshotId};
 
 impl Coordinator<'_> {
     pub(super) fn run_inner(&mut self, from: Option<Manifest>) -> Result<JobReport, Box<JobFailed>> {
@@ -81,14 +81,13 @@ impl Coordinator<'_> {
     /// start the job as it is (not one that fails the same way); else the
     /// newest complete one.
     fn give_up(&self, error: JobError, restore: Option<&Manifest>) -> JobFailed {
-        let (resume_from, searched_older) = match (&error, restore) {
-            (JobError::Restore { .. } | JobError::Incompatible { .. }, Some(m)) if m.job == self.job => (
-                resume_point_before(&self.store, self.spec, &self.job, &self.components, &m.id),
+        let (resume_from, searched_older) = match resume_advice(&error, restore, &self.job) {
+            Resume::OlderThan(id) => (
+                resume_point_before(&self.store, self.spec, &self.job, &self.components, id),
                 true,
             ),
-            // Another job's snapshot: this job has nothing to offer for it.
-            (JobError::Incompatible { .. }, _) => (None, false),
-            _ => (self.store.latest(&self.job).ok().flatten().map(|m| m.id), false),
+            Resume::Latest => (self.store.latest(&self.job).ok().flatten().map(|m| m.id), false),
+            Resume::Nothing => (None, false),
         };
         JobFailed {
             error,
@@ -248,6 +247,28 @@ impl Coordinator<'_> {
     }
 }
 
+/// Where a run that failed for good should resume.
+#[derive(Debug, PartialEq, Eq)]
+enum Resume<'a> {
+    /// Starting from this snapshot is what failed: from the newest older
+    /// one that can start the job.
+    OlderThan(&'a SnapshotId),
+    /// From the newest complete snapshot.
+    Latest,
+    /// Nowhere this job can offer: the snapshot belongs to another job.
+    Nothing,
+}
+
+fn resume_advice<'a>(error: &JobError, restore: Option<&'a Manifest>, job: &JobName) -> Resume<'a> {
+    match (error, restore) {
+        (JobError::Restore { .. } | JobError::Incompatible { .. }, Some(m)) if m.job == *job => {
+            Resume::OlderThan(&m.id)
+        }
+        (JobError::Incompatible { .. }, _) => Resume::Nothing,
+        _ => Resume::Latest,
+    }
+}
+
 /// Failures that a restart may cure.
 fn retryable(e: &JobError) -> bool {
     matches!(
@@ -266,4 +287,66 @@ fn sink_commits(m: &Manifest) -> Vec<SinkCommit> {
         .get("tasks")
         .and_then(|t| serde_json::from_value(t.clone()).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::RestoreError;
+    use crate::store::{SnapshotKind, StateFormat, Trigger};
+
+    fn manifest(id: &str) -> Manifest {
+        let id = SnapshotId::parse(id).unwrap();
+        Manifest::new(
+            id.job().clone(),
+            id.number(),
+            SnapshotKind::Checkpoint,
+            Trigger::Periodic,
+            StateFormat::Native,
+        )
+    }
+
+    fn restore_failed(m: &Manifest) -> JobError {
+        JobError::Restore {
+            task: crate::store::TaskKey::new("count", 0),
+            source: Box::new(RestoreError::Unsupported {
+                id: m.id.clone(),
+                reason: "test".into(),
+            }),
+        }
+    }
+
+    fn incompatible(m: &Manifest) -> JobError {
+        JobError::Incompatible {
+            id: m.id.clone(),
+            reason: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_start_the_job_is_neither_retried_nor_offered_again() {
+        let job = JobName::new("j").unwrap();
+        let m = manifest("j-000007");
+        for error in [restore_failed(&m), incompatible(&m)] {
+            assert!(!retryable(&error), "{error}");
+            assert_eq!(resume_advice(&error, Some(&m), &job), Resume::OlderThan(&m.id));
+        }
+        // Another job's snapshot: nothing of this job is offered.
+        let other = manifest("other-000003");
+        assert_eq!(
+            resume_advice(&incompatible(&other), Some(&other), &job),
+            Resume::Nothing
+        );
+    }
+
+    #[test]
+    fn a_failure_while_running_resumes_from_the_newest_snapshot() {
+        let job = JobName::new("j").unwrap();
+        let m = manifest("j-000007");
+        let failed = JobError::Snapshots("3 consecutive checkpoints failed".into());
+        assert!(retryable(&failed));
+        assert_eq!(resume_advice(&failed, Some(&m), &job), Resume::Latest);
+        assert_eq!(resume_advice(&failed, None, &job), Resume::Latest);
+        assert!(!retryable(&JobError::StopFailed("timed out".into())));
+    }
 }
