@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use super::FINISHED;
 use crate::dataflow::JobError;
 use crate::snapshot;
 use crate::spec::JobSpec;
 use crate::store::{JobName, Manifest, SnapshotId, TenantStore};
+
+/// Key in a manifest's `extra` marking the record of a finished job.
+pub(super) const FINISHED: &str = "finished";
 
 /// Whether snapshot `m` can start job `job` as `spec` and `components`
 /// (operator → blake3 hex of the component it runs) describe it: the same job, the same operators at the same

@@ -39,7 +39,7 @@ use crossbeam_channel::Receiver;
 use crate::dataflow::JobError;
 use crate::runtime::{LoadedComponent, Runtime};
 use crate::spec::JobSpec;
-use crate::store::{JobName, Manifest, SnapshotKind, TenantStore, Trigger};
+use crate::store::{JobName, Manifest, TenantStore};
 pub(crate) use compat::{check_fits, resume_point_before};
 pub(crate) use control::Control;
 pub use control::{JobControl, TriggerError, TriggerResult};
@@ -48,9 +48,6 @@ pub use report::{FinalState, JobFailed, JobReport, OperatorReport, SnapshotSumma
 pub use requests::{RequestLog, RequestStatus};
 pub use schedule::Schedule;
 pub use status::{JobState, JobStatus, SnapshotOutcome, SnapshotRecord, StatusHandle};
-
-/// Key in a manifest's `extra` marking the record of a finished job.
-const FINISHED: &str = "finished";
 
 /// Runs a job: attempts, restarts, snapshots.
 pub(crate) struct Coordinator<'a> {
@@ -121,22 +118,4 @@ pub(crate) fn component_hashes(spec: &JobSpec, loaded: &[Arc<LoadedComponent>]) 
         .zip(loaded)
         .map(|(op, c)| (op.name.clone(), c.hash_hex()))
         .collect()
-}
-
-fn log_failure(job: &JobName, number: u64, kind: SnapshotKind, trigger: Trigger, reason: &str) {
-    tracing::warn!(
-        target: "memento::snapshot",
-        job = %job,
-        number,
-        kind = ?kind,
-        trigger = ?trigger,
-        outcome = "failed",
-        "snapshot failed: {reason}"
-    );
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -8,15 +8,20 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
 
+use super::Coordinator;
+use super::compat::FINISHED;
 use super::control::{Control, TriggerError};
 use super::pending::{Acks, Pending};
+use super::report::{FinalState, SnapshotSummary};
+use super::retention;
+use super::status::{self, SnapshotOutcome};
 use super::triggers::{Request, Triggers};
-use super::{Coordinator, FINISHED, FinalState, SnapshotOutcome, SnapshotSummary, log_failure, now_ms};
-use super::{retention, status};
 use crate::dataflow::sink::{self, SinkCommit};
 use crate::dataflow::{Attempt, Barrier, InjectError, JobError, Report, TaskFigures};
 use crate::spec::SnapshotFormat;
-use crate::store::{SnapshotId, SnapshotKind, SourcePosition, StateFormat, TaskKey, TaskState, Trigger};
+use crate::store::{
+    JobName, SnapshotId, SnapshotKind, SourcePosition, StateFormat, TaskKey, TaskState, Trigger, now_ms,
+};
 
 /// Why an attempt ended.
 pub(super) enum AttemptEnd {
@@ -458,6 +463,18 @@ impl Coordinator<'_> {
             }
         }
     }
+}
+
+fn log_failure(job: &JobName, number: u64, kind: SnapshotKind, trigger: Trigger, reason: &str) {
+    tracing::warn!(
+        target: "memento::snapshot",
+        job = %job,
+        number,
+        kind = ?kind,
+        trigger = ?trigger,
+        outcome = "failed",
+        "snapshot failed: {reason}"
+    );
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::TriggerResult;
+use super::control::TriggerResult;
 
 /// Status of a triggered snapshot, as `GET …/savepoints/{request}` returns it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

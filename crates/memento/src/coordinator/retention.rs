@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use super::{Coordinator, now_ms};
+use super::Coordinator;
 use crate::spec::JobSpec;
 use crate::store::{
-    JobName, ListFilter, Manifest, Retention, SnapshotId, SnapshotKind, StoreError, TenantStore,
+    JobName, ListFilter, Manifest, Retention, SnapshotId, SnapshotKind, StoreError, TenantStore, now_ms,
 };
 
 /// Least time between two garbage collections of a running job.

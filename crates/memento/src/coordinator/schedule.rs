@@ -61,7 +61,8 @@ impl Schedule {
             Kind::None => None,
             Kind::Every(d) => Some(now + *d),
             Kind::Cron(c) => {
-                let utc = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(super::now_ms() as i64)?;
+                let utc =
+                    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(crate::store::now_ms() as i64)?;
                 let next = c.find_next_occurrence(&utc, false).ok()?;
                 let wait = (next - utc).to_std().ok()?;
                 Some(now + wait)

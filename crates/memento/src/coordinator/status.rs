@@ -194,7 +194,7 @@ impl StatusHandle {
     pub(crate) fn set_state(&self, state: JobState) {
         let mut i = self.inner.lock().unwrap();
         if i.started_at_ms == 0 && state == JobState::Running {
-            i.started_at_ms = super::now_ms();
+            i.started_at_ms = crate::store::now_ms();
         }
         i.state = state;
     }
@@ -230,7 +230,7 @@ impl StatusHandle {
             trigger,
             format,
             outcome: SnapshotOutcome::InProgress,
-            triggered_at_ms: super::now_ms(),
+            triggered_at_ms: crate::store::now_ms(),
             duration_ms: 0,
             pause_ms: 0,
             logical_bytes: 0,
@@ -250,7 +250,7 @@ impl StatusHandle {
         }
         if let Some(r) = i.history.iter_mut().rev().find(|r| r.number == number) {
             r.outcome = outcome;
-            r.duration_ms = super::now_ms().saturating_sub(r.triggered_at_ms);
+            r.duration_ms = crate::store::now_ms().saturating_sub(r.triggered_at_ms);
             if let Some(f) = figures {
                 r.duration_ms = f.duration_ms;
                 r.id = Some(f.id);

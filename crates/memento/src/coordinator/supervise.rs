@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::unbounded;
 
-use super::compat::{check_fits, resume_point_before};
+use super::Coordinator;
+use super::compat::{FINISHED, check_fits, resume_point_before};
 use super::control::{Control, TriggerError};
 use super::protocol::{AttemptEnd, AttemptState};
+use super::report::{FinalState, JobFailed, JobReport, OperatorReport};
+use super::restart;
+use super::status::JobState;
 use super::triggers::Triggers;
-use super::{Coordinator, FINISHED, FinalState, JobFailed, JobReport, JobState, OperatorReport, restart};
 use crate::dataflow::sink::{self, SinkCommit};
 use crate::dataflow::{Attempt, JobError, RestorePoint};
 use crate::spec::RestartStrategy;

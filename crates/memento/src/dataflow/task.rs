@@ -8,8 +8,9 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::align::Alignment;
+use super::error::JobError;
+use super::messages::{Barrier, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
 use super::sink::{SinkCommit, SinkWriter};
-use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, route};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
 use crate::snapshot::{self, CaptureError, NativeBase};
 use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
