@@ -28,5 +28,5 @@ mod task;
 
 pub(crate) use attempt::{Attempt, InjectError, RestorePoint};
 pub use error::JobError;
-pub use messages::{Barrier, TaskFigures};
 pub(crate) use messages::Report;
+pub use messages::{Barrier, TaskFigures};
