@@ -991,3 +991,222 @@ fn auto_format_mixes_per_task_and_guards_the_config() {
     );
     assert_eq!(committed(&dir.path().join("out")), expected, "resumed from {id}");
 }
+
+/// `component` with one more mutable `i32` global in the core module that
+/// defines a memory (the guest's own): a component that still fulfils the
+/// contract, but whose state is no longer all in its memories.
+fn with_extra_global(component: &[u8]) -> Vec<u8> {
+    use wasm_encoder::reencode::{Error, Reencode, ReencodeComponent, component_utils, utils};
+
+    let mut modules = 0usize;
+    let mut target = None;
+    for payload in wasmparser::Parser::new(0).parse_all(component) {
+        match payload.unwrap() {
+            wasmparser::Payload::Version {
+                encoding: wasmparser::Encoding::Module,
+                ..
+            } => modules += 1,
+            wasmparser::Payload::MemorySection(s) if s.count() > 0 => {
+                target = target.or(Some(modules - 1));
+            }
+            _ => {}
+        }
+    }
+    let target = target.expect("a core module defines a memory");
+
+    struct AddGlobal {
+        target: usize,
+        modules: usize,
+        added: bool,
+    }
+    impl Reencode for AddGlobal {
+        type Error = std::convert::Infallible;
+
+        fn parse_global_section(
+            &mut self,
+            globals: &mut wasm_encoder::GlobalSection,
+            section: wasmparser::GlobalSectionReader<'_>,
+        ) -> Result<(), Error<Self::Error>> {
+            utils::parse_global_section(self, globals, section)?;
+            // Numbered after every existing global: no index changes.
+            if self.modules == self.target + 1 {
+                let ty = wasm_encoder::GlobalType {
+                    val_type: wasm_encoder::ValType::I32,
+                    mutable: true,
+                    shared: false,
+                };
+                globals.global(ty, &wasm_encoder::ConstExpr::i32_const(0));
+                self.added = true;
+            }
+            Ok(())
+        }
+    }
+    impl ReencodeComponent for AddGlobal {
+        fn parse_component_submodule(
+            &mut self,
+            component: &mut wasm_encoder::Component,
+            parser: wasmparser::Parser,
+            submodule: &[u8],
+        ) -> Result<(), Error<Self::Error>> {
+            self.modules += 1;
+            component_utils::parse_component_submodule(self, component, parser, submodule)
+        }
+    }
+
+    let mut rewriter = AddGlobal {
+        target,
+        modules: 0,
+        added: false,
+    };
+    let mut out = wasm_encoder::Component::new();
+    rewriter
+        .parse_component(&mut out, wasmparser::Parser::new(0), component)
+        .unwrap();
+    assert!(rewriter.added, "core module {target} has a global section");
+    out.finish()
+}
+
+/// `format = "native"` is refused when the job loads, for an operator whose
+/// component has a mutable global besides the stack pointer: one error
+/// line naming the operator and the setting, and nothing runs. With
+/// `auto` the same component runs, snapshotted canonically.
+#[test]
+fn native_format_is_refused_at_load_for_a_component_it_cannot_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read(plugin("wordcount")).unwrap();
+    let rewritten = dir.path().join("wordcount-global.wasm");
+    std::fs::write(&rewritten, with_extra_global(&original)).unwrap();
+
+    // Still a memento operator; no longer imageable.
+    let out = memento().arg("inspect").arg(&rewritten).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("contract memento:operator/plugin@0.1.0: yes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("native snapshots: no — core module")
+            && text.contains("has 1 mutable global other than the stack pointer"),
+        "{text}"
+    );
+
+    let (count, keys, seed) = (3_000u64, 10u64, 3u64);
+    let job = dir.path().join("job.toml");
+    let state = dir.path().join("state");
+    let run = |format: &str| {
+        std::fs::write(
+            &job,
+            format!(
+                "name = \"global\"\n[source]\ntype = \"generator\"\ncount = {count}\nkeys = {keys}\nseed = {seed}\n\
+                 batch = 100\nrate = 6000\n\n[[operators]]\nname = \"count\"\nplugin = \"{}\"\n\n\
+                 [sink]\ntype = \"file\"\npath = \"out\"\n\n[checkpoints]\ninterval = \"100ms\"\nretained = 50\n\
+                 format = \"{format}\"\n",
+                rewritten.display()
+            ),
+        )
+        .unwrap();
+        memento()
+            .arg("run")
+            .arg(&job)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+
+    let refused = run("native");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line:\n{stderr}");
+    assert!(lines[0].starts_with("error: operator `count`: "), "{stderr}");
+    assert!(lines[0].contains("[checkpoints] format = \"native\""), "{stderr}");
+    assert!(
+        lines[0].contains("has 1 mutable global other than the stack pointer"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out").exists(), "nothing ran");
+
+    let ran = run("auto");
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    assert_eq!(
+        committed(&dir.path().join("out")),
+        wordcount_output(count, keys, seed)
+    );
+    let tenant = Store::open(&state, StoreOptions::default())
+        .unwrap()
+        .tenant("default")
+        .unwrap();
+    let snapshots = tenant
+        .list(&ListFilter::job(&JobName::new("global").unwrap()))
+        .unwrap();
+    let periodic: Vec<&Manifest> = snapshots
+        .iter()
+        .filter(|m| m.trigger == Trigger::Periodic)
+        .collect();
+    assert!(!periodic.is_empty(), "checkpoints were taken");
+    for m in &snapshots {
+        assert_eq!(m.format, StateFormat::Canonical, "{}", m.id);
+    }
+}
+
+/// The end-of-input record of a finished job holds no state: its manifest
+/// records the job's checkpoint format, and `snapshots list` shows neither
+/// a format nor a size for it.
+#[test]
+fn the_end_of_input_record_shows_no_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"eoi\"\n[source]\ntype = \"generator\"\ncount = 2000\nkeys = 10\n\n[[operators]]\n\
+             name = \"count\"\nplugin = \"{}\"\n\n[sink]\ntype = \"null\"\n\n[checkpoints]\nformat = \"native\"\n",
+            plugin("wordcount").display()
+        ),
+    )
+    .unwrap();
+    let ran = memento()
+        .arg("run")
+        .arg(&job)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let list = |json: bool| {
+        let mut cmd = memento();
+        cmd.args(["snapshots", "list", "--job", "eoi", "--state-dir"])
+            .arg(&state);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let manifests: serde_json::Value = serde_json::from_str(&list(true)).unwrap();
+    let record = manifests
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["trigger"] == "end_of_input")
+        .expect("an end-of-input record");
+    assert_eq!(record["format"], "native", "{record}");
+    assert_eq!(record["tasks"], serde_json::json!([]), "{record}");
+
+    let text = list(false);
+    let row = text
+        .lines()
+        .find(|l| l.contains("end-of-input"))
+        .unwrap_or_else(|| panic!("no end-of-input row:\n{text}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // ID KIND TRIGGER FORMAT STATUS LOGICAL NEW DURATION(n ms) RETENTION
+    assert_eq!(
+        (cells[3], cells[5], cells[6]),
+        ("-", "-", "-"),
+        "no format, no size:\n{text}"
+    );
+}

@@ -19,8 +19,11 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
-use crate::coordinator::{Control, Coordinator, JobControl, JobFailed, JobReport, JobStatus, StatusHandle};
-use crate::runtime::{ComponentInfo, LoadedComponent, Runtime, RuntimeError};
+use crate::coordinator::{
+    Control, Coordinator, JobControl, JobFailed, JobReport, JobStatus, StatusHandle, check_fits,
+    component_hashes, resume_point_before,
+};
+use crate::runtime::{ComponentInfo, LoadedComponent, NativeUnsupported, Runtime, RuntimeError};
 use crate::spec::{JobSpec, SnapshotFormat, SpecError};
 use crate::store::{JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore};
 
@@ -53,7 +56,7 @@ pub enum HostError {
         /// `checkpoints` or `savepoints`.
         section: &'static str,
         /// Why its component cannot be imaged.
-        reason: String,
+        reason: NativeUnsupported,
     },
     /// The runtime could not start.
     #[error(transparent)]
@@ -318,14 +321,21 @@ impl Job {
         }?;
         if let Some(m) = &m {
             // Refuse a snapshot that cannot start this job before anything
-            // runs (a submission over the API is answered at once).
-            crate::coordinator::check_fits(&self.spec, &job, m).map_err(|error| {
-                Box::new(JobFailed {
+            // runs (a submission over the API is answered at once, and no
+            // output is touched), offering one that can.
+            let components = component_hashes(&self.spec, &self.components);
+            if let Err(error) = check_fits(&self.spec, &job, &components, m) {
+                let searched_older = m.job == job;
+                let resume_from = searched_older
+                    .then(|| resume_point_before(&self.store, &self.spec, &job, &components, &m.id))
+                    .flatten();
+                return Err(HostError::Job(Box::new(JobFailed {
                     error,
                     restarts: 0,
-                    resume_from: None,
-                })
-            })?;
+                    resume_from,
+                    searched_older,
+                })));
+            }
         }
         Ok(m)
     }
@@ -369,6 +379,7 @@ impl Job {
                 error: e,
                 restarts: 0,
                 resume_from: None,
+                searched_older: false,
             })
         })?;
         Ok(coordinator.run(from)?)

@@ -38,43 +38,68 @@ pub(crate) fn pack(events: &[Event]) -> Batch {
     batch
 }
 
+/// How a batch a guest returned breaks the contract's layout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedBatch {
+    /// `lengths` does not hold a key and a value length per timestamp.
+    #[error(
+        "malformed batch: {lengths} lengths for {events} event{} (two per event: key and value)",
+        if *.events == 1 { "" } else { "s" }
+    )]
+    Lengths {
+        /// Entries of `lengths`.
+        lengths: usize,
+        /// Entries of `timestamps`, one per event.
+        events: usize,
+    },
+    /// The lengths add up to more than `data` holds.
+    #[error("malformed batch: event {event}'s key and value lengths run past the {data} bytes of data")]
+    Overrun {
+        /// The first event that does not fit.
+        event: usize,
+        /// Bytes of `data`.
+        data: usize,
+    },
+    /// `data` holds bytes no event accounts for.
+    #[error("malformed batch: {bytes} bytes of data left over after the last event")]
+    LeftOver {
+        /// The bytes no event accounts for.
+        bytes: usize,
+    },
+}
+
 /// Unpack a batch a guest returned. Guest data is untrusted: every length
 /// is checked against the buffer.
 ///
 /// # Errors
-/// A message saying how the batch is malformed.
-pub(crate) fn unpack(batch: Batch) -> Result<Vec<Event>, String> {
+/// [`MalformedBatch`]: how the batch breaks the layout.
+pub(crate) fn unpack(batch: Batch) -> Result<Vec<Event>, MalformedBatch> {
     let Batch {
         data,
         lengths,
         timestamps,
     } = batch;
     if lengths.len() != timestamps.len().saturating_mul(2) {
-        return Err(format!(
-            "returned a malformed batch: {} lengths for {} events",
-            lengths.len(),
-            timestamps.len()
-        ));
+        return Err(MalformedBatch::Lengths {
+            lengths: lengths.len(),
+            events: timestamps.len(),
+        });
     }
     let mut events = Vec::with_capacity(timestamps.len());
     let mut at = 0usize;
-    let mut take = |len: u32| -> Result<Vec<u8>, String> {
-        let end = at
-            .checked_add(len as usize)
-            .filter(|end| *end <= data.len())
-            .ok_or_else(|| {
-                format!(
-                    "returned a malformed batch: lengths exceed its {} bytes of data",
-                    data.len()
-                )
-            })?;
+    let mut take = |len: u32| -> Option<Vec<u8>> {
+        let end = at.checked_add(len as usize).filter(|end| *end <= data.len())?;
         let bytes = data[at..end].to_vec();
         at = end;
-        Ok(bytes)
+        Some(bytes)
     };
     for (i, timestamp) in timestamps.into_iter().enumerate() {
-        let key = take(lengths[2 * i])?;
-        let value = take(lengths[2 * i + 1])?;
+        let overrun = MalformedBatch::Overrun {
+            event: i,
+            data: data.len(),
+        };
+        let key = take(lengths[2 * i]).ok_or(overrun.clone())?;
+        let value = take(lengths[2 * i + 1]).ok_or(overrun)?;
         events.push(Event {
             key,
             value,
@@ -82,10 +107,9 @@ pub(crate) fn unpack(batch: Batch) -> Result<Vec<Event>, String> {
         });
     }
     if at != data.len() {
-        return Err(format!(
-            "returned a malformed batch: {} bytes of data left over",
-            data.len() - at
-        ));
+        return Err(MalformedBatch::LeftOver {
+            bytes: data.len() - at,
+        });
     }
     Ok(events)
 }
@@ -108,12 +132,20 @@ mod tests {
         assert_eq!(unpack(pack(&events)).unwrap(), events);
         let mut b = pack(&events);
         b.lengths[0] = u32::MAX;
-        assert!(unpack(b).unwrap_err().contains("exceed"));
+        assert_eq!(
+            unpack(b).unwrap_err(),
+            MalformedBatch::Overrun { event: 0, data: 6 }
+        );
         let mut b = pack(&events);
         b.timestamps.pop();
-        assert!(unpack(b).unwrap_err().contains("6 lengths for 2 events"));
+        assert!(
+            unpack(b)
+                .unwrap_err()
+                .to_string()
+                .contains("6 lengths for 2 events")
+        );
         let mut b = pack(&events);
         b.data.push(1);
-        assert!(unpack(b).unwrap_err().contains("left over"));
+        assert_eq!(unpack(b).unwrap_err(), MalformedBatch::LeftOver { bytes: 1 });
     }
 }

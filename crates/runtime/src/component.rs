@@ -6,9 +6,17 @@ use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
-use super::bindings::PluginPre;
-use super::instance::TaskState;
-use super::{CONTRACT_PACKAGE, OPERATOR_INTERFACE, RuntimeError, SNAPSHOT_INTERFACE};
+use crate::bindings::PluginPre;
+use crate::data::InstanceData;
+use crate::error::{RuntimeError, one_line};
+use crate::native::{self, NativeUnsupported};
+
+/// The WIT package version this host implements.
+pub const CONTRACT_PACKAGE: &str = "memento:operator@0.1.0";
+/// The interface every plugin must export.
+pub const OPERATOR_INTERFACE: &str = "memento:operator/operator@0.1.0";
+/// The interface that carries canonical snapshots.
+pub const SNAPSHOT_INTERFACE: &str = "memento:operator/snapshot@0.1.0";
 
 /// A compiled component that implements the contract, ready to instantiate.
 pub struct LoadedComponent {
@@ -18,13 +26,13 @@ pub struct LoadedComponent {
     pub hash: [u8; 32],
     /// Size of the component in bytes.
     pub size: usize,
-    pub(super) pre: PluginPre<TaskState>,
+    pub(crate) pre: PluginPre<InstanceData>,
     /// Bytes of compiled code and metadata the engine keeps for it: what
     /// the runtime's component cache is bounded by.
     compiled_size: usize,
     /// Whether native snapshots can capture this component faithfully;
     /// decided at load time from its core modules (see `native.rs`).
-    native: Result<(), String>,
+    native: Result<(), NativeUnsupported>,
 }
 
 impl LoadedComponent {
@@ -38,8 +46,8 @@ impl LoadedComponent {
     /// module 0 has mutable globals other than the stack pointer (`x`)".
     ///
     /// # Errors
-    /// The reason native snapshots are refused, as text for the user.
-    pub fn native_support(&self) -> Result<(), String> {
+    /// Why native snapshots are refused.
+    pub fn native_support(&self) -> Result<(), NativeUnsupported> {
         self.native.clone()
     }
 
@@ -121,18 +129,6 @@ fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, Runt
     Component::new(engine, bytes).map_err(|e| invalid(path, format!("invalid component: {}", one_line(&e))))
 }
 
-/// The error chain of a wasmtime error on one line.
-pub(crate) fn one_line(e: &wasmtime::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-    }
-    parts.join(": ").replace('\n', " ")
-}
-
 /// Why `exports` do not include the operator contract, if they do not.
 fn check_exports(exports: &[String]) -> Result<(), String> {
     for wanted in [OPERATOR_INTERFACE, SNAPSHOT_INTERFACE] {
@@ -168,9 +164,9 @@ fn names(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>) {
     (imports, exports)
 }
 
-pub(super) fn load(
+pub(crate) fn load(
     engine: &Engine,
-    linker: &Linker<TaskState>,
+    linker: &Linker<InstanceData>,
     path: &Path,
     bytes: &[u8],
     hash: [u8; 32],
@@ -191,13 +187,13 @@ pub(super) fn load(
         size: bytes.len(),
         compiled_size,
         pre,
-        native: super::native::native_support(bytes),
+        native: native::native_support(bytes),
     })
 }
 
-pub(super) fn inspect(
+pub(crate) fn inspect(
     engine: &Engine,
-    linker: &Linker<TaskState>,
+    linker: &Linker<InstanceData>,
     path: &Path,
     bytes: &[u8],
 ) -> Result<ComponentInfo, RuntimeError> {
@@ -218,7 +214,7 @@ pub(super) fn inspect(
         imports,
         exports,
         fits_contract,
-        native_snapshots: super::native::native_support(bytes),
+        native_snapshots: native::native_support(bytes).map_err(|e| e.to_string()),
     })
 }
 

@@ -50,16 +50,16 @@ impl ModuleScan {
     }
 
     /// Why this module cannot be snapshotted natively, if it cannot.
-    fn verdict(&self) -> Result<(), String> {
-        let module = format!("core module {}", self.index);
-        if let Some((what, n)) = self.mutations.first() {
-            return Err(format!(
-                "{module} mutates its tables or segments at run time ({what}, {n} times), \
-                 which a memory image does not capture"
-            ));
+    fn verdict(&self) -> Result<(), NativeUnsupported> {
+        if let Some((instruction, times)) = self.mutations.first() {
+            return Err(NativeUnsupported::MutatesTables {
+                module: self.index,
+                instruction,
+                times: *times,
+            });
         }
         let name_of = |g: u32| self.names.iter().find(|(i, _)| *i == g).map(|(_, n)| n.as_str());
-        let others: Vec<String> = self
+        let globals: Vec<String> = self
             .mutable
             .iter()
             .filter(|(g, ty)| {
@@ -78,31 +78,69 @@ impl ModuleScan {
                 None => format!("global {g}"),
             })
             .collect();
-        if !others.is_empty() {
-            // Interpreters compiled to Wasm have hundreds: name a few.
-            const NAMED: usize = 4;
-            let mut named = others[..others.len().min(NAMED)].join(", ");
-            if others.len() > NAMED {
-                named.push_str(&format!(", … {} more", others.len() - NAMED));
-            }
-            let count = others.len();
-            let noun = if count == 1 { "global" } else { "globals" };
-            return Err(format!(
-                "{module} has {count} mutable {noun} other than the stack pointer ({named}), \
-                 whose values a memory image does not capture"
-            ));
+        if !globals.is_empty() {
+            return Err(NativeUnsupported::MutableGlobals {
+                module: self.index,
+                globals,
+            });
         }
         Ok(())
     }
 }
 
+/// Why a component cannot be snapshotted natively.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NativeUnsupported {
+    /// The bytes do not parse (a component that compiled always does).
+    #[error("cannot parse the component: {0}")]
+    Unparsable(String),
+    /// A core module changes tables or segments at run time.
+    #[error(
+        "core module {module} mutates its tables or segments at run time ({instruction}, {times} times), \
+         which a memory image does not capture"
+    )]
+    MutatesTables {
+        /// Index of the core module.
+        module: usize,
+        /// The first such instruction found.
+        instruction: &'static str,
+        /// How often it occurs.
+        times: usize,
+    },
+    /// A core module has mutable globals besides the stack pointer.
+    #[error(
+        "core module {module} has {} mutable {} other than the stack pointer ({}), whose values a memory \
+         image does not capture",
+        .globals.len(),
+        if .globals.len() == 1 { "global" } else { "globals" },
+        few(.globals)
+    )]
+    MutableGlobals {
+        /// Index of the core module.
+        module: usize,
+        /// The globals, by name where the module names them.
+        globals: Vec<String>,
+    },
+}
+
+/// The first few of `names`, and how many more (interpreters compiled to
+/// Wasm have hundreds of globals).
+fn few(names: &[String]) -> String {
+    const NAMED: usize = 4;
+    let mut named = names[..names.len().min(NAMED)].join(", ");
+    if names.len() > NAMED {
+        named.push_str(&format!(", … {} more", names.len() - NAMED));
+    }
+    named
+}
+
 /// The result of scanning a component: how many core modules define
 /// memories, and whether native snapshots are possible.
-pub(crate) fn native_support(bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn native_support(bytes: &[u8]) -> Result<(), NativeUnsupported> {
     let mut stack: Vec<Option<ModuleScan>> = Vec::new();
     let mut modules = 0usize;
     for payload in Parser::new(0).parse_all(bytes) {
-        let payload = payload.map_err(|e| format!("cannot parse the component: {e}"))?;
+        let payload = payload.map_err(|e| NativeUnsupported::Unparsable(e.to_string()))?;
         match payload {
             Payload::Version { encoding, .. } => {
                 stack.push(match encoding {
@@ -123,8 +161,9 @@ pub(crate) fn native_support(bytes: &[u8]) -> Result<(), String> {
             }
             other => {
                 if let Some(Some(scan)) = stack.last_mut() {
-                    scan_module_payload(scan, other)
-                        .map_err(|e| format!("cannot parse core module {}: {e}", scan.index))?;
+                    scan_module_payload(scan, other).map_err(|e| {
+                        NativeUnsupported::Unparsable(format!("core module {}: {e}", scan.index))
+                    })?;
                 }
             }
         }
@@ -234,7 +273,7 @@ mod tests {
             r#"(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024))
                (global $counter (mut i64) (i64.const 0))"#,
         );
-        let err = native_support(&c).unwrap_err();
+        let err = native_support(&c).unwrap_err().to_string();
         assert!(err.contains("core module 0"), "{err}");
         assert!(
             err.contains("has 1 mutable global other than the stack pointer (`counter`)"),
@@ -250,7 +289,7 @@ mod tests {
         let c = component(&format!(
             "(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024)) {globals}"
         ));
-        let err = native_support(&c).unwrap_err();
+        let err = native_support(&c).unwrap_err().to_string();
         assert!(
             err.contains(
                 "has 490 mutable globals other than the stack pointer (`g0`, `g1`, `g2`, `g3`, … 486 more)"
@@ -266,7 +305,7 @@ mod tests {
             r#"(table 1 funcref) (func $f)
                (func (table.set 0 (i32.const 0) (ref.func $f))) (elem declare func $f)"#,
         );
-        let err = native_support(&c).unwrap_err();
+        let err = native_support(&c).unwrap_err().to_string();
         assert!(
             err.contains("mutates its tables or segments at run time (table.set, 1 times)"),
             "{err}"

@@ -165,7 +165,7 @@ pub struct LocalDir {
     /// Prefix of this instance's temporary file names (`<pid>-<nonce>`).
     owner: String,
     /// Held for the lifetime of the backend; see the type's doc.
-    _owner_lock: File,
+    _owner_lock: std::fs::File,
     next_tmp: AtomicU64,
     /// Directories with renames or deletes not yet fsynced.
     dirty_dirs: Mutex<BTreeSet<String>>,
@@ -177,21 +177,31 @@ impl fmt::Debug for LocalDir {
     }
 }
 
+/// A held lock: the open file whose lock it is. The lock belongs to the
+/// open file description (`flock` on Linux), so two opens of the same file,
+/// even in one process, exclude each other, and closing the file releases it.
 #[derive(Debug)]
-struct FlockGuard(#[allow(dead_code)] File);
-impl LockGuard for FlockGuard {}
+struct FileLockGuard(#[allow(dead_code)] std::fs::File);
+impl LockGuard for FileLockGuard {}
 
-fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
-    // SAFETY: flock on a valid, owned descriptor has no memory effects.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-    if rc == 0 {
-        return Ok(true);
+/// Takes `mode` on `file`, waiting for it.
+fn lock_file(file: &std::fs::File, mode: LockMode) -> io::Result<()> {
+    match mode {
+        LockMode::Shared => file.lock_shared(),
+        LockMode::Exclusive => file.lock(),
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
+}
+
+/// Takes `mode` on `file` if no other holder is in the way; `false` if one is.
+fn try_lock_file(file: &std::fs::File, mode: LockMode) -> io::Result<bool> {
+    let taken = match mode {
+        LockMode::Shared => file.try_lock_shared(),
+        LockMode::Exclusive => file.try_lock(),
+    };
+    match taken {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 
@@ -231,13 +241,15 @@ impl LocalDir {
             nanos,
             NONCE.fetch_add(1, Ordering::Relaxed)
         );
-        let mut lock = root.open_with(
-            format!("{TMP_DIR}/{owner}.owner"),
-            OpenOptions::new().write(true).create(true),
-        )?;
-        flock(&lock, libc::LOCK_EX)?;
+        let mut lock = root
+            .open_with(
+                format!("{TMP_DIR}/{owner}.owner"),
+                OpenOptions::new().write(true).create(true),
+            )?
+            .into_std();
+        lock_file(&lock, LockMode::Exclusive)?;
         // Non-empty means "locked by its owner": a cleaner that takes the
-        // lock of an *empty* owner file may have raced with our flock above,
+        // lock of an *empty* owner file may have raced with our lock above,
         // so it must not treat it as dead.
         lock.write_all(std::process::id().to_string().as_bytes())?;
         Ok(LocalDir {
@@ -497,20 +509,17 @@ impl Backend for LocalDir {
                 open()?
             }
             other => other?,
-        };
-        let op = match mode {
-            LockMode::Shared => libc::LOCK_SH,
-            LockMode::Exclusive => libc::LOCK_EX,
-        };
+        }
+        .into_std();
         let Some(timeout) = timeout else {
-            flock(&file, op)?;
-            return Ok(Some(Box::new(FlockGuard(file))));
+            lock_file(&file, mode)?;
+            return Ok(Some(Box::new(FileLockGuard(file))));
         };
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(1);
         loop {
-            if flock(&file, op | libc::LOCK_NB)? {
-                return Ok(Some(Box::new(FlockGuard(file))));
+            if try_lock_file(&file, mode)? {
+                return Ok(Some(Box::new(FileLockGuard(file))));
             }
             if Instant::now() >= deadline {
                 return Ok(None);
@@ -533,7 +542,8 @@ impl Backend for LocalDir {
                     // Taking the lock of a non-empty owner file means its
                     // holder is gone (see `open`).
                     Ok(f) => {
-                        flock(&f, libc::LOCK_EX | libc::LOCK_NB).unwrap_or(false)
+                        let f = f.into_std();
+                        try_lock_file(&f, LockMode::Exclusive).unwrap_or(false)
                             && f.metadata().is_ok_and(|m| m.len() > 0)
                     }
                     Err(_) => false,
@@ -611,7 +621,7 @@ mod tests {
         let live_tmp = live.write_temp(b"in flight", false).unwrap();
         // A "dead" owner: an owner file nobody holds, plus its temporaries.
         std::fs::write(dir.path().join("tmp/1-dead.owner"), b"1").unwrap();
-        // An empty owner file may be a live owner between create and flock.
+        // An empty owner file may be a live owner between create and lock.
         std::fs::write(dir.path().join("tmp/2-starting.owner"), b"").unwrap();
         std::fs::write(dir.path().join("tmp/2-starting-0.tmp"), b"x").unwrap();
         std::fs::write(dir.path().join("tmp/1-dead-0.tmp"), b"x").unwrap();
@@ -638,5 +648,33 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    #[test]
+    fn shared_locks_coexist_and_an_owner_lock_keeps_its_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::open(dir.path()).unwrap();
+        let first = b.lock("locks/w", LockMode::Shared, None).unwrap().unwrap();
+        let second = b
+            .lock("locks/w", LockMode::Shared, Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(second.is_some(), "a second shared holder is let in");
+        drop((first, second));
+        let exclusive = b.lock("locks/w", LockMode::Exclusive, None).unwrap().unwrap();
+        assert!(
+            b.lock("locks/w", LockMode::Shared, Some(Duration::from_millis(20)))
+                .unwrap()
+                .is_none(),
+            "an exclusive holder keeps shared ones out"
+        );
+        drop(exclusive);
+        // A live handle's owner lock is held: another handle leaves its
+        // temporaries alone.
+        let tmp = b.write_temp(b"in flight", false).unwrap();
+        let other = LocalDir::open(dir.path()).unwrap();
+        assert_eq!(other.remove_stale_temp().unwrap(), 0);
+        assert!(dir.path().join(&tmp).exists());
+        drop(b);
+        assert_eq!(other.remove_stale_temp().unwrap(), 1, "the owner is gone");
     }
 }

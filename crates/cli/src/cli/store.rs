@@ -181,6 +181,19 @@ fn list(tenant: &TenantStore, job: Option<&str>, json: bool) -> anyhow::Result<(
     ];
     for r in &rows {
         table.push(match r {
+            // A record without task state (a finished job's end-of-input
+            // record) has no format and no size to show.
+            Row::Ok(m) if m.tasks.is_empty() => vec![
+                m.id.to_string(),
+                snake(&m.kind),
+                snake(&m.trigger),
+                "-".into(),
+                snake(&m.status),
+                "-".into(),
+                "-".into(),
+                format!("{} ms", m.figures.duration_ms()),
+                m.retention.to_string(),
+            ],
             Row::Ok(m) => vec![
                 m.id.to_string(),
                 snake(&m.kind),

@@ -8,8 +8,36 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::spec::SnapshotFormat;
 use crate::store::{SnapshotId, SnapshotKind};
 
-/// The answer to a trigger: the completed snapshot, or why it failed.
-pub type TriggerResult = Result<SnapshotId, String>;
+/// The answer to a trigger: the completed snapshot, or why there is none.
+pub type TriggerResult = Result<SnapshotId, TriggerError>;
+
+/// Why a trigger got no snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    /// No run of the job is going on (it ended, or none started).
+    #[error("the job is not running")]
+    NotRunning,
+    /// The job is between two attempts after a failure: try again later.
+    #[error("the job is restarting")]
+    Restarting,
+    /// The input ended: the job only finishes now (its end-of-input record
+    /// commits the rest).
+    #[error("the job's input has ended")]
+    InputEnded,
+    /// A snapshot was asked for while the input ended or the job stops.
+    #[error("the job's input has ended or it is stopping")]
+    Stopping,
+    /// A stop was asked for while the input ended or the job stops already.
+    #[error("the job's input has ended or it is already stopping")]
+    AlreadyStopping,
+    /// The run ended before the snapshot could start.
+    #[error("the job ended before the snapshot could start")]
+    EndedBeforeStart,
+    /// The snapshot started and failed: why (timed out, declined by a task,
+    /// the store, the run ending first).
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// Requests to a running job's coordinator.
 pub(crate) enum Control {
@@ -69,7 +97,7 @@ impl JobControl {
             }
             | Control::Stop { reply: Some(reply) } = request
             {
-                let _ = reply.send(Err("the job is not running".into()));
+                let _ = reply.send(Err(TriggerError::NotRunning));
             }
         }
     }

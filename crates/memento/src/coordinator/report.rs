@@ -96,15 +96,22 @@ fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 /// A job run failed for good.
 #[derive(Debug, thiserror::Error)]
-#[error("{error}{}{}", restarts_note(*.restarts), resume_note(.resume_from))]
+#[error("{error}{}{}", restarts_note(*.restarts), resume_note(.resume_from, *.searched_older))]
 pub struct JobFailed {
     /// The error of the last attempt.
     pub error: JobError,
     /// Restarts made before giving up.
     pub restarts: u32,
-    /// The snapshot to resume from: the newest complete one, or, when
-    /// restoring a snapshot is what failed, the next older intact one.
+    /// The snapshot to resume from: the newest complete one; or, when
+    /// starting from a snapshot is what failed, the newest older one that
+    /// can start the job as it is now (see `searched_older`).
     pub resume_from: Option<SnapshotId>,
+    /// Starting from a snapshot failed (it does not fit the job, or it did
+    /// not restore), so `resume_from` is the newest older snapshot that can
+    /// start the job as it is now: its manifest and blobs are there, it
+    /// fits the job file, native images are of the components the job
+    /// runs. `None` there means no such snapshot exists.
+    pub searched_older: bool,
 }
 
 fn restarts_note(n: u32) -> String {
@@ -115,8 +122,13 @@ fn restarts_note(n: u32) -> String {
     }
 }
 
-fn resume_note(id: &Option<SnapshotId>) -> String {
-    id.as_ref()
-        .map(|id| format!("; snapshot {id} is kept to resume from"))
-        .unwrap_or_default()
+fn resume_note(id: &Option<SnapshotId>, searched_older: bool) -> String {
+    match (id, searched_older) {
+        (Some(id), false) => format!("; snapshot {id} is kept to resume from"),
+        (Some(id), true) => {
+            format!("; the newest older snapshot that can start the job as it is now is {id}")
+        }
+        (None, true) => "; no older snapshot can start the job as it is now".into(),
+        (None, false) => String::new(),
+    }
 }

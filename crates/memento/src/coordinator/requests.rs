@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::TriggerResult;
+use super::control::TriggerResult;
 
 /// Status of a triggered snapshot, as `GET …/savepoints/{request}` returns it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -50,7 +50,9 @@ impl RequestLog {
                 Ok(Ok(snapshot)) => RequestStatus::Completed {
                     snapshot: snapshot.to_string(),
                 },
-                Ok(Err(error)) => RequestStatus::Failed { error },
+                Ok(Err(error)) => RequestStatus::Failed {
+                    error: error.to_string(),
+                },
                 Err(_) => RequestStatus::Failed {
                     error: "the job ended".into(),
                 },

@@ -20,6 +20,11 @@ enum Kind {
 impl Schedule {
     /// The schedule a job file's `[savepoints]` asks for (validated there).
     pub fn from_spec(spec: &SavepointSpec) -> Schedule {
+        Schedule::from_spec_at(spec, Instant::now())
+    }
+
+    /// As [`Schedule::from_spec`], starting at `now`.
+    pub(crate) fn from_spec_at(spec: &SavepointSpec, now: Instant) -> Schedule {
         let kind = if let Some(i) = spec.interval {
             Kind::Every(i.0)
         } else if let Some(expr) = &spec.cron {
@@ -31,7 +36,7 @@ impl Schedule {
             Kind::None
         };
         let mut s = Schedule { kind, next: None };
-        s.next = s.after(Instant::now());
+        s.next = s.after(now);
         s
     }
 
@@ -56,7 +61,8 @@ impl Schedule {
             Kind::None => None,
             Kind::Every(d) => Some(now + *d),
             Kind::Cron(c) => {
-                let utc = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(super::now_ms() as i64)?;
+                let utc =
+                    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(crate::store::now_ms() as i64)?;
                 let next = c.find_next_occurrence(&utc, false).ok()?;
                 let wait = (next - utc).to_std().ok()?;
                 Some(now + wait)

@@ -64,7 +64,7 @@ pub enum SnapshotOutcome {
 
 /// One task's part of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TaskFigures {
+pub struct TaskSnapshotFigures {
     /// The task.
     pub task: TaskKey,
     /// How long the task was paused to capture its state, ms.
@@ -102,7 +102,7 @@ pub struct SnapshotRecord {
     /// Bytes of blobs newly written.
     pub new_bytes: u64,
     /// Per task.
-    pub tasks: Vec<TaskFigures>,
+    pub tasks: Vec<TaskSnapshotFigures>,
 }
 
 /// Counts over the job's life (this process).
@@ -194,7 +194,7 @@ impl StatusHandle {
     pub(crate) fn set_state(&self, state: JobState) {
         let mut i = self.inner.lock().unwrap();
         if i.started_at_ms == 0 && state == JobState::Running {
-            i.started_at_ms = super::now_ms();
+            i.started_at_ms = crate::store::now_ms();
         }
         i.state = state;
     }
@@ -230,7 +230,7 @@ impl StatusHandle {
             trigger,
             format,
             outcome: SnapshotOutcome::InProgress,
-            triggered_at_ms: super::now_ms(),
+            triggered_at_ms: crate::store::now_ms(),
             duration_ms: 0,
             pause_ms: 0,
             logical_bytes: 0,
@@ -250,7 +250,7 @@ impl StatusHandle {
         }
         if let Some(r) = i.history.iter_mut().rev().find(|r| r.number == number) {
             r.outcome = outcome;
-            r.duration_ms = super::now_ms().saturating_sub(r.triggered_at_ms);
+            r.duration_ms = crate::store::now_ms().saturating_sub(r.triggered_at_ms);
             if let Some(f) = figures {
                 r.duration_ms = f.duration_ms;
                 r.id = Some(f.id);
@@ -272,7 +272,7 @@ pub(crate) struct EndFigures {
     pub pause_ms: u64,
     pub logical_bytes: u64,
     pub new_bytes: u64,
-    pub tasks: BTreeMap<TaskKey, TaskFigures>,
+    pub tasks: BTreeMap<TaskKey, TaskSnapshotFigures>,
 }
 
 #[cfg(test)]

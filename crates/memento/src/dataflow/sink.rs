@@ -12,13 +12,39 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::Event;
 use crate::spec::SinkSpec;
+use crate::store::SnapshotId;
+
+/// Why a sink failed: I/O, naming the output.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A file or directory of a `file` sink.
+    #[error("{action} {}: {source}", .path.display())]
+    Io {
+        /// What failed, e.g. "cannot write".
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// Standard output.
+    #[error("cannot write to stdout: {0}")]
+    Stdout(#[source] io::Error),
+}
+
+impl SinkError {
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SinkError {
+        let path = path.to_path_buf();
+        move |source| SinkError::Io { action, path, source }
+    }
+}
 
 /// Name of the directory, inside a `file` sink's directory, of staged files.
 pub const STAGING_DIR: &str = ".staging";
@@ -41,7 +67,7 @@ pub trait SinkWriter: Send {
     ///
     /// # Errors
     /// I/O errors, naming the output.
-    fn write(&mut self, events: &[Event]) -> Result<(), String>;
+    fn write(&mut self, events: &[Event]) -> Result<(), SinkError>;
 
     /// Barrier `snapshot` passes: make what was written so far durable and
     /// return what to commit when the snapshot completes (`None` for sinks
@@ -51,7 +77,7 @@ pub trait SinkWriter: Send {
     ///
     /// # Errors
     /// I/O errors, naming the output.
-    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, String>;
+    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, SinkError>;
 
     /// Snapshot `snapshot` completed: its files are committed and need not
     /// be listed again.
@@ -85,13 +111,18 @@ fn sink_dir(path: &Path, base: &Path) -> PathBuf {
 ///
 /// # Errors
 /// When the output cannot be created; the message names it.
-pub fn open(spec: &SinkSpec, base: &Path, task: u32, next_seq: u64) -> Result<Box<dyn SinkWriter>, String> {
+pub fn open(
+    spec: &SinkSpec,
+    base: &Path,
+    task: u32,
+    next_seq: u64,
+) -> Result<Box<dyn SinkWriter>, SinkError> {
     match spec {
         SinkSpec::File { path } => {
             let dir = sink_dir(path, base);
             let staging = dir.join(STAGING_DIR);
             std::fs::create_dir_all(&staging)
-                .map_err(|e| format!("cannot create sink directory {}: {e}", staging.display()))?;
+                .map_err(SinkError::io("cannot create sink directory", &staging))?;
             Ok(Box::new(FileSink {
                 dir,
                 task,
@@ -106,45 +137,95 @@ pub fn open(spec: &SinkSpec, base: &Path, task: u32, next_seq: u64) -> Result<Bo
     }
 }
 
-/// Make the part files listed in `commits` visible: rename each staged file
-/// to its final name, then fsync the directory. Idempotent: a file already
-/// moved is skipped, so a commit interrupted by a crash can be redone.
+/// Make the part files listed in `commits` visible after their snapshot
+/// completed: rename each staged file to its final name, then fsync the
+/// directory. Idempotent: a file already moved is skipped, so a commit
+/// interrupted by a crash can be redone. A file neither staged nor
+/// committed was removed behind the job's back: a warning names it.
 ///
 /// # Errors
-/// I/O errors, naming the file; a file neither staged nor committed.
-pub fn commit(spec: &SinkSpec, base: &Path, commits: &[SinkCommit]) -> Result<(), String> {
+/// I/O errors, naming the file.
+pub fn commit(spec: &SinkSpec, base: &Path, commits: &[SinkCommit]) -> Result<(), SinkError> {
     let SinkSpec::File { path } = spec else {
         return Ok(());
     };
     let dir = sink_dir(path, base);
+    for name in commit_files(&dir, commits)? {
+        warn_missing(&dir, &name);
+    }
+    Ok(())
+}
+
+/// As [`commit`], for the files snapshot `snapshot` lists when a run
+/// resumes from it. Returns the files it warned about: those neither staged
+/// nor committed in a directory that has staged output (the job ran here
+/// and they are gone). A directory without staged output is new, emptied
+/// or moved: the snapshot's output was committed where it was written, and
+/// nothing is missing.
+///
+/// # Errors
+/// I/O errors, naming the file.
+pub fn commit_restored(
+    spec: &SinkSpec,
+    base: &Path,
+    snapshot: &SnapshotId,
+    commits: &[SinkCommit],
+) -> Result<Vec<String>, SinkError> {
+    let SinkSpec::File { path } = spec else {
+        return Ok(Vec::new());
+    };
+    let dir = sink_dir(path, base);
+    let staged_here = dir.join(STAGING_DIR).is_dir();
+    let missing = commit_files(&dir, commits)?;
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    if !staged_here {
+        tracing::info!(
+            target: "memento::sink",
+            "{} holds no staged output: resuming from {snapshot} into a new or emptied directory; \
+             the output committed up to {snapshot} stays where it was written",
+            dir.display()
+        );
+        return Ok(Vec::new());
+    }
+    for name in &missing {
+        warn_missing(&dir, name);
+    }
+    Ok(missing)
+}
+
+fn warn_missing(dir: &Path, name: &str) {
+    tracing::warn!(
+        target: "memento::sink",
+        file = %dir.join(name).display(),
+        "pre-committed output is missing; it cannot be committed"
+    );
+}
+
+/// Rename the staged files of `commits` in `dir` to their final names;
+/// returns the files neither staged nor committed.
+fn commit_files(dir: &Path, commits: &[SinkCommit]) -> Result<Vec<String>, SinkError> {
     let mut renamed = false;
+    let mut missing = Vec::new();
     for c in commits {
         for name in &c.files {
             let staged = dir.join(STAGING_DIR).join(name);
             let target = dir.join(name);
             match std::fs::rename(&staged, &target) {
                 Ok(()) => renamed = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && target.exists() => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    // Neither staged nor committed: the snapshot was taken
-                    // elsewhere (an imported savepoint) or the staging
-                    // directory was removed. Say so; do not stop the job.
-                    tracing::warn!(
-                        target: "memento::sink",
-                        file = %target.display(),
-                        "pre-committed output is missing; it cannot be committed"
-                    );
-                }
-                Err(e) => return Err(format!("cannot commit {}: {e}", staged.display())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && target.exists() => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(name.clone()),
+                Err(e) => return Err(SinkError::io("cannot commit", &staged)(e)),
             }
         }
     }
     if renamed {
-        File::open(&dir)
+        File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+            .map_err(SinkError::io("cannot sync", dir))?;
     }
-    Ok(())
+    Ok(missing)
 }
 
 /// Remove the staging directory once a job has finished (it is empty then).
@@ -155,25 +236,25 @@ pub fn tidy(spec: &SinkSpec, base: &Path) {
 }
 
 /// Bring a `file` sink's directory to the state of a snapshot before a run:
-/// commit its pre-committed files, discard every other staged file, and
-/// return each task's next part number. Starting without a snapshot
-/// (`None`) removes the part files of earlier runs.
+/// commit its pre-committed files (see [`commit_restored`]), discard every
+/// other staged file, and return each task's next part number. Starting
+/// without a snapshot (`None`) removes the part files of earlier runs.
 ///
 /// # Errors
 /// I/O errors, naming the file.
 pub fn recover(
     spec: &SinkSpec,
     base: &Path,
-    restored: Option<&[SinkCommit]>,
-) -> Result<BTreeMap<u32, u64>, String> {
+    restored: Option<(&SnapshotId, &[SinkCommit])>,
+) -> Result<BTreeMap<u32, u64>, SinkError> {
     let SinkSpec::File { path } = spec else {
         return Ok(BTreeMap::new());
     };
     let dir = sink_dir(path, base);
     let mut next = BTreeMap::new();
     match restored {
-        Some(commits) => {
-            commit(spec, base, commits)?;
+        Some((snapshot, commits)) => {
+            commit_restored(spec, base, snapshot, commits)?;
             for c in commits {
                 next.insert(c.task, c.next_seq);
             }
@@ -182,10 +263,10 @@ pub fn recover(
             // directory (the output was moved away) has nothing to rewind;
             // the run creates it.
             let entries = match std::fs::read_dir(&dir) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
                 listed => listed
                     .and_then(|l| l.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("cannot list {}: {e}", dir.display()))?,
+                    .map_err(SinkError::io("cannot list", &dir))?,
             };
             for entry in entries {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -193,16 +274,16 @@ pub fn recover(
                     && next.get(&task).is_some_and(|n| seq >= *n)
                 {
                     std::fs::remove_file(entry.path())
-                        .map_err(|e| format!("cannot remove {}: {e}", entry.path().display()))?;
+                        .map_err(SinkError::io("cannot remove", &entry.path()))?;
                 }
             }
         }
         None if dir.exists() => {
-            for entry in std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
-                let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            for entry in std::fs::read_dir(&dir).map_err(SinkError::io("cannot list", &dir))? {
+                let entry = entry.map_err(SinkError::io("cannot list", &dir))?;
                 if entry.file_name().to_string_lossy().starts_with("part-") {
                     std::fs::remove_file(entry.path())
-                        .map_err(|e| format!("cannot remove {}: {e}", entry.path().display()))?;
+                        .map_err(SinkError::io("cannot remove", &entry.path()))?;
                 }
             }
         }
@@ -210,7 +291,7 @@ pub fn recover(
     }
     let staging = dir.join(STAGING_DIR);
     if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| format!("cannot clean {}: {e}", staging.display()))?;
+        std::fs::remove_dir_all(&staging).map_err(SinkError::io("cannot clean", &staging))?;
     }
     Ok(next)
 }
@@ -256,7 +337,7 @@ struct FileSink {
 }
 
 impl SinkWriter for FileSink {
-    fn write(&mut self, events: &[Event]) -> Result<(), String> {
+    fn write(&mut self, events: &[Event]) -> Result<(), SinkError> {
         self.line.clear();
         for e in events {
             format_line(e, &mut self.line);
@@ -266,19 +347,20 @@ impl SinkWriter for FileSink {
                 .dir
                 .join(STAGING_DIR)
                 .join(part_file_name(self.task, self.seq));
-            let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let file = File::create(&path).map_err(SinkError::io("cannot create", &path))?;
             self.current = Some((BufWriter::with_capacity(1 << 16, file), path));
         }
         let (out, path) = self.current.as_mut().expect("just opened");
         out.write_all(&self.line)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            .map_err(SinkError::io("cannot write", path))
     }
 
-    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, String> {
+    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, SinkError> {
         if let Some((mut out, path)) = self.current.take() {
-            let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-            out.flush().map_err(err)?;
-            out.get_ref().sync_all().map_err(err)?;
+            out.flush().map_err(SinkError::io("cannot write", &path))?;
+            out.get_ref()
+                .sync_all()
+                .map_err(SinkError::io("cannot write", &path))?;
             self.pending.push((snapshot, part_file_name(self.task, self.seq)));
             self.seq += 1;
         }
@@ -299,22 +381,20 @@ struct StdoutSink {
 }
 
 impl SinkWriter for StdoutSink {
-    fn write(&mut self, events: &[Event]) -> Result<(), String> {
+    fn write(&mut self, events: &[Event]) -> Result<(), SinkError> {
         self.line.clear();
         for e in events {
             format_line(e, &mut self.line);
         }
         // One locked write per batch keeps lines of parallel tasks whole.
-        std::io::stdout()
+        io::stdout()
             .lock()
             .write_all(&self.line)
-            .map_err(|e| format!("cannot write to stdout: {e}"))
+            .map_err(SinkError::Stdout)
     }
 
-    fn precommit(&mut self, _snapshot: u64) -> Result<Option<SinkCommit>, String> {
-        std::io::stdout()
-            .flush()
-            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+    fn precommit(&mut self, _snapshot: u64) -> Result<Option<SinkCommit>, SinkError> {
+        io::stdout().flush().map_err(SinkError::Stdout)?;
         Ok(None)
     }
 }
@@ -322,10 +402,10 @@ impl SinkWriter for StdoutSink {
 struct NullSink;
 
 impl SinkWriter for NullSink {
-    fn write(&mut self, _events: &[Event]) -> Result<(), String> {
+    fn write(&mut self, _events: &[Event]) -> Result<(), SinkError> {
         Ok(())
     }
-    fn precommit(&mut self, _snapshot: u64) -> Result<Option<SinkCommit>, String> {
+    fn precommit(&mut self, _snapshot: u64) -> Result<Option<SinkCommit>, SinkError> {
         Ok(None)
     }
 }
@@ -390,7 +470,8 @@ mod tests {
 
         // Crash after snapshot 2 completed but before its commit: recovery
         // commits it and discards the rest.
-        let next = recover(&spec, base.path(), Some(std::slice::from_ref(&second))).unwrap();
+        let id = SnapshotId::parse("j-000004").unwrap();
+        let next = recover(&spec, base.path(), Some((&id, std::slice::from_ref(&second)))).unwrap();
         assert_eq!(next[&1], 2);
         assert_eq!(visible(&dir), vec!["part-00001-000000", "part-00001-000001"]);
         assert!(!dir.join(STAGING_DIR).exists());
@@ -400,12 +481,45 @@ mod tests {
         );
 
         // Resuming from the first snapshot rewinds the second's output.
-        recover(&spec, base.path(), Some(std::slice::from_ref(&first))).unwrap();
+        recover(&spec, base.path(), Some((&id, std::slice::from_ref(&first)))).unwrap();
         assert_eq!(visible(&dir), vec!["part-00001-000000"]);
 
         // A fresh start removes the output of earlier runs.
         recover(&spec, base.path(), None).unwrap();
         assert!(visible(&dir).is_empty());
+    }
+
+    #[test]
+    fn missing_output_is_reported_only_where_it_was_staged() {
+        let base = tempfile::tempdir().unwrap();
+        let spec = SinkSpec::File { path: "out".into() };
+        let id = SnapshotId::parse("j-000002").unwrap();
+        let listed = [SinkCommit {
+            task: 0,
+            next_seq: 2,
+            files: vec!["part-00000-000000".into(), "part-00000-000001".into()],
+        }];
+        // A new directory, and an emptied one: the snapshot's output was
+        // committed where it was written.
+        assert!(
+            commit_restored(&spec, base.path(), &id, &listed)
+                .unwrap()
+                .is_empty()
+        );
+        std::fs::create_dir(base.path().join("out")).unwrap();
+        assert!(
+            commit_restored(&spec, base.path(), &id, &listed)
+                .unwrap()
+                .is_empty()
+        );
+        // The job's own directory: one file committed, the other gone.
+        let dir = base.path().join("out");
+        std::fs::create_dir(dir.join(STAGING_DIR)).unwrap();
+        std::fs::write(dir.join("part-00000-000000"), "a\tv\n").unwrap();
+        assert_eq!(
+            commit_restored(&spec, base.path(), &id, &listed).unwrap(),
+            vec!["part-00000-000001".to_string()]
+        );
     }
 
     #[test]

@@ -9,13 +9,65 @@ use std::time::{Duration, Instant};
 use crate::runtime::Event;
 use crate::spec::{FileFormat, SourceSpec};
 
+/// Why a source failed, naming the input and the record.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The input file cannot be opened.
+    #[error("cannot open source file {}: {source}", .path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The input file cannot be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A record does not parse.
+    #[error("{}:{line}: {reason}", .path.display())]
+    Record {
+        /// The file.
+        path: PathBuf,
+        /// Its line (from 1).
+        line: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The input is shorter than a snapshot's position: it changed since.
+    #[error(
+        "{} has {lines} lines, fewer than the snapshot's position {position} (did the input change?)",
+        .path.display()
+    )]
+    Shorter {
+        /// The file.
+        path: PathBuf,
+        /// Its lines.
+        lines: u64,
+        /// The position to resume from.
+        position: u64,
+    },
+    /// A snapshot's position is past the generator's count.
+    #[error("generator position {position} is past its count {count}")]
+    PastCount {
+        /// The position to resume from.
+        position: u64,
+        /// The generator's count.
+        count: u64,
+    },
+}
+
 /// A source of batches of events, read on the source thread.
 pub trait Source: Send {
     /// The next batch, or `None` at the end of a bounded input.
     ///
     /// # Errors
-    /// A message naming the input and the record that could not be read.
-    fn next_batch(&mut self) -> Result<Option<Vec<Event>>, String>;
+    /// [`SourceError`] naming the input and the record that could not be read.
+    fn next_batch(&mut self) -> Result<Option<Vec<Event>>, SourceError>;
 
     /// Records emitted so far: the position to resume from.
     fn position(&self) -> u64;
@@ -25,14 +77,14 @@ pub trait Source: Send {
     ///
     /// # Errors
     /// When the input ends before `position` or cannot be read.
-    fn seek(&mut self, position: u64) -> Result<(), String>;
+    fn seek(&mut self, position: u64) -> Result<(), SourceError>;
 }
 
 /// Open the source a job file describes; paths resolve against `base`.
 ///
 /// # Errors
 /// When the input cannot be opened; the message names it.
-pub fn open(spec: &SourceSpec, base: &Path) -> Result<Box<dyn Source>, String> {
+pub fn open(spec: &SourceSpec, base: &Path) -> Result<Box<dyn Source>, SourceError> {
     match spec {
         SourceSpec::File {
             path,
@@ -47,8 +99,10 @@ pub fn open(spec: &SourceSpec, base: &Path) -> Result<Box<dyn Source>, String> {
             } else {
                 base.join(path)
             };
-            let file =
-                File::open(&path).map_err(|e| format!("cannot open source file {}: {e}", path.display()))?;
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(source) => return Err(SourceError::Open { path, source }),
+            };
             Ok(Box::new(FileSource {
                 reader: BufReader::with_capacity(1 << 16, file),
                 path,
@@ -85,8 +139,12 @@ struct FileSource {
 }
 
 impl FileSource {
-    fn parse_line(&self, line: &[u8]) -> Result<Event, String> {
-        let at = || format!("{}:{}", self.path.display(), self.line_no);
+    fn parse_line(&self, line: &[u8]) -> Result<Event, SourceError> {
+        let bad = |reason: String| SourceError::Record {
+            path: self.path.clone(),
+            line: self.line_no,
+            reason,
+        };
         match self.format {
             FileFormat::Lines => {
                 let (key, value) = match &self.key_separator {
@@ -104,13 +162,13 @@ impl FileSource {
             }
             FileFormat::Jsonl => {
                 let json: serde_json::Value =
-                    serde_json::from_slice(line).map_err(|e| format!("{}: invalid JSON: {e}", at()))?;
+                    serde_json::from_slice(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
                 let key = match &self.key_field {
                     None => Vec::new(),
                     Some(field) => match json.get(field) {
                         Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
                         Some(other) => other.to_string().into_bytes(),
-                        None => return Err(format!("{}: key field `{field}` is missing", at())),
+                        None => return Err(bad(format!("key field `{field}` is missing"))),
                     },
                 };
                 let timestamp = match &self.timestamp_field {
@@ -119,7 +177,7 @@ impl FileSource {
                         .get(field)
                         .and_then(serde_json::Value::as_i64)
                         .ok_or_else(|| {
-                            format!("{}: timestamp field `{field}` is missing or not an integer", at())
+                            bad(format!("timestamp field `{field}` is missing or not an integer"))
                         })?,
                 };
                 Ok(Event {
@@ -139,12 +197,15 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 impl FileSource {
     /// Read the next line into `self.line` and count it; `false` at the end
     /// of the file.
-    fn read_line(&mut self) -> Result<bool, String> {
+    fn read_line(&mut self) -> Result<bool, SourceError> {
         self.line.clear();
         let n = self
             .reader
             .read_until(b'\n', &mut self.line)
-            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+            .map_err(|source| SourceError::Read {
+                path: self.path.clone(),
+                source,
+            })?;
         if n > 0 {
             self.line_no += 1;
         }
@@ -153,7 +214,7 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn next_batch(&mut self) -> Result<Option<Vec<Event>>, String> {
+    fn next_batch(&mut self) -> Result<Option<Vec<Event>>, SourceError> {
         let mut out = Vec::with_capacity(self.batch.min(4096));
         while out.len() < self.batch {
             if !self.read_line()? {
@@ -177,20 +238,23 @@ impl Source for FileSource {
         self.line_no
     }
 
-    fn seek(&mut self, position: u64) -> Result<(), String> {
+    fn seek(&mut self, position: u64) -> Result<(), SourceError> {
         // Positions count lines, so rewinding means reading from the start.
         use std::io::Seek;
         self.reader
             .seek(std::io::SeekFrom::Start(0))
-            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+            .map_err(|source| SourceError::Read {
+                path: self.path.clone(),
+                source,
+            })?;
         self.line_no = 0;
         while self.line_no < position {
             if !self.read_line()? {
-                return Err(format!(
-                    "{} has {} lines, fewer than the snapshot's position {position} (did the input change?)",
-                    self.path.display(),
-                    self.line_no
-                ));
+                return Err(SourceError::Shorter {
+                    path: self.path.clone(),
+                    lines: self.line_no,
+                    position,
+                });
             }
         }
         Ok(())
@@ -264,7 +328,7 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 impl Source for Generator {
-    fn next_batch(&mut self) -> Result<Option<Vec<Event>>, String> {
+    fn next_batch(&mut self) -> Result<Option<Vec<Event>>, SourceError> {
         let end = match self.count {
             Some(c) => c.min(self.next + self.batch as u64),
             None => self.next + self.batch as u64,
@@ -285,12 +349,9 @@ impl Source for Generator {
         self.next
     }
 
-    fn seek(&mut self, position: u64) -> Result<(), String> {
-        if self.count.is_some_and(|c| position > c) {
-            return Err(format!(
-                "generator position {position} is past its count {}",
-                self.count.unwrap_or(0)
-            ));
+    fn seek(&mut self, position: u64) -> Result<(), SourceError> {
+        if let Some(count) = self.count.filter(|c| position > *c) {
+            return Err(SourceError::PastCount { position, count });
         }
         self.next = position;
         self.paced_since = None;
@@ -364,6 +425,7 @@ mod tests {
             batch: 10,
         };
         let err = open(&spec, dir.path()).unwrap().next_batch().unwrap_err();
+        let err = err.to_string();
         assert!(err.contains("in.jsonl:4: invalid JSON"), "{err}");
         std::fs::write(&json, "{\"u\":\"x\",\"t\":5}\n\n{\"u\":7,\"t\":9}\n").unwrap();
         let ev = drain(open(&spec, dir.path()).unwrap());
@@ -425,6 +487,7 @@ mod tests {
         assert!(
             s.seek(9)
                 .unwrap_err()
+                .to_string()
                 .contains("fewer than the snapshot's position 9")
         );
 
@@ -451,7 +514,10 @@ mod tests {
             key_separator: None,
             batch: 1,
         };
-        let err = open(&spec, Path::new("/tmp/memento-none")).err().unwrap();
+        let err = open(&spec, Path::new("/tmp/memento-none"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("cannot open source file /tmp/memento-none/nope.txt"),
             "{err}"

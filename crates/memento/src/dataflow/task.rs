@@ -1,14 +1,16 @@
 //! The life of one operator task: instantiate, open, maybe restore, then
 //! process batches, align and take snapshots at barriers, and end.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::align::Alignment;
+use super::error::JobError;
+use super::messages::{Barrier, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
 use super::sink::{SinkCommit, SinkWriter};
-use super::{Barrier, FROM_COORDINATOR, JobError, Msg, Report, TaskFigures, route};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
 use crate::snapshot::{self, CaptureError, NativeBase};
 use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
@@ -39,7 +41,7 @@ impl Downstream {
             }
             Downstream::Sink(sink) => {
                 figures.sink_records += events.len() as u64;
-                sink.write(&events).map_err(JobError::Sink)
+                Ok(sink.write(&events)?)
             }
         }
     }
@@ -55,7 +57,7 @@ impl Downstream {
 
     fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, JobError> {
         match self {
-            Downstream::Sink(sink) => sink.precommit(snapshot).map_err(JobError::Sink),
+            Downstream::Sink(sink) => Ok(sink.precommit(snapshot)?),
             Downstream::Next(..) => Ok(None),
         }
     }
@@ -79,14 +81,6 @@ pub(super) struct Task {
     pub aborted: Arc<std::sync::atomic::AtomicU64>,
     /// Base of incremental native captures (see `snapshot::NativeBase`).
     pub native: NativeBase,
-}
-
-/// Barrier alignment: inputs that delivered the current barrier are held
-/// back until every input has delivered it (or ended).
-struct Alignment {
-    barrier: Option<Barrier>,
-    arrived: Vec<bool>,
-    held: Vec<VecDeque<Msg>>,
 }
 
 impl Task {
@@ -118,7 +112,7 @@ impl Task {
         };
         let restore_error = |e: snapshot::RestoreError| JobError::Restore {
             task: self.key.clone(),
-            reason: e.to_string(),
+            source: Box::new(e),
         };
         // A native image holds the guest's whole state, the opened operator
         // included: it replaces instantiate + open + restore-state, and
@@ -160,18 +154,9 @@ impl Task {
             }
         };
 
-        let n = self.upstreams;
-        let mut ended = vec![false; n];
-        let mut stopped = vec![false; n];
-        let mut align = Alignment {
-            barrier: None,
-            arrived: vec![false; n],
-            held: (0..n).map(|_| VecDeque::new()).collect(),
-        };
-        // Messages released after an alignment, handled before new ones.
-        let mut replay: VecDeque<(usize, Msg)> = VecDeque::new();
+        let mut align: Alignment<Barrier, Msg> = Alignment::new(self.upstreams);
         loop {
-            let (from, msg) = match replay.pop_front() {
+            let (from, msg) = match align.released() {
                 Some(m) => m,
                 None => match self.rx.recv() {
                     Ok(m) => m,
@@ -179,10 +164,16 @@ impl Task {
                     Err(_) => return Err(JobError::Cancelled(String::new())),
                 },
             };
-            if from != FROM_COORDINATOR && align.barrier.is_some() && align.arrived[from] {
-                align.held[from].push_back(msg);
-                continue;
-            }
+            // Notices from the coordinator are not part of the data flow:
+            // never aligned, never held.
+            let msg = if from == FROM_COORDINATOR {
+                msg
+            } else {
+                match align.admit(from, msg) {
+                    Some(msg) => msg,
+                    None => continue,
+                }
+            };
             match msg {
                 Msg::Batch(batch) => {
                     figures.records_in += batch.len() as u64;
@@ -190,14 +181,9 @@ impl Task {
                     figures.records_out += out.len() as u64;
                     self.downstream.send(out, figures)?;
                 }
-                Msg::Barrier(b) => {
-                    if align.barrier.is_none() {
-                        align.barrier = Some(b);
-                    }
-                    align.arrived[from] = true;
-                }
-                Msg::End => ended[from] = true,
-                Msg::Stop => stopped[from] = true,
+                Msg::Barrier(b) => align.barrier(from, b),
+                Msg::End => align.end(from),
+                Msg::Stop => align.stop(from),
                 Msg::Complete(id) => {
                     self.native.committed(id);
                     if let Downstream::Sink(sink) = &mut self.downstream {
@@ -205,28 +191,21 @@ impl Task {
                     }
                 }
             }
-            // Aligned when every input delivered the barrier or can no
-            // longer deliver one.
-            if align.barrier.is_some() && (0..n).all(|i| align.arrived[i] || ended[i] || stopped[i]) {
-                let barrier = align.barrier.take().expect("checked");
+            if let Some(barrier) = align.aligned() {
                 self.snapshot(&mut instance, barrier)?;
-                for (i, held) in align.held.iter_mut().enumerate() {
-                    replay.extend(held.drain(..).map(|m| (i, m)));
-                    align.arrived[i] = false;
-                }
                 continue;
             }
-            if !replay.is_empty() {
+            if align.releasing() {
                 continue;
             }
-            if stopped.iter().zip(&ended).all(|(s, e)| *s || *e) && stopped.iter().any(|s| *s) {
+            if align.all_stopped() {
                 // Stop-with-savepoint: do not close (the job will resume).
                 self.downstream
                     .broadcast(|| Msg::Stop)
                     .map_err(|Gone| JobError::Cancelled(String::new()))?;
                 return self.finish(&instance, figures);
             }
-            if ended.iter().all(|e| *e) {
+            if align.all_ended() {
                 let out = instance.close()?;
                 figures.records_out += out.len() as u64;
                 self.downstream.send(out, figures)?;

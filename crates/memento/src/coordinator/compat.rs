@@ -1,0 +1,229 @@
+//! Whether a snapshot can start a job as its job file and components are
+//! now, and which older snapshot can when one cannot.
+
+use std::collections::BTreeMap;
+
+use crate::dataflow::JobError;
+use crate::snapshot;
+use crate::spec::JobSpec;
+use crate::store::{JobName, Manifest, SnapshotId, TenantStore};
+
+/// Key in a manifest's `extra` marking the record of a finished job.
+pub(super) const FINISHED: &str = "finished";
+
+/// Whether snapshot `m` can start job `job` as `spec` and `components`
+/// (operator → blake3 hex of the component it runs) describe it: the same job, the same operators at the same
+/// parallelism, and native images taken with the identical component and
+/// under the same operator config. Checked before a run touches anything
+/// (so that a submission is refused at once, and no output directory is
+/// changed for a snapshot that cannot restore) and again by the coordinator
+/// before each attempt.
+///
+/// # Errors
+/// [`JobError::Incompatible`] with the reason.
+pub(crate) fn check_fits(
+    spec: &JobSpec,
+    job: &JobName,
+    components: &BTreeMap<String, String>,
+    m: &Manifest,
+) -> Result<(), JobError> {
+    let incompatible = |reason: String| JobError::Incompatible {
+        id: m.id.clone(),
+        reason,
+    };
+    if m.job != *job {
+        return Err(incompatible(format!(
+            "it belongs to job `{}`, not `{}`",
+            m.job, job
+        )));
+    }
+    if m.extra.contains_key(FINISHED) {
+        // The record of a finished run holds no state: it only commits.
+        return Ok(());
+    }
+    for op in &spec.operators {
+        let n = m.tasks.iter().filter(|t| t.key.operator == op.name).count();
+        if n == 0 {
+            return Err(incompatible(format!(
+                "it has no state for operator `{}`",
+                op.name
+            )));
+        }
+        if n != op.parallelism as usize {
+            return Err(incompatible(format!(
+                "operator `{}` has {n} tasks in the snapshot but parallelism {} in the job file \
+                     (changing parallelism is not supported)",
+                op.name, op.parallelism
+            )));
+        }
+    }
+    if let Some(t) = m
+        .tasks
+        .iter()
+        .find(|t| !spec.operators.iter().any(|o| o.name == t.key.operator))
+    {
+        return Err(incompatible(format!(
+            "it has state for operator `{}`, which the job does not have",
+            t.key.operator
+        )));
+    }
+    for op in &spec.operators {
+        let recorded = m.components.get(&op.name).map(String::as_str);
+        let running = components.get(&op.name).map_or("unknown", String::as_str);
+        for t in m.tasks.iter().filter(|t| t.key.operator == op.name) {
+            snapshot::check_image(t, recorded, running, &op.config)
+                .map_err(|e| incompatible(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest snapshot of `job` older than `id` that can start it as it is
+/// now: its manifest reads and its blobs are present, it fits
+/// ([`check_fits`]: a native image of another component does not), and it
+/// holds state (the record of a finished run only commits its output).
+/// `None` if there is none. Where to resume when starting from `id` failed.
+pub(crate) fn resume_point_before(
+    store: &TenantStore,
+    spec: &JobSpec,
+    job: &JobName,
+    components: &BTreeMap<String, String>,
+    id: &SnapshotId,
+) -> Option<SnapshotId> {
+    let mut at = id.clone();
+    while let Ok(Some(older)) = store.next_intact_before(&at) {
+        if let Ok(m) = store.get(&older)
+            && !m.extra.contains_key(FINISHED)
+            && check_fits(spec, job, components, &m).is_ok()
+        {
+            return Some(older);
+        }
+        at = older;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::NATIVE_IMAGE_VERSION;
+    use crate::store::{
+        SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TaskStateData, Trigger,
+    };
+
+    const V1: &str = "1111";
+    const V2: &str = "2222";
+
+    fn spec(parallelism: u32) -> JobSpec {
+        let toml = format!(
+            "name = \"j\"\n[source]\ntype = \"generator\"\n[[operators]]\nname = \"count\"\n\
+             plugin = \"count.wasm\"\nparallelism = {parallelism}\n[sink]\ntype = \"null\"\n"
+        );
+        JobSpec::from_toml(&toml, "job.toml".as_ref(), ".".as_ref()).unwrap()
+    }
+
+    fn running(hash: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("count".to_string(), hash.to_string())])
+    }
+
+    fn native() -> TaskStateData {
+        TaskStateData::Native {
+            memories: Vec::new(),
+            extra: serde_json::json!({ "image_version": NATIVE_IMAGE_VERSION }),
+        }
+    }
+
+    fn canonical() -> TaskStateData {
+        TaskStateData::Canonical {
+            len: 0,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Commit a snapshot of job `j` whose one task has `state`, taken with
+    /// component `hash`.
+    fn commit(store: &TenantStore, state: TaskStateData, hash: &str, finished: bool) -> SnapshotId {
+        let job = JobName::new("j").unwrap();
+        let n = store.next_snapshot_number(&job).unwrap();
+        let w = store.begin(&job, n).unwrap();
+        let format = StateFormat::of_tasks([&state]);
+        let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, format);
+        m.components = running(hash);
+        if finished {
+            m.extra.insert(FINISHED.into(), true.into());
+        } else {
+            m.tasks.push(TaskState {
+                key: TaskKey::new("count", 0),
+                state,
+            });
+        }
+        w.commit(m).unwrap()
+    }
+
+    fn store() -> (tempfile::TempDir, TenantStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            sync: false,
+            ..StoreOptions::default()
+        };
+        let tenant = Store::open(dir.path(), options)
+            .unwrap()
+            .tenant("default")
+            .unwrap();
+        (dir, tenant)
+    }
+
+    #[test]
+    fn a_native_image_fits_only_the_identical_component() {
+        let (_dir, store) = store();
+        let job = JobName::new("j").unwrap();
+        let id = commit(&store, native(), V1, false);
+        let m = store.get(&id).unwrap();
+        check_fits(&spec(1), &job, &running(V1), &m).unwrap();
+        let err = check_fits(&spec(1), &job, &running(V2), &m)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot start from snapshot {id}: it holds a native image of operator `count` taken with \
+                 component {V1}, but the job now runs component {V2}"
+            )),
+            "{err}"
+        );
+        // Canonical state fits any component: the plugin reads it.
+        let id = commit(&store, canonical(), V1, false);
+        check_fits(&spec(1), &job, &running(V2), &store.get(&id).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_resume_point_skips_what_cannot_start_the_job() {
+        let (_dir, store) = store();
+        let job = JobName::new("j").unwrap();
+        let canonical_v1 = commit(&store, canonical(), V1, false);
+        let _native_v1 = commit(&store, native(), V1, false);
+        let _finished = commit(&store, canonical(), V1, true);
+        let native_v2 = commit(&store, native(), V2, false);
+        let failed = commit(&store, native(), V1, false);
+        // Running v2: the newest older snapshot that restores into it is
+        // the native image of v2.
+        assert_eq!(
+            resume_point_before(&store, &spec(1), &job, &running(V2), &failed),
+            Some(native_v2.clone())
+        );
+        // Running v3: no native image fits; the finished record holds no
+        // state; the canonical snapshot does.
+        assert_eq!(
+            resume_point_before(&store, &spec(1), &job, &running("3333"), &failed),
+            Some(canonical_v1.clone())
+        );
+        // Nothing older than the oldest, and nothing at another parallelism.
+        assert_eq!(
+            resume_point_before(&store, &spec(1), &job, &running(V1), &canonical_v1),
+            None
+        );
+        assert_eq!(
+            resume_point_before(&store, &spec(2), &job, &running(V1), &failed),
+            None
+        );
+    }
+}

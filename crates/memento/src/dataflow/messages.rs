@@ -1,0 +1,98 @@
+//! What travels in the dataflow: barriers and batches between stages,
+//! notices from the coordinator, and the reports tasks and the source send
+//! it.
+
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::runtime::Event;
+use crate::spec::SnapshotFormat;
+use crate::store::{BlobWriter, TaskKey, TaskStateData};
+
+use super::error::JobError;
+use super::partition;
+use super::sink::SinkCommit;
+
+/// A snapshot barrier: the coordinator's request that every task captures
+/// its state after the records before it and before the records after it.
+#[derive(Clone)]
+pub struct Barrier {
+    /// The snapshot number.
+    pub id: u64,
+    /// The format to capture in.
+    pub format: SnapshotFormat,
+    /// Where the tasks' uploads put their chunks.
+    pub writer: BlobWriter,
+}
+
+/// What flows on the channels between stages.
+pub(crate) enum Msg {
+    Batch(Vec<Event>),
+    Barrier(Barrier),
+    /// The input ended: close the operator, then end downstream.
+    End,
+    /// Stop without draining (after a stop-with-savepoint barrier).
+    Stop,
+    /// Snapshot `n` completed (coordinator → every task; not aligned):
+    /// sinks forget its part files, native captures may use it as a base.
+    Complete(u64),
+}
+
+/// A task's input: messages tagged with the index of the sending task.
+pub(super) type Channel = (Sender<(usize, Msg)>, Receiver<(usize, Msg)>);
+
+/// Partition `events` by key over the next stage's channels and send each
+/// non-empty part, tagged with the sender's index `from`. `false` if a
+/// receiving task is gone (it failed; its error is reported).
+pub(super) fn route(next: &[Sender<(usize, Msg)>], from: usize, events: Vec<Event>) -> bool {
+    partition::partition(events, next.len())
+        .into_iter()
+        .enumerate()
+        .all(|(task, part)| part.is_empty() || next[task].send((from, Msg::Batch(part))).is_ok())
+}
+
+/// Sender index used for messages from the coordinator.
+pub(super) const FROM_COORDINATOR: usize = usize::MAX;
+
+/// What the dataflow tells the coordinator.
+pub(crate) enum Report {
+    /// The source injected barrier `id` at `position`.
+    SourceAck { id: u64, position: u64 },
+    /// The source reached the end of its input at `position`.
+    SourceEnded { position: u64 },
+    /// A task's state for snapshot `id` is in the store.
+    TaskAck {
+        id: u64,
+        task: TaskKey,
+        state: TaskStateData,
+        sink: Option<SinkCommit>,
+        pause: Duration,
+        upload: Duration,
+    },
+    /// A task could not contribute to snapshot `id`.
+    Declined { id: u64, task: TaskKey, reason: String },
+    /// A task ended (input ended or stopped), with its last sink commit.
+    TaskDone {
+        task: TaskKey,
+        figures: TaskFigures,
+        sink: Option<SinkCommit>,
+    },
+    /// The attempt failed.
+    Failed(JobError),
+}
+
+/// Counters of one task.
+#[derive(Clone, Debug, Default)]
+pub struct TaskFigures {
+    /// Events passed to `process`.
+    pub records_in: u64,
+    /// Events emitted.
+    pub records_out: u64,
+    /// Events written to the sink (last stage only).
+    pub sink_records: u64,
+    /// `process` calls.
+    pub process_calls: u64,
+    /// Wall time inside the plugin.
+    pub time_in_plugin: Duration,
+}

@@ -1,0 +1,81 @@
+//! What a capture produces: state copied at a barrier, not yet in the
+//! store, and why a capture can fail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::runtime::{CapturedMemory, RuntimeError};
+use crate::store::MemoryImage;
+
+use super::pages::MemoryDelta;
+
+/// State captured at a barrier, not yet in the store.
+pub struct Captured {
+    /// What was captured.
+    pub state: CapturedState,
+    /// How long the task was paused for the capture.
+    pub pause: Duration,
+    /// For an incremental native capture: where to record the persisted
+    /// images (they become the base once the snapshot is known committed).
+    pub(super) record: Option<Recording>,
+}
+
+/// The two kinds of captured state.
+pub enum CapturedState {
+    /// The operator's canonical bytes (`snapshot-state`).
+    Canonical(Vec<u8>),
+    /// Copies of the instance's linear memories.
+    Native(Vec<CapturedMemory>),
+    /// Copies of the chunks written since a committed base snapshot, and
+    /// the base's references for the others.
+    NativeDelta(Vec<MemoryDelta>),
+}
+
+impl Captured {
+    /// Bytes copied during the pause.
+    pub fn copied_bytes(&self) -> u64 {
+        match &self.state {
+            CapturedState::Canonical(b) => b.len() as u64,
+            CapturedState::Native(m) => m.iter().map(|m| m.bytes.len() as u64).sum(),
+            CapturedState::NativeDelta(m) => m.iter().map(|m| m.copied.len() as u64).sum(),
+        }
+    }
+}
+
+/// Where an incremental capture's images are recorded once persisted: the
+/// task's [`super::NativeBase`], which makes them its base when the snapshot
+/// is known committed.
+pub(super) struct Recording {
+    /// The snapshot the capture is for.
+    pub(super) number: u64,
+    /// The base that took the capture.
+    pub(super) base: Arc<dyn RecordImages>,
+    /// Digest of the operator config the task was opened with.
+    pub(super) config: Option<Arc<str>>,
+}
+
+/// Takes the images of a persisted incremental capture.
+pub(super) trait RecordImages: Send + Sync {
+    /// Snapshot `number`'s images were persisted.
+    fn record(&self, number: u64, images: &[MemoryImage]);
+}
+
+/// Why a capture did not produce state.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The operator declined (its `snapshot-state` returned an error), or a
+    /// native image is not possible right now: the snapshot fails, the task
+    /// goes on.
+    #[error("{0}")]
+    Declined(String),
+    /// The instance trapped or overran its deadline: the task fails.
+    #[error(transparent)]
+    Failed(Box<RuntimeError>),
+}
+
+pub(super) fn native_error(e: RuntimeError) -> CaptureError {
+    match e {
+        e @ RuntimeError::NativeSnapshot { .. } => CaptureError::Declined(e.to_string()),
+        e => CaptureError::Failed(Box::new(e)),
+    }
+}

@@ -1,0 +1,35 @@
+//! Capture and restore of one task's state: runtime → bytes → chunks in the
+//! store, and back. The coordinator decides when; this module decides how.
+//!
+//! Capture is split in two so that the task is paused only for the first:
+//! [`capture`] runs on the task's thread between two `process` calls and
+//! returns the state's bytes; [`persist`] chunks and writes them to the store
+//! on another thread while the task goes on processing.
+//!
+//! `captured` is what a capture produces, `capture` takes it (through the
+//! task's [`NativeBase`], `base`, for incremental native images laid out as
+//! `pages` says), `persist` writes it, `image` says what a native image
+//! records and whether it fits a job, `restore` brings state back.
+
+mod base;
+mod capture;
+mod captured;
+mod image;
+mod pages;
+mod persist;
+mod restore;
+
+pub use base::NativeBase;
+pub use capture::{capture, capture_at_barrier};
+pub use captured::{CaptureError, Captured, CapturedState};
+pub use image::{ImageMismatch, NATIVE_IMAGE_VERSION, check_image, config_digest};
+pub use pages::{ChunkSource, MemoryDelta};
+pub use persist::persist;
+pub use restore::{RestoreError, restore, restore_native};
+
+use crate::store::TaskKey;
+
+/// The key of a task in manifests.
+pub fn task_key(operator: &str, index: u32) -> TaskKey {
+    TaskKey::new(operator, index)
+}

@@ -1,0 +1,303 @@
+//! What native snapshots read and write of an instance: its linear
+//! memories (copies, refills, zeroing), which pages the guest wrote since
+//! the last look, and whether an image of it can be taken at all.
+
+use crate::dirty::DirtyTracker;
+use crate::error::{NativeRefusal, RuntimeError};
+use crate::label::TaskLabel;
+
+use super::TaskInstance;
+
+impl TaskInstance {
+    /// The current size in bytes of each linear memory, in creation order.
+    pub fn memory_sizes(&self) -> Vec<u64> {
+        self.memories.iter().map(|m| m.size() as u64).collect()
+    }
+
+    /// The bytes of linear memory `index` (creation order) as the guest
+    /// left them after its last call; `None` if there is no such memory.
+    pub fn memory(&self, index: usize) -> Option<&[u8]> {
+        // SAFETY: the guest only runs inside `&mut self` calls, so it cannot
+        // run (or grow the memory) while this borrow of `self` lives.
+        self.memories.get(index).map(|m| unsafe { m.bytes() })
+    }
+
+    /// Linear memory `index`, writable: for filling it from an image before
+    /// the first call. `None` if there is no such memory.
+    pub fn memory_mut(&mut self, index: usize) -> Option<&mut [u8]> {
+        // SAFETY: as in `memory`, and `&mut self` makes this slice unique.
+        self.memories.get(index).map(|m| unsafe { m.bytes_mut() })
+    }
+
+    /// Make `[offset, offset + len)` of memory `index` read as zero, handing
+    /// whole pages back to the kernel rather than writing them.
+    ///
+    /// # Panics
+    /// If the memory does not exist or the range is outside it.
+    pub fn zero_memory(&mut self, index: usize, offset: usize, len: usize) {
+        let m = &self.memories[index];
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= m.size()),
+            "range outside memory {index}"
+        );
+        // SAFETY: `&mut self`: the guest is not running and no slice lives.
+        unsafe { m.zero(offset, len) }
+    }
+
+    /// Host resources (WASI streams, pollables, ...) the guest holds
+    /// between calls beyond those it held right after instantiation, named.
+    /// A native image would carry their handles but not the resources.
+    pub fn held_resources(&mut self) -> Vec<String> {
+        let names: Vec<String> = self
+            .store
+            .data_mut()
+            .table()
+            .iter_mut()
+            .map(resource_name)
+            .collect();
+        if names.len() <= self.resources_at_start {
+            return Vec::new();
+        }
+        names
+    }
+
+    /// Why a native image of this instance cannot be taken right now, if
+    /// it cannot: checked before anything is captured or scanned, so a
+    /// refusal loses no dirty-page information.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Poisoned`] after a trap; [`RuntimeError::NativeSnapshot`]
+    /// if the component does not support native snapshots or the guest
+    /// holds host resources (named in the error).
+    pub fn check_native_capture(&mut self) -> Result<(), RuntimeError> {
+        if self.poisoned {
+            return Err(RuntimeError::Poisoned {
+                task: (*self.label).clone(),
+            });
+        }
+        let refuse = |reason: NativeRefusal, label: &TaskLabel| RuntimeError::NativeSnapshot {
+            task: label.clone(),
+            reason,
+        };
+        if let Err(source) = self.component.native_support() {
+            return Err(refuse(
+                NativeRefusal::Unsupported {
+                    component: self.component.name(),
+                    source,
+                },
+                &self.label,
+            ));
+        }
+        let resources = self.held_resources();
+        if !resources.is_empty() {
+            return Err(refuse(NativeRefusal::HeldResources { resources }, &self.label));
+        }
+        Ok(())
+    }
+
+    /// Copy every linear memory (creation order) with its current size: a
+    /// consistent image, since the guest is not running between calls.
+    ///
+    /// # Errors
+    /// As [`TaskInstance::check_native_capture`].
+    pub fn capture_memories(&mut self) -> Result<Vec<CapturedMemory>, RuntimeError> {
+        self.check_native_capture()?;
+        Ok(self
+            .memories
+            .iter()
+            .enumerate()
+            .map(|(index, m)| {
+                let mut bytes = crate::memory::prefaulted_buffer(m.size());
+                // SAFETY: `&mut self`: the guest is not running.
+                bytes.extend_from_slice(unsafe { m.bytes() });
+                CapturedMemory {
+                    index: index as u32,
+                    size: bytes.len() as u64,
+                    bytes,
+                }
+            })
+            .collect())
+    }
+
+    /// Turn write tracking off for good: every capture copies whole
+    /// memories (the portable path). A test hook, and what the host does
+    /// by itself when the kernel refuses the mechanism.
+    #[doc(hidden)]
+    pub fn disable_write_tracking(&mut self) {
+        self.tracking = Tracking::Unavailable;
+    }
+
+    /// Whether writes are being tracked (incremental capture possible).
+    pub fn tracks_writes(&self) -> bool {
+        matches!(self.tracking, Tracking::On(_))
+    }
+
+    /// (Re)start write tracking from the memories as they are now: the
+    /// next [`TaskInstance::written_pages`] reports only later writes.
+    /// Called after a native restore filled the memories, so that the
+    /// restored image can serve as the base of the next capture. Returns
+    /// whether tracking is on.
+    pub fn reset_write_tracking(&mut self) -> bool {
+        if matches!(self.tracking, Tracking::Unavailable) {
+            return false;
+        }
+        if std::env::var_os(DISABLE_TRACKING_ENV).is_some_and(|v| v == "off" || v == "0") {
+            log_mechanism(Err("disabled by MEMENTO_DIRTY_TRACKING".into()));
+            self.tracking = Tracking::Unavailable;
+            return false;
+        }
+        let mut trackers = Vec::with_capacity(self.memories.len());
+        for m in &self.memories {
+            // The whole reservation is registered (growth stays covered);
+            // only the accessible prefix is protected.
+            match DirtyTracker::new(m.base(), m.capacity(), m.size()) {
+                Ok(t) => trackers.push((t, m.size())),
+                Err(e) => {
+                    log_mechanism(Err(e.to_string()));
+                    self.tracking = Tracking::Unavailable;
+                    return false;
+                }
+            }
+        }
+        log_mechanism(Ok(()));
+        self.tracking = Tracking::On(trackers);
+        true
+    }
+
+    /// Which [`PAGE`]s of each memory were written since the previous call
+    /// (or since tracking started), grouped by `chunk_size` chunk, and
+    /// protected again in the same walk; pages that growth added count as
+    /// written. The first call starts tracking and answers
+    /// [`Written::All`], as does every call where tracking is unavailable.
+    ///
+    /// # Panics
+    /// If `chunk_size` is not a multiple of [`PAGE`] between 1 and 64
+    /// pages (one bit per page of a chunk).
+    pub fn written_pages(&mut self, chunk_size: usize) -> Written {
+        assert!(
+            chunk_size > 0 && chunk_size.is_multiple_of(PAGE) && chunk_size / PAGE <= 64,
+            "chunk size {chunk_size}"
+        );
+        match &mut self.tracking {
+            Tracking::Unavailable => return Written::All,
+            Tracking::Off => {
+                self.reset_write_tracking();
+                return Written::All;
+            }
+            Tracking::On(_) => {}
+        }
+        let Tracking::On(trackers) = &mut self.tracking else {
+            unreachable!("checked above")
+        };
+        let mut out = Vec::with_capacity(self.memories.len());
+        for (m, (tracker, tracked)) in self.memories.iter().zip(trackers.iter_mut()) {
+            let size = m.size();
+            let mut masks = vec![0u64; size.div_ceil(chunk_size)];
+            let mut mark = |from: usize, to: usize| {
+                for page in from / PAGE..to.div_ceil(PAGE) {
+                    let at = page * PAGE;
+                    masks[at / chunk_size] |= 1 << ((at % chunk_size) / PAGE);
+                }
+            };
+            let scanned = tracker.scan((*tracked).min(size)).and_then(|ranges| {
+                for (a, b) in ranges {
+                    mark(a, b.min(size));
+                }
+                // Pages growth made accessible since the last look were
+                // not protected: all of them count as written, and from now
+                // on they are tracked.
+                if size > *tracked {
+                    mark(*tracked, size);
+                    tracker.protect(*tracked, size - *tracked)?;
+                    *tracked = size;
+                }
+                Ok(())
+            });
+            if let Err(e) = scanned {
+                tracing::warn!(
+                    target: "memento::snapshot",
+                    "dirty-page tracking failed ({e}); native captures copy whole memories from now on"
+                );
+                self.tracking = Tracking::Unavailable;
+                return Written::All;
+            }
+            out.push(masks);
+        }
+        Written::Pages(out)
+    }
+}
+
+/// Environment variable that turns dirty-page tracking off (`off` or `0`):
+/// native captures then copy whole memories, as where the kernel lacks it.
+pub const DISABLE_TRACKING_ENV: &str = "MEMENTO_DIRTY_TRACKING";
+
+/// Write tracking of an instance's memories (see `dirty.rs`).
+pub(super) enum Tracking {
+    /// Not started: the first native capture starts it, so tasks that only
+    /// take canonical snapshots never pay for write faults.
+    Off,
+    /// One tracker per memory, with how many leading bytes it protects
+    /// (where its scan is authoritative).
+    On(Vec<(DirtyTracker, usize)>),
+    /// Unavailable, refused or disabled: captures copy everything.
+    Unavailable,
+}
+
+/// The unit of write tracking: 4 KiB, the smallest page size of the
+/// hosts memento runs on (a larger host page marks all its 4 KiB pages).
+pub const PAGE: usize = 4096;
+
+/// Which pages of each memory were written since the last look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Not known: treat every page as written.
+    All,
+    /// Per memory (creation order), per chunk, a mask of its written
+    /// [`PAGE`]s (bit `p` = page `p` of the chunk).
+    Pages(Vec<Vec<u64>>),
+}
+
+/// Say once per process which mechanism native captures use.
+fn log_mechanism(outcome: Result<(), String>) {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    match outcome {
+        Ok(()) => tracing::info!(
+            target: "memento::snapshot",
+            "native snapshots: dirty-page tracking with userfaultfd write-protect + PAGEMAP_SCAN \
+             (captures copy only pages written since the last committed snapshot)"
+        ),
+        Err(why) => tracing::info!(
+            target: "memento::snapshot",
+            "native snapshots: dirty-page tracking unavailable ({why}); captures copy whole memories"
+        ),
+    }
+}
+
+/// A consistent copy of one linear memory, taken between calls.
+#[derive(Debug, Clone)]
+pub struct CapturedMemory {
+    /// Index of the memory within the instance (creation order).
+    pub index: u32,
+    /// Its size in bytes when captured.
+    pub size: u64,
+    /// All of its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// What kind of host resource a table entry is, for error messages.
+fn resource_name(r: &mut (dyn std::any::Any + Send)) -> String {
+    use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable};
+    let any: &dyn std::any::Any = r;
+    if any.is::<DynOutputStream>() {
+        "wasi:io/streams output-stream".into()
+    } else if any.is::<DynInputStream>() {
+        "wasi:io/streams input-stream".into()
+    } else if any.is::<DynPollable>() {
+        "wasi:io/poll pollable".into()
+    } else {
+        "a WASI resource".into()
+    }
+}
