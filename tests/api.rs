@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::openapi::Doc;
-use common::{Listening, Serve, hash_token, memento, plugin, plugin_b64, request};
+use common::{Listening, Serve, hash_token, memento, plugin, plugin_b64, request, toml_path};
 use serde_json::{Value, json};
 
 /// A slow job (rate-limited generator) so the API has time to answer;
@@ -32,7 +32,7 @@ type = "null"
 
 fn job_file(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("job.toml");
-    std::fs::write(&path, job_toml(&plugin("wordcount"))).unwrap();
+    std::fs::write(&path, job_toml(&toml_path(&plugin("wordcount")))).unwrap();
     path
 }
 

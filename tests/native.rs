@@ -7,10 +7,15 @@
 //! (exactly-once under SIGKILL with `[checkpoints] format = "native"`,
 //! `memento inspect`).
 
-use std::collections::BTreeMap;
+mod common;
+
+use common::output::{assert_prefix, committed, wordcount_output};
+use common::wasm::with_extra_global;
+use common::{memento, plugin};
+
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,10 +28,6 @@ use memento::store::{
 };
 
 // ------------------------------------------------------------ library helpers
-
-fn plugin(name: &str) -> PathBuf {
-    Path::new(memento_plugins::DIR).join(format!("{}.wasm", name.replace('-', "_")))
-}
 
 fn load(rt: &Runtime, name: &str) -> Arc<LoadedComponent> {
     rt.load_file(&plugin(name)).unwrap()
@@ -691,12 +692,6 @@ fn a_disposed_native_base_is_not_built_on() {
 
 // ------------------------------------------------------------ binary helpers
 
-fn memento() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memento"));
-    cmd.env_remove("MEMENTO_LOG").env_remove("MEMENTO_STATE_DIR");
-    cmd
-}
-
 /// Refusal at load time: `memento inspect` says whether a component
 /// supports native snapshots and, if not, why.
 #[test]
@@ -727,52 +722,6 @@ fn inspect_reports_native_support() {
         ),
         "{text}"
     );
-}
-
-type Committed = BTreeMap<String, Vec<String>>;
-
-fn committed(dir: &Path) -> Committed {
-    let mut out = Committed::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    let mut names: Vec<String> = entries
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    names.sort();
-    for name in names {
-        let text = std::fs::read_to_string(dir.join(&name)).unwrap();
-        for line in text.lines() {
-            let (k, v) = line.split_once('\t').expect("a tab");
-            out.entry(k.to_string()).or_default().push(v.to_string());
-        }
-    }
-    out
-}
-
-fn assert_prefix(got: &Committed, expected: &Committed, when: &str) {
-    for (k, vs) in got {
-        let want = expected.get(k).map_or(&[][..], Vec::as_slice);
-        assert!(
-            vs.len() <= want.len() && vs[..] == want[..vs.len()],
-            "{when}: committed output of key {k} is not a prefix of the expected ({} committed, {} expected)",
-            vs.len(),
-            want.len()
-        );
-    }
-}
-
-/// `wordcount` over the generator: per key 1, 2, 3, ...
-fn wordcount_output(count: u64, keys: u64, seed: u64) -> Committed {
-    let g = memento::dataflow::source::Generator::new(Some(count), None, keys, seed, 1);
-    let mut out = Committed::new();
-    for i in 0..count {
-        let k = String::from_utf8(g.event(i).key).unwrap();
-        let vs = out.entry(k).or_default();
-        vs.push((vs.len() + 1).to_string());
-    }
-    out
 }
 
 fn wait_for(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
@@ -990,80 +939,6 @@ fn auto_format_mixes_per_task_and_guards_the_config() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     assert_eq!(committed(&dir.path().join("out")), expected, "resumed from {id}");
-}
-
-/// `component` with one more mutable `i32` global in the core module that
-/// defines a memory (the guest's own): a component that still fulfils the
-/// contract, but whose state is no longer all in its memories.
-fn with_extra_global(component: &[u8]) -> Vec<u8> {
-    use wasm_encoder::reencode::{Error, Reencode, ReencodeComponent, component_utils, utils};
-
-    let mut modules = 0usize;
-    let mut target = None;
-    for payload in wasmparser::Parser::new(0).parse_all(component) {
-        match payload.unwrap() {
-            wasmparser::Payload::Version {
-                encoding: wasmparser::Encoding::Module,
-                ..
-            } => modules += 1,
-            wasmparser::Payload::MemorySection(s) if s.count() > 0 => {
-                target = target.or(Some(modules - 1));
-            }
-            _ => {}
-        }
-    }
-    let target = target.expect("a core module defines a memory");
-
-    struct AddGlobal {
-        target: usize,
-        modules: usize,
-        added: bool,
-    }
-    impl Reencode for AddGlobal {
-        type Error = std::convert::Infallible;
-
-        fn parse_global_section(
-            &mut self,
-            globals: &mut wasm_encoder::GlobalSection,
-            section: wasmparser::GlobalSectionReader<'_>,
-        ) -> Result<(), Error<Self::Error>> {
-            utils::parse_global_section(self, globals, section)?;
-            // Numbered after every existing global: no index changes.
-            if self.modules == self.target + 1 {
-                let ty = wasm_encoder::GlobalType {
-                    val_type: wasm_encoder::ValType::I32,
-                    mutable: true,
-                    shared: false,
-                };
-                globals.global(ty, &wasm_encoder::ConstExpr::i32_const(0));
-                self.added = true;
-            }
-            Ok(())
-        }
-    }
-    impl ReencodeComponent for AddGlobal {
-        fn parse_component_submodule(
-            &mut self,
-            component: &mut wasm_encoder::Component,
-            parser: wasmparser::Parser,
-            submodule: &[u8],
-        ) -> Result<(), Error<Self::Error>> {
-            self.modules += 1;
-            component_utils::parse_component_submodule(self, component, parser, submodule)
-        }
-    }
-
-    let mut rewriter = AddGlobal {
-        target,
-        modules: 0,
-        added: false,
-    };
-    let mut out = wasm_encoder::Component::new();
-    rewriter
-        .parse_component(&mut out, wasmparser::Parser::new(0), component)
-        .unwrap();
-    assert!(rewriter.added, "core module {target} has a global section");
-    out.finish()
 }
 
 /// `format = "native"` is refused when the job loads, for an operator whose

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, committed, memento, plugin_b64, two_tenants};
+use common::output::committed;
+use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, memento, plugin_b64, two_tenants};
 use serde_json::{Value, json};
 
 /// A `memento serve` of tenants `a` and `b` and an admin, with what the
@@ -450,7 +451,7 @@ interval = "300ms"
     });
     let out = committed(&host.state().join("files/a/out"));
     for (key, values) in &out {
-        let expected: Vec<u64> = (1..=values.len() as u64).collect();
+        let expected: Vec<String> = (1..=values.len()).map(|n| n.to_string()).collect();
         assert_eq!(values, &expected, "key {key}: lost or repeated records");
     }
     let total: usize = out.values().map(Vec::len).sum();

@@ -1,20 +1,13 @@
 //! End-to-end tests of `memento run`, `memento inspect` and `memento demo`:
 //! they drive the real binary with the real plugins (built by crates/plugins/build.rs).
 
+mod common;
+
+use common::{memento, plugin, toml_path};
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn memento() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memento"));
-    cmd.env_remove("MEMENTO_LOG").env_remove("MEMENTO_STATE_DIR");
-    cmd
-}
-
-/// Path of a built plugin (example or test plugin).
-fn plugin(name: &str) -> PathBuf {
-    Path::new(memento_plugins::DIR).join(format!("{}.wasm", name.replace('-', "_")))
-}
+use std::path::Path;
+use std::process::Output;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -66,10 +59,6 @@ fn parts(dir: &Path) -> BTreeMap<String, Vec<(String, String)>> {
         all.insert(path.file_name().unwrap().to_string_lossy().into_owned(), lines);
     }
     all
-}
-
-fn toml_path(p: &Path) -> String {
-    p.display().to_string().replace('\\', "\\\\")
 }
 
 const TEXT: &str = "to be or not to be\nthat is the question\nto be or not to be\nwhether tis nobler in the mind\nthat is the question\nor to take arms\n";

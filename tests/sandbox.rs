@@ -8,7 +8,11 @@
 //! runs for the whole test process; [`contained`] asserts that the
 //! bystander kept making progress while the hostile job ran.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{plugin, toml_path};
+
+use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,15 +22,6 @@ use memento::runtime::{Context, Runtime, RuntimeError, RuntimeOptions, SandboxLi
 use memento::spec::JobSpec;
 use memento::store::SnapshotId;
 use memento::{Host, Job, RunOptions, StartFrom};
-
-/// Path of a built plugin.
-fn plugin(name: &str) -> PathBuf {
-    Path::new(memento_plugins::DIR).join(format!("{}.wasm", name.replace('-', "_")))
-}
-
-fn toml_path(p: &Path) -> String {
-    p.display().to_string().replace('\\', "\\\\")
-}
 
 /// The host every in-process test shares, with its state directory.
 fn host() -> &'static Host {

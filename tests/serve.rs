@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 
 use base64::Engine as _;
 use common::openapi::Doc;
-use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, endless_job, plugin, plugin_b64, raw, two_tenants};
+use common::wasm::with_extra_global;
+use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, endless_job, plugin, plugin_b64, raw, toml_path, two_tenants};
 use serde_json::{Value, json};
 
 /// The value of the series `name{labels}` in a Prometheus text answer.
@@ -303,6 +304,19 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
     );
     let stdout = endless_job("x", "").replace("type = \"null\"", "type = \"stdout\"");
     expect(submit(&stdout, plugins.clone()), 400, "invalid_job", "stdout");
+    // Native snapshots asked of a component that cannot be imaged: refused
+    // at submission, not at the first checkpoint.
+    let imageless = base64::engine::general_purpose::STANDARD
+        .encode(with_extra_global(&std::fs::read(plugin("wordcount")).unwrap()));
+    expect(
+        submit(
+            &endless_job("x", "[checkpoints]\nformat = \"native\""),
+            json!({ "wordcount.wasm": imageless }),
+        ),
+        400,
+        "invalid_job",
+        "operator `count`: [checkpoints] format = \"native\" needs a component whose state is all in its memories",
+    );
     expect(
         submit(
             &endless_job("x", "[limits]\nmemory = \"128MiB\""),
@@ -441,7 +455,7 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
     std::fs::write(
         &job,
         endless_job("boot", "[checkpoints]\ninterval = \"200ms\"")
-            .replace("wordcount.wasm", &plugin("wordcount")),
+            .replace("wordcount.wasm", &toml_path(&plugin("wordcount"))),
     )
     .unwrap();
     let s = Serve::start(&two_tenants(

@@ -7,8 +7,9 @@
 #![allow(dead_code)]
 
 pub mod openapi;
+pub mod output;
+pub mod wasm;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -39,35 +40,19 @@ pub fn memento() -> Command {
     cmd
 }
 
-/// The path of a built plugin.
-pub fn plugin(name: &str) -> String {
-    Path::new(memento_plugins::DIR)
-        .join(format!("{name}.wasm"))
-        .display()
-        .to_string()
+/// The path of a built plugin (example or test plugin, `-` or `_`).
+pub fn plugin(name: &str) -> PathBuf {
+    memento_plugins::path(name)
+}
+
+/// A path as a TOML basic string's content.
+pub fn toml_path(p: &Path) -> String {
+    p.display().to_string().replace('\\', "\\\\")
 }
 
 /// A built plugin, base64, as `POST /v1/jobs` takes it.
 pub fn plugin_b64(name: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(std::fs::read(plugin(name)).unwrap())
-}
-
-/// The committed lines of a file sink's directory, by key.
-pub fn committed(dir: &Path) -> BTreeMap<String, Vec<u64>> {
-    let mut out = BTreeMap::<String, Vec<u64>>::new();
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    names.sort();
-    for name in names {
-        for line in std::fs::read_to_string(dir.join(&name)).unwrap().lines() {
-            let (k, v) = line.split_once('\t').unwrap();
-            out.entry(k.into()).or_default().push(v.parse().unwrap());
-        }
-    }
-    out
 }
 
 /// An unbounded, rate-limited job (it runs until stopped) with the

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use memento::coordinator::status::{SnapshotCounts, TaskFigures};
+use memento::coordinator::status::{SnapshotCounts, TaskSnapshotFigures};
 use memento::coordinator::{JobState, JobStatus, SnapshotOutcome, SnapshotRecord};
 use memento::service::ServiceJob;
 use memento::spec::SnapshotFormat;
@@ -268,8 +268,8 @@ pub struct TaskView {
     pub logical_bytes: u64,
 }
 
-impl From<&TaskFigures> for TaskView {
-    fn from(t: &TaskFigures) -> Self {
+impl From<&TaskSnapshotFigures> for TaskView {
+    fn from(t: &TaskSnapshotFigures) -> Self {
         TaskView {
             task: t.task.clone(),
             pause_ms: t.pause_ms,
@@ -503,7 +503,7 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use memento::coordinator::status::TaskFigures;
+    use memento::coordinator::status::TaskSnapshotFigures;
 
     #[test]
     fn percentiles_are_nearest_rank_and_absent_without_values() {
@@ -532,7 +532,7 @@ mod tests {
             pause_ms: 1,
             logical_bytes: 2,
             new_bytes: 3,
-            tasks: vec![TaskFigures {
+            tasks: vec![TaskSnapshotFigures {
                 task: TaskKey::new("count", 1),
                 pause_ms: 4,
                 async_ms: 5,

@@ -317,7 +317,9 @@ impl Service {
         };
         let job = entry.host.load_job(spec, tenant).map_err(|e| match e {
             e @ HostError::Plugin { .. } => ServiceError::bad("invalid_plugin", e.to_string()),
-            e @ HostError::Spec(_) => ServiceError::bad("invalid_job", e.to_string()),
+            e @ (HostError::Spec(_) | HostError::NativeUnsupported { .. }) => {
+                ServiceError::bad("invalid_job", e.to_string())
+            }
             e => ServiceError::Internal(e.to_string()),
         })?;
         job.resolve_start(&from).map_err(|e| match e {
