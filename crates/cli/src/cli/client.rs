@@ -11,13 +11,13 @@ use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::store::human_bytes;
 use crate::api::views::{
     CancelResponse, CheckpointsView, DisposeResponse, ErrorBody, JobsView, OutcomeView, RecordView, Stats,
     TriggerResponse,
 };
 use memento::coordinator::RequestStatus;
 use memento::spec::SnapshotFormat;
+use memento::spec::format_size;
 
 /// Where the CLI looks for a host when neither `--host` nor `MEMENTO_HOST`
 /// is given (`memento serve`'s default listen address).
@@ -253,29 +253,6 @@ fn error_message(body: &str) -> String {
         .replace('\n', " ")
 }
 
-/// Left-aligned columns as wide as their widest cell, two spaces apart.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut l = String::new();
-        for (cell, w) in cells.zip(&widths) {
-            let _ = write!(l, "{cell:<w$}  ");
-        }
-        let _ = writeln!(out, "{}", l.trim_end());
-    };
-    line(&mut headers.iter().copied());
-    for row in rows {
-        line(&mut row.iter().map(String::as_str));
-    }
-    out
-}
-
 /// An optional field as text: `-` when absent.
 fn opt(v: Option<impl ToString>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
@@ -311,7 +288,7 @@ pub fn format_jobs(v: &JobsView) -> String {
             ]
         })
         .collect();
-    table(
+    super::table::render(
         &[
             "JOB",
             "TENANT",
@@ -322,6 +299,7 @@ pub fn format_jobs(v: &JobsView) -> String {
             "RESTARTS",
             "RESTORED FROM",
         ],
+        &["RECORDS", "COMPLETED", "FAILED", "RESTARTS"],
         &rows,
     )
 }
@@ -355,8 +333,8 @@ pub fn format_checkpoints(job: &str, v: &CheckpointsView) -> String {
             "  duration ms   {}",
             stats(&sum.duration_ms, &|x| x.to_string())
         );
-        let _ = writeln!(s, "  logical size  {}", stats(&sum.logical_bytes, &human_bytes));
-        let _ = writeln!(s, "  new bytes     {}", stats(&sum.new_bytes, &human_bytes));
+        let _ = writeln!(s, "  logical size  {}", stats(&sum.logical_bytes, &format_size));
+        let _ = writeln!(s, "  new bytes     {}", stats(&sum.new_bytes, &format_size));
     }
     let id = |r: &Option<RecordView>| opt(r.as_ref().and_then(|r| r.id.as_ref()));
     let _ = writeln!(
@@ -395,15 +373,16 @@ pub fn format_checkpoints(job: &str, v: &CheckpointsView) -> String {
                 status.to_string(),
                 r.duration_ms.to_string(),
                 r.pause_ms.to_string(),
-                human_bytes(r.logical_bytes),
-                human_bytes(r.new_bytes),
+                format_size(r.logical_bytes),
+                format_size(r.new_bytes),
             ]
         })
         .collect();
-    s.push_str(&table(
+    s.push_str(&super::table::render(
         &[
             "#", "ID", "KIND", "TRIGGER", "FORMAT", "STATUS", "MS", "PAUSE MS", "SIZE", "NEW",
         ],
+        &["#", "MS", "PAUSE MS", "SIZE", "NEW"],
         &rows,
     ));
     s
@@ -438,12 +417,11 @@ mod tests {
         let t = format_jobs(&v);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("JOB     TENANT  STATE"), "{t}");
-        assert!(
-            lines[1].starts_with("a       t       running  12       0 "),
+        assert_eq!(
+            lines[1], "a       t       running       12          0       0         0  -",
             "{t}"
         );
-        assert!(lines[1].ends_with("  -"), "{t}");
-        assert!(lines[2].contains("failed   12       3 "), "{t}");
+        assert!(lines[2].contains("failed        12          3 "), "{t}");
         assert!(lines[2].ends_with("longer-000002"), "{t}");
         assert_eq!(format_jobs(&JobsView { jobs: vec![] }), "no jobs\n");
     }

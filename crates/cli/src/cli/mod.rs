@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod serve;
 pub mod store;
+mod table;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

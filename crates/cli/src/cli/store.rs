@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
+use memento::spec::format_size;
 use memento::store::{
     JobName, Manifest, Progress, SnapshotId, SnapshotKind, Store, StoreError, StoreOptions, TaskStateData,
     TenantStore,
@@ -164,21 +165,7 @@ fn list(tenant: &TenantStore, job: Option<&str>, json: bool) -> anyhow::Result<(
         eprintln!("no snapshots (tenant {})", tenant.name());
         return Ok(());
     }
-    let mut table = vec![
-        [
-            "ID",
-            "KIND",
-            "TRIGGER",
-            "FORMAT",
-            "STATUS",
-            "LOGICAL",
-            "NEW",
-            "DURATION",
-            "RETENTION",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut table = Vec::new();
     for r in &rows {
         table.push(match r {
             // A record without task state (a finished job's end-of-input
@@ -200,8 +187,8 @@ fn list(tenant: &TenantStore, job: Option<&str>, json: bool) -> anyhow::Result<(
                 snake(&m.trigger),
                 snake(&m.format),
                 snake(&m.status),
-                human_bytes(m.figures.logical_bytes),
-                human_bytes(m.figures.new_bytes),
+                format_size(m.figures.logical_bytes),
+                format_size(m.figures.new_bytes),
                 format!("{} ms", m.figures.duration_ms()),
                 m.retention.to_string(),
             ],
@@ -212,7 +199,24 @@ fn list(tenant: &TenantStore, job: Option<&str>, json: bool) -> anyhow::Result<(
             }
         });
     }
-    print!("{}", format_table(&table));
+    print!(
+        "{}",
+        super::table::render(
+            &[
+                "ID",
+                "KIND",
+                "TRIGGER",
+                "FORMAT",
+                "STATUS",
+                "LOGICAL",
+                "NEW",
+                "DURATION",
+                "RETENTION"
+            ],
+            &["LOGICAL", "NEW", "DURATION"],
+            &table,
+        )
+    );
     for r in &rows {
         if let Row::Damaged(_, e) = r {
             eprintln!("warning: {e}");
@@ -226,54 +230,6 @@ fn snake<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s.replace('_', "-"),
         _ => "?".into(),
-    }
-}
-
-/// Left-aligned columns separated by two spaces; numbers right-aligned.
-fn format_table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let right = [5, 6, 7]; // LOGICAL, NEW, DURATION
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(c, s)| {
-                if right.contains(&c) {
-                    format!("{s:>w$}", w = widths[c])
-                } else {
-                    format!("{s:<w$}", w = widths[c])
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// Sizes in binary units with one decimal (`1.5 MiB`).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 
@@ -311,9 +267,9 @@ fn format_manifest(m: &Manifest) -> String {
     let _ = writeln!(
         s,
         "  size       {} logical, {} new ({} stored), {} of {} chunks new",
-        human_bytes(f.logical_bytes),
-        human_bytes(f.new_bytes),
-        human_bytes(f.stored_bytes),
+        format_size(f.logical_bytes),
+        format_size(f.new_bytes),
+        format_size(f.stored_bytes),
         f.chunks_new,
         f.chunks_total
     );
@@ -346,7 +302,7 @@ fn format_manifest(m: &Manifest) -> String {
             s,
             "    {:<20} {what}, {}, {chunks} chunks ({zero} zero)",
             t.key.to_string(),
-            human_bytes(t.state.logical_bytes())
+            format_size(t.state.logical_bytes())
         );
         if let TaskStateData::Native { memories, .. } = &t.state {
             for m in memories {
@@ -358,9 +314,9 @@ fn format_manifest(m: &Manifest) -> String {
                     s,
                     "      memory {:<13} {}, {} chunks of {} ({zero} zero, {new})",
                     m.index,
-                    human_bytes(m.size),
+                    format_size(m.size),
                     m.chunks.len(),
-                    human_bytes(m.chunk_size)
+                    format_size(m.chunk_size)
                 );
             }
         }
@@ -401,7 +357,7 @@ pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
         "checked {} snapshots, {} blobs ({}) in {} ms; {} damaged, {} unreferenced blobs",
         r.snapshots_checked,
         r.blobs_checked,
-        human_bytes(r.bytes_checked),
+        format_size(r.bytes_checked),
         r.duration_ms,
         r.damaged.len(),
         r.unreferenced_blobs
@@ -432,7 +388,7 @@ pub fn run_gc(store: &StoreArgs) -> anyhow::Result<()> {
     println!(
         "removed {} blobs, freed {}; kept {} blobs referenced by {} snapshots ({} ms)",
         r.blobs_removed,
-        human_bytes(r.bytes_freed),
+        format_size(r.bytes_freed),
         r.blobs_referenced,
         r.snapshots,
         r.duration_ms
@@ -487,7 +443,7 @@ pub fn run_savepoint_export(store: &StoreArgs, id: &str, file: &Path) -> anyhow:
         summary.id,
         file.display(),
         summary.blobs,
-        human_bytes(summary.archive_bytes)
+        format_size(summary.archive_bytes)
     );
     Ok(())
 }
@@ -542,7 +498,7 @@ pub fn run_savepoint_dispose(store: &StoreArgs, id: &str) -> anyhow::Result<()> 
     match tenant.gc() {
         Ok(r) => println!(
             "disposed {id}; freed {} ({} blobs)",
-            human_bytes(r.bytes_freed),
+            format_size(r.bytes_freed),
             r.blobs_removed
         ),
         Err(e) => {
@@ -559,21 +515,12 @@ mod tests {
 
     #[test]
     fn sizes_and_dates_print_as_humans_read_them() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(1 << 30), "1.0 GiB");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(1_709_210_096_000), "2024-02-29 12:34:56 UTC");
         assert_eq!(utc(u64::MAX), "18446744073709551615 ms after 1970");
-    }
-
-    #[test]
-    fn table_aligns_columns() {
-        let t = format_table(&[
-            vec!["ID".into(), "KIND".into()],
-            vec!["a-000001".into(), "savepoint".into()],
-        ]);
-        assert_eq!(t, "ID        KIND\na-000001  savepoint\n");
     }
 }
