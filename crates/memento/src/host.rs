@@ -25,7 +25,9 @@ use crate::coordinator::{
 };
 use crate::runtime::{ComponentInfo, LoadedComponent, NativeUnsupported, Runtime, RuntimeError};
 use crate::spec::{JobSpec, SnapshotFormat, SpecError};
-use crate::store::{JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore};
+use crate::store::{
+    InvalidName, JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore,
+};
 
 /// The tenant of a single-user host (the CLI without `--tenant`).
 pub const DEFAULT_TENANT: &str = "default";
@@ -89,6 +91,12 @@ pub enum HostError {
     /// The run failed for good.
     #[error(transparent)]
     Job(Box<JobFailed>),
+}
+
+impl From<InvalidName> for HostError {
+    fn from(e: InvalidName) -> Self {
+        HostError::Store(e.into())
+    }
 }
 
 impl From<RuntimeError> for HostError {

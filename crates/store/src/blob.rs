@@ -18,7 +18,50 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::error::{BlobProblem, StoreError};
+use super::name::InvalidName;
+
+/// What is wrong with one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BlobProblem {
+    /// No file exists under the blob's name.
+    Missing,
+    /// The file's content does not hash to its name.
+    HashMismatch {
+        /// blake3 of the bytes actually found (after decompression).
+        actual: BlobHash,
+    },
+    /// The decoded bytes have a different length than the reference says.
+    LengthMismatch {
+        /// Length recorded in the manifest.
+        expected: u64,
+        /// Length found on disk.
+        actual: u64,
+    },
+    /// The file does not start with a valid blob header.
+    BadHeader(String),
+    /// The compressed payload does not decompress.
+    Decompress(String),
+    /// The file could not be read.
+    Unreadable(String),
+}
+
+impl fmt::Display for BlobProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlobProblem::Missing => write!(f, "blob is missing"),
+            BlobProblem::HashMismatch { actual } => {
+                write!(f, "content hashes to {actual} (blob is corrupt)")
+            }
+            BlobProblem::LengthMismatch { expected, actual } => {
+                write!(f, "length is {actual} bytes, expected {expected}")
+            }
+            BlobProblem::BadHeader(reason) => write!(f, "bad blob header: {reason}"),
+            BlobProblem::Decompress(reason) => write!(f, "cannot decompress: {reason}"),
+            BlobProblem::Unreadable(reason) => write!(f, "cannot read: {reason}"),
+        }
+    }
+}
 
 /// Largest chunk accepted by any `put`: a blob holds one chunk, so this
 /// bounds the memory a read of one blob may allocate.
@@ -52,24 +95,21 @@ impl BlobHash {
     /// Parses 64 lowercase hex digits.
     ///
     /// # Errors
-    /// [`StoreError::InvalidName`] for anything else.
-    pub fn parse(value: &str) -> Result<Self, StoreError> {
+    /// [`InvalidName`] for anything else.
+    pub fn parse(value: &str) -> Result<Self, InvalidName> {
         let ok = value.len() == 64
             && value
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !ok {
-            return Err(StoreError::InvalidName {
-                what: "blob hash",
-                value: value.to_string(),
-                reason: "expected 64 lowercase hex digits (blake3)".into(),
-            });
+            return Err(InvalidName::new(
+                "blob hash",
+                value,
+                "expected 64 lowercase hex digits (blake3)".into(),
+            ));
         }
-        let hash = blake3::Hash::from_hex(value).map_err(|e| StoreError::InvalidName {
-            what: "blob hash",
-            value: value.to_string(),
-            reason: e.to_string(),
-        })?;
+        let hash =
+            blake3::Hash::from_hex(value).map_err(|e| InvalidName::new("blob hash", value, e.to_string()))?;
         Ok(BlobHash(*hash.as_bytes()))
     }
 
@@ -94,8 +134,8 @@ impl fmt::Debug for BlobHash {
 }
 
 impl FromStr for BlobHash {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self, StoreError> {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
         Self::parse(s)
     }
 }

@@ -7,51 +7,8 @@
 use std::fmt;
 use std::io;
 
-use super::blob::BlobHash;
-use super::name::SnapshotId;
-
-/// What is wrong with one blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum BlobProblem {
-    /// No file exists under the blob's name.
-    Missing,
-    /// The file's content does not hash to its name.
-    HashMismatch {
-        /// blake3 of the bytes actually found (after decompression).
-        actual: BlobHash,
-    },
-    /// The decoded bytes have a different length than the reference says.
-    LengthMismatch {
-        /// Length recorded in the manifest.
-        expected: u64,
-        /// Length found on disk.
-        actual: u64,
-    },
-    /// The file does not start with a valid blob header.
-    BadHeader(String),
-    /// The compressed payload does not decompress.
-    Decompress(String),
-    /// The file could not be read.
-    Unreadable(String),
-}
-
-impl fmt::Display for BlobProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BlobProblem::Missing => write!(f, "blob is missing"),
-            BlobProblem::HashMismatch { actual } => {
-                write!(f, "content hashes to {actual} (blob is corrupt)")
-            }
-            BlobProblem::LengthMismatch { expected, actual } => {
-                write!(f, "length is {actual} bytes, expected {expected}")
-            }
-            BlobProblem::BadHeader(reason) => write!(f, "bad blob header: {reason}"),
-            BlobProblem::Decompress(reason) => write!(f, "cannot decompress: {reason}"),
-            BlobProblem::Unreadable(reason) => write!(f, "cannot read: {reason}"),
-        }
-    }
-}
+use super::blob::{BlobHash, BlobProblem};
+use super::name::{InvalidName, SnapshotId};
 
 /// Errors of the snapshot store.
 ///
@@ -249,5 +206,15 @@ impl StoreError {
     /// True if the error means "this does not exist" (unknown snapshot).
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+impl From<InvalidName> for StoreError {
+    fn from(e: InvalidName) -> Self {
+        StoreError::InvalidName {
+            what: e.what,
+            value: e.value,
+            reason: e.reason,
+        }
     }
 }

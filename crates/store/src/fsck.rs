@@ -6,8 +6,9 @@ use std::io;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::blob::BlobProblem;
 use super::blob::{self, BlobHash};
-use super::error::{BlobProblem, StoreError};
+use super::error::StoreError;
 use super::{SnapshotId, TenantStore};
 
 /// A snapshot fsck found damaged, with every problem found.

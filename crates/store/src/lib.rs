@@ -76,24 +76,22 @@ mod writer;
 
 pub use archive::{ArchiveSummary, Progress};
 pub use backend::{Backend, LocalDir, LockGuard, LockMode, PutMode, Staged};
-pub use blob::{BlobHash, Compression, MAX_CHUNK};
+pub use blob::{BlobHash, BlobProblem, Compression, MAX_CHUNK};
 pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
-pub use error::{BadChunk, BlobProblem, StoreError};
+pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport};
 pub use gc::GcReport;
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, Manifest, MemoryImage, Retention, SnapshotKind, SnapshotStatus,
     SourcePosition, StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
 };
-pub use name::{ID_NUMBER_WIDTH, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
+pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 pub use series::SeriesLease;
 pub use tenant::{ListFilter, TenantStore};
-pub(crate) use writer::WriterShared;
 pub use writer::{BlobWriter, SnapshotWriter};
 
 pub(crate) use numbers::NumberFile;
 pub(crate) use tenant::{TenantInner, unique_blobs};
-pub(crate) use usage::UsageCache;
 
 use std::collections::HashMap;
 use std::io;

@@ -9,7 +9,28 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::error::StoreError;
+/// A tenant name, job name, snapshot id or blob hash that was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {reason}")]
+pub struct InvalidName {
+    /// Which kind of name (`tenant name`, `job name`, `snapshot id`, …).
+    pub what: &'static str,
+    /// The rejected input, cut to its first 80 characters (it may come
+    /// from the network).
+    pub value: String,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+impl InvalidName {
+    pub(crate) fn new(what: &'static str, value: &str, reason: String) -> Self {
+        let value = match value.char_indices().nth(80) {
+            Some((cut, _)) => format!("{}…", &value[..cut]),
+            None => value.to_string(),
+        };
+        InvalidName { what, value, reason }
+    }
+}
 
 /// Longest tenant or job name accepted.
 pub const MAX_NAME_LEN: usize = 64;
@@ -20,12 +41,8 @@ pub const ID_NUMBER_WIDTH: usize = 6;
 
 /// Checks a tenant or job name: 1..=64 bytes of `[A-Za-z0-9_.-]`, not
 /// starting with `.` (which also excludes `.` and `..`).
-fn check_name(what: &'static str, value: &str) -> Result<(), StoreError> {
-    let reject = |reason: String| StoreError::InvalidName {
-        what,
-        value: value.to_string(),
-        reason,
-    };
+fn check_name(what: &'static str, value: &str) -> Result<(), InvalidName> {
+    let reject = |reason: String| InvalidName::new(what, value, reason);
     if value.is_empty() {
         return Err(reject("must not be empty".into()));
     }
@@ -64,8 +81,8 @@ macro_rules! name_type {
             /// Validates `value`.
             ///
             /// # Errors
-            /// [`StoreError::InvalidName`] naming the input and the reason.
-            pub fn new(value: &str) -> Result<Self, StoreError> {
+            /// [`InvalidName`] naming the input and the reason.
+            pub fn new(value: &str) -> Result<Self, InvalidName> {
                 check_name($what, value)?;
                 Ok(Self(value.to_string()))
             }
@@ -89,8 +106,8 @@ macro_rules! name_type {
         }
 
         impl FromStr for $name {
-            type Err = StoreError;
-            fn from_str(s: &str) -> Result<Self, StoreError> {
+            type Err = InvalidName;
+            fn from_str(s: &str) -> Result<Self, InvalidName> {
                 Self::new(s)
             }
         }
@@ -143,13 +160,9 @@ impl SnapshotId {
     /// Parses `<job>-<number>`.
     ///
     /// # Errors
-    /// [`StoreError::InvalidName`] naming the id and what is wrong with it.
-    pub fn parse(value: &str) -> Result<Self, StoreError> {
-        let reject = |reason: String| StoreError::InvalidName {
-            what: "snapshot id",
-            value: value.to_string(),
-            reason,
-        };
+    /// [`InvalidName`] naming the id and what is wrong with it.
+    pub fn parse(value: &str) -> Result<Self, InvalidName> {
+        let reject = |reason: String| InvalidName::new("snapshot id", value, reason);
         let Some((job, digits)) = value.rsplit_once('-') else {
             return Err(reject("expected <job>-<number>, e.g. wordcount-000042".into()));
         };
@@ -161,10 +174,7 @@ impl SnapshotId {
         let number: u64 = digits
             .parse()
             .map_err(|_| reject(format!("snapshot number {digits} is too large")))?;
-        let job = JobName::new(job).map_err(|e| match e {
-            StoreError::InvalidName { reason, .. } => reject(format!("job name {job:?} {reason}")),
-            other => other,
-        })?;
+        let job = JobName::new(job).map_err(|e| reject(format!("job name {job:?} {}", e.reason)))?;
         Ok(SnapshotId { job, number })
     }
 
@@ -205,8 +215,8 @@ impl Ord for SnapshotId {
 }
 
 impl FromStr for SnapshotId {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self, StoreError> {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
         Self::parse(s)
     }
 }
@@ -228,7 +238,7 @@ impl<'de> Deserialize<'de> for SnapshotId {
 mod tests {
     use super::*;
 
-    fn reason(e: StoreError) -> String {
+    fn reason(e: InvalidName) -> String {
         e.to_string()
     }
 

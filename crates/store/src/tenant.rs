@@ -2,14 +2,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backend::{Backend, LockGuard, LockMode};
 use crate::{
-    BlobHash, BlobWriter, JobName, Manifest, SnapshotId, SnapshotKind, SnapshotStatus, SnapshotWriter,
-    StoreError, StoreInner, StoreOptions, TenantName, UsageCache, WriterShared,
+    BlobHash, JobName, Manifest, SnapshotId, SnapshotKind, SnapshotStatus, StoreError, StoreInner,
+    StoreOptions, TenantName,
 };
 
 /// One tenant's view of the store: the only way to reach snapshots.
@@ -67,6 +66,45 @@ pub(crate) fn unique_blobs(m: &Manifest) -> HashSet<BlobHash> {
     m.chunk_refs().filter_map(|(_, _, c)| c.blob()).collect()
 }
 
+/// Reference counts of the blobs the tenant's manifests use, with the blobs'
+/// stored sizes: what a quota counts.
+#[derive(Debug, Default)]
+pub(crate) struct UsageCache {
+    pub(crate) manifests: HashSet<SnapshotId>,
+    pub(crate) blobs: HashMap<BlobHash, (u64, u32)>,
+    pub(crate) total: u64,
+}
+
+impl UsageCache {
+    pub(crate) fn add(&mut self, id: &SnapshotId, blobs: impl IntoIterator<Item = (BlobHash, u64)>) {
+        if !self.manifests.insert(id.clone()) {
+            return;
+        }
+        for (hash, size) in blobs {
+            let e = self.blobs.entry(hash).or_insert((size, 0));
+            if e.1 == 0 {
+                self.total += e.0;
+            }
+            e.1 += 1;
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: &SnapshotId, blobs: impl IntoIterator<Item = BlobHash>) {
+        if !self.manifests.remove(id) {
+            return;
+        }
+        for hash in blobs {
+            if let Some(e) = self.blobs.get_mut(&hash) {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    self.total -= e.0;
+                    self.blobs.remove(&hash);
+                }
+            }
+        }
+    }
+}
+
 impl TenantStore {
     /// The tenant's name.
     pub fn name(&self) -> &TenantName {
@@ -103,44 +141,6 @@ impl TenantStore {
         self.backend()
             .lock(&key, mode, timeout)
             .map_err(|e| StoreError::io("lock", key, e))
-    }
-
-    /// Starts writing snapshot `number` of `job`. Blobs the writer stores (or
-    /// finds already present) are protected from GC until it commits, aborts
-    /// or is dropped. Waits while a GC is deleting.
-    ///
-    /// # Errors
-    /// [`StoreError::AlreadyExists`] if that snapshot is committed; I/O
-    /// errors.
-    pub fn begin(&self, job: &JobName, number: u64) -> Result<SnapshotWriter, StoreError> {
-        let id = SnapshotId::new(job.clone(), number);
-        // The gate lets a GC that is waiting for writers stop new ones from
-        // starting, so a busy store cannot starve it.
-        let gate = self.lock("gate", LockMode::Shared, None)?;
-        let pin = self
-            .lock("writers", LockMode::Shared, None)?
-            .expect("waits without timeout");
-        drop(gate);
-        if self.manifest_exists(&id)? {
-            return Err(StoreError::AlreadyExists {
-                tenant: self.inner.name.to_string(),
-                id,
-            });
-        }
-        let shared = Arc::new(WriterShared {
-            tenant: self.clone(),
-            id,
-            pin: Mutex::new(Some(pin)),
-            seen: Mutex::new(HashMap::new()),
-            pending: Mutex::new(Vec::new()),
-            written: AtomicU64::new(0),
-            new_bytes: AtomicU64::new(0),
-            stored_bytes: AtomicU64::new(0),
-        });
-        Ok(SnapshotWriter {
-            blobs: BlobWriter { shared },
-            started: Instant::now(),
-        })
     }
 
     pub(crate) fn manifest_exists(&self, id: &SnapshotId) -> Result<bool, StoreError> {

@@ -1,47 +1,9 @@
 //! What a tenant's snapshots occupy, for its quota.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
+use crate::tenant::UsageCache;
 use crate::{BlobHash, SnapshotId, StoreError, TenantStore, unique_blobs};
-
-/// Reference counts of the blobs the tenant's manifests use, with the blobs'
-/// stored sizes: what a quota counts.
-#[derive(Debug, Default)]
-pub(crate) struct UsageCache {
-    pub(crate) manifests: HashSet<SnapshotId>,
-    pub(crate) blobs: HashMap<BlobHash, (u64, u32)>,
-    pub(crate) total: u64,
-}
-
-impl UsageCache {
-    pub(crate) fn add(&mut self, id: &SnapshotId, blobs: impl IntoIterator<Item = (BlobHash, u64)>) {
-        if !self.manifests.insert(id.clone()) {
-            return;
-        }
-        for (hash, size) in blobs {
-            let e = self.blobs.entry(hash).or_insert((size, 0));
-            if e.1 == 0 {
-                self.total += e.0;
-            }
-            e.1 += 1;
-        }
-    }
-
-    pub(crate) fn remove(&mut self, id: &SnapshotId, blobs: impl IntoIterator<Item = BlobHash>) {
-        if !self.manifests.remove(id) {
-            return;
-        }
-        for hash in blobs {
-            if let Some(e) = self.blobs.get_mut(&hash) {
-                e.1 -= 1;
-                if e.1 == 0 {
-                    self.total -= e.0;
-                    self.blobs.remove(&hash);
-                }
-            }
-        }
-    }
-}
 
 impl TenantStore {
     /// Bytes of the blobs referenced by the tenant's manifests (each blob

@@ -6,13 +6,53 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::backend::{LockGuard, PutMode, Staged};
+use crate::backend::{LockGuard, LockMode, PutMode, Staged};
 use crate::manifest::now_ms;
 use crate::{
-    BlobHash, ChunkRef, MANIFEST_SCHEMA_VERSION, MAX_CHUNK, Manifest, SnapshotId, SnapshotKind,
+    BlobHash, ChunkRef, JobName, MANIFEST_SCHEMA_VERSION, MAX_CHUNK, Manifest, SnapshotId, SnapshotKind,
     SnapshotStatus, StateFormat, StoreError, TenantStore, Trigger,
 };
 use crate::{blob, chunk};
+
+impl TenantStore {
+    /// Starts writing snapshot `number` of `job`. Blobs the writer stores (or
+    /// finds already present) are protected from GC until it commits, aborts
+    /// or is dropped. Waits while a GC is deleting.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] if that snapshot is committed; I/O
+    /// errors.
+    pub fn begin(&self, job: &JobName, number: u64) -> Result<SnapshotWriter, StoreError> {
+        let id = SnapshotId::new(job.clone(), number);
+        // The gate lets a GC that is waiting for writers stop new ones from
+        // starting, so a busy store cannot starve it.
+        let gate = self.lock("gate", LockMode::Shared, None)?;
+        let pin = self
+            .lock("writers", LockMode::Shared, None)?
+            .expect("waits without timeout");
+        drop(gate);
+        if self.manifest_exists(&id)? {
+            return Err(StoreError::AlreadyExists {
+                tenant: self.inner.name.to_string(),
+                id,
+            });
+        }
+        let shared = Arc::new(WriterShared {
+            tenant: self.clone(),
+            id,
+            pin: Mutex::new(Some(pin)),
+            seen: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
+            written: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+            stored_bytes: AtomicU64::new(0),
+        });
+        Ok(SnapshotWriter {
+            blobs: BlobWriter { shared },
+            started: Instant::now(),
+        })
+    }
+}
 
 /// Writes the blobs of one snapshot and commits its manifest.
 ///

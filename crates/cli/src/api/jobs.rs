@@ -256,15 +256,6 @@ pub(crate) fn route_table<B: Backend>() -> Vec<Route<Arc<B>>> {
     ]
 }
 
-/// The job routes as (lowercase method, path template): what both
-/// `memento serve` and `memento run --listen` serve.
-pub fn routes() -> Vec<(&'static str, &'static str)> {
-    route_table::<super::single::SingleJob>()
-        .into_iter()
-        .map(|(m, p, _)| (m, p))
-        .collect()
-}
-
 /// Build a router from a route table (the same path twice with different
 /// methods merges them).
 pub(crate) fn router<S: Clone + Send + Sync + 'static>(table: Vec<Route<S>>) -> axum::Router<S> {

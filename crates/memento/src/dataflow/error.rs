@@ -2,7 +2,7 @@
 
 use crate::runtime::RuntimeError;
 use crate::snapshot::RestoreError;
-use crate::store::{SnapshotId, StoreError, TaskKey};
+use crate::store::{InvalidName, SnapshotId, StoreError, TaskKey};
 
 use super::sink::SinkError;
 use super::source::SourceError;
@@ -63,5 +63,11 @@ pub enum JobError {
 impl From<RuntimeError> for JobError {
     fn from(e: RuntimeError) -> Self {
         JobError::Task(Box::new(e))
+    }
+}
+
+impl From<InvalidName> for JobError {
+    fn from(e: InvalidName) -> Self {
+        JobError::Store(e.into())
     }
 }

@@ -441,7 +441,7 @@ impl Service {
     /// [`ServiceError::BadRequest`] for a malformed id,
     /// [`ServiceError::NotFound`] if the tenant has no such snapshot.
     pub fn dispose(&self, tenant: &str, id: &str) -> Result<SnapshotId, ServiceError> {
-        let id = SnapshotId::parse(id).map_err(ServiceError::from_store)?;
+        let id = SnapshotId::parse(id).map_err(|e| ServiceError::from_store(e.into()))?;
         self.tenant(tenant)?
             .store
             .delete(&id)
