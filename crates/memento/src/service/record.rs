@@ -1,15 +1,14 @@
 //! Resume records: what is kept on disk about a running submitted job
 //! (`<state_dir>/service/jobs/<tenant>/<name>.json`), written durably before
-//! it runs and removed when it ends for good, and the resumption of every
-//! recorded job when the service starts.
+//! it runs and removed when it ends for good. Submitting them again when the
+//! service starts is submission's (`submit.rs`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Service, ServiceError, ServiceJob, Submission};
+use super::ServiceError;
 
 /// Enough to submit a job again, exactly as the tenant did, after a restart.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,75 +31,12 @@ impl JobRecord {
         Ok(path)
     }
 
-    fn read(path: &Path) -> Result<JobRecord, ServiceError> {
+    pub fn read(path: &Path) -> Result<JobRecord, ServiceError> {
         let text = std::fs::read(path).map_err(|e| ServiceError::Internal(format!("read: {e}")))?;
         serde_json::from_slice(&text).map_err(|e| ServiceError::Internal(format!("parse: {e}")))
     }
 }
 
-impl Service {
-    /// Submit again every job recorded under `service/jobs/`, from its
-    /// latest snapshot (from scratch when it has none). A record that
-    /// cannot be resumed (its tenant left the config, a component is gone,
-    /// a cap was lowered below what it asks) is logged and kept, so the job
-    /// resumes once the config is fixed; it does not stop the other
-    /// tenants' jobs from starting.
-    pub(super) fn resume_recorded(&self) {
-        let mut records = Vec::new();
-        let Ok(tenants) = std::fs::read_dir(&self.inner.records_dir) else {
-            return;
-        };
-        for t in tenants.flatten() {
-            for f in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
-                let path = f.path();
-                if path.extension().is_some_and(|e| e == "json") {
-                    records.push(path);
-                }
-            }
-        }
-        records.sort();
-        for path in records {
-            match self.resume(&path) {
-                Ok(job) => tracing::info!(
-                    tenant = %job.tenant(),
-                    job = %job.name(),
-                    from = ?job.status().restored_from,
-                    "job resumed from the state directory"
-                ),
-                Err(e) => tracing::error!(record = %path.display(), "cannot resume job: {e}"),
-            }
-        }
-    }
-
-    fn resume(&self, path: &Path) -> Result<Arc<ServiceJob>, ServiceError> {
-        let record = JobRecord::read(path)?;
-        let mut plugins = BTreeMap::new();
-        for (name, hash) in &record.plugins {
-            plugins.insert(name.clone(), self.stored_component(hash)?);
-        }
-        let submission = Submission {
-            job: record.job,
-            plugins,
-            from: Some("latest".into()),
-        };
-        match self.submit(&record.tenant, submission.clone()) {
-            // No snapshot yet: it had not checkpointed when the host went
-            // down, so it starts over, as it would have on its first run.
-            Err(ServiceError::NotFound(m)) if m.starts_with("no snapshot") => self.submit(
-                &record.tenant,
-                Submission {
-                    from: None,
-                    ..submission
-                },
-            ),
-            r => r,
-        }
-    }
-}
-
-/// Write `path` so that after a crash it holds either nothing or all of
-/// `bytes`: a synced temporary file renamed into place, then the directory
-/// synced so the rename itself survives.
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;

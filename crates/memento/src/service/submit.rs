@@ -1,7 +1,8 @@
 //! Submission and confinement: a job submitted over the API is kept inside
 //! its tenant (uploaded plugins only, paths inside the tenant's directory,
 //! no stdout), held to the tenant's caps, and its components are stored
-//! once by content.
+//! once by content. Recorded jobs are submitted again when the service
+//! starts.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -226,6 +227,70 @@ fn apply_caps(spec: &mut JobSpec, text: &str, tenant: &TenantConfig) -> Result<(
     }
     Ok(())
 }
+
+impl Service {
+    /// Submit again every job recorded under `service/jobs/`, from its
+    /// latest snapshot (from scratch when it has none). A record that
+    /// cannot be resumed (its tenant left the config, a component is gone,
+    /// a cap was lowered below what it asks) is logged and kept, so the job
+    /// resumes once the config is fixed; it does not stop the other
+    /// tenants' jobs from starting.
+    pub(super) fn resume_recorded(&self) {
+        let mut records = Vec::new();
+        let Ok(tenants) = std::fs::read_dir(&self.inner.records_dir) else {
+            return;
+        };
+        for t in tenants.flatten() {
+            for f in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+                let path = f.path();
+                if path.extension().is_some_and(|e| e == "json") {
+                    records.push(path);
+                }
+            }
+        }
+        records.sort();
+        for path in records {
+            match self.resume(&path) {
+                Ok(job) => tracing::info!(
+                    tenant = %job.tenant(),
+                    job = %job.name(),
+                    from = ?job.status().restored_from,
+                    "job resumed from the state directory"
+                ),
+                Err(e) => tracing::error!(record = %path.display(), "cannot resume job: {e}"),
+            }
+        }
+    }
+
+    fn resume(&self, path: &Path) -> Result<Arc<ServiceJob>, ServiceError> {
+        let record = JobRecord::read(path)?;
+        let mut plugins = BTreeMap::new();
+        for (name, hash) in &record.plugins {
+            plugins.insert(name.clone(), self.stored_component(hash)?);
+        }
+        let submission = Submission {
+            job: record.job,
+            plugins,
+            from: Some("latest".into()),
+        };
+        match self.submit(&record.tenant, submission.clone()) {
+            // No snapshot yet: it had not checkpointed when the host went
+            // down, so it starts over, as it would have on its first run.
+            Err(ServiceError::NotFound(m)) if m.starts_with("no snapshot") => self.submit(
+                &record.tenant,
+                Submission {
+                    from: None,
+                    ..submission
+                },
+            ),
+            r => r,
+        }
+    }
+}
+
+/// Write `path` so that after a crash it holds either nothing or all of
+/// `bytes`: a synced temporary file renamed into place, then the directory
+/// synced so the rename itself survives.
 
 #[cfg(test)]
 mod tests {
