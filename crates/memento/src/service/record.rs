@@ -37,6 +37,9 @@ impl JobRecord {
     }
 }
 
+/// Write `path` so that after a crash it holds either nothing or all of
+/// `bytes`: a synced temporary file renamed into place, then the directory
+/// synced so the rename itself survives.
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;

@@ -288,10 +288,6 @@ impl Service {
     }
 }
 
-/// Write `path` so that after a crash it holds either nothing or all of
-/// `bytes`: a synced temporary file renamed into place, then the directory
-/// synced so the rename itself survives.
-
 #[cfg(test)]
 mod tests {
     use super::*;
