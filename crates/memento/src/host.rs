@@ -207,7 +207,7 @@ impl Host {
                 g.resolve(&spec.base_dir).map_err(|reason| SpecError::Invalid {
                     path: spec.base_dir.clone(),
                     field: format!("operators[{i}].grants[{j}].dir"),
-                    reason,
+                    reason: reason.to_string(),
                 })?;
             }
         }

@@ -109,7 +109,7 @@ impl Attempt {
                         Ok(DirGrant {
                             host: g.resolve(&spec.base_dir).map_err(|reason| JobError::Grant {
                                 operator: op.name.clone(),
-                                reason,
+                                reason: reason.to_string(),
                             })?,
                             guest: g.guest.clone(),
                         })

@@ -207,31 +207,66 @@ impl GrantSpec {
     /// `base_dir` (the job file's directory) after following symlinks.
     ///
     /// # Errors
-    /// Why the directory cannot be granted, as text.
-    pub fn resolve(&self, base_dir: &Path) -> Result<PathBuf, String> {
-        let base = base_dir.canonicalize().map_err(|e| {
-            format!(
-                "cannot resolve the job file's directory {}: {e}",
-                base_dir.display()
-            )
+    /// [`GrantError`]: why the directory cannot be granted.
+    pub fn resolve(&self, base_dir: &Path) -> Result<PathBuf, GrantError> {
+        let base = base_dir.canonicalize().map_err(|source| GrantError::Base {
+            dir: base_dir.to_path_buf(),
+            source,
         })?;
         let dir = base
             .join(&self.dir)
             .canonicalize()
-            .map_err(|e| format!("{}: {e}", base_dir.join(&self.dir).display()))?;
+            .map_err(|source| GrantError::Unreadable {
+                dir: base_dir.join(&self.dir),
+                source,
+            })?;
         if !dir.starts_with(&base) {
-            return Err(format!(
-                "{} leads to {}, outside the job file's directory {}",
-                self.dir.display(),
-                dir.display(),
-                base.display()
-            ));
+            return Err(GrantError::Outside {
+                dir: self.dir.clone(),
+                target: dir,
+                base,
+            });
         }
         if !dir.is_dir() {
-            return Err(format!("{} is not a directory", dir.display()));
+            return Err(GrantError::NotADirectory(dir));
         }
         Ok(dir)
     }
+}
+
+/// Why a `[[operators.grants]]` directory cannot be granted.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// The job file's own directory does not resolve.
+    #[error("cannot resolve the job file's directory {}: {source}", dir.display())]
+    Base {
+        /// The job file's directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The granted directory does not resolve (missing, unreadable).
+    #[error("{}: {source}", dir.display())]
+    Unreadable {
+        /// The directory as the job file names it, joined to its directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It leads outside the job file's directory (through `..` or a
+    /// symlink).
+    #[error("{} leads to {}, outside the job file's directory {}", dir.display(), target.display(), base.display())]
+    Outside {
+        /// The directory as the job file names it.
+        dir: PathBuf,
+        /// Where it leads.
+        target: PathBuf,
+        /// The job file's directory.
+        base: PathBuf,
+    },
+    /// It is a file, not a directory.
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
 }
 
 fn one() -> u32 {
@@ -510,21 +545,41 @@ fn default_call_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
+/// A job, operator or plugin name that is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name:?} {reason}")]
+pub struct NameError {
+    /// The name, cut to its first 80 characters.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
 /// Names of jobs and operators: they end up in snapshot ids and file names.
-pub fn validate_name(name: &str) -> Result<(), String> {
+///
+/// # Errors
+/// [`NameError`] saying what is wrong.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    let bad = |reason: String| NameError {
+        name: match name.char_indices().nth(80) {
+            Some((cut, _)) => format!("{}…", &name[..cut]),
+            None => name.to_string(),
+        },
+        reason,
+    };
     if name.is_empty() || name.len() > 64 {
-        return Err(format!("{name:?} must be 1 to 64 characters long"));
+        return Err(bad("must be 1 to 64 characters long".into()));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(format!("{name:?} must not start with '.' or '-'"));
+        return Err(bad("must not start with '.' or '-'".into()));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
     {
-        return Err(format!(
-            "{name:?} contains {c:?} (allowed: letters, digits, '_', '-', '.')"
-        ));
+        return Err(bad(format!(
+            "contains {c:?} (allowed: letters, digits, '_', '-', '.')"
+        )));
     }
     Ok(())
 }
@@ -566,7 +621,7 @@ impl JobSpec {
     fn validate(&self) -> Result<(), (String, String)> {
         let bad = |field: &str, reason: String| Err((field.to_string(), reason));
         if let Err(r) = validate_name(&self.name) {
-            return bad("name", r);
+            return bad("name", r.to_string());
         }
         if self.operators.is_empty() {
             return bad("operators", "a job needs at least one [[operators]] entry".into());
@@ -575,7 +630,7 @@ impl JobSpec {
         for (i, op) in self.operators.iter().enumerate() {
             let field = |f: &str| format!("operators[{i}].{f}");
             if let Err(r) = validate_name(&op.name) {
-                return bad(&field("name"), r);
+                return bad(&field("name"), r.to_string());
             }
             if !seen.insert(op.name.as_str()) {
                 return bad(&field("name"), format!("{:?} is used by two operators", op.name));
