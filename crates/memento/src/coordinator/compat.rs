@@ -106,10 +106,9 @@ pub(crate) fn resume_point_before(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coordinator::tests::store;
     use crate::snapshot::NATIVE_IMAGE_VERSION;
-    use crate::store::{
-        SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TaskStateData, Trigger,
-    };
+    use crate::store::{SnapshotKind, StateFormat, TaskKey, TaskState, TaskStateData, Trigger};
 
     const V1: &str = "1111";
     const V2: &str = "2222";
@@ -158,19 +157,6 @@ mod tests {
             });
         }
         w.commit(m).unwrap()
-    }
-
-    fn store() -> (tempfile::TempDir, TenantStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
-            sync: false,
-            ..StoreOptions::default()
-        };
-        let tenant = Store::open(dir.path(), options)
-            .unwrap()
-            .tenant("default")
-            .unwrap();
-        (dir, tenant)
     }
 
     #[test]

@@ -119,3 +119,22 @@ pub(crate) fn component_hashes(spec: &JobSpec, loaded: &[Arc<LoadedComponent>]) 
         .map(|(op, c)| (op.name.clone(), c.hash_hex()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{Store, StoreOptions, TenantStore};
+
+    /// A scratch store without fsync, for the coordinator's unit tests.
+    pub(super) fn store() -> (tempfile::TempDir, TenantStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            sync: false,
+            ..StoreOptions::default()
+        };
+        let tenant = Store::open(dir.path(), options)
+            .unwrap()
+            .tenant("default")
+            .unwrap();
+        (dir, tenant)
+    }
+}

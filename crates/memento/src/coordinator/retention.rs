@@ -120,7 +120,8 @@ impl Coordinator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StateFormat, Store, StoreOptions, Trigger};
+    use crate::coordinator::tests::store;
+    use crate::store::{StateFormat, Trigger};
 
     fn spec(sections: &str) -> JobSpec {
         let toml = format!(
@@ -148,19 +149,6 @@ mod tests {
     }
 
     const NOW: u64 = 1_000_000_000;
-
-    fn store() -> (tempfile::TempDir, TenantStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
-            sync: false,
-            ..StoreOptions::default()
-        };
-        let tenant = Store::open(dir.path(), options)
-            .unwrap()
-            .tenant("default")
-            .unwrap();
-        (dir, tenant)
-    }
 
     use SnapshotKind::{Checkpoint as C, Savepoint as S};
 
