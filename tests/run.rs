@@ -554,3 +554,30 @@ fn token_hash_refuses_an_empty_token() {
         assert!(stderr(&o).contains("error: the token is empty"), "{}", stderr(&o));
     }
 }
+
+/// `memento --help` says what memento is (the binary crate's own
+/// description is about its parts, not the product) and lists the commands.
+#[test]
+fn help_says_what_memento_is() {
+    let out = memento().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(
+            "A WebAssembly plugin host for stateful stream operators with unified checkpoints and savepoints\n"
+        ),
+        "{text}"
+    );
+    for command in [
+        "demo",
+        "run",
+        "snapshots",
+        "savepoint",
+        "serve",
+        "fsck",
+        "gc",
+        "inspect",
+    ] {
+        assert!(text.contains(&format!("\n  {command} ")), "{command} in {text}");
+    }
+}

@@ -27,7 +27,12 @@ use store::{SavepointFileCommand, SnapshotsCommand, StoreArgs};
 /// memento — a WebAssembly plugin host for stateful stream operators with
 /// unified checkpoints and savepoints.
 #[derive(Debug, Parser)]
-#[command(name = "memento", version, about, long_about = None)]
+#[command(
+    name = "memento",
+    version,
+    about = "A WebAssembly plugin host for stateful stream operators with unified checkpoints and savepoints",
+    long_about = None
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
