@@ -1500,3 +1500,31 @@ fn canonical_state_above_128_mib_checkpoints_and_restores() {
     assert_eq!(again["restored_from"], id.as_str(), "{again}");
     assert_eq!(again["state"]["state"], "finished", "{again}");
 }
+
+/// A source that waits (a generator at 0.001 events per second) still
+/// takes the stop: SIGTERM stops the job with a savepoint at once instead
+/// of after the source's next batch, 10,000 seconds away.
+#[test]
+fn a_waiting_source_still_stops_on_sigterm() {
+    let f = Fixture::new(
+        "slow",
+        &job_toml(
+            "slow",
+            "[source]\ntype = \"generator\"\nrate = 0.001\nbatch = 10\n",
+            &[operator("count", "wordcount", 1, &[])],
+            "",
+        ),
+    );
+    let running = f.spawn(&[]);
+    f.wait_running();
+    running.sigterm();
+    let ran = running.finish(Duration::from_secs(60));
+    let report = ran.report();
+    assert_eq!(report["state"]["state"], "stopped", "{}", ran.stdout);
+    let id = report["state"]["savepoint"].as_str().unwrap().to_string();
+    let m = f.show(&id);
+    assert_eq!(
+        m["source_positions"][0]["position"], 10,
+        "the first batch, nothing since"
+    );
+}

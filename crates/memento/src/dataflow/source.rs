@@ -63,7 +63,9 @@ pub enum SourceError {
 
 /// A source of batches of events, read on the source thread.
 pub trait Source: Send {
-    /// The next batch, or `None` at the end of a bounded input.
+    /// The next batch, or `None` at the end of a bounded input. An empty
+    /// batch means "nothing yet": a source that waits returns one now and
+    /// then, so that the source thread can take barriers, stop and cancel.
     ///
     /// # Errors
     /// [`SourceError`] naming the input and the record that could not be read.
@@ -314,10 +316,18 @@ impl Generator {
             return Duration::ZERO;
         };
         let (since, from) = *self.paced_since.get_or_insert((now, self.next));
-        let due = since + Duration::from_secs_f64((self.next - from) as f64 / rate);
-        due.saturating_duration_since(now)
+        // A tiny rate puts the next batch beyond what an Instant can hold:
+        // not due in any time worth counting.
+        Duration::try_from_secs_f64((self.next - from) as f64 / rate)
+            .ok()
+            .and_then(|ahead| since.checked_add(ahead))
+            .map_or(Duration::MAX, |due| due.saturating_duration_since(now))
     }
 }
+
+/// The longest a paced generator sleeps in one call: the source thread
+/// takes barriers, stop and cancel between calls, whatever the rate.
+const MAX_WAIT: Duration = Duration::from_millis(50);
 
 /// A fast, well-mixed 64-bit permutation (SplitMix64's finalizer).
 fn splitmix64(x: u64) -> u64 {
@@ -338,7 +348,10 @@ impl Source for Generator {
         }
         let wait = self.pace(Instant::now());
         if !wait.is_zero() {
-            std::thread::sleep(wait);
+            std::thread::sleep(wait.min(MAX_WAIT));
+            if wait > MAX_WAIT {
+                return Ok(Some(Vec::new()));
+            }
         }
         let batch = (self.next..end).map(|i| self.event(i)).collect();
         self.next = end;
@@ -463,6 +476,31 @@ mod tests {
             Duration::ZERO,
             "unpaced"
         );
+    }
+
+    #[test]
+    fn a_slow_generator_answers_with_empty_batches_and_never_panics() {
+        // 1e-300 events per second: the next batch is due beyond any
+        // representable instant (this panicked converting to a Duration).
+        for rate in [1e-300, 0.001] {
+            let mut g = Generator::new(None, Some(rate), 10, 1, 10);
+            assert_eq!(
+                g.next_batch().unwrap().unwrap().len(),
+                10,
+                "the first batch is due at once"
+            );
+            let t0 = Instant::now();
+            assert_eq!(
+                g.next_batch().unwrap(),
+                Some(Vec::new()),
+                "nothing yet, at rate {rate}"
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "it came back instead of sleeping on"
+            );
+            assert_eq!(g.position(), 10);
+        }
     }
 
     #[test]
