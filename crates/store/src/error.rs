@@ -124,6 +124,20 @@ pub enum StoreError {
         quota: u64,
     },
 
+    /// A series has used every snapshot number (its counter, or a
+    /// committed id, is at `u64::MAX`): numbering on would wrap around to
+    /// ids that are taken or gone.
+    #[error(
+        "job `{job}` has used every snapshot number (tenant {tenant}); \
+         run it under another name"
+    )]
+    NumbersExhausted {
+        /// Tenant of the job.
+        tenant: String,
+        /// The job.
+        job: String,
+    },
+
     /// Garbage collection could not get the store to itself in time
     /// (snapshot writers were active throughout).
     #[error("store busy: {0}")]

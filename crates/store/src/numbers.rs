@@ -42,10 +42,17 @@ impl TenantStore {
         // The lock makes read-increment-write atomic across threads and
         // processes.
         let _guard = self.counter_lock(job)?;
+        let exhausted = || StoreError::NumbersExhausted {
+            tenant: self.name().to_string(),
+            job: job.to_string(),
+        };
         let stored = self.read_counter(job)?;
-        let above_existing = self.list_ids(job)?.last().map_or(1, |id| id.number() + 1);
+        let above_existing = match self.list_ids(job)?.last() {
+            Some(id) => id.number().checked_add(1).ok_or_else(exhausted)?,
+            None => 1,
+        };
         let n = stored.max(above_existing);
-        self.write_counter(job, n + 1)?;
+        self.write_counter(job, n.checked_add(1).ok_or_else(exhausted)?)?;
         Ok(n)
     }
 

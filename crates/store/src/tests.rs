@@ -118,6 +118,34 @@ fn snapshot_numbers_are_monotonic_across_deletes_and_reopen() {
 }
 
 #[test]
+fn a_series_at_the_last_number_is_refused_not_wrapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    // The counter file says the next number is u64::MAX: that one is issued,
+    // then numbering stops (it wrapped to 1 and named a snapshot that did
+    // not exist).
+    let counter = dir.path().join("tenants/t1/counters/j");
+    std::fs::create_dir_all(counter.parent().unwrap()).unwrap();
+    std::fs::write(&counter, format!("{}\n", u64::MAX - 1)).unwrap();
+    assert_eq!(t.next_snapshot_number(&job("j")).unwrap(), u64::MAX - 1);
+    let e = t.next_snapshot_number(&job("j")).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "job `j` has used every snapshot number (tenant t1); run it under another name"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&counter).unwrap().trim(),
+        u64::MAX.to_string(),
+        "left as it was"
+    );
+    // A committed id at u64::MAX (as an import may bring) stops it too.
+    let w = t.begin(&job("k"), u64::MAX).unwrap();
+    let m = w.manifest(SnapshotKind::Savepoint, Trigger::Manual, StateFormat::Canonical);
+    w.commit(m).unwrap();
+    assert!(t.next_snapshot_number(&job("k")).is_err());
+}
+
+#[test]
 fn list_filters_by_job_and_kind_and_orders_numerically() {
     let dir = tempfile::tempdir().unwrap();
     let t = open(dir.path());

@@ -485,7 +485,9 @@ impl SnapshotWriter {
         if tenant.read_counter(job)? <= s.id.number() {
             let _guard = tenant.counter_lock(job)?;
             if tenant.read_counter(job)? <= s.id.number() {
-                tenant.write_counter(job, s.id.number() + 1)?;
+                // At u64::MAX the counter stays there: the series is
+                // exhausted (`next_snapshot_number` refuses).
+                tenant.write_counter(job, s.id.number().saturating_add(1))?;
             }
         }
         s.pin.lock().unwrap().take();
