@@ -132,8 +132,8 @@ pub fn open(
                 line: Vec::new(),
             }))
         }
-        SinkSpec::Stdout => Ok(Box::new(StdoutSink { line: Vec::new() })),
-        SinkSpec::Null => Ok(Box::new(NullSink)),
+        SinkSpec::Stdout {} => Ok(Box::new(StdoutSink { line: Vec::new() })),
+        SinkSpec::Null {} => Ok(Box::new(NullSink)),
     }
 }
 

@@ -177,7 +177,7 @@ fn confine(spec: &mut JobSpec) -> Result<(), ServiceError> {
                 path.display()
             ),
         )),
-        SinkSpec::Stdout => Err(ServiceError::bad(
+        SinkSpec::Stdout {} => Err(ServiceError::bad(
             "invalid_job",
             "sink.type: `stdout` is not available on a shared host (use `file` or `null`)",
         )),

@@ -282,10 +282,12 @@ pub enum SinkSpec {
         /// The output directory (created if missing).
         path: PathBuf,
     },
+    // Struct variants, not unit ones: serde ignores unknown keys beside the
+    // tag of a unit variant even under `deny_unknown_fields`.
     /// Standard output.
-    Stdout,
+    Stdout {},
     /// Discard everything.
-    Null,
+    Null {},
 }
 
 /// Snapshot format.
@@ -985,6 +987,10 @@ call_timeout = "500ms"
         assert!(e.contains("name: \"../evil\""), "{e}");
         let e = err(&MINIMAL.replace("type = \"null\"", "type = \"kafka\""));
         assert!(e.contains("unknown variant `kafka`"), "{e}");
+        let e = err(&MINIMAL.replace("type = \"null\"", "type = \"null\"\npath = \"out\""));
+        assert!(e.contains("unknown field `path`"), "{e}");
+        let e = err(&MINIMAL.replace("type = \"null\"", "type = \"stdout\"\nformat = \"csv\""));
+        assert!(e.contains("unknown field `format`"), "{e}");
         let e = err(&format!("{MINIMAL}\n[restart]\njitter = 2.0"));
         assert!(e.contains("restart.jitter"), "{e}");
         let e = err(&format!("{MINIMAL}\n[restart]\nattempts = 4294967295"));
