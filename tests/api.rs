@@ -284,6 +284,7 @@ fn both_servers_answer_the_job_routes_alike() {
     let ok = Some(bearer.as_str());
     // (method, path, Authorization, body, status, error code)
     type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, u16, &'a str);
+    let huge = "x".repeat(3 << 20);
     let cases: Vec<Case> = vec![
         ("GET", "/v1/jobs", ok, "", 200, ""),
         ("GET", "/v1/jobs?tenant=default", ok, "", 200, ""),
@@ -351,6 +352,14 @@ fn both_servers_answer_the_job_routes_alike() {
             "{not json",
             400,
             "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs/api/savepoints",
+            ok,
+            huge.as_str(),
+            413,
+            "too_large",
         ),
         ("POST", "/v1/jobs/api/checkpoints", ok, "", 202, ""),
         ("POST", "/v1/jobs/nope/checkpoints", ok, "", 404, "not_found"),

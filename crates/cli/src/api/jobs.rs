@@ -208,10 +208,22 @@ fn trigger_body(body: &[u8]) -> Result<TriggerBody, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// The most a trigger body may hold: it names a format, in a few bytes.
+const MAX_TRIGGER_BODY: usize = 64 * 1024;
+
 async fn trigger_savepoint(
     TheJob(job): TheJob,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Accepted<TriggerResponse>, ApiError> {
+    // Read here, under our own limit, so that an oversize body gets the
+    // API's JSON error (axum's own limit answers in plain text).
+    let body = axum::body::to_bytes(body, MAX_TRIGGER_BODY).await.map_err(|_| {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body is over the limit of {MAX_TRIGGER_BODY} bytes for a trigger"),
+        )
+    })?;
     let body = trigger_body(&body)?;
     let request_id = job.trigger_savepoint(body.format)?;
     Ok((StatusCode::ACCEPTED, Json(TriggerResponse { request_id })))
