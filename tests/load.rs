@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Serve, hash_token, plugin_b64};
+use common::{Serve, endless_job, hash_token, plugin_b64};
 use serde_json::{Value, json};
 
 const TENANTS: [(&str, &str); 2] = [("a", "token-of-a"), ("b", "token-of-b")];
@@ -57,24 +57,6 @@ fn get(agent: &ureq::Agent, base: &str, path: &str, token: &str) -> (u16, String
         ),
         Err(e) => (0, e.to_string()),
     }
-}
-
-fn job_toml(name: &str) -> String {
-    format!(
-        r#"name = "{name}"
-[source]
-type = "generator"
-rate = 1000
-batch = 100
-[[operators]]
-name = "count"
-plugin = "wordcount.wasm"
-[sink]
-type = "null"
-[checkpoints]
-interval = "1s"
-"#
-    )
 }
 
 struct Burst {
@@ -158,6 +140,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// One of the hundred jobs: 1,000 records/s, a checkpoint a second.
+fn load_job(name: &str) -> String {
+    endless_job(name, "[checkpoints]\ninterval = \"1s\"").replace("rate = 2000", "rate = 1000")
+}
+
 #[test]
 fn ten_jobs_with_1s_checkpoints_under_1000_concurrent_requests() {
     let served = serve();
@@ -168,7 +155,7 @@ fn ten_jobs_with_1s_checkpoints_under_1000_concurrent_requests() {
     for (tenant, token) in TENANTS {
         for i in 0..JOBS_PER_TENANT {
             let name = format!("load{i}");
-            let body = json!({ "job": job_toml(&name), "plugins": { "wordcount.wasm": wasm } });
+            let body = json!({ "job": load_job(&name), "plugins": { "wordcount.wasm": wasm } });
             let mut r = agent
                 .post(format!("{base}/v1/jobs"))
                 .header("Authorization", format!("Bearer {token}"))

@@ -11,7 +11,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::output::committed;
-use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, memento, plugin_b64, two_tenants};
+use common::{ADMIN, Serve, TOKEN_A, TOKEN_B, endless_job, memento, plugin_b64, two_tenants};
 use serde_json::{Value, json};
 
 /// A `memento serve` of tenants `a` and `b` and an admin, with what the
@@ -127,29 +127,10 @@ fn fails(o: Output, needles: &[&str]) {
     }
 }
 
-/// An unbounded, rate-limited job with frequent checkpoints.
-fn endless(name: &str) -> String {
-    format!(
-        r#"name = "{name}"
-[source]
-type = "generator"
-rate = 2000
-batch = 100
-[[operators]]
-name = "count"
-plugin = "wordcount.wasm"
-[sink]
-type = "null"
-[checkpoints]
-interval = "300ms"
-"#
-    )
-}
-
 #[test]
 fn every_command_against_a_running_host() {
     let host = Host::new();
-    host.submit_a(&endless("clicks"));
+    host.submit_a(&endless_job("clicks", "[checkpoints]\ninterval = \"300ms\""));
     host.wait_checkpoints("clicks", 1);
 
     // jobs: a table with a header and the job; JSON as the API answers.
@@ -308,7 +289,7 @@ fn every_command_against_a_running_host() {
     );
 
     // cancel: a second job, cancelled, shows as cancelled.
-    host.submit_a(&endless("other"));
+    host.submit_a(&endless_job("other", "[checkpoints]\ninterval = \"300ms\""));
     host.wait_long("other running", Duration::from_secs(60), || {
         host.job("other")["state"] == "running"
     });
@@ -338,7 +319,7 @@ fn every_command_against_a_running_host() {
         .unwrap();
     assert_eq!(clicks["savepoint"], stopped.as_str(), "{v}");
     // stop without --wait on a fresh job: the request id.
-    host.submit_a(&endless("third"));
+    host.submit_a(&endless_job("third", "[checkpoints]\ninterval = \"300ms\""));
     host.wait_checkpoints("third", 1);
     let v = ok_json(host.cli(TOKEN_A, &["stop", "third", "--json"]));
     assert!(v["request_id"].is_string(), "{v}");
@@ -412,7 +393,7 @@ interval = "300ms"
 "#
     );
     host.submit_a(&job);
-    host.submit_a(&endless("cancelled"));
+    host.submit_a(&endless_job("cancelled", "[checkpoints]\ninterval = \"300ms\""));
     host.wait_checkpoints("resumed", 2);
     ok(host.cli(TOKEN_A, &["cancel", "cancelled"]));
     host.wait_long("cancelled to end", Duration::from_secs(60), || {
