@@ -232,7 +232,14 @@ fn demo_runs() {
         listed.contains(" savepoint ") && listed.contains(" checkpoint "),
         "{listed}"
     );
-    assert!(listed.contains("end_of_input"), "{listed}");
+    let end = listed
+        .lines()
+        .find(|l| l.contains("end_of_input"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        end.contains("- logical") && end.contains("- new"),
+        "the end-of-input record holds no state: {end}"
+    );
 }
 
 #[test]

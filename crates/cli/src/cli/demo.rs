@@ -159,13 +159,21 @@ fn checkpoints(host: &Host, dir: &Path) -> anyhow::Result<()> {
     let mut listed = job.store().list(&memento::store::ListFilter::all())?;
     listed.retain(|m| m.job.as_str() == "demo-clicks");
     for m in listed {
+        // A record without task state (end of input) has no size to show.
+        let size = |bytes: u64| {
+            if m.tasks.is_empty() {
+                "-".to_string()
+            } else {
+                memento::spec::format_size(bytes)
+            }
+        };
         println!(
             "  {:<20} {:<10} {:<13} {:>10} logical {:>10} new",
             m.id.to_string(),
             json_name(&m.kind),
             json_name(&m.trigger),
-            memento::spec::format_size(m.figures.logical_bytes),
-            memento::spec::format_size(m.figures.new_bytes),
+            size(m.figures.logical_bytes),
+            size(m.figures.new_bytes),
         );
     }
     Ok(())
