@@ -130,7 +130,6 @@ fn ensure_target() -> Result<(), String> {
             sysroot.display()
         ));
     }
-    println!("cargo::warning=the {TARGET} target is missing; adding it with `{add}` (once)");
     let mut cmd = Command::new("rustup");
     cmd.args(["target", "add", TARGET]);
     if let Some(t) = &toolchain {
@@ -146,6 +145,9 @@ fn ensure_target() -> Result<(), String> {
             .unwrap_or("no output");
         return Err(format!("`{add}` failed: {}", last.trim()));
     }
+    // Past tense: cargo shows this again on later builds while the script's
+    // output is cached.
+    println!("cargo::warning=the {TARGET} target was missing; added it with `{add}`");
     Ok(())
 }
 
