@@ -99,7 +99,7 @@ fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 /// scripts for a few (virtual) seconds, lists the running job and the id
 /// of a savepoint taken through the API.
 #[test]
-#[ignore = "needs headless Chromium and chromedriver (apt-get install chromium chromium-driver); run: cargo test -p memento-cli --test dashboard -- --ignored"]
+#[ignore = "needs headless Chromium and chromedriver (apt-get install chromium chromium-driver); run: cargo test --test dashboard -- --ignored"]
 fn dashboard_lists_the_job_and_its_savepoint_in_headless_chromium() {
     let chromium = chromium();
     let s = Served::start();
@@ -227,7 +227,7 @@ impl Drop for Driver {
 /// see the new savepoint appear in the stored list; a screenshot is saved
 /// as a test artifact (`$CARGO_TARGET_TMPDIR/dashboard.png`).
 #[test]
-#[ignore = "needs headless Chromium and chromedriver (apt-get install chromium chromium-driver); run: cargo test -p memento-cli --test dashboard -- --ignored"]
+#[ignore = "needs headless Chromium and chromedriver (apt-get install chromium chromium-driver); run: cargo test --test dashboard -- --ignored"]
 fn clicking_trigger_savepoint_shows_the_new_savepoint() {
     chromium();
     let s = Served::start();
