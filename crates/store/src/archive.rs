@@ -204,19 +204,33 @@ impl TenantStore {
         if path.exists() {
             return Err(arch_err(&name, "already exists; not overwriting it"));
         }
-        let tmp = path.with_extension("partial");
-        let mut file =
-            std::fs::File::create(&tmp).map_err(|e| arch_err(&name, format!("cannot create: {e}")))?;
-        let result = self.export(id, &mut file, &name, progress).and_then(|s| {
-            file.sync_all()
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|e| arch_err(&name, format!("cannot write: {e}")))?;
-            Ok(s)
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        // A temporary file of our own (created exclusively, unique name)
+        // beside the target: concurrent exports never share one, and a file
+        // that merely looks like ours is never touched.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let file_name = path.file_name().map_or("export".into(), |n| n.to_string_lossy());
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{file_name}."))
+            .suffix(".partial")
+            .tempfile_in(dir)
+            .map_err(|e| arch_err(&name, format!("cannot create a temporary file beside it: {e}")))?;
+        let summary = self.export(id, tmp.as_file_mut(), &name, progress)?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| arch_err(&name, format!("cannot write: {e}")))?;
+        // Linked into place only if nothing took the name meanwhile; on any
+        // error the temporary file is removed when dropped.
+        tmp.persist_noclobber(path).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                arch_err(&name, "already exists; not overwriting it")
+            } else {
+                arch_err(&name, format!("cannot write: {}", e.error))
+            }
+        })?;
+        Ok(summary)
     }
 
     /// Adds the snapshot in the archive `input` to this tenant as a new

@@ -838,3 +838,58 @@ fn read_chunks_into_fills_place_and_checks_every_blob() {
         .unwrap_err();
     assert!(err.to_string().contains("chunk 0 (blob"), "{err}");
 }
+
+/// Exports write through temporary files of their own: two at once beside
+/// each other (`x.a`, `x.b`: both were written through `x.partial`) each
+/// produce the archive of their own snapshot, and an unrelated `x.partial`
+/// is left alone (it was truncated, then deleted on error).
+#[test]
+fn concurrent_exports_share_nothing_and_touch_no_other_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir.path().join("store"));
+    let states: Vec<Vec<u8>> = (0..2).map(|i| noise(40 + i, 300_000)).collect();
+    let ids: Vec<SnapshotId> = states.iter().map(|s| commit_canonical(&t, "j", s).0).collect();
+    let bystander = dir.path().join("x.partial");
+    std::fs::write(&bystander, b"not ours").unwrap();
+    for _round in 0..3 {
+        let files = [dir.path().join("x.a"), dir.path().join("x.b")];
+        std::thread::scope(|s| {
+            for (id, file) in ids.iter().zip(&files) {
+                let t = t.clone();
+                s.spawn(move || t.export_to_file(id, file, &mut |_| {}).unwrap());
+            }
+        });
+        let other = open(&dir.path().join("other"));
+        for (state, file) in states.iter().zip(&files) {
+            let summary = other.import_file(file, &mut |_| {}).unwrap();
+            let m = other.latest(&job("j")).unwrap().unwrap();
+            let TaskStateData::Canonical { chunks, .. } = &m.tasks[0].state else {
+                panic!("canonical")
+            };
+            let bytes = other.read_chunks(&m.id, &TaskKey::new("op", 0), chunks).unwrap();
+            assert!(
+                &bytes == state,
+                "{} holds another snapshot ({summary:?})",
+                file.display()
+            );
+            std::fs::remove_file(file).unwrap();
+        }
+        assert_eq!(std::fs::read(&bystander).unwrap(), b"not ours");
+    }
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial") && n != "x.partial")
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    // The target is never overwritten.
+    std::fs::write(dir.path().join("x.a"), b"mine").unwrap();
+    let e = t
+        .export_to_file(&ids[0], &dir.path().join("x.a"), &mut |_| {})
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("already exists; not overwriting it"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("x.a")).unwrap(), b"mine");
+}
