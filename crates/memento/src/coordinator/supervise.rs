@@ -15,7 +15,7 @@ use super::report::{FinalState, JobFailed, JobReport, OperatorReport};
 use super::restart;
 use super::status::JobState;
 use super::triggers::Triggers;
-use crate::dataflow::sink::{self, SinkCommit};
+use crate::dataflow::sink;
 use crate::dataflow::{Attempt, JobError, RestorePoint};
 use crate::spec::RestartStrategy;
 use crate::store::{JobName, Manifest, SnapshotId};
@@ -138,7 +138,8 @@ impl Coordinator<'_> {
     /// Resuming from the record of a finished job: finish its output commit
     /// (idempotent) and end.
     fn finish_again(&mut self, m: &Manifest) -> AttemptEnd {
-        match sink::commit_restored(&self.spec.sink, &self.spec.base_dir, &m.id, &sink_commits(m)) {
+        let commits = sink::commits_of(m);
+        match commits.and_then(|c| sink::commit_restored(&self.spec.sink, &self.spec.base_dir, &m.id, &c)) {
             Ok(_) => AttemptEnd::Done(FinalState::AlreadyFinished {
                 snapshot: m.id.clone(),
             }),
@@ -155,11 +156,8 @@ impl Coordinator<'_> {
         for t in &m.tasks {
             tasks.insert(t.key.clone(), t.clone());
         }
-        let sink_next_seq = sink::recover(
-            &self.spec.sink,
-            &self.spec.base_dir,
-            Some((&m.id, &sink_commits(m))),
-        )?;
+        let commits = sink::commits_of(m)?;
+        let sink_next_seq = sink::recover(&self.spec.sink, &self.spec.base_dir, Some((&m.id, &commits)))?;
         Ok(RestorePoint {
             store: self.store.clone(),
             id: m.id.clone(),
@@ -264,9 +262,12 @@ enum Resume<'a> {
 
 fn resume_advice<'a>(error: &JobError, restore: Option<&'a Manifest>, job: &JobName) -> Resume<'a> {
     match (error, restore) {
-        (JobError::Restore { .. } | JobError::Incompatible { .. }, Some(m)) if m.job == *job => {
-            Resume::OlderThan(&m.id)
-        }
+        (
+            JobError::Restore { .. }
+            | JobError::Incompatible { .. }
+            | JobError::Sink(sink::SinkError::BadCommit { .. }),
+            Some(m),
+        ) if m.job == *job => Resume::OlderThan(&m.id),
         (JobError::Incompatible { .. }, _) => Resume::Nothing,
         _ => Resume::Latest,
     }
@@ -276,20 +277,8 @@ fn resume_advice<'a>(error: &JobError, restore: Option<&'a Manifest>, job: &JobN
 fn retryable(e: &JobError) -> bool {
     matches!(
         e,
-        JobError::Source(_)
-            | JobError::Sink(_)
-            | JobError::Task(_)
-            | JobError::Snapshots(_)
-            | JobError::Thread(_)
-    )
-}
-
-/// The sink commits recorded in a manifest.
-fn sink_commits(m: &Manifest) -> Vec<SinkCommit> {
-    m.sink_commit
-        .get("tasks")
-        .and_then(|t| serde_json::from_value(t.clone()).ok())
-        .unwrap_or_default()
+        JobError::Source(_) | JobError::Task(_) | JobError::Snapshots(_) | JobError::Thread(_)
+    ) || matches!(e, JobError::Sink(s) if !matches!(s, sink::SinkError::BadCommit { .. }))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::Event;
 use crate::spec::SinkSpec;
-use crate::store::SnapshotId;
+use crate::store::{Manifest, SnapshotId};
 
 /// Why a sink failed: I/O, naming the output.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,14 @@ pub enum SinkError {
     /// Standard output.
     #[error("cannot write to stdout: {0}")]
     Stdout(#[source] io::Error),
+    /// A snapshot's record of what to commit is not what this sink writes.
+    #[error("snapshot {snapshot}: its sink commit is damaged: {reason}")]
+    BadCommit {
+        /// The snapshot whose manifest holds it.
+        snapshot: SnapshotId,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl SinkError {
@@ -96,6 +104,36 @@ fn parse_part_file_name(name: &str) -> Option<(u32, u64)> {
     let rest = name.strip_prefix("part-")?;
     let (task, seq) = rest.split_once('-')?;
     Some((task.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The sink commits a snapshot's manifest records, every file name checked
+/// to be a part file of its task: the names come from the store, and a
+/// crafted one (`../../x`) must not move a file outside the output
+/// directory.
+///
+/// # Errors
+/// [`SinkError::BadCommit`] naming the snapshot and the first bad entry.
+pub fn commits_of(m: &Manifest) -> Result<Vec<SinkCommit>, SinkError> {
+    let bad = |reason: String| SinkError::BadCommit {
+        snapshot: m.id.clone(),
+        reason,
+    };
+    let Some(tasks) = m.sink_commit.get("tasks") else {
+        return Ok(Vec::new());
+    };
+    let commits: Vec<SinkCommit> = serde_json::from_value(tasks.clone()).map_err(|e| bad(e.to_string()))?;
+    for c in &commits {
+        for name in &c.files {
+            if parse_part_file_name(name).is_none_or(|(task, _)| task != c.task) {
+                let shown: String = name.chars().take(80).collect();
+                return Err(bad(format!(
+                    "{shown:?} is not a part file of sink task {}",
+                    c.task
+                )));
+            }
+        }
+    }
+    Ok(commits)
 }
 
 fn sink_dir(path: &Path, base: &Path) -> PathBuf {
@@ -210,6 +248,13 @@ fn commit_files(dir: &Path, commits: &[SinkCommit]) -> Result<Vec<String>, SinkE
     let mut missing = Vec::new();
     for c in commits {
         for name in &c.files {
+            // Checked where commits are read (`commits_of`); again here, as
+            // the last line before a rename.
+            if parse_part_file_name(name).is_none() {
+                return Err(SinkError::io("refusing to commit", &dir.join(STAGING_DIR))(
+                    io::Error::new(io::ErrorKind::InvalidInput, "a name that is not a part file"),
+                ));
+            }
             let staged = dir.join(STAGING_DIR).join(name);
             let target = dir.join(name);
             match std::fs::rename(&staged, &target) {
@@ -520,6 +565,56 @@ mod tests {
             commit_restored(&spec, base.path(), &id, &listed).unwrap(),
             vec!["part-00000-000001".to_string()]
         );
+    }
+
+    /// A manifest whose sink commit names `../../victim` (the store is
+    /// input too): refused before anything moves; restoring from it moved
+    /// a file from beside the output directory to above it.
+    #[test]
+    fn a_crafted_commit_moves_nothing_outside_the_output() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("jobs");
+        let dir = root.join("out");
+        std::fs::create_dir_all(dir.join(STAGING_DIR)).unwrap();
+        std::fs::write(root.join("victim"), "keep me").unwrap();
+        let spec = SinkSpec::File { path: "out".into() };
+        let mut m = crate::store::Manifest::new(
+            crate::store::JobName::new("j").unwrap(),
+            3,
+            crate::store::SnapshotKind::Checkpoint,
+            crate::store::Trigger::Periodic,
+            crate::store::StateFormat::Canonical,
+        );
+        for evil in [
+            "../../victim",
+            "part-00000-000001/../../../victim",
+            "../victim",
+            "part-00001-000001",
+        ] {
+            m.sink_commit = serde_json::json!({ "tasks": [{ "task": 0, "next_seq": 2, "files": [evil] }] });
+            let e = commits_of(&m).unwrap_err().to_string();
+            assert!(
+                e.starts_with("snapshot j-000003: its sink commit is damaged: "),
+                "{e}"
+            );
+            assert!(e.contains("is not a part file of sink task 0"), "{e}");
+            // And were it to get past that, the rename itself refuses.
+            let commits = [SinkCommit {
+                task: 0,
+                next_seq: 2,
+                files: vec![evil.into()],
+            }];
+            if evil.contains('/') {
+                assert!(commit_restored(&spec, &root, &m.id, &commits).is_err(), "{evil}");
+            }
+        }
+        assert_eq!(std::fs::read_to_string(root.join("victim")).unwrap(), "keep me");
+        assert!(!base.path().join("victim").exists());
+        m.sink_commit =
+            serde_json::json!({ "tasks": [{ "task": 0, "next_seq": 2, "files": ["part-00000-000001"] }] });
+        assert_eq!(commits_of(&m).unwrap()[0].files, ["part-00000-000001"]);
+        m.sink_commit = serde_json::Value::Null;
+        assert!(commits_of(&m).unwrap().is_empty());
     }
 
     #[test]
