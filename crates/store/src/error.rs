@@ -84,6 +84,18 @@ pub enum StoreError {
         problem: BlobProblem,
     },
 
+    /// A file in the manifests' directory looks like a manifest but is not
+    /// where one belongs, so nothing lists it: GC would delete the blobs
+    /// it may reference.
+    #[error(
+        "{path} looks like a manifest but is not where one belongs \
+         (snapshots/<job>/<job>-<number>.json); gc deletes nothing until it is moved there or removed"
+    )]
+    MisplacedManifest {
+        /// The file, relative to the store root.
+        path: String,
+    },
+
     /// Committing would reference a blob that is not in the store.
     #[error(
         "cannot commit snapshot {id}: task {task}, chunk {index} references blob {hash}, which is not in the store"

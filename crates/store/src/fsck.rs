@@ -38,14 +38,18 @@ pub struct FsckReport {
     /// Files that do not belong among blobs or manifests (harmless, reported
     /// so they can be looked at).
     pub stray_files: Vec<String>,
+    /// Files named like manifests that are not where a manifest belongs:
+    /// not harmless, as nothing lists them (GC refuses to run while any
+    /// exist). Moved to their place or removed, they are gone from here.
+    pub misplaced_manifests: Vec<String>,
     /// Time taken in milliseconds.
     pub duration_ms: u64,
 }
 
 impl FsckReport {
-    /// True if no snapshot is damaged.
+    /// True if no snapshot is damaged and no manifest is misplaced.
     pub fn is_clean(&self) -> bool {
-        self.damaged.is_empty()
+        self.damaged.is_empty() && self.misplaced_manifests.is_empty()
     }
 }
 
@@ -74,17 +78,22 @@ impl TenantStore {
             let names = match backend.list(&dir) {
                 Ok(n) => n,
                 Err(_) => {
-                    report.stray_files.push(dir);
+                    if !dir.ends_with(".json") {
+                        report.stray_files.push(dir);
+                    }
                     continue;
                 }
             };
             for name in names {
-                let id = name
-                    .strip_suffix(".json")
-                    .and_then(|stem| SnapshotId::parse(stem).ok())
-                    .filter(|id| id.job().as_str() == job_dir);
+                let id = name.strip_suffix(".json").and_then(|stem| {
+                    SnapshotId::parse(stem)
+                        .ok()
+                        .filter(|id| id.job().as_str() == job_dir && id.to_string() == stem)
+                });
                 let Some(id) = id else {
-                    report.stray_files.push(format!("{dir}/{name}"));
+                    if !name.ends_with(".json") {
+                        report.stray_files.push(format!("{dir}/{name}"));
+                    }
                     continue;
                 };
                 report.snapshots_checked += 1;
@@ -95,6 +104,8 @@ impl TenantStore {
                 }
             }
         }
+
+        report.misplaced_manifests = self.misplaced_manifests()?;
 
         // Distinct blobs with the length the first reference gives.
         let mut wanted: HashMap<BlobHash, u64> = HashMap::new();

@@ -40,15 +40,6 @@ pub struct GcReport {
 }
 
 impl TenantStore {
-    /// Deletes blobs no manifest references. Blobs of snapshots in progress
-    /// are kept (see the module docs for the protocol).
-    ///
-    /// # Errors
-    /// [`StoreError::CorruptManifest`] / [`StoreError::UnsupportedSchema`]
-    /// naming a manifest that does not read (nothing is deleted);
-    /// [`StoreError::Busy`] if writers stayed active for longer than
-    /// `StoreOptions::gc_wait` (e.g. `gc` called by a thread that holds a
-    /// `SnapshotWriter`); I/O errors.
     /// Like [`TenantStore::gc`], but only if no GC of this tenant started in
     /// this process within `min_interval`; returns `None` when skipped. A
     /// GC marks over all of the tenant's snapshots and holds new writers
@@ -69,9 +60,23 @@ impl TenantStore {
         self.gc().map(Some)
     }
 
+    /// Deletes blobs no manifest references. Blobs of snapshots in progress
+    /// are kept (see the module docs for the protocol).
+    ///
+    /// # Errors
+    /// [`StoreError::CorruptManifest`] / [`StoreError::UnsupportedSchema`]
+    /// naming a manifest that does not read, [`StoreError::MisplacedManifest`]
+    /// naming a manifest-like file that is not where a manifest belongs
+    /// (nothing is deleted);
+    /// [`StoreError::Busy`] if writers stayed active for longer than
+    /// `StoreOptions::gc_wait` (e.g. `gc` called by a thread that holds a
+    /// `SnapshotWriter`); I/O errors.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let start = Instant::now();
         let mut report = GcReport::default();
+        if let Some(path) = self.misplaced_manifests()?.into_iter().next() {
+            return Err(StoreError::MisplacedManifest { path });
+        }
 
         // Mark, while writers keep working.
         let mut ids: HashSet<SnapshotId> = self.all_ids()?.into_iter().collect();

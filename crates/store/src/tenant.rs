@@ -212,11 +212,51 @@ impl TenantStore {
             .map_err(|e| StoreError::io("list", key, e))?
             .iter()
             .filter_map(|n| n.strip_suffix(".json"))
-            .filter_map(|stem| SnapshotId::parse(stem).ok())
+            // Only manifests at their own path (see `misplaced_manifests`).
+            .filter_map(|stem| SnapshotId::parse(stem).ok().filter(|id| id.to_string() == stem))
             .filter(|id| id.job() == job)
             .collect();
         ids.sort();
         Ok(ids)
+    }
+
+    /// Files under `snapshots/` named like manifests (`*.json`) that are
+    /// not at a manifest's own path -- a renamed `wc-11.json`, one moved
+    /// under another job -- as keys, sorted. Nothing lists them as
+    /// snapshots, so GC refuses to run while they exist.
+    ///
+    /// # Errors
+    /// I/O errors listing the directories.
+    pub(crate) fn misplaced_manifests(&self) -> Result<Vec<String>, StoreError> {
+        let root = self.key("snapshots");
+        let mut out = Vec::new();
+        let entries = match self.backend().list(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(StoreError::io("list", root, e)),
+        };
+        for dir in entries {
+            let key = format!("{root}/{dir}");
+            let Ok(names) = self.backend().list(&key) else {
+                // A file, not a job's directory.
+                if dir.ends_with(".json") {
+                    out.push(key);
+                }
+                continue;
+            };
+            for name in names {
+                let Some(stem) = name.strip_suffix(".json") else {
+                    continue;
+                };
+                let at_home = SnapshotId::parse(stem)
+                    .is_ok_and(|id| id.job().as_str() == dir && id.to_string() == stem);
+                if !at_home {
+                    out.push(format!("{key}/{name}"));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     pub(crate) fn all_ids(&self) -> Result<Vec<SnapshotId>, StoreError> {

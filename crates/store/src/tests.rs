@@ -573,6 +573,44 @@ fn fsck_reports_corrupt_manifests_and_stray_files() {
     assert_eq!(t.latest(&job("j")).unwrap().unwrap().number, 1);
 }
 
+/// A manifest renamed (`j-2.json`) or moved under another job's directory
+/// is listed by nothing: fsck calls it misplaced (not clean), and gc
+/// refuses to run rather than delete the blobs it references.
+#[test]
+fn misplaced_manifests_stop_gc_and_fail_fsck() {
+    for (what, to) in [
+        ("renamed", "j/j-2.json"),
+        ("moved", "k/j-000002.json"),
+        ("flat", "j-000002.json"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(dir.path());
+        commit_canonical(&t, "j", b"one");
+        let (two, chunks) = commit_canonical(&t, "j", &noise(7, 200_000));
+        commit_canonical(&t, "k", b"other job");
+        let snap = dir.path().join("tenants/t1/snapshots");
+        std::fs::rename(snap.join("j/j-000002.json"), snap.join(to)).unwrap();
+        let report = t.fsck().unwrap();
+        assert!(!report.is_clean(), "{what}: {report:?}");
+        assert_eq!(
+            report.misplaced_manifests,
+            [format!("tenants/t1/snapshots/{to}")],
+            "{what}"
+        );
+        assert!(report.stray_files.is_empty(), "{what}: {report:?}");
+        let e = t.gc().unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("tenants/t1/snapshots/{to} looks like a manifest")),
+            "{what}: {e}"
+        );
+        // Put back, nothing was lost.
+        std::fs::rename(snap.join(to), snap.join("j/j-000002.json")).unwrap();
+        assert!(t.fsck().unwrap().is_clean(), "{what}");
+        t.gc().unwrap();
+        t.read_chunks(&two, &TaskKey::new("op", 0), &chunks).unwrap();
+    }
+}
+
 #[test]
 fn reopening_removes_temp_files_of_dead_writers_only() {
     let dir = tempfile::tempdir().unwrap();

@@ -350,6 +350,11 @@ pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
             println!("  ... and {} more problems", d.problems.len() - 10);
         }
     }
+    for f in &r.misplaced_manifests {
+        println!(
+            "MISPLACED {f} (a manifest-like file that nothing lists; gc refuses to run until it is moved or removed)"
+        );
+    }
     for f in &r.stray_files {
         eprintln!("warning: stray file {f}");
     }
@@ -366,7 +371,12 @@ pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         let ids: Vec<&str> = r.damaged.iter().map(|d| d.id.as_str()).collect();
-        eprintln!("error: damaged snapshots: {}", ids.join(", "));
+        if !ids.is_empty() {
+            eprintln!("error: damaged snapshots: {}", ids.join(", "));
+        }
+        if !r.misplaced_manifests.is_empty() {
+            eprintln!("error: misplaced manifests: {}", r.misplaced_manifests.join(", "));
+        }
         Ok(ExitCode::FAILURE)
     }
 }
