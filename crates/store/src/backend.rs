@@ -333,16 +333,35 @@ impl LocalDir {
     }
 }
 
+impl LocalDir {
+    /// Opens `key` for reading if it is a regular file. Non-blocking, so
+    /// that a FIFO planted where a blob or manifest belongs is refused
+    /// instead of hanging the reader until someone writes to it.
+    fn open_regular(&self, key: &str) -> io::Result<File> {
+        use cap_std::fs::OpenOptionsExt;
+        let mut options = OpenOptions::new();
+        options.read(true).custom_flags(libc::O_NONBLOCK);
+        let file = self.root.open_with(key, &options)?;
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
+        }
+        Ok(file)
+    }
+}
+
 impl Backend for LocalDir {
     fn read(&self, key: &str) -> io::Result<Vec<u8>> {
+        use std::io::Read;
         check_key(key)?;
-        self.root.read(key)
+        let mut bytes = Vec::new();
+        self.open_regular(key)?.read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
     fn read_split(&self, key: &str, head: &mut [u8], body: &mut [u8]) -> io::Result<bool> {
         use std::io::Read;
         check_key(key)?;
-        let mut file = self.root.open(key)?;
+        let mut file = self.open_regular(key)?;
         if file.metadata()?.len() != (head.len() + body.len()) as u64 {
             return Ok(false);
         }

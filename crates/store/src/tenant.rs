@@ -167,6 +167,14 @@ impl TenantStore {
                     id: id.clone(),
                 });
             }
+            // Something that is not a file where the manifest belongs is a
+            // damaged manifest, not a failing disk.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(StoreError::CorruptManifest {
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                });
+            }
             Err(e) => return Err(StoreError::io("read manifest", key, e)),
         };
         Manifest::from_json(&id.to_string(), &bytes)

@@ -931,3 +931,62 @@ fn concurrent_exports_share_nothing_and_touch_no_other_file() {
     );
     assert_eq!(std::fs::read(dir.path().join("x.a")).unwrap(), b"mine");
 }
+
+/// Replaces `path` by a FIFO: opening it for reading blocks until a writer
+/// comes, which nobody will.
+fn plant_fifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::remove_file(path).unwrap();
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned in 30 s.
+fn within_30s<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()));
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("{what} hangs"))
+}
+
+/// A FIFO where a manifest or a blob belongs is refused as "not a regular
+/// file": get, list, latest, fsck, gc and reads answer instead of hanging.
+#[test]
+fn fifos_in_the_store_are_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(dir.path());
+    commit_canonical(&t, "j", b"one");
+    let (two, _) = commit_canonical(&t, "j", b"two");
+    let (three, chunks) = commit_canonical(&t, "k", &noise(9, 100_000));
+    plant_fifo(&dir.path().join("tenants/t1/snapshots/j/j-000002.json"));
+    let blob = blob_files(dir.path(), "t1")
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy() == chunks[0].blob().unwrap().to_string())
+        .expect("the blob of k's first chunk");
+    plant_fifo(&blob);
+
+    let t2 = t.clone();
+    let e = within_30s("get", move || t2.get(&two).unwrap_err().to_string());
+    assert!(e.contains("not a regular file"), "{e}");
+    let t2 = t.clone();
+    let latest = within_30s("latest", move || t2.latest(&JobName::new("j").unwrap()).unwrap());
+    assert_eq!(
+        latest.unwrap().number,
+        1,
+        "the older one, as for any damaged manifest"
+    );
+    let t2 = t.clone();
+    let e = within_30s("read", move || {
+        t2.read_chunks(&three, &TaskKey::new("op", 0), &chunks)
+            .unwrap_err()
+            .to_string()
+    });
+    assert!(e.contains("not a regular file"), "{e}");
+    let t2 = t.clone();
+    let report = within_30s("fsck", move || t2.fsck().unwrap());
+    assert_eq!(report.damaged.len(), 2, "{report:?}");
+    let t2 = t.clone();
+    let e = within_30s("gc", move || t2.gc().unwrap_err().to_string());
+    assert!(e.contains("j-000002"), "{e}");
+}

@@ -32,6 +32,13 @@ impl JobRecord {
     }
 
     pub fn read(path: &Path) -> Result<JobRecord, ServiceError> {
+        // A FIFO here would block the service's start (and so its API)
+        // until someone writes to it: only regular files are read.
+        let meta =
+            std::fs::symlink_metadata(path).map_err(|e| ServiceError::Internal(format!("read: {e}")))?;
+        if !meta.is_file() {
+            return Err(ServiceError::Internal("read: not a regular file".into()));
+        }
         let text = std::fs::read(path).map_err(|e| ServiceError::Internal(format!("read: {e}")))?;
         serde_json::from_slice(&text).map_err(|e| ServiceError::Internal(format!("parse: {e}")))
     }
@@ -83,5 +90,21 @@ mod tests {
         remove_durably(&path).unwrap();
         assert!(!path.exists());
         remove_durably(&path).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_where_a_record_belongs_is_refused_not_waited_on() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.json");
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(JobRecord::read(&path).map(|_| ()).unwrap_err().to_string()));
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("reading it hangs");
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }
