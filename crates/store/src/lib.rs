@@ -82,8 +82,8 @@ pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport};
 pub use gc::GcReport;
 pub use manifest::{
-    Figures, MANIFEST_SCHEMA_VERSION, Manifest, MemoryImage, Retention, SnapshotKind, SnapshotStatus,
-    SourcePosition, StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
+    Figures, MANIFEST_SCHEMA_VERSION, MAX_STATE_LEN, Manifest, MemoryImage, Retention, SnapshotKind,
+    SnapshotStatus, SourcePosition, StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
 };
 pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 pub use series::SeriesLease;

@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::blob::MAX_CHUNK;
 use super::chunk::ChunkRef;
 use super::error::StoreError;
 use super::name::{JobName, SnapshotId};
@@ -466,34 +467,60 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Checks the lengths the manifest states against its chunk lists.
+    /// Checks every length the manifest states, before anything is
+    /// allocated by them: each chunk at most [`MAX_CHUNK`], each task state
+    /// and memory image at most [`MAX_STATE_LEN`], and the chunks adding up
+    /// (without overflow) to the length the manifest gives.
     pub(crate) fn check_lengths(&self) -> Result<(), String> {
         for t in &self.tasks {
             match &t.state {
                 TaskStateData::Canonical { len, chunks } => {
-                    let sum: u64 = chunks.iter().map(ChunkRef::len).sum();
-                    if sum != *len {
-                        return Err(format!(
-                            "task {}: chunks add up to {sum} bytes, len says {len}",
-                            t.key
-                        ));
-                    }
+                    check_sum(chunks, *len).map_err(|e| format!("task {}: {e}, len says {len}", t.key))?;
                 }
                 TaskStateData::Native { memories, .. } => {
                     for m in memories {
-                        let sum: u64 = m.chunks.iter().map(ChunkRef::len).sum();
-                        if sum != m.size {
-                            return Err(format!(
-                                "task {} memory {}: chunks add up to {sum} bytes, size says {}",
-                                t.key, m.index, m.size
-                            ));
-                        }
+                        check_sum(&m.chunks, m.size).map_err(|e| {
+                            format!("task {} memory {}: {e}, size says {}", t.key, m.index, m.size)
+                        })?;
                     }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The largest task state or memory image a manifest may describe: what a
+/// 32-bit Wasm instance can hold (its memory, or `snapshot-state` bytes
+/// returned from it). Restores allocate this much, so a manifest cannot ask
+/// for more.
+pub const MAX_STATE_LEN: u64 = 4 << 30;
+
+/// Whether `chunks` are each a possible chunk and add up to `len`, itself
+/// a possible state length.
+fn check_sum(chunks: &[ChunkRef], len: u64) -> Result<(), String> {
+    if len > MAX_STATE_LEN {
+        return Err(format!(
+            "{len} bytes is more than any state can hold ({MAX_STATE_LEN})"
+        ));
+    }
+    let mut sum: u64 = 0;
+    for (i, c) in chunks.iter().enumerate() {
+        if c.len() > MAX_CHUNK as u64 {
+            return Err(format!(
+                "chunk {i} is {} bytes, more than the largest chunk ({MAX_CHUNK})",
+                c.len()
+            ));
+        }
+        sum = sum
+            .checked_add(c.len())
+            .filter(|s| *s <= MAX_STATE_LEN)
+            .ok_or_else(|| format!("chunks add up to more than {MAX_STATE_LEN} bytes"))?;
+    }
+    if sum != len {
+        return Err(format!("chunks add up to {sum} bytes"));
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch.
@@ -566,6 +593,61 @@ mod tests {
         assert!(text.contains(r#""zero": 5"#), "{text}");
         let back = Manifest::from_json("wordcount-000007", &json).unwrap();
         assert_eq!(back, m);
+    }
+
+    /// Lengths a manifest states are bounded before anything is allocated
+    /// by them: a 1 TiB zero chunk aborted a restore with a failed
+    /// allocation, and lengths adding up past u64 panicked.
+    #[test]
+    fn absurd_lengths_are_refused_as_corrupt() {
+        let tib = 1u64 << 40;
+        let cases: Vec<(Vec<ChunkRef>, u64, &str)> = vec![
+            (
+                vec![ChunkRef::Zero { zero: tib }],
+                tib,
+                "more than any state can hold",
+            ),
+            (
+                vec![ChunkRef::Zero { zero: 1 << 30 }],
+                1 << 30,
+                "more than the largest chunk",
+            ),
+            (
+                vec![ChunkRef::Zero { zero: u64::MAX }, ChunkRef::Zero { zero: 2 }],
+                1,
+                "more than the largest chunk",
+            ),
+            (
+                vec![ChunkRef::Zero { zero: 16 << 20 }; 300],
+                1000,
+                "chunks add up to more than 4294967296 bytes",
+            ),
+            (
+                vec![ChunkRef::Zero { zero: 5 }],
+                6,
+                "chunks add up to 5 bytes, len says 6",
+            ),
+        ];
+        for (chunks, len, reason) in cases {
+            let mut m = sample();
+            m.tasks[0].state = TaskStateData::Canonical { len, chunks };
+            let e = Manifest::from_json("wordcount-000007", &m.to_json())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("is corrupt") && e.contains(reason), "{reason}: {e}");
+            let mut m = sample();
+            if let TaskStateData::Native { memories, .. } = &mut m.tasks[1].state {
+                memories[0].size = tib;
+                memories[0].chunks = vec![ChunkRef::Zero { zero: tib }];
+            }
+            let e = Manifest::from_json("wordcount-000007", &m.to_json())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("memory 0") && e.contains("more than any state can hold"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
