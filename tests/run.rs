@@ -410,6 +410,27 @@ fn missing_source_file_is_named() {
     assert!(err.contains("missing.txt"), "{err}");
 }
 
+/// An error never echoes an input whole: a 1 MiB source path is quoted
+/// in part (the error output was as long as the input).
+#[test]
+fn errors_quote_a_long_input_in_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "d/".repeat(1 << 19);
+    let toml = job_with_plugin(&plugin("wordcount")).replace(
+        "type = \"generator\"\ncount = 10",
+        &format!("type = \"file\"\npath = \"{long}x.txt\""),
+    );
+    let out = run_job(dir.path(), &toml);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.len() < 4096, "{} bytes of error output", err.len());
+    assert!(
+        err.contains("error: ") && err.contains("source"),
+        "{}",
+        &err[..err.len().min(300)]
+    );
+}
+
 // ---- misbehaving plugins: clear errors naming job, operator, task and phase
 
 fn misbehave_job(mode: &str, limits: &str) -> String {

@@ -84,7 +84,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: self.1.to_string(),
-            message: self.2,
+            // A message may quote an input; an answer never echoes one whole.
+            message: memento::spec::excerpt(&self.2, 2000),
         };
         (self.0, Json(body)).into_response()
     }

@@ -253,7 +253,7 @@ pub fn main() -> ExitCode {
 
 /// The error and its causes on one line; a cause whose text the message
 /// already includes (library errors often embed their source) is not
-/// repeated.
+/// repeated. At most 2,000 characters: a message may quote an input.
 fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
@@ -265,7 +265,7 @@ fn one_line(e: &anyhow::Error) -> String {
             line.push_str(&text);
         }
     }
-    line.replace('\n', " ")
+    memento::spec::excerpt(&line.replace('\n', " "), 2000)
 }
 
 fn init_logging() {

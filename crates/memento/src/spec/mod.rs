@@ -6,7 +6,7 @@
 pub mod host_config;
 mod units;
 
-pub use units::{UnitError, format_size, parse_cron, parse_duration, parse_size};
+pub use units::{UnitError, excerpt, format_size, parse_cron, parse_duration, parse_size};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -563,10 +563,7 @@ pub struct NameError {
 /// [`NameError`] saying what is wrong.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
     let bad = |reason: String| NameError {
-        name: match name.char_indices().nth(80) {
-            Some((cut, _)) => format!("{}…", &name[..cut]),
-            None => name.to_string(),
-        },
+        name: excerpt(name, 80),
         reason,
     };
     if name.is_empty() || name.len() > 64 {
@@ -825,7 +822,7 @@ pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T
 /// toml's errors span several lines (with a source excerpt); keep the
 /// message and where it is.
 fn toml_error_one_line(e: &toml::de::Error, text: &str) -> String {
-    let msg = e.message().trim().replace('\n', " ");
+    let msg = shorten_quotes(&e.message().trim().replace('\n', " "), 60);
     match e.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
@@ -835,6 +832,35 @@ fn toml_error_one_line(e: &toml::de::Error, text: &str) -> String {
         }
         None => msg,
     }
+}
+
+/// `msg` with every quoted value longer than `max` characters cut to an
+/// [`excerpt`]: serde's messages quote the offending value whole.
+fn shorten_quotes(msg: &str, max: usize) -> String {
+    let mut out = String::with_capacity(msg.len().min(1024));
+    let mut rest = msg;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let mut close = None;
+        let mut escaped = false;
+        for (i, c) in rest.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    close = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        let Some(close) = close else { break };
+        out.push_str(&excerpt(&rest[..close], max));
+        out.push('"');
+        rest = &rest[close + 1..];
+    }
+    out.push_str(&excerpt(rest, 1024));
+    out
 }
 
 impl fmt::Display for SnapshotFormat {
@@ -991,6 +1017,23 @@ call_timeout = "500ms"
         assert!(e.contains("unknown field `path`"), "{e}");
         let e = err(&MINIMAL.replace("type = \"null\"", "type = \"stdout\"\nformat = \"csv\""));
         assert!(e.contains("unknown field `format`"), "{e}");
+        let huge = "x".repeat(1 << 20);
+        let e = err(&MINIMAL.replace(
+            "plugin = \"wordcount.wasm\"",
+            &format!("plugin = \"wordcount.wasm\"\nparallelism = \"{huge}\""),
+        ));
+        assert!(
+            e.contains("invalid type: string \"xxxx") && e.contains("…\", expected"),
+            "{}",
+            &e[..200.min(e.len())]
+        );
+        assert!(
+            e.len() < 400,
+            "a long value is cut, not echoed ({} bytes)",
+            e.len()
+        );
+        let e = err(&MINIMAL.replace("name = \"wc\"", &format!("name = \"{huge}\"")));
+        assert!(e.len() < 400, "a long name is cut ({} bytes)", e.len());
         let e = err(&format!("{MINIMAL}\n[restart]\njitter = 2.0"));
         assert!(e.contains("restart.jitter"), "{e}");
         let e = err(&format!("{MINIMAL}\n[restart]\nattempts = 4294967295"));

@@ -2,6 +2,15 @@
 
 use std::time::Duration;
 
+/// At most the first `max` characters of `text`, with `…` when cut: how
+/// much of an input an error message may quote (an input can be megabytes).
+pub fn excerpt(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 /// A duration, size or cron expression that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {what} {input:?}: {reason}")]
@@ -18,10 +27,7 @@ impl UnitError {
     fn new(what: &'static str, input: &str, reason: impl Into<String>) -> Self {
         UnitError {
             what,
-            input: match input.char_indices().nth(40) {
-                Some((cut, _)) => format!("{}…", &input[..cut]),
-                None => input.to_string(),
-            },
+            input: excerpt(input, 40),
             reason: reason.into(),
         }
     }
