@@ -82,6 +82,24 @@ pub trait Source: Send {
     fn seek(&mut self, position: u64) -> Result<(), SourceError>;
 }
 
+/// Opens `path` for reading if it is a regular file. Non-blocking, so that
+/// a FIFO (which would block the source thread until someone writes, out of
+/// reach of stop and cancel) is refused at once.
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// Open the source a job file describes; paths resolve against `base`.
 ///
 /// # Errors
@@ -101,7 +119,7 @@ pub fn open(spec: &SourceSpec, base: &Path) -> Result<Box<dyn Source>, SourceErr
             } else {
                 base.join(path)
             };
-            let file = match File::open(&path) {
+            let file = match open_regular(&path) {
                 Ok(f) => f,
                 Err(source) => return Err(SourceError::Open { path, source }),
             };
@@ -501,6 +519,29 @@ mod tests {
             );
             assert_eq!(g.position(), 10);
         }
+    }
+
+    #[test]
+    fn a_fifo_source_is_refused_at_once() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.txt");
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let spec = SourceSpec::File {
+            path: "in.txt".into(),
+            format: FileFormat::Lines,
+            key_field: None,
+            timestamp_field: None,
+            key_separator: None,
+            batch: 10,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let base = dir.path().to_path_buf();
+        std::thread::spawn(move || tx.send(open(&spec, &base).err().map(|e| e.to_string())));
+        let e = rx.recv_timeout(Duration::from_secs(30)).expect("opening a FIFO hangs");
+        assert!(e.is_some_and(|e| e.contains("in.txt: not a regular file")));
     }
 
     #[test]
