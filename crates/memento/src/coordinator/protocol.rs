@@ -245,6 +245,12 @@ impl Coordinator<'_> {
                     self.snapshot_failed(run, p, &reason)?;
                 }
             }
+            Report::NotStored { id, task, reason } => {
+                if let Some(p) = run.pending.take_if(|p| p.number == id) {
+                    let reason = format!("the host could not store the state of {task}: {reason}");
+                    self.snapshot_failed(run, p, &reason)?;
+                }
+            }
             Report::TaskDone { task, figures, sink } => {
                 run.done.insert(task, (figures, sink));
             }

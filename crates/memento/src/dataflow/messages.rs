@@ -70,8 +70,13 @@ pub(crate) enum Report {
         pause: Duration,
         upload: Duration,
     },
-    /// A task could not contribute to snapshot `id`.
+    /// A task could not capture its state for snapshot `id` (its plugin
+    /// declined, or the format does not fit it now).
     Declined { id: u64, task: TaskKey, reason: String },
+    /// The host could not store task `task`'s captured state for snapshot
+    /// `id` (a full disk, the quota): the snapshot fails, and not because
+    /// of the plugin.
+    NotStored { id: u64, task: TaskKey, reason: String },
     /// A task ended (input ended or stopped), with its last sink commit.
     TaskDone {
         task: TaskKey,

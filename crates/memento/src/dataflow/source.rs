@@ -540,7 +540,9 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let base = dir.path().to_path_buf();
         std::thread::spawn(move || tx.send(open(&spec, &base).err().map(|e| e.to_string())));
-        let e = rx.recv_timeout(Duration::from_secs(30)).expect("opening a FIFO hangs");
+        let e = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("opening a FIFO hangs");
         assert!(e.is_some_and(|e| e.contains("in.txt: not a regular file")));
     }
 

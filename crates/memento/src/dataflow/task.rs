@@ -275,10 +275,10 @@ impl Task {
                         pause,
                         upload: started.elapsed(),
                     },
-                    Err(e) => Report::Declined {
+                    Err(e) => Report::NotStored {
                         id: barrier.id,
                         task: key,
-                        reason: format!("writing state: {e}"),
+                        reason: e.to_string(),
                     },
                 };
                 let _ = reports.send(report);
