@@ -409,6 +409,11 @@ pub enum RestartStrategy {
     Exponential,
 }
 
+/// The most events a source may put in one batch: batches sit in bounded
+/// channels between every two stages, so their size is host memory a job
+/// holds beyond its plugins' (a 30-million-event batch grew a host by 3 GiB).
+pub const MAX_BATCH: usize = 65_536;
+
 /// The most restarts `[restart] attempts` may allow: a job that failed this
 /// often is not going to recover by itself.
 pub const MAX_RESTART_ATTEMPTS: u32 = 10_000;
@@ -682,8 +687,11 @@ impl JobSpec {
         }
         match &self.source {
             SourceSpec::File { batch, path, .. } => {
-                if *batch == 0 {
-                    return bad("source.batch", "must be at least 1".into());
+                if !(1..=MAX_BATCH).contains(batch) {
+                    return bad(
+                        "source.batch",
+                        format!("{batch} is not within 1..={MAX_BATCH} events"),
+                    );
                 }
                 if path.as_os_str().is_empty() {
                     return bad("source.path", "must name the input file".into());
@@ -692,8 +700,11 @@ impl JobSpec {
             SourceSpec::Generator {
                 batch, rate, keys, ..
             } => {
-                if *batch == 0 {
-                    return bad("source.batch", "must be at least 1".into());
+                if !(1..=MAX_BATCH).contains(batch) {
+                    return bad(
+                        "source.batch",
+                        format!("{batch} is not within 1..={MAX_BATCH} events"),
+                    );
                 }
                 if *keys == 0 {
                     return bad("source.keys", "must be at least 1".into());
@@ -1034,6 +1045,11 @@ call_timeout = "500ms"
         );
         let e = err(&MINIMAL.replace("name = \"wc\"", &format!("name = \"{huge}\"")));
         assert!(e.len() < 400, "a long name is cut ({} bytes)", e.len());
+        let e = err(&MINIMAL.replace("count = 100", "count = 100\nbatch = 30000000"));
+        assert!(
+            e.contains("source.batch: 30000000 is not within 1..=65536 events"),
+            "{e}"
+        );
         let e = err(&format!("{MINIMAL}\n[restart]\njitter = 2.0"));
         assert!(e.contains("restart.jitter"), "{e}");
         let e = err(&format!("{MINIMAL}\n[restart]\nattempts = 4294967295"));
