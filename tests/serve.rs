@@ -302,6 +302,20 @@ fn limits_and_bad_requests_answer_4xx_with_the_reason() {
         "invalid_job",
         "source.path",
     );
+    // A symlink in the tenant's directory leads nowhere outside it.
+    let files = s.state().join("files/a");
+    std::fs::create_dir_all(&files).unwrap();
+    std::os::unix::fs::symlink("/etc", files.join("etc")).unwrap();
+    let via_link = endless_job("x", "").replace(
+        "type = \"generator\"\nrate = 2000\nbatch = 100",
+        "type = \"file\"\npath = \"etc/passwd\"",
+    );
+    expect(
+        submit(&via_link, plugins.clone()),
+        400,
+        "invalid_job",
+        "source.path: etc/passwd: leads to /etc through a symlink, outside the tenant's directory",
+    );
     let stdout = endless_job("x", "").replace("type = \"null\"", "type = \"stdout\"");
     expect(submit(&stdout, plugins.clone()), 400, "invalid_job", "stdout");
     // Native snapshots asked of a component that cannot be imaged: refused

@@ -170,19 +170,80 @@ fn confine(spec: &mut JobSpec) -> Result<(), ServiceError> {
         ));
     }
     match &spec.sink {
-        SinkSpec::File { path } if !is_confined(path) => Err(ServiceError::bad(
-            "invalid_job",
-            format!(
-                "sink.path: {} must be a relative path inside the tenant's directory",
-                path.display()
-            ),
-        )),
-        SinkSpec::Stdout {} => Err(ServiceError::bad(
-            "invalid_job",
-            "sink.type: `stdout` is not available on a shared host (use `file` or `null`)",
-        )),
-        _ => Ok(()),
+        SinkSpec::File { path } if !is_confined(path) => {
+            return Err(ServiceError::bad(
+                "invalid_job",
+                format!(
+                    "sink.path: {} must be a relative path inside the tenant's directory",
+                    path.display()
+                ),
+            ));
+        }
+        SinkSpec::Stdout {} => {
+            return Err(ServiceError::bad(
+                "invalid_job",
+                "sink.type: `stdout` is not available on a shared host (use `file` or `null`)",
+            ));
+        }
+        _ => {}
     }
+    // Lexically inside is not enough: a symlink in the tenant's directory
+    // could lead a source to a host file or a sink into another tenant's.
+    let paths = [
+        (
+            "source.path",
+            match &spec.source {
+                SourceSpec::File { path, .. } => Some(path),
+                _ => None,
+            },
+        ),
+        (
+            "sink.path",
+            match &spec.sink {
+                SinkSpec::File { path } => Some(path),
+                _ => None,
+            },
+        ),
+    ];
+    for (field, path) in paths {
+        if let Some(path) = path {
+            stays_inside(&spec.base_dir, path).map_err(|why| {
+                ServiceError::bad("invalid_job", format!("{field}: {}: {why}", path.display()))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path` (relative to `base`) stays inside `base` once symlinks
+/// are followed: every part of it that exists and is a symlink must lead
+/// inside (a dangling one is refused: creating through it would land
+/// wherever it points). The parts that do not exist yet are created by the
+/// job as plain directories and files.
+fn stays_inside(base: &Path, path: &Path) -> Result<(), String> {
+    let Ok(real_base) = base.canonicalize() else {
+        return Ok(()); // not created yet: nothing in it can lead anywhere
+    };
+    let mut probe = base.to_path_buf();
+    for part in path.components() {
+        probe.push(part);
+        match std::fs::symlink_metadata(&probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("cannot be resolved: {e}")),
+            Ok(meta) if !meta.file_type().is_symlink() => {}
+            Ok(_) => match probe.canonicalize() {
+                Ok(real) if real.starts_with(&real_base) => {}
+                Ok(real) => {
+                    return Err(format!(
+                        "leads to {} through a symlink, outside the tenant's directory",
+                        real.display()
+                    ));
+                }
+                Err(_) => return Err("goes through a symlink that leads nowhere".into()),
+            },
+        }
+    }
+    Ok(())
 }
 
 /// Apply the tenant's caps to `[limits]`: an explicit value above a cap is
@@ -297,6 +358,35 @@ mod tests {
         assert!(is_confined(Path::new("out/part")));
         for bad in ["/etc/passwd", "../x", "a/../../b", "", "./x"] {
             assert!(!is_confined(Path::new(bad)), "{bad}");
+        }
+    }
+
+    /// A symlink in the tenant's directory must not lead a source to a host
+    /// file or a sink into another tenant's directory (it did: confinement
+    /// was lexical only).
+    #[test]
+    fn symlinks_out_of_the_tenant_are_refused() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().unwrap();
+        let base = root.path().join("files/a");
+        let other = root.path().join("files/b/out");
+        std::fs::create_dir_all(base.join("sub")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        symlink("/etc", base.join("etc")).unwrap();
+        symlink(&other, base.join("peer")).unwrap();
+        symlink(root.path().join("files/b/later"), base.join("dangling")).unwrap();
+        symlink("sub", base.join("inner")).unwrap();
+        for ok in ["out", "sub/out", "inner/out", "new/dir/out"] {
+            assert_eq!(stays_inside(&base, Path::new(ok)), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("etc/passwd", "through a symlink, outside the tenant's directory"),
+            ("peer", "through a symlink, outside the tenant's directory"),
+            ("peer/part-00000-000000", "through a symlink, outside"),
+            ("dangling/out", "a symlink that leads nowhere"),
+        ] {
+            let e = stays_inside(&base, Path::new(bad)).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 }
