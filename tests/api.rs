@@ -284,7 +284,9 @@ fn both_servers_answer_the_job_routes_alike() {
     let ok = Some(bearer.as_str());
     // (method, path, Authorization, body, status, error code)
     type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, u16, &'a str);
-    let huge = "x".repeat(3 << 20);
+    // One byte over the trigger body limit: the server has read it all when
+    // it refuses (a bigger body races the server's close: a broken pipe).
+    let huge = "x".repeat((64 << 10) + 1);
     let cases: Vec<Case> = vec![
         ("GET", "/v1/jobs", ok, "", 200, ""),
         ("GET", "/v1/jobs?tenant=default", ok, "", 200, ""),
