@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::blob::BlobProblem;
 use super::blob::{self, BlobHash};
 use super::error::StoreError;
+use super::tenant::manifest_at;
 use super::{SnapshotId, TenantStore};
 
 /// A snapshot fsck found damaged, with every problem found.
@@ -77,22 +78,22 @@ impl TenantStore {
             let dir = format!("{snap_root}/{job_dir}");
             let names = match backend.list(&dir) {
                 Ok(n) => n,
+                Err(_) if dir.ends_with(".json") => {
+                    report.misplaced_manifests.push(dir);
+                    continue;
+                }
                 Err(_) => {
-                    if !dir.ends_with(".json") {
-                        report.stray_files.push(dir);
-                    }
+                    report.stray_files.push(dir);
                     continue;
                 }
             };
             for name in names {
-                let id = name.strip_suffix(".json").and_then(|stem| {
-                    SnapshotId::parse(stem)
-                        .ok()
-                        .filter(|id| id.job().as_str() == job_dir && id.to_string() == stem)
-                });
-                let Some(id) = id else {
-                    if !name.ends_with(".json") {
-                        report.stray_files.push(format!("{dir}/{name}"));
+                let Some(id) = manifest_at(&job_dir, &name) else {
+                    let path = format!("{dir}/{name}");
+                    if name.ends_with(".json") {
+                        report.misplaced_manifests.push(path);
+                    } else {
+                        report.stray_files.push(path);
                     }
                     continue;
                 };
@@ -105,7 +106,7 @@ impl TenantStore {
             }
         }
 
-        report.misplaced_manifests = self.misplaced_manifests()?;
+        report.misplaced_manifests.sort();
 
         // Distinct blobs with the length the first reference gives.
         let mut wanted: HashMap<BlobHash, u64> = HashMap::new();

@@ -74,12 +74,13 @@ impl TenantStore {
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let start = Instant::now();
         let mut report = GcReport::default();
-        if let Some(path) = self.misplaced_manifests()?.into_iter().next() {
+        let (listed, misplaced) = self.scan_manifests()?;
+        if let Some(path) = misplaced.into_iter().next() {
             return Err(StoreError::MisplacedManifest { path });
         }
 
         // Mark, while writers keep working.
-        let mut ids: HashSet<SnapshotId> = self.all_ids()?.into_iter().collect();
+        let mut ids: HashSet<SnapshotId> = listed.into_iter().collect();
         let mut referenced: HashSet<BlobHash> = HashSet::new();
         for id in &ids {
             if let Some(m) = self.get_if_present(id)? {

@@ -219,28 +219,26 @@ impl TenantStore {
             .list(&key)
             .map_err(|e| StoreError::io("list", key, e))?
             .iter()
-            .filter_map(|n| n.strip_suffix(".json"))
-            // Only manifests at their own path (see `misplaced_manifests`).
-            .filter_map(|stem| SnapshotId::parse(stem).ok().filter(|id| id.to_string() == stem))
-            .filter(|id| id.job() == job)
+            .filter_map(|name| manifest_at(job.as_str(), name))
             .collect();
         ids.sort();
         Ok(ids)
     }
 
-    /// Files under `snapshots/` named like manifests (`*.json`) that are
-    /// not at a manifest's own path -- a renamed `wc-11.json`, one moved
-    /// under another job -- as keys, sorted. Nothing lists them as
-    /// snapshots, so GC refuses to run while they exist.
+    /// Every snapshot whose manifest is at its own path, and every file
+    /// under `snapshots/` named like a manifest (`*.json`) that is not --
+    /// a renamed `wc-11.json`, one moved under another job -- as keys,
+    /// sorted. Nothing lists the latter as snapshots, so GC refuses to run
+    /// while they exist.
     ///
     /// # Errors
     /// I/O errors listing the directories.
-    pub(crate) fn misplaced_manifests(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn scan_manifests(&self) -> Result<(Vec<SnapshotId>, Vec<String>), StoreError> {
         let root = self.key("snapshots");
-        let mut out = Vec::new();
+        let (mut ids, mut misplaced) = (Vec::new(), Vec::new());
         let entries = match self.backend().list(&root) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((ids, misplaced)),
             Err(e) => return Err(StoreError::io("list", root, e)),
         };
         for dir in entries {
@@ -248,31 +246,25 @@ impl TenantStore {
             let Ok(names) = self.backend().list(&key) else {
                 // A file, not a job's directory.
                 if dir.ends_with(".json") {
-                    out.push(key);
+                    misplaced.push(key);
                 }
                 continue;
             };
             for name in names {
-                let Some(stem) = name.strip_suffix(".json") else {
-                    continue;
-                };
-                let at_home = SnapshotId::parse(stem)
-                    .is_ok_and(|id| id.job().as_str() == dir && id.to_string() == stem);
-                if !at_home {
-                    out.push(format!("{key}/{name}"));
+                match manifest_at(&dir, &name) {
+                    Some(id) => ids.push(id),
+                    None if name.ends_with(".json") => misplaced.push(format!("{key}/{name}")),
+                    None => {}
                 }
             }
         }
-        out.sort();
-        Ok(out)
+        ids.sort();
+        misplaced.sort();
+        Ok((ids, misplaced))
     }
 
     pub(crate) fn all_ids(&self) -> Result<Vec<SnapshotId>, StoreError> {
-        let mut ids = Vec::new();
-        for job in self.jobs()? {
-            ids.extend(self.list_ids(&job)?);
-        }
-        Ok(ids)
+        Ok(self.scan_manifests()?.0)
     }
 
     /// Manifests matching `filter`, ordered by job then number. Manifests that
@@ -409,4 +401,13 @@ impl TenantStore {
         }
         Ok(None)
     }
+}
+
+/// The snapshot whose manifest `snapshots/<dir>/<name>` is, if it is at
+/// that snapshot's own path (the id spelled as `SnapshotId` spells it).
+pub(crate) fn manifest_at(dir: &str, name: &str) -> Option<SnapshotId> {
+    let stem = name.strip_suffix(".json")?;
+    SnapshotId::parse(stem)
+        .ok()
+        .filter(|id| id.job().as_str() == dir && id.to_string() == stem)
 }
