@@ -49,7 +49,13 @@ impl Schedule {
     pub fn due(&mut self, now: Instant) -> bool {
         match self.next {
             Some(t) if t <= now => {
-                self.next = self.after(now);
+                self.next = match self.kind {
+                    // From due instant to due instant, so a late wake-up does
+                    // not shift every later savepoint; missed ones are not
+                    // made up.
+                    Kind::Every(d) if t + d > now => Some(t + d),
+                    _ => self.after(now),
+                };
                 true
             }
             _ => false,
@@ -85,8 +91,11 @@ mod tests {
         let mut s = Schedule::from_spec(&spec);
         let first = s.next().unwrap();
         assert!(!s.due(first - Duration::from_millis(1)));
-        assert!(s.due(first));
-        assert!(s.next().unwrap() > first);
+        assert!(s.due(first + Duration::from_millis(5)));
+        assert_eq!(s.next().unwrap(), first + Duration::from_millis(50), "no drift");
+        let later = first + Duration::from_millis(500);
+        assert!(s.due(later));
+        assert_eq!(s.next().unwrap(), later + Duration::from_millis(50), "no backlog");
     }
 
     #[test]

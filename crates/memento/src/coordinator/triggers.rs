@@ -24,6 +24,10 @@ pub(super) struct Request {
 }
 
 impl Request {
+    fn is_periodic_checkpoint(&self) -> bool {
+        self.kind == SnapshotKind::Checkpoint && self.trigger == Trigger::Periodic
+    }
+
     /// Answer whoever asked (if anyone): no snapshot, for `why`.
     pub(super) fn refuse(self, why: TriggerError) {
         if let Some(reply) = self.reply {
@@ -38,6 +42,9 @@ pub(super) struct Triggers {
     /// When the next periodic checkpoint is due; `None` without an interval
     /// and while a periodic one waits or runs (re-armed when it ends).
     next_checkpoint: Option<Instant>,
+    /// When the last periodic checkpoint was due: the interval counts from
+    /// trigger to trigger, as in Flink, not from the end of the previous one.
+    last_due: Instant,
     checkpoint_interval: Option<Duration>,
     min_pause: Duration,
     checkpoint_format: SnapshotFormat,
@@ -51,6 +58,7 @@ impl Triggers {
         Triggers {
             queue: VecDeque::new(),
             next_checkpoint: checkpoints.interval.map(|i| now + i.0),
+            last_due: now,
             checkpoint_interval: checkpoints.interval.map(|i| i.0),
             min_pause: checkpoints.min_pause.0,
             checkpoint_format: checkpoints.format,
@@ -61,7 +69,8 @@ impl Triggers {
 
     /// Queue the periodic snapshots due at `now`.
     pub(super) fn due(&mut self, now: Instant) {
-        if self.next_checkpoint.is_some_and(|t| t <= now) {
+        if let Some(due) = self.next_checkpoint.filter(|t| *t <= now) {
+            self.last_due = due;
             self.queue.push_back(Request {
                 kind: SnapshotKind::Checkpoint,
                 trigger: Trigger::Periodic,
@@ -88,11 +97,23 @@ impl Triggers {
     }
 
     /// A checkpoint ended at `now` (completed or failed): the next periodic
-    /// one is due an interval later, and no sooner than `min_pause`.
+    /// one is due an interval after the last one was due, and no sooner than
+    /// `min_pause` after this end. A checkpoint that took longer than the
+    /// interval is followed `min_pause` later, not by a backlog of missed
+    /// ones.
     pub(super) fn checkpoint_ended(&mut self, now: Instant) {
-        if let Some(interval) = self.checkpoint_interval {
-            self.next_checkpoint = Some(now + interval.max(self.min_pause));
-        }
+        let Some(interval) = self.checkpoint_interval else {
+            return;
+        };
+        let earliest = now + self.min_pause;
+        self.next_checkpoint = Some(match self.next_checkpoint {
+            // A manual checkpoint ended while the periodic one is armed.
+            Some(armed) => armed.max(earliest),
+            // A manual checkpoint ended while the periodic one waits in the
+            // queue: that one re-arms when it ends.
+            None if self.queue.iter().any(Request::is_periodic_checkpoint) => return,
+            None => (self.last_due + interval).max(earliest),
+        });
     }
 
     /// The earliest instant a periodic snapshot is due, if any.
@@ -205,8 +226,55 @@ mod tests {
         t.due(ms(t0, 1_000));
         assert!(t.next().is_none());
         assert_eq!(t.next_due(), None);
+        // It took longer than the interval: the next one follows at once
+        // (min_pause is 0), without a backlog of the missed ones.
         t.checkpoint_ended(ms(t0, 1_000));
-        assert_eq!(t.next_due(), Some(ms(t0, 1_100)));
+        assert_eq!(t.next_due(), Some(ms(t0, 1_000)));
+        t.due(ms(t0, 1_000));
+        assert_eq!(kinds(&mut t).len(), 1);
+        assert_eq!(t.next_due(), None);
+    }
+
+    #[test]
+    fn the_interval_counts_from_trigger_to_trigger() {
+        let t0 = Instant::now();
+        let mut t = Triggers::new(&checkpoints(Some(100), 0), &SavepointSpec::default(), t0);
+        // Woken a little late; the schedule does not drift by it.
+        t.due(ms(t0, 103));
+        assert_eq!(kinds(&mut t).len(), 1);
+        t.checkpoint_ended(ms(t0, 160));
+        assert_eq!(t.next_due(), Some(ms(t0, 200)));
+        t.due(ms(t0, 200));
+        assert_eq!(kinds(&mut t).len(), 1);
+        t.checkpoint_ended(ms(t0, 230));
+        assert_eq!(t.next_due(), Some(ms(t0, 300)));
+    }
+
+    #[test]
+    fn a_manual_checkpoint_does_not_reset_the_periodic_one() {
+        let t0 = Instant::now();
+        let mut t = Triggers::new(&checkpoints(Some(100), 30), &SavepointSpec::default(), t0);
+        t.manual(SnapshotKind::Checkpoint, None, None, false, false);
+        assert_eq!(kinds(&mut t).len(), 1);
+        t.checkpoint_ended(ms(t0, 40));
+        assert_eq!(
+            t.next_due(),
+            Some(ms(t0, 100)),
+            "armed, and min_pause has passed by then"
+        );
+        t.checkpoint_ended(ms(t0, 90));
+        assert_eq!(t.next_due(), Some(ms(t0, 120)), "min_pause after the manual one");
+        // A manual checkpoint ends while the periodic one waits behind it:
+        // nothing more is queued, and the periodic one re-arms when it ends.
+        t.manual(SnapshotKind::Checkpoint, None, None, false, false);
+        t.due(ms(t0, 120));
+        let first = t.next().unwrap();
+        assert_eq!(first.trigger, Trigger::Manual);
+        t.checkpoint_ended(ms(t0, 150));
+        assert_eq!(t.next_due(), None);
+        assert_eq!(kinds(&mut t).len(), 1, "the periodic one, once");
+        t.checkpoint_ended(ms(t0, 170));
+        assert_eq!(t.next_due(), Some(ms(t0, 220)));
     }
 
     #[test]

@@ -310,13 +310,16 @@ pub enum SnapshotFormat {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSpec {
-    /// Time between periodic checkpoints; absent means none.
+    /// Time between the triggers of periodic checkpoints (as in Flink: not
+    /// from the end of the previous one); absent means none.
     #[serde(default)]
     pub interval: Option<HumanDuration>,
     /// A checkpoint not complete within this is aborted (default 10m).
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
-    /// Minimum pause between the end of one checkpoint and the next.
+    /// Minimum pause between the end of one checkpoint and the start of the
+    /// next; a checkpoint that outlasts the interval is followed this long
+    /// after it ends.
     #[serde(default = "zero")]
     pub min_pause: HumanDuration,
     /// Consecutive failed checkpoints tolerated before the job fails.
