@@ -166,7 +166,7 @@ mod tests {
         w.write(None, vec![1; 10]).unwrap();
         w.write(Some(4), vec![2; 20]).unwrap();
         w.write(Some(7), vec![3; 70]).unwrap();
-        let (_, total) = w.finish().unwrap();
+        let Ok((_, total)) = w.finish() else { panic!("refused") };
         assert_eq!(total, 100);
     }
 
@@ -178,7 +178,7 @@ mod tests {
         assert_eq!(err, "more than 100 bytes of state (limits.max_snapshot)");
         // Smaller pieces after a refusal are refused too: the state is lost.
         assert!(w.write(None, vec![0; 1]).is_err());
-        assert_eq!(w.finish().unwrap_err(), Refusal::TooMuch { limit: 100 });
+        assert_eq!(w.finish().err(), Some(Refusal::TooMuch { limit: 100 }));
     }
 
     #[test]
