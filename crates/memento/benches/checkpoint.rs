@@ -182,6 +182,8 @@ fn pieces(runtime: &Runtime, size_mib: u64, reps: usize) -> Result<Pieces, Strin
         operator_name: "ballast".into(),
         task_index: 0,
         parallelism: 1,
+        key_groups: 1,
+        owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
         config: ballast_config(size_mib),
     })
     .map_err(|e| e.to_string())?;

@@ -217,6 +217,11 @@ impl TaskInstance {
         &self.label
     }
 
+    /// The key groups the task owns, as `open` was told (empty before).
+    pub fn owned_key_groups(&self) -> std::ops::Range<u32> {
+        self.owned.clone()
+    }
+
     /// Counters of the calls made so far.
     pub fn stats(&self) -> CallStats {
         self.stats

@@ -26,7 +26,7 @@ pub mod sink;
 pub mod source;
 mod task;
 
-pub(crate) use attempt::{Attempt, InjectError, RestorePoint};
+pub(crate) use attempt::{Attempt, InjectError, KeyGroups, RestorePoint};
 pub use error::JobError;
 pub(crate) use messages::Report;
 pub use messages::{Barrier, TaskFigures};
