@@ -969,7 +969,7 @@ fn native_format_is_refused_at_load_for_a_component_it_cannot_image() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("contract memento:operator/plugin@0.1.0: yes"),
+        text.contains("contract memento:operator/plugin@0.2.0: yes"),
         "{text}"
     );
     assert!(

@@ -78,5 +78,6 @@ pub fn restore<T: Operator>(
     let mut slot = slot.borrow_mut();
     let Slot { ctx, op } = &mut *slot;
     let (ctx, op) = ctx.as_ref().zip(op.as_mut()).ok_or_else(not_open)?;
-    op.restore(ctx, &mut crate::StateReader::host(from)).map_err(|e| e.0)
+    op.restore(ctx, &mut crate::StateReader::host(from))
+        .map_err(|e| e.0)
 }

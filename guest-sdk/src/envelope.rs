@@ -33,7 +33,11 @@ pub const STATE_ENCODING_MSGPACK: u8 = 1;
 ///
 /// # Errors
 /// When serde fails to serialize the state or `out` refuses it.
-pub fn write_state<T: Serialize + ?Sized>(out: &mut impl io::Write, version: u32, state: &T) -> Result<(), Error> {
+pub fn write_state<T: Serialize + ?Sized>(
+    out: &mut impl io::Write,
+    version: u32,
+    state: &T,
+) -> Result<(), Error> {
     let mut header = [0u8; HEADER_LEN];
     header[..4].copy_from_slice(MAGIC);
     header[4] = ENVELOPE_VERSION;
@@ -65,7 +69,10 @@ pub fn encode_state<T: Serialize + ?Sized>(version: u32, state: &T) -> Result<Ve
 /// When the bytes are not an envelope, use an unknown envelope version or
 /// encoding, carry a state version above `max_version`, or do not
 /// deserialize into `T`.
-pub fn read_state<T: DeserializeOwned>(max_version: u32, from: &mut impl io::Read) -> Result<(u32, T), Error> {
+pub fn read_state<T: DeserializeOwned>(
+    max_version: u32,
+    from: &mut impl io::Read,
+) -> Result<(u32, T), Error> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {

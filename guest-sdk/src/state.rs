@@ -37,7 +37,9 @@ pub struct StateWriter<'a> {
 
 impl<'a> StateWriter<'a> {
     #[cfg(target_family = "wasm")]
-    pub(crate) fn host(writer: &'a crate::bindings::memento::operator::state::StateWriter) -> StateWriter<'a> {
+    pub(crate) fn host(
+        writer: &'a crate::bindings::memento::operator::state::StateWriter,
+    ) -> StateWriter<'a> {
         StateWriter {
             sink: Sink::Host(writer),
             buffer: Vec::new(),
@@ -150,7 +152,9 @@ pub struct StateReader<'a> {
 
 impl<'a> StateReader<'a> {
     #[cfg(target_family = "wasm")]
-    pub(crate) fn host(reader: &'a crate::bindings::memento::operator::state::StateReader) -> StateReader<'a> {
+    pub(crate) fn host(
+        reader: &'a crate::bindings::memento::operator::state::StateReader,
+    ) -> StateReader<'a> {
         StateReader {
             source: Source::Host(reader),
             current: Vec::new(),
@@ -225,7 +229,11 @@ mod tests {
         }
         w.write_all(&data).unwrap();
         w.finish().unwrap();
-        assert!(pieces.iter().all(|(g, p)| g.is_none() && p.len() <= PIECE && !p.is_empty()));
+        assert!(
+            pieces
+                .iter()
+                .all(|(g, p)| g.is_none() && p.len() <= PIECE && !p.is_empty())
+        );
         let joined: Vec<u8> = pieces.iter().flat_map(|(_, p)| p.clone()).collect();
         assert_eq!(joined, [data.clone(), data].concat());
     }
@@ -245,7 +253,11 @@ mod tests {
 
     #[test]
     fn reads_unkeyed_pieces_as_one_stream_whatever_their_boundaries() {
-        let pieces = vec![(None, b"ab".to_vec()), (None, Vec::new()), (None, b"cde".to_vec())];
+        let pieces = vec![
+            (None, b"ab".to_vec()),
+            (None, Vec::new()),
+            (None, b"cde".to_vec()),
+        ];
         let mut r = StateReader::memory(pieces);
         let mut all = String::new();
         r.read_to_string(&mut all).unwrap();

@@ -194,7 +194,10 @@ fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, Runt
 /// implement is told which versions it does.
 fn check_exports(exports: &[String]) -> Result<ContractVersion, String> {
     let has = |name: &str| exports.iter().any(|e| e == name);
-    if let Some(v) = ContractVersion::ALL.into_iter().find(|v| v.exports().iter().all(|w| has(w))) {
+    if let Some(v) = ContractVersion::ALL
+        .into_iter()
+        .find(|v| v.exports().iter().all(|w| has(w)))
+    {
         return Ok(v);
     }
     // Half of one version: name what is missing.
@@ -318,7 +321,9 @@ mod tests {
         );
         let err = check_exports(&["wasi:cli/run@0.2.0".to_string()]).unwrap_err();
         assert!(
-            err.contains("does not export memento:operator/operator@0.2.0 or memento:operator/operator@0.1.0"),
+            err.contains(
+                "does not export memento:operator/operator@0.2.0 or memento:operator/operator@0.1.0"
+            ),
             "{err}"
         );
         assert!(err.contains("found exports: wasi:cli/run@0.2.0"), "{err}");

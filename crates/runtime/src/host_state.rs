@@ -39,4 +39,3 @@ impl HostStateReader for InstanceData {
         Ok(())
     }
 }
-

@@ -27,8 +27,7 @@ pub mod uffd;
 pub use batch::{Event, MalformedBatch};
 pub use bindings::{Context, KeyGroupRange};
 pub use component::{
-    CONTRACT_PACKAGE, ComponentInfo, ContractVersion, LoadedComponent, OPERATOR_INTERFACE,
-    SNAPSHOT_INTERFACE,
+    CONTRACT_PACKAGE, ComponentInfo, ContractVersion, LoadedComponent, OPERATOR_INTERFACE, SNAPSHOT_INTERFACE,
 };
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};

@@ -97,7 +97,9 @@ impl StateWriter {
                 self.owned.start, self.owned.end
             )))
         } else if self.written.saturating_add(bytes.len() as u64) > self.max_total {
-            Some(Refusal::TooMuch { limit: self.max_total })
+            Some(Refusal::TooMuch {
+                limit: self.max_total,
+            })
         } else {
             None
         };
@@ -166,7 +168,9 @@ mod tests {
         w.write(None, vec![1; 10]).unwrap();
         w.write(Some(4), vec![2; 20]).unwrap();
         w.write(Some(7), vec![3; 70]).unwrap();
-        let Ok((_, total)) = w.finish() else { panic!("refused") };
+        let Ok((_, total)) = w.finish() else {
+            panic!("refused")
+        };
         assert_eq!(total, 100);
     }
 

@@ -351,7 +351,10 @@ mod tests {
         }
         assert_eq!(a.steps(), b.steps());
         assert!(a.data() == b.data());
-        assert_eq!(memento_guest::snapshot_bytes(&a).unwrap(), memento_guest::snapshot_bytes(&b).unwrap());
+        assert_eq!(
+            memento_guest::snapshot_bytes(&a).unwrap(),
+            memento_guest::snapshot_bytes(&b).unwrap()
+        );
     }
 
     #[test]

@@ -361,7 +361,10 @@ mod tests {
         got.extend(run(&mut second, &as_refs[77..]));
         assert_eq!(got, expected);
         assert_eq!(second.duplicates_dropped(), whole.duplicates_dropped());
-        assert_eq!(memento_guest::snapshot_bytes(&second).unwrap(), memento_guest::snapshot_bytes(&whole).unwrap());
+        assert_eq!(
+            memento_guest::snapshot_bytes(&second).unwrap(),
+            memento_guest::snapshot_bytes(&whole).unwrap()
+        );
     }
 
     #[test]
@@ -385,6 +388,9 @@ mod tests {
         let mut a = open(&[("max_keys", "50")]);
         let mut b = open(&[("max_keys", "50")]);
         assert_eq!(run(&mut a, &as_refs), run(&mut b, &as_refs));
-        assert_eq!(memento_guest::snapshot_bytes(&a).unwrap(), memento_guest::snapshot_bytes(&b).unwrap());
+        assert_eq!(
+            memento_guest::snapshot_bytes(&a).unwrap(),
+            memento_guest::snapshot_bytes(&b).unwrap()
+        );
     }
 }

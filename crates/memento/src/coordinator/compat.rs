@@ -33,7 +33,10 @@ pub(crate) fn recorded_key_groups(m: &Manifest, op: &str) -> Result<u32, String>
         Some(n) if n >= tasks.max(1) && n <= u64::from(crate::spec::MAX_KEY_GROUPS) => Ok(n as u32),
         _ => Err(format!(
             "its record of operator `{op}`'s key groups ({}) is not a number from {} to {}",
-            value.map_or_else(|| "missing".to_string(), |v| crate::spec::excerpt(&v.to_string(), 40)),
+            value.map_or_else(
+                || "missing".to_string(),
+                |v| crate::spec::excerpt(&v.to_string(), 40)
+            ),
             tasks.max(1),
             crate::spec::MAX_KEY_GROUPS
         )),

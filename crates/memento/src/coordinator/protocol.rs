@@ -280,7 +280,8 @@ impl Coordinator<'_> {
         m.created_at_ms = created_at_ms;
         m.retention = retention::settings(self.spec, kind);
         m.components = self.components.clone();
-        m.extra.insert(compat::KEY_GROUPS.into(), serde_json::json!(self.key_groups));
+        m.extra
+            .insert(compat::KEY_GROUPS.into(), serde_json::json!(self.key_groups));
         // Every canonical state this build persists is framed.
         m.canonical_framing = Some(crate::snapshot::FRAMING_VERSION);
         m.tasks = acks

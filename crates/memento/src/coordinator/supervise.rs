@@ -190,7 +190,9 @@ impl Coordinator<'_> {
             Ok(k) => k,
             Err(reason) => {
                 return AttemptEnd::Failed(JobError::Incompatible {
-                    id: restore.map(|m| m.id.clone()).expect("only a snapshot's record can be wrong"),
+                    id: restore
+                        .map(|m| m.id.clone())
+                        .expect("only a snapshot's record can be wrong"),
                     reason,
                 });
             }

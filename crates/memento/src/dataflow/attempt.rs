@@ -84,7 +84,12 @@ impl Attempt {
         reports: Sender<Report>,
         records_in: Arc<AtomicU64>,
     ) -> Result<Attempt, JobError> {
-        let groups_of = |op: &crate::spec::OperatorSpec| key_groups.get(&op.name).copied().unwrap_or_else(|| op.key_groups());
+        let groups_of = |op: &crate::spec::OperatorSpec| {
+            key_groups
+                .get(&op.name)
+                .copied()
+                .unwrap_or_else(|| op.key_groups())
+        };
         assert_eq!(
             components.len(),
             spec.operators.len(),
@@ -161,7 +166,11 @@ impl Attempt {
             for index in 0..op.parallelism {
                 let key = TaskKey::new(op.name.clone(), index);
                 let downstream = if stage < last {
-                    task::Downstream::Next(senders(stage + 1), groups_of(&spec.operators[stage + 1]), index as usize)
+                    task::Downstream::Next(
+                        senders(stage + 1),
+                        groups_of(&spec.operators[stage + 1]),
+                        index as usize,
+                    )
                 } else {
                     task::Downstream::Sink(sinks[index as usize].take().expect("one sink per last task"))
                 };

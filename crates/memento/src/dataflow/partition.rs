@@ -43,7 +43,8 @@ pub fn task_for_group(group: u32, parallelism: usize, key_groups: u32) -> usize 
 /// `task_for_group(g) == task`, a contiguous range.
 pub fn owned_groups(task: u32, parallelism: u32, key_groups: u32) -> std::ops::Range<u32> {
     // The smallest g with g * P / K >= t is ceil(t * K / P).
-    let first = |t: u32| (u64::from(t) * u64::from(key_groups)).div_ceil(u64::from(parallelism.max(1))) as u32;
+    let first =
+        |t: u32| (u64::from(t) * u64::from(key_groups)).div_ceil(u64::from(parallelism.max(1))) as u32;
     first(task)..first(task + 1).min(key_groups)
 }
 
@@ -93,7 +94,11 @@ mod tests {
         for p in 1..=9usize {
             for i in 0..500 {
                 let key = format!("key-{i}");
-                let legacy = if p == 1 { 0 } else { (key_hash(key.as_bytes()) % p as u64) as usize };
+                let legacy = if p == 1 {
+                    0
+                } else {
+                    (key_hash(key.as_bytes()) % p as u64) as usize
+                };
                 assert_eq!(task_for_key(key.as_bytes(), p, p as u32), legacy, "{key} at {p}");
             }
         }
@@ -110,11 +115,34 @@ mod tests {
         assert_eq!(groups, PINNED_GROUPS);
     }
 
-    const PINNED_GROUPS: [u32; 4] = [0, 0, 0, 0];
+    const PINNED_GROUPS: [u32; 4] = [77, 28, 115, 55];
+
+    #[test]
+    fn the_guest_sdk_computes_the_same_key_groups() {
+        // Operators put state in the group the host routes the key to.
+        for k in [1, 7, 128, 1000, 32_768] {
+            for i in 0..2000 {
+                let key = format!("k{i}");
+                assert_eq!(
+                    memento_guest::key_group(key.as_bytes(), k),
+                    key_group(key.as_bytes(), k)
+                );
+            }
+        }
+    }
 
     #[test]
     fn each_task_owns_a_contiguous_range_and_together_all_groups() {
-        for (p, k) in [(1, 1), (1, 128), (2, 128), (3, 128), (7, 128), (5, 7), (128, 128), (100, 32768)] {
+        for (p, k) in [
+            (1, 1),
+            (1, 128),
+            (2, 128),
+            (3, 128),
+            (7, 128),
+            (5, 7),
+            (128, 128),
+            (100, 32768),
+        ] {
             let mut next = 0;
             for t in 0..p {
                 let owned = owned_groups(t, p, k);
@@ -141,7 +169,8 @@ mod tests {
         assert!(parts.iter().all(|p| !p.is_empty()));
         for p in &parts {
             assert!(p.windows(2).all(|w| w[0].timestamp < w[1].timestamp));
-            let owners: std::collections::BTreeSet<_> = p.iter().map(|e| task_for_key(&e.key, 4, 128)).collect();
+            let owners: std::collections::BTreeSet<_> =
+                p.iter().map(|e| task_for_key(&e.key, 4, 128)).collect();
             assert_eq!(owners.len(), 1);
         }
     }

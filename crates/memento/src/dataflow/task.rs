@@ -154,7 +154,8 @@ impl Task {
                     config: self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     key_groups: self.key_groups,
                     owned: {
-                        let owned = partition::owned_groups(self.key.task_index, self.parallelism, self.key_groups);
+                        let owned =
+                            partition::owned_groups(self.key.task_index, self.parallelism, self.key_groups);
                         KeyGroupRange {
                             start: owned.start,
                             end: owned.end,

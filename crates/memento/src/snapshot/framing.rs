@@ -89,7 +89,10 @@ impl Deframer {
                 if rest.len() < 5 {
                     return Ok(None);
                 }
-                (Some(u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes"))), 5)
+                (
+                    Some(u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes"))),
+                    5,
+                )
             }
             tag => return Err(FramingError::Tag { at, tag }),
         };

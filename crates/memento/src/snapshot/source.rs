@@ -84,7 +84,9 @@ impl StateSource for StoreSource {
                 if let Some(piece) = self.pending.pop_front() {
                     return Ok(Some(piece));
                 }
-                let Some(bytes) = self.next_chunk()? else { return Ok(None) };
+                let Some(bytes) = self.next_chunk()? else {
+                    return Ok(None);
+                };
                 self.pending
                     .extend(bytes.chunks(MAX_PIECE).map(|p| (None, p.to_vec())));
             }

@@ -100,7 +100,11 @@ impl Chunker {
         let cuts: Vec<(usize, usize)> = fastcdc::v2020::FastCDC::new(&self.buf, CDC_MIN, CDC_AVG, CDC_MAX)
             .map(|c| (c.offset, c.length))
             .collect();
-        let keep = if end { cuts.len() } else { cuts.len().saturating_sub(1) };
+        let keep = if end {
+            cuts.len()
+        } else {
+            cuts.len().saturating_sub(1)
+        };
         let mut used = 0;
         for &(offset, length) in &cuts[..keep] {
             let (chunk, _) = self.writer.store_chunk(&self.buf[offset..offset + length])?;

@@ -679,7 +679,10 @@ impl JobSpec {
                 if m < op.parallelism {
                     return bad(
                         &field("max_parallelism"),
-                        format!("{m} is less than the operator's parallelism of {}", op.parallelism),
+                        format!(
+                            "{m} is less than the operator's parallelism of {}",
+                            op.parallelism
+                        ),
                     );
                 }
                 if m > MAX_KEY_GROUPS {
@@ -1169,7 +1172,15 @@ call_timeout = "500ms"
 
     #[test]
     fn default_max_parallelism_follows_flinks_rule() {
-        for (p, k) in [(1, 128), (2, 128), (85, 128), (86, 256), (200, 512), (256, 512), (30_000, 32_768)] {
+        for (p, k) in [
+            (1, 128),
+            (2, 128),
+            (85, 128),
+            (86, 256),
+            (200, 512),
+            (256, 512),
+            (30_000, 32_768),
+        ] {
             assert_eq!(default_max_parallelism(p), k, "parallelism {p}");
         }
     }
@@ -1182,7 +1193,8 @@ call_timeout = "500ms"
                  plugin = \"c.wasm\"\nparallelism = 4\n{extra}\n[sink]\ntype = \"null\"\n"
             )
         };
-        let spec = JobSpec::from_toml(&job("max_parallelism = 16"), "job.toml".as_ref(), ".".as_ref()).unwrap();
+        let spec =
+            JobSpec::from_toml(&job("max_parallelism = 16"), "job.toml".as_ref(), ".".as_ref()).unwrap();
         assert_eq!(spec.operators[0].key_groups(), 16);
         let err = JobSpec::from_toml(&job("max_parallelism = 3"), "job.toml".as_ref(), ".".as_ref())
             .unwrap_err()

@@ -196,7 +196,10 @@ impl TaskInstance {
     pub fn close(&mut self) -> Result<Vec<Event>, RuntimeError> {
         let out = self.call(Phase::Close, |p, s| match p {
             Bindings::V2(p) => p.memento_operator_operator().call_close(s),
-            Bindings::V1(p) => p.memento_operator_operator().call_close(s).map(|r| r.map(from_v1)),
+            Bindings::V1(p) => p
+                .memento_operator_operator()
+                .call_close(s)
+                .map(|r| r.map(from_v1)),
         })?;
         self.unpack(Phase::Close, out)
     }
@@ -357,7 +360,11 @@ impl TaskInstance {
     }
 
     /// Lend `value` to the guest for one call, as a host resource.
-    fn push_resource<T: Send + 'static>(&mut self, phase: Phase, value: T) -> Result<Resource<T>, RuntimeError> {
+    fn push_resource<T: Send + 'static>(
+        &mut self,
+        phase: Phase,
+        value: T,
+    ) -> Result<Resource<T>, RuntimeError> {
         self.store
             .data_mut()
             .table()

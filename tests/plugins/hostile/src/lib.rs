@@ -17,8 +17,8 @@
 //!   64) of events with 64 KiB values.
 //! - `huge-snapshot`: `snapshot-state` streams `snapshot_mib` MiB (default
 //!   64) in 64 KiB pieces.
-//! - `huge-piece`: `snapshot-state` writes one piece of 1 MiB + 1 byte, past
-//!   the contract's bound.
+//! - `huge-piece`: `snapshot-state` writes one piece of `piece_bytes` bytes
+//!   (default 1 MiB + 1), past the contract's bound.
 //! - `foreign-key-group`: `snapshot-state` writes a piece of a key group the
 //!   task does not own.
 //! - `garbage-snapshot`: the first `good_snapshots` (default 1) calls of
@@ -47,6 +47,8 @@ pub struct Hostile {
     output_mib: usize,
     #[serde(skip)]
     snapshot_mib: usize,
+    #[serde(skip)]
+    piece_bytes: usize,
     /// `ctx.key_groups`: one past the last key group there is.
     #[serde(skip)]
     key_groups: u32,
@@ -172,6 +174,7 @@ impl Operator for Hostile {
             output_mib: ctx.parse_or("output_mib", 64)?,
             snapshot_mib: ctx.parse_or("snapshot_mib", 64)?,
             key_groups: ctx.key_groups,
+            piece_bytes: ctx.parse_or("piece_bytes", (1 << 20) + 1)?,
             good_snapshots: ctx.parse_or("good_snapshots", 1)?,
             probes,
             mode,
@@ -224,7 +227,7 @@ impl Operator for Hostile {
                 Ok(())
             }
             // One piece past the contract's 1 MiB bound.
-            "huge-piece" => out.write_piece_unsplit(None, &vec![7u8; (1 << 20) + 1]),
+            "huge-piece" => out.write_piece_unsplit(None, &vec![7u8; self.piece_bytes]),
             // State of a key group outside the task's range.
             "foreign-key-group" => out.write_piece(Some(self.key_groups), b"not mine"),
             "garbage-snapshot" if n > self.good_snapshots => {
