@@ -302,7 +302,7 @@ fn hostile_snapshot(config: &[(&str, &str)], limits: &SandboxLimits) -> (Capture
     let hostile = load(&rt, "hostile");
     let (_dir, tenant) = store();
     let mut instance = opened(&rt, &hostile, limits, config);
-    let err = canonical_snapshot(&tenant, &mut instance).err().expect("refused");
+    let err = canonical_snapshot(&tenant, &mut instance).expect_err("refused");
     (err, instance)
 }
 

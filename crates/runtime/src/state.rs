@@ -109,10 +109,9 @@ impl StateWriter {
             return Err(message);
         }
         self.written += bytes.len() as u64;
-        self.sink.write(key_group, bytes).map_err(|e| {
-            self.refused = Some(Refusal::Sink(e.clone()));
-            e
-        })
+        self.sink
+            .write(key_group, bytes)
+            .inspect_err(|e| self.refused = Some(Refusal::Sink(e.clone())))
     }
 
     /// The sink back, with the total written, or why the host refused the

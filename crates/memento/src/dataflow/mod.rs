@@ -1,6 +1,6 @@
 //! One attempt of a job: a source thread, one thread per operator task,
 //! bounded channels between them (backpressure), events travelling in
-//! batches and routed between stages by a hash of their key, and snapshot
+//! batches and routed between stages by their key's key group, and snapshot
 //! barriers flowing with the data.
 //!
 //! ```text
