@@ -241,6 +241,58 @@ mod tests {
         check_fits(&spec(1), &job, &running(V2), &store.get(&id).unwrap()).unwrap();
     }
 
+    /// A snapshot without a key-group record was routed with key groups =
+    /// parallelism: it fits a job file that names that, or none, and no
+    /// other; a recorded count must match an explicit one; a damaged
+    /// record is refused, quoting at most an excerpt.
+    #[test]
+    fn key_groups_are_fixed_for_a_jobs_life() {
+        let (_dir, store) = store();
+        let job = JobName::new("j").unwrap();
+        let with_max = |max: u32| {
+            let mut s = spec(1);
+            s.operators[0].max_parallelism = Some(max);
+            s
+        };
+        let legacy = store.get(&commit(&store, canonical(), V1, false)).unwrap();
+        assert_eq!(recorded_key_groups(&legacy, "count"), Ok(1));
+        assert_eq!(key_groups(&spec(1), Some(&legacy)).unwrap()["count"], 1);
+        assert_eq!(key_groups(&spec(1), None).unwrap()["count"], 128);
+        check_fits(&spec(1), &job, &running(V1), &legacy).unwrap();
+        check_fits(&with_max(1), &job, &running(V1), &legacy).unwrap();
+        let err = check_fits(&with_max(128), &job, &running(V1), &legacy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "operator `count` has 1 key groups in the snapshot but max_parallelism 128 in the job file \
+                 (key groups are fixed for a job's life: remove max_parallelism or set it to 1)"
+            ),
+            "{err}"
+        );
+
+        let mut recorded = legacy.clone();
+        recorded
+            .extra
+            .insert(KEY_GROUPS.into(), serde_json::json!({ "count": 256 }));
+        assert_eq!(key_groups(&spec(1), Some(&recorded)).unwrap()["count"], 256);
+        check_fits(&with_max(256), &job, &running(V1), &recorded).unwrap();
+        assert!(check_fits(&with_max(128), &job, &running(V1), &recorded).is_err());
+
+        recorded
+            .extra
+            .insert(KEY_GROUPS.into(), serde_json::json!({ "count": "x".repeat(500) }));
+        let err = check_fits(&spec(1), &job, &running(V1), &recorded)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its record of operator `count`'s key groups ("),
+            "{err}"
+        );
+        assert!(err.contains("is not a number from 1 to 32768"), "{err}");
+        assert!(err.len() < 300, "quotes an excerpt only: {err}");
+    }
+
     #[test]
     fn the_resume_point_skips_what_cannot_start_the_job() {
         let (_dir, store) = store();
