@@ -63,6 +63,8 @@ fn opened(
             operator_name: operator.into(),
             task_index: 0,
             parallelism: 1,
+            key_groups: 1,
+            owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
             config: config
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -80,6 +82,14 @@ fn events(range: std::ops::Range<u64>) -> Vec<Event> {
             timestamp: i as i64,
         })
         .collect()
+}
+
+/// A writer of snapshot 1 of job `scratch` in a store of its own, for
+/// captures whose state the test does not persist.
+fn scratch() -> (tempfile::TempDir, memento::store::SnapshotWriter) {
+    let (dir, tenant) = store();
+    let writer = tenant.begin(&JobName::new("scratch").unwrap(), 1).unwrap();
+    (dir, writer)
 }
 
 fn store() -> (tempfile::TempDir, TenantStore) {
@@ -104,8 +114,8 @@ fn native_snapshot(
     let job = JobName::new("native").unwrap();
     let number = tenant.next_snapshot_number(&job).unwrap();
     let writer = tenant.begin(&job, number).unwrap();
-    let captured =
-        snapshot::capture(instance, SnapshotFormat::Native).unwrap_or_else(|e| panic!("capture: {e}"));
+    let captured = snapshot::capture(instance, SnapshotFormat::Native, &writer.blob_writer())
+        .unwrap_or_else(|e| panic!("capture: {e}"));
     let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
     let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Native);
     m.components.insert(operator.into(), component.hash_hex());
@@ -543,8 +553,9 @@ fn declining_operator_snapshots_natively() {
     let (_dir, tenant) = store();
     let config = [("decline", "true"), ("mode", "fail-after"), ("calls", "10")];
     let mut original = opened(&rt, &misbehave, "m", &config);
+    let (_scratch, writer) = scratch();
     assert!(matches!(
-        snapshot::capture(&mut original, SnapshotFormat::Canonical),
+        snapshot::capture(&mut original, SnapshotFormat::Canonical, &writer.blob_writer()),
         Err(CaptureError::Declined(_))
     ));
     for i in 0..8 {
@@ -592,8 +603,9 @@ fn held_wasi_resources_are_refused_at_snapshot_time() {
     let rt = Runtime::new().unwrap();
     let misbehave = load(&rt, "misbehave");
     let mut instance = opened(&rt, &misbehave, "m", &[("print", "true")]);
+    let (_scratch, scratch) = scratch();
     for round in 0..2 {
-        let err = match snapshot::capture(&mut instance, SnapshotFormat::Native) {
+        let err = match snapshot::capture(&mut instance, SnapshotFormat::Native, &scratch.blob_writer()) {
             Err(CaptureError::Declined(reason)) => reason,
             Err(e) => panic!("round {round}: should decline, failed: {e}"),
             Ok(_) => panic!("round {round}: a native snapshot of a printing guest was taken"),
@@ -601,7 +613,7 @@ fn held_wasi_resources_are_refused_at_snapshot_time() {
         assert!(err.contains("native snapshot refused"), "{err}");
         assert!(err.contains("wasi:io/streams output-stream"), "{err}");
         assert!(err.contains("format = \"canonical\""), "{err}");
-        snapshot::capture(&mut instance, SnapshotFormat::Canonical).unwrap();
+        snapshot::capture(&mut instance, SnapshotFormat::Canonical, &scratch.blob_writer()).unwrap();
         instance.process(&events(0..3)).unwrap();
     }
     // With `auto` the snapshot goes canonical instead, and the task's
@@ -624,7 +636,7 @@ fn held_wasi_resources_are_refused_at_snapshot_time() {
     // Without printing the same plugin snapshots natively.
     let mut quiet = opened(&rt, &misbehave, "m", &[]);
     quiet.process(&events(0..3)).unwrap();
-    assert!(snapshot::capture(&mut quiet, SnapshotFormat::Native).is_ok());
+    assert!(snapshot::capture(&mut quiet, SnapshotFormat::Native, &scratch.blob_writer()).is_ok());
 }
 
 /// A native savepoint becomes the task's base; disposing it (and collecting
@@ -957,7 +969,7 @@ fn native_format_is_refused_at_load_for_a_component_it_cannot_image() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("contract memento:operator/plugin@0.1.0: yes"),
+        text.contains("contract memento:operator/plugin@0.2.0: yes"),
         "{text}"
     );
     assert!(

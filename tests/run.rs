@@ -251,8 +251,21 @@ fn inspect_describes_a_plugin() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("memento:operator/operator@0.1.0"), "{text}");
-    assert!(text.contains("memento:operator/snapshot@0.1.0"), "{text}");
+    assert!(text.contains("memento:operator/operator@0.2.0"), "{text}");
+    assert!(text.contains("memento:operator/snapshot@0.2.0"), "{text}");
+    assert!(text.contains("memento:operator/state@0.2.0"), "{text}");
+    assert!(
+        text.contains("contract memento:operator/plugin@0.2.0: yes"),
+        "{text}"
+    );
+    // A plugin built against the previous contract is described as such.
+    let out = memento()
+        .arg("inspect")
+        .arg(plugin("wordcount-v010"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
     assert!(
         text.contains("contract memento:operator/plugin@0.1.0: yes"),
         "{text}"
@@ -338,7 +351,7 @@ fn plugins_that_are_not_operator_components_are_refused() {
         (
             "text.wasm",
             b"hello, I am not wasm",
-            "not a WebAssembly file (expected a component implementing memento:operator@0.1.0)",
+            "not a WebAssembly file (expected a component implementing memento:operator@0.2.0)",
         ),
         (
             "core.wasm",
@@ -348,7 +361,7 @@ fn plugins_that_are_not_operator_components_are_refused() {
         (
             "empty.wasm",
             b"\0asm\x0d\0\x01\0",
-            "does not export memento:operator/operator@0.1.0 (found exports: none)",
+            "does not export memento:operator/operator@0.2.0 or memento:operator/operator@0.1.0 (found exports: none)",
         ),
         ("broken.wasm", b"\0asm\x0d\0\x01\0\xff\xff", "invalid component"),
     ];
@@ -367,7 +380,7 @@ fn plugins_that_are_not_operator_components_are_refused() {
 #[test]
 fn other_contract_version_is_refused_with_both_versions() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v2.wat");
+    let path = dir.path().join("v3.wat");
     // A component exporting the operator interface at a version this host
     // does not implement.
     std::fs::write(
@@ -378,21 +391,24 @@ fn other_contract_version_is_refused_with_both_versions() {
   (type $ft (func))
   (func $f (type $ft) (canon lift (core func $i "f")))
   (instance $inst (export "close" (func $f)))
-  (export "memento:operator/operator@0.2.0" (instance $inst))
+  (export "memento:operator/operator@0.3.0" (instance $inst))
 )"#,
     )
     .unwrap();
-    let wasm = dir.path().join("v2.wasm");
+    let wasm = dir.path().join("v3.wasm");
     std::fs::write(&wasm, wat::parse_file(&path).unwrap()).unwrap();
     let err = job_error(dir.path(), &job_with_plugin(&wasm));
     assert!(
-        err.contains("exports memento:operator/operator@0.2.0, but this host implements memento:operator/operator@0.1.0"),
+        err.contains(
+            "exports memento:operator/operator@0.3.0, but this host implements \
+             memento:operator/operator@0.2.0 or memento:operator/operator@0.1.0"
+        ),
         "{err}"
     );
     let out = memento().arg("inspect").arg(&wasm).output().unwrap();
     assert!(!out.status.success());
     assert!(
-        stdout(&out).contains("contract memento:operator/plugin@0.1.0: no"),
+        stdout(&out).contains("contract memento:operator/plugin@0.2.0: no"),
         "{}",
         stdout(&out)
     );

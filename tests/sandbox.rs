@@ -459,6 +459,8 @@ fn fuel_stops_an_endless_loop() {
         task_index: 0,
         parallelism: 1,
         config: vec![("mode".into(), "loop-in-process".into())],
+        key_groups: 1,
+        owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
     };
     let metered = Runtime::with_options(RuntimeOptions {
         fuel: true,

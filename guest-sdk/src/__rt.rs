@@ -30,6 +30,8 @@ pub fn open<T: Operator>(slot: &RefCell<Slot<T>>, ctx: WitContext) -> Result<(),
         task_index: ctx.task_index,
         parallelism: ctx.parallelism,
         config: ctx.config.into_iter().collect(),
+        key_groups: ctx.key_groups,
+        owned: ctx.owned.start..ctx.owned.end,
     };
     let op = T::open(&ctx).map_err(|e| e.0)?;
     let mut slot = slot.borrow_mut();
@@ -56,15 +58,26 @@ pub fn close<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Batch, String> {
     Ok(out.take_batch())
 }
 
-pub fn snapshot<T: Operator>(slot: &RefCell<Slot<T>>) -> Result<Vec<u8>, String> {
+#[cfg(target_family = "wasm")]
+pub fn snapshot<T: Operator>(
+    slot: &RefCell<Slot<T>>,
+    out: &crate::bindings::memento::operator::state::StateWriter,
+) -> Result<(), String> {
     let slot = slot.borrow();
     let op = slot.op.as_ref().ok_or_else(not_open)?;
-    op.snapshot().map_err(|e| e.0)
+    let mut out = crate::StateWriter::host(out);
+    op.snapshot(&mut out).map_err(|e| e.0)?;
+    out.finish().map_err(|e| e.0)
 }
 
-pub fn restore<T: Operator>(slot: &RefCell<Slot<T>>, state: Vec<u8>) -> Result<(), String> {
+#[cfg(target_family = "wasm")]
+pub fn restore<T: Operator>(
+    slot: &RefCell<Slot<T>>,
+    from: &crate::bindings::memento::operator::state::StateReader,
+) -> Result<(), String> {
     let mut slot = slot.borrow_mut();
     let Slot { ctx, op } = &mut *slot;
     let (ctx, op) = ctx.as_ref().zip(op.as_mut()).ok_or_else(not_open)?;
-    op.restore(ctx, &state).map_err(|e| e.0)
+    op.restore(ctx, &mut crate::StateReader::host(from))
+        .map_err(|e| e.0)
 }

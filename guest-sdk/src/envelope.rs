@@ -13,6 +13,8 @@
 //! The envelope is what lets a newer operator tell an old snapshot apart
 //! and refuse one it cannot read, instead of misreading it.
 
+use std::io;
+
 use crate::Error;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,54 +28,93 @@ const HEADER_LEN: usize = 10;
 /// are tolerated).
 pub const STATE_ENCODING_MSGPACK: u8 = 1;
 
-/// Serialize `state` into the SDK's envelope, tagged with `version`.
+/// Serialize `state` into the SDK's envelope, tagged with `version`, into
+/// `out` as it goes (the state is never held serialized whole).
+///
+/// # Errors
+/// When serde fails to serialize the state or `out` refuses it.
+pub fn write_state<T: Serialize + ?Sized>(
+    out: &mut impl io::Write,
+    version: u32,
+    state: &T,
+) -> Result<(), Error> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(MAGIC);
+    header[4] = ENVELOPE_VERSION;
+    header[5] = STATE_ENCODING_MSGPACK;
+    header[6..].copy_from_slice(&version.to_le_bytes());
+    out.write_all(&header)
+        .map_err(|e| Error::from(format!("cannot write state: {e}")))?;
+    let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
+    state
+        .serialize(&mut ser)
+        .map_err(|e| Error::from(format!("cannot serialize state: {e}")))
+}
+
+/// Serialize `state` into the SDK's envelope, tagged with `version`, in
+/// memory.
 ///
 /// # Errors
 /// When serde fails to serialize the state.
 pub fn encode_state<T: Serialize + ?Sized>(version: u32, state: &T) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(64);
-    out.extend_from_slice(MAGIC);
-    out.push(ENVELOPE_VERSION);
-    out.push(STATE_ENCODING_MSGPACK);
-    out.extend_from_slice(&version.to_le_bytes());
-    let mut ser = rmp_serde::Serializer::new(&mut out).with_struct_map();
-    state
-        .serialize(&mut ser)
-        .map_err(|e| Error::from(format!("cannot serialize state: {e}")))?;
+    write_state(&mut out, version, state)?;
     Ok(out)
 }
 
-/// Decode state written by [`encode_state`]; returns the state version it was
-/// written with.
+/// Decode state written by [`write_state`] from `from` as it is read;
+/// returns the state version it was written with.
 ///
 /// # Errors
 /// When the bytes are not an envelope, use an unknown envelope version or
 /// encoding, carry a state version above `max_version`, or do not
 /// deserialize into `T`.
-pub fn decode_state<T: DeserializeOwned>(max_version: u32, bytes: &[u8]) -> Result<(u32, T), Error> {
-    if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
+pub fn read_state<T: DeserializeOwned>(
+    max_version: u32,
+    from: &mut impl io::Read,
+) -> Result<(u32, T), Error> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match from.read(&mut header[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("cannot read state: {e}").into()),
+        }
+    }
+    if got < HEADER_LEN || &header[..4] != MAGIC {
         return Err("state is not a memento-guest snapshot (bad magic)".into());
     }
-    if bytes[4] != ENVELOPE_VERSION {
+    if header[4] != ENVELOPE_VERSION {
         return Err(format!(
             "state envelope version {} is not supported (expected {ENVELOPE_VERSION})",
-            bytes[4]
+            header[4]
         )
         .into());
     }
-    if bytes[5] != STATE_ENCODING_MSGPACK {
-        return Err(format!("state encoding {} is not supported", bytes[5]).into());
+    if header[5] != STATE_ENCODING_MSGPACK {
+        return Err(format!("state encoding {} is not supported", header[5]).into());
     }
-    let version = u32::from_le_bytes(bytes[6..10].try_into().expect("4 bytes"));
+    let version = u32::from_le_bytes(header[6..10].try_into().expect("4 bytes"));
     if version > max_version {
         return Err(format!(
             "state was written with state version {version}, this operator reads up to {max_version}"
         )
         .into());
     }
-    let state = rmp_serde::from_slice(&bytes[HEADER_LEN..])
+    let state = rmp_serde::from_read(from)
         .map_err(|e| Error::from(format!("cannot decode state (version {version}): {e}")))?;
     Ok((version, state))
+}
+
+/// Decode state written by [`encode_state`] from memory; returns the state
+/// version it was written with.
+///
+/// # Errors
+/// As [`read_state`].
+pub fn decode_state<T: DeserializeOwned>(max_version: u32, mut bytes: &[u8]) -> Result<(u32, T), Error> {
+    read_state(max_version, &mut bytes)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! An operator is a state struct that derives serde's traits and implements
 //! [`Operator`]; [`export_operator!`] turns it into a component implementing
-//! the `memento:operator/plugin@0.1.0` world. Build it with
+//! the `memento:operator/plugin@0.2.0` world. Build it with
 //! `cargo build --target wasm32-wasip2 --release` and point a job file at the
 //! `.wasm` file.
 //!
@@ -39,10 +39,21 @@
 //! The host asks for the operator's state at every checkpoint or savepoint
 //! in the *canonical* format (`snapshot-state`). By default the whole struct
 //! is serialized as MessagePack with field names inside a small versioned
-//! envelope (see [`encode_state`]), so a later version of the operator that
+//! envelope (see [`write_state`]), so a later version of the operator that
 //! adds a field marked `#[serde(default)]` still restores an older snapshot.
-//! Override [`Operator::snapshot`] and [`Operator::restore`] to use a format of
-//! your own.
+//! The bytes stream to the host in pieces of [`state::PIECE`] bytes as they
+//! are serialized ([`StateWriter`]) and come back the same way
+//! ([`StateReader`]): a snapshot of any size leaves the guest's memory where
+//! it was. Override [`Operator::snapshot`] and [`Operator::restore`] to use a
+//! format of your own.
+//!
+//! # Keys and key groups
+//!
+//! Between stages the host routes each event by its key's group,
+//! [`key_group`]`(key, ctx.key_groups)`; the task owns the groups
+//! `ctx.owned`. State written per key group
+//! ([`StateWriter::write_piece`]) is what lets a job resume at another
+//! parallelism.
 //!
 //! # Determinism
 //!
@@ -59,7 +70,7 @@ use std::fmt;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "../wit/operator.wit",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
@@ -75,7 +86,10 @@ mod batch;
 mod mem;
 
 mod envelope;
-pub use envelope::{STATE_ENCODING_MSGPACK, decode_state, encode_state};
+pub use envelope::{STATE_ENCODING_MSGPACK, decode_state, encode_state, read_state, write_state};
+
+pub mod state;
+pub use state::{StateReader, StateWriter};
 
 #[doc(hidden)]
 pub mod __rt;
@@ -121,6 +135,10 @@ pub struct Context {
     pub parallelism: u32,
     /// The `[operators.config]` table of the job file.
     pub config: BTreeMap<String, String>,
+    /// Number of key groups of the operator (its `max_parallelism`).
+    pub key_groups: u32,
+    /// The key groups this task owns (the events of their keys come here).
+    pub owned: std::ops::Range<u32>,
 }
 
 impl Context {
@@ -131,6 +149,8 @@ impl Context {
             operator: "test".into(),
             task_index: 0,
             parallelism: 1,
+            key_groups: 128,
+            owned: 0..128,
             config: config
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -180,6 +200,32 @@ impl Context {
             }),
         }
     }
+}
+
+/// The host's key hash: FNV-1a (64-bit) over the key, then a finalizer
+/// that spreads short keys. Frozen: which task owns a key depends on it.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
+}
+
+/// The key group of `key` among `key_groups` (`ctx.key_groups`), exactly as
+/// the host computes it to route the key's events.
+///
+/// ```
+/// let g = memento_guest::key_group(b"user-42", 128);
+/// assert!(g < 128);
+/// assert_eq!(g, memento_guest::key_group(b"user-42", 128));
+/// ```
+pub fn key_group(key: &[u8], key_groups: u32) -> u32 {
+    (key_hash(key) % u64::from(key_groups.max(1))) as u32
 }
 
 /// Parse a duration into milliseconds.
@@ -410,22 +456,47 @@ pub trait Operator: Serialize + DeserializeOwned + Sized + 'static {
         Ok(())
     }
 
-    /// Serialize the state (canonical format). Default: the whole struct as
-    /// MessagePack with field names, in the SDK's envelope.
-    fn snapshot(&self) -> Result<Vec<u8>, Error> {
-        encode_state(Self::STATE_VERSION, self)
+    /// Write the state (canonical format) to `out`, which streams it to
+    /// the host in pieces. Default: the whole struct as MessagePack with
+    /// field names, in the SDK's envelope ([`write_state`]).
+    fn snapshot(&self, out: &mut StateWriter<'_>) -> Result<(), Error> {
+        write_state(out, Self::STATE_VERSION, self)
     }
 
-    /// Replace the state opened by [`Operator::open`] with a snapshot,
-    /// possibly written by an older version of this operator. Default:
-    /// decode the whole struct. Override to keep fields derived from
-    /// configuration rather than from the snapshot.
-    fn restore(&mut self, ctx: &Context, state: &[u8]) -> Result<(), Error> {
+    /// Replace the state opened by [`Operator::open`] with a snapshot read
+    /// from `from`, possibly written by an older version of this operator
+    /// (or by a build on contract 0.1.0: its bytes read the same). Default:
+    /// decode the whole struct ([`read_state`]). Override to keep fields
+    /// derived from configuration rather than from the snapshot.
+    fn restore(&mut self, ctx: &Context, from: &mut StateReader<'_>) -> Result<(), Error> {
         let _ = ctx;
-        let (_version, restored) = decode_state::<Self>(Self::STATE_VERSION, state)?;
+        let (_version, restored) = read_state::<Self>(Self::STATE_VERSION, from)?;
         *self = restored;
         Ok(())
     }
+}
+
+/// The state `op` snapshots, as one byte string (for unit tests of
+/// operator logic).
+///
+/// # Errors
+/// As [`Operator::snapshot`].
+pub fn snapshot_bytes<T: Operator>(op: &T) -> Result<Vec<u8>, Error> {
+    let mut pieces = Vec::new();
+    let mut out = StateWriter::memory(&mut pieces);
+    op.snapshot(&mut out)?;
+    out.finish()?;
+    Ok(pieces.into_iter().flat_map(|(_, p)| p).collect())
+}
+
+/// Restore `op` from state bytes as [`snapshot_bytes`] returns them (for
+/// unit tests of operator logic).
+///
+/// # Errors
+/// As [`Operator::restore`].
+pub fn restore_bytes<T: Operator>(op: &mut T, ctx: &Context, state: &[u8]) -> Result<(), Error> {
+    let pieces = state.chunks(state::PIECE).map(|p| (None, p.to_vec())).collect();
+    op.restore(ctx, &mut StateReader::memory(pieces))
 }
 
 /// Log a message at a level into the host's log (stderr in native unit tests).
@@ -507,13 +578,15 @@ macro_rules! export_operator {
             }
 
             impl $crate::bindings::exports::memento::operator::snapshot::Guest for __MementoExport {
-                fn snapshot_state() -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
-                    __MEMENTO_SLOT.with(|slot| $crate::__rt::snapshot::<$ty>(slot))
+                fn snapshot_state(
+                    out: &$crate::bindings::memento::operator::state::StateWriter,
+                ) -> ::core::result::Result<(), ::std::string::String> {
+                    __MEMENTO_SLOT.with(|slot| $crate::__rt::snapshot::<$ty>(slot, out))
                 }
                 fn restore_state(
-                    state: ::std::vec::Vec<u8>,
+                    from: &$crate::bindings::memento::operator::state::StateReader,
                 ) -> ::core::result::Result<(), ::std::string::String> {
-                    __MEMENTO_SLOT.with(|slot| $crate::__rt::restore::<$ty>(slot, state))
+                    __MEMENTO_SLOT.with(|slot| $crate::__rt::restore::<$ty>(slot, from))
                 }
             }
 

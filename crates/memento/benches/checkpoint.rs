@@ -159,6 +159,8 @@ struct Pieces {
     cdc: f64,
     zstd1: f64,
     state_len: usize,
+    /// Guest memory (MiB) after `open` and after the last `snapshot-state`.
+    memory_mib: (f64, f64),
 }
 
 fn pieces(runtime: &Runtime, size_mib: u64, reps: usize) -> Result<Pieces, String> {
@@ -182,12 +184,16 @@ fn pieces(runtime: &Runtime, size_mib: u64, reps: usize) -> Result<Pieces, Strin
         operator_name: "ballast".into(),
         task_index: 0,
         parallelism: 1,
+        key_groups: 1,
+        owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
         config: ballast_config(size_mib),
     })
     .map_err(|e| e.to_string())?;
     let open = ms(t.elapsed());
     let (mut snap, mut cdc, mut zstd1) = (vec![], vec![], vec![]);
     let mut state_len = 0;
+    let mib = |task: &memento::runtime::TaskInstance| task.memory_sizes()[0] as f64 / (1 << 20) as f64;
+    let memory_before = mib(&task);
     for _ in 0..reps {
         let t = Instant::now();
         let bytes = task.snapshot_state().map_err(|e| e.to_string())?;
@@ -210,6 +216,7 @@ fn pieces(runtime: &Runtime, size_mib: u64, reps: usize) -> Result<Pieces, Strin
         cdc: median(&cdc),
         zstd1: median(&zstd1),
         state_len,
+        memory_mib: (memory_before, mib(&task)),
     })
 }
 
@@ -317,8 +324,9 @@ fn bench_size(runtime: &Runtime, size_mib: u64) -> SizeResult {
     let pieces = match pieces(runtime, size_mib, reps) {
         Ok(p) => {
             println!(
-                "   outside a job: open {:.0} ms, snapshot-state {:.1} ms ({} bytes), FastCDC {:.1} ms, zstd-1 {:.1} ms",
-                p.open, p.snapshot_state, p.state_len, p.cdc, p.zstd1
+                "   outside a job: open {:.0} ms, snapshot-state {:.1} ms ({} bytes), FastCDC {:.1} ms, zstd-1 {:.1} ms, \
+                 guest memory {:.2} -> {:.2} MiB",
+                p.open, p.snapshot_state, p.state_len, p.cdc, p.zstd1, p.memory_mib.0, p.memory_mib.1
             );
             Some(p)
         }
@@ -554,8 +562,8 @@ fn main() {
     println!("incr/b3  = incremental checkpoint duration / blake3 of the same bytes");
     println!("\npieces measured outside a job (ms):");
     println!(
-        "{:>6} | {:>8} {:>14} {:>8} {:>8} | {:>12}",
-        "state", "open", "snapshot-state", "FastCDC", "zstd-1", "state bytes"
+        "{:>6} | {:>8} {:>14} {:>8} {:>8} | {:>12} | {:>22}",
+        "state", "open", "snapshot-state", "FastCDC", "zstd-1", "state bytes", "guest memory MiB"
     );
     for r in &results {
         let Some(p) = &r.pieces else {
@@ -563,8 +571,8 @@ fn main() {
             continue;
         };
         println!(
-            "{:>6} | {:>8.0} {:>14.1} {:>8.1} {:>8.1} | {:>12}",
-            r.size_mib, p.open, p.snapshot_state, p.cdc, p.zstd1, p.state_len
+            "{:>6} | {:>8.0} {:>14.1} {:>8.1} {:>8.1} | {:>12} | {:>9.2} -> {:>9.2}",
+            r.size_mib, p.open, p.snapshot_state, p.cdc, p.zstd1, p.state_len, p.memory_mib.0, p.memory_mib.1
         );
     }
     for r in &results {

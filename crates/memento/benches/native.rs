@@ -99,6 +99,8 @@ fn opened(rt: &Runtime, component: &Arc<LoadedComponent>, config: &[(&str, Strin
             operator_name: "b".into(),
             task_index: 0,
             parallelism: 1,
+            key_groups: 1,
+            owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
             config: config.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         })
         .unwrap();
@@ -127,7 +129,7 @@ fn snapshot(
     let writer = tenant.begin(&job, number).unwrap();
     let captured = match base {
         Some(base) => base.capture(instance, &writer.blob_writer(), 0).unwrap(),
-        None => snapshot::capture(instance, SnapshotFormat::Canonical).unwrap(),
+        None => snapshot::capture(instance, SnapshotFormat::Canonical, &writer.blob_writer()).unwrap(),
     };
     let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
     let format = if base.is_some() {
@@ -137,6 +139,7 @@ fn snapshot(
     };
     let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, format);
     m.components.insert("b".into(), component.hash_hex());
+    m.canonical_framing = Some(snapshot::FRAMING_VERSION);
     m.tasks.push(TaskState {
         key: TaskKey::new("b", 0),
         state,

@@ -101,6 +101,8 @@ fn context() -> Context {
         operator_name: "count".into(),
         task_index: 0,
         parallelism: 1,
+        key_groups: 1,
+        owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
         config: vec![],
     }
 }

@@ -72,6 +72,8 @@ fn wasm_round(runtime: &Runtime, events: &[Event], batch: usize) -> Duration {
         operator_name: "count".into(),
         task_index: 0,
         parallelism: 1,
+        key_groups: 1,
+        owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
         config: vec![],
     })
     .unwrap();

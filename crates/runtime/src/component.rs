@@ -6,17 +6,65 @@ use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
-use crate::bindings::PluginPre;
+use crate::bindings::{v1, v2};
 use crate::data::InstanceData;
 use crate::error::{RuntimeError, one_line};
 use crate::native::{self, NativeUnsupported};
 
-/// The WIT package version this host implements.
-pub const CONTRACT_PACKAGE: &str = "memento:operator@0.1.0";
-/// The interface every plugin must export.
-pub const OPERATOR_INTERFACE: &str = "memento:operator/operator@0.1.0";
-/// The interface that carries canonical snapshots.
-pub const SNAPSHOT_INTERFACE: &str = "memento:operator/snapshot@0.1.0";
+/// The current WIT package version, what new plugins are built against.
+pub const CONTRACT_PACKAGE: &str = "memento:operator@0.2.0";
+/// The interface every plugin must export (current version).
+pub const OPERATOR_INTERFACE: &str = "memento:operator/operator@0.2.0";
+/// The interface that carries canonical snapshots (current version).
+pub const SNAPSHOT_INTERFACE: &str = "memento:operator/snapshot@0.2.0";
+
+/// A version of the contract this host implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ContractVersion {
+    /// `memento:operator@0.1.0`: `snapshot-state` returns one `list<u8>`,
+    /// no key groups. Still loaded and run.
+    V0_1,
+    /// `memento:operator@0.2.0`: state streams in pieces through host
+    /// resources, pieces belong to key groups.
+    V0_2,
+}
+
+impl ContractVersion {
+    /// Every version this host implements, newest first.
+    pub const ALL: [ContractVersion; 2] = [ContractVersion::V0_2, ContractVersion::V0_1];
+
+    /// The WIT package, e.g. `memento:operator@0.2.0`.
+    pub fn package(self) -> &'static str {
+        match self {
+            ContractVersion::V0_1 => "memento:operator@0.1.0",
+            ContractVersion::V0_2 => CONTRACT_PACKAGE,
+        }
+    }
+
+    /// The world a component implements, e.g. `memento:operator/plugin@0.2.0`.
+    pub fn world(self) -> &'static str {
+        match self {
+            ContractVersion::V0_1 => "memento:operator/plugin@0.1.0",
+            ContractVersion::V0_2 => "memento:operator/plugin@0.2.0",
+        }
+    }
+
+    fn exports(self) -> [&'static str; 2] {
+        match self {
+            ContractVersion::V0_1 => [
+                "memento:operator/operator@0.1.0",
+                "memento:operator/snapshot@0.1.0",
+            ],
+            ContractVersion::V0_2 => [OPERATOR_INTERFACE, SNAPSHOT_INTERFACE],
+        }
+    }
+}
+
+/// The pre-linked component, typed by the contract version it implements.
+pub(crate) enum PluginPre {
+    V1(v1::PluginPre<InstanceData>),
+    V2(v2::PluginPre<InstanceData>),
+}
 
 /// A compiled component that implements the contract, ready to instantiate.
 pub struct LoadedComponent {
@@ -26,7 +74,7 @@ pub struct LoadedComponent {
     pub hash: [u8; 32],
     /// Size of the component in bytes.
     pub size: usize,
-    pub(crate) pre: PluginPre<InstanceData>,
+    pub(crate) pre: PluginPre,
     /// Bytes of compiled code and metadata the engine keeps for it: what
     /// the runtime's component cache is bounded by.
     compiled_size: usize,
@@ -57,6 +105,14 @@ impl LoadedComponent {
         self.compiled_size
     }
 
+    /// The contract version the component implements.
+    pub fn contract(&self) -> ContractVersion {
+        match self.pre {
+            PluginPre::V1(_) => ContractVersion::V0_1,
+            PluginPre::V2(_) => ContractVersion::V0_2,
+        }
+    }
+
     /// A short name for messages: the file name without extension.
     pub fn name(&self) -> String {
         self.origin
@@ -79,7 +135,11 @@ pub struct ComponentInfo {
     pub imports: Vec<String>,
     /// Names of the component's exports.
     pub exports: Vec<String>,
-    /// `Ok(())` when the component implements `memento:operator/plugin@0.1.0`
+    /// The contract world the component implements (by its exports), e.g.
+    /// `memento:operator/plugin@0.2.0`; for one that implements none, the
+    /// current world.
+    pub contract: &'static str,
+    /// `Ok(())` when the component implements [`ComponentInfo::contract`]
     /// with only imports the host provides; otherwise why not.
     pub fits_contract: Result<(), String>,
     /// `Ok(())` when native snapshots are possible; otherwise why not.
@@ -129,32 +189,56 @@ fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, Runt
     Component::new(engine, bytes).map_err(|e| invalid(path, format!("invalid component: {}", one_line(&e))))
 }
 
-/// Why `exports` do not include the operator contract, if they do not.
-fn check_exports(exports: &[String]) -> Result<(), String> {
-    for wanted in [OPERATOR_INTERFACE, SNAPSHOT_INTERFACE] {
-        if exports.iter().any(|e| e == wanted) {
-            continue;
-        }
-        // Same interface at another version: say which.
-        let unversioned = wanted.split('@').next().unwrap_or(wanted);
-        let other: Vec<&String> = exports
-            .iter()
-            .filter(|e| e.split('@').next() == Some(unversioned))
-            .collect();
-        return Err(if let Some(found) = other.first() {
-            format!("exports {found}, but this host implements {wanted}")
-        } else {
-            format!(
-                "does not export {wanted} (found exports: {})",
-                if exports.is_empty() {
-                    "none".to_string()
-                } else {
-                    exports.join(", ")
-                }
-            )
-        });
+/// The contract version whose interfaces `exports` include, or why none.
+/// A component exporting an interface at a version this host does not
+/// implement is told which versions it does.
+fn check_exports(exports: &[String]) -> Result<ContractVersion, String> {
+    let has = |name: &str| exports.iter().any(|e| e == name);
+    if let Some(v) = ContractVersion::ALL
+        .into_iter()
+        .find(|v| v.exports().iter().all(|w| has(w)))
+    {
+        return Ok(v);
     }
-    Ok(())
+    // Half of one version: name what is missing.
+    for v in ContractVersion::ALL {
+        let [operator, snapshot] = v.exports();
+        match (has(operator), has(snapshot)) {
+            (true, false) => return Err(format!("exports {operator} but not {snapshot}")),
+            (false, true) => return Err(format!("exports {snapshot} but not {operator}")),
+            _ => {}
+        }
+    }
+    let implemented = ContractVersion::ALL.map(|v| v.exports()[0]).join(" or ");
+    let unversioned = OPERATOR_INTERFACE.split('@').next().unwrap_or(OPERATOR_INTERFACE);
+    // The same interface at another version: say which.
+    if let Some(found) = exports.iter().find(|e| e.split('@').next() == Some(unversioned)) {
+        return Err(format!("exports {found}, but this host implements {implemented}"));
+    }
+    Err(format!(
+        "does not export {implemented} (found exports: {})",
+        if exports.is_empty() {
+            "none".to_string()
+        } else {
+            exports.join(", ")
+        }
+    ))
+}
+
+/// Pre-link `component` with the bindings of contract `version`.
+fn prelink(
+    linker: &Linker<InstanceData>,
+    component: &Component,
+    version: ContractVersion,
+) -> Result<PluginPre, String> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("cannot link: {}", one_line(&e)))?;
+    let fit = |e: wasmtime::Error| format!("does not fit {}: {}", version.world(), one_line(&e));
+    Ok(match version {
+        ContractVersion::V0_1 => PluginPre::V1(v1::PluginPre::new(pre).map_err(fit)?),
+        ContractVersion::V0_2 => PluginPre::V2(v2::PluginPre::new(pre).map_err(fit)?),
+    })
 }
 
 fn names(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>) {
@@ -173,12 +257,8 @@ pub(crate) fn load(
 ) -> Result<LoadedComponent, RuntimeError> {
     let component = compile(engine, path, bytes)?;
     let (_, exports) = names(engine, &component);
-    check_exports(&exports).map_err(|r| invalid(path, r))?;
-    let pre = linker
-        .instantiate_pre(&component)
-        .map_err(|e| invalid(path, format!("cannot link: {}", one_line(&e))))?;
-    let pre = PluginPre::new(pre)
-        .map_err(|e| invalid(path, format!("does not fit the contract: {}", one_line(&e))))?;
+    let version = check_exports(&exports).map_err(|r| invalid(path, r))?;
+    let pre = prelink(linker, &component, version).map_err(|r| invalid(path, r))?;
     let image = component.image_range();
     let compiled_size = (image.end as usize).saturating_sub(image.start as usize);
     Ok(LoadedComponent {
@@ -199,20 +279,16 @@ pub(crate) fn inspect(
 ) -> Result<ComponentInfo, RuntimeError> {
     let component = compile(engine, path, bytes)?;
     let (imports, exports) = names(engine, &component);
-    let fits_contract = check_exports(&exports).and_then(|()| {
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(|e| format!("cannot link: {}", one_line(&e)))?;
-        PluginPre::new(pre)
-            .map(|_| ())
-            .map_err(|e| format!("does not fit the contract: {}", one_line(&e)))
-    });
+    let version = check_exports(&exports);
+    let contract = version.as_ref().map_or(ContractVersion::V0_2, |v| *v).world();
+    let fits_contract = version.and_then(|v| prelink(linker, &component, v).map(|_| ()));
     Ok(ComponentInfo {
         path: path.to_path_buf(),
         size: bytes.len(),
         hash: blake3::hash(bytes).to_hex().to_string(),
         imports,
         exports,
+        contract,
         fits_contract,
         native_snapshots: native::native_support(bytes).map_err(|e| e.to_string()),
     })
@@ -224,18 +300,30 @@ mod tests {
 
     #[test]
     fn exports_are_checked_with_versions() {
-        let ok = vec![OPERATOR_INTERFACE.to_string(), SNAPSHOT_INTERFACE.to_string()];
-        assert!(check_exports(&ok).is_ok());
-        let other = vec!["memento:operator/operator@0.2.0".to_string()];
+        let v2 = vec![OPERATOR_INTERFACE.to_string(), SNAPSHOT_INTERFACE.to_string()];
+        assert_eq!(check_exports(&v2), Ok(ContractVersion::V0_2));
+        let v1 = vec![
+            "memento:operator/operator@0.1.0".to_string(),
+            "memento:operator/snapshot@0.1.0".to_string(),
+        ];
+        assert_eq!(check_exports(&v1), Ok(ContractVersion::V0_1));
+        let other = vec!["memento:operator/operator@0.3.0".to_string()];
         let err = check_exports(&other).unwrap_err();
-        assert!(err.contains("exports memento:operator/operator@0.2.0"), "{err}");
-        assert!(
-            err.contains("implements memento:operator/operator@0.1.0"),
-            "{err}"
+        assert_eq!(
+            err,
+            "exports memento:operator/operator@0.3.0, but this host implements \
+             memento:operator/operator@0.2.0 or memento:operator/operator@0.1.0"
+        );
+        let half = vec!["memento:operator/operator@0.1.0".to_string()];
+        assert_eq!(
+            check_exports(&half).unwrap_err(),
+            "exports memento:operator/operator@0.1.0 but not memento:operator/snapshot@0.1.0"
         );
         let err = check_exports(&["wasi:cli/run@0.2.0".to_string()]).unwrap_err();
         assert!(
-            err.contains("does not export memento:operator/operator@0.1.0"),
+            err.contains(
+                "does not export memento:operator/operator@0.2.0 or memento:operator/operator@0.1.0"
+            ),
             "{err}"
         );
         assert!(err.contains("found exports: wasi:cli/run@0.2.0"), "{err}");

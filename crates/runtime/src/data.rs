@@ -8,8 +8,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::bindings::Plugin;
-use crate::bindings::memento::operator::{log, types};
+use crate::bindings::{v1, v2};
 use crate::label::TaskLabel;
 use crate::limits::SandboxLimits;
 
@@ -41,10 +40,26 @@ impl WasiView for InstanceData {
     }
 }
 
-impl types::Host for InstanceData {}
+impl v1::memento::operator::types::Host for InstanceData {}
+impl v2::memento::operator::types::Host for InstanceData {}
 
-impl log::Host for InstanceData {
-    fn log(&mut self, level: log::Level, message: String) {
+impl v1::memento::operator::log::Host for InstanceData {
+    fn log(&mut self, level: v1::memento::operator::log::Level, message: String) {
+        use v2::memento::operator::log::Level;
+        let level = match level {
+            v1::memento::operator::log::Level::Trace => Level::Trace,
+            v1::memento::operator::log::Level::Debug => Level::Debug,
+            v1::memento::operator::log::Level::Info => Level::Info,
+            v1::memento::operator::log::Level::Warn => Level::Warn,
+            v1::memento::operator::log::Level::Error => Level::Error,
+        };
+        v2::memento::operator::log::Host::log(self, level, message);
+    }
+}
+
+impl v2::memento::operator::log::Host for InstanceData {
+    fn log(&mut self, level: v2::memento::operator::log::Level, message: String) {
+        use v2::memento::operator::log;
         let l = &self.label;
         let (job, operator, task) = (l.job.as_str(), l.operator.as_str(), l.task);
         match level {
@@ -168,11 +183,14 @@ pub(crate) enum LimitHit {
     Table(String),
 }
 
-/// The linker with everything a plugin may import: the `log` interface and
-/// WASI (whose context grants nothing).
+/// The linker with everything a plugin may import: the `log` (and, for
+/// 0.2.0 components, `state`) interfaces of both contract versions and WASI
+/// (whose context grants nothing). The versions are distinct import names,
+/// so one linker serves components of either.
 pub(crate) fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<InstanceData>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    Plugin::add_to_linker::<InstanceData, HasSelf<InstanceData>>(&mut linker, |s| s)?;
+    v1::Plugin::add_to_linker::<InstanceData, HasSelf<InstanceData>>(&mut linker, |s| s)?;
+    v2::Plugin::add_to_linker::<InstanceData, HasSelf<InstanceData>>(&mut linker, |s| s)?;
     Ok(linker)
 }

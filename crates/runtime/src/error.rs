@@ -92,6 +92,18 @@ pub enum RuntimeError {
         phase: Phase,
         source: MalformedBatch,
     },
+    /// The host refused canonical state passing through it: a piece the
+    /// contract forbids (too long, a key group the task does not own),
+    /// keyed state for a 0.1.0 component, or a sink that failed.
+    #[error("{task}: the host refused the state of `{phase}`: {reason}")]
+    StateRefused {
+        task: TaskLabel,
+        phase: Phase,
+        reason: String,
+    },
+    /// The state to restore could not be read (the source failed).
+    #[error("{task}: cannot read the state to restore: {reason}")]
+    StateUnreadable { task: TaskLabel, reason: String },
     /// A native snapshot of the instance is not possible (unsupported
     /// component, host resources held by the guest).
     #[error("{task}: native snapshot refused: {reason}")]

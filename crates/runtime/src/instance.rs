@@ -16,8 +16,8 @@ use wasmtime::{Engine, ResourceLimiter, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
-use crate::bindings::Plugin;
-use crate::component::LoadedComponent;
+use crate::bindings::{v1, v2};
+use crate::component::{LoadedComponent, PluginPre};
 use crate::data::InstanceData;
 use crate::error::{RuntimeError, one_line};
 use crate::label::TaskLabel;
@@ -40,13 +40,23 @@ pub struct CallStats {
     pub time_in_plugin: Duration,
 }
 
+/// The instantiated bindings, by the contract version the component
+/// implements.
+pub(crate) enum Bindings {
+    V1(v1::Plugin),
+    V2(v2::Plugin),
+}
+
 /// A running plugin instance for one task.
 ///
 /// Calls never overlap (`&mut self`); each has the configured deadline.
 /// After a trap the instance is poisoned and refuses further calls.
 pub struct TaskInstance {
     store: Store<InstanceData>,
-    plugin: Plugin,
+    plugin: Bindings,
+    /// The key groups the task owns (from `open`'s context): state pieces
+    /// of other groups are refused. Empty before `open`.
+    owned: std::ops::Range<u32>,
     /// The instance's linear memories in creation order (host-owned, see
     /// `memory.rs`); what native snapshots copy and native restores fill.
     memories: Vec<Arc<Mapping>>,
@@ -151,7 +161,10 @@ impl TaskInstance {
                 limits.memory_bytes
             )));
         }
-        let (plugin, memories) = memory::collect(presize, || component.pre.instantiate(&mut store));
+        let (plugin, memories) = memory::collect(presize, || match &component.pre {
+            PluginPre::V1(pre) => pre.instantiate(&mut store).map(Bindings::V1),
+            PluginPre::V2(pre) => pre.instantiate(&mut store).map(Bindings::V2),
+        });
         let plugin = plugin.map_err(|e| {
             let reason = one_line(&e);
             if reason.contains("count too high") {
@@ -174,6 +187,7 @@ impl TaskInstance {
         Ok(TaskInstance {
             store,
             plugin,
+            owned: 0..0,
             memories,
             tracking: Tracking::Off,
             resources_at_start,
@@ -201,6 +215,11 @@ impl TaskInstance {
     /// Which task this is.
     pub fn label(&self) -> &TaskLabel {
         &self.label
+    }
+
+    /// The key groups the task owns, as `open` was told (empty before).
+    pub fn owned_key_groups(&self) -> std::ops::Range<u32> {
+        self.owned.clone()
     }
 
     /// Counters of the calls made so far.

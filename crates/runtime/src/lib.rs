@@ -14,18 +14,20 @@ mod data;
 mod dirty;
 mod engine;
 mod error;
+mod host_state;
 mod instance;
 mod label;
 mod limits;
 mod memory;
 mod native;
+mod state;
 #[doc(hidden)]
 pub mod uffd;
 
 pub use batch::{Event, MalformedBatch};
-pub use bindings::Context;
+pub use bindings::{Context, KeyGroupRange};
 pub use component::{
-    CONTRACT_PACKAGE, ComponentInfo, LoadedComponent, OPERATOR_INTERFACE, SNAPSHOT_INTERFACE,
+    CONTRACT_PACKAGE, ComponentInfo, ContractVersion, LoadedComponent, OPERATOR_INTERFACE, SNAPSHOT_INTERFACE,
 };
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
@@ -36,6 +38,7 @@ pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};
 pub use memory::HostMemoryCreator;
 pub use memory::prefaulted_buffer;
 pub use native::NativeUnsupported;
+pub use state::{MAX_PIECE, Piece, StateSink, StateSource};
 
 /// Set to `1` (`.ci/run` does) to make a test fail, instead of skipping its
 /// incremental part, where dirty-page tracking is unavailable: CI must never

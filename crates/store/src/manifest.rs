@@ -356,6 +356,12 @@ pub struct Manifest {
     /// (opaque to the store; readers compare it before a native restore).
     #[serde(default)]
     pub components: BTreeMap<String, String>,
+    /// How canonical task state is laid out in its bytes: absent (legacy),
+    /// the operator's bytes as they are; `1`, state pieces framed as
+    /// `docs/STORAGE.md` ("Canonical state framing") says. Opaque to the
+    /// store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canonical_framing: Option<u32>,
     /// Every task's state.
     #[serde(default)]
     pub tasks: Vec<TaskState>,
@@ -392,6 +398,7 @@ impl Manifest {
             retention: Retention::default(),
             status: SnapshotStatus::Complete,
             components: BTreeMap::new(),
+            canonical_framing: None,
             tasks: Vec::new(),
             source_positions: Vec::new(),
             sink_commit: serde_json::Value::Null,

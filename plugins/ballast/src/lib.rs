@@ -179,11 +179,11 @@ impl Operator for Ballast {
 
     /// The buffer and step counter come from the snapshot (even when
     /// `state_mib` changed), `dirty_fraction` from this run's config.
-    fn restore(&mut self, _ctx: &Context, state: &[u8]) -> Result<(), Error> {
+    fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
         // Free the buffer `open` made first: the peak is then the snapshot
         // plus one buffer, not two.
         let configured = std::mem::take(&mut self.data).len();
-        let (_, restored) = memento_guest::decode_state::<Ballast>(Self::STATE_VERSION, state)?;
+        let (_, restored) = memento_guest::read_state::<Ballast>(Self::STATE_VERSION, from)?;
         if restored.data.len() != configured {
             memento_guest::warn!(
                 "ballast: restored {} bytes of state; config `state_mib` asks for {configured}; keeping the snapshot's",
@@ -351,7 +351,10 @@ mod tests {
         }
         assert_eq!(a.steps(), b.steps());
         assert!(a.data() == b.data());
-        assert_eq!(a.snapshot().unwrap(), b.snapshot().unwrap());
+        assert_eq!(
+            memento_guest::snapshot_bytes(&a).unwrap(),
+            memento_guest::snapshot_bytes(&b).unwrap()
+        );
     }
 
     #[test]
@@ -362,17 +365,17 @@ mod tests {
         for i in 0..7 {
             step(&mut original, "k", i);
         }
-        let state = original.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&original).unwrap();
         // Envelope (10) + map with three fields + bin32 header: a few dozen
         // bytes on top of the buffer. A sequence of integers would need about
         // 1.5 bytes per random byte.
         assert!(state.len() < original.data().len() + 100, "{}", state.len());
 
         let mut restored = Ballast::open(&ctx).unwrap();
-        restored.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut restored, &ctx, &state).unwrap();
         assert_eq!(restored.steps(), 7);
         assert!(restored.data() == original.data());
-        assert_eq!(restored.snapshot().unwrap(), state);
+        assert_eq!(memento_guest::snapshot_bytes(&restored).unwrap(), state);
 
         // Recovery is deterministic: both go on identically.
         for i in 7..20 {
@@ -388,10 +391,10 @@ mod tests {
     fn restore_keeps_the_snapshot_size_and_the_new_fraction() {
         let mut op = open(&[("state_mib", "0.5")]);
         step(&mut op, "k", 0);
-        let state = op.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&op).unwrap();
         let ctx = Context::for_test([("state_mib", "1"), ("dirty_fraction", "0.5")]);
         let mut other = Ballast::open(&ctx).unwrap();
-        other.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut other, &ctx, &state).unwrap();
         assert_eq!(other.data().len(), 512 << 10);
         assert_eq!(other.dirty_fraction, 0.5);
     }
@@ -422,6 +425,6 @@ mod tests {
     fn garbage_snapshot_is_refused() {
         let ctx = Context::for_test([("state_mib", "0")]);
         let mut op = Ballast::open(&ctx).unwrap();
-        assert!(op.restore(&ctx, b"not a snapshot").is_err());
+        assert!(memento_guest::restore_bytes(&mut op, &ctx, b"not a snapshot").is_err());
     }
 }

@@ -166,8 +166,8 @@ impl Operator for Dedup {
     /// Remembered keys and counters come from the snapshot, `max_keys` and
     /// `ttl` from this run's config; a smaller `max_keys` evicts the oldest
     /// keys right away.
-    fn restore(&mut self, _ctx: &Context, state: &[u8]) -> Result<(), Error> {
-        let (_, restored) = memento_guest::decode_state::<Dedup>(Self::STATE_VERSION, state)?;
+    fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
+        let (_, restored) = memento_guest::read_state::<Dedup>(Self::STATE_VERSION, from)?;
         self.index = restored
             .remembered
             .iter()
@@ -351,27 +351,30 @@ mod tests {
 
         let mut first = open(&config);
         let mut got = run(&mut first, &as_refs[..77]);
-        let state = first.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&first).unwrap();
         let ctx = Context::for_test(config);
         let mut second = Dedup::open(&ctx).unwrap();
-        second.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut second, &ctx, &state).unwrap();
         check_invariants(&second);
         assert_eq!(second.remembered, first.remembered);
-        assert_eq!(second.snapshot().unwrap(), state);
+        assert_eq!(memento_guest::snapshot_bytes(&second).unwrap(), state);
         got.extend(run(&mut second, &as_refs[77..]));
         assert_eq!(got, expected);
         assert_eq!(second.duplicates_dropped(), whole.duplicates_dropped());
-        assert_eq!(second.snapshot().unwrap(), whole.snapshot().unwrap());
+        assert_eq!(
+            memento_guest::snapshot_bytes(&second).unwrap(),
+            memento_guest::snapshot_bytes(&whole).unwrap()
+        );
     }
 
     #[test]
     fn restore_with_smaller_max_keys_evicts_the_oldest() {
         let mut op = open(&[]);
         run(&mut op, &[("a", "", 0), ("b", "", 0), ("c", "", 0)]);
-        let state = op.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&op).unwrap();
         let ctx = Context::for_test([("max_keys", "2")]);
         let mut small = Dedup::open(&ctx).unwrap();
-        small.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut small, &ctx, &state).unwrap();
         check_invariants(&small);
         // `a` was evicted, `b` and `c` are still remembered.
         let out = run(&mut small, &[("c", "", 1), ("b", "", 1), ("a", "", 1)]);
@@ -385,6 +388,9 @@ mod tests {
         let mut a = open(&[("max_keys", "50")]);
         let mut b = open(&[("max_keys", "50")]);
         assert_eq!(run(&mut a, &as_refs), run(&mut b, &as_refs));
-        assert_eq!(a.snapshot().unwrap(), b.snapshot().unwrap());
+        assert_eq!(
+            memento_guest::snapshot_bytes(&a).unwrap(),
+            memento_guest::snapshot_bytes(&b).unwrap()
+        );
     }
 }

@@ -205,8 +205,8 @@ impl Operator for WindowSum {
     /// Windows, watermark and counters come from the snapshot, `on_invalid`
     /// from this run's config. The window size may change only while no
     /// window is open: open windows cannot be re-bucketed.
-    fn restore(&mut self, ctx: &Context, state: &[u8]) -> Result<(), Error> {
-        let (_, restored) = memento_guest::decode_state::<WindowSum>(Self::STATE_VERSION, state)?;
+    fn restore(&mut self, ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
+        let (_, restored) = memento_guest::read_state::<WindowSum>(Self::STATE_VERSION, from)?;
         if restored.window_ms != self.window_ms && !restored.windows.is_empty() {
             return Err(format!(
                 "config `window` = {:?} ({}ms) differs from the snapshot's {}ms, which has open windows",
@@ -411,10 +411,10 @@ mod tests {
         let mut first = open(&[]);
         let mut got = run(&mut first, &events[..3]);
         run(&mut first, &[("x", "1", 3)]); // late: counted, survives the snapshot
-        let state = first.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&first).unwrap();
         let ctx = Context::for_test([]);
         let mut second = WindowSum::open(&ctx).unwrap();
-        second.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut second, &ctx, &state).unwrap();
         assert_eq!(second.late_dropped(), 1);
         got.extend(run(&mut second, &events[3..]));
         got.extend(finish(&mut second));
@@ -425,27 +425,27 @@ mod tests {
     fn restore_refuses_a_changed_window_size_with_open_windows() {
         let mut op = open(&[("window", "1s")]);
         run(&mut op, &[("a", "1", 0)]);
-        let state = op.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&op).unwrap();
         let ctx = Context::for_test([("window", "2s")]);
         let mut other = WindowSum::open(&ctx).unwrap();
-        let err = other.restore(&ctx, &state).unwrap_err();
+        let err = memento_guest::restore_bytes(&mut other, &ctx, &state).unwrap_err();
         assert!(err.message().contains("config `window` = \"2s\""), "{err:?}");
 
         // With no open window the size may change.
         finish(&mut op);
-        let state = op.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&op).unwrap();
         let mut other = WindowSum::open(&ctx).unwrap();
-        other.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut other, &ctx, &state).unwrap();
         assert_eq!(other.window_ms, 2_000);
     }
 
     #[test]
     fn restore_takes_on_invalid_from_the_new_config() {
         let op = open(&[]);
-        let state = op.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&op).unwrap();
         let ctx = Context::for_test([("on_invalid", "skip")]);
         let mut other = WindowSum::open(&ctx).unwrap();
-        other.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut other, &ctx, &state).unwrap();
         assert!(other.skip_invalid);
     }
 }

@@ -63,8 +63,8 @@ impl Operator for WordCount {
     }
 
     /// Keep the mode from this run's configuration, the counts from the snapshot.
-    fn restore(&mut self, _ctx: &Context, state: &[u8]) -> Result<(), Error> {
-        let (_, restored) = memento_guest::decode_state::<WordCount>(Self::STATE_VERSION, state)?;
+    fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
+        let (_, restored) = memento_guest::read_state::<WordCount>(Self::STATE_VERSION, from)?;
         self.counts = restored.counts;
         Ok(())
     }
@@ -137,10 +137,10 @@ mod tests {
     fn snapshot_and_restore_continue_counting() {
         let mut op = WordCount::open(&Context::for_test([])).unwrap();
         run(&mut op, vec![Event::new("a", "", 1), Event::new("a", "", 2)]);
-        let state = op.snapshot().unwrap();
+        let state = memento_guest::snapshot_bytes(&op).unwrap();
         let ctx = Context::for_test([]);
         let mut fresh = WordCount::open(&ctx).unwrap();
-        fresh.restore(&ctx, &state).unwrap();
+        memento_guest::restore_bytes(&mut fresh, &ctx, &state).unwrap();
         assert_eq!(
             run(&mut fresh, vec![Event::new("a", "", 3)]),
             pairs(&[("a", "3")])

@@ -524,8 +524,8 @@ fn inspect(component: &Path, json: bool) -> anyhow::Result<ExitCode> {
             println!("    {e}");
         }
         match &info.fits_contract {
-            Ok(()) => println!("  contract memento:operator/plugin@0.1.0: yes"),
-            Err(why) => println!("  contract memento:operator/plugin@0.1.0: no — {why}"),
+            Ok(()) => println!("  contract {}: yes", info.contract),
+            Err(why) => println!("  contract {}: no — {why}", info.contract),
         }
         println!("  native snapshots: {}", info.native_summary());
     }

@@ -11,6 +11,56 @@ use crate::store::{JobName, Manifest, SnapshotId, TenantStore};
 /// Key in a manifest's `extra` marking the record of a finished job.
 pub(super) const FINISHED: &str = "finished";
 
+/// Key in a manifest's `extra` recording each operator's number of key
+/// groups (`{"operator": 128}`); absent in snapshots from before key
+/// groups, whose routing is that of key groups = parallelism.
+pub(super) const KEY_GROUPS: &str = "key_groups";
+
+/// The key groups snapshot `m` recorded for operator `op`, or, for a
+/// snapshot from before key groups, its number of tasks (the routing it
+/// was taken with).
+///
+/// # Errors
+/// A recorded value that is not a number of key groups the operator's
+/// tasks can hold.
+pub(crate) fn recorded_key_groups(m: &Manifest, op: &str) -> Result<u32, String> {
+    let tasks = m.tasks.iter().filter(|t| t.key.operator == op).count() as u64;
+    let Some(recorded) = m.extra.get(KEY_GROUPS) else {
+        return Ok(tasks.max(1) as u32);
+    };
+    let value = recorded.get(op);
+    match value.and_then(serde_json::Value::as_u64) {
+        Some(n) if n >= tasks.max(1) && n <= u64::from(crate::spec::MAX_KEY_GROUPS) => Ok(n as u32),
+        _ => Err(format!(
+            "its record of operator `{op}`'s key groups ({}) is not a number from {} to {}",
+            value.map_or_else(
+                || "missing".to_string(),
+                |v| crate::spec::excerpt(&v.to_string(), 40)
+            ),
+            tasks.max(1),
+            crate::spec::MAX_KEY_GROUPS
+        )),
+    }
+}
+
+/// The key groups each operator runs with when the job starts from `m`
+/// (what it recorded) or from scratch (the job file's).
+///
+/// # Errors
+/// As [`recorded_key_groups`].
+pub(crate) fn key_groups(spec: &JobSpec, m: Option<&Manifest>) -> Result<BTreeMap<String, u32>, String> {
+    spec.operators
+        .iter()
+        .map(|op| {
+            let n = match m {
+                Some(m) if !m.extra.contains_key(FINISHED) => recorded_key_groups(m, &op.name)?,
+                _ => op.key_groups(),
+            };
+            Ok((op.name.clone(), n))
+        })
+        .collect()
+}
+
 /// Whether snapshot `m` can start job `job` as `spec` and `components`
 /// (operator → blake3 hex of the component it runs) describe it: the same job, the same operators at the same
 /// parallelism, and native images taken with the identical component and
@@ -66,6 +116,16 @@ pub(crate) fn check_fits(
             "it has state for operator `{}`, which the job does not have",
             t.key.operator
         )));
+    }
+    for op in &spec.operators {
+        let groups = recorded_key_groups(m, &op.name).map_err(incompatible)?;
+        if let Some(asked) = op.max_parallelism.filter(|&asked| asked != groups) {
+            return Err(incompatible(format!(
+                "operator `{}` has {groups} key groups in the snapshot but max_parallelism {asked} in the \
+                 job file (key groups are fixed for a job's life: remove max_parallelism or set it to {groups})",
+                op.name
+            )));
+        }
     }
     for op in &spec.operators {
         let recorded = m.components.get(&op.name).map(String::as_str);
@@ -179,6 +239,58 @@ mod tests {
         // Canonical state fits any component: the plugin reads it.
         let id = commit(&store, canonical(), V1, false);
         check_fits(&spec(1), &job, &running(V2), &store.get(&id).unwrap()).unwrap();
+    }
+
+    /// A snapshot without a key-group record was routed with key groups =
+    /// parallelism: it fits a job file that names that, or none, and no
+    /// other; a recorded count must match an explicit one; a damaged
+    /// record is refused, quoting at most an excerpt.
+    #[test]
+    fn key_groups_are_fixed_for_a_jobs_life() {
+        let (_dir, store) = store();
+        let job = JobName::new("j").unwrap();
+        let with_max = |max: u32| {
+            let mut s = spec(1);
+            s.operators[0].max_parallelism = Some(max);
+            s
+        };
+        let legacy = store.get(&commit(&store, canonical(), V1, false)).unwrap();
+        assert_eq!(recorded_key_groups(&legacy, "count"), Ok(1));
+        assert_eq!(key_groups(&spec(1), Some(&legacy)).unwrap()["count"], 1);
+        assert_eq!(key_groups(&spec(1), None).unwrap()["count"], 128);
+        check_fits(&spec(1), &job, &running(V1), &legacy).unwrap();
+        check_fits(&with_max(1), &job, &running(V1), &legacy).unwrap();
+        let err = check_fits(&with_max(128), &job, &running(V1), &legacy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "operator `count` has 1 key groups in the snapshot but max_parallelism 128 in the job file \
+                 (key groups are fixed for a job's life: remove max_parallelism or set it to 1)"
+            ),
+            "{err}"
+        );
+
+        let mut recorded = legacy.clone();
+        recorded
+            .extra
+            .insert(KEY_GROUPS.into(), serde_json::json!({ "count": 256 }));
+        assert_eq!(key_groups(&spec(1), Some(&recorded)).unwrap()["count"], 256);
+        check_fits(&with_max(256), &job, &running(V1), &recorded).unwrap();
+        assert!(check_fits(&with_max(128), &job, &running(V1), &recorded).is_err());
+
+        recorded
+            .extra
+            .insert(KEY_GROUPS.into(), serde_json::json!({ "count": "x".repeat(500) }));
+        let err = check_fits(&spec(1), &job, &running(V1), &recorded)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its record of operator `count`'s key groups ("),
+            "{err}"
+        );
+        assert!(err.contains("is not a number from 1 to 32768"), "{err}");
+        assert!(err.len() < 300, "quotes an excerpt only: {err}");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub(crate) struct Coordinator<'a> {
     /// Operator → blake3 hex of its component: what manifests record and
     /// native images must match.
     components: BTreeMap<String, String>,
+    /// Operator → its key groups in the current attempt: what manifests
+    /// record (set when an attempt starts, from the snapshot it restores).
+    key_groups: crate::dataflow::KeyGroups,
     store: TenantStore,
     job: JobName,
     control: Receiver<Control>,
@@ -82,6 +85,7 @@ impl<'a> Coordinator<'a> {
             spec,
             loaded,
             components: component_hashes(spec, loaded),
+            key_groups: crate::dataflow::KeyGroups::new(),
             store,
             job,
             control,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, select};
 
 use super::Coordinator;
-use super::compat::FINISHED;
+use super::compat::{self, FINISHED};
 use super::control::{Control, TriggerError};
 use super::pending::{Acks, Pending};
 use super::report::{FinalState, SnapshotSummary};
@@ -280,6 +280,10 @@ impl Coordinator<'_> {
         m.created_at_ms = created_at_ms;
         m.retention = retention::settings(self.spec, kind);
         m.components = self.components.clone();
+        m.extra
+            .insert(compat::KEY_GROUPS.into(), serde_json::json!(self.key_groups));
+        // Every canonical state this build persists is framed.
+        m.canonical_framing = Some(crate::snapshot::FRAMING_VERSION);
         m.tasks = acks
             .states
             .into_iter()

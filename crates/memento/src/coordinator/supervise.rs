@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::unbounded;
 
 use super::Coordinator;
-use super::compat::{FINISHED, check_fits, resume_point_before};
+use super::compat::{self, FINISHED, check_fits, resume_point_before};
 use super::control::{Control, TriggerError};
 use super::protocol::{AttemptEnd, AttemptState};
 use super::report::{FinalState, JobFailed, JobReport, OperatorReport};
@@ -186,6 +186,17 @@ impl Coordinator<'_> {
                 None
             }
         };
+        self.key_groups = match compat::key_groups(self.spec, restore) {
+            Ok(k) => k,
+            Err(reason) => {
+                return AttemptEnd::Failed(JobError::Incompatible {
+                    id: restore
+                        .map(|m| m.id.clone())
+                        .expect("only a snapshot's record can be wrong"),
+                    reason,
+                });
+            }
+        };
         let start_position = point.as_ref().map_or(0, |p| p.source_position);
         let (reports_tx, reports) = unbounded();
         let attempt = match Attempt::start(
@@ -193,6 +204,7 @@ impl Coordinator<'_> {
             self.spec,
             self.loaded,
             point.as_ref(),
+            &self.key_groups,
             reports_tx,
             self.status.records_in.clone(),
         ) {

@@ -29,6 +29,11 @@ pub(crate) struct RestorePoint {
     pub sink_next_seq: BTreeMap<u32, u64>,
 }
 
+/// The key groups of each operator in an attempt: what the snapshot it
+/// restores recorded, else the job file's (see `JobSpec`'s
+/// `OperatorSpec::key_groups`).
+pub(crate) type KeyGroups = BTreeMap<String, u32>;
+
 /// Why a barrier could not be handed to the source.
 pub(crate) enum InjectError {
     /// The source has not taken earlier requests (blocked by backpressure).
@@ -75,9 +80,16 @@ impl Attempt {
         spec: &JobSpec,
         components: &[Arc<LoadedComponent>],
         restore: Option<&RestorePoint>,
+        key_groups: &KeyGroups,
         reports: Sender<Report>,
         records_in: Arc<AtomicU64>,
     ) -> Result<Attempt, JobError> {
+        let groups_of = |op: &crate::spec::OperatorSpec| {
+            key_groups
+                .get(&op.name)
+                .copied()
+                .unwrap_or_else(|| op.key_groups())
+        };
         assert_eq!(
             components.len(),
             spec.operators.len(),
@@ -154,7 +166,11 @@ impl Attempt {
             for index in 0..op.parallelism {
                 let key = TaskKey::new(op.name.clone(), index);
                 let downstream = if stage < last {
-                    task::Downstream::Next(senders(stage + 1), index as usize)
+                    task::Downstream::Next(
+                        senders(stage + 1),
+                        groups_of(&spec.operators[stage + 1]),
+                        index as usize,
+                    )
                 } else {
                     task::Downstream::Sink(sinks[index as usize].take().expect("one sink per last task"))
                 };
@@ -175,6 +191,7 @@ impl Attempt {
                     job: spec.name.clone(),
                     key,
                     parallelism: op.parallelism,
+                    key_groups: groups_of(op),
                     config: op.config.clone(),
                     upstreams,
                     rx: channels[stage][index as usize].1.clone(),
@@ -194,7 +211,7 @@ impl Attempt {
         }
 
         let (ctl_tx, ctl_rx) = bounded::<SourceCtl>(16);
-        let first = senders(0);
+        let first = (senders(0), groups_of(&spec.operators[0]));
         let all_tasks = (0..channels.len()).flat_map(senders).collect();
         drop(channels);
         let source_halt = halt.clone();
@@ -270,7 +287,7 @@ impl Attempt {
 /// inject barriers between batches when the coordinator asks.
 fn run_source(
     mut source: Box<dyn source::Source>,
-    first: Vec<Sender<(usize, Msg)>>,
+    (first, key_groups): (Vec<Sender<(usize, Msg)>>, u32),
     ctl: Receiver<SourceCtl>,
     reports: Sender<Report>,
     halt: Arc<AtomicBool>,
@@ -318,7 +335,7 @@ fn run_source(
             }
             Ok(Some(batch)) => {
                 records_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                if !route(&first, 0, batch) {
+                if !route(&first, key_groups, 0, batch) {
                     return; // a task failed; its error is reported
                 }
             }

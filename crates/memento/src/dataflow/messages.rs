@@ -45,8 +45,8 @@ pub(super) type Channel = (Sender<(usize, Msg)>, Receiver<(usize, Msg)>);
 /// Partition `events` by key over the next stage's channels and send each
 /// non-empty part, tagged with the sender's index `from`. `false` if a
 /// receiving task is gone (it failed; its error is reported).
-pub(super) fn route(next: &[Sender<(usize, Msg)>], from: usize, events: Vec<Event>) -> bool {
-    partition::partition(events, next.len())
+pub(super) fn route(next: &[Sender<(usize, Msg)>], key_groups: u32, from: usize, events: Vec<Event>) -> bool {
+    partition::partition(events, next.len(), key_groups)
         .into_iter()
         .enumerate()
         .all(|(task, part)| part.is_empty() || next[task].send((from, Msg::Batch(part))).is_ok())

@@ -1,6 +1,6 @@
 //! One attempt of a job: a source thread, one thread per operator task,
 //! bounded channels between them (backpressure), events travelling in
-//! batches and routed between stages by a hash of their key, and snapshot
+//! batches and routed between stages by their key's key group, and snapshot
 //! barriers flowing with the data.
 //!
 //! ```text
@@ -26,7 +26,7 @@ pub mod sink;
 pub mod source;
 mod task;
 
-pub(crate) use attempt::{Attempt, InjectError, RestorePoint};
+pub(crate) use attempt::{Attempt, InjectError, KeyGroups, RestorePoint};
 pub use error::JobError;
 pub(crate) use messages::Report;
 pub use messages::{Barrier, TaskFigures};

@@ -10,15 +10,19 @@ use crossbeam_channel::{Receiver, Sender};
 use super::align::Alignment;
 use super::error::JobError;
 use super::messages::{Barrier, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
+use super::partition;
 use super::sink::{SinkCommit, SinkWriter};
-use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
+use crate::runtime::{
+    Context, Event, KeyGroupRange, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel,
+};
 use crate::snapshot::{self, CaptureError, NativeBase};
 use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
 
 /// Where a task sends what its operator emits.
 pub(super) enum Downstream {
-    /// The next stage's channels, and this task's index (the sender id).
-    Next(Vec<Sender<(usize, Msg)>>, usize),
+    /// The next stage's channels, its key groups, and this task's index
+    /// (the sender id).
+    Next(Vec<Sender<(usize, Msg)>>, u32, usize),
     /// The sink (last stage).
     Sink(Box<dyn SinkWriter>),
 }
@@ -32,8 +36,8 @@ impl Downstream {
             return Ok(());
         }
         match self {
-            Downstream::Next(next, me) => {
-                if route(next, *me, events) {
+            Downstream::Next(next, key_groups, me) => {
+                if route(next, *key_groups, *me, events) {
                     Ok(())
                 } else {
                     Err(JobError::Cancelled(String::new()))
@@ -47,7 +51,7 @@ impl Downstream {
     }
 
     fn broadcast(&self, make: impl Fn() -> Msg) -> Result<(), Gone> {
-        if let Downstream::Next(next, me) = self {
+        if let Downstream::Next(next, _, me) = self {
             for tx in next {
                 tx.send((*me, make())).map_err(|_| Gone)?;
             }
@@ -71,6 +75,8 @@ pub(super) struct Task {
     pub job: String,
     pub key: TaskKey,
     pub parallelism: u32,
+    /// The operator's key groups (fixed for the job's life).
+    pub key_groups: u32,
     pub config: BTreeMap<String, String>,
     pub upstreams: usize,
     pub rx: Receiver<(usize, Msg)>,
@@ -146,6 +152,15 @@ impl Task {
                     task_index: self.key.task_index,
                     parallelism: self.parallelism,
                     config: self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    key_groups: self.key_groups,
+                    owned: {
+                        let owned =
+                            partition::owned_groups(self.key.task_index, self.parallelism, self.key_groups);
+                        KeyGroupRange {
+                            start: owned.start,
+                            end: owned.end,
+                        }
+                    },
                 })?;
                 if let Some((store, id, state)) = restore {
                     snapshot::restore(&mut instance, &store, &id, &state).map_err(restore_error)?;

@@ -6,12 +6,17 @@ use crate::spec::SnapshotFormat;
 use crate::store::BlobWriter;
 
 use super::base::NativeBase;
-use super::captured::{CaptureError, Captured, CapturedState, native_error};
+use super::captured::{CaptureError, Captured, CapturedState, Streamed, native_error};
+use super::stream;
 
-/// Capture the task's state in `format` (task thread, instance quiescent),
-/// copying the whole memory for native; `auto` means canonical here (it
-/// needs a task's base: see [`capture_at_barrier`]).
+/// Capture the task's state in `format` (task thread, instance quiescent)
+/// for the snapshot `writer` writes, copying the whole memory for native;
+/// `auto` means canonical here (it needs a task's base: see
+/// [`capture_at_barrier`]).
 ///
+/// Canonical state streams into `writer`'s snapshot while the operator
+/// writes it (chunked and stored on an upload thread): the pause is the
+/// serialization, and neither guest nor host holds the state twice.
 /// Native format copies the linear memories and runs no guest code, so it
 /// works for operators whose `snapshot-state` fails.
 ///
@@ -20,18 +25,26 @@ use super::captured::{CaptureError, Captured, CapturedState, native_error};
 /// possible for this instance (the reason names the component or the host
 /// resources the guest holds); [`CaptureError::Failed`] when the instance
 /// traps.
-pub fn capture(instance: &mut TaskInstance, format: SnapshotFormat) -> Result<Captured, CaptureError> {
+pub fn capture(
+    instance: &mut TaskInstance,
+    format: SnapshotFormat,
+    writer: &BlobWriter,
+) -> Result<Captured, CaptureError> {
     let started = std::time::Instant::now();
     let state = match format {
-        SnapshotFormat::Canonical | SnapshotFormat::Auto => match instance.snapshot_state() {
-            Ok(bytes) => CapturedState::Canonical(bytes),
-            Err(RuntimeError::Guest { message, task, .. }) => {
-                return Err(CaptureError::Declined(format!(
-                    "{task}: snapshot-state declined: {message}"
-                )));
+        SnapshotFormat::Canonical | SnapshotFormat::Auto => {
+            let (sink, upload) = stream::start(writer.clone())
+                .map_err(|e| CaptureError::Declined(format!("cannot start the state upload: {e}")))?;
+            match instance.snapshot_state_to(Box::new(sink)) {
+                Ok(written) => CapturedState::Canonical(Streamed { written, upload }),
+                Err(RuntimeError::Guest { message, task, .. }) => {
+                    return Err(CaptureError::Declined(format!(
+                        "{task}: snapshot-state declined: {message}"
+                    )));
+                }
+                Err(e) => return Err(CaptureError::Failed(Box::new(e))),
             }
-            Err(e) => return Err(CaptureError::Failed(Box::new(e))),
-        },
+        }
         SnapshotFormat::Native => CapturedState::Native(instance.capture_memories().map_err(native_error)?),
     };
     Ok(Captured {
@@ -59,7 +72,7 @@ pub fn capture_at_barrier(
 ) -> Result<Captured, CaptureError> {
     match format {
         SnapshotFormat::Native => base.capture(instance, writer, aborted),
-        SnapshotFormat::Canonical => capture(instance, SnapshotFormat::Canonical),
+        SnapshotFormat::Canonical => capture(instance, SnapshotFormat::Canonical, writer),
         SnapshotFormat::Auto => {
             let native = match instance.component().native_support() {
                 Ok(()) => base.capture(instance, writer, aborted),
@@ -68,7 +81,7 @@ pub fn capture_at_barrier(
             match native {
                 Err(CaptureError::Declined(why)) => {
                     base.forget();
-                    capture(instance, SnapshotFormat::Canonical).map_err(|e| match e {
+                    capture(instance, SnapshotFormat::Canonical, writer).map_err(|e| match e {
                         CaptureError::Declined(c) => {
                             CaptureError::Declined(format!("native: {why}; canonical: {c}"))
                         }

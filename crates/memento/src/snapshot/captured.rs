@@ -4,10 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossbeam_channel::Receiver;
+
 use crate::runtime::{CapturedMemory, RuntimeError};
 use crate::store::MemoryImage;
 
 use super::pages::MemoryDelta;
+use super::stream::Uploaded;
 
 /// State captured at a barrier, not yet in the store.
 pub struct Captured {
@@ -22,8 +25,9 @@ pub struct Captured {
 
 /// The two kinds of captured state.
 pub enum CapturedState {
-    /// The operator's canonical bytes (`snapshot-state`).
-    Canonical(Vec<u8>),
+    /// The operator's canonical state (`snapshot-state`), already
+    /// streaming into the store.
+    Canonical(Streamed),
     /// Copies of the instance's linear memories.
     Native(Vec<CapturedMemory>),
     /// Copies of the chunks written since a committed base snapshot, and
@@ -35,11 +39,19 @@ impl Captured {
     /// Bytes copied during the pause.
     pub fn copied_bytes(&self) -> u64 {
         match &self.state {
-            CapturedState::Canonical(b) => b.len() as u64,
+            CapturedState::Canonical(s) => s.written,
             CapturedState::Native(m) => m.iter().map(|m| m.bytes.len() as u64).sum(),
             CapturedState::NativeDelta(m) => m.iter().map(|m| m.copied.len() as u64).sum(),
         }
     }
+}
+
+/// Canonical state the operator wrote, on its way into the store.
+pub struct Streamed {
+    /// Bytes the operator wrote (before framing).
+    pub written: u64,
+    /// The upload's outcome, once its last chunk is stored.
+    pub(super) upload: Receiver<Uploaded>,
 }
 
 /// Where an incremental capture's images are recorded once persisted: the

@@ -8,20 +8,26 @@
 //!
 //! `captured` is what a capture produces, `capture` takes it (through the
 //! task's [`NativeBase`], `base`, for incremental native images laid out as
-//! `pages` says), `persist` writes it, `image` says what a native image
-//! records and whether it fits a job, `restore` brings state back.
+//! `pages` says; canonical state streams through `stream` as the operator
+//! writes it, laid out as `framing` says), `persist` writes it, `image`
+//! says what a native image records and whether it fits a job, `restore`
+//! brings state back (canonical pieces read through `source`).
 
 mod base;
 mod capture;
 mod captured;
+mod framing;
 mod image;
 mod pages;
 mod persist;
 mod restore;
+mod source;
+mod stream;
 
 pub use base::NativeBase;
 pub use capture::{capture, capture_at_barrier};
-pub use captured::{CaptureError, Captured, CapturedState};
+pub use captured::{CaptureError, Captured, CapturedState, Streamed};
+pub use framing::{FRAMING_VERSION, FramingError};
 pub use image::{ImageMismatch, NATIVE_IMAGE_VERSION, check_image, config_digest};
 pub use pages::{ChunkSource, MemoryDelta};
 pub use persist::persist;

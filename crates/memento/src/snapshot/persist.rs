@@ -7,8 +7,9 @@ use super::captured::{Captured, CapturedState};
 use super::image::native_extra;
 use super::pages::{ChunkSource, chunk_len, page_range, page_runs, source_len};
 
-/// Write captured state into the snapshot's blobs: canonical bytes
-/// content-defined chunked (FastCDC), memory images cut into fixed
+/// Write captured state into the snapshot's blobs: canonical state framed
+/// and content-defined chunked (FastCDC; already streaming since the
+/// capture, this waits for its last chunk), memory images cut into fixed
 /// [`DEFAULT_FIXED_CHUNK`] chunks. Either way chunks already in the store
 /// are not written again and all-zero chunks are not stored at all, so a
 /// memory image costs only the chunks that changed since any snapshot.
@@ -17,12 +18,13 @@ use super::pages::{ChunkSource, chunk_len, page_range, page_runs, source_len};
 /// Store errors (I/O, quota).
 pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData, StoreError> {
     match &captured.state {
-        CapturedState::Canonical(bytes) => {
-            let chunks = writer.put_chunks_cdc(bytes)?;
-            Ok(TaskStateData::Canonical {
-                len: bytes.len() as u64,
-                chunks,
-            })
+        CapturedState::Canonical(streamed) => {
+            let (len, chunks) = streamed.upload.recv().map_err(|_| StoreError::Io {
+                action: "upload state of",
+                path: writer.id().to_string(),
+                source: std::io::Error::other("the upload thread ended without a result"),
+            })??;
+            Ok(TaskStateData::Canonical { len, chunks })
         }
         CapturedState::Native(memories) => {
             let mut images = Vec::with_capacity(memories.len());

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::runtime::{LoadedComponent, Runtime, RuntimeError, SandboxLimits, TaskInstance, TaskLabel};
 use crate::store::{ChunkRef, SnapshotId, StoreError, TaskKey, TaskState, TaskStateData, TenantStore};
 
+use super::framing::FRAMING_VERSION;
 use super::image::{ImageMismatch, check_component, check_version};
+use super::source::StoreSource;
 
 /// Why a task could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +52,11 @@ pub enum RestoreError {
     },
 }
 
-/// Restore a freshly opened instance from a task's state in snapshot `id`.
+/// Restore a freshly opened instance from a task's state in snapshot `id`:
+/// canonical state streams from the store into `restore-state` chunk by
+/// chunk (framed pieces, or, from a snapshot taken before framing, the
+/// operator's bytes as unkeyed pieces); pieces of key groups the task does
+/// not own are not its state and are skipped.
 ///
 /// # Errors
 /// [`RestoreError`] naming the snapshot (and, for damaged blobs, the task,
@@ -63,13 +69,36 @@ pub fn restore(
 ) -> Result<(), RestoreError> {
     match &state.state {
         TaskStateData::Canonical { chunks, .. } => {
-            let bytes = store.read_chunks(id, &state.key, chunks)?;
-            instance
-                .restore_state(&bytes)
-                .map_err(|source| RestoreError::Operator {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })
+            let framed = match store.get(id)?.canonical_framing {
+                None => false,
+                Some(FRAMING_VERSION) => true,
+                Some(v) => {
+                    return Err(RestoreError::Unsupported {
+                        id: id.clone(),
+                        reason: format!(
+                            "its canonical state uses framing version {v}; this build reads up to {FRAMING_VERSION}"
+                        ),
+                    });
+                }
+            };
+            let (source, failure) = StoreSource::new(
+                store.clone(),
+                id.clone(),
+                state.key.clone(),
+                chunks.clone(),
+                framed,
+                instance.owned_key_groups(),
+            );
+            let restored = instance.restore_state_from(Box::new(source));
+            // A damaged blob is the store's error, with the next intact
+            // snapshot to try: report it as such, whatever the guest did.
+            if let Some(e) = failure.lock().expect("not poisoned").take() {
+                return Err(RestoreError::Store(e));
+            }
+            restored.map_err(|source| RestoreError::Operator {
+                id: id.clone(),
+                source: Box::new(source),
+            })
         }
         TaskStateData::Native { .. } => Err(RestoreError::Unsupported {
             id: id.clone(),

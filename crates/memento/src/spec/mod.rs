@@ -177,6 +177,13 @@ pub struct OperatorSpec {
     /// Number of tasks (default 1).
     #[serde(default = "one")]
     pub parallelism: u32,
+    /// Number of key groups (`max_parallelism`): keys map to key groups,
+    /// key groups to tasks in contiguous ranges. Fixed for the job's life:
+    /// every snapshot records it and a restore with another value is
+    /// refused. `None`: [`default_max_parallelism`] of `parallelism` (or,
+    /// resuming from a snapshot, the value the snapshot recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallelism: Option<u32>,
     /// Passed to the operator's `open` as its config.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -184,6 +191,26 @@ pub struct OperatorSpec {
     /// default: a plugin gets no filesystem at all.
     #[serde(default)]
     pub grants: Vec<GrantSpec>,
+}
+
+/// The most key groups an operator may have (Flink's limit).
+pub const MAX_KEY_GROUPS: u32 = 32_768;
+
+/// Flink's default number of key groups for `parallelism` tasks:
+/// `parallelism × 1.5` rounded up to a power of two, at least 128 and at
+/// most [`MAX_KEY_GROUPS`]. Room to scale up later without hot spots.
+pub fn default_max_parallelism(parallelism: u32) -> u32 {
+    let wanted = u64::from(parallelism) + u64::from(parallelism).div_ceil(2);
+    wanted.next_power_of_two().clamp(128, u64::from(MAX_KEY_GROUPS)) as u32
+}
+
+impl OperatorSpec {
+    /// The key groups of a fresh run: `max_parallelism` if set, else
+    /// [`default_max_parallelism`].
+    pub fn key_groups(&self) -> u32 {
+        self.max_parallelism
+            .unwrap_or_else(|| default_max_parallelism(self.parallelism))
+    }
 }
 
 /// `[[operators.grants]]`: a directory the operator may read, for lookup
@@ -651,6 +678,23 @@ impl JobSpec {
                     format!("{} is more than the maximum of 256", op.parallelism),
                 );
             }
+            if let Some(m) = op.max_parallelism {
+                if m < op.parallelism {
+                    return bad(
+                        &field("max_parallelism"),
+                        format!(
+                            "{m} is less than the operator's parallelism of {}",
+                            op.parallelism
+                        ),
+                    );
+                }
+                if m > MAX_KEY_GROUPS {
+                    return bad(
+                        &field("max_parallelism"),
+                        format!("{m} is more than the maximum of {MAX_KEY_GROUPS}"),
+                    );
+                }
+            }
             if op.plugin.as_os_str().is_empty() {
                 return bad(&field("plugin"), "must name a component file".into());
             }
@@ -933,6 +977,8 @@ type = "null"
     fn minimal_job_gets_defaults() {
         let spec = parse(MINIMAL).unwrap();
         assert_eq!(spec.operators[0].parallelism, 1);
+        assert_eq!(spec.operators[0].max_parallelism, None);
+        assert_eq!(spec.operators[0].key_groups(), 128);
         assert_eq!(spec.checkpoints.retained, 1);
         assert!(spec.checkpoints.persistent);
         assert_eq!(spec.limits.call_timeout.0, Duration::from_secs(10));
@@ -1125,5 +1171,44 @@ call_timeout = "500ms"
             let e = err(&grant(body));
             assert!(e.contains(why), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn default_max_parallelism_follows_flinks_rule() {
+        for (p, k) in [
+            (1, 128),
+            (2, 128),
+            (85, 128),
+            (86, 256),
+            (200, 512),
+            (256, 512),
+            (30_000, 32_768),
+        ] {
+            assert_eq!(default_max_parallelism(p), k, "parallelism {p}");
+        }
+    }
+
+    #[test]
+    fn max_parallelism_is_validated() {
+        let job = |extra: &str| {
+            format!(
+                "name = \"j\"\n[source]\ntype = \"generator\"\n[[operators]]\nname = \"c\"\n\
+                 plugin = \"c.wasm\"\nparallelism = 4\n{extra}\n[sink]\ntype = \"null\"\n"
+            )
+        };
+        let spec =
+            JobSpec::from_toml(&job("max_parallelism = 16"), "job.toml".as_ref(), ".".as_ref()).unwrap();
+        assert_eq!(spec.operators[0].key_groups(), 16);
+        let err = JobSpec::from_toml(&job("max_parallelism = 3"), "job.toml".as_ref(), ".".as_ref())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("operators[0].max_parallelism: 3 is less than the operator's parallelism of 4"),
+            "{err}"
+        );
+        let err = JobSpec::from_toml(&job("max_parallelism = 40000"), "job.toml".as_ref(), ".".as_ref())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("40000 is more than the maximum of 32768"), "{err}");
     }
 }

@@ -15,7 +15,12 @@
 //!   (Rust's shadow stack), which runs off the bottom of memory.
 //! - `huge-output`: every `process` call returns `output_mib` MiB (default
 //!   64) of events with 64 KiB values.
-//! - `huge-snapshot`: `snapshot-state` returns `snapshot_mib` MiB (default 64).
+//! - `huge-snapshot`: `snapshot-state` streams `snapshot_mib` MiB (default
+//!   64) in 64 KiB pieces.
+//! - `huge-piece`: `snapshot-state` writes one piece of `piece_bytes` bytes
+//!   (default 1 MiB + 1), past the contract's bound.
+//! - `foreign-key-group`: `snapshot-state` writes a piece of a key group the
+//!   task does not own.
 //! - `garbage-snapshot`: the first `good_snapshots` (default 1) calls of
 //!   `snapshot-state` return real state, later ones random bytes, which
 //!   `restore-state` later refuses.
@@ -42,6 +47,11 @@ pub struct Hostile {
     output_mib: usize,
     #[serde(skip)]
     snapshot_mib: usize,
+    #[serde(skip)]
+    piece_bytes: usize,
+    /// `ctx.key_groups`: one past the last key group there is.
+    #[serde(skip)]
+    key_groups: u32,
     #[serde(skip)]
     good_snapshots: u64,
     #[serde(skip)]
@@ -163,6 +173,8 @@ impl Operator for Hostile {
         Ok(Hostile {
             output_mib: ctx.parse_or("output_mib", 64)?,
             snapshot_mib: ctx.parse_or("snapshot_mib", 64)?,
+            key_groups: ctx.key_groups,
+            piece_bytes: ctx.parse_or("piece_bytes", (1 << 20) + 1)?,
             good_snapshots: ctx.parse_or("good_snapshots", 1)?,
             probes,
             mode,
@@ -201,29 +213,41 @@ impl Operator for Hostile {
         Ok(())
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, Error> {
+    fn snapshot(&self, out: &mut memento_guest::StateWriter<'_>) -> Result<(), Error> {
         let n = self.snapshots.get() + 1;
         self.snapshots.set(n);
         match self.mode.as_str() {
             "loop-in-snapshot" => spin(),
-            "huge-snapshot" => Ok(vec![7u8; self.snapshot_mib << 20]),
+            "huge-snapshot" => {
+                // Streamed: the guest never holds it, the host must stop it.
+                let piece = vec![7u8; memento_guest::state::PIECE];
+                for _ in 0..(self.snapshot_mib << 20) / piece.len() {
+                    out.write_piece(None, &piece)?;
+                }
+                Ok(())
+            }
+            // One piece past the contract's 1 MiB bound.
+            "huge-piece" => out.write_piece_unsplit(None, &vec![7u8; self.piece_bytes]),
+            // State of a key group outside the task's range.
+            "foreign-key-group" => out.write_piece(Some(self.key_groups), b"not mine"),
             "garbage-snapshot" if n > self.good_snapshots => {
                 // Deterministic noise: no magic, no envelope.
-                Ok((0..4096u32)
+                let noise: Vec<u8> = (0..4096u32)
                     .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-                    .collect())
+                    .collect();
+                out.write_piece(None, &noise)
             }
-            _ => memento_guest::encode_state(Self::STATE_VERSION, self),
+            _ => memento_guest::write_state(out, Self::STATE_VERSION, self),
         }
     }
 
-    fn restore(&mut self, _ctx: &Context, state: &[u8]) -> Result<(), Error> {
+    fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
         match self.mode.as_str() {
             "loop-in-restore" => spin(),
             "trap-in-restore" => panic!("hostile plugin traps in restore-state"),
             _ => {}
         }
-        let (_version, restored): (u32, Hostile) = memento_guest::decode_state(Self::STATE_VERSION, state)?;
+        let (_version, restored): (u32, Hostile) = memento_guest::read_state(Self::STATE_VERSION, from)?;
         self.count = restored.count;
         Ok(())
     }

@@ -84,7 +84,7 @@ impl Operator for Misbehave {
         Ok(())
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, Error> {
+    fn snapshot(&self, out: &mut memento_guest::StateWriter<'_>) -> Result<(), Error> {
         if self.decline {
             return Err("declining on purpose".into());
         }
@@ -92,7 +92,7 @@ impl Operator for Misbehave {
         while started.elapsed().as_millis() < u128::from(self.snapshot_ms) {
             std::hint::spin_loop();
         }
-        memento_guest::encode_state(Self::STATE_VERSION, self)
+        memento_guest::write_state(out, Self::STATE_VERSION, self)
     }
 }
 

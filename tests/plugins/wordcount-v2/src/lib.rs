@@ -74,8 +74,8 @@ impl Operator for WordCount {
 
     /// Keep the mode from this run's configuration; counts (and, from a
     /// version 2 snapshot, the total) from the snapshot.
-    fn restore(&mut self, _ctx: &Context, state: &[u8]) -> Result<(), Error> {
-        let (_, restored) = memento_guest::decode_state::<WordCount>(Self::STATE_VERSION, state)?;
+    fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
+        let (_, restored) = memento_guest::read_state::<WordCount>(Self::STATE_VERSION, from)?;
         self.counts = restored.counts;
         self.total = restored.total;
         Ok(())
@@ -104,7 +104,7 @@ mod tests {
         let bytes = memento_guest::encode_state(1, &v1).unwrap();
         let ctx = Context::for_test([]);
         let mut op = WordCount::open(&ctx).unwrap();
-        op.restore(&ctx, &bytes).unwrap();
+        memento_guest::restore_bytes(&mut op, &ctx, &bytes).unwrap();
         assert_eq!(op.total, 0);
         let mut out = Output::new();
         op.process(Event::new("a", "", 1), &mut out).unwrap();
