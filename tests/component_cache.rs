@@ -100,7 +100,11 @@ fn a_damaged_entry_is_recompiled_and_replaced() {
         let stderr = run(dir.path(), &[]);
         assert!(stderr.contains(REFUSED), "{what}: {stderr}");
         assert!(stderr.contains(WRITTEN), "{what}: not rewritten: {stderr}");
-        assert_eq!(std::fs::read(&entry).unwrap(), good, "{what}: the entry is whole again");
+        assert_eq!(
+            std::fs::read(&entry).unwrap(),
+            good,
+            "{what}: the entry is whole again"
+        );
         let again = run(dir.path(), &[]);
         assert!(again.contains(HIT) && !again.contains(REFUSED), "{what}: {again}");
     }
@@ -136,7 +140,10 @@ fn a_cache_dir_that_is_a_file_is_refused_naming_it() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr.lines().rfind(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{stderr}"));
+    let line = stderr
+        .lines()
+        .rfind(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
     assert!(
         line.contains("compiled-component cache directory") && line.contains("not-a-dir"),
         "{line}"

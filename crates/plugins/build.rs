@@ -107,7 +107,11 @@ fn run() -> Result<(), String> {
     generated.push_str("pub const INTERPRETED: &[(&str, Result<&str, &str>)] = &[\n");
     for b in &interpreted {
         match &b.result {
-            Ok(path) => generated.push_str(&format!("    ({:?}, Ok({:?})),\n", b.name, path.display().to_string())),
+            Ok(path) => generated.push_str(&format!(
+                "    ({:?}, Ok({:?})),\n",
+                b.name,
+                path.display().to_string()
+            )),
             Err(why) => generated.push_str(&format!("    ({:?}, Err({why:?})),\n", b.name)),
         }
     }

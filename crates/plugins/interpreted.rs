@@ -16,7 +16,8 @@ pub const COMPONENTIZE_PY: &str = "0.25.1";
 pub const COMPONENTIZE_JS: &str = "0.23";
 
 const PY_INSTALL: &str = "pip install componentize-py==0.25.1";
-const JS_INSTALL: &str = "npm install --prefix target/tools/componentize-js @bytecodealliance/componentize-js@0.23";
+const JS_INSTALL: &str =
+    "npm install --prefix target/tools/componentize-js @bytecodealliance/componentize-js@0.23";
 
 /// WASI features componentize-js would otherwise import: `http` and
 /// `fetch-event` import `wasi:http`, which the host does not provide (the
@@ -53,7 +54,8 @@ struct Tool {
 pub fn build(root: &Path, out_dir: &Path, work_dir: &Path) -> Result<Vec<Built>, String> {
     let plugins_dir = root.join("plugins");
     let mut found = Vec::new();
-    let entries = std::fs::read_dir(&plugins_dir).map_err(|e| format!("cannot list {}: {e}", plugins_dir.display()))?;
+    let entries =
+        std::fs::read_dir(&plugins_dir).map_err(|e| format!("cannot list {}: {e}", plugins_dir.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let lang = if name.starts_with("python-") {
@@ -134,7 +136,8 @@ pub fn build(root: &Path, out_dir: &Path, work_dir: &Path) -> Result<Vec<Built>,
                     .unwrap_or("no output");
                 return Err(format!("building plugins/{name} failed: {}", last.trim()));
             }
-            std::fs::write(&stamp, fingerprint).map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+            std::fs::write(&stamp, fingerprint)
+                .map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
         }
         built.push(Built { name, result });
     }
@@ -161,7 +164,10 @@ fn inputs(root: &Path, src: &Path, tool: &Tool) -> Result<String, String> {
 fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), String> {
     for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
         let path = entry.map_err(|e| e.to_string())?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.starts_with('.') || name == "__pycache__" || name == "node_modules" {
             continue;
         }
@@ -187,7 +193,9 @@ impl Hasher {
         }
         for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-            self.1 = (self.1 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
+            self.1 = (self.1 ^ u64::from(b))
+                .wrapping_mul(0x0000_0100_0000_01b3)
+                .rotate_left(5);
         }
     }
     fn hex(&self) -> String {
@@ -244,7 +252,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
     for f in files {
         let dest = to.join(f.strip_prefix(from).expect("walked from `from`"));
         if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         std::fs::copy(&f, &dest).map_err(|e| format!("cannot copy {}: {e}", f.display()))?;
     }
@@ -257,13 +266,18 @@ fn python_tool(_root: &Path) -> Result<Tool, String> {
     println!("cargo::rerun-if-env-changed=MEMENTO_COMPONENTIZE_PY");
     let program = std::env::var("MEMENTO_COMPONENTIZE_PY").unwrap_or_else(|_| "componentize-py".into());
     let not_found = format!("componentize-py {COMPONENTIZE_PY} not found (`{PY_INSTALL}`)");
-    let out = Command::new(&program).arg("--version").output().map_err(|_| not_found.clone())?;
+    let out = Command::new(&program)
+        .arg("--version")
+        .output()
+        .map_err(|_| not_found.clone())?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() {
         return Err(not_found);
     }
     if version != format!("componentize-py {COMPONENTIZE_PY}") {
-        return Err(format!("found {version:?}, need componentize-py {COMPONENTIZE_PY} (`{PY_INSTALL}`)"));
+        return Err(format!(
+            "found {version:?}, need componentize-py {COMPONENTIZE_PY} (`{PY_INSTALL}`)"
+        ));
     }
     Ok(Tool {
         command: vec![program],
@@ -287,13 +301,17 @@ fn js_tool(root: &Path) -> Result<Tool, String> {
         .arg(&cli)
         .arg("--version")
         .output()
-        .map_err(|_| format!("node not found, needed by componentize-js (`{JS_INSTALL}` needs node and npm)"))?;
+        .map_err(|_| {
+            format!("node not found, needed by componentize-js (`{JS_INSTALL}` needs node and npm)")
+        })?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() {
         return Err(not_found);
     }
     if !version.starts_with(&format!("{COMPONENTIZE_JS}.")) {
-        return Err(format!("found componentize-js {version}, need {COMPONENTIZE_JS}.x (`{JS_INSTALL}`)"));
+        return Err(format!(
+            "found componentize-js {version}, need {COMPONENTIZE_JS}.x (`{JS_INSTALL}`)"
+        ));
     }
     Ok(Tool {
         command: vec!["node".into(), cli.display().to_string()],

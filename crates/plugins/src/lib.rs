@@ -28,6 +28,8 @@ pub fn interpreted(name: &str) -> Result<PathBuf, String> {
     match INTERPRETED.iter().find(|(n, _)| *n == name) {
         Some((_, Ok(path))) => Ok(PathBuf::from(path)),
         Some((_, Err(why))) => Err((*why).to_string()),
-        None => Err(format!("no Python or JavaScript example named {name} in plugins/")),
+        None => Err(format!(
+            "no Python or JavaScript example named {name} in plugins/"
+        )),
     }
 }
