@@ -10,9 +10,15 @@
 //! compiler but not the wasm target would fail deep inside the nested build.
 //! This script adds the target itself (one warning line), or stops with one
 //! line naming the command to run where rustup is not there to do it.
+//!
+//! The Python and JavaScript examples (`plugins/python-*`, `plugins/js-*`)
+//! are built by `interpreted.rs` when their pinned tools are installed, and
+//! skipped with one warning line when not.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+mod interpreted;
 
 const TARGET: &str = "wasm32-wasip2";
 
@@ -90,6 +96,24 @@ fn run() -> Result<(), String> {
             "    ({p:?}, include_bytes!({:?})),\n",
             file.display().to_string()
         ));
+    }
+    generated.push_str("];\n");
+
+    let interpreted = interpreted::build(root, &out_dir, &target_dir.join("interpreted-src"))?;
+    generated.push_str(
+        "/// (name, the built component or why it was not built) of every Python and\n\
+         /// JavaScript example in `plugins/`.\n",
+    );
+    generated.push_str("pub const INTERPRETED: &[(&str, Result<&str, &str>)] = &[\n");
+    for b in &interpreted {
+        match &b.result {
+            Ok(path) => generated.push_str(&format!(
+                "    ({:?}, Ok({:?})),\n",
+                b.name,
+                path.display().to_string()
+            )),
+            Err(why) => generated.push_str(&format!("    ({:?}, Err({why:?})),\n", b.name)),
+        }
     }
     generated.push_str("];\n");
     let out = PathBuf::from(env("OUT_DIR")?).join("plugins.rs");

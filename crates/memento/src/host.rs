@@ -14,7 +14,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
@@ -23,7 +23,9 @@ use crate::coordinator::{
     Control, Coordinator, JobControl, JobFailed, JobReport, JobStatus, StatusHandle, check_fits,
     component_hashes, resume_point_before,
 };
-use crate::runtime::{ComponentInfo, LoadedComponent, NativeUnsupported, Runtime, RuntimeError};
+use crate::runtime::{
+    ComponentInfo, LoadedComponent, NativeUnsupported, Runtime, RuntimeError, RuntimeOptions,
+};
 use crate::spec::{JobSpec, SnapshotFormat, SpecError};
 use crate::store::{
     InvalidName, JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore,
@@ -139,16 +141,23 @@ pub struct Host {
     store: Store,
 }
 
+/// The default directory of the compiled-component cache of a host whose
+/// state directory is `state_dir`: `<state_dir>/cache`, beside the store
+/// (which ignores it).
+pub fn default_cache_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cache")
+}
+
 impl Host {
-    /// Start a host whose snapshots live in `state_dir` (created if missing).
+    /// Start a host whose snapshots live in `state_dir` (created if
+    /// missing), caching compiled components in
+    /// [`default_cache_dir`]`(state_dir)`.
     ///
     /// # Errors
-    /// When the wasm engine cannot be created or the store cannot be opened.
+    /// When the wasm engine cannot be created, the cache directory cannot
+    /// be created, or the store cannot be opened.
     pub fn open(state_dir: &Path) -> Result<Host, HostError> {
-        Ok(Host {
-            runtime: Runtime::new()?,
-            store: Store::open(state_dir, StoreOptions::default())?,
-        })
+        Host::open_with(state_dir, StoreOptions::default())
     }
 
     /// Start a host whose store is opened with `options` (quotas,
@@ -157,8 +166,26 @@ impl Host {
     /// # Errors
     /// As [`Host::open`].
     pub fn open_with(state_dir: &Path, options: StoreOptions) -> Result<Host, HostError> {
+        let runtime = RuntimeOptions {
+            cache_dir: Some(default_cache_dir(state_dir)),
+            ..RuntimeOptions::default()
+        };
+        Host::open_with_runtime(state_dir, options, runtime)
+    }
+
+    /// Start a host with `runtime` options as given: among them where the
+    /// compiled-component cache lives ([`RuntimeOptions::cache_dir`];
+    /// `None` compiles every component in every process) and its bound.
+    ///
+    /// # Errors
+    /// As [`Host::open`].
+    pub fn open_with_runtime(
+        state_dir: &Path,
+        options: StoreOptions,
+        runtime: RuntimeOptions,
+    ) -> Result<Host, HostError> {
         Ok(Host {
-            runtime: Runtime::new()?,
+            runtime: Runtime::with_options(runtime)?,
             store: Store::open(state_dir, options)?,
         })
     }

@@ -19,4 +19,4 @@ pub use memento_runtime as runtime;
 pub use memento_store as store;
 
 pub use coordinator::{FinalState, JobControl, JobFailed, JobReport};
-pub use host::{DEFAULT_TENANT, Host, HostError, Job, RunOptions, StartFrom};
+pub use host::{DEFAULT_TENANT, Host, HostError, Job, RunOptions, StartFrom, default_cache_dir};

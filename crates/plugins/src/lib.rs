@@ -17,3 +17,19 @@ pub const DIR: &str = env!("MEMENTO_PLUGIN_DIR");
 pub fn path(name: &str) -> PathBuf {
     PathBuf::from(DIR).join(format!("{}.wasm", name.replace('-', "_")))
 }
+
+/// The built component of the Python or JavaScript example `name` (e.g.
+/// `"python-wordcount"`), or why it was not built (its tool is not
+/// installed; the message says how to install it).
+///
+/// # Errors
+/// When the example was not built, or there is no such example.
+pub fn interpreted(name: &str) -> Result<PathBuf, String> {
+    match INTERPRETED.iter().find(|(n, _)| *n == name) {
+        Some((_, Ok(path))) => Ok(PathBuf::from(path)),
+        Some((_, Err(why))) => Err((*why).to_string()),
+        None => Err(format!(
+            "no Python or JavaScript example named {name} in plugins/"
+        )),
+    }
+}

@@ -170,7 +170,7 @@ fn invalid(path: &Path, reason: impl Into<String>) -> RuntimeError {
 }
 
 /// Check the header and compile; shared by `load` and `inspect`.
-fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, RuntimeError> {
+pub(crate) fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, RuntimeError> {
     let expected = format!("expected a component implementing {CONTRACT_PACKAGE}");
     if bytes.len() < 8 || bytes[..4] != WASM_MAGIC {
         return Err(invalid(path, format!("not a WebAssembly file ({expected})")));
@@ -248,14 +248,16 @@ fn names(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>) {
     (imports, exports)
 }
 
+/// Check `component`, compiled from `bytes` (by [`compile`], or found in
+/// the disk cache under their hash), against the contract.
 pub(crate) fn load(
     engine: &Engine,
     linker: &Linker<InstanceData>,
     path: &Path,
     bytes: &[u8],
     hash: [u8; 32],
+    component: Component,
 ) -> Result<LoadedComponent, RuntimeError> {
-    let component = compile(engine, path, bytes)?;
     let (_, exports) = names(engine, &component);
     let version = check_exports(&exports).map_err(|r| invalid(path, r))?;
     let pre = prelink(linker, &component, version).map_err(|r| invalid(path, r))?;

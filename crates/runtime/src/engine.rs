@@ -1,7 +1,7 @@
 //! The host's wasm engine: one per process, with the epoch ticker behind
 //! call deadlines and the compiled-component cache.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -13,6 +13,7 @@ use wasmtime::{Config, Engine};
 use crate::cache::ComponentCache;
 use crate::component::{self, ComponentInfo, LoadedComponent};
 use crate::data::{self, InstanceData};
+use crate::disk_cache::{self, DiskCache, DiskCacheStats};
 use crate::error::RuntimeError;
 use crate::instance::TaskInstance;
 use crate::label::TaskLabel;
@@ -35,6 +36,15 @@ pub struct RuntimeOptions {
     /// (least recently used entries are dropped first; a component in use
     /// by a job stays alive through the job's own handle). Default 256 MiB.
     pub component_cache_bytes: usize,
+    /// Directory of the on-disk cache of compiled components, shared by
+    /// every process that uses it, so that a component is compiled once per
+    /// engine configuration rather than once per process. `None` (the
+    /// default of a bare `Runtime`) compiles in every process; a
+    /// `memento::Host` defaults it to `<state dir>/cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of [`RuntimeOptions::cache_dir`] in bytes of entry files;
+    /// least recently used entries are deleted first. Default 2 GiB.
+    pub cache_dir_bytes: u64,
 }
 
 impl Default for RuntimeOptions {
@@ -42,6 +52,8 @@ impl Default for RuntimeOptions {
         RuntimeOptions {
             fuel: false,
             component_cache_bytes: 256 << 20,
+            cache_dir: None,
+            cache_dir_bytes: 2 << 30,
         }
     }
 }
@@ -61,6 +73,7 @@ struct RuntimeInner {
     linker: Linker<InstanceData>,
     options: RuntimeOptions,
     cache: Mutex<ComponentCache>,
+    disk_cache: Option<DiskCache>,
     ticker: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
 }
 
@@ -106,6 +119,20 @@ impl Runtime {
         config.memory_init_cow(false);
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let linker = data::build_linker(&engine).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let disk_cache = match &options.cache_dir {
+            Some(dir) => {
+                // What this crate sets beyond wasmtime's own compatibility
+                // hash: memories are the host's, initialised by copying.
+                let settings = [
+                    ("host_memory", "memento::memory::HostMemoryCreator".to_string()),
+                    ("memory_init_cow", "false".to_string()),
+                    ("fuel", options.fuel.to_string()),
+                ];
+                let fingerprint = disk_cache::engine_fingerprint(&engine, &settings);
+                Some(DiskCache::open(dir, options.cache_dir_bytes, fingerprint)?)
+            }
+            None => None,
+        };
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {
@@ -129,6 +156,7 @@ impl Runtime {
                 engine,
                 linker,
                 cache: Mutex::new(ComponentCache::new(options.component_cache_bytes)),
+                disk_cache,
                 options,
                 ticker: Mutex::new(Some((stop, ticker))),
             }),
@@ -145,6 +173,21 @@ impl Runtime {
         self.inner.cache.lock().unwrap().usage()
     }
 
+    /// What the on-disk cache of compiled components did since this
+    /// runtime was created (all zero without [`RuntimeOptions::cache_dir`]).
+    pub fn disk_cache_stats(&self) -> DiskCacheStats {
+        self.inner
+            .disk_cache
+            .as_ref()
+            .map(DiskCache::stats)
+            .unwrap_or_default()
+    }
+
+    /// The directory of the on-disk cache of compiled components, if any.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.inner.disk_cache.as_ref().map(DiskCache::dir)
+    }
+
     /// The underlying wasmtime engine.
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
@@ -152,7 +195,9 @@ impl Runtime {
 
     /// Load, validate and compile the component at `path`. Compiled
     /// components are cached by the blake3 hash of their bytes, up to
-    /// [`RuntimeOptions::component_cache_bytes`] (least recently used out).
+    /// [`RuntimeOptions::component_cache_bytes`] (least recently used out),
+    /// and with [`RuntimeOptions::cache_dir`] also on disk across
+    /// processes.
     ///
     /// # Errors
     /// [`RuntimeError::Read`] if the file cannot be read, and
@@ -183,13 +228,24 @@ impl Runtime {
         }
         // Compile outside the lock: compiling takes long and other tasks may
         // want other components meanwhile.
+        let engine = &self.inner.engine;
+        let disk = self.inner.disk_cache.as_ref();
+        let (compiled, fresh) = match disk.and_then(|d| d.get(engine, &hash)) {
+            Some(c) => (c, false),
+            None => (component::compile(engine, origin, bytes)?, true),
+        };
         let loaded = Arc::new(component::load(
-            &self.inner.engine,
+            engine,
             &self.inner.linker,
             origin,
             bytes,
             hash,
+            compiled.clone(),
         )?);
+        // Only components that fit the contract are worth keeping.
+        if fresh && let Some(d) = disk {
+            d.put(&hash, &compiled);
+        }
         self.inner.cache.lock().unwrap().insert(hash, loaded.clone());
         Ok(loaded)
     }

@@ -21,6 +21,9 @@ pub enum RuntimeError {
     /// The engine could not be created (bad engine configuration).
     #[error("cannot create the wasm engine: {0}")]
     Engine(String),
+    /// The compiled-component cache directory cannot be used.
+    #[error("compiled-component cache directory {path}: {reason}")]
+    CacheDir { path: PathBuf, reason: String },
     /// Instantiation failed (missing import, start function trapped, ...).
     #[error("{task}: cannot instantiate {plugin}: {reason}")]
     Instantiate {

@@ -12,6 +12,7 @@ mod cache;
 mod component;
 mod data;
 mod dirty;
+mod disk_cache;
 mod engine;
 mod error;
 mod host_state;
@@ -29,6 +30,7 @@ pub use bindings::{Context, KeyGroupRange};
 pub use component::{
     CONTRACT_PACKAGE, ComponentInfo, ContractVersion, LoadedComponent, OPERATOR_INTERFACE, SNAPSHOT_INTERFACE,
 };
+pub use disk_cache::DiskCacheStats;
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
 pub use instance::{CallStats, CapturedMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, Written};

@@ -17,10 +17,10 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use memento::coordinator::{FinalState, JobReport};
-use memento::runtime::Runtime;
+use memento::runtime::{Runtime, RuntimeOptions};
 use memento::service::ServiceJob;
 use memento::spec::SnapshotFormat;
-use memento::store::SnapshotId;
+use memento::store::{SnapshotId, StoreOptions};
 use memento::{Host, HostError, RunOptions, StartFrom};
 use store::{SavepointFileCommand, SnapshotsCommand, StoreArgs};
 
@@ -67,6 +67,12 @@ enum Command {
         /// the port of `--listen 127.0.0.1:0`.
         #[arg(long, value_name = "PATH", requires = "listen")]
         addr_file: Option<PathBuf>,
+        /// Where compiled components are cached across runs (default:
+        /// `cache` inside the state directory). A component is compiled
+        /// once per engine configuration; later runs and resumes load it
+        /// from here.
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -295,6 +301,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             token,
             addr_file,
+            cache_dir,
             store,
         } => run(
             &job,
@@ -306,6 +313,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 token: token.as_deref(),
                 addr_file: addr_file.as_deref(),
             }),
+            cache_dir.as_deref(),
             &store,
         ),
         Command::Inspect { component, json } => inspect(&component, json),
@@ -426,11 +434,18 @@ fn run(
     on_signal: OnSignal,
     json: bool,
     listen: Option<Listen>,
+    cache_dir: Option<&Path>,
     store: &StoreArgs,
 ) -> anyhow::Result<ExitCode> {
     // Read the job file first: a bad one should not create a state directory.
     let spec = memento::spec::JobSpec::from_file(job_file)?;
-    let host = Host::open(&store.state_dir)?;
+    let runtime = RuntimeOptions {
+        cache_dir: Some(
+            cache_dir.map_or_else(|| memento::default_cache_dir(&store.state_dir), Path::to_path_buf),
+        ),
+        ..RuntimeOptions::default()
+    };
+    let host = Host::open_with_runtime(&store.state_dir, StoreOptions::default(), runtime)?;
     let job = host.load_job(spec, &store.tenant)?;
     let from = match from {
         None => StartFrom::Scratch,

@@ -158,7 +158,13 @@ impl Service {
     /// naming its job file.
     pub fn start(config: HostConfig) -> Result<Service, ServiceError> {
         let internal = |e: HostError| ServiceError::Internal(e.to_string());
-        let base = Host::open(&config.state_dir).map_err(internal)?;
+        let runtime = crate::runtime::RuntimeOptions {
+            cache_dir: Some(config.cache_dir.clone()),
+            cache_dir_bytes: config.cache_size,
+            ..crate::runtime::RuntimeOptions::default()
+        };
+        let base =
+            Host::open_with_runtime(&config.state_dir, StoreOptions::default(), runtime).map_err(internal)?;
         let mut tenants = BTreeMap::new();
         for t in &config.tenants {
             // One Store per tenant on the same directory: the quota is a

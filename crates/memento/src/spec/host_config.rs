@@ -7,6 +7,8 @@
 //! state_dir = "state"                # relative to this file
 //! max_upload = "64MiB"               # largest accepted request body (default)
 //! max_jobs = 32                      # running jobs over all tenants (default)
+//! cache_dir = "state/cache"          # compiled components (default: `cache` in state_dir)
+//! cache_size = "2GiB"                # bound of cache_dir, LRU (default)
 //! admin_token_blake3 = "…64 hex…"    # `memento token hash` of the admin token
 //!
 //! [[tenants]]
@@ -37,6 +39,8 @@ use crate::store::{SnapshotId, TenantName};
 
 /// Default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
+/// Default `cache_size`: 2 GiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 2 << 30;
 /// Default `max_upload`: 64 MiB.
 pub const DEFAULT_MAX_UPLOAD: u64 = 64 << 20;
 /// Default host-wide `max_jobs`.
@@ -82,6 +86,11 @@ pub struct HostConfig {
     pub listen: SocketAddr,
     /// The state directory (store, uploaded components, tenants' files).
     pub state_dir: PathBuf,
+    /// Where compiled components are cached across restarts (default
+    /// `cache` inside `state_dir`).
+    pub cache_dir: PathBuf,
+    /// Bound of `cache_dir` in bytes (least recently used out).
+    pub cache_size: u64,
     /// Largest request body accepted, bytes.
     pub max_upload: u64,
     /// Running jobs over all tenants.
@@ -128,6 +137,10 @@ struct Raw {
     #[serde(default)]
     listen: Option<String>,
     state_dir: PathBuf,
+    #[serde(default)]
+    cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    cache_size: Option<HumanSize>,
     #[serde(default)]
     max_upload: Option<HumanSize>,
     #[serde(default)]
@@ -293,9 +306,16 @@ impl HostConfig {
         if max_upload == 0 {
             return Err(invalid("max_upload".into(), "must be more than 0 bytes".into()));
         }
+        let cache_size = raw.cache_size.map_or(DEFAULT_CACHE_SIZE, |s| s.0);
+        let state_dir = base_dir.join(raw.state_dir);
         Ok(HostConfig {
             listen,
-            state_dir: base_dir.join(raw.state_dir),
+            cache_dir: raw.cache_dir.map_or_else(
+                || crate::host::default_cache_dir(&state_dir),
+                |d| base_dir.join(d),
+            ),
+            cache_size,
+            state_dir,
             max_upload,
             max_jobs: raw.max_jobs.unwrap_or(DEFAULT_MAX_JOBS),
             admin_token,
@@ -321,11 +341,30 @@ mod tests {
     }
 
     #[test]
+    fn the_component_cache_is_configurable() {
+        let c = parse(&format!(
+            "state_dir = \"state\"\ncache_dir = \"/var/cache/memento\"\ncache_size = \"100MiB\"\n{}",
+            tenant("acme", "t1")
+        ))
+        .unwrap();
+        assert_eq!(c.cache_dir, Path::new("/var/cache/memento"));
+        assert_eq!(c.cache_size, 100 << 20);
+        let c = parse(&format!(
+            "state_dir = \"s\"\ncache_dir = \"c\"\n{}",
+            tenant("acme", "t1")
+        ))
+        .unwrap();
+        assert_eq!(c.cache_dir, Path::new("/etc/memento/c"));
+    }
+
+    #[test]
     fn defaults_and_relative_paths() {
         let c = parse(&format!("state_dir = \"state\"\n{}", tenant("acme", "t1"))).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.state_dir, Path::new("/etc/memento/state"));
         assert_eq!(c.max_upload, DEFAULT_MAX_UPLOAD);
+        assert_eq!(c.cache_dir, Path::new("/etc/memento/state/cache"));
+        assert_eq!(c.cache_size, DEFAULT_CACHE_SIZE);
         assert_eq!(c.tenants[0].max_jobs, DEFAULT_TENANT_MAX_JOBS);
         assert_eq!(c.tenants[0].token, blake3::hash(b"t1"));
         assert!(c.tenants[0].quota.is_none());
