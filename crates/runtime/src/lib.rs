@@ -10,6 +10,7 @@ mod batch;
 mod bindings;
 mod cache;
 mod component;
+mod cow;
 mod data;
 mod dirty;
 mod engine;

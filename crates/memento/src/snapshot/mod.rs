@@ -14,6 +14,7 @@
 mod base;
 mod capture;
 mod captured;
+mod delta;
 mod image;
 mod pages;
 mod persist;
@@ -22,6 +23,7 @@ mod restore;
 pub use base::NativeBase;
 pub use capture::{capture, capture_at_barrier};
 pub use captured::{CaptureError, Captured, CapturedState};
+pub use delta::{DELTA_PAGE, DeltaError, DeltaWriter, apply as apply_delta, delta_size};
 pub use image::{ImageMismatch, NATIVE_IMAGE_VERSION, check_image, config_digest};
 pub use pages::{ChunkSource, MemoryDelta};
 pub use persist::persist;
