@@ -1085,3 +1085,73 @@ fn the_end_of_input_record_shows_no_state() {
         "no format, no size:\n{text}"
     );
 }
+
+/// Copy-on-write barriers: the image of a barrier is read after the guest
+/// went on processing and still is the barrier's; the next barrier reports
+/// exactly the pages written in between, with their contents at the
+/// earlier barrier; an image is unreadable once a later barrier happened.
+#[test]
+fn copy_on_write_barrier_images_survive_the_guest_running_on() {
+    const PAGE: usize = 4096;
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let mut instance = opened(
+        &rt,
+        &ballast,
+        "b",
+        &[("state_mib", "8"), ("dirty_fraction", "0.05")],
+    );
+    instance.process(&events(0..1)).unwrap();
+    let Some(first) = instance.cow_barrier().unwrap() else {
+        memento::runtime::tracking_unavailable("copy-on-write capture is not tested");
+        return;
+    };
+    let at_first: Vec<Vec<u8>> = (0..instance.memory_sizes().len())
+        .map(|i| instance.memory(i).unwrap().to_vec())
+        .collect();
+    assert!(
+        first.memories.iter().all(|m| m.written.is_none()),
+        "the first barrier knows no past"
+    );
+    // The guest writes 5% of its state per event.
+    instance.process(&events(1..4)).unwrap();
+    for (m, expected) in first.memories.iter().zip(&at_first) {
+        let pages = m.size as usize / PAGE;
+        let image: Vec<u8> = (0..pages as u32)
+            .flat_map(|p| m.page(p).unwrap().to_vec())
+            .collect();
+        assert!(
+            image == *expected,
+            "memory {}: the image is the barrier's",
+            m.index
+        );
+    }
+    let second = instance.cow_barrier().unwrap().expect("tracking stays on");
+    assert!(
+        first.memories[0].page(0).is_err(),
+        "a later barrier ends the earlier image"
+    );
+    let mut written_somewhere = false;
+    for (m, before) in second.memories.iter().zip(&at_first) {
+        let now = instance.memory(m.index as usize).unwrap();
+        let written = m.written.as_ref().expect("known since the first barrier");
+        let indices = written.indices(m.size);
+        written_somewhere |= !indices.is_empty();
+        for p in 0..now.len() / PAGE {
+            let range = p * PAGE..(p + 1) * PAGE;
+            let was = before.get(range.clone());
+            if indices.binary_search(&(p as u32)).is_ok() {
+                let pre = written.before(p as u32).map(|b| b.to_vec());
+                let zero = vec![0u8; PAGE];
+                assert_eq!(
+                    pre.as_deref().unwrap_or(&zero),
+                    was.unwrap_or(&zero),
+                    "preimage of page {p}"
+                );
+            } else {
+                assert_eq!(Some(&now[range]), was, "page {p} not reported yet changed");
+            }
+        }
+    }
+    assert!(written_somewhere, "the events wrote pages");
+}

@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use super::uffd::{
@@ -38,10 +38,10 @@ use super::uffd::{
 };
 
 /// The unit of tracking: the host's page.
-pub(crate) const COW_PAGE: usize = 4096;
+pub const COW_PAGE: usize = 4096;
 
 /// One page's bytes.
-pub(crate) type Page = Box<[u8; COW_PAGE]>;
+pub type PageBytes = Box<[u8; COW_PAGE]>;
 
 /// Protecting pages one run at a time costs about 0.65 µs a page here;
 /// protecting the whole range costs about 19 ms per GiB regardless of how
@@ -67,7 +67,7 @@ struct UffdMsg {
 /// index from the start of the range.
 #[derive(Default)]
 pub(crate) struct Preimages {
-    pages: HashMap<u32, Page>,
+    pages: HashMap<u32, PageBytes>,
 }
 
 impl Preimages {
@@ -85,8 +85,13 @@ impl Preimages {
 
     /// Page `index` as it was at the barrier that began this set, if it was
     /// written since.
-    pub(crate) fn get(&self, index: u32) -> Option<&Page> {
+    pub(crate) fn get(&self, index: u32) -> Option<&PageBytes> {
         self.pages.get(&index)
+    }
+
+    /// Drop the pages at or beyond index `end`.
+    pub(crate) fn retain_below(&mut self, end: u32) {
+        self.pages.retain(|i, _| *i < end);
     }
 
     /// Merge `later` (the set of the next interval) into this one: a page
@@ -104,7 +109,15 @@ struct Shared {
     start: u64,
     len: u64,
     current: Mutex<Preimages>,
+    /// Barriers so far. Readers of a barrier's image hold it shared, a
+    /// barrier exclusively: an image is readable until the next barrier.
+    epoch: RwLock<u64>,
 }
+
+/// The image of an earlier barrier was asked for after a later barrier:
+/// its pages may have changed since, and their preimages are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleBarrier;
 
 /// Copy-on-write tracking of one address range (a memory's reservation).
 pub(crate) struct CowTracker {
@@ -141,6 +154,7 @@ impl CowTracker {
             start: start as u64,
             len: len as u64,
             current: Mutex::new(Preimages::default()),
+            epoch: RwLock::new(0),
         });
         if protect_len > 0 {
             shared.protect(0, protect_len.min(len) as u64, true)?;
@@ -169,7 +183,9 @@ impl CowTracker {
     /// I/O errors of the ioctl; the tracker is then unusable for deltas
     /// (some pages may be unprotected) and the caller falls back to full
     /// copies.
-    pub(crate) fn barrier(&self, accessible: usize) -> io::Result<Preimages> {
+    pub(crate) fn barrier(&self, accessible: usize) -> io::Result<(u64, Preimages)> {
+        let mut epoch = self.shared.epoch.write().unwrap();
+        *epoch += 1;
         let taken = std::mem::take(&mut *self.shared.current.lock().unwrap());
         let accessible = (accessible as u64).min(self.shared.len);
         let whole = WHOLE_RANGE_PAGES_PER_GIB as u64 * accessible.max(1) / (1 << 30);
@@ -184,7 +200,12 @@ impl CowTracker {
                 }
             }
         }
-        Ok(taken)
+        Ok((*epoch, taken))
+    }
+
+    /// The number of the last barrier (0: the one `new` made).
+    pub(crate) fn epoch(&self) -> u64 {
+        *self.shared.epoch.read().unwrap()
     }
 
     /// Protect `[offset, offset + len)` (pages growth made accessible).
@@ -194,15 +215,20 @@ impl CowTracker {
         self.shared.protect(offset as u64, len as u64, true)
     }
 
-    /// Page `index` as it was at the last barrier, read from `live` (the
-    /// memory's current bytes) unless the guest has written it since, in
-    /// which case its preimage holds it.
+    /// Page `index` as it was at barrier `epoch`, read from the range
+    /// unless the guest has written it since, in which case its preimage
+    /// holds it; [`StaleBarrier`] once a later barrier happened.
     ///
     /// # Safety
-    /// `live` must point at the start of the tracked range, and page `index`
-    /// must be readable (within the accessible size).
-    pub(crate) unsafe fn at_barrier(&self, live: *const u8, index: u32) -> Page {
-        let mut page: Page = Box::new([0; COW_PAGE]);
+    /// PageBytes `index` must have been readable at that barrier (within the
+    /// accessible size then; memories only grow).
+    pub(crate) unsafe fn at_barrier(&self, epoch: u64, index: u32) -> Result<PageBytes, StaleBarrier> {
+        let now = self.shared.epoch.read().unwrap();
+        if *now != epoch {
+            return Err(StaleBarrier);
+        }
+        let live = self.shared.start as *const u8;
+        let mut page: PageBytes = Box::new([0; COW_PAGE]);
         // SAFETY: the caller guarantees the page is mapped readable. A
         // racing guest write may tear this copy; the check below replaces a
         // torn copy, since a write proceeds only after its preimage is in
@@ -213,10 +239,12 @@ impl CowTracker {
         if let Some(pre) = self.shared.current.lock().unwrap().get(index) {
             page.copy_from_slice(&pre[..]);
         }
-        page
+        drop(now);
+        Ok(page)
     }
 
     /// Pages written since the last barrier (their preimages held).
+    #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.shared.current.lock().unwrap().len()
     }
@@ -308,7 +336,7 @@ impl Shared {
         {
             let mut current = self.current.lock().unwrap();
             current.pages.entry(index).or_insert_with(|| {
-                let mut page: Page = Box::new([0; COW_PAGE]);
+                let mut page: PageBytes = Box::new([0; COW_PAGE]);
                 // SAFETY: the page is mapped (it just faulted on a write, not
                 // on access) and nobody writes it until we unprotect it.
                 unsafe {
@@ -395,7 +423,8 @@ mod tests {
             *m.0.add(3 * COW_PAGE + 6) = 9; // same page again: no new preimage
             *m.0.add((8 << 20) + 1) = 7; // never-touched page, was all 0
         }
-        let pre = t.barrier(m.1).unwrap();
+        let (epoch, pre) = t.barrier(m.1).unwrap();
+        assert_eq!(epoch, 1);
         assert_eq!(pre.indices(), vec![3, ((8 << 20) / COW_PAGE) as u32]);
         assert!(pre.get(3).unwrap().iter().all(|&b| b == 1));
         assert!(
@@ -406,7 +435,7 @@ mod tests {
         );
         assert_eq!(t.pending(), 0);
         unsafe { *m.0.add(3 * COW_PAGE) = 4 };
-        let pre = t.barrier(m.1).unwrap();
+        let (_, pre) = t.barrier(m.1).unwrap();
         assert_eq!(pre.indices(), vec![3], "protected again by the barrier");
         let p = pre.get(3).unwrap();
         assert_eq!((p[0], p[5], p[6], p[7]), (1, 9, 9, 1));
@@ -437,10 +466,17 @@ mod tests {
         });
         let mut image = Vec::with_capacity(m.1);
         for i in 0..PAGES {
-            image.extend_from_slice(&unsafe { t.at_barrier(m.0, i as u32) }[..]);
+            image.extend_from_slice(&unsafe { t.at_barrier(0, i as u32) }.unwrap()[..]);
         }
         writer.join().unwrap();
         assert!(image == expected, "the image read during writes is the barrier's");
         assert!(t.pending() > 0, "the writer did write");
+        t.barrier(m.1).unwrap();
+        assert_eq!(
+            unsafe { t.at_barrier(0, 0) },
+            Err(StaleBarrier),
+            "a later barrier happened"
+        );
+        assert!(unsafe { t.at_barrier(1, 0) }.is_ok());
     }
 }

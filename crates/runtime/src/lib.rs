@@ -28,9 +28,13 @@ pub use bindings::Context;
 pub use component::{
     CONTRACT_PACKAGE, ComponentInfo, LoadedComponent, OPERATOR_INTERFACE, SNAPSHOT_INTERFACE,
 };
+pub use cow::{PageBytes, StaleBarrier};
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
-pub use instance::{CallStats, CapturedMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, Written};
+pub use instance::{
+    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, Written,
+    WrittenPages,
+};
 pub use label::{Phase, TaskLabel};
 pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};
 #[doc(hidden)]

@@ -2,9 +2,13 @@
 //! memories (copies, refills, zeroing), which pages the guest wrote since
 //! the last look, and whether an image of it can be taken at all.
 
+use std::sync::Arc;
+
+use crate::cow::{COW_PAGE, CowTracker, PageBytes, Preimages, StaleBarrier};
 use crate::dirty::DirtyTracker;
 use crate::error::{NativeRefusal, RuntimeError};
 use crate::label::TaskLabel;
+use crate::memory::Mapping;
 
 use super::TaskInstance;
 
@@ -179,7 +183,8 @@ impl TaskInstance {
             "chunk size {chunk_size}"
         );
         match &mut self.tracking {
-            Tracking::Unavailable => return Written::All,
+            // Copy-on-write tracking answers through `cow_barrier` instead.
+            Tracking::Unavailable | Tracking::Cow(_) => return Written::All,
             Tracking::Off => {
                 self.reset_write_tracking();
                 return Written::All;
@@ -227,6 +232,196 @@ impl TaskInstance {
     }
 }
 
+impl TaskInstance {
+    /// A barrier for a copy-on-write capture: protects the pages written
+    /// since the previous barrier again and hands out what is needed to
+    /// read this barrier's image later, while the guest runs on (pages it
+    /// writes meanwhile are copied out first). The pause is the protection
+    /// alone. `Ok(None)` where the kernel does not allow the mechanism:
+    /// the caller copies the memories instead
+    /// ([`TaskInstance::capture_memories`]).
+    ///
+    /// The first barrier (and the first after a restore) reports every
+    /// page as written: nothing is known about the time before it.
+    ///
+    /// # Errors
+    /// As [`TaskInstance::check_native_capture`].
+    pub fn cow_barrier(&mut self) -> Result<Option<CowCapture>, RuntimeError> {
+        self.check_native_capture()?;
+        if !matches!(self.tracking, Tracking::Cow(_)) {
+            return Ok(self.start_cow());
+        }
+        let Tracking::Cow(trackers) = &mut self.tracking else {
+            unreachable!("checked above")
+        };
+        let mut memories = Vec::with_capacity(self.memories.len());
+        for (index, (m, (tracker, tracked))) in self.memories.iter().zip(trackers.iter_mut()).enumerate() {
+            let size = m.size();
+            let previous = (*tracked).min(size);
+            let barrier = tracker.barrier(previous).and_then(|(epoch, preimages)| {
+                // Pages growth made accessible since the previous barrier
+                // were not protected: all of them count as written, with
+                // the zeros they held before they existed.
+                if size > *tracked {
+                    tracker.protect(*tracked, size - *tracked)?;
+                    *tracked = size;
+                }
+                Ok((epoch, preimages))
+            });
+            match barrier {
+                Ok((epoch, preimages)) => memories.push(CowMemory {
+                    index: index as u32,
+                    size: size as u64,
+                    written: Some(WrittenPages {
+                        previous_size: previous as u64,
+                        preimages,
+                    }),
+                    tracker: tracker.clone(),
+                    mapping: m.clone(),
+                    epoch,
+                }),
+                Err(e) => {
+                    tracing::warn!(
+                        target: "memento::snapshot",
+                        "copy-on-write tracking failed ({e}); native captures copy whole memories from now on"
+                    );
+                    self.tracking = Tracking::Unavailable;
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(CowCapture { memories }))
+    }
+
+    /// Start copy-on-write tracking with a first barrier at which every
+    /// page counts as written; `None` if the kernel refuses.
+    fn start_cow(&mut self) -> Option<CowCapture> {
+        if matches!(self.tracking, Tracking::Unavailable) {
+            return None;
+        }
+        // One userfaultfd per range: drop any write-only tracking first.
+        self.tracking = Tracking::Off;
+        let mut trackers = Vec::with_capacity(self.memories.len());
+        let mut memories = Vec::with_capacity(self.memories.len());
+        for (index, m) in self.memories.iter().enumerate() {
+            match CowTracker::new(m.base(), m.capacity(), m.size()) {
+                Ok(t) => {
+                    let t = Arc::new(t);
+                    memories.push(CowMemory {
+                        index: index as u32,
+                        size: m.size() as u64,
+                        written: None,
+                        tracker: t.clone(),
+                        mapping: m.clone(),
+                        epoch: t.epoch(),
+                    });
+                    trackers.push((t, m.size()));
+                }
+                Err(e) => {
+                    tracing::info!(
+                        target: "memento::snapshot",
+                        "native snapshots: copy-on-write capture unavailable ({e}); captures copy whole memories"
+                    );
+                    self.tracking = Tracking::Unavailable;
+                    return None;
+                }
+            }
+        }
+        self.tracking = Tracking::Cow(trackers);
+        Some(CowCapture { memories })
+    }
+}
+
+/// What a copy-on-write barrier hands out: per memory, the pages written
+/// since the previous barrier (with their contents then) and the means to
+/// read this barrier's contents until the next barrier.
+pub struct CowCapture {
+    /// Per memory, in creation order.
+    pub memories: Vec<CowMemory>,
+}
+
+/// One memory at a copy-on-write barrier.
+pub struct CowMemory {
+    /// Index of the memory (creation order).
+    pub index: u32,
+    /// Its size in bytes at the barrier.
+    pub size: u64,
+    /// The pages written since the previous barrier, or `None` when that
+    /// is not known (the first barrier): every page counts as written.
+    pub written: Option<WrittenPages>,
+    tracker: Arc<CowTracker>,
+    /// Keeps the memory mapped while its image is read.
+    mapping: Arc<Mapping>,
+    epoch: u64,
+}
+
+impl CowMemory {
+    /// PageBytes `index` ([`PAGE`] bytes) as it was at the barrier; an error
+    /// once a later barrier happened (the image is gone).
+    ///
+    /// # Panics
+    /// If the page lies beyond the memory's size at the barrier.
+    pub fn page(&self, index: u32) -> Result<PageBytes, StaleBarrier> {
+        assert!(
+            (index as u64 + 1) * COW_PAGE as u64 <= self.size,
+            "page {index} beyond a memory of {} bytes",
+            self.size
+        );
+        debug_assert!(self.mapping.capacity() as u64 >= self.size);
+        // SAFETY: the page was accessible at the barrier (checked above)
+        // and stays mapped: memories only grow, and `mapping` keeps it.
+        unsafe { self.tracker.at_barrier(self.epoch, index) }
+    }
+}
+
+/// The pages of a memory written between two barriers.
+pub struct WrittenPages {
+    /// The memory's size at the earlier barrier: pages beyond it did not
+    /// exist then and were zero.
+    pub previous_size: u64,
+    preimages: Preimages,
+}
+
+impl WrittenPages {
+    /// The written pages' indices, ascending: those the guest wrote, and
+    /// every page growth added.
+    pub fn indices(&self, size: u64) -> Vec<u32> {
+        let mut v = self.preimages.indices();
+        let first_new = (self.previous_size / COW_PAGE as u64) as u32;
+        v.retain(|i| *i < first_new);
+        v.extend(first_new..(size / COW_PAGE as u64) as u32);
+        v
+    }
+
+    /// PageBytes `index` as it was at the earlier barrier, `None` for a page
+    /// that was zero then (beyond its size, or never written).
+    pub fn before(&self, index: u32) -> Option<&PageBytes> {
+        self.preimages.get(index)
+    }
+
+    /// Merge the pages of the next interval (`later`), for a snapshot whose
+    /// barrier was abandoned: the result covers both intervals, each page
+    /// with its content at this set's barrier.
+    pub fn absorb(&mut self, later: WrittenPages) {
+        let first_new = self.previous_size / COW_PAGE as u64;
+        let mut later_pre = later.preimages;
+        // Pages that did not exist at this barrier were zero then, whatever
+        // the later interval saw.
+        later_pre.retain_below(first_new as u32);
+        self.preimages.absorb(later_pre);
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.preimages.len()
+    }
+
+    /// Whether no page was written.
+    pub fn is_empty(&self) -> bool {
+        self.preimages.len() == 0
+    }
+}
+
 /// Environment variable that turns dirty-page tracking off (`off` or `0`):
 /// native captures then copy whole memories, as where the kernel lacks it.
 pub const DISABLE_TRACKING_ENV: &str = "MEMENTO_DIRTY_TRACKING";
@@ -239,6 +434,9 @@ pub(super) enum Tracking {
     /// One tracker per memory, with how many leading bytes it protects
     /// (where its scan is authoritative).
     On(Vec<(DirtyTracker, usize)>),
+    /// Copy-on-write tracking, one tracker per memory with how many
+    /// leading bytes it protects (see [`TaskInstance::cow_barrier`]).
+    Cow(Vec<(Arc<CowTracker>, usize)>),
     /// Unavailable, refused or disabled: captures copy everything.
     Unavailable,
 }
