@@ -127,5 +127,7 @@ fn persist_image(
         chunk_size: DEFAULT_FIXED_CHUNK as u64,
         chunks,
         new_chunks: Some(new_chunks),
+        base_size: None,
+        deltas: Vec::new(),
     })
 }
