@@ -65,7 +65,7 @@ struct UffdMsg {
 
 /// The preimages of the pages written since the last barrier, by page
 /// index from the start of the range.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Preimages {
     pages: HashMap<u32, PageBytes>,
 }
@@ -215,32 +215,48 @@ impl CowTracker {
         self.shared.protect(offset as u64, len as u64, true)
     }
 
-    /// Page `index` as it was at barrier `epoch`, read from the range
-    /// unless the guest has written it since, in which case its preimage
-    /// holds it; [`StaleBarrier`] once a later barrier happened.
+    /// Bytes `[offset, offset + out.len())` (page aligned) as they were at
+    /// barrier `epoch`, read from the range except pages the guest has
+    /// written since, which come from their preimages; [`StaleBarrier`]
+    /// once a later barrier happened.
     ///
     /// # Safety
-    /// PageBytes `index` must have been readable at that barrier (within the
+    /// The bytes must have been readable at that barrier (within the
     /// accessible size then; memories only grow).
-    pub(crate) unsafe fn at_barrier(&self, epoch: u64, index: u32) -> Result<PageBytes, StaleBarrier> {
+    pub(crate) unsafe fn read_at_barrier(
+        &self,
+        epoch: u64,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<(), StaleBarrier> {
+        debug_assert!(offset.is_multiple_of(COW_PAGE) && out.len().is_multiple_of(COW_PAGE));
         let now = self.shared.epoch.read().unwrap();
         if *now != epoch {
             return Err(StaleBarrier);
         }
-        let live = self.shared.start as *const u8;
-        let mut page: PageBytes = Box::new([0; COW_PAGE]);
-        // SAFETY: the caller guarantees the page is mapped readable. A
-        // racing guest write may tear this copy; the check below replaces a
-        // torn copy, since a write proceeds only after its preimage is in
-        // `current`.
+        // SAFETY: the caller guarantees the range is mapped readable. A
+        // racing guest write may tear this copy; the pass below replaces
+        // every page written since the barrier, and a write proceeds only
+        // after its page's preimage is in `current`.
         unsafe {
-            std::ptr::copy_nonoverlapping(live.add(index as usize * COW_PAGE), page.as_mut_ptr(), COW_PAGE);
+            std::ptr::copy_nonoverlapping(
+                (self.shared.start as *const u8).add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            );
         }
-        if let Some(pre) = self.shared.current.lock().unwrap().get(index) {
-            page.copy_from_slice(&pre[..]);
+        let current = self.shared.current.lock().unwrap();
+        if current.len() > 0 {
+            let first = (offset / COW_PAGE) as u32;
+            for (i, page) in out.chunks_exact_mut(COW_PAGE).enumerate() {
+                if let Some(pre) = current.get(first + i as u32) {
+                    page.copy_from_slice(&pre[..]);
+                }
+            }
         }
+        drop(current);
         drop(now);
-        Ok(page)
+        Ok(())
     }
 
     /// Pages written since the last barrier (their preimages held).
@@ -464,19 +480,20 @@ mod tests {
                 unsafe { std::ptr::write_volatile((base + at) as *mut u64, x) };
             }
         });
-        let mut image = Vec::with_capacity(m.1);
-        for i in 0..PAGES {
-            image.extend_from_slice(&unsafe { t.at_barrier(0, i as u32) }.unwrap()[..]);
+        let mut image = vec![0u8; m.1];
+        for (i, page) in image.chunks_exact_mut(COW_PAGE).enumerate() {
+            unsafe { t.read_at_barrier(0, i * COW_PAGE, page) }.unwrap();
         }
         writer.join().unwrap();
         assert!(image == expected, "the image read during writes is the barrier's");
         assert!(t.pending() > 0, "the writer did write");
         t.barrier(m.1).unwrap();
+        let mut page = [0u8; COW_PAGE];
         assert_eq!(
-            unsafe { t.at_barrier(0, 0) },
+            unsafe { t.read_at_barrier(0, 0, &mut page) },
             Err(StaleBarrier),
             "a later barrier happened"
         );
-        assert!(unsafe { t.at_barrier(1, 0) }.is_ok());
+        assert!(unsafe { t.read_at_barrier(1, 0, &mut page) }.is_ok());
     }
 }

@@ -12,7 +12,6 @@ mod cache;
 mod component;
 mod cow;
 mod data;
-mod dirty;
 mod engine;
 mod error;
 mod instance;
@@ -32,8 +31,7 @@ pub use cow::{PageBytes, StaleBarrier};
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
 pub use instance::{
-    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, Written,
-    WrittenPages,
+    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, WrittenPages,
 };
 pub use label::{Phase, TaskLabel};
 pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};

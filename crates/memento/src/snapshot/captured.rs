@@ -4,10 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::runtime::{CapturedMemory, RuntimeError};
+use crate::runtime::{CapturedMemory, CowMemory, RuntimeError, WrittenPages};
 use crate::store::MemoryImage;
-
-use super::pages::MemoryDelta;
 
 /// State captured at a barrier, not yet in the store.
 pub struct Captured {
@@ -24,20 +22,41 @@ pub struct Captured {
 pub enum CapturedState {
     /// The operator's canonical bytes (`snapshot-state`).
     Canonical(Vec<u8>),
-    /// Copies of the instance's linear memories.
+    /// Copies of the instance's linear memories, taken in the pause
+    /// (where copy-on-write tracking is unavailable).
     Native(Vec<CapturedMemory>),
-    /// Copies of the chunks written since a committed base snapshot, and
-    /// the base's references for the others.
-    NativeDelta(Vec<MemoryDelta>),
+    /// The instance's memories as of a copy-on-write barrier, read by the
+    /// upload while the task goes on, and per memory what to write.
+    CopyOnWrite {
+        /// Per memory, creation order.
+        memories: Vec<CowMemory>,
+        /// Per memory, the same order.
+        plans: Vec<MemoryPlan>,
+    },
+}
+
+/// What a copy-on-write capture writes of one memory.
+pub enum MemoryPlan {
+    /// The whole image (unchanged chunks deduplicate as always).
+    Full,
+    /// A page delta extending `base`'s chain.
+    Delta {
+        /// The committed image the delta extends.
+        base: MemoryImage,
+        /// Per memory, the pages written since the base's barrier.
+        written: Arc<Vec<WrittenPages>>,
+        /// This memory's entry in `written`.
+        slot: usize,
+    },
 }
 
 impl Captured {
-    /// Bytes copied during the pause.
+    /// Bytes copied during the pause (none for a copy-on-write capture).
     pub fn copied_bytes(&self) -> u64 {
         match &self.state {
             CapturedState::Canonical(b) => b.len() as u64,
             CapturedState::Native(m) => m.iter().map(|m| m.bytes.len() as u64).sum(),
-            CapturedState::NativeDelta(m) => m.iter().map(|m| m.copied.len() as u64).sum(),
+            CapturedState::CopyOnWrite { .. } => 0,
         }
     }
 }

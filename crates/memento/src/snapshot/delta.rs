@@ -178,18 +178,13 @@ pub fn delta_size(delta: &[u8], max_size: u64) -> Result<u64, DeltaError> {
     Ok(size)
 }
 
-/// Apply `delta` to `memory`, which must already be the size the delta
-/// leaves (grown with zeros beyond the earlier size). Every length and
-/// index is checked before it is used; on error `memory` may be partly
-/// changed and must be discarded.
+/// Apply `delta` to `memory`, which must be at least the size the delta
+/// leaves (a memory created at its final size; growth since the earlier
+/// image reads as zeros). Every length and index is checked before it is
+/// used; on error `memory` may be partly changed and must be discarded.
 pub fn apply(delta: &[u8], memory: &mut [u8]) -> Result<(), DeltaError> {
     let size = delta_size(delta, memory.len() as u64)?;
-    if size != memory.len() as u64 {
-        return bad(format!(
-            "the delta is for a memory of {size} bytes, not {}",
-            memory.len()
-        ));
-    }
+    let memory = &mut memory[..size as usize];
     let count = u64_at(delta, 20);
     let mut at = HEADER;
     let mut last: Option<u32> = None;

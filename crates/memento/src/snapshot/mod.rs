@@ -7,26 +7,25 @@
 //! on another thread while the task goes on processing.
 //!
 //! `captured` is what a capture produces, `capture` takes it (through the
-//! task's [`NativeBase`], `base`, for incremental native images laid out as
-//! `pages` says), `persist` writes it, `image` says what a native image
-//! records and whether it fits a job, `restore` brings state back.
+//! task's [`NativeBase`], `base`, for native images: copy-on-write, full
+//! or as a page delta, `delta`, against the last committed image),
+//! `persist` writes it, `image` says what a native image records and
+//! whether it fits a job, `restore` brings state back.
 
 mod base;
 mod capture;
 mod captured;
 mod delta;
 mod image;
-mod pages;
 mod persist;
 mod restore;
 
 pub use base::NativeBase;
 pub use capture::{capture, capture_at_barrier};
-pub use captured::{CaptureError, Captured, CapturedState};
+pub use captured::{CaptureError, Captured, CapturedState, MemoryPlan};
 pub use delta::{DELTA_PAGE, DeltaError, DeltaWriter, apply as apply_delta, delta_size};
 pub use image::{ImageMismatch, NATIVE_IMAGE_VERSION, check_image, config_digest};
-pub use pages::{ChunkSource, MemoryDelta};
-pub use persist::persist;
+pub use persist::{PersistError, persist};
 pub use restore::{RestoreError, restore, restore_native};
 
 use crate::store::TaskKey;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::cow::{COW_PAGE, CowTracker, PageBytes, Preimages, StaleBarrier};
-use crate::dirty::DirtyTracker;
+
 use crate::error::{NativeRefusal, RuntimeError};
 use crate::label::TaskLabel;
 use crate::memory::Mapping;
@@ -124,115 +124,28 @@ impl TaskInstance {
     }
 
     /// Turn write tracking off for good: every capture copies whole
-    /// memories (the portable path). A test hook, and what the host does
-    /// by itself when the kernel refuses the mechanism.
+    /// memories in the pause (the portable path). A test hook, and what
+    /// the host does by itself when the kernel refuses the mechanism.
     #[doc(hidden)]
     pub fn disable_write_tracking(&mut self) {
         self.tracking = Tracking::Unavailable;
     }
 
-    /// Whether writes are being tracked (incremental capture possible).
+    /// Whether writes are tracked (copy-on-write capture and page deltas
+    /// possible).
     pub fn tracks_writes(&self) -> bool {
-        matches!(self.tracking, Tracking::On(_))
+        matches!(self.tracking, Tracking::Cow(_))
     }
 
-    /// (Re)start write tracking from the memories as they are now: the
-    /// next [`TaskInstance::written_pages`] reports only later writes.
-    /// Called after a native restore filled the memories, so that the
-    /// restored image can serve as the base of the next capture. Returns
-    /// whether tracking is on.
-    pub fn reset_write_tracking(&mut self) -> bool {
-        if matches!(self.tracking, Tracking::Unavailable) {
-            return false;
-        }
-        if std::env::var_os(DISABLE_TRACKING_ENV).is_some_and(|v| v == "off" || v == "0") {
-            log_mechanism(Err("disabled by MEMENTO_DIRTY_TRACKING".into()));
-            self.tracking = Tracking::Unavailable;
-            return false;
-        }
-        let mut trackers = Vec::with_capacity(self.memories.len());
-        for m in &self.memories {
-            // The whole reservation is registered (growth stays covered);
-            // only the accessible prefix is protected.
-            match DirtyTracker::new(m.base(), m.capacity(), m.size()) {
-                Ok(t) => trackers.push((t, m.size())),
-                Err(e) => {
-                    log_mechanism(Err(e.to_string()));
-                    self.tracking = Tracking::Unavailable;
-                    return false;
-                }
-            }
-        }
-        log_mechanism(Ok(()));
-        self.tracking = Tracking::On(trackers);
-        true
+    /// Start copy-on-write tracking from the memories as they are now,
+    /// which count as a barrier: the next [`TaskInstance::cow_barrier`]
+    /// reports only later writes. Called after a native restore filled the
+    /// memories, so the restored image can be the base of the next page
+    /// delta. Returns whether tracking is on.
+    pub fn start_write_tracking(&mut self) -> bool {
+        self.start_cow().is_some()
     }
 
-    /// Which [`PAGE`]s of each memory were written since the previous call
-    /// (or since tracking started), grouped by `chunk_size` chunk, and
-    /// protected again in the same walk; pages that growth added count as
-    /// written. The first call starts tracking and answers
-    /// [`Written::All`], as does every call where tracking is unavailable.
-    ///
-    /// # Panics
-    /// If `chunk_size` is not a multiple of [`PAGE`] between 1 and 64
-    /// pages (one bit per page of a chunk).
-    pub fn written_pages(&mut self, chunk_size: usize) -> Written {
-        assert!(
-            chunk_size > 0 && chunk_size.is_multiple_of(PAGE) && chunk_size / PAGE <= 64,
-            "chunk size {chunk_size}"
-        );
-        match &mut self.tracking {
-            // Copy-on-write tracking answers through `cow_barrier` instead.
-            Tracking::Unavailable | Tracking::Cow(_) => return Written::All,
-            Tracking::Off => {
-                self.reset_write_tracking();
-                return Written::All;
-            }
-            Tracking::On(_) => {}
-        }
-        let Tracking::On(trackers) = &mut self.tracking else {
-            unreachable!("checked above")
-        };
-        let mut out = Vec::with_capacity(self.memories.len());
-        for (m, (tracker, tracked)) in self.memories.iter().zip(trackers.iter_mut()) {
-            let size = m.size();
-            let mut masks = vec![0u64; size.div_ceil(chunk_size)];
-            let mut mark = |from: usize, to: usize| {
-                for page in from / PAGE..to.div_ceil(PAGE) {
-                    let at = page * PAGE;
-                    masks[at / chunk_size] |= 1 << ((at % chunk_size) / PAGE);
-                }
-            };
-            let scanned = tracker.scan((*tracked).min(size)).and_then(|ranges| {
-                for (a, b) in ranges {
-                    mark(a, b.min(size));
-                }
-                // Pages growth made accessible since the last look were
-                // not protected: all of them count as written, and from now
-                // on they are tracked.
-                if size > *tracked {
-                    mark(*tracked, size);
-                    tracker.protect(*tracked, size - *tracked)?;
-                    *tracked = size;
-                }
-                Ok(())
-            });
-            if let Err(e) = scanned {
-                tracing::warn!(
-                    target: "memento::snapshot",
-                    "dirty-page tracking failed ({e}); native captures copy whole memories from now on"
-                );
-                self.tracking = Tracking::Unavailable;
-                return Written::All;
-            }
-            out.push(masks);
-        }
-        Written::Pages(out)
-    }
-}
-
-impl TaskInstance {
     /// A barrier for a copy-on-write capture: protects the pages written
     /// since the previous barrier again and hands out what is needed to
     /// read this barrier's image later, while the guest runs on (pages it
@@ -241,18 +154,15 @@ impl TaskInstance {
     /// the caller copies the memories instead
     /// ([`TaskInstance::capture_memories`]).
     ///
-    /// The first barrier (and the first after a restore) reports every
-    /// page as written: nothing is known about the time before it.
+    /// The first barrier reports every page as written: nothing is known
+    /// about the time before it.
     ///
     /// # Errors
     /// As [`TaskInstance::check_native_capture`].
     pub fn cow_barrier(&mut self) -> Result<Option<CowCapture>, RuntimeError> {
         self.check_native_capture()?;
-        if !matches!(self.tracking, Tracking::Cow(_)) {
-            return Ok(self.start_cow());
-        }
         let Tracking::Cow(trackers) = &mut self.tracking else {
-            unreachable!("checked above")
+            return Ok(self.start_cow());
         };
         let mut memories = Vec::with_capacity(self.memories.len());
         for (index, (m, (tracker, tracked))) in self.memories.iter().zip(trackers.iter_mut()).enumerate() {
@@ -294,16 +204,23 @@ impl TaskInstance {
     }
 
     /// Start copy-on-write tracking with a first barrier at which every
-    /// page counts as written; `None` if the kernel refuses.
+    /// page counts as written; `None` if unavailable or refused.
     fn start_cow(&mut self) -> Option<CowCapture> {
         if matches!(self.tracking, Tracking::Unavailable) {
             return None;
         }
-        // One userfaultfd per range: drop any write-only tracking first.
+        if std::env::var_os(DISABLE_TRACKING_ENV).is_some_and(|v| v == "off" || v == "0") {
+            log_mechanism(Err("disabled by MEMENTO_DIRTY_TRACKING".into()));
+            self.tracking = Tracking::Unavailable;
+            return None;
+        }
+        // Dropping the old trackers first: one userfaultfd per range.
         self.tracking = Tracking::Off;
         let mut trackers = Vec::with_capacity(self.memories.len());
         let mut memories = Vec::with_capacity(self.memories.len());
         for (index, m) in self.memories.iter().enumerate() {
+            // The whole reservation is registered (growth stays covered);
+            // only the accessible prefix is protected.
             match CowTracker::new(m.base(), m.capacity(), m.size()) {
                 Ok(t) => {
                     let t = Arc::new(t);
@@ -318,15 +235,13 @@ impl TaskInstance {
                     trackers.push((t, m.size()));
                 }
                 Err(e) => {
-                    tracing::info!(
-                        target: "memento::snapshot",
-                        "native snapshots: copy-on-write capture unavailable ({e}); captures copy whole memories"
-                    );
+                    log_mechanism(Err(e.to_string()));
                     self.tracking = Tracking::Unavailable;
                     return None;
                 }
             }
         }
+        log_mechanism(Ok(()));
         self.tracking = Tracking::Cow(trackers);
         Some(CowCapture { memories })
     }
@@ -356,25 +271,30 @@ pub struct CowMemory {
 }
 
 impl CowMemory {
-    /// PageBytes `index` ([`PAGE`] bytes) as it was at the barrier; an error
-    /// once a later barrier happened (the image is gone).
+    /// Bytes `[offset, offset + out.len())` as they were at the barrier;
+    /// an error once a later barrier happened (the image is gone).
     ///
     /// # Panics
-    /// If the page lies beyond the memory's size at the barrier.
-    pub fn page(&self, index: u32) -> Result<PageBytes, StaleBarrier> {
+    /// If the range is not whole [`PAGE`]s within the memory's size at
+    /// the barrier.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), StaleBarrier> {
         assert!(
-            (index as u64 + 1) * COW_PAGE as u64 <= self.size,
-            "page {index} beyond a memory of {} bytes",
+            offset.is_multiple_of(PAGE as u64)
+                && out.len().is_multiple_of(PAGE)
+                && offset + out.len() as u64 <= self.size,
+            "{} bytes at {offset}: not whole pages of a memory of {} bytes",
+            out.len(),
             self.size
         );
         debug_assert!(self.mapping.capacity() as u64 >= self.size);
-        // SAFETY: the page was accessible at the barrier (checked above)
+        // SAFETY: the range was accessible at the barrier (checked above)
         // and stays mapped: memories only grow, and `mapping` keeps it.
-        unsafe { self.tracker.at_barrier(self.epoch, index) }
+        unsafe { self.tracker.read_at_barrier(self.epoch, offset as usize, out) }
     }
 }
 
 /// The pages of a memory written between two barriers.
+#[derive(Clone)]
 pub struct WrittenPages {
     /// The memory's size at the earlier barrier: pages beyond it did not
     /// exist then and were zero.
@@ -426,16 +346,12 @@ impl WrittenPages {
 /// native captures then copy whole memories, as where the kernel lacks it.
 pub const DISABLE_TRACKING_ENV: &str = "MEMENTO_DIRTY_TRACKING";
 
-/// Write tracking of an instance's memories (see `dirty.rs`).
+/// Write tracking of an instance's memories (see `cow.rs`).
 pub(super) enum Tracking {
     /// Not started: the first native capture starts it, so tasks that only
     /// take canonical snapshots never pay for write faults.
     Off,
-    /// One tracker per memory, with how many leading bytes it protects
-    /// (where its scan is authoritative).
-    On(Vec<(DirtyTracker, usize)>),
-    /// Copy-on-write tracking, one tracker per memory with how many
-    /// leading bytes it protects (see [`TaskInstance::cow_barrier`]).
+    /// One tracker per memory, with how many leading bytes it protects.
     Cow(Vec<(Arc<CowTracker>, usize)>),
     /// Unavailable, refused or disabled: captures copy everything.
     Unavailable,
@@ -443,17 +359,7 @@ pub(super) enum Tracking {
 
 /// The unit of write tracking: 4 KiB, the smallest page size of the
 /// hosts memento runs on (a larger host page marks all its 4 KiB pages).
-pub const PAGE: usize = 4096;
-
-/// Which pages of each memory were written since the last look.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Written {
-    /// Not known: treat every page as written.
-    All,
-    /// Per memory (creation order), per chunk, a mask of its written
-    /// [`PAGE`]s (bit `p` = page `p` of the chunk).
-    Pages(Vec<Vec<u64>>),
-}
+pub const PAGE: usize = COW_PAGE;
 
 /// Say once per process which mechanism native captures use.
 fn log_mechanism(outcome: Result<(), String>) {
@@ -464,12 +370,12 @@ fn log_mechanism(outcome: Result<(), String>) {
     match outcome {
         Ok(()) => tracing::info!(
             target: "memento::snapshot",
-            "native snapshots: dirty-page tracking with userfaultfd write-protect + PAGEMAP_SCAN \
-             (captures copy only pages written since the last committed snapshot)"
+            "native snapshots: copy-on-write capture with userfaultfd write-protect \
+             (the pause protects the pages written since the last barrier; checkpoints store page deltas)"
         ),
         Err(why) => tracing::info!(
             target: "memento::snapshot",
-            "native snapshots: dirty-page tracking unavailable ({why}); captures copy whole memories"
+            "native snapshots: copy-on-write capture unavailable ({why}); captures copy whole memories"
         ),
     }
 }
