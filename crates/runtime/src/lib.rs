@@ -41,16 +41,16 @@ pub use memory::prefaulted_buffer;
 pub use native::NativeUnsupported;
 
 /// Set to `1` (`.ci/run` does) to make a test fail, instead of skipping its
-/// incremental part, where dirty-page tracking is unavailable: CI must never
+/// incremental part, where write tracking is unavailable: CI must never
 /// go green without exercising incremental capture.
 pub const REQUIRE_TRACKING_ENV: &str = "MEMENTO_REQUIRE_UFFD";
 
-/// For tests: says that dirty-page tracking is unavailable and what is
+/// For tests: says that write tracking is unavailable and what is
 /// therefore not tested; panics instead when [`REQUIRE_TRACKING_ENV`] is `1`.
 #[doc(hidden)]
 pub fn tracking_unavailable(consequence: &str) {
     let why =
-        "dirty-page tracking (userfaultfd write-protect + PAGEMAP_SCAN, Linux >= 6.7) is unavailable here";
+        "copy-on-write tracking (userfaultfd write-protect of anonymous memory, unprivileged) is unavailable here";
     if std::env::var(REQUIRE_TRACKING_ENV).is_ok_and(|v| v == "1") {
         panic!("{why} but {REQUIRE_TRACKING_ENV}=1 requires it");
     }

@@ -67,7 +67,7 @@ impl TaskInstance {
 
     /// Why a native image of this instance cannot be taken right now, if
     /// it cannot: checked before anything is captured or scanned, so a
-    /// refusal loses no dirty-page information.
+    /// refusal loses no write-tracking information.
     ///
     /// # Errors
     /// [`RuntimeError::Poisoned`] after a trap; [`RuntimeError::NativeSnapshot`]
@@ -342,7 +342,7 @@ impl WrittenPages {
     }
 }
 
-/// Environment variable that turns dirty-page tracking off (`off` or `0`):
+/// Environment variable that turns write tracking off (`off` or `0`):
 /// native captures then copy whole memories, as where the kernel lacks it.
 pub const DISABLE_TRACKING_ENV: &str = "MEMENTO_DIRTY_TRACKING";
 
