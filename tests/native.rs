@@ -802,12 +802,16 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
 
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let (mut kills, mut resumes, mut from_scratch, mut native_checkpoints) = (0, 0, true, 0);
+    let mut chains = std::collections::BTreeSet::new();
     let started = Instant::now();
     let mut startup: Option<Duration> = None;
     loop {
         assert!(started.elapsed() < Duration::from_secs(180), "no end in sight");
         let mut cmd = memento();
         cmd.arg("run").arg(&job).arg("--state-dir").arg(&state);
+        // Chains of at most 3 page deltas: kills land on every chain
+        // length, and on checkpoints that close a chain (write a full image).
+        cmd.env(memento::snapshot::DELTA_CHAIN_ENV, "3");
         if !from_scratch {
             cmd.args(["--from", "latest"]);
         }
@@ -853,6 +857,11 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
             {
                 assert_eq!(m.format, StateFormat::Native, "{}", m.id);
                 native_checkpoints += 1;
+                for t in &m.tasks {
+                    if let TaskStateData::Native { memories, .. } = &t.state {
+                        chains.extend(memories.iter().map(|i| i.deltas.len()));
+                    }
+                }
             }
             continue;
         }
@@ -883,6 +892,10 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
     assert!(
         native_checkpoints * 2 >= kills,
         "most kills should leave a native checkpoint to resume from ({native_checkpoints} of {kills})"
+    );
+    assert!(
+        chains.iter().any(|&n| n > 0),
+        "resumed through chains of page deltas (lengths seen: {chains:?})"
     );
 }
 

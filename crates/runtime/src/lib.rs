@@ -49,8 +49,7 @@ pub const REQUIRE_TRACKING_ENV: &str = "MEMENTO_REQUIRE_UFFD";
 /// therefore not tested; panics instead when [`REQUIRE_TRACKING_ENV`] is `1`.
 #[doc(hidden)]
 pub fn tracking_unavailable(consequence: &str) {
-    let why =
-        "copy-on-write tracking (userfaultfd write-protect of anonymous memory, unprivileged) is unavailable here";
+    let why = "copy-on-write tracking (userfaultfd write-protect of anonymous memory, unprivileged) is unavailable here";
     if std::env::var(REQUIRE_TRACKING_ENV).is_ok_and(|v| v == "1") {
         panic!("{why} but {REQUIRE_TRACKING_ENV}=1 requires it");
     }

@@ -16,9 +16,23 @@ use super::image::config_digest;
 /// deltas add up to more than this fraction of the image (and a single
 /// delta that large is written as a full image instead)...
 pub(super) const CHAIN_BYTES_DIVISOR: u64 = 8;
-/// ...or when it has this many deltas. Both bound a restore's extra work
-/// and the space a chain holds beside its base.
+/// ...or when it has this many deltas (`MEMENTO_DELTA_CHAIN` overrides
+/// it, from 0 = no deltas). Both bound a restore's extra work and the space
+/// a chain holds beside its base.
 const MAX_DELTAS: usize = 64;
+
+/// Environment variable: the most deltas a chain may have.
+pub const DELTA_CHAIN_ENV: &str = "MEMENTO_DELTA_CHAIN";
+
+fn max_deltas() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var(DELTA_CHAIN_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(MAX_DELTAS, |n| n.min(crate::store::MAX_CHAIN))
+    })
+}
 
 /// A task's memory of its native snapshots, for page deltas: the last
 /// snapshot known to be committed (the *base*: its images, each a full
@@ -211,7 +225,7 @@ fn extendable(base: &MemoryImage, size: u64) -> bool {
     let chain: u64 = base.deltas.iter().map(|d| d.len).sum();
     base.chunk_size == DEFAULT_FIXED_CHUNK as u64
         && base.size <= size
-        && base.deltas.len() < MAX_DELTAS
+        && base.deltas.len() < max_deltas()
         && chain <= base.base_len() / CHAIN_BYTES_DIVISOR
 }
 

@@ -20,7 +20,7 @@ mod image;
 mod persist;
 mod restore;
 
-pub use base::NativeBase;
+pub use base::{DELTA_CHAIN_ENV, NativeBase};
 pub use capture::{capture, capture_at_barrier};
 pub use captured::{CaptureError, Captured, CapturedState, MemoryPlan};
 pub use delta::{DELTA_PAGE, DeltaError, DeltaWriter, apply as apply_delta, delta_size};
