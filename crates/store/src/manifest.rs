@@ -549,7 +549,7 @@ impl Manifest {
                         if m.base_len() > m.size {
                             return Err(at(format!("base_size {} exceeds size {}", m.base_len(), m.size)));
                         }
-                        if m.base_size.is_some() != !m.deltas.is_empty() {
+                        if m.base_size.is_some() == m.deltas.is_empty() {
                             return Err(at("base_size and deltas come together".into()));
                         }
                         if m.deltas.len() > MAX_CHAIN {
