@@ -15,7 +15,7 @@ use super::image::config_digest;
 /// A chain is closed (the next capture writes a full image) when its
 /// deltas add up to more than this fraction of the image (and a single
 /// delta that large is written as a full image instead)...
-pub(super) const CHAIN_BYTES_DIVISOR: u64 = 8;
+pub(super) const CHAIN_BYTES_DIVISOR: u64 = 4;
 /// ...or when it has this many deltas (`MEMENTO_DELTA_CHAIN` overrides
 /// it, from 0 = no deltas). Both bound a restore's extra work and the space
 /// a chain holds beside its base.
