@@ -302,9 +302,13 @@ impl TaskStateData {
         }
     }
 
-    /// Logical size of the state (sum of chunk lengths).
+    /// Logical size of the state: the canonical bytes, or the memories'
+    /// sizes (a chain's deltas are how they are stored, not more state).
     pub fn logical_bytes(&self) -> u64 {
-        self.chunks().map(ChunkRef::len).sum()
+        match self {
+            TaskStateData::Canonical { len, .. } => *len,
+            TaskStateData::Native { memories, .. } => memories.iter().map(|m| m.size).sum(),
+        }
     }
 }
 
