@@ -45,6 +45,7 @@ fn bad<T>(why: impl Into<String>) -> Result<T, DeltaError> {
 pub struct DeltaWriter {
     out: Vec<u8>,
     pages: u64,
+    first: Option<u32>,
     last: Option<u32>,
 }
 
@@ -60,6 +61,7 @@ impl DeltaWriter {
         DeltaWriter {
             out,
             pages: 0,
+            first: None,
             last: None,
         }
     }
@@ -71,6 +73,7 @@ impl DeltaWriter {
         if before == after {
             return;
         }
+        self.first = self.first.or(Some(index));
         self.last = Some(index);
         self.pages += 1;
         self.out.extend_from_slice(&index.to_le_bytes());
@@ -109,6 +112,18 @@ impl DeltaWriter {
         }
         let len = (self.out.len() - len_at - 4) as u32;
         self.out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Append the pages of `later`, a delta of the same memory size whose
+    /// pages all come after this one's (built on another thread).
+    pub fn append(&mut self, later: DeltaWriter) {
+        if let (Some(last), Some(next)) = (self.last, later.first) {
+            assert!(next > last, "page indices must ascend");
+        }
+        self.out.extend_from_slice(&later.out[HEADER..]);
+        self.pages += later.pages;
+        self.first = self.first.or(later.first);
+        self.last = later.last.or(self.last);
     }
 
     /// Pages recorded so far.
@@ -318,13 +333,14 @@ mod tests {
                 let _ = apply(&d, &mut m);
             }
         }
-        let mut wrong_size = vec![0u8; 3 * DELTA_PAGE];
-        assert!(
-            apply(&good, &mut wrong_size)
-                .unwrap_err()
-                .to_string()
-                .contains("not 12288")
-        );
+        // A larger memory (grown later in the chain) takes the delta; a
+        // smaller one cannot.
+        let mut larger = vec![0u8; 3 * DELTA_PAGE];
+        apply(&good, &mut larger).unwrap();
+        assert_eq!(larger[DELTA_PAGE + 4000], 2);
+        let mut small = vec![0u8; DELTA_PAGE];
+        let err = apply(&good, &mut small).unwrap_err().to_string();
+        assert!(err.contains("memory size 8192 exceeds the limit of 4096"), "{err}");
         let mut beyond = good.clone();
         beyond[HEADER..HEADER + 4].copy_from_slice(&9u32.to_le_bytes());
         assert!(

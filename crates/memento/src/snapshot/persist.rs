@@ -138,14 +138,35 @@ fn delta_image(
     base: &MemoryImage,
     written: &WrittenPages,
 ) -> Result<Option<MemoryImage>, PersistError> {
-    let zero = [0u8; PAGE];
-    let mut after = Box::new([0u8; PAGE]);
+    let indices = written.indices(m.size);
+    let per = indices.len().div_ceil(writer.threads()).max(1);
+    // Contiguous groups, encoded on the store's threads, joined in order.
+    let parts: Vec<DeltaWriter> = std::thread::scope(|s| {
+        let handles: Vec<_> = indices
+            .chunks(per)
+            .map(|group| {
+                s.spawn(move || {
+                    let zero = [0u8; PAGE];
+                    let mut after = Box::new([0u8; PAGE]);
+                    let mut part = DeltaWriter::new(m.size);
+                    for &index in group {
+                        m.read(u64::from(index) * PAGE as u64, &mut after[..])
+                            .map_err(|_| PersistError::ImageGone)?;
+                        let before = written.before(index).map_or(&zero, |b| &**b);
+                        part.page(index, before, &after);
+                    }
+                    Ok::<_, PersistError>(part)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("delta thread panicked"))
+            .collect::<Result<_, _>>()
+    })?;
     let mut delta = DeltaWriter::new(m.size);
-    for index in written.indices(m.size) {
-        m.read(u64::from(index) * PAGE as u64, &mut after[..])
-            .map_err(|_| PersistError::ImageGone)?;
-        let before = written.before(index).map_or(&zero, |b| &**b);
-        delta.page(index, before, &after);
+    for part in parts {
+        delta.append(part);
     }
     let pages = delta.pages();
     if pages == 0 && m.size == base.size {
