@@ -65,6 +65,9 @@ pub(super) struct BaseState {
     /// The pages written between the barrier of base `.0` and the last
     /// barrier, per memory, with their contents at the base's barrier.
     since_base: Option<(u64, Arc<Vec<WrittenPages>>)>,
+    /// The last capture that wrote deltas: its snapshot and the base it
+    /// extended.
+    extended: Option<(u64, u64)>,
     /// Images persisted by uploads, by snapshot number, awaiting a notice.
     persisted: BTreeMap<u64, Vec<MemoryImage>>,
 }
@@ -118,6 +121,7 @@ impl NativeBase {
             base: Some((number, images)),
             last_barrier: Some(number),
             since_base: None,
+            extended: None,
             persisted: BTreeMap::new(),
         };
     }
@@ -144,9 +148,12 @@ impl NativeBase {
         let mut s = self.state.lock().unwrap();
         s.persisted.retain(|n, _| *n > aborted);
         // The base may have been deleted since it committed (a disposed
-        // native savepoint): then nothing may reference it.
+        // native savepoint): then nothing may reference it. And a snapshot
+        // that extended it and was given up on may have failed because its
+        // blobs were gone: start over with a full image rather than fail
+        // that way again.
         if let Some((b, _)) = &s.base
-            && !writer.job_snapshot_exists(*b)
+            && (!writer.job_snapshot_exists(*b) || s.extended.is_some_and(|(n, e)| n <= aborted && e == *b))
         {
             s.base = None;
         }
@@ -181,7 +188,7 @@ impl NativeBase {
             _ => None,
         };
         let since = since.map(Arc::new);
-        let plans = cow
+        let plans: Vec<MemoryPlan> = cow
             .memories
             .iter()
             .enumerate()
@@ -200,6 +207,9 @@ impl NativeBase {
                 }
             })
             .collect();
+        s.extended = base_number
+            .filter(|_| plans.iter().any(|p| matches!(p, MemoryPlan::Delta { .. })))
+            .map(|b| (number, b));
         s.last_barrier = Some(number);
         s.since_base = base_number.zip(since);
         drop(s);

@@ -340,7 +340,10 @@ mod tests {
         assert_eq!(larger[DELTA_PAGE + 4000], 2);
         let mut small = vec![0u8; DELTA_PAGE];
         let err = apply(&good, &mut small).unwrap_err().to_string();
-        assert!(err.contains("memory size 8192 exceeds the limit of 4096"), "{err}");
+        assert!(
+            err.contains("memory size 8192 exceeds the limit of 4096"),
+            "{err}"
+        );
         let mut beyond = good.clone();
         beyond[HEADER..HEADER + 4].copy_from_slice(&9u32.to_le_bytes());
         assert!(
