@@ -349,12 +349,26 @@ fn second_snapshot_writes_only_changed_chunks() {
     );
 }
 
-/// Incremental capture with dirty-page tracking: after a committed base,
-/// the pause copies only the written pages; the upload rebuilds their
-/// chunks from the base's and writes one blob per changed chunk; every
-/// image restores byte-exact.
+/// The chain of memory 0 of task 0: (deltas, pages of the last, its length).
+fn chain(m: &Manifest) -> (usize, u64, u64) {
+    let TaskStateData::Native { memories, .. } = &m.tasks[0].state else {
+        panic!("native state")
+    };
+    let image = &memories[0];
+    let last = image.deltas.last();
+    (
+        image.deltas.len(),
+        last.map_or(0, |d| d.pages),
+        last.map_or(0, |d| d.len),
+    )
+}
+
+/// Page deltas: after a committed base, a checkpoint stores the changed
+/// bytes of the written pages (a one-byte change costs a few dozen bytes,
+/// not a chunk); chains grow with each checkpoint and restore byte-exact;
+/// nothing written adds nothing to the chain.
 #[test]
-fn incremental_capture_copies_only_written_pages() {
+fn page_deltas_store_what_changed() {
     const PAGE: usize = 4096;
     const CHUNK: usize = 256 * 1024;
     let rt = Runtime::new().unwrap();
@@ -362,8 +376,8 @@ fn incremental_capture_copies_only_written_pages() {
     let (_dir, tenant) = store();
     let mut instance = opened(&rt, &ballast, "b", &[("state_mib", "16")]);
     let base = snapshot::NativeBase::new();
-    let (_, first, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
-    assert!(first >= 16 << 20, "no base yet: everything is copied ({first})");
+    let (m, _, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    assert_eq!(chain(&m.unwrap()).0, 0, "no base yet: a full image");
     if !instance.tracks_writes() {
         memento::runtime::tracking_unavailable("only the full path is tested");
         return;
@@ -371,15 +385,15 @@ fn incremental_capture_copies_only_written_pages() {
     let len = instance.memory_sizes()[0] as usize;
     let memory = instance.memory_mut(0).unwrap();
     memory[len / 2 + 123] ^= 0x5a;
-    let (m, copied, pause) =
-        incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    let (m, copied, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
     let m = m.unwrap();
-    assert_eq!(copied, PAGE as u64, "one changed page, one page copied");
-    assert_eq!(m.figures.chunks_new, 1, "{:?}", m.figures);
-    assert_eq!(m.tasks[0].state.native_new_chunks(), Some(1));
-    assert!(pause < Duration::from_millis(200), "pause {pause:?}");
+    assert_eq!(copied, 0, "copy-on-write: nothing copied in the pause");
+    let (deltas, pages, bytes) = chain(&m);
+    assert_eq!((deltas, pages), (1, 1), "one changed page, one delta");
+    assert!(bytes <= 28 + 8 + 8, "a one-byte change costs {bytes} bytes");
+    assert_eq!(m.schema_version, 2, "a chain needs schema 2");
     let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
-    assert_same_memories(&instance, &restored, "incremental image");
+    assert_same_memories(&instance, &restored, "base and one delta");
     // Three pages of one chunk (two of them adjacent), the memory's last
     // page, and one chunk written whole.
     let memory = instance.memory_mut(0).unwrap();
@@ -392,17 +406,34 @@ fn incremental_capture_copies_only_written_pages() {
         memory[at] = memory[at].wrapping_add(1);
     }
     memory[5 * CHUNK..6 * CHUNK].fill(0x77);
-    let (m, copied, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    let (m, _, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
     let m = m.unwrap();
-    assert_eq!(copied, (4 * PAGE + CHUNK) as u64);
-    assert_eq!(m.figures.chunks_new, 3, "{:?}", m.figures);
+    let (deltas, pages, bytes) = chain(&m);
+    assert_eq!((deltas, pages), (2, 4 + 64), "{bytes} bytes");
+    assert!(
+        bytes < (CHUNK + 4 * PAGE) as u64,
+        "runs, not pages: {bytes} bytes"
+    );
     let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
-    assert_same_memories(&instance, &restored, "patched and copied chunks");
-    // Nothing written: nothing copied.
-    let (m, copied, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
-    assert_eq!(copied, 0);
-    let restored = restore(&rt, &tenant, &m.unwrap(), &ballast, "b").unwrap();
+    assert_same_memories(&instance, &restored, "a chain of two");
+    // Nothing written: the chain as it was, no blob written.
+    let (m, _, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    let m = m.unwrap();
+    assert_eq!(chain(&m).0, 2);
+    assert_eq!(m.figures.chunks_new, 0, "{:?}", m.figures);
+    let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
     assert_same_memories(&instance, &restored, "unchanged image");
+    // A quarter of the memory rewritten: larger than a chain may grow, so
+    // a full image starts a new chain.
+    instance.memory_mut(0).unwrap()[..len / 4].fill(0x33);
+    let (m, _, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    let m = m.unwrap();
+    assert_eq!(chain(&m).0, 0, "a new base");
+    let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
+    assert_same_memories(&instance, &restored, "the new base");
+    instance.memory_mut(0).unwrap()[7] ^= 1;
+    let (m, _, _) = incremental_snapshot(&tenant, &mut instance, &ballast, &base, 0, Outcome::Committed);
+    assert_eq!(chain(&m.unwrap()).0, 1, "the new chain grows from the new base");
 }
 
 /// An aborted snapshot never becomes a base, and a missed `Complete`
@@ -448,7 +479,7 @@ fn incremental_capture_survives_aborts_and_missed_notices() {
     // Missed notice: the next captures build on the older base, with the
     // writes of both intervals.
     instance.process(&events(2..3)).unwrap();
-    let (_, one, _) = incremental_snapshot(
+    let (one, _, _) = incremental_snapshot(
         &tenant,
         &mut instance,
         &ballast,
@@ -460,7 +491,7 @@ fn incremental_capture_survives_aborts_and_missed_notices() {
     instance.process(&events(3..4)).unwrap();
     let len = instance.memory_sizes()[0] as usize;
     instance.memory_mut(0).unwrap()[len - 1] ^= 1;
-    let (m, two, _) = incremental_snapshot(
+    let (m, _, _) = incremental_snapshot(
         &tenant,
         &mut instance,
         &ballast,
@@ -468,12 +499,13 @@ fn incremental_capture_survives_aborts_and_missed_notices() {
         aborted,
         Outcome::Committed,
     );
+    let m = m.unwrap();
+    let (_, two, _) = chain(&m);
     assert!(
-        two > one,
-        "writes of both intervals copied ({one} then {two} bytes)"
+        two > chain(one.as_ref().unwrap()).1,
+        "the pages of both intervals are in the delta"
     );
-    assert!(two < len as u64, "still incremental ({two} of {len} bytes)");
-    let restored = restore(&rt, &tenant, &m.unwrap(), &ballast, "b").unwrap();
+    let restored = restore(&rt, &tenant, &m, &ballast, "b").unwrap();
     assert_same_memories(&instance, &restored, "after a missed notice");
 }
 
@@ -504,15 +536,20 @@ fn incremental_capture_follows_growth_and_restore() {
     if restored.tracks_writes() {
         after.restored(m.id.number(), memories.clone());
     }
-    restored.process(&events(6..9)).unwrap();
-    let (m2, copied, _) =
-        incremental_snapshot(&tenant, &mut restored, &misbehave, &after, 0, Outcome::Committed);
+    restored.memory_mut(0).unwrap()[9] ^= 1;
+    let (m1, _, _) = incremental_snapshot(&tenant, &mut restored, &misbehave, &after, 0, Outcome::Committed);
+    let m1 = m1.unwrap();
     if restored.tracks_writes() {
-        assert!(
-            copied < restored.memory_sizes()[0],
-            "incremental on the restored image ({copied} bytes copied)"
+        assert_eq!(
+            chain(&m1),
+            (chain(&m).0 + 1, 1, chain(&m1).2),
+            "a delta on the restored image"
         );
     }
+    let again = restore(&rt, &tenant, &m1, &misbehave, "m").unwrap();
+    assert_same_memories(&restored, &again, "a delta after restore");
+    restored.process(&events(6..9)).unwrap();
+    let (m2, _, _) = incremental_snapshot(&tenant, &mut restored, &misbehave, &after, 0, Outcome::Committed);
     let again = restore(&rt, &tenant, &m2.unwrap(), &misbehave, "m").unwrap();
     assert_same_memories(&restored, &again, "grown after restore");
 }
@@ -777,12 +814,16 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
 
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let (mut kills, mut resumes, mut from_scratch, mut native_checkpoints) = (0, 0, true, 0);
+    let mut chains = std::collections::BTreeSet::new();
     let started = Instant::now();
     let mut startup: Option<Duration> = None;
     loop {
         assert!(started.elapsed() < Duration::from_secs(180), "no end in sight");
         let mut cmd = memento();
         cmd.arg("run").arg(&job).arg("--state-dir").arg(&state);
+        // Chains of at most 3 page deltas: kills land on every chain
+        // length, and on checkpoints that close a chain (write a full image).
+        cmd.env(memento::snapshot::DELTA_CHAIN_ENV, "3");
         if !from_scratch {
             cmd.args(["--from", "latest"]);
         }
@@ -828,6 +869,11 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
             {
                 assert_eq!(m.format, StateFormat::Native, "{}", m.id);
                 native_checkpoints += 1;
+                for t in &m.tasks {
+                    if let TaskStateData::Native { memories, .. } = &t.state {
+                        chains.extend(memories.iter().map(|i| i.deltas.len()));
+                    }
+                }
             }
             continue;
         }
@@ -858,6 +904,10 @@ fn exactly_once_under_sigkill_with_native_checkpoints() {
     assert!(
         native_checkpoints * 2 >= kills,
         "most kills should leave a native checkpoint to resume from ({native_checkpoints} of {kills})"
+    );
+    assert!(
+        chains.iter().any(|&n| n > 0),
+        "resumed through chains of page deltas (lengths seen: {chains:?})"
     );
 }
 
@@ -1096,4 +1146,78 @@ fn the_end_of_input_record_shows_no_state() {
         ("-", "-", "-"),
         "no format, no size:\n{text}"
     );
+}
+
+/// Copy-on-write barriers: the image of a barrier is read after the guest
+/// went on processing and still is the barrier's; the next barrier reports
+/// exactly the pages written in between, with their contents at the
+/// earlier barrier; an image is unreadable once a later barrier happened.
+#[test]
+fn copy_on_write_barrier_images_survive_the_guest_running_on() {
+    const PAGE: usize = 4096;
+    let rt = Runtime::new().unwrap();
+    let ballast = load(&rt, "ballast");
+    let mut instance = opened(
+        &rt,
+        &ballast,
+        "b",
+        &[("state_mib", "8"), ("dirty_fraction", "0.05")],
+    );
+    instance.process(&events(0..1)).unwrap();
+    let Some(first) = instance.cow_barrier().unwrap() else {
+        memento::runtime::tracking_unavailable("copy-on-write capture is not tested");
+        return;
+    };
+    let at_first: Vec<Vec<u8>> = (0..instance.memory_sizes().len())
+        .map(|i| instance.memory(i).unwrap().to_vec())
+        .collect();
+    assert!(
+        first.memories.iter().all(|m| m.written.is_none()),
+        "the first barrier knows no past"
+    );
+    // The guest writes 5% of its state per event.
+    instance.process(&events(1..4)).unwrap();
+    for (m, expected) in first.memories.iter().zip(&at_first) {
+        // Page by page, and in one read.
+        let mut image = vec![0u8; m.size as usize];
+        for (p, page) in image.chunks_exact_mut(PAGE).enumerate() {
+            m.read((p * PAGE) as u64, page).unwrap();
+        }
+        let mut whole = vec![0u8; m.size as usize];
+        m.read(0, &mut whole).unwrap();
+        assert!(whole == image);
+        assert!(
+            image == *expected,
+            "memory {}: the image is the barrier's",
+            m.index
+        );
+    }
+    let second = instance.cow_barrier().unwrap().expect("tracking stays on");
+    assert!(
+        first.memories[0].read(0, &mut [0u8; PAGE]).is_err(),
+        "a later barrier ends the earlier image"
+    );
+    let mut written_somewhere = false;
+    for (m, before) in second.memories.iter().zip(&at_first) {
+        let now = instance.memory(m.index as usize).unwrap();
+        let written = m.written.as_ref().expect("known since the first barrier");
+        let indices = written.indices(m.size);
+        written_somewhere |= !indices.is_empty();
+        for p in 0..now.len() / PAGE {
+            let range = p * PAGE..(p + 1) * PAGE;
+            let was = before.get(range.clone());
+            if indices.binary_search(&(p as u32)).is_ok() {
+                let pre = written.before(p as u32).map(|b| b.to_vec());
+                let zero = vec![0u8; PAGE];
+                assert_eq!(
+                    pre.as_deref().unwrap_or(&zero),
+                    was.unwrap_or(&zero),
+                    "preimage of page {p}"
+                );
+            } else {
+                assert_eq!(Some(&now[range]), was, "page {p} not reported yet changed");
+            }
+        }
+    }
+    assert!(written_somewhere, "the events wrote pages");
 }

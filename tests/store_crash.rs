@@ -92,6 +92,8 @@ fn child_writer() {
                     chunk_size: CHUNK as u64,
                     chunks: mem_chunks,
                     new_chunks: None,
+                    base_size: None,
+                    deltas: Vec::new(),
                 }],
                 extra: serde_json::Value::Null,
             },

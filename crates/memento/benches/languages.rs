@@ -56,6 +56,8 @@ fn start(cache: &Path, component: &Path) -> (Duration, TaskInstance, Runtime) {
         task_index: 0,
         parallelism: 1,
         config: vec![],
+        key_groups: 1,
+        owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
     })
     .unwrap();
     (started.elapsed(), task, rt)

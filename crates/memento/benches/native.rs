@@ -15,12 +15,14 @@
 //! then, each against the previous committed one as a task's `NativeBase`
 //! does at a barrier, one after the host wrote one byte in none (0%),
 //! every 100th (1%), every 10th (10%) and every (100%) 4 KiB page, spread
-//! evenly over the memory. *Pause* is the task's stop (scan and copy);
-//! *end to end* is capture + persist (hash, write, fsync) + commit, one
-//! after the other here, while in a job the task goes on after the pause;
+//! evenly over the memory. *Pause* is the task's stop (write-protecting the
+//! pages written since the previous barrier); *end to end* is capture +
+//! persist (read the barrier's image, encode a page delta or hash a full
+//! image, write, fsync) + commit, one after the other here, while in a job
+//! the task goes on after the pause;
 //! *restore* instantiates a fresh instance from the snapshot. *Changed* is
 //! the bytes of the 256 KiB chunks holding a written page, counted by the
-//! benchmark itself: the bound for what an incremental snapshot writes.
+//! benchmark itself: what the store wrote before page deltas.
 //! Canonical rows are `snapshot-state` of the same state, persisted the
 //! same way, and `restore-state` into a fresh instance.
 //!

@@ -188,6 +188,8 @@ fn main() {
                     chunk_size: CHUNK as u64,
                     chunks: chunks.clone(),
                     new_chunks: None,
+                    base_size: None,
+                    deltas: Vec::new(),
                 }],
                 extra: serde_json::Value::Null,
             },

@@ -89,6 +89,8 @@ fn write_snapshot(t: &TenantStore, job: &JobName, image: &[u8], chunk: usize) ->
                 chunk_size: chunk as u64,
                 chunks,
                 new_chunks: None,
+                base_size: None,
+                deltas: Vec::new(),
             }],
             extra: serde_json::Value::Null,
         },

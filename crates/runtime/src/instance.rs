@@ -25,7 +25,7 @@ use crate::limits::SandboxLimits;
 use crate::memory::{self, Mapping};
 
 use capture::Tracking;
-pub use capture::{CapturedMemory, DISABLE_TRACKING_ENV, PAGE, Written};
+pub use capture::{CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, WrittenPages};
 
 /// How much of a guest's stderr is kept to explain a trap (a Rust panic
 /// message lands there). Writes beyond it fail in the guest.

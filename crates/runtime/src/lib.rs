@@ -10,8 +10,8 @@ mod batch;
 mod bindings;
 mod cache;
 mod component;
+mod cow;
 mod data;
-mod dirty;
 mod disk_cache;
 mod engine;
 mod error;
@@ -30,10 +30,13 @@ pub use bindings::{Context, KeyGroupRange};
 pub use component::{
     CONTRACT_PACKAGE, ComponentInfo, ContractVersion, LoadedComponent, OPERATOR_INTERFACE, SNAPSHOT_INTERFACE,
 };
+pub use cow::{PageBytes, StaleBarrier};
 pub use disk_cache::DiskCacheStats;
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
-pub use instance::{CallStats, CapturedMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, Written};
+pub use instance::{
+    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, WrittenPages,
+};
 pub use label::{Phase, TaskLabel};
 pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};
 #[doc(hidden)]
@@ -43,16 +46,15 @@ pub use native::NativeUnsupported;
 pub use state::{MAX_PIECE, Piece, StateSink, StateSource};
 
 /// Set to `1` (`.ci/run` does) to make a test fail, instead of skipping its
-/// incremental part, where dirty-page tracking is unavailable: CI must never
+/// incremental part, where write tracking is unavailable: CI must never
 /// go green without exercising incremental capture.
 pub const REQUIRE_TRACKING_ENV: &str = "MEMENTO_REQUIRE_UFFD";
 
-/// For tests: says that dirty-page tracking is unavailable and what is
+/// For tests: says that write tracking is unavailable and what is
 /// therefore not tested; panics instead when [`REQUIRE_TRACKING_ENV`] is `1`.
 #[doc(hidden)]
 pub fn tracking_unavailable(consequence: &str) {
-    let why =
-        "dirty-page tracking (userfaultfd write-protect + PAGEMAP_SCAN, Linux >= 6.7) is unavailable here";
+    let why = "copy-on-write tracking (userfaultfd write-protect of anonymous memory, unprivileged) is unavailable here";
     if std::env::var(REQUIRE_TRACKING_ENV).is_ok_and(|v| v == "1") {
         panic!("{why} but {REQUIRE_TRACKING_ENV}=1 requires it");
     }

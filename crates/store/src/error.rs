@@ -59,7 +59,7 @@ pub enum StoreError {
 
     /// A manifest was written by a newer (or unknown) version of the format.
     #[error(
-        "manifest of snapshot {id} has schema version {found}; this build of memento reads version {supported}"
+        "manifest of snapshot {id} has schema version {found}; this build of memento reads versions 1 to {supported}"
     )]
     UnsupportedSchema {
         /// Snapshot whose manifest it is.

@@ -82,8 +82,9 @@ pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport};
 pub use gc::GcReport;
 pub use manifest::{
-    Figures, MANIFEST_SCHEMA_VERSION, MAX_STATE_LEN, Manifest, MemoryImage, Retention, SnapshotKind,
-    SnapshotStatus, SourcePosition, StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
+    Figures, MANIFEST_SCHEMA_VERSION, MAX_CHAIN, MAX_STATE_LEN, Manifest, MemoryImage,
+    OLDEST_MANIFEST_SCHEMA, PageDeltaRef, Retention, SnapshotKind, SnapshotStatus, SourcePosition,
+    StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
 };
 pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 pub use series::SeriesLease;

@@ -15,9 +15,15 @@ use super::chunk::ChunkRef;
 use super::error::StoreError;
 use super::name::{JobName, SnapshotId};
 
-/// Version of the manifest schema written by this build. Bumped on any change
-/// an older reader would misinterpret; additive optional fields do not bump it.
-pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
+/// Newest version of the manifest schema this build reads and writes.
+/// Bumped on any change an older reader would misinterpret; additive
+/// optional fields do not bump it. Version 2 added page-delta chains to
+/// native images; a manifest without one is still written as version 1, so
+/// older builds keep reading what they can read correctly.
+pub const MANIFEST_SCHEMA_VERSION: u32 = 2;
+
+/// The oldest manifest schema this build reads.
+pub const OLDEST_MANIFEST_SCHEMA: u32 = 1;
 
 /// Why a snapshot exists: for recovery or for operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -206,6 +212,52 @@ pub struct MemoryImage {
     /// not recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_chunks: Option<u64>,
+    /// With `deltas`: the bytes `chunks` cover (the base image's size, at
+    /// most `size`); absent means `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_size: Option<u64>,
+    /// Page deltas applied in order over the base image (schema 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<PageDeltaRef>,
+}
+
+impl MemoryImage {
+    /// A plain image of `size` bytes in `chunk_size` chunks, no deltas.
+    pub fn new(index: u32, size: u64, chunk_size: u64, chunks: Vec<ChunkRef>) -> MemoryImage {
+        MemoryImage {
+            index,
+            size,
+            chunk_size,
+            chunks,
+            new_chunks: None,
+            base_size: None,
+            deltas: Vec::new(),
+        }
+    }
+
+    /// The bytes the base chunks cover.
+    pub fn base_len(&self) -> u64 {
+        self.base_size.unwrap_or(self.size)
+    }
+
+    /// Every chunk reference: the base image's, then each delta's.
+    pub fn all_chunks(&self) -> impl Iterator<Item = &ChunkRef> + '_ {
+        self.chunks
+            .iter()
+            .chain(self.deltas.iter().flat_map(|d| d.chunks.iter()))
+    }
+}
+
+/// One page delta of a native memory image: its encoded bytes, chunked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageDeltaRef {
+    /// Length of the encoded delta; the chunks add up to it.
+    pub len: u64,
+    /// Pages it changes (informational).
+    #[serde(default)]
+    pub pages: u64,
+    /// The chunks in order.
+    pub chunks: Vec<ChunkRef>,
 }
 
 /// A task's state, tagged by format.
@@ -235,7 +287,9 @@ impl TaskStateData {
     pub fn chunks(&self) -> Box<dyn Iterator<Item = &ChunkRef> + '_> {
         match self {
             TaskStateData::Canonical { chunks, .. } => Box::new(chunks.iter()),
-            TaskStateData::Native { memories, .. } => Box::new(memories.iter().flat_map(|m| m.chunks.iter())),
+            TaskStateData::Native { memories, .. } => {
+                Box::new(memories.iter().flat_map(MemoryImage::all_chunks))
+            }
         }
     }
 
@@ -248,9 +302,13 @@ impl TaskStateData {
         }
     }
 
-    /// Logical size of the state (sum of chunk lengths).
+    /// Logical size of the state: the canonical bytes, or the memories'
+    /// sizes (a chain's deltas are how they are stored, not more state).
     pub fn logical_bytes(&self) -> u64 {
-        self.chunks().map(ChunkRef::len).sum()
+        match self {
+            TaskStateData::Canonical { len, .. } => *len,
+            TaskStateData::Native { memories, .. } => memories.iter().map(|m| m.size).sum(),
+        }
     }
 }
 
@@ -388,7 +446,7 @@ impl Manifest {
     /// An empty complete manifest for snapshot `number` of `job`, created now.
     pub fn new(job: JobName, number: u64, kind: SnapshotKind, trigger: Trigger, format: StateFormat) -> Self {
         Manifest {
-            schema_version: MANIFEST_SCHEMA_VERSION,
+            schema_version: OLDEST_MANIFEST_SCHEMA,
             id: SnapshotId::new(job.clone(), number),
             job,
             number,
@@ -412,6 +470,27 @@ impl Manifest {
     /// The state of `task`, if the snapshot has one.
     pub fn task(&self, task: &TaskKey) -> Option<&TaskState> {
         self.tasks.iter().find(|t| &t.key == task)
+    }
+
+    /// The oldest schema that describes this manifest: 2 with framed
+    /// canonical state or a page-delta chain (an older reader would take
+    /// the frames for the operator's bytes, or restore a base without its
+    /// chain), else 1, which older builds read too.
+    pub fn required_schema(&self) -> u32 {
+        let chained = self.tasks.iter().any(|t| match &t.state {
+            TaskStateData::Native { memories, .. } => memories.iter().any(|m| !m.deltas.is_empty()),
+            TaskStateData::Canonical { .. } => false,
+        });
+        let framed = self.canonical_framing.is_some()
+            && self
+                .tasks
+                .iter()
+                .any(|t| matches!(t.state, TaskStateData::Canonical { .. }));
+        if chained || framed {
+            2
+        } else {
+            OLDEST_MANIFEST_SCHEMA
+        }
     }
 
     /// Every chunk reference of every task, with its task.
@@ -448,7 +527,9 @@ impl Manifest {
             serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not a JSON manifest: {e}")))?;
         match version.schema_version {
             None => return Err(corrupt("no schema_version field".into())),
-            Some(v) if v != u64::from(MANIFEST_SCHEMA_VERSION) => {
+            Some(v)
+                if !(u64::from(OLDEST_MANIFEST_SCHEMA)..=u64::from(MANIFEST_SCHEMA_VERSION)).contains(&v) =>
+            {
                 return Err(StoreError::UnsupportedSchema {
                     id: name.to_string(),
                     found: v,
@@ -486,9 +567,25 @@ impl Manifest {
                 }
                 TaskStateData::Native { memories, .. } => {
                     for m in memories {
-                        check_sum(&m.chunks, m.size).map_err(|e| {
-                            format!("task {} memory {}: {e}, size says {}", t.key, m.index, m.size)
-                        })?;
+                        let at = |e: String| format!("task {} memory {}: {e}", t.key, m.index);
+                        if m.base_len() > m.size {
+                            return Err(at(format!("base_size {} exceeds size {}", m.base_len(), m.size)));
+                        }
+                        if m.base_size.is_some() == m.deltas.is_empty() {
+                            return Err(at("base_size and deltas come together".into()));
+                        }
+                        if m.deltas.len() > MAX_CHAIN {
+                            return Err(at(format!(
+                                "{} deltas, more than a chain may have ({MAX_CHAIN})",
+                                m.deltas.len()
+                            )));
+                        }
+                        check_sum(&m.chunks, m.base_len())
+                            .map_err(|e| at(format!("{e}, size says {}", m.base_len())))?;
+                        for (i, d) in m.deltas.iter().enumerate() {
+                            check_sum(&d.chunks, d.len)
+                                .map_err(|e| at(format!("delta {i}: {e}, len says {}", d.len)))?;
+                        }
                     }
                 }
             }
@@ -496,6 +593,10 @@ impl Manifest {
         Ok(())
     }
 }
+
+/// The most deltas a chain may have; writers start a new base well before
+/// (see docs/STORAGE.md, "Page deltas").
+pub const MAX_CHAIN: usize = 256;
 
 /// The largest task state or memory image a manifest may describe: what a
 /// 32-bit Wasm instance can hold (its memory, or `snapshot-state` bytes
@@ -574,6 +675,8 @@ mod tests {
                     chunk_size: 4,
                     chunks: vec![ChunkRef::Zero { zero: 4 }],
                     new_chunks: None,
+                    base_size: None,
+                    deltas: Vec::new(),
                 }],
                 extra: serde_json::json!({"globals": [1, 2]}),
             },
@@ -600,6 +703,58 @@ mod tests {
         assert!(text.contains(r#""zero": 5"#), "{text}");
         let back = Manifest::from_json("wordcount-000007", &json).unwrap();
         assert_eq!(back, m);
+    }
+
+    /// A native image with a page-delta chain needs schema 2, round-trips,
+    /// and has its lengths checked like the base's.
+    #[test]
+    fn chains_need_schema_2_and_are_checked() {
+        let mut m = sample();
+        assert_eq!(m.required_schema(), 1);
+        let TaskStateData::Native { memories, .. } = &mut m.tasks[1].state else {
+            panic!("sample's second task is native")
+        };
+        memories[0].size = 8;
+        memories[0].base_size = Some(4);
+        memories[0].deltas.push(PageDeltaRef {
+            len: 3,
+            pages: 1,
+            chunks: vec![ChunkRef::Zero { zero: 3 }],
+        });
+        assert_eq!(m.required_schema(), 2);
+        assert!(m.check_lengths().is_ok());
+        assert_eq!(
+            m.tasks[1].state.chunks().count(),
+            2,
+            "the delta's chunks are references too"
+        );
+        m.schema_version = m.required_schema();
+        let back = Manifest::from_json("wordcount-000007", &m.to_json()).unwrap();
+        assert_eq!(back, m);
+        let bad = |m: &Manifest| m.check_lengths().unwrap_err();
+        let mut wrong = m.clone();
+        if let TaskStateData::Native { memories, .. } = &mut wrong.tasks[1].state {
+            memories[0].deltas[0].len = 4;
+        }
+        assert!(
+            bad(&wrong).contains("delta 0: chunks add up to 3 bytes"),
+            "{}",
+            bad(&wrong)
+        );
+        let mut wrong = m.clone();
+        if let TaskStateData::Native { memories, .. } = &mut wrong.tasks[1].state {
+            memories[0].base_size = Some(9);
+        }
+        assert!(
+            bad(&wrong).contains("base_size 9 exceeds size 8"),
+            "{}",
+            bad(&wrong)
+        );
+        let mut wrong = m.clone();
+        if let TaskStateData::Native { memories, .. } = &mut wrong.tasks[1].state {
+            memories[0].deltas.clear();
+        }
+        assert!(bad(&wrong).contains("come together"), "{}", bad(&wrong));
     }
 
     /// Lengths a manifest states are bounded before anything is allocated
@@ -659,11 +814,11 @@ mod tests {
 
     #[test]
     fn schema_version_mismatch_is_reported_before_anything_else() {
-        let json = br#"{"schema_version": 2, "something": "new"}"#;
+        let json = br#"{"schema_version": 3, "something": "new"}"#;
         let err = Manifest::from_json("j-000001", json).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "manifest of snapshot j-000001 has schema version 2; this build of memento reads version 1"
+            "manifest of snapshot j-000001 has schema version 3; this build of memento reads versions 1 to 2"
         );
         let err = Manifest::from_json("j-000001", b"{\"id\": 1}").unwrap_err();
         assert!(err.to_string().contains("no schema_version field"), "{err}");

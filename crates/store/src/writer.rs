@@ -9,8 +9,8 @@ use std::time::Instant;
 use crate::backend::{LockGuard, LockMode, PutMode, Staged};
 use crate::manifest::now_ms;
 use crate::{
-    BlobHash, ChunkRef, JobName, MANIFEST_SCHEMA_VERSION, MAX_CHUNK, Manifest, SnapshotId, SnapshotKind,
-    SnapshotStatus, StateFormat, StoreError, TenantStore, Trigger,
+    BlobHash, ChunkRef, JobName, MAX_CHUNK, Manifest, SnapshotId, SnapshotKind, SnapshotStatus, StateFormat,
+    StoreError, TenantStore, Trigger,
 };
 use crate::{blob, chunk};
 
@@ -377,7 +377,7 @@ impl SnapshotWriter {
                 manifest.id, manifest.job, manifest.number
             )));
         }
-        manifest.schema_version = MANIFEST_SCHEMA_VERSION;
+        manifest.schema_version = manifest.required_schema();
         manifest.status = SnapshotStatus::Complete;
         manifest.check_lengths().map_err(mismatch)?;
 

@@ -4,8 +4,9 @@
 //! The state is one buffer of `state_mib` MiB, filled with deterministic
 //! pseudo-random bytes at `open` (so it does not compress), and seen as
 //! 4 KiB pages. Every input event is one *step*: the step counter goes up by
-//! one and `dirty_fraction` of the pages are changed (the step counter is
-//! written into their first bytes). The pages of a step are picked by a
+//! one and `dirty_fraction` of the pages are changed (the step counter,
+//! repeated, is written over `value_bytes` of each, at a slot the PRNG
+//! picks: an update of one value of a keyed state). The pages of a step are picked by a
 //! PRNG seeded with the step counter, one in each of equal stretches of the
 //! buffer, so they are distinct and spread over the whole state, and a
 //! restored operator changes exactly the pages the original would have.
@@ -26,6 +27,8 @@
 //!   allowed; default 16.
 //! - `dirty_fraction`: fraction of the pages changed per event, 0.0 to 1.0;
 //!   default 0.01.
+//! - `value_bytes`: bytes written into each changed page, 1 to 4096;
+//!   default 8.
 //!
 //! Output: one event per input event, with the key and timestamp unchanged
 //! and the step counter (1 for the first event) as decimal text for value.
@@ -39,6 +42,8 @@ pub const PAGE_SIZE: usize = 4096;
 pub const DEFAULT_STATE_MIB: f64 = 16.0;
 /// Default for config `dirty_fraction`.
 pub const DEFAULT_DIRTY_FRACTION: f64 = 0.01;
+/// Default for config `value_bytes`.
+pub const DEFAULT_VALUE_BYTES: usize = 8;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -66,6 +71,9 @@ impl SplitMix64 {
 pub struct Ballast {
     /// Config `dirty_fraction`.
     dirty_fraction: f64,
+    /// Config `value_bytes` (from this run's config, not the snapshot).
+    #[serde(skip)]
+    value_bytes: usize,
     /// Steps (input events) processed so far.
     steps: u64,
     /// The ballast, `state_mib` MiB; serialized as one byte string.
@@ -73,8 +81,9 @@ pub struct Ballast {
     data: Vec<u8>,
 }
 
-/// Read `state_mib` (as bytes) and `dirty_fraction` from the config.
-fn config(ctx: &Context) -> Result<(usize, f64), Error> {
+/// Read `state_mib` (as bytes), `dirty_fraction` and `value_bytes` from
+/// the config.
+fn config(ctx: &Context) -> Result<(usize, f64, usize), Error> {
     let state_mib: f64 = ctx.parse_or("state_mib", DEFAULT_STATE_MIB)?;
     let bytes = (state_mib * MIB).round();
     // `isize::MAX` is the most a Vec may hold (2 GiB on wasm32).
@@ -94,7 +103,15 @@ fn config(ctx: &Context) -> Result<(usize, f64), Error> {
         )
         .into());
     }
-    Ok((bytes as usize, dirty_fraction))
+    let value_bytes: usize = ctx.parse_or("value_bytes", DEFAULT_VALUE_BYTES)?;
+    if !(1..=PAGE_SIZE).contains(&value_bytes) {
+        return Err(format!(
+            "config `value_bytes` = {:?}: must be between 1 and {PAGE_SIZE}",
+            ctx.get("value_bytes").unwrap_or_default()
+        )
+        .into());
+    }
+    Ok((bytes as usize, dirty_fraction, value_bytes))
 }
 
 impl Ballast {
@@ -138,9 +155,14 @@ impl Ballast {
             let lo = i * pages / k;
             let hi = (i + 1) * pages / k;
             let page = (lo + rng.below(hi - lo)) as usize;
-            let start = page * PAGE_SIZE;
-            let end = (start + stamp.len()).min(self.data.len());
-            self.data[start..end].copy_from_slice(&stamp[..end - start]);
+            let page_start = page * PAGE_SIZE;
+            let page_len = (self.data.len() - page_start).min(PAGE_SIZE);
+            let len = self.value_bytes.min(page_len);
+            let slot = rng.below((page_len / len) as u64) as usize;
+            let start = page_start + slot * len;
+            for (b, s) in self.data[start..start + len].iter_mut().zip(stamp.iter().cycle()) {
+                *b = *s;
+            }
         }
     }
 }
@@ -162,9 +184,10 @@ fn filled(bytes: usize) -> Result<Vec<u8>, Error> {
 
 impl Operator for Ballast {
     fn open(ctx: &Context) -> Result<Self, Error> {
-        let (bytes, dirty_fraction) = config(ctx)?;
+        let (bytes, dirty_fraction, value_bytes) = config(ctx)?;
         Ok(Ballast {
             dirty_fraction,
+            value_bytes,
             steps: 0,
             data: filled(bytes)?,
         })
@@ -240,6 +263,31 @@ mod tests {
         let odd = open(&[("state_mib", "0.001")]);
         assert_eq!(odd.data().len(), 1049);
         assert_eq!(odd.pages(), 1);
+    }
+
+    /// `value_bytes` of one slot per changed page: an update of one value.
+    #[test]
+    fn each_change_writes_value_bytes_in_one_slot() {
+        let mut op = open(&[
+            ("state_mib", "1"),
+            ("dirty_fraction", "0.00390625"),
+            ("value_bytes", "100"),
+        ]);
+        for t in 0..20 {
+            let before = op.data().to_vec();
+            step(&mut op, "k", t);
+            let changed: Vec<usize> = (0..before.len()).filter(|&i| before[i] != op.data()[i]).collect();
+            let (first, last) = (changed[0], *changed.last().unwrap());
+            assert_eq!(changed_pages(&before, op.data()).len(), 1, "step {t}: one page");
+            assert!(last - first < 100, "step {t}: within one 100-byte slot");
+            assert_eq!(
+                first % PAGE_SIZE / 100,
+                last % PAGE_SIZE / 100,
+                "step {t}: slot-aligned in its page"
+            );
+        }
+        let err = Ballast::open(&Context::for_test([("value_bytes", "0")])).unwrap_err();
+        assert!(format!("{err:?}").contains("`value_bytes`"), "{err:?}");
     }
 
     #[test]

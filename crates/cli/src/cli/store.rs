@@ -310,9 +310,17 @@ fn format_manifest(m: &Manifest) -> String {
                 let new = m
                     .new_chunks
                     .map_or_else(|| "? new".to_string(), |n| format!("{n} new"));
+                let chain = match m.deltas.len() {
+                    0 => String::new(),
+                    n => format!(
+                        ", then {n} page deltas ({}, {} pages changed in the last)",
+                        format_size(m.deltas.iter().map(|d| d.len).sum()),
+                        m.deltas.last().map_or(0, |d| d.pages)
+                    ),
+                };
                 let _ = writeln!(
                     s,
-                    "      memory {:<13} {}, {} chunks of {} ({zero} zero, {new})",
+                    "      memory {:<13} {}, {} chunks of {} ({zero} zero, {new}){chain}",
                     m.index,
                     format_size(m.size),
                     m.chunks.len(),

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
-use crate::runtime::{CapturedMemory, RuntimeError};
+use crate::runtime::{CapturedMemory, CowMemory, RuntimeError, WrittenPages};
 use crate::store::MemoryImage;
 
-use super::pages::MemoryDelta;
 use super::stream::Uploaded;
 
 /// State captured at a barrier, not yet in the store.
@@ -28,20 +27,41 @@ pub enum CapturedState {
     /// The operator's canonical state (`snapshot-state`), already
     /// streaming into the store.
     Canonical(Streamed),
-    /// Copies of the instance's linear memories.
+    /// Copies of the instance's linear memories, taken in the pause
+    /// (where copy-on-write tracking is unavailable).
     Native(Vec<CapturedMemory>),
-    /// Copies of the chunks written since a committed base snapshot, and
-    /// the base's references for the others.
-    NativeDelta(Vec<MemoryDelta>),
+    /// The instance's memories as of a copy-on-write barrier, read by the
+    /// upload while the task goes on, and per memory what to write.
+    CopyOnWrite {
+        /// Per memory, creation order.
+        memories: Vec<CowMemory>,
+        /// Per memory, the same order.
+        plans: Vec<MemoryPlan>,
+    },
+}
+
+/// What a copy-on-write capture writes of one memory.
+pub enum MemoryPlan {
+    /// The whole image (unchanged chunks deduplicate as always).
+    Full,
+    /// A page delta extending `base`'s chain.
+    Delta {
+        /// The committed image the delta extends.
+        base: MemoryImage,
+        /// Per memory, the pages written since the base's barrier.
+        written: Arc<Vec<WrittenPages>>,
+        /// This memory's entry in `written`.
+        slot: usize,
+    },
 }
 
 impl Captured {
-    /// Bytes copied during the pause.
+    /// Bytes copied during the pause (none for a copy-on-write capture).
     pub fn copied_bytes(&self) -> u64 {
         match &self.state {
             CapturedState::Canonical(s) => s.written,
             CapturedState::Native(m) => m.iter().map(|m| m.bytes.len() as u64).sum(),
-            CapturedState::NativeDelta(m) => m.iter().map(|m| m.copied.len() as u64).sum(),
+            CapturedState::CopyOnWrite { .. } => 0,
         }
     }
 }

@@ -7,30 +7,31 @@
 //! on another thread while the task goes on processing.
 //!
 //! `captured` is what a capture produces, `capture` takes it (through the
-//! task's [`NativeBase`], `base`, for incremental native images laid out as
-//! `pages` says; canonical state streams through `stream` as the operator
-//! writes it, laid out as `framing` says), `persist` writes it, `image`
-//! says what a native image records and whether it fits a job, `restore`
-//! brings state back (canonical pieces read through `source`).
+//! task's [`NativeBase`], `base`, for native images: copy-on-write, full
+//! or as a page delta, `delta`, against the last committed image;
+//! canonical state streams through `stream` as the operator writes it,
+//! laid out as `framing` says), `persist` writes it, `image` says what a
+//! native image records and whether it fits a job, `restore` brings state
+//! back (canonical pieces read through `source`).
 
 mod base;
 mod capture;
 mod captured;
+mod delta;
 mod framing;
 mod image;
-mod pages;
 mod persist;
 mod restore;
 mod source;
 mod stream;
 
-pub use base::NativeBase;
+pub use base::{DELTA_CHAIN_ENV, NativeBase};
 pub use capture::{capture, capture_at_barrier};
-pub use captured::{CaptureError, Captured, CapturedState, Streamed};
+pub use captured::{CaptureError, Captured, CapturedState, MemoryPlan, Streamed};
+pub use delta::{DELTA_PAGE, DeltaError, DeltaWriter, apply as apply_delta, delta_size};
 pub use framing::{FRAMING_VERSION, FramingError};
 pub use image::{ImageMismatch, NATIVE_IMAGE_VERSION, check_image, config_digest};
-pub use pages::{ChunkSource, MemoryDelta};
-pub use persist::persist;
+pub use persist::{PersistError, persist};
 pub use restore::{RestoreError, restore, restore_native};
 
 use crate::store::TaskKey;

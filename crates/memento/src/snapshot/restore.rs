@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use crate::runtime::{LoadedComponent, Runtime, RuntimeError, SandboxLimits, TaskInstance, TaskLabel};
-use crate::store::{ChunkRef, SnapshotId, StoreError, TaskKey, TaskState, TaskStateData, TenantStore};
+use crate::store::{MemoryImage, SnapshotId, StoreError, TaskKey, TaskState, TaskStateData, TenantStore};
 
+use super::delta::apply as apply_delta;
 use super::framing::FRAMING_VERSION;
 use super::image::{ImageMismatch, check_component, check_version};
 use super::source::StoreSource;
@@ -190,27 +191,39 @@ pub fn restore_native(
         // everything. Dropping the pages is cheaper than writing zeros and
         // leaves the image's zero chunks free.
         instance.zero_memory(index, 0, m.size as usize);
-        fill_memory(&mut instance, index, store, id, &state.key, &m.chunks)?;
+        fill_memory(&mut instance, index, store, id, &state.key, m)?;
     }
     // The memories now equal the image: track writes from here, so that
-    // the restored snapshot can be the base of the next capture.
-    instance.reset_write_tracking();
+    // the restored snapshot can be the base of the next page delta.
+    instance.start_write_tracking();
     Ok(instance)
 }
 
-/// Read the chunks of one memory image straight into memory `index`
-/// (zero chunks are left alone: the memory already reads zero there).
+/// Read one memory image straight into memory `index`: the base chunks
+/// (zero chunks are left alone: the memory already reads zero there),
+/// then each page delta of its chain, in order.
 fn fill_memory(
     instance: &mut TaskInstance,
     index: usize,
     store: &TenantStore,
     id: &SnapshotId,
     task: &TaskKey,
-    chunks: &[ChunkRef],
+    image: &MemoryImage,
 ) -> Result<(), RestoreError> {
     let memory = instance
         .memory_mut(index)
         .expect("memory exists: sizes were checked");
-    store.read_chunks_into(id, task, chunks, memory, false)?;
+    // The manifest's lengths were checked when it was read: the base fits.
+    let base = image.base_len() as usize;
+    store.read_chunks_into(id, task, &image.chunks, &mut memory[..base], false)?;
+    let mut delta = Vec::new();
+    for (i, d) in image.deltas.iter().enumerate() {
+        delta.resize(d.len as usize, 0);
+        store.read_chunks_into(id, task, &d.chunks, &mut delta, true)?;
+        apply_delta(&delta, memory).map_err(|e| RestoreError::Unsupported {
+            id: id.clone(),
+            reason: format!("task {task} memory {index}: delta {i}: {e}"),
+        })?;
+    }
     Ok(())
 }

@@ -2,9 +2,13 @@
 //! memories (copies, refills, zeroing), which pages the guest wrote since
 //! the last look, and whether an image of it can be taken at all.
 
-use crate::dirty::DirtyTracker;
+use std::sync::Arc;
+
+use crate::cow::{COW_PAGE, CowTracker, PageBytes, Preimages, StaleBarrier};
+
 use crate::error::{NativeRefusal, RuntimeError};
 use crate::label::TaskLabel;
+use crate::memory::Mapping;
 
 use super::TaskInstance;
 
@@ -63,7 +67,7 @@ impl TaskInstance {
 
     /// Why a native image of this instance cannot be taken right now, if
     /// it cannot: checked before anything is captured or scanned, so a
-    /// refusal loses no dirty-page information.
+    /// refusal loses no write-tracking information.
     ///
     /// # Errors
     /// [`RuntimeError::Poisoned`] after a trap; [`RuntimeError::NativeSnapshot`]
@@ -120,142 +124,242 @@ impl TaskInstance {
     }
 
     /// Turn write tracking off for good: every capture copies whole
-    /// memories (the portable path). A test hook, and what the host does
-    /// by itself when the kernel refuses the mechanism.
+    /// memories in the pause (the portable path). A test hook, and what
+    /// the host does by itself when the kernel refuses the mechanism.
     #[doc(hidden)]
     pub fn disable_write_tracking(&mut self) {
         self.tracking = Tracking::Unavailable;
     }
 
-    /// Whether writes are being tracked (incremental capture possible).
+    /// Whether writes are tracked (copy-on-write capture and page deltas
+    /// possible).
     pub fn tracks_writes(&self) -> bool {
-        matches!(self.tracking, Tracking::On(_))
+        matches!(self.tracking, Tracking::Cow(_))
     }
 
-    /// (Re)start write tracking from the memories as they are now: the
-    /// next [`TaskInstance::written_pages`] reports only later writes.
-    /// Called after a native restore filled the memories, so that the
-    /// restored image can serve as the base of the next capture. Returns
-    /// whether tracking is on.
-    pub fn reset_write_tracking(&mut self) -> bool {
+    /// Start copy-on-write tracking from the memories as they are now,
+    /// which count as a barrier: the next [`TaskInstance::cow_barrier`]
+    /// reports only later writes. Called after a native restore filled the
+    /// memories, so the restored image can be the base of the next page
+    /// delta. Returns whether tracking is on.
+    pub fn start_write_tracking(&mut self) -> bool {
+        self.start_cow().is_some()
+    }
+
+    /// A barrier for a copy-on-write capture: protects the pages written
+    /// since the previous barrier again and hands out what is needed to
+    /// read this barrier's image later, while the guest runs on (pages it
+    /// writes meanwhile are copied out first). The pause is the protection
+    /// alone. `Ok(None)` where the kernel does not allow the mechanism:
+    /// the caller copies the memories instead
+    /// ([`TaskInstance::capture_memories`]).
+    ///
+    /// The first barrier reports every page as written: nothing is known
+    /// about the time before it.
+    ///
+    /// # Errors
+    /// As [`TaskInstance::check_native_capture`].
+    pub fn cow_barrier(&mut self) -> Result<Option<CowCapture>, RuntimeError> {
+        self.check_native_capture()?;
+        let Tracking::Cow(trackers) = &mut self.tracking else {
+            return Ok(self.start_cow());
+        };
+        let mut memories = Vec::with_capacity(self.memories.len());
+        for (index, (m, (tracker, tracked))) in self.memories.iter().zip(trackers.iter_mut()).enumerate() {
+            let size = m.size();
+            let previous = (*tracked).min(size);
+            let barrier = tracker.barrier(previous).and_then(|(epoch, preimages)| {
+                // Pages growth made accessible since the previous barrier
+                // were not protected: all of them count as written, with
+                // the zeros they held before they existed.
+                if size > *tracked {
+                    tracker.protect(*tracked, size - *tracked)?;
+                    *tracked = size;
+                }
+                Ok((epoch, preimages))
+            });
+            match barrier {
+                Ok((epoch, preimages)) => memories.push(CowMemory {
+                    index: index as u32,
+                    size: size as u64,
+                    written: Some(WrittenPages {
+                        previous_size: previous as u64,
+                        preimages,
+                    }),
+                    tracker: tracker.clone(),
+                    mapping: m.clone(),
+                    epoch,
+                }),
+                Err(e) => {
+                    tracing::warn!(
+                        target: "memento::snapshot",
+                        "copy-on-write tracking failed ({e}); native captures copy whole memories from now on"
+                    );
+                    self.tracking = Tracking::Unavailable;
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(CowCapture { memories }))
+    }
+
+    /// Start copy-on-write tracking with a first barrier at which every
+    /// page counts as written; `None` if unavailable or refused.
+    fn start_cow(&mut self) -> Option<CowCapture> {
         if matches!(self.tracking, Tracking::Unavailable) {
-            return false;
+            return None;
         }
         if std::env::var_os(DISABLE_TRACKING_ENV).is_some_and(|v| v == "off" || v == "0") {
             log_mechanism(Err("disabled by MEMENTO_DIRTY_TRACKING".into()));
             self.tracking = Tracking::Unavailable;
-            return false;
+            return None;
         }
+        // Dropping the old trackers first: one userfaultfd per range.
+        self.tracking = Tracking::Off;
         let mut trackers = Vec::with_capacity(self.memories.len());
-        for m in &self.memories {
+        let mut memories = Vec::with_capacity(self.memories.len());
+        for (index, m) in self.memories.iter().enumerate() {
             // The whole reservation is registered (growth stays covered);
             // only the accessible prefix is protected.
-            match DirtyTracker::new(m.base(), m.capacity(), m.size()) {
-                Ok(t) => trackers.push((t, m.size())),
+            match CowTracker::new(m.base(), m.capacity(), m.size()) {
+                Ok(t) => {
+                    let t = Arc::new(t);
+                    memories.push(CowMemory {
+                        index: index as u32,
+                        size: m.size() as u64,
+                        written: None,
+                        tracker: t.clone(),
+                        mapping: m.clone(),
+                        epoch: t.epoch(),
+                    });
+                    trackers.push((t, m.size()));
+                }
                 Err(e) => {
                     log_mechanism(Err(e.to_string()));
                     self.tracking = Tracking::Unavailable;
-                    return false;
+                    return None;
                 }
             }
         }
         log_mechanism(Ok(()));
-        self.tracking = Tracking::On(trackers);
-        true
-    }
-
-    /// Which [`PAGE`]s of each memory were written since the previous call
-    /// (or since tracking started), grouped by `chunk_size` chunk, and
-    /// protected again in the same walk; pages that growth added count as
-    /// written. The first call starts tracking and answers
-    /// [`Written::All`], as does every call where tracking is unavailable.
-    ///
-    /// # Panics
-    /// If `chunk_size` is not a multiple of [`PAGE`] between 1 and 64
-    /// pages (one bit per page of a chunk).
-    pub fn written_pages(&mut self, chunk_size: usize) -> Written {
-        assert!(
-            chunk_size > 0 && chunk_size.is_multiple_of(PAGE) && chunk_size / PAGE <= 64,
-            "chunk size {chunk_size}"
-        );
-        match &mut self.tracking {
-            Tracking::Unavailable => return Written::All,
-            Tracking::Off => {
-                self.reset_write_tracking();
-                return Written::All;
-            }
-            Tracking::On(_) => {}
-        }
-        let Tracking::On(trackers) = &mut self.tracking else {
-            unreachable!("checked above")
-        };
-        let mut out = Vec::with_capacity(self.memories.len());
-        for (m, (tracker, tracked)) in self.memories.iter().zip(trackers.iter_mut()) {
-            let size = m.size();
-            let mut masks = vec![0u64; size.div_ceil(chunk_size)];
-            let mut mark = |from: usize, to: usize| {
-                for page in from / PAGE..to.div_ceil(PAGE) {
-                    let at = page * PAGE;
-                    masks[at / chunk_size] |= 1 << ((at % chunk_size) / PAGE);
-                }
-            };
-            let scanned = tracker.scan((*tracked).min(size)).and_then(|ranges| {
-                for (a, b) in ranges {
-                    mark(a, b.min(size));
-                }
-                // Pages growth made accessible since the last look were
-                // not protected: all of them count as written, and from now
-                // on they are tracked.
-                if size > *tracked {
-                    mark(*tracked, size);
-                    tracker.protect(*tracked, size - *tracked)?;
-                    *tracked = size;
-                }
-                Ok(())
-            });
-            if let Err(e) = scanned {
-                tracing::warn!(
-                    target: "memento::snapshot",
-                    "dirty-page tracking failed ({e}); native captures copy whole memories from now on"
-                );
-                self.tracking = Tracking::Unavailable;
-                return Written::All;
-            }
-            out.push(masks);
-        }
-        Written::Pages(out)
+        self.tracking = Tracking::Cow(trackers);
+        Some(CowCapture { memories })
     }
 }
 
-/// Environment variable that turns dirty-page tracking off (`off` or `0`):
+/// What a copy-on-write barrier hands out: per memory, the pages written
+/// since the previous barrier (with their contents then) and the means to
+/// read this barrier's contents until the next barrier.
+pub struct CowCapture {
+    /// Per memory, in creation order.
+    pub memories: Vec<CowMemory>,
+}
+
+/// One memory at a copy-on-write barrier.
+pub struct CowMemory {
+    /// Index of the memory (creation order).
+    pub index: u32,
+    /// Its size in bytes at the barrier.
+    pub size: u64,
+    /// The pages written since the previous barrier, or `None` when that
+    /// is not known (the first barrier): every page counts as written.
+    pub written: Option<WrittenPages>,
+    tracker: Arc<CowTracker>,
+    /// Keeps the memory mapped while its image is read.
+    mapping: Arc<Mapping>,
+    epoch: u64,
+}
+
+impl CowMemory {
+    /// Bytes `[offset, offset + out.len())` as they were at the barrier;
+    /// an error once a later barrier happened (the image is gone).
+    ///
+    /// # Panics
+    /// If the range is not whole [`PAGE`]s within the memory's size at
+    /// the barrier.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), StaleBarrier> {
+        assert!(
+            offset.is_multiple_of(PAGE as u64)
+                && out.len().is_multiple_of(PAGE)
+                && offset + out.len() as u64 <= self.size,
+            "{} bytes at {offset}: not whole pages of a memory of {} bytes",
+            out.len(),
+            self.size
+        );
+        debug_assert!(self.mapping.capacity() as u64 >= self.size);
+        // SAFETY: the range was accessible at the barrier (checked above)
+        // and stays mapped: memories only grow, and `mapping` keeps it.
+        unsafe { self.tracker.read_at_barrier(self.epoch, offset as usize, out) }
+    }
+}
+
+/// The pages of a memory written between two barriers.
+#[derive(Clone)]
+pub struct WrittenPages {
+    /// The memory's size at the earlier barrier: pages beyond it did not
+    /// exist then and were zero.
+    pub previous_size: u64,
+    preimages: Preimages,
+}
+
+impl WrittenPages {
+    /// The written pages' indices, ascending: those the guest wrote, and
+    /// every page growth added.
+    pub fn indices(&self, size: u64) -> Vec<u32> {
+        let mut v = self.preimages.indices();
+        let first_new = (self.previous_size / COW_PAGE as u64) as u32;
+        v.retain(|i| *i < first_new);
+        v.extend(first_new..(size / COW_PAGE as u64) as u32);
+        v
+    }
+
+    /// PageBytes `index` as it was at the earlier barrier, `None` for a page
+    /// that was zero then (beyond its size, or never written).
+    pub fn before(&self, index: u32) -> Option<&PageBytes> {
+        self.preimages.get(index)
+    }
+
+    /// Merge the pages of the next interval (`later`), for a snapshot whose
+    /// barrier was abandoned: the result covers both intervals, each page
+    /// with its content at this set's barrier.
+    pub fn absorb(&mut self, later: WrittenPages) {
+        let first_new = self.previous_size / COW_PAGE as u64;
+        let mut later_pre = later.preimages;
+        // Pages that did not exist at this barrier were zero then, whatever
+        // the later interval saw.
+        later_pre.retain_below(first_new as u32);
+        self.preimages.absorb(later_pre);
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.preimages.len()
+    }
+
+    /// Whether no page was written.
+    pub fn is_empty(&self) -> bool {
+        self.preimages.len() == 0
+    }
+}
+
+/// Environment variable that turns write tracking off (`off` or `0`):
 /// native captures then copy whole memories, as where the kernel lacks it.
 pub const DISABLE_TRACKING_ENV: &str = "MEMENTO_DIRTY_TRACKING";
 
-/// Write tracking of an instance's memories (see `dirty.rs`).
+/// Write tracking of an instance's memories (see `cow.rs`).
 pub(super) enum Tracking {
     /// Not started: the first native capture starts it, so tasks that only
     /// take canonical snapshots never pay for write faults.
     Off,
-    /// One tracker per memory, with how many leading bytes it protects
-    /// (where its scan is authoritative).
-    On(Vec<(DirtyTracker, usize)>),
+    /// One tracker per memory, with how many leading bytes it protects.
+    Cow(Vec<(Arc<CowTracker>, usize)>),
     /// Unavailable, refused or disabled: captures copy everything.
     Unavailable,
 }
 
 /// The unit of write tracking: 4 KiB, the smallest page size of the
 /// hosts memento runs on (a larger host page marks all its 4 KiB pages).
-pub const PAGE: usize = 4096;
-
-/// Which pages of each memory were written since the last look.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Written {
-    /// Not known: treat every page as written.
-    All,
-    /// Per memory (creation order), per chunk, a mask of its written
-    /// [`PAGE`]s (bit `p` = page `p` of the chunk).
-    Pages(Vec<Vec<u64>>),
-}
+pub const PAGE: usize = COW_PAGE;
 
 /// Say once per process which mechanism native captures use.
 fn log_mechanism(outcome: Result<(), String>) {
@@ -266,12 +370,12 @@ fn log_mechanism(outcome: Result<(), String>) {
     match outcome {
         Ok(()) => tracing::info!(
             target: "memento::snapshot",
-            "native snapshots: dirty-page tracking with userfaultfd write-protect + PAGEMAP_SCAN \
-             (captures copy only pages written since the last committed snapshot)"
+            "native snapshots: copy-on-write capture with userfaultfd write-protect \
+             (the pause protects the pages written since the last barrier; checkpoints store page deltas)"
         ),
         Err(why) => tracing::info!(
             target: "memento::snapshot",
-            "native snapshots: dirty-page tracking unavailable ({why}); captures copy whole memories"
+            "native snapshots: copy-on-write capture unavailable ({why}); captures copy whole memories"
         ),
     }
 }
