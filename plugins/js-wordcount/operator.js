@@ -20,7 +20,7 @@
 // Test hook: config `fail_on = "KEY"` throws a TypeError when that key
 // arrives.
 
-import { log } from "memento:operator/log@0.1.0";
+import { log } from "memento:operator/log@0.2.0";
 
 // The canonical state format: bump on an incompatible change, and keep
 // reading the older ones.
@@ -151,18 +151,36 @@ export const operator = guardAll({
   },
 });
 
+const PIECE = 64 * 1024;
+
 export const snapshot = guardAll({
-  snapshotState() {
+  // Pieces to the host's state writer (it refuses pieces over 1 MiB). The
+  // state is not keyed by key group (no rescaling): no group for any piece.
+  snapshotState(out) {
     // Sorted, so equal states give equal bytes.
     const entries = [...counts.entries()].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
     const doc = { version: STATE_VERSION, counts: entries.map(([k, n]) => [hex(k), n]) };
     const text = JSON.stringify(doc);
     const bytes = new Uint8Array(text.length);
     for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
-    return bytes;
+    for (let at = 0; at < bytes.length; at += PIECE) out.write(undefined, bytes.subarray(at, at + PIECE));
   },
 
-  restoreState(state) {
+  restoreState(source) {
+    const pieces = [];
+    let total = 0;
+    for (;;) {
+      const piece = source.read();
+      if (piece === undefined) break;
+      pieces.push(piece[1]);
+      total += piece[1].length;
+    }
+    const state = new Uint8Array(total);
+    let at = 0;
+    for (const p of pieces) {
+      state.set(p, at);
+      at += p.length;
+    }
     let doc;
     try {
       doc = JSON.parse(bytesToKey(state, 0, state.length));

@@ -85,13 +85,28 @@ class Operator(exports.Operator):
         return types.Batch(b"", [], [])
 
 
-class Snapshot(exports.Snapshot):
-    def snapshot_state(self):
-        # Sorted, so equal states give equal bytes.
-        counts = {k.hex(): n for k, n in sorted(_counts.items())}
-        return json.dumps({"version": STATE_VERSION, "counts": counts}).encode()
+# Pieces handed to the host's state writer: the host refuses pieces over
+# 1 MiB, and smaller ones let it store the state while it is written.
+PIECE = 64 * 1024
 
-    def restore_state(self, state):
+
+class Snapshot(exports.Snapshot):
+    def snapshot_state(self, out):
+        # Sorted, so equal states give equal bytes. The state is not keyed
+        # by key group (no rescaling): every piece is for no group.
+        counts = {k.hex(): n for k, n in sorted(_counts.items())}
+        data = json.dumps({"version": STATE_VERSION, "counts": counts}).encode()
+        for at in range(0, len(data), PIECE):
+            out.write(None, data[at : at + PIECE])
+
+    def restore_state(self, source):
+        pieces = []
+        while True:
+            piece = source.read()
+            if piece is None:
+                break
+            pieces.append(piece[1])
+        state = b"".join(pieces)
         try:
             doc = json.loads(state)
             version = doc["version"]
