@@ -132,6 +132,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Deletes the object; `false` if it did not exist.
     fn delete(&self, key: &str) -> io::Result<bool>;
 
+    /// Removes the "directory" `key` if it is empty; `false` if it is not
+    /// (or does not exist). Object stores have no directories: the default
+    /// does nothing.
+    fn remove_empty_dir(&self, key: &str) -> io::Result<bool> {
+        let _ = key;
+        Ok(false)
+    }
+
     /// Names directly under the "directory" `prefix` (no trailing `/`), in no
     /// particular order; empty if there is none.
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
@@ -631,6 +639,24 @@ impl Backend for LocalDir {
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn remove_empty_dir(&self, key: &str) -> io::Result<bool> {
+        check_key(key)?;
+        match self.root.remove_dir(key) {
+            Ok(()) => {
+                self.mark_dirty(parent_of(key));
+                Ok(true)
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::DirectoryNotEmpty
+                    || e.raw_os_error() == Some(libc::ENOTEMPTY) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

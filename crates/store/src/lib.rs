@@ -67,6 +67,7 @@ mod fsck;
 mod gc;
 mod index;
 mod manifest;
+mod migrate;
 mod name;
 mod numbers;
 mod pack;
@@ -84,6 +85,7 @@ pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
 pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport, RepairReport};
 pub use gc::{GcReport, REPACK_LIVE_FRACTION};
+pub use migrate::MigrateReport;
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, MAX_STATE_LEN, Manifest, MemoryImage, Retention, SnapshotKind,
     SnapshotStatus, SourcePosition, StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
@@ -327,5 +329,7 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+mod pack_tests;
 #[cfg(test)]
 mod tests;
