@@ -85,11 +85,11 @@ pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
 pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport, RepairReport};
 pub use gc::{GcReport, REPACK_LIVE_FRACTION};
-pub use migrate::MigrateReport;
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, MAX_STATE_LEN, Manifest, MemoryImage, Retention, SnapshotKind,
     SnapshotStatus, SourcePosition, StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
 };
+pub use migrate::MigrateReport;
 pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 pub use series::SeriesLease;
 pub use tenant::{ListFilter, TenantStore};

@@ -101,10 +101,21 @@ impl TenantStore {
     pub fn migrate_loose(&self, progress: &mut dyn FnMut(Progress)) -> Result<MigrateReport, StoreError> {
         self.inner.store.upgrade_layout()?;
         let wait = self.options().gc_wait;
-        let busy = || StoreError::Busy(format!("migration of tenant {} waited {wait:?} for a gc", self.name()));
-        let _gc = self.lock("gc", LockMode::Exclusive, Some(wait))?.ok_or_else(busy)?;
-        let gate = self.lock("gate", LockMode::Shared, Some(wait))?.ok_or_else(busy)?;
-        let _pin = self.lock("writers", LockMode::Shared, Some(wait))?.ok_or_else(busy)?;
+        let busy = || {
+            StoreError::Busy(format!(
+                "migration of tenant {} waited {wait:?} for a gc",
+                self.name()
+            ))
+        };
+        let _gc = self
+            .lock("gc", LockMode::Exclusive, Some(wait))?
+            .ok_or_else(busy)?;
+        let gate = self
+            .lock("gate", LockMode::Shared, Some(wait))?
+            .ok_or_else(busy)?;
+        let _pin = self
+            .lock("writers", LockMode::Shared, Some(wait))?
+            .ok_or_else(busy)?;
         drop(gate);
         self.refresh_index()?;
 
@@ -217,7 +228,10 @@ impl TenantStore {
     fn finish_unlinking(&self) -> Result<(), StoreError> {
         let root = self.key("blobs");
         let backend = self.backend();
-        for fan in backend.list(&root).map_err(|e| StoreError::io("list", root.clone(), e))? {
+        for fan in backend
+            .list(&root)
+            .map_err(|e| StoreError::io("list", root.clone(), e))?
+        {
             let dir = format!("{root}/{fan}");
             backend
                 .remove_empty_dir(&dir)

@@ -35,7 +35,11 @@ fn commit_blobs(t: &TenantStore, pieces: &[Vec<u8>]) -> (SnapshotId, Vec<ChunkRe
     let n = t.next_snapshot_number(&job()).unwrap();
     let mut w = t.begin(&job(), n).unwrap();
     let chunks: Vec<ChunkRef> = pieces.iter().map(|p| w.put_chunk(p).unwrap()).collect();
-    let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Canonical);
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
     m.tasks.push(TaskState {
         key: TaskKey::new("op", 0),
         state: TaskStateData::Canonical {
@@ -111,10 +115,7 @@ fn packs_are_sealed_at_the_target_size() {
 fn an_incremental_commit_costs_three_file_and_three_directory_fsyncs() {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(LocalDir::open(dir.path()).unwrap());
-    let options = StoreOptions {
-        sync: true,
-        ..opts()
-    };
+    let options = StoreOptions { sync: true, ..opts() };
     let store = Store::with_backend(backend.clone(), options, "test").unwrap();
     let t = store.tenant("t1").unwrap();
     let mut image = noise(1, 64 * 65_536);
@@ -173,21 +174,43 @@ fn gc_repacks_a_mostly_dead_pack_and_consolidates_the_indexes() {
     assert_eq!(files(dir.path(), "index").len(), 3);
     let report = t.gc().unwrap();
     assert_eq!(report.packs_rewritten, 1, "{report:?}");
-    assert_eq!(report.packs_removed, 2, "the repacked one and the dead one: {report:?}");
-    assert_eq!(report.blobs_removed, 9, "8 of the first, 1 of the third: {report:?}");
-    assert!(report.bytes_rewritten > 80_000 && report.bytes_rewritten < 90_000, "{report:?}");
+    assert_eq!(
+        report.packs_removed, 2,
+        "the repacked one and the dead one: {report:?}"
+    );
+    assert_eq!(
+        report.blobs_removed, 9,
+        "8 of the first, 1 of the third: {report:?}"
+    );
+    assert!(
+        report.bytes_rewritten > 80_000 && report.bytes_rewritten < 90_000,
+        "{report:?}"
+    );
     assert!(report.bytes_freed > 300_000, "{report:?}");
-    assert_eq!(report.index_files_merged, 4, "3 writers' and the repack's: {report:?}");
+    assert_eq!(
+        report.index_files_merged, 4,
+        "3 writers' and the repack's: {report:?}"
+    );
     assert_eq!(files(dir.path(), "index").len(), 1);
     assert_eq!(files(dir.path(), "packs").len(), 2);
-    assert_eq!(read(&t, &few, &few_chunks), [&pieces[3][..], &pieces[7], &noise(99, 1000)].concat());
+    assert_eq!(
+        read(&t, &few, &few_chunks),
+        [&pieces[3][..], &pieces[7], &noise(99, 1000)].concat()
+    );
     assert!(dead_chunks[0].blob().is_some());
     let fsck = t.fsck().unwrap();
     assert!(fsck.is_clean(), "{fsck:?}");
     assert_eq!(fsck.unreferenced_blobs, 0, "{fsck:?}");
     // Nothing more to do: the next GC changes nothing.
     let again = t.gc().unwrap();
-    assert_eq!((again.packs_removed, again.packs_rewritten, again.index_files_merged), (0, 0, 0));
+    assert_eq!(
+        (
+            again.packs_removed,
+            again.packs_rewritten,
+            again.index_files_merged
+        ),
+        (0, 0, 0)
+    );
 }
 
 #[test]
@@ -206,7 +229,10 @@ fn a_lost_or_damaged_index_is_rebuilt_from_the_packs() {
     assert!(!report.is_clean());
     assert_eq!(report.damaged.len(), 2, "{report:?}");
     assert_eq!(report.damaged_indexes.len(), 1, "{report:?}");
-    assert!(report.damaged_indexes[0].contains("does not hash to its name"), "{report:?}");
+    assert!(
+        report.damaged_indexes[0].contains("does not hash to its name"),
+        "{report:?}"
+    );
     assert_eq!(report.unindexed_packs.len(), 2, "{report:?}");
     // GC refuses nothing but must not delete the unindexed live packs.
     let gc = fresh.gc().unwrap();
@@ -220,32 +246,57 @@ fn a_lost_or_damaged_index_is_rebuilt_from_the_packs() {
         std::fs::remove_file(f).unwrap();
     }
     let fresh = Store::open(dir.path(), opts()).unwrap().tenant("t1").unwrap();
-    assert!(fresh.read_chunks(&one, &TaskKey::new("op", 0), &one_chunks).is_err());
+    assert!(
+        fresh
+            .read_chunks(&one, &TaskKey::new("op", 0), &one_chunks)
+            .is_err()
+    );
     let repaired = fresh.repair_index().unwrap();
-    assert_eq!((repaired.packs_indexed, repaired.blobs_indexed), (2, 3), "{repaired:?}");
+    assert_eq!(
+        (repaired.packs_indexed, repaired.blobs_indexed),
+        (2, 3),
+        "{repaired:?}"
+    );
     assert!(fresh.fsck().unwrap().is_clean());
-    assert_eq!(read(&fresh, &one, &one_chunks), [noise(1, 10_000), noise(2, 10_000)].concat());
+    assert_eq!(
+        read(&fresh, &one, &one_chunks),
+        [noise(1, 10_000), noise(2, 10_000)].concat()
+    );
     assert_eq!(read(&fresh, &two, &two_chunks), noise(3, 10_000));
 }
 
 /// Writes a layout-1 store by hand: `store.json` version 1, loose blob
 /// files, one manifest.
 fn layout1_store(dir: &std::path::Path, pieces: &[Vec<u8>]) -> (SnapshotId, Vec<ChunkRef>) {
-    std::fs::write(dir.join("store.json"), br#"{"format":"memento-store","version":1}"#).unwrap();
+    std::fs::write(
+        dir.join("store.json"),
+        br#"{"format":"memento-store","version":1}"#,
+    )
+    .unwrap();
     let tenant = dir.join("tenants/t1");
     let mut chunks = Vec::new();
     for (i, p) in pieces.iter().enumerate() {
         let hash = BlobHash::of(p);
         let path = tenant.join(hash.rel_path());
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let codec = if i % 2 == 0 { Compression::None } else { Compression::Zstd { level: 1 } };
+        let codec = if i % 2 == 0 {
+            Compression::None
+        } else {
+            Compression::Zstd { level: 1 }
+        };
         std::fs::write(path, blob::encode(p, codec)).unwrap();
         chunks.push(ChunkRef::Blob {
             blob: hash,
             len: p.len() as u64,
         });
     }
-    let mut m = Manifest::new(job(), 1, SnapshotKind::Savepoint, Trigger::Manual, StateFormat::Canonical);
+    let mut m = Manifest::new(
+        job(),
+        1,
+        SnapshotKind::Savepoint,
+        Trigger::Manual,
+        StateFormat::Canonical,
+    );
     m.tasks.push(TaskState {
         key: TaskKey::new("op", 0),
         state: TaskStateData::Canonical {
@@ -270,7 +321,13 @@ fn a_layout1_store_is_read_written_in_packs_and_migrated() {
     assert!(t.fsck().unwrap().is_clean());
     // The quota counts the loose files as they are on disk.
     let on_disk: u64 = (0..6)
-        .map(|i| std::fs::metadata(dir.path().join("tenants/t1").join(BlobHash::of(&pieces[i]).rel_path())))
+        .map(|i| {
+            std::fs::metadata(
+                dir.path()
+                    .join("tenants/t1")
+                    .join(BlobHash::of(&pieces[i]).rel_path()),
+            )
+        })
         .map(|m| m.unwrap().len())
         .sum();
     assert_eq!(t.usage_bytes().unwrap(), on_disk);
@@ -300,7 +357,10 @@ fn a_layout1_store_is_read_written_in_packs_and_migrated() {
     assert!(fsck.is_clean(), "{fsck:?}");
     assert!(fsck.unindexed_packs.is_empty());
     assert_eq!(read(&fresh, &old, &old_chunks), pieces.concat());
-    assert_eq!(read(&fresh, &new, &new_chunks), [pieces[0].clone(), noise(50, 7000)].concat());
+    assert_eq!(
+        read(&fresh, &new, &new_chunks),
+        [pieces[0].clone(), noise(50, 7000)].concat()
+    );
     // Again: nothing left to do.
     let again = fresh.migrate_loose(&mut |_| {}).unwrap();
     assert_eq!((again.loose_blobs, again.blobs_packed), (0, 0));
@@ -314,7 +374,14 @@ fn an_interrupted_migration_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let pieces: Vec<Vec<u8>> = (0..4).map(|i| noise(i, 20_000)).collect();
     let (old, old_chunks) = layout1_store(dir.path(), &pieces);
-    let store = Store::open(dir.path(), StoreOptions { pack_size: 30_000, ..opts() }).unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            pack_size: 30_000,
+            ..opts()
+        },
+    )
+    .unwrap();
     let t = store.tenant("t1").unwrap();
     store.migrate(&mut |_| {}).unwrap();
     // As if killed after the packs and index were durable but before the
@@ -322,15 +389,28 @@ fn an_interrupted_migration_resumes() {
     for (i, p) in pieces.iter().enumerate() {
         let path = dir.path().join("tenants/t1").join(BlobHash::of(p).rel_path());
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, blob::encode(p, if i == 0 { Compression::Zstd { level: 1 } } else { Compression::None }))
-            .unwrap();
+        std::fs::write(
+            path,
+            blob::encode(
+                p,
+                if i == 0 {
+                    Compression::Zstd { level: 1 }
+                } else {
+                    Compression::None
+                },
+            ),
+        )
+        .unwrap();
     }
     let packs_before: HashSet<PathBuf> = files(dir.path(), "packs").into_iter().collect();
     let fresh = Store::open(dir.path(), opts()).unwrap();
     let report = fresh.migrate(&mut |_| {}).unwrap();
     assert_eq!(report.blobs_already_packed, 4, "{report:?}");
     assert_eq!((report.blobs_packed, report.loose_removed), (0, 4), "{report:?}");
-    assert_eq!(files(dir.path(), "packs").into_iter().collect::<HashSet<_>>(), packs_before);
+    assert_eq!(
+        files(dir.path(), "packs").into_iter().collect::<HashSet<_>>(),
+        packs_before
+    );
     let t2 = fresh.tenant("t1").unwrap();
     assert!(t2.fsck().unwrap().is_clean());
     assert_eq!(read(&t2, &old, &old_chunks), pieces.concat());
@@ -340,9 +420,16 @@ fn an_interrupted_migration_resumes() {
 #[test]
 fn a_newer_layout_is_refused_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("store.json"), br#"{"format":"memento-store","version":3}"#).unwrap();
+    std::fs::write(
+        dir.path().join("store.json"),
+        br#"{"format":"memento-store","version":3}"#,
+    )
+    .unwrap();
     let err = Store::open(dir.path(), opts()).unwrap_err().to_string();
-    assert!(err.ends_with("store layout version 3 (this build reads 1 and 2)"), "{err}");
+    assert!(
+        err.ends_with("store layout version 3 (this build reads 1 and 2)"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1);
 }
 
@@ -358,16 +445,25 @@ fn export_of_a_packed_snapshot_holds_exactly_its_blobs() {
     let mut m = w.manifest(SnapshotKind::Savepoint, Trigger::Manual, StateFormat::Canonical);
     m.tasks.push(TaskState {
         key: TaskKey::new("op", 0),
-        state: TaskStateData::Canonical { len: 50_000, chunks: vec![a] },
+        state: TaskStateData::Canonical {
+            len: 50_000,
+            chunks: vec![a],
+        },
     });
     let id = w.commit(m).unwrap();
     let mut archive = Vec::new();
     let summary = t.export(&id, &mut archive, "mem", &mut |_| {}).unwrap();
     assert_eq!(summary.blobs, 1);
-    assert!(archive.len() < 50_000 + 2_000, "one blob, not the pack: {}", archive.len());
+    assert!(
+        archive.len() < 50_000 + 2_000,
+        "one blob, not the pack: {}",
+        archive.len()
+    );
     let dst = tempfile::tempdir().unwrap();
     let t2 = Store::open(dst.path(), opts()).unwrap().tenant("t1").unwrap();
-    let imported = t2.import(&mut archive.as_slice(), "mem", None, &mut |_| {}).unwrap();
+    let imported = t2
+        .import(&mut archive.as_slice(), "mem", None, &mut |_| {})
+        .unwrap();
     assert_eq!(read(&t2, &imported.id, &[a]), noise(1, 50_000));
     assert!(t2.fsck().unwrap().is_clean());
 }
