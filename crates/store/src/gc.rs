@@ -284,8 +284,9 @@ impl TenantStore {
         };
         let old_index: Vec<BlobHash> = self.list_index_files()?;
         let (bytes, index_name) = consolidated.encode();
-        let needs_index =
-            !consolidated.packs.is_empty() && !(old_index.len() == 1 && old_index[0] == index_name);
+        // Nothing changed since the last GC: its index is the one.
+        let unchanged = old_index.len() == 1 && old_index[0] == index_name;
+        let needs_index = !consolidated.packs.is_empty() && !unchanged;
         if needs_index {
             let key = self.index_key(&index_name);
             backend
@@ -380,7 +381,6 @@ impl TenantStore {
     /// Every pack that an intact index file names and that exists, with
     /// every blob the index files give it; and the index files read.
     fn packs_as_indexed(&self) -> Result<(HashMap<BlobHash, PackInfo>, HashSet<BlobHash>), StoreError> {
-        let present = self.list_packs()?;
         let mut packs: HashMap<BlobHash, PackInfo> = HashMap::new();
         let mut read = HashSet::new();
         for name in self.list_index_files()? {
@@ -389,17 +389,20 @@ impl TenantStore {
                 continue;
             };
             for (pack, len, entries) in &file.packs {
-                if present.contains(pack) {
-                    packs
-                        .entry(*pack)
-                        .or_insert(PackInfo {
-                            len: *len,
-                            entries: Vec::new(),
-                        })
-                        .add(entries);
-                }
+                packs
+                    .entry(*pack)
+                    .or_insert(PackInfo {
+                        len: *len,
+                        entries: Vec::new(),
+                    })
+                    .add(entries);
             }
         }
+        // Listed after the index files: a pack published meanwhile then
+        // looks unindexed (and is walked), never indexed-but-absent. A pack
+        // an index names that does not exist is dropped.
+        let present = self.list_packs()?;
+        packs.retain(|name, _| present.contains(name));
         Ok((packs, read))
     }
 
