@@ -29,8 +29,11 @@ const PACK_LEN: u64 = 40;
 const ENTRY_LEN: u64 = 52;
 /// Most packs one index may list.
 pub(crate) const MAX_PACKS: u32 = 1 << 20;
-/// Most entries one index may hold.
-pub(crate) const MAX_ENTRIES: u32 = 1 << 26;
+/// Most entries one index may hold (4 TiB of 256 KiB chunks).
+pub(crate) const MAX_ENTRIES: u32 = 1 << 24;
+/// Largest index file a reader loads: what the maxima above take.
+pub(crate) const MAX_INDEX_LEN: u64 =
+    HEADER_LEN + PACK_LEN * MAX_PACKS as u64 + ENTRY_LEN * MAX_ENTRIES as u64;
 
 /// The packs one index describes, with their blobs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

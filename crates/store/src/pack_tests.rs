@@ -84,6 +84,11 @@ fn a_snapshot_is_one_pack_and_one_index_and_blobs_are_found_through_them() {
     assert!(other.fsck().unwrap().is_clean());
     let store = std::fs::read_to_string(dir.path().join("store.json")).unwrap();
     assert!(store.contains("\"version\": 2"), "{store}");
+    // A fresh handle's first question is answered from the index files too.
+    let third = Store::open(dir.path(), opts()).unwrap().tenant("t1").unwrap();
+    assert_eq!(third.next_intact_before(&id2).unwrap(), Some(id));
+    let fourth = Store::open(dir.path(), opts()).unwrap().tenant("t1").unwrap();
+    assert!(fourth.usage_bytes().unwrap() > 20 * 30_000);
 }
 
 #[test]

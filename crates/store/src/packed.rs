@@ -8,7 +8,7 @@ use std::io;
 
 use crate::backend::Staged;
 use crate::blob::{self, BlobHash, BlobProblem};
-use crate::index::{IndexFile, MergedIndex, index_path, pack_path};
+use crate::index::{IndexFile, MAX_INDEX_LEN, MergedIndex, index_path, pack_path};
 use crate::pack::{self, Entry, SealedPack};
 use crate::{StoreError, TenantStore};
 
@@ -53,6 +53,16 @@ impl TenantStore {
     /// Reads and checks one index file.
     pub(crate) fn read_index_file(&self, name: &BlobHash) -> Result<Result<IndexFile, String>, StoreError> {
         let key = self.index_key(name);
+        // Bounded before it is read whole: the store is shared by tenants.
+        match self.backend().size(&key) {
+            Ok(Some(len)) if len > MAX_INDEX_LEN => {
+                return Ok(Err(format!(
+                    "is {len} bytes, more than an index may hold ({MAX_INDEX_LEN})"
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(StoreError::io("stat index", key, e)),
+        }
         match self.backend().read(&key) {
             Ok(bytes) => Ok(IndexFile::parse(&bytes, name)),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(Err(e.to_string())),

@@ -392,6 +392,7 @@ impl TenantStore {
     /// # Errors
     /// I/O errors listing the job.
     pub fn next_intact_before(&self, id: &SnapshotId) -> Result<Option<SnapshotId>, StoreError> {
+        self.refresh_index()?;
         for older in self.list_ids(id.job())?.into_iter().rev() {
             if older.number() >= id.number() {
                 continue;
