@@ -541,7 +541,7 @@ impl Backend for LocalDir {
             .root
             .open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
         Ok(Box::new(LocalAppend {
-            file: io::BufWriter::with_capacity(1 << 20, file.into_std()),
+            file: io::BufWriter::with_capacity(64 << 10, file.into_std()),
             tmp,
         }))
     }
