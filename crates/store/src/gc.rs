@@ -1,11 +1,17 @@
-//! Garbage collection: mark and sweep of a tenant's blobs.
+//! Garbage collection: mark, repack and sweep of a tenant's packs (and
+//! loose layout-1 blobs).
 //!
-//! Mark reads every manifest without any lock (writers keep going). Sweep
-//! then closes the gate to new writers, waits for the writers in progress
-//! to finish (their pins are shared locks, the sweep needs it exclusively),
-//! re-reads the manifests committed meanwhile and deletes the blobs still
-//! unreferenced. Writers that were waiting at the gate start after the sweep
-//! and find deleted blobs missing, so they write them again.
+//! Mark reads every manifest and index file without any lock (writers keep
+//! going), and walks the headers of any pack no index describes. Repack,
+//! pinned like a writer, copies the referenced blobs of mostly dead packs
+//! into new packs and publishes them with their index. Sweep then closes
+//! the gate to new writers, waits for the writers in progress to finish
+//! (their pins are shared locks, the sweep needs it exclusively), re-reads
+//! the manifests and index files committed meanwhile, writes one index for
+//! every pack it keeps, and only then deletes the other index files, the
+//! dead and repacked packs and the unreferenced loose blobs. Writers that
+//! were waiting at the gate start after the sweep, refresh their index and
+//! find deleted blobs missing, so they write them again.
 //!
 //! A manifest that does not parse stops GC: its references are unknown, and
 //! deleting blobs it might use could destroy a snapshot that a newer build
@@ -189,7 +195,7 @@ impl TenantStore {
                     )
                 })
                 .collect();
-            if let Some(index) = self.publish_packs(sealed, &[])? {
+            if let Some(index) = self.publish_packs(sealed)? {
                 seen_index.insert(index);
             }
             drop(pin);

@@ -2,8 +2,8 @@
 //!
 //! One directory holds every checkpoint and savepoint of every job, per
 //! tenant: task state is cut into chunks stored once as blobs named by their
-//! blake3 hash, and each snapshot is a small JSON [`Manifest`] referencing
-//! blobs by hash. Checkpoints and savepoints therefore share storage and
+//! blake3 hash, many blobs to a pack file found through index files, and
+//! each snapshot is a small JSON [`Manifest`] referencing blobs by hash. Checkpoints and savepoints therefore share storage and
 //! dedupe against each other, and are listed, read, exported and garbage
 //! collected the same way. The on-disk format is specified in
 //! `docs/STORAGE.md`.
@@ -36,12 +36,16 @@
 //!
 //! # Concepts
 //!
-//! * **Write order** (what makes crashes harmless): new blobs are *staged*
-//!   in temporary files while the snapshot is written; at commit they are
-//!   synced and renamed into place as one batch, their directories synced,
-//!   and the manifest is written last and never overwritten. A snapshot
-//!   exists exactly when its manifest does, a manifest only ever names
-//!   durable blobs, and an aborted snapshot leaves nothing behind.
+//! * **Write order** (what makes crashes harmless): new blobs are appended
+//!   to a temporary pack while the snapshot is written; at commit the packs
+//!   are made durable and renamed into place, then their index, their
+//!   directories synced, and the manifest is written last and never
+//!   overwritten. A snapshot exists exactly when its manifest does, a
+//!   manifest only ever names blobs in durable, indexed packs, and an
+//!   aborted snapshot leaves nothing behind.
+//! * **Layouts**: a fresh store is layout 2 (packs); a layout-1 store (one
+//!   file per blob) is read as it is, raised to layout 2 by its first
+//!   writer, and its loose blobs are packed by [`Store::migrate`].
 //! * **Pins**: a [`SnapshotWriter`] holds a shared lock from `begin` until
 //!   commit, abort or drop; [`TenantStore::gc`] deletes only while holding it
 //!   exclusively, so blobs of snapshots in progress (in this process or any

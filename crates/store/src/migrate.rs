@@ -203,7 +203,7 @@ impl TenantStore {
         hashes: &mut Vec<BlobHash>,
         report: &mut MigrateReport,
     ) -> Result<(), StoreError> {
-        self.publish_packs(vec![sealed], &[])?;
+        self.publish_packs(vec![sealed])?;
         report.packs_written += 1;
         for hash in hashes.drain(..) {
             self.unlink_loose(&hash, report)?;

@@ -232,27 +232,18 @@ impl TenantStore {
     }
 
     /// Publishes sealed packs and their index in the write order: the
-    /// packs', the index's and `also`'s bytes made durable in one round,
-    /// the packs renamed into `packs/`, the index into `index/`, both
+    /// packs' and the index's bytes made durable in one round, the packs
+    /// renamed into `packs/`, then the index into `index/`, both
     /// directories synced; then the index joins the merged index. Returns
     /// the index's name (`None` if there were no packs). Temporary packs
     /// are discarded on error.
     ///
     /// # Errors
     /// I/O errors.
-    pub(crate) fn publish_packs(
-        &self,
-        packs: Vec<SealedPack>,
-        also: &[&Staged],
-    ) -> Result<Option<BlobHash>, StoreError> {
+    pub(crate) fn publish_packs(&self, packs: Vec<SealedPack>) -> Result<Option<BlobHash>, StoreError> {
         let backend = self.backend();
         let sync = self.options().sync;
         if packs.is_empty() {
-            if sync {
-                backend
-                    .sync_staged(also)
-                    .map_err(|e| StoreError::io("sync", self.key("snapshots"), e))?;
-            }
             return Ok(None);
         }
         let file = IndexFile {
@@ -275,7 +266,6 @@ impl TenantStore {
             if sync {
                 let mut all: Vec<&Staged> = packs.iter().map(|p| &p.staged).collect();
                 all.push(&staged_index);
-                all.extend_from_slice(also);
                 backend
                     .sync_staged(&all)
                     .map_err(|e| StoreError::io("sync packs", self.key("packs"), e))?;

@@ -50,6 +50,7 @@ impl TenantStore {
             seen: Mutex::new(HashMap::new()),
             open: Mutex::new(None),
             sealed: Mutex::new(Vec::new()),
+            broken: std::sync::atomic::AtomicBool::new(false),
             written: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
@@ -95,6 +96,9 @@ pub(crate) struct WriterShared {
     /// Packs written and closed, published at commit (one durability
     /// batch), discarded on abort.
     pub(crate) sealed: Mutex<Vec<SealedPack>>,
+    /// Set when writing a pack failed: blobs this writer claimed may be in
+    /// no pack, so it must never commit.
+    pub(crate) broken: std::sync::atomic::AtomicBool,
     pub(crate) written: AtomicU64,
     pub(crate) new_bytes: AtomicU64,
     pub(crate) stored_bytes: AtomicU64,
@@ -249,7 +253,10 @@ impl BlobWriter {
         }
         let file = encode();
         let backend = tenant.backend();
-        let io = |e| StoreError::io("write pack", tenant.key("packs"), e);
+        let io = |e| {
+            s.broken.store(true, Ordering::Relaxed);
+            StoreError::io("write pack", tenant.key("packs"), e)
+        };
         let sealed = {
             let mut open = s.open.lock().unwrap();
             if open.is_none() {
@@ -404,6 +411,11 @@ impl SnapshotWriter {
                 manifest.id, manifest.job, manifest.number
             )));
         }
+        if s.broken.load(Ordering::Relaxed) {
+            return Err(mismatch(
+                "writing one of its packs failed earlier, so some of its blobs may be in no pack".into(),
+            ));
+        }
         manifest.schema_version = MANIFEST_SCHEMA_VERSION;
         manifest.status = SnapshotStatus::Complete;
         manifest.check_lengths().map_err(mismatch)?;
@@ -511,7 +523,7 @@ impl SnapshotWriter {
             s.sealed.lock().unwrap().push(sealed);
         }
         let sealed = std::mem::take(&mut *s.sealed.lock().unwrap());
-        tenant.publish_packs(sealed, &[])?;
+        tenant.publish_packs(sealed)?;
         manifest.completed_at_ms = now_ms();
         manifest.figures.commit_ms = commit_start.elapsed().as_millis() as u64;
         let key = tenant.manifest_key(&s.id);
