@@ -474,6 +474,9 @@ fn export_of_a_packed_snapshot_holds_exactly_its_blobs() {
     assert!(t2.fsck().unwrap().is_clean());
 }
 
+/// A snapshot kept to the end, its chunks and its bytes.
+type Kept = (SnapshotId, Vec<ChunkRef>, Vec<u8>);
+
 /// Writers that keep one blob of each earlier snapshot (so the packs of
 /// deleted snapshots become 25 % live and get repacked) race a GC looping
 /// on another handle (another process's view of the index files). Every
@@ -485,7 +488,7 @@ fn gc_with_repacks_concurrent_with_writers_on_another_handle_is_safe() {
     let writers = Store::open(dir.path(), opts()).unwrap().tenant("t1").unwrap();
     let collector = Store::open(dir.path(), opts()).unwrap().tenant("t1").unwrap();
     let piece = |w: u64, i: u64, k: u64| noise(w * 10_000 + i * 10 + k, 20_000);
-    let kept: Mutex<Vec<(SnapshotId, Vec<ChunkRef>, Vec<u8>)>> = Mutex::new(Vec::new());
+    let kept: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
     let rewritten = std::sync::atomic::AtomicUsize::new(0);
     let done = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
