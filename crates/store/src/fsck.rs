@@ -11,7 +11,7 @@ use super::backend::{LockMode, PutMode};
 use super::blob::BlobHash;
 use super::blob::BlobProblem;
 use super::error::StoreError;
-use super::index::IndexFile;
+use super::index::{IndexFile, MAX_ENTRIES, MAX_PACKS};
 use super::pack::{self, Entry};
 use super::tenant::manifest_at;
 use super::{SnapshotId, TenantStore};
@@ -386,8 +386,8 @@ impl TenantStore {
             file.packs.push((name, len, check.good));
         }
         let sync = self.options().sync;
-        if !file.packs.is_empty() {
-            let (bytes, name) = file.encode();
+        for part in file.split(MAX_PACKS as usize, MAX_ENTRIES as usize) {
+            let (bytes, name) = part.encode();
             let key = self.index_key(&name);
             self.backend()
                 .put(&key, &bytes, PutMode::Replace, sync)

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::backend::{LockGuard, LockMode};
 use super::blob::BlobHash;
 use super::error::StoreError;
-use super::index::IndexFile;
+use super::index::{IndexFile, MAX_ENTRIES, MAX_PACKS};
 use super::name::SnapshotId;
 use super::pack::{self, Entry, PackWriter, SealedPack};
 use super::{TenantStore, unique_blobs};
@@ -31,6 +31,12 @@ use super::{TenantStore, unique_blobs};
 /// A pack whose referenced bytes are below this fraction of its blob bytes
 /// is rewritten with its referenced blobs only.
 pub const REPACK_LIVE_FRACTION: f64 = 0.5;
+
+/// A pack smaller than the target size over this is *small*.
+pub const SMALL_PACK_DIVISOR: u64 = 4;
+/// GC merges the small packs' referenced blobs into full-size packs once
+/// there are at least this many small packs.
+pub const SMALL_PACKS_TO_MERGE: usize = 32;
 
 /// What a GC run found, freed and rewrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -168,13 +174,22 @@ impl TenantStore {
 
         let mut doomed: HashSet<BlobHash> = HashSet::new();
         let mut to_repack: Vec<BlobHash> = Vec::new();
+        let mut small: Vec<BlobHash> = Vec::new();
         for (name, info) in &packs {
             let live = info.live_bytes(&referenced);
             if live == 0 {
                 doomed.insert(*name);
             } else if (live as f64) < info.total_bytes() as f64 * REPACK_LIVE_FRACTION {
                 to_repack.push(*name);
+            } else if info.len < self.options().pack_size / SMALL_PACK_DIVISOR {
+                small.push(*name);
             }
+        }
+        // Every incremental checkpoint of every task leaves a small pack;
+        // merged once there are many, each blob is rewritten about once.
+        if small.len() >= SMALL_PACKS_TO_MERGE {
+            small.sort();
+            to_repack.extend(small);
         }
 
         // Repack, pinned like a writer: the new packs and their index are
@@ -288,19 +303,28 @@ impl TenantStore {
                 .map(|(n, p)| (**n, p.len, p.entries.clone()))
                 .collect(),
         };
-        let old_index: Vec<BlobHash> = self.list_index_files()?;
-        let (bytes, index_name) = consolidated.encode();
-        // Nothing changed since the last GC: its index is the one.
-        let unchanged = old_index.len() == 1 && old_index[0] == index_name;
-        let needs_index = !consolidated.packs.is_empty() && !unchanged;
-        if needs_index {
-            let key = self.index_key(&index_name);
-            backend
-                .put(&key, &bytes, super::backend::PutMode::Replace, sync)
-                .and_then(|_| if sync { backend.flush() } else { Ok(()) })
-                .map_err(|e| StoreError::io("write index", key, e))?;
+        let encoded: Vec<(Vec<u8>, BlobHash)> = consolidated
+            .split(MAX_PACKS as usize, MAX_ENTRIES as usize)
+            .iter()
+            .map(IndexFile::encode)
+            .collect();
+        let new_index: HashSet<BlobHash> = encoded.iter().map(|(_, n)| *n).collect();
+        let old_index: HashSet<BlobHash> = self.list_index_files()?.into_iter().collect();
+        // Nothing changed since the last GC: its index files are the ones.
+        if old_index != new_index {
+            for (bytes, name) in &encoded {
+                let key = self.index_key(name);
+                backend
+                    .put(&key, bytes, super::backend::PutMode::Replace, sync)
+                    .map_err(|e| StoreError::io("write index", key, e))?;
+            }
+            if sync {
+                backend
+                    .flush()
+                    .map_err(|e| StoreError::io("sync", self.key("index"), e))?;
+            }
         }
-        for name in old_index.iter().filter(|n| **n != index_name) {
+        for name in old_index.difference(&new_index) {
             let key = self.index_key(name);
             if backend
                 .delete(&key)

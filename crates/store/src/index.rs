@@ -68,6 +68,32 @@ impl IndexFile {
         (out, name)
     }
 
+    /// Splits into index files each within `max_packs` and `max_entries`
+    /// (what a reader accepts), packs kept whole and in order. A pack with
+    /// more entries than one file may hold is left out (logged): its blobs
+    /// stay readable to GC and `fsck`, which walk unindexed packs.
+    pub(crate) fn split(self, max_packs: usize, max_entries: usize) -> Vec<IndexFile> {
+        let mut out: Vec<IndexFile> = Vec::new();
+        let mut current = IndexFile::default();
+        let mut entries = 0usize;
+        for pack in self.packs {
+            if pack.2.len() > max_entries {
+                tracing::warn!(pack = %pack.0, entries = pack.2.len(), "pack has too many blobs for one index");
+                continue;
+            }
+            if current.packs.len() == max_packs || entries + pack.2.len() > max_entries {
+                out.push(std::mem::take(&mut current));
+                entries = 0;
+            }
+            entries += pack.2.len();
+            current.packs.push(pack);
+        }
+        if !current.packs.is_empty() {
+            out.push(current);
+        }
+        out
+    }
+
     /// Parses an index file named `name`, checking every count, length and
     /// offset before using it.
     ///
@@ -230,6 +256,25 @@ mod tests {
         m.merge(name, &parsed);
         assert_eq!(m.blobs.len(), 3);
         assert_eq!(m.get(&BlobHash([3; 32])).unwrap().0, BlobHash([2; 32]));
+    }
+
+    #[test]
+    fn split_keeps_every_file_within_the_maxima() {
+        let files = sample().split(1, 10);
+        assert_eq!(files.len(), 2);
+        assert!(files.iter().all(|f| f.packs.len() == 1));
+        let files = sample().split(10, 2);
+        assert_eq!(
+            files.iter().map(|f| f.packs.len()).collect::<Vec<_>>(),
+            vec![1, 1]
+        );
+        let files = sample().split(10, 1);
+        assert_eq!(
+            files.len(),
+            1,
+            "the pack of 2 entries cannot be indexed: {files:?}"
+        );
+        assert_eq!(sample().split(10, 10), vec![sample()]);
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub use blob::{BlobHash, BlobProblem, Compression, MAX_CHUNK};
 pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
 pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport, RepairReport};
-pub use gc::{GcReport, REPACK_LIVE_FRACTION};
+pub use gc::{GcReport, REPACK_LIVE_FRACTION, SMALL_PACK_DIVISOR, SMALL_PACKS_TO_MERGE};
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, MAX_STATE_LEN, Manifest, MemoryImage, Retention, SnapshotKind,
     SnapshotStatus, SourcePosition, StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,

@@ -571,3 +571,29 @@ fn gc_with_repacks_concurrent_with_writers_on_another_handle_is_safe() {
     assert!(fsck.unindexed_packs.is_empty(), "{fsck:?}");
     assert_eq!(fsck.index_files_checked, 1, "{fsck:?}");
 }
+
+/// Many incremental checkpoints leave many small packs, all live: GC
+/// merges them into full-size packs once there are enough, and the
+/// snapshots still read back.
+#[test]
+fn gc_merges_many_small_live_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Store::open(dir.path(), opts()).unwrap().tenant("t1").unwrap();
+    let mut snapshots = Vec::new();
+    for i in 0..SMALL_PACKS_TO_MERGE as u64 {
+        let piece = noise(1000 + i, 10_000);
+        let (id, chunks) = commit_blobs(&t, std::slice::from_ref(&piece));
+        snapshots.push((id, chunks, piece));
+    }
+    assert_eq!(files(dir.path(), "packs").len(), SMALL_PACKS_TO_MERGE);
+    let report = t.gc().unwrap();
+    assert_eq!(report.packs_rewritten, SMALL_PACKS_TO_MERGE, "{report:?}");
+    assert_eq!(report.blobs_removed, 0, "{report:?}");
+    assert_eq!(files(dir.path(), "packs").len(), 1);
+    for (id, chunks, piece) in &snapshots {
+        assert_eq!(read(&t, id, chunks), *piece);
+    }
+    assert!(t.fsck().unwrap().is_clean());
+    // One merged pack is no longer "many": the next GC leaves it.
+    assert_eq!(t.gc().unwrap().packs_rewritten, 0);
+}
