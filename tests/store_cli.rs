@@ -1,5 +1,6 @@
 //! End-to-end tests of the store commands of the `memento` binary:
-//! `snapshots list|show`, `fsck`, `gc`, `savepoint export|import|dispose`,
+//! `snapshots list|show`, `fsck` (and `--repair-index`), `gc`,
+//! `store migrate`, `savepoint export|import|dispose`,
 //! and their errors on bad input. Snapshots are written through the library
 //! (no job needs to run); the binary is driven like a user would.
 
@@ -40,6 +41,24 @@ fn fails_with(o: Output, message: &str) {
         "stderr lacks {message:?}:\n{}",
         stderr(&o)
     );
+}
+
+/// The pack file holding blob `hash` and where its record's payload ends,
+/// found by reading the packs' records directly.
+fn record_of(dir: &Path, hash: BlobHash) -> (std::path::PathBuf, usize) {
+    for f in std::fs::read_dir(dir.join("tenants/default/packs")).unwrap() {
+        let path = f.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut at = 8usize;
+        while at + 44 <= bytes.len() {
+            let stored = u32::from_le_bytes(bytes[at + 40..at + 44].try_into().unwrap()) as usize;
+            if bytes[at..at + 32] == hash.0 {
+                return (path, at + 44 + stored);
+            }
+            at += 44 + stored;
+        }
+    }
+    panic!("blob {hash} is in no pack");
 }
 
 /// A store with a checkpoint (2 tasks) and a savepoint of job `wordcount`.
@@ -177,14 +196,10 @@ fn fsck_names_damaged_snapshots_and_exits_non_zero() {
 
     // Corrupt a blob both snapshots share.
     let hash = chunks[0].blob().unwrap();
-    let blob =
-        dir.path()
-            .join("tenants/default")
-            .join(format!("blobs/{}/{}", &hash.to_hex()[..2], hash.to_hex()));
-    let mut bytes = std::fs::read(&blob).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&blob, bytes).unwrap();
+    let (pack, end) = record_of(dir.path(), hash);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[end - 1] ^= 0xff;
+    std::fs::write(&pack, bytes).unwrap();
     let o = memento(dir.path(), &["fsck"]);
     assert!(!o.status.success());
     let out = stdout(&o);
@@ -315,4 +330,107 @@ fn export_import_dispose_and_gc() {
         out.starts_with(&format!("removed {} blobs", chunks.len())),
         "{out}"
     );
+}
+
+#[test]
+fn fsck_repair_index_rebuilds_lost_index_files_from_the_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    populated(dir.path());
+    for f in std::fs::read_dir(dir.path().join("tenants/default/index")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    let o = memento(dir.path(), &["fsck"]);
+    assert!(!o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("DAMAGED wordcount-000001"), "{out}");
+    assert!(out.contains("UNINDEXED tenants/default/packs/"), "{out}");
+    assert!(out.contains("blob is missing"), "{out}");
+    let out = ok(memento(dir.path(), &["fsck", "--repair-index"]));
+    assert!(out.contains("repaired the index: "), "{out}");
+    assert!(out.contains("of 1 packs indexed from the packs"), "{out}");
+    assert!(out.contains("0 damaged"), "{out}");
+    let out = ok(memento(dir.path(), &["fsck"]));
+    assert!(!out.contains("UNINDEXED"), "{out}");
+}
+
+#[test]
+fn store_migrate_packs_a_layout1_store_and_a_fresh_store_needs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // A layout-1 store as the previous build wrote it: loose blob files.
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join("store.json"),
+        br#"{"format":"memento-store","version":1}"#,
+    )
+    .unwrap();
+    let tenant = dir.path().join("tenants/default");
+    let job = JobName::new("wordcount").unwrap();
+    let pieces: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i + 1; 10_000 + i as usize]).collect();
+    let mut chunks = Vec::new();
+    for p in &pieces {
+        let hash = BlobHash::of(p);
+        let hex = hash.to_hex();
+        let path = tenant.join(format!("blobs/{}/{hex}", &hex[..2]));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut file = b"MBLB\x01\x00".to_vec();
+        file.extend_from_slice(p);
+        std::fs::write(path, file).unwrap();
+        chunks.push(ChunkRef::Blob {
+            blob: hash,
+            len: p.len() as u64,
+        });
+    }
+    let mut m = Manifest::new(
+        job,
+        1,
+        SnapshotKind::Savepoint,
+        Trigger::Manual,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("count", 0),
+        state: TaskStateData::Canonical {
+            len: pieces.iter().map(|p| p.len() as u64).sum(),
+            chunks,
+        },
+    });
+    std::fs::create_dir_all(tenant.join("snapshots/wordcount")).unwrap();
+    std::fs::write(
+        tenant.join("snapshots/wordcount/wordcount-000001.json"),
+        m.to_json(),
+    )
+    .unwrap();
+
+    // Read as it is.
+    assert!(ok(memento(dir.path(), &["snapshots", "list"])).contains("wordcount-000001"));
+    assert!(ok(memento(dir.path(), &["fsck"])).contains("0 damaged"));
+    let out = ok(memento(dir.path(), &["store", "migrate"]));
+    assert!(
+        out.starts_with("store layout 1 -> 2: packed 5 loose blobs"),
+        "{out}"
+    );
+    assert!(out.contains("removed 5 loose files"), "{out}");
+    assert!(!tenant.join("blobs").exists());
+    let out = ok(memento(dir.path(), &["fsck"]));
+    assert!(out.contains("checked 1 snapshots, 5 blobs"), "{out}");
+    assert!(out.contains("1 packs"), "{out}");
+    let file = dir.path().join("x.arc");
+    ok(memento(
+        dir.path(),
+        &["savepoint", "export", "wordcount-1", file.to_str().unwrap()],
+    ));
+    // Again, and on a fresh store: nothing to do.
+    let out = ok(memento(dir.path(), &["store", "migrate"]));
+    assert!(
+        out.starts_with("store layout 2 -> 2: packed 0 loose blobs"),
+        "{out}"
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    populated(fresh.path());
+    let out = ok(memento(fresh.path(), &["store", "migrate"]));
+    assert!(
+        out.starts_with("store layout 2 -> 2: packed 0 loose blobs"),
+        "{out}"
+    );
+    assert!(ok(memento(fresh.path(), &["fsck"])).contains("0 damaged"));
 }

@@ -215,6 +215,119 @@ fn main() {
     }
     println!();
 
+    // Durable files per checkpoint, counted at the backend.
+    println!("## fsyncs per checkpoint (fsyncs on, 64 MiB image, 1 % of chunks changed)");
+    println!();
+    println!("| checkpoint | file fsyncs | directory fsyncs | of which the counter's |");
+    println!("|---|---|---|---|");
+    {
+        let dir = fresh_dir(&base, "fsyncs");
+        let backend = std::sync::Arc::new(LocalDir::open(&dir).unwrap());
+        let store = Store::with_backend(backend.clone(), options(Compression::default()), "bench").unwrap();
+        let t = store.tenant("bench").unwrap();
+        let job = JobName::new("j").unwrap();
+        let mut image = memory_image(64 * MIB, 11);
+        write_snapshot(&t, &job, &image, DEFAULT_FIXED_CHUNK);
+        let mut rng = Rng(5);
+        for (what, fraction) in [
+            ("incremental, 1 % changed", Some(0.01)),
+            ("unchanged (a savepoint after a checkpoint)", None),
+        ] {
+            if let Some(f) = fraction {
+                dirty(&mut image, DEFAULT_FIXED_CHUNK, f, &mut rng);
+            }
+            let before = backend.sync_counts();
+            let n = t.next_snapshot_number(&job).unwrap();
+            let counter = backend.sync_counts();
+            let mut w = t.begin(&job, n).unwrap();
+            let chunks = w.put_chunks_fixed(&image, DEFAULT_FIXED_CHUNK).unwrap();
+            let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Native);
+            m.tasks.push(TaskState {
+                key: TaskKey::new("op", 0),
+                state: TaskStateData::Native {
+                    memories: vec![MemoryImage::new(
+                        0,
+                        image.len() as u64,
+                        DEFAULT_FIXED_CHUNK as u64,
+                        chunks,
+                    )],
+                    extra: serde_json::Value::Null,
+                },
+            });
+            w.commit(m).unwrap();
+            let after = backend.sync_counts();
+            println!(
+                "| {what} | {} | {} | {} + {} |",
+                after.files - before.files,
+                after.dirs - before.dirs,
+                counter.files - before.files,
+                counter.dirs - before.dirs
+            );
+        }
+    }
+    println!();
+
+    // Pack size: full writes at several targets (the default's reason).
+    let pack_len = sizes.iter().copied().max().unwrap_or(256).min(1024) * MIB;
+    let pack_image = memory_image(pack_len, 42);
+    let pack_path = fresh_dir(&base, "raw").join("image");
+    let (t_pack_disk, _) = time_with(
+        reps,
+        || {
+            let _ = std::fs::remove_file(&pack_path);
+        },
+        |()| {
+            let mut f = std::fs::File::create(&pack_path).unwrap();
+            f.write_all(&pack_image).unwrap();
+            f.sync_all().unwrap();
+        },
+    );
+    let _ = std::fs::remove_file(&pack_path);
+    let (t_pack_blake3, _) = time(reps, || blake3::hash(&pack_image));
+    let pack_limit = t_pack_blake3.max(t_pack_disk);
+    println!(
+        "## Pack size ({} MiB image, full write with fsync; limit {} in the same run)",
+        pack_len / MIB,
+        ms(pack_limit)
+    );
+    println!();
+    println!("| pack size | packs | full write | full / limit | read back |");
+    println!("|---|---|---|---|---|");
+    for pack_mib in [1u64, 4, 16, 64] {
+        let opts = StoreOptions {
+            pack_size: pack_mib << 20,
+            ..options(Compression::default())
+        };
+        let (t_write, m) = time_with(
+            reps,
+            || {
+                let dir = fresh_dir(&base, "packsize");
+                Store::open(&dir, opts.clone()).unwrap().tenant("bench").unwrap()
+            },
+            |t| write_snapshot(&t, &JobName::new("j").unwrap(), &pack_image, DEFAULT_FIXED_CHUNK),
+        );
+        let packs = std::fs::read_dir(base.join("packsize/tenants/bench/packs"))
+            .unwrap()
+            .count();
+        let t = Store::open(&base.join("packsize"), opts.clone())
+            .unwrap()
+            .tenant("bench")
+            .unwrap();
+        let chunks = chunks_of(&m);
+        let (t_read, _) = time(reps, || {
+            t.read_chunks(&m.id, &TaskKey::new("op", 0), &chunks).unwrap()
+        });
+        println!(
+            "| {pack_mib} MiB | {packs} | {} ({}) | {:.2} | {} |",
+            mibs(pack_len, t_write),
+            ms(t_write),
+            t_write.as_secs_f64() / pack_limit.as_secs_f64(),
+            mibs(pack_len, t_read)
+        );
+    }
+    drop(pack_image);
+    println!();
+
     // Codec and chunk size choices, on 256 MiB (or the smallest size given).
     let len = sizes.iter().copied().find(|&s| s >= 256).unwrap_or(sizes[0]) * MIB;
     let image = memory_image(len, 42);
@@ -376,14 +489,20 @@ fn main() {
     let start = Instant::now();
     let again = t.gc().unwrap();
     let t_gc_again = start.elapsed();
-    println!("| snapshots | blobs | removed | freed | gc | writers held back | gc, nothing to free |");
-    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {} ms | {} ({} removed) |",
+        "| snapshots | blobs | packs | removed | freed | packs removed / rewritten | bytes rewritten | gc | writers held back | gc, nothing to free |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} ms | {} ({} removed) |",
         report.snapshots,
         report.blobs_scanned,
+        report.packs_scanned,
         report.blobs_removed,
         report.bytes_freed,
+        report.packs_removed,
+        report.packs_rewritten,
+        report.bytes_rewritten,
         ms(t_gc),
         report.exclusive_ms,
         ms(t_gc_again),

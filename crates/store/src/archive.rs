@@ -29,6 +29,7 @@ use super::blob::{self, BLOB_HEADER_LEN, BlobHash};
 use super::error::StoreError;
 use super::manifest::{Manifest, Trigger};
 use super::name::SnapshotId;
+use super::packed::Found;
 use super::{BadChunk, TenantStore};
 
 /// Archive magic.
@@ -96,6 +97,16 @@ fn arch_err(name: &str, reason: impl Into<String>) -> StoreError {
 }
 
 impl TenantStore {
+    /// Bytes blob `hash` takes in an archive (its blob file), for the
+    /// progress total; 0 if it is missing (the export then fails on it).
+    fn archived_blob_len(&self, hash: &BlobHash) -> Result<u64, StoreError> {
+        Ok(match self.find_blob(hash)? {
+            Some(Found::Packed { entry, .. }) => u64::from(entry.stored) + BLOB_HEADER_LEN as u64,
+            Some(Found::Loose { size }) => size,
+            None => 0,
+        })
+    }
+
     /// Writes snapshot `id` with all its blobs to `out` as an archive. Every
     /// blob is verified while being exported, so a damaged snapshot fails
     /// here rather than at import.
@@ -124,8 +135,9 @@ impl TenantStore {
             }
         }
         let mut total = 16 + 4 + 9 + json.len() as u64 + 41;
+        self.refresh_index()?;
         for (h, ..) in &order {
-            total += 49 + self.blob_size(h)?.unwrap_or(0);
+            total += 49 + self.archived_blob_len(h)?;
         }
         let io_err = |e: io::Error| arch_err(name, format!("write failed: {e}"));
         let mut w = Tee {
@@ -149,14 +161,9 @@ impl TenantStore {
                     next_intact: self.next_intact_before(id).unwrap_or(None),
                 }))
             };
-            let file = match self.backend().read(&self.blob_key(hash)) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(bad(super::BlobProblem::Missing));
-                }
-                Err(e) => return Err(bad(super::BlobProblem::Unreadable(e.to_string()))),
-            };
-            blob::decode(&file, hash, Some(*len)).map_err(bad)?;
+            // As a layout-1 blob file, whether it is packed or loose: an
+            // archive holds exactly the snapshot's blobs, never whole packs.
+            let file = self.read_blob_file(hash, *len).map_err(bad)?;
             w.write_all(b"B").map_err(io_err)?;
             w.write_all(&hash.0).map_err(io_err)?;
             w.write_all(&len.to_le_bytes()).map_err(io_err)?;

@@ -78,6 +78,34 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Size of the object in bytes, `None` if absent.
     fn size(&self, key: &str) -> io::Result<Option<u64>>;
 
+    /// Reads exactly `buf.len()` bytes of the object starting at `offset`
+    /// (a range of a pack). A range past the end is an error of kind
+    /// `UnexpectedEof`. The default reads the whole object.
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let all = self.read(key)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let piece = start
+            .checked_add(buf.len())
+            .and_then(|end| all.get(start..end))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "range past the end"))?;
+        buf.copy_from_slice(piece);
+        Ok(())
+    }
+
+    /// Opens a staged object that is written by appending (a pack, blob by
+    /// blob), so a writer never holds a whole pack in memory. Finished, it
+    /// is published like any [`Staged`] object.
+    fn stage_append(&self) -> io::Result<Box<dyn StagedAppend>>;
+
+    /// Makes the bytes of staged objects durable, all at once (one round
+    /// of disk barriers rather than one per object).
+    fn sync_staged(&self, items: &[&Staged]) -> io::Result<()>;
+
+    /// Makes one staged object (whose bytes are already durable, see
+    /// [`Backend::sync_staged`]) visible under `key` unless an object is
+    /// there; `false` (and the staged object dropped) if one was.
+    fn publish_new(&self, staged: &Staged, key: &str) -> io::Result<bool>;
+
     /// Stores `data` under `key` atomically. With `sync`, the bytes are durable
     /// before the object becomes visible (its name becomes durable at the
     /// next `flush`). Returns `false` if `mode` is `NoReplace` and the object
@@ -104,6 +132,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Deletes the object; `false` if it did not exist.
     fn delete(&self, key: &str) -> io::Result<bool>;
 
+    /// Removes the "directory" `key` if it is empty; `false` if it is not
+    /// (or does not exist). Object stores have no directories: the default
+    /// does nothing.
+    fn remove_empty_dir(&self, key: &str) -> io::Result<bool> {
+        let _ = key;
+        Ok(false)
+    }
+
     /// Names directly under the "directory" `prefix` (no trailing `/`), in no
     /// particular order; empty if there is none.
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
@@ -128,6 +164,35 @@ pub trait Backend: Send + Sync + fmt::Debug {
 /// handle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Staged(pub String);
+
+/// A staged object being written by appending (see
+/// [`Backend::stage_append`]).
+pub trait StagedAppend: Send + fmt::Debug {
+    /// Appends `data`.
+    ///
+    /// # Errors
+    /// Any I/O error; the object is then unusable (discard it).
+    fn append(&mut self, data: &[u8]) -> io::Result<()>;
+
+    /// Ends the writing and, with `sync`, starts the write-back without
+    /// waiting; the object is then published or discarded as a [`Staged`].
+    ///
+    /// # Errors
+    /// Any I/O error.
+    fn finish(self: Box<Self>, sync: bool) -> io::Result<Staged>;
+
+    /// The staged object, to discard if writing fails half-way.
+    fn staged(&self) -> Staged;
+}
+
+/// `fsync` calls a [`LocalDir`] made, for the benchmarks' counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncCounts {
+    /// `fsync`/`fdatasync` of files.
+    pub files: u64,
+    /// `fsync` of directories.
+    pub dirs: u64,
+}
 
 /// Rejects keys that are empty, absolute or contain `.`/`..`/empty
 /// components or NUL. Callers build keys from validated names; this is the
@@ -169,6 +234,8 @@ pub struct LocalDir {
     next_tmp: AtomicU64,
     /// Directories with renames or deletes not yet fsynced.
     dirty_dirs: Mutex<BTreeSet<String>>,
+    file_syncs: AtomicU64,
+    dir_syncs: AtomicU64,
 }
 
 impl fmt::Debug for LocalDir {
@@ -258,7 +325,27 @@ impl LocalDir {
             _owner_lock: lock,
             next_tmp: AtomicU64::new(0),
             dirty_dirs: Mutex::new(BTreeSet::new()),
+            file_syncs: AtomicU64::new(0),
+            dir_syncs: AtomicU64::new(0),
         })
+    }
+
+    /// How many `fsync`s this instance has made so far.
+    pub fn sync_counts(&self) -> SyncCounts {
+        SyncCounts {
+            files: self.file_syncs.load(Ordering::Relaxed),
+            dirs: self.dir_syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    fn sync_file(&self, f: &File) -> io::Result<()> {
+        self.file_syncs.fetch_add(1, Ordering::Relaxed);
+        f.sync_data()
+    }
+
+    fn new_temp_name(&self) -> String {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        format!("{TMP_DIR}/{}-{n}.tmp", self.owner)
     }
 
     fn mark_dirty(&self, dir: &str) {
@@ -270,6 +357,7 @@ impl LocalDir {
         // directory for reading instead.
         let path = if dir.is_empty() { "." } else { dir };
         let d = self.root.open_with(path, OpenOptions::new().read(true))?;
+        self.dir_syncs.fetch_add(1, Ordering::Relaxed);
         d.sync_all()
     }
 
@@ -293,7 +381,7 @@ impl LocalDir {
     }
 
     fn write_temp(&self, data: &[u8], sync: bool) -> io::Result<String> {
-        self.write_temp_with(data, |f| if sync { f.sync_data() } else { Ok(()) })
+        self.write_temp_with(data, |f| if sync { self.sync_file(f) } else { Ok(()) })
     }
 
     fn write_temp_with(
@@ -301,8 +389,7 @@ impl LocalDir {
         data: &[u8],
         after: impl FnOnce(&File) -> io::Result<()>,
     ) -> io::Result<String> {
-        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let tmp = format!("{TMP_DIR}/{}-{n}.tmp", self.owner);
+        let tmp = self.new_temp_name();
         let mut f = self
             .root
             .open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
@@ -419,31 +506,8 @@ impl Backend for LocalDir {
             check_key(key)?;
         }
         if sync {
-            // Write-back started at stage time, so these mostly wait for
-            // the disk's cache flush; issuing them from several threads lets
-            // the filesystem share one journal commit and flush among many
-            // files (measured in docs/PERFORMANCE.md: about 1.3x one big
-            // file's fsync, against 5-7x for one-at-a-time fsync before the
-            // write of the next blob). `syncfs` was measured too and rejected:
-            // it also flushes every other dirty file on the filesystem.
-            let per = items.len().div_ceil(PUBLISH_SYNC_THREADS).max(1);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = items
-                    .chunks(per)
-                    .map(|group| {
-                        scope.spawn(move || {
-                            group.iter().try_for_each(|(staged, _)| {
-                                self.root
-                                    .open_with(&staged.0, OpenOptions::new().read(true))?
-                                    .sync_data()
-                            })
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .try_for_each(|h| h.join().expect("sync thread panicked"))
-            })?;
+            let staged: Vec<&Staged> = items.iter().map(|(s, _)| s).collect();
+            self.sync_staged(&staged)?;
         }
         for (staged, key) in items {
             let parent = parent_of(key);
@@ -465,16 +529,101 @@ impl Backend for LocalDir {
         let _ = self.root.remove_file(&staged.0);
     }
 
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        check_key(key)?;
+        self.open_regular(key)?.into_std().read_exact_at(buf, offset)
+    }
+
+    fn stage_append(&self) -> io::Result<Box<dyn StagedAppend>> {
+        let tmp = self.new_temp_name();
+        let file = self
+            .root
+            .open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
+        Ok(Box::new(LocalAppend {
+            file: io::BufWriter::with_capacity(64 << 10, file.into_std()),
+            tmp,
+        }))
+    }
+
+    fn sync_staged(&self, items: &[&Staged]) -> io::Result<()> {
+        // Write-back started at stage time, so these mostly wait for the
+        // disk's cache flush; issuing them from several threads lets the
+        // filesystem share one journal commit and flush among many files
+        // (measured in docs/PERFORMANCE.md: about 1.3x one big file's
+        // fsync, against 5-7x for one-at-a-time fsync before the write of
+        // the next blob). `syncfs` was measured too and rejected: it also
+        // flushes every other dirty file on the filesystem.
+        if items.is_empty() {
+            return Ok(());
+        }
+        let per = items.len().div_ceil(PUBLISH_SYNC_THREADS).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = items
+                .chunks(per)
+                .map(|group| {
+                    scope.spawn(move || {
+                        group.iter().try_for_each(|staged| {
+                            let f = self.root.open_with(&staged.0, OpenOptions::new().read(true))?;
+                            self.sync_file(&f)
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("sync thread panicked"))
+        })
+    }
+
+    fn publish_new(&self, staged: &Staged, key: &str) -> io::Result<bool> {
+        check_key(key)?;
+        let parent = parent_of(key);
+        let installed = match self.install(&staged.0, key, PutMode::NoReplace) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !parent.is_empty() => {
+                self.create_dirs(parent)?;
+                self.install(&staged.0, key, PutMode::NoReplace)
+            }
+            other => other,
+        };
+        if let Ok(true) = installed {
+            self.mark_dirty(parent);
+        }
+        installed
+    }
+
     fn flush(&self) -> io::Result<()> {
         let dirs = std::mem::take(&mut *self.dirty_dirs.lock().unwrap());
         // Deepest first, so that a created directory is synced before the
-        // entry naming it in its parent.
-        for dir in dirs.iter().rev() {
-            if let Err(e) = self.fsync_dir(dir) {
-                if e.kind() == io::ErrorKind::NotFound {
-                    continue; // removed meanwhile (nothing to make durable)
-                }
-                // Put the rest back so a later flush retries them.
+        // entry naming it in its parent; directories of one depth are
+        // independent and synced together (one round of disk barriers).
+        let mut by_depth: Vec<Vec<&String>> = Vec::new();
+        for dir in &dirs {
+            let depth = if dir.is_empty() {
+                0
+            } else {
+                dir.matches('/').count() + 1
+            };
+            if by_depth.len() <= depth {
+                by_depth.resize(depth + 1, Vec::new());
+            }
+            by_depth[depth].push(dir);
+        }
+        for level in by_depth.iter().rev().filter(|l| !l.is_empty()) {
+            let result = std::thread::scope(|scope| {
+                let handles: Vec<_> = level
+                    .iter()
+                    .map(|dir| scope.spawn(move || self.fsync_dir(dir)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("sync thread panicked"))
+                    // Removed meanwhile: nothing to make durable.
+                    .find(|r| r.as_ref().is_err_and(|e| e.kind() != io::ErrorKind::NotFound))
+                    .unwrap_or(Ok(()))
+            });
+            if let Err(e) = result {
+                // Put them back so a later flush retries them.
                 self.dirty_dirs.lock().unwrap().extend(dirs.iter().cloned());
                 return Err(e);
             }
@@ -490,6 +639,24 @@ impl Backend for LocalDir {
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn remove_empty_dir(&self, key: &str) -> io::Result<bool> {
+        check_key(key)?;
+        match self.root.remove_dir(key) {
+            Ok(()) => {
+                self.mark_dirty(parent_of(key));
+                Ok(true)
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::DirectoryNotEmpty
+                    || e.raw_os_error() == Some(libc::ENOTEMPTY) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -583,6 +750,35 @@ impl Backend for LocalDir {
             let _ = self.root.remove_file(format!("{TMP_DIR}/{owner}.owner"));
         }
         Ok(removed)
+    }
+}
+
+/// A pack being appended to in `tmp/`.
+#[derive(Debug)]
+struct LocalAppend {
+    file: io::BufWriter<std::fs::File>,
+    tmp: String,
+}
+
+impl StagedAppend for LocalAppend {
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)
+    }
+
+    fn finish(self: Box<Self>, sync: bool) -> io::Result<Staged> {
+        let file = self.file.into_inner().map_err(|e| e.into_error())?;
+        if sync {
+            // SAFETY: a hint on a valid descriptor; failure is harmless.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+        Ok(Staged(self.tmp))
+    }
+
+    fn staged(&self) -> Staged {
+        Staged(self.tmp.clone())
     }
 }
 

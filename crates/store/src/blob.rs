@@ -191,6 +191,21 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Whether `codec` is one this build reads.
+pub(crate) fn is_known_codec(codec: u8) -> bool {
+    matches!(codec, CODEC_RAW | CODEC_ZSTD)
+}
+
+/// Whether `codec` stores the bytes as they are.
+pub(crate) fn is_raw_codec(codec: u8) -> bool {
+    codec == CODEC_RAW
+}
+
+/// A blob file's header for `codec`, with room for `capacity` more bytes.
+pub(crate) fn file_header(codec: u8, capacity: usize) -> Vec<u8> {
+    header(codec, capacity)
+}
+
 fn header(codec: u8, capacity: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(BLOB_HEADER_LEN + capacity);
     out.extend_from_slice(BLOB_MAGIC);
@@ -260,6 +275,20 @@ fn parse(file: &[u8]) -> Result<(u8, &[u8]), BlobProblem> {
 /// The [`BlobProblem`] found; the caller adds the context.
 pub(crate) fn decode_into(file: &[u8], hash: &BlobHash, out: &mut [u8]) -> Result<(), BlobProblem> {
     let (codec, payload) = parse(file)?;
+    decode_payload_into(codec, payload, hash, out)
+}
+
+/// Decodes a payload of `codec` into `out` (the expected plaintext
+/// length) and verifies it against `hash`.
+///
+/// # Errors
+/// The [`BlobProblem`] found.
+pub(crate) fn decode_payload_into(
+    codec: u8,
+    payload: &[u8],
+    hash: &BlobHash,
+    out: &mut [u8],
+) -> Result<(), BlobProblem> {
     let expected = out.len() as u64;
     if codec == CODEC_RAW {
         if payload.len() != out.len() {

@@ -1,42 +1,101 @@
-//! Garbage collection: mark and sweep of a tenant's blobs.
+//! Garbage collection: mark, repack and sweep of a tenant's packs (and
+//! loose layout-1 blobs).
 //!
-//! Mark reads every manifest without any lock (writers keep going). Sweep
-//! then closes the gate to new writers, waits for the writers in progress
-//! to finish (their pins are shared locks, the sweep needs it exclusively),
-//! re-reads the manifests committed meanwhile and deletes the blobs still
-//! unreferenced. Writers that were waiting at the gate start after the sweep
-//! and find deleted blobs missing, so they write them again.
+//! Mark reads every manifest and index file without any lock (writers keep
+//! going), and walks the headers of any pack no index describes. Repack,
+//! pinned like a writer, copies the referenced blobs of mostly dead packs
+//! into new packs and publishes them with their index. Sweep then closes
+//! the gate to new writers, waits for the writers in progress to finish
+//! (their pins are shared locks, the sweep needs it exclusively), re-reads
+//! the manifests and index files committed meanwhile, writes one index for
+//! every pack it keeps, and only then deletes the other index files, the
+//! dead and repacked packs and the unreferenced loose blobs. Writers that
+//! were waiting at the gate start after the sweep, refresh their index and
+//! find deleted blobs missing, so they write them again.
 //!
 //! A manifest that does not parse stops GC: its references are unknown, and
 //! deleting blobs it might use could destroy a snapshot that a newer build
 //! (or a repaired manifest) could still restore.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::backend::LockMode;
+use super::backend::{LockGuard, LockMode};
 use super::blob::BlobHash;
 use super::error::StoreError;
+use super::index::{IndexFile, MAX_ENTRIES, MAX_PACKS};
 use super::name::SnapshotId;
+use super::pack::{self, Entry, PackWriter, SealedPack};
 use super::{TenantStore, unique_blobs};
 
-/// What a GC run found and freed.
+/// A pack whose referenced bytes are below this fraction of its blob bytes
+/// is rewritten with its referenced blobs only.
+pub const REPACK_LIVE_FRACTION: f64 = 0.5;
+
+/// A pack smaller than the target size over this is *small*.
+pub const SMALL_PACK_DIVISOR: u64 = 4;
+/// GC merges the small packs' referenced blobs into full-size packs once
+/// there are at least this many small packs.
+pub const SMALL_PACKS_TO_MERGE: usize = 32;
+
+/// What a GC run found, freed and rewrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcReport {
     /// Manifests read (the live snapshots).
     pub snapshots: usize,
-    /// Blob files found.
+    /// Distinct blobs found (in packs and loose).
     pub blobs_scanned: usize,
     /// Blobs referenced by at least one manifest (kept).
     pub blobs_referenced: usize,
-    /// Blobs deleted.
+    /// Blobs no longer stored anywhere after the run.
     pub blobs_removed: usize,
-    /// On-disk bytes of the deleted blobs.
+    /// Bytes on disk freed: deleted packs and loose blobs, less the bytes
+    /// repacking wrote.
     pub bytes_freed: u64,
+    /// Pack files examined.
+    pub packs_scanned: usize,
+    /// Pack files deleted (dead, or rewritten).
+    pub packs_removed: usize,
+    /// Packs rewritten with their live blobs only.
+    pub packs_rewritten: usize,
+    /// Bytes of the new packs repacking wrote.
+    pub bytes_rewritten: u64,
+    /// Index files replaced by the one consolidated index.
+    pub index_files_merged: usize,
     /// Time spent, including waiting for writers, in milliseconds.
     pub duration_ms: u64,
     /// Time new writers were held back at the gate, in milliseconds.
     pub exclusive_ms: u64,
+}
+
+/// A pack as GC sees it: its length and every blob in it.
+#[derive(Debug, Clone)]
+struct PackInfo {
+    len: u64,
+    entries: Vec<Entry>,
+}
+
+impl PackInfo {
+    fn add(&mut self, entries: &[Entry]) {
+        let mut have: HashSet<BlobHash> = self.entries.iter().map(|e| e.hash).collect();
+        for e in entries {
+            if have.insert(e.hash) {
+                self.entries.push(*e);
+            }
+        }
+    }
+
+    fn live_bytes(&self, referenced: &HashSet<BlobHash>) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| referenced.contains(&e.hash))
+            .map(Entry::record_len)
+            .sum()
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.entries.iter().map(Entry::record_len).sum()
+    }
 }
 
 impl TenantStore {
@@ -60,8 +119,11 @@ impl TenantStore {
         self.gc().map(Some)
     }
 
-    /// Deletes blobs no manifest references. Blobs of snapshots in progress
-    /// are kept (see the module docs for the protocol).
+    /// Deletes blobs no manifest references: packs with nothing
+    /// referenced are deleted, packs with little referenced are rewritten
+    /// with their referenced blobs only, every index file is replaced by one,
+    /// and unreferenced loose (layout-1) blobs are deleted. Blobs of
+    /// snapshots in progress are kept (see the module docs for the protocol).
     ///
     /// # Errors
     /// [`StoreError::CorruptManifest`] / [`StoreError::UnsupportedSchema`]
@@ -74,6 +136,19 @@ impl TenantStore {
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let start = Instant::now();
         let mut report = GcReport::default();
+        let wait = self.options().gc_wait;
+        let deadline = start + wait;
+        let busy = || {
+            StoreError::Busy(format!(
+                "gc of tenant {} waited {wait:?} for snapshots in progress to finish",
+                self.name()
+            ))
+        };
+        // One GC per tenant at a time: two would each delete what the other
+        // just wrote into its consolidated index.
+        let _gc = self
+            .lock("gc", LockMode::Exclusive, Some(remaining(deadline)))?
+            .ok_or_else(busy)?;
         let (listed, misplaced) = self.scan_manifests()?;
         if let Some(path) = misplaced.into_iter().next() {
             return Err(StoreError::MisplacedManifest { path });
@@ -87,22 +162,72 @@ impl TenantStore {
                 referenced.extend(unique_blobs(&m));
             }
         }
-        let mut candidates: Vec<BlobHash> = self
-            .all_blobs()?
-            .into_iter()
-            .inspect(|_| report.blobs_scanned += 1)
+        let (mut packs, mut seen_index) = self.packs_as_indexed()?;
+        self.add_unindexed_packs(&mut packs)?;
+        report.packs_scanned = packs.len();
+        let loose: Vec<BlobHash> = self.all_blobs()?;
+        let mut candidates: Vec<BlobHash> = loose
+            .iter()
             .filter(|h| !referenced.contains(h))
+            .copied()
             .collect();
 
+        let mut doomed: HashSet<BlobHash> = HashSet::new();
+        let mut to_repack: Vec<BlobHash> = Vec::new();
+        let mut small: Vec<BlobHash> = Vec::new();
+        for (name, info) in &packs {
+            let live = info.live_bytes(&referenced);
+            if live == 0 {
+                doomed.insert(*name);
+            } else if (live as f64) < info.total_bytes() as f64 * REPACK_LIVE_FRACTION {
+                to_repack.push(*name);
+            } else if info.len < self.options().pack_size / SMALL_PACK_DIVISOR {
+                small.push(*name);
+            }
+        }
+        // Every incremental checkpoint of every task leaves a small pack;
+        // merged once there are many, each blob is rewritten about once.
+        if small.len() >= SMALL_PACKS_TO_MERGE {
+            small.sort();
+            to_repack.extend(small);
+        }
+
+        // Repack, pinned like a writer: the new packs and their index are
+        // durable before any old pack can go.
+        if !to_repack.is_empty() {
+            let pin = self.writer_pin(deadline).ok_or_else(busy)??;
+            let (sealed, rewritten) = self.repack(&packs, &to_repack, &referenced)?;
+            report.bytes_rewritten = sealed.iter().map(|p| p.len).sum();
+            let new_packs: Vec<(BlobHash, PackInfo)> = sealed
+                .iter()
+                .map(|p| {
+                    (
+                        p.name,
+                        PackInfo {
+                            len: p.len,
+                            entries: p.entries.clone(),
+                        },
+                    )
+                })
+                .collect();
+            if let Some(index) = self.publish_packs(sealed)? {
+                seen_index.insert(index);
+            }
+            drop(pin);
+            for (name, info) in new_packs {
+                packs
+                    .entry(name)
+                    .or_insert(PackInfo {
+                        len: info.len,
+                        entries: Vec::new(),
+                    })
+                    .add(&info.entries);
+            }
+            report.packs_rewritten = rewritten.len();
+            doomed.extend(rewritten);
+        }
+
         // Sweep, alone.
-        let wait = self.options().gc_wait;
-        let deadline = start + wait;
-        let busy = || {
-            StoreError::Busy(format!(
-                "gc of tenant {} waited {wait:?} for snapshots in progress to finish",
-                self.name()
-            ))
-        };
         let _gate = self
             .lock("gate", LockMode::Exclusive, Some(remaining(deadline)))?
             .ok_or_else(busy)?;
@@ -119,27 +244,310 @@ impl TenantStore {
             }
         }
         candidates.retain(|h| !referenced.contains(h));
+        // Packs that writers published meanwhile are theirs, whatever the
+        // mark thought of them.
+        for name in self.list_index_files()? {
+            if seen_index.contains(&name) {
+                continue;
+            }
+            if let Ok(file) = self.read_index_file(&name)? {
+                for (pack, len, entries) in &file.packs {
+                    doomed.remove(pack);
+                    packs
+                        .entry(*pack)
+                        .or_insert(PackInfo {
+                            len: *len,
+                            entries: Vec::new(),
+                        })
+                        .add(entries);
+                }
+            }
+            seen_index.insert(name);
+        }
+        // A doomed pack holding a blob referenced since the mark, with no
+        // copy in a kept pack, is kept after all.
+        loop {
+            let available: HashSet<BlobHash> = packs
+                .iter()
+                .filter(|(n, _)| !doomed.contains(*n))
+                .flat_map(|(_, p)| p.entries.iter().map(|e| e.hash))
+                .collect();
+            let rescued: Vec<BlobHash> = doomed
+                .iter()
+                .filter(|n| {
+                    packs[*n]
+                        .entries
+                        .iter()
+                        .any(|e| referenced.contains(&e.hash) && !available.contains(&e.hash))
+                })
+                .copied()
+                .collect();
+            if rescued.is_empty() {
+                break;
+            }
+            for n in rescued {
+                doomed.remove(&n);
+            }
+        }
+
+        // One index for every kept pack, durable before any other index
+        // file or any pack goes.
         let backend = self.backend();
+        let sync = self.options().sync;
+        let mut kept: Vec<(&BlobHash, &PackInfo)> =
+            packs.iter().filter(|(n, _)| !doomed.contains(*n)).collect();
+        kept.sort_by_key(|(n, _)| **n);
+        let consolidated = IndexFile {
+            packs: kept
+                .iter()
+                .map(|(n, p)| (**n, p.len, p.entries.clone()))
+                .collect(),
+        };
+        let encoded: Vec<(Vec<u8>, BlobHash)> = consolidated
+            .split(MAX_PACKS as usize, MAX_ENTRIES as usize)
+            .iter()
+            .map(IndexFile::encode)
+            .collect();
+        let new_index: HashSet<BlobHash> = encoded.iter().map(|(_, n)| *n).collect();
+        let old_index: HashSet<BlobHash> = self.list_index_files()?.into_iter().collect();
+        // Nothing changed since the last GC: its index files are the ones.
+        if old_index != new_index {
+            for (bytes, name) in &encoded {
+                let key = self.index_key(name);
+                backend
+                    .put(&key, bytes, super::backend::PutMode::Replace, sync)
+                    .map_err(|e| StoreError::io("write index", key, e))?;
+            }
+            if sync {
+                backend
+                    .flush()
+                    .map_err(|e| StoreError::io("sync", self.key("index"), e))?;
+            }
+        }
+        for name in old_index.difference(&new_index) {
+            let key = self.index_key(name);
+            if backend
+                .delete(&key)
+                .map_err(|e| StoreError::io("delete index", key, e))?
+            {
+                report.index_files_merged += 1;
+            }
+        }
+        if sync {
+            backend
+                .flush()
+                .map_err(|e| StoreError::io("sync", self.key("index"), e))?;
+        }
+        let available: HashSet<BlobHash> = kept
+            .iter()
+            .flat_map(|(_, p)| p.entries.iter().map(|e| e.hash))
+            .collect();
+        let mut gone: HashSet<BlobHash> = HashSet::new();
+        let mut freed = 0u64;
+        for name in &doomed {
+            let key = self.pack_key(name);
+            if backend
+                .delete(&key)
+                .map_err(|e| StoreError::io("delete pack", key, e))?
+            {
+                report.packs_removed += 1;
+                freed += packs[name].len;
+                gone.extend(
+                    packs[name]
+                        .entries
+                        .iter()
+                        .map(|e| e.hash)
+                        .filter(|h| !available.contains(h)),
+                );
+            }
+        }
         for hash in &candidates {
             let key = self.blob_key(hash);
             let size = backend.size(&key).ok().flatten().unwrap_or(0);
             if backend
                 .delete(&key)
                 .map_err(|e| StoreError::io("delete blob", key, e))?
+                && !available.contains(hash)
             {
-                report.blobs_removed += 1;
-                report.bytes_freed += size;
+                gone.insert(*hash);
+                freed += size;
             }
         }
         backend
             .flush()
-            .map_err(|e| StoreError::io("sync", self.key("blobs"), e))?;
+            .map_err(|e| StoreError::io("sync", self.key("packs"), e))?;
+        self.recheck_loose_blobs();
+        self.refresh_index()?;
         report.exclusive_ms = exclusive_start.elapsed().as_millis() as u64;
         report.snapshots = ids.len();
-        report.blobs_referenced = report.blobs_scanned - candidates.len();
+        let mut all: HashSet<BlobHash> = loose.into_iter().collect();
+        all.extend(packs.values().flat_map(|p| p.entries.iter().map(|e| e.hash)));
+        report.blobs_scanned = all.len();
+        report.blobs_referenced = all.iter().filter(|h| referenced.contains(h)).count();
+        report.blobs_removed = gone.len();
+        report.bytes_freed = freed.saturating_sub(report.bytes_rewritten);
         report.duration_ms = start.elapsed().as_millis() as u64;
         tracing::info!(tenant = %self.name(), ?report, "gc done");
         Ok(report)
+    }
+
+    /// The shared `writers` lock, taken through the gate as a writer does;
+    /// `None` if it did not come by `deadline`.
+    fn writer_pin(&self, deadline: Instant) -> Option<Result<Box<dyn LockGuard>, StoreError>> {
+        let gate = match self.lock("gate", LockMode::Shared, Some(remaining(deadline))) {
+            Ok(Some(g)) => g,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let pin = match self.lock("writers", LockMode::Shared, Some(remaining(deadline))) {
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        drop(gate);
+        Some(Ok(pin))
+    }
+
+    /// Every pack that an intact index file names and that exists, with
+    /// every blob the index files give it; and the index files read.
+    fn packs_as_indexed(&self) -> Result<(HashMap<BlobHash, PackInfo>, HashSet<BlobHash>), StoreError> {
+        let mut packs: HashMap<BlobHash, PackInfo> = HashMap::new();
+        let mut read = HashSet::new();
+        for name in self.list_index_files()? {
+            read.insert(name);
+            let Ok(file) = self.read_index_file(&name)? else {
+                continue;
+            };
+            for (pack, len, entries) in &file.packs {
+                packs
+                    .entry(*pack)
+                    .or_insert(PackInfo {
+                        len: *len,
+                        entries: Vec::new(),
+                    })
+                    .add(entries);
+            }
+        }
+        // Listed after the index files: a pack published meanwhile then
+        // looks unindexed (and is walked), never indexed-but-absent. A pack
+        // an index names that does not exist is dropped.
+        let present = self.list_packs()?;
+        packs.retain(|name, _| present.contains(name));
+        Ok((packs, read))
+    }
+
+    /// Adds the intact packs no index names, from their own headers (a lost
+    /// index must not make live blobs look dead). Damaged ones are left
+    /// alone for fsck to report.
+    fn add_unindexed_packs(&self, packs: &mut HashMap<BlobHash, PackInfo>) -> Result<(), StoreError> {
+        for name in self.list_packs()? {
+            if packs.contains_key(&name) {
+                continue;
+            }
+            let key = self.pack_key(&name);
+            let Some(len) = self
+                .backend()
+                .size(&key)
+                .map_err(|e| StoreError::io("stat pack", key.clone(), e))?
+            else {
+                continue;
+            };
+            let walk = match pack::walk(self.backend(), &key, len) {
+                Ok(w) => w,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("read pack", key, e)),
+            };
+            if walk.problem.is_none() && walk.name == name {
+                packs.insert(
+                    name,
+                    PackInfo {
+                        len,
+                        entries: walk.entries,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the files in `packs/` that are named like packs.
+    pub(crate) fn list_packs(&self) -> Result<HashSet<BlobHash>, StoreError> {
+        let key = self.key("packs");
+        let names = self
+            .backend()
+            .list(&key)
+            .map_err(|e| StoreError::io("list", key, e))?;
+        Ok(names.iter().filter_map(|n| BlobHash::parse(n).ok()).collect())
+    }
+
+    /// Copies the referenced blobs of `victims` into new packs (sealed, not
+    /// yet published), each verified on the way. A victim with a blob that
+    /// does not read back is left as it is (not rewritten). Returns the
+    /// packs and the victims rewritten.
+    fn repack(
+        &self,
+        packs: &HashMap<BlobHash, PackInfo>,
+        victims: &[BlobHash],
+        referenced: &HashSet<BlobHash>,
+    ) -> Result<(Vec<SealedPack>, Vec<BlobHash>), StoreError> {
+        let backend = self.backend();
+        let io = |e| StoreError::io("write pack", self.key("packs"), e);
+        let mut sealed = Vec::new();
+        let mut open: Option<PackWriter> = None;
+        let mut copied: HashSet<BlobHash> = HashSet::new();
+        let mut rewritten = Vec::new();
+        let result = (|| {
+            for victim in victims {
+                let key = self.pack_key(victim);
+                let live: Vec<&Entry> = packs[victim]
+                    .entries
+                    .iter()
+                    .filter(|e| referenced.contains(&e.hash) && !copied.contains(&e.hash))
+                    .collect();
+                let mut files = Vec::with_capacity(live.len());
+                let mut intact = true;
+                for e in &live {
+                    match pack::read_blob_file(backend, &key, e) {
+                        Ok(file) => files.push((**e, file)),
+                        Err(problem) => {
+                            tracing::warn!(tenant = %self.name(), pack = %victim, blob = %e.hash,
+                                "not repacking a pack with a damaged blob: {problem}");
+                            intact = false;
+                            break;
+                        }
+                    }
+                }
+                if !intact {
+                    continue;
+                }
+                for (e, file) in files {
+                    if open.is_none() {
+                        open = Some(PackWriter::new(backend).map_err(io)?);
+                    }
+                    let w = open.as_mut().expect("just opened");
+                    w.append_file(e.hash, u64::from(e.plain), &file).map_err(io)?;
+                    copied.insert(e.hash);
+                    if w.len() >= self.options().pack_size {
+                        sealed.push(open.take().expect("open").seal(self.options().sync).map_err(io)?);
+                    }
+                }
+                rewritten.push(*victim);
+            }
+            if let Some(w) = open.take() {
+                sealed.push(w.seal(self.options().sync).map_err(io)?);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            if let Some(w) = open {
+                w.discard(backend);
+            }
+            for p in &sealed {
+                backend.discard(&p.staged);
+            }
+            return Err(e);
+        }
+        Ok((sealed, rewritten))
     }
 
     /// Every blob file with a valid name in the right fan-out directory.

@@ -2,8 +2,8 @@
 //!
 //! One directory holds every checkpoint and savepoint of every job, per
 //! tenant: task state is cut into chunks stored once as blobs named by their
-//! blake3 hash, and each snapshot is a small JSON [`Manifest`] referencing
-//! blobs by hash. Checkpoints and savepoints therefore share storage and
+//! blake3 hash, many blobs to a pack file found through index files, and
+//! each snapshot is a small JSON [`Manifest`] referencing blobs by hash. Checkpoints and savepoints therefore share storage and
 //! dedupe against each other, and are listed, read, exported and garbage
 //! collected the same way. The on-disk format is specified in
 //! `docs/STORAGE.md`.
@@ -36,12 +36,16 @@
 //!
 //! # Concepts
 //!
-//! * **Write order** (what makes crashes harmless): new blobs are *staged*
-//!   in temporary files while the snapshot is written; at commit they are
-//!   synced and renamed into place as one batch, their directories synced,
-//!   and the manifest is written last and never overwritten. A snapshot
-//!   exists exactly when its manifest does, a manifest only ever names
-//!   durable blobs, and an aborted snapshot leaves nothing behind.
+//! * **Write order** (what makes crashes harmless): new blobs are appended
+//!   to a temporary pack while the snapshot is written; at commit the packs
+//!   are made durable and renamed into place, then their index, their
+//!   directories synced, and the manifest is written last and never
+//!   overwritten. A snapshot exists exactly when its manifest does, a
+//!   manifest only ever names blobs in durable, indexed packs, and an
+//!   aborted snapshot leaves nothing behind.
+//! * **Layouts**: a fresh store is layout 2 (packs); a layout-1 store (one
+//!   file per blob) is read as it is, raised to layout 2 by its first
+//!   writer, and its loose blobs are packed by [`Store::migrate`].
 //! * **Pins**: a [`SnapshotWriter`] holds a shared lock from `begin` until
 //!   commit, abort or drop; [`TenantStore::gc`] deletes only while holding it
 //!   exclusively, so blobs of snapshots in progress (in this process or any
@@ -65,9 +69,13 @@ mod chunk;
 mod error;
 mod fsck;
 mod gc;
+mod index;
 mod manifest;
+mod migrate;
 mod name;
 mod numbers;
+mod pack;
+mod packed;
 mod read;
 mod series;
 mod tenant;
@@ -75,17 +83,18 @@ mod usage;
 mod writer;
 
 pub use archive::{ArchiveSummary, Progress};
-pub use backend::{Backend, LocalDir, LockGuard, LockMode, PutMode, Staged};
+pub use backend::{Backend, LocalDir, LockGuard, LockMode, PutMode, Staged, StagedAppend, SyncCounts};
 pub use blob::{BlobHash, BlobProblem, Compression, MAX_CHUNK};
 pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
 pub use error::{BadChunk, StoreError};
-pub use fsck::{DamagedSnapshot, FsckReport};
-pub use gc::GcReport;
+pub use fsck::{DamagedSnapshot, FsckReport, RepairReport};
+pub use gc::{GcReport, REPACK_LIVE_FRACTION, SMALL_PACK_DIVISOR, SMALL_PACKS_TO_MERGE};
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, MAX_CHAIN, MAX_STATE_LEN, Manifest, MemoryImage,
     OLDEST_MANIFEST_SCHEMA, PageDeltaRef, Retention, SnapshotKind, SnapshotStatus, SourcePosition,
     StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
 };
+pub use migrate::MigrateReport;
 pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 pub use series::SeriesLease;
 pub use tenant::{ListFilter, TenantStore};
@@ -102,8 +111,12 @@ use std::time::Duration;
 
 /// Name of the file at the root identifying a store and its layout version.
 pub const STORE_FILE: &str = "store.json";
-/// Layout version of the store directory written by this build.
-pub const STORE_VERSION: u32 = 1;
+/// Layout version of the store directory written by this build (packs).
+pub const STORE_VERSION: u32 = 2;
+/// The oldest layout this build still reads (loose blobs).
+pub const STORE_VERSION_LOOSE: u32 = 1;
+/// Default target size of a pack file (see docs/STORAGE.md).
+pub const DEFAULT_PACK_SIZE: u64 = 16 * 1024 * 1024;
 
 /// Options of a [`Store`]; `StoreOptions::default()` is what the host uses.
 #[derive(Debug, Clone)]
@@ -126,6 +139,9 @@ pub struct StoreOptions {
     /// How long `gc` waits for in-progress snapshots to finish before giving
     /// up with [`StoreError::Busy`] (default 60 s).
     pub gc_wait: Duration,
+    /// Size at which a writer seals its open pack and starts the next
+    /// (default [`DEFAULT_PACK_SIZE`]); a pack exceeds it by at most one blob.
+    pub pack_size: u64,
 }
 
 impl Default for StoreOptions {
@@ -136,6 +152,7 @@ impl Default for StoreOptions {
             sync: true,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()).min(4),
             gc_wait: Duration::from_secs(60),
+            pack_size: DEFAULT_PACK_SIZE,
         }
     }
 }
@@ -153,6 +170,36 @@ pub(crate) struct StoreInner {
     /// One shared state per tenant, so that clones and repeated
     /// `tenant()` calls share caches and locks.
     tenants: Mutex<HashMap<TenantName, Arc<TenantInner>>>,
+    /// Layout version in `store.json` as this handle knows it: 1 until the
+    /// first writer (or a migration) raises it.
+    layout: Mutex<u32>,
+    /// Name of the store in errors.
+    label: String,
+}
+
+impl StoreInner {
+    /// Raises `store.json` to layout 2 before anything is written into a
+    /// pack, so an older build refuses the store rather than missing the
+    /// blobs that are only in packs. A no-op once done.
+    pub(crate) fn upgrade_layout(&self) -> Result<(), StoreError> {
+        let mut layout = self.layout.lock().unwrap();
+        if *layout >= STORE_VERSION {
+            return Ok(());
+        }
+        let f = StoreFile {
+            format: "memento-store".into(),
+            version: STORE_VERSION,
+        };
+        let bytes = serde_json::to_vec_pretty(&f).expect("serializable");
+        let sync = self.options.sync;
+        self.backend
+            .put(STORE_FILE, &bytes, PutMode::Replace, sync)
+            .and_then(|_| if sync { self.backend.flush() } else { Ok(()) })
+            .map_err(|e| StoreError::io("upgrade", STORE_FILE, e))?;
+        tracing::info!(store = %self.label, "store layout raised from {} to {STORE_VERSION}", *layout);
+        *layout = STORE_VERSION;
+        Ok(())
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -187,19 +234,20 @@ impl Store {
             root: label.to_string(),
             reason,
         };
-        match backend.read(STORE_FILE) {
+        let layout = match backend.read(STORE_FILE) {
             Ok(bytes) => {
                 let f: StoreFile = serde_json::from_slice(&bytes)
                     .map_err(|e| format_err(format!("{STORE_FILE} is damaged: {e}")))?;
                 if f.format != "memento-store" {
                     return Err(format_err(format!("{STORE_FILE} is not a memento store")));
                 }
-                if f.version != STORE_VERSION {
+                if !(STORE_VERSION_LOOSE..=STORE_VERSION).contains(&f.version) {
                     return Err(format_err(format!(
-                        "store layout version {} (this build reads {STORE_VERSION})",
+                        "store layout version {} (this build reads {STORE_VERSION_LOOSE} and {STORE_VERSION})",
                         f.version
                     )));
                 }
+                f.version
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let f = StoreFile {
@@ -211,9 +259,10 @@ impl Store {
                     .put(STORE_FILE, &bytes, PutMode::NoReplace, options.sync)
                     .and_then(|_| backend.flush())
                     .map_err(|e| StoreError::io("create", STORE_FILE, e))?;
+                STORE_VERSION
             }
             Err(e) => return Err(StoreError::io("read", STORE_FILE, e)),
-        }
+        };
         let removed = backend
             .remove_stale_temp()
             .map_err(|e| StoreError::io("clean", "tmp", e))?;
@@ -225,8 +274,16 @@ impl Store {
                 backend,
                 options,
                 tenants: Mutex::new(HashMap::new()),
+                layout: Mutex::new(layout),
+                label: label.to_string(),
             }),
         })
+    }
+
+    /// The layout version of the store's directory: 1 (loose blobs) until
+    /// a writer or a migration raises it to 2.
+    pub fn layout_version(&self) -> u32 {
+        *self.inner.layout.lock().unwrap()
     }
 
     /// The options the store was opened with.
@@ -251,6 +308,8 @@ impl Store {
                     name,
                     usage: Mutex::new(None),
                     last_gc: Mutex::new(None),
+                    index: std::sync::RwLock::new(Default::default()),
+                    loose: std::sync::atomic::AtomicU8::new(2),
                 })
             })
             .clone();
@@ -275,5 +334,7 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+mod pack_tests;
 #[cfg(test)]
 mod tests;

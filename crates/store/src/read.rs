@@ -1,8 +1,5 @@
 //! Reading state back: chunks verified against their hashes, in parallel.
 
-use std::io;
-
-use crate::blob;
 use crate::{BadChunk, BlobHash, BlobProblem, ChunkRef, SnapshotId, StoreError, TaskKey, TenantStore};
 
 impl TenantStore {
@@ -75,28 +72,6 @@ impl TenantStore {
             })));
         }
         Ok(())
-    }
-
-    /// Reads blob `blob` into `out` (its exact plaintext length) and
-    /// verifies it. A raw blob is read straight into `out`; a compressed
-    /// one through a buffer.
-    pub(crate) fn read_blob_into(&self, blob: &BlobHash, out: &mut [u8]) -> Result<(), BlobProblem> {
-        let key = self.blob_key(blob);
-        let io_problem = |e: io::Error| match e.kind() {
-            io::ErrorKind::NotFound => BlobProblem::Missing,
-            _ => BlobProblem::Unreadable(e.to_string()),
-        };
-        let mut head = [0u8; blob::BLOB_HEADER_LEN];
-        if self
-            .backend()
-            .read_split(&key, &mut head, out)
-            .map_err(io_problem)?
-            && blob::is_raw(&head)?
-        {
-            return blob::verify(out, blob);
-        }
-        let file = self.backend().read(&key).map_err(io_problem)?;
-        blob::decode_into(&file, blob, out)
     }
 
     /// Fills the slots from their blobs using up to `threads` threads;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::{Backend, LockGuard, LockMode};
+use crate::index::MergedIndex;
 use crate::{
     BlobHash, JobName, Manifest, SnapshotId, SnapshotKind, SnapshotStatus, StoreError, StoreInner,
     StoreOptions, TenantName,
@@ -29,6 +30,10 @@ pub(crate) struct TenantInner {
     /// When this process last started a GC of the tenant (see
     /// [`TenantStore::gc_if_due`]).
     pub(crate) last_gc: Mutex<Option<std::time::Instant>>,
+    /// Every index file of the tenant merged, refreshed from `index/`.
+    pub(crate) index: std::sync::RwLock<MergedIndex>,
+    /// Whether `blobs/` (layout 1) has anything: 0 no, 1 yes, 2 unknown.
+    pub(crate) loose: std::sync::atomic::AtomicU8,
 }
 
 /// Which snapshots [`TenantStore::list`] returns.
@@ -387,6 +392,7 @@ impl TenantStore {
     /// # Errors
     /// I/O errors listing the job.
     pub fn next_intact_before(&self, id: &SnapshotId) -> Result<Option<SnapshotId>, StoreError> {
+        self.refresh_index()?;
         for older in self.list_ids(id.job())?.into_iter().rev() {
             if older.number() >= id.number() {
                 continue;

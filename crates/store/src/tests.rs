@@ -56,15 +56,76 @@ fn commit_canonical(t: &TenantStore, job_name: &str, state: &[u8]) -> (SnapshotI
     (w.commit(m).unwrap(), chunks)
 }
 
-fn blob_files(dir: &Path, tenant: &str) -> Vec<PathBuf> {
+/// One stored blob as found on disk: its hash, the file holding it, and
+/// where its record (pack) or file (loose) is.
+#[derive(Debug, Clone)]
+struct OnDisk {
+    hash: BlobHash,
+    file: PathBuf,
+    offset: u64,
+    len: u64,
+}
+
+/// Every blob on disk, found by reading the pack files' records directly
+/// (not through the store's index) and listing loose blob files.
+fn stored_blobs(dir: &Path, tenant: &str) -> Vec<OnDisk> {
     let mut out = Vec::new();
-    let root = dir.join("tenants").join(tenant).join("blobs");
-    for fan in std::fs::read_dir(root).into_iter().flatten() {
+    let root = dir.join("tenants").join(tenant);
+    for f in std::fs::read_dir(root.join("packs")).into_iter().flatten() {
+        let path = f.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut at = 8usize;
+        while at + 44 <= bytes.len() {
+            let hash = BlobHash(bytes[at..at + 32].try_into().unwrap());
+            let stored = u32::from_le_bytes(bytes[at + 40..at + 44].try_into().unwrap()) as usize;
+            out.push(OnDisk {
+                hash,
+                file: path.clone(),
+                offset: at as u64,
+                len: 44 + stored as u64,
+            });
+            at += 44 + stored;
+        }
+    }
+    for fan in std::fs::read_dir(root.join("blobs")).into_iter().flatten() {
         for f in std::fs::read_dir(fan.unwrap().path()).unwrap() {
-            out.push(f.unwrap().path());
+            let path = f.unwrap().path();
+            let len = std::fs::metadata(&path).unwrap().len();
+            let hash = BlobHash::parse(&path.file_name().unwrap().to_string_lossy()).unwrap();
+            out.push(OnDisk {
+                hash,
+                file: path,
+                offset: 0,
+                len,
+            });
         }
     }
     out
+}
+
+/// Distinct blobs stored.
+fn blob_count(dir: &Path, tenant: &str) -> usize {
+    stored_blobs(dir, tenant)
+        .iter()
+        .map(|b| b.hash)
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// Where `hash` is stored (the first copy).
+fn on_disk(dir: &Path, tenant: &str, hash: BlobHash) -> OnDisk {
+    stored_blobs(dir, tenant)
+        .into_iter()
+        .find(|b| b.hash == hash)
+        .expect("blob on disk")
+}
+
+/// Flips the last byte of the stored blob (its payload).
+fn corrupt_blob(dir: &Path, tenant: &str, hash: BlobHash) {
+    let b = on_disk(dir, tenant, hash);
+    let mut bytes = std::fs::read(&b.file).unwrap();
+    bytes[(b.offset + b.len - 1) as usize] ^= 0x55;
+    std::fs::write(&b.file, &bytes).unwrap();
 }
 
 #[test]
@@ -258,7 +319,7 @@ fn zero_chunks_are_not_stored_and_read_back_as_zeros() {
         },
     });
     let id = w.commit(m).unwrap();
-    assert_eq!(blob_files(dir.path(), "t1").len(), 1);
+    assert_eq!(blob_count(dir.path(), "t1"), 1);
     assert_eq!(
         t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap(),
         image
@@ -295,12 +356,12 @@ fn gc_removes_unreferenced_keeps_referenced_and_pinned() {
     let (keep, keep_chunks) = commit_canonical(&t, "j", &noise(1, 50_000));
     let (gone, _) = commit_canonical(&t, "j", &noise(2, 50_000));
     t.delete(&gone).unwrap();
-    assert_eq!(blob_files(dir.path(), "t1").len(), 2);
+    assert_eq!(blob_count(dir.path(), "t1"), 2);
     // An aborted writer leaves nothing behind: its blobs were only staged.
     let mut w = t.begin(&job("j"), 50).unwrap();
     w.put_chunk(b"aborted").unwrap();
     w.abort();
-    assert_eq!(blob_files(dir.path(), "t1").len(), 2);
+    assert_eq!(blob_count(dir.path(), "t1"), 2);
     let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
     assert_eq!(tmp.len(), 1, "only the owner file: {tmp:?}");
     // An in-progress writer that dedupes against the deleted snapshot's
@@ -321,7 +382,7 @@ fn gc_removes_unreferenced_keeps_referenced_and_pinned() {
     .unwrap();
     let err = hurried.gc().unwrap_err();
     assert!(err.to_string().contains("waited"), "{err}");
-    assert_eq!(blob_files(dir.path(), "t1").len(), 2, "nothing deleted");
+    assert_eq!(blob_count(dir.path(), "t1"), 2, "nothing deleted");
 
     // Commit on another thread once GC is waiting: GC must keep its blobs.
     let committer = std::thread::spawn(move || {
@@ -374,7 +435,7 @@ fn gc_refuses_when_a_manifest_is_corrupt() {
             .starts_with("manifest of snapshot j-000001 is corrupt"),
         "{err}"
     );
-    assert_eq!(blob_files(dir.path(), "t1").len(), 1, "nothing deleted");
+    assert_eq!(blob_count(dir.path(), "t1"), 1, "nothing deleted");
     let err = t.get(&id).unwrap_err();
     assert!(matches!(err, StoreError::CorruptManifest { .. }), "{err}");
 }
@@ -516,11 +577,7 @@ fn corrupt_and_missing_blobs_name_snapshot_task_chunk_and_fallback() {
     let state = noise(2, 600_000);
     let (id, chunks) = commit_canonical(&t, "j", &state);
     let victim = chunks[1].blob().unwrap();
-    let path = dir.path().join("tenants/t1").join(victim.rel_path());
-    let mut bytes = std::fs::read(&path).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x55;
-    std::fs::write(&path, &bytes).unwrap();
+    corrupt_blob(dir.path(), "t1", victim);
     let err = t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -535,11 +592,6 @@ fn corrupt_and_missing_blobs_name_snapshot_task_chunk_and_fallback() {
     );
     assert!(msg.contains("corrupt") || msg.contains("decompress"), "{msg}");
 
-    std::fs::remove_file(&path).unwrap();
-    let err = t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap_err();
-    assert!(err.to_string().contains("chunk 1 (blob"), "{err}");
-    assert!(err.to_string().contains("blob is missing"), "{err}");
-
     let report = t.fsck().unwrap();
     assert!(!report.is_clean());
     assert_eq!(report.damaged.len(), 1);
@@ -548,6 +600,21 @@ fn corrupt_and_missing_blobs_name_snapshot_task_chunk_and_fallback() {
         report.damaged[0].problems[0].contains("task op[0], chunk 1"),
         "{report:?}"
     );
+    assert_eq!(report.damaged_packs.len(), 1, "{report:?}");
+    assert!(
+        report.damaged_packs[0].contains(&format!("record of blob {victim}")),
+        "{report:?}"
+    );
+
+    // The whole pack gone: every chunk of the snapshot is missing.
+    std::fs::remove_file(on_disk(dir.path(), "t1", victim).file).unwrap();
+    let err = t.read_chunks(&id, &TaskKey::new("op", 0), &chunks).unwrap_err();
+    assert!(err.to_string().contains("chunk 0 (blob"), "{err}");
+    assert!(err.to_string().contains("blob is missing"), "{err}");
+    let report = t.fsck().unwrap();
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].id, "j-000002");
+    assert!(report.dangling_index_entries > 0, "{report:?}");
     assert_eq!(t.next_intact_before(&id).unwrap(), Some(older));
 }
 
@@ -636,7 +703,7 @@ fn store_file_version_is_checked() {
     let err = Store::open(dir.path(), opts()).unwrap_err();
     assert!(
         err.to_string()
-            .contains("store layout version 7 (this build reads 1)"),
+            .contains("store layout version 7 (this build reads 1 and 2)"),
         "{err}"
     );
 }
@@ -873,10 +940,9 @@ fn read_chunks_into_fills_place_and_checks_every_blob() {
     }
     // A raw blob cut short is reported, not read as a shorter chunk.
     let (id, chunks) = commit_canonical(&t_raw, "k", &noise(4, 100_000));
-    let victim = chunks[0].blob().unwrap();
-    let path = dir.path().join("tenants/t1").join(victim.rel_path());
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let victim = on_disk(dir.path(), "t1", chunks[0].blob().unwrap());
+    let bytes = std::fs::read(&victim.file).unwrap();
+    std::fs::write(&victim.file, &bytes[..(victim.offset + victim.len - 10) as usize]).unwrap();
     let err = t_raw
         .read_chunks(&id, &TaskKey::new("op", 0), &chunks)
         .unwrap_err();
@@ -966,11 +1032,8 @@ fn fifos_in_the_store_are_refused_not_waited_on() {
     let (two, _) = commit_canonical(&t, "j", b"two");
     let (three, chunks) = commit_canonical(&t, "k", &noise(9, 100_000));
     plant_fifo(&dir.path().join("tenants/t1/snapshots/j/j-000002.json"));
-    let blob = blob_files(dir.path(), "t1")
-        .into_iter()
-        .find(|p| p.file_name().unwrap().to_string_lossy() == chunks[0].blob().unwrap().to_string())
-        .expect("the blob of k's first chunk");
-    plant_fifo(&blob);
+    let pack = on_disk(dir.path(), "t1", chunks[0].blob().unwrap()).file;
+    plant_fifo(&pack);
 
     let t2 = t.clone();
     let e = within_30s("get", move || t2.get(&two).unwrap_err().to_string());

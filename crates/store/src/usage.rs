@@ -21,6 +21,7 @@ impl TenantStore {
     /// Brings the usage cache up to date with the manifests on disk (others
     /// may have been added or removed by other processes).
     pub(crate) fn refresh_usage(&self, usage: &mut Option<UsageCache>) -> Result<(), StoreError> {
+        self.refresh_index()?;
         let ids: HashSet<SnapshotId> = self.all_ids()?.into_iter().collect();
         if usage.as_ref().is_some_and(|u| !u.manifests.is_subset(&ids)) {
             *usage = None; // something was deleted elsewhere: recount
@@ -54,10 +55,9 @@ impl TenantStore {
         Ok(())
     }
 
+    /// Bytes blob `hash` occupies on disk (its record in a pack, or its
+    /// loose file), `None` if the store does not have it.
     pub(crate) fn blob_size(&self, hash: &BlobHash) -> Result<Option<u64>, StoreError> {
-        let key = self.blob_key(hash);
-        self.backend()
-            .size(&key)
-            .map_err(|e| StoreError::io("stat blob", key, e))
+        Ok(self.find_blob(hash)?.map(|f| f.stored_size()))
     }
 }

@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::backend::{LockGuard, LockMode, PutMode, Staged};
+use crate::backend::{LockGuard, LockMode, PutMode};
 use crate::manifest::now_ms;
+use crate::pack::{PackWriter, SealedPack};
+use crate::packed::Found;
 use crate::{
     BlobHash, ChunkRef, JobName, MAX_CHUNK, Manifest, SnapshotId, SnapshotKind, SnapshotStatus, StateFormat,
     StoreError, TenantStore, Trigger,
@@ -31,6 +33,10 @@ impl TenantStore {
             .lock("writers", LockMode::Shared, None)?
             .expect("waits without timeout");
         drop(gate);
+        self.inner.store.upgrade_layout()?;
+        // Under the pin, so GC cannot remove what the refreshed index names
+        // until this writer is done.
+        self.refresh_index()?;
         if self.manifest_exists(&id)? {
             return Err(StoreError::AlreadyExists {
                 tenant: self.inner.name.to_string(),
@@ -42,7 +48,9 @@ impl TenantStore {
             id,
             pin: Mutex::new(Some(pin)),
             seen: Mutex::new(HashMap::new()),
-            pending: Mutex::new(Vec::new()),
+            open: Mutex::new(None),
+            sealed: Mutex::new(Vec::new()),
+            broken: std::sync::atomic::AtomicBool::new(false),
             written: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
@@ -79,13 +87,18 @@ pub(crate) struct WriterShared {
     /// The shared `writers` lock: GC cannot delete while it is held. `None`
     /// once the writer committed or aborted.
     pub(crate) pin: Mutex<Option<Box<dyn LockGuard>>>,
-    /// Blobs known to be in the store (written or found): no need to look
-    /// again, and commit can skip checking them.
-    pub(crate) seen: Mutex<HashMap<BlobHash, u64>>,
-    /// Blobs written by this writer but not yet visible: staged files and
-    /// their keys, published at commit (one durability batch), discarded on
-    /// abort.
-    pub(crate) pending: Mutex<Vec<(Staged, String)>>,
+    /// Blobs this writer wrote (`true`) or found in the store (`false`),
+    /// with their stored size: no need to look again. A blob being written
+    /// is claimed here first (size 0), so two threads never both write it.
+    pub(crate) seen: Mutex<HashMap<BlobHash, (u64, bool)>>,
+    /// The pack new blobs are appended to; sealed at the target size.
+    pub(crate) open: Mutex<Option<PackWriter>>,
+    /// Packs written and closed, published at commit (one durability
+    /// batch), discarded on abort.
+    pub(crate) sealed: Mutex<Vec<SealedPack>>,
+    /// Set when writing a pack failed: blobs this writer claimed may be in
+    /// no pack, so it must never commit.
+    pub(crate) broken: std::sync::atomic::AtomicBool,
     pub(crate) written: AtomicU64,
     pub(crate) new_bytes: AtomicU64,
     pub(crate) stored_bytes: AtomicU64,
@@ -208,15 +221,13 @@ impl BlobWriter {
                 reason: "the snapshot writer has already committed or aborted".into(),
             });
         }
-        if s.seen.lock().unwrap().contains_key(&hash) {
-            return Ok(false);
-        }
         self.store_blob(hash, bytes.len() as u64, || {
             blob::encode(bytes, s.tenant.options().compression)
         })
     }
 
-    /// Stages the blob file made by `encode` unless the store already has
+    /// Appends the blob file made by `encode` (see [`blob::encode`]) to
+    /// this writer's open pack unless the store or this writer already has
     /// `hash`. Returns whether it was new.
     pub(crate) fn store_blob(
         &self,
@@ -225,25 +236,48 @@ impl BlobWriter {
         encode: impl FnOnce() -> Vec<u8>,
     ) -> Result<bool, StoreError> {
         let s = &*self.shared;
-        let key = s.tenant.blob_key(&hash);
-        let backend = s.tenant.backend();
-        let present = backend
-            .size(&key)
-            .map_err(|e| StoreError::io("stat blob", key.clone(), e))?;
-        let (size, new) = match present {
-            Some(size) => (size, false),
-            None => {
-                let file = encode();
-                let staged = backend
-                    .stage(&file, s.tenant.options().sync)
-                    .map_err(|e| StoreError::io("write blob", key.clone(), e))?;
-                s.pending.lock().unwrap().push((staged, key));
-                s.note_written(plain_len, file.len() as u64);
-                (file.len() as u64, true)
+        let tenant = &s.tenant;
+        if s.seen.lock().unwrap().contains_key(&hash) {
+            return Ok(false);
+        }
+        if let Some(found) = tenant.find_blob(&hash)? {
+            s.seen.lock().unwrap().insert(hash, (found.stored_size(), false));
+            return Ok(false);
+        }
+        {
+            let mut seen = s.seen.lock().unwrap();
+            if seen.contains_key(&hash) {
+                return Ok(false); // another thread claimed it meanwhile
+            }
+            seen.insert(hash, (0, true));
+        }
+        let file = encode();
+        let backend = tenant.backend();
+        let io = |e| {
+            s.broken.store(true, Ordering::Relaxed);
+            StoreError::io("write pack", tenant.key("packs"), e)
+        };
+        let sealed = {
+            let mut open = s.open.lock().unwrap();
+            if open.is_none() {
+                *open = Some(PackWriter::new(backend).map_err(io)?);
+            }
+            let pack = open.as_mut().expect("just opened");
+            let entry = pack.append_file(hash, plain_len, &file).map_err(io)?;
+            s.seen.lock().unwrap().insert(hash, (entry.record_len(), true));
+            s.note_written(plain_len, entry.record_len());
+            if pack.len() >= tenant.options().pack_size {
+                open.take()
+            } else {
+                None
             }
         };
-        s.seen.lock().unwrap().insert(hash, size);
-        Ok(new)
+        if let Some(full) = sealed {
+            // Sealed outside the lock: other threads start the next pack.
+            let sealed = full.seal(tenant.options().sync).map_err(io)?;
+            s.sealed.lock().unwrap().push(sealed);
+        }
+        Ok(true)
     }
 
     /// Stores the chunks `bounds` of `bytes` (zero chunks skipped when
@@ -377,6 +411,11 @@ impl SnapshotWriter {
                 manifest.id, manifest.job, manifest.number
             )));
         }
+        if s.broken.load(Ordering::Relaxed) {
+            return Err(mismatch(
+                "writing one of its packs failed earlier, so some of its blobs may be in no pack".into(),
+            ));
+        }
         manifest.schema_version = manifest.required_schema();
         manifest.status = SnapshotStatus::Complete;
         manifest.check_lengths().map_err(mismatch)?;
@@ -385,28 +424,55 @@ impl SnapshotWriter {
         // hold the pin, so none can disappear between this check and the
         // manifest write.
         let mut unique: HashMap<BlobHash, u64> = HashMap::new();
+        // Packs this snapshot relies on that other writers wrote, with the
+        // first reference into each (for the error if one is gone).
+        let mut packs_used: HashMap<BlobHash, (String, usize, BlobHash)> = HashMap::new();
         {
             let seen = s.seen.lock().unwrap();
+            let mut refreshed = false;
             for (task, index, c) in manifest.chunk_refs() {
                 let Some(hash) = c.blob() else { continue };
                 if unique.contains_key(&hash) {
                     continue;
                 }
-                if let Some(&size) = seen.get(&hash) {
+                if let Some(&(size, true)) = seen.get(&hash) {
                     unique.insert(hash, size);
                     continue;
                 }
-                match tenant.blob_size(&hash)? {
-                    Some(size) => unique.insert(hash, size),
-                    None => {
-                        return Err(StoreError::MissingBlobAtCommit {
-                            id: s.id.clone(),
-                            task: task.to_string(),
-                            index,
-                            hash,
-                        });
-                    }
+                let mut found = tenant.find_blob(&hash)?;
+                if found.is_none() && !refreshed {
+                    tenant.refresh_index()?;
+                    refreshed = true;
+                    found = tenant.find_blob(&hash)?;
+                }
+                let missing = || StoreError::MissingBlobAtCommit {
+                    id: s.id.clone(),
+                    task: task.to_string(),
+                    index,
+                    hash,
                 };
+                let found = found.ok_or_else(missing)?;
+                if let Found::Packed { pack, .. } = found {
+                    packs_used.entry(pack).or_insert((task.to_string(), index, hash));
+                }
+                unique.insert(hash, found.stored_size());
+            }
+        }
+        // An index entry may name a pack that never became durable (its
+        // writer died between rename and directory sync) or is gone.
+        for (pack, (task, index, hash)) in &packs_used {
+            let key = tenant.pack_key(pack);
+            let present = tenant
+                .backend()
+                .size(&key)
+                .map_err(|e| StoreError::io("stat pack", key, e))?;
+            if present.is_none() {
+                return Err(StoreError::MissingBlobAtCommit {
+                    id: s.id.clone(),
+                    task: task.clone(),
+                    index: *index,
+                    hash: *hash,
+                });
             }
         }
 
@@ -448,17 +514,16 @@ impl SnapshotWriter {
 
         let backend = tenant.backend();
         let sync = tenant.options().sync;
-        // Write order: blobs durable and visible, their names durable, then
-        // the manifest.
-        let pending = std::mem::take(&mut *s.pending.lock().unwrap());
-        backend
-            .publish(&pending, sync)
-            .map_err(|e| StoreError::io("publish blobs", tenant.key("blobs"), e))?;
-        if sync {
-            backend
-                .flush()
-                .map_err(|e| StoreError::io("sync", tenant.key("blobs"), e))?;
+        // Write order: packs durable, then their index, their names
+        // durable, then the manifest.
+        if let Some(open) = s.open.lock().unwrap().take() {
+            let sealed = open
+                .seal(sync)
+                .map_err(|e| StoreError::io("write pack", tenant.key("packs"), e))?;
+            s.sealed.lock().unwrap().push(sealed);
         }
+        let sealed = std::mem::take(&mut *s.sealed.lock().unwrap());
+        tenant.publish_packs(sealed)?;
         manifest.completed_at_ms = now_ms();
         manifest.figures.commit_ms = commit_start.elapsed().as_millis() as u64;
         let key = tenant.manifest_key(&s.id);
@@ -502,9 +567,12 @@ impl SnapshotWriter {
 impl Drop for SnapshotWriter {
     fn drop(&mut self) {
         let s = &self.blobs.shared;
-        // Staged blobs of an aborted (or failed) snapshot are never needed.
-        for (staged, _) in s.pending.lock().unwrap().drain(..) {
-            s.tenant.backend().discard(&staged);
+        // Packs of an aborted (or failed) snapshot are never needed.
+        if let Some(open) = s.open.lock().unwrap().take() {
+            open.discard(s.tenant.backend());
+        }
+        for sealed in s.sealed.lock().unwrap().drain(..) {
+            s.tenant.backend().discard(&sealed.staged);
         }
         // Release the pin; any BlobWriter clones stop accepting puts.
         s.pin.lock().unwrap().take();

@@ -22,7 +22,7 @@ use memento::service::ServiceJob;
 use memento::spec::SnapshotFormat;
 use memento::store::{SnapshotId, StoreOptions};
 use memento::{Host, HostError, RunOptions, StartFrom};
-use store::{SavepointFileCommand, SnapshotsCommand, StoreArgs};
+use store::{SavepointFileCommand, SnapshotsCommand, StoreArgs, StoreCommand};
 
 /// memento — a WebAssembly plugin host for stateful stream operators with
 /// unified checkpoints and savepoints.
@@ -96,13 +96,25 @@ enum Command {
         #[command(subcommand)]
         command: SavepointCommand,
     },
-    /// Check every manifest and blob of the store; non-zero exit if damaged.
+    /// Check every manifest, pack, index and blob of the store; non-zero
+    /// exit if damaged.
     Fsck {
+        /// Rebuild lost or damaged index files from the packs' own headers
+        /// (after the check; then check again).
+        #[arg(long)]
+        repair_index: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Remove blobs that no snapshot references.
+    /// Remove blobs that no snapshot references; rewrite mostly dead packs.
     Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Store maintenance: `migrate` a layout-1 store's loose blobs into packs.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -321,7 +333,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             store::run_snapshots(&store, command).map(|()| ExitCode::SUCCESS)
         }
         Command::Savepoint { command } => savepoint(command),
-        Command::Fsck { store } => store::run_fsck(&store),
+        Command::Fsck { store, repair_index } => store::run_fsck(&store, repair_index),
+        Command::Store { command, store } => store::run_store(&store, command).map(|()| ExitCode::SUCCESS),
         Command::Gc { store } => store::run_gc(&store).map(|()| ExitCode::SUCCESS),
         Command::Serve { config, addr_file } => serve::serve(&config, addr_file.as_deref()),
         Command::Token { command } => serve::token(command),

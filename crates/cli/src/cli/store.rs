@@ -1,5 +1,5 @@
 //! CLI commands over the snapshot store: `snapshots list|show`, `fsck`,
-//! `gc`, `savepoint export|import|dispose`. Parsing and printing only; all
+//! `gc`, `store migrate`, `savepoint export|import|dispose`. Parsing and printing only; all
 //! work is done by `memento::store`.
 
 use std::io::IsTerminal;
@@ -53,6 +53,52 @@ pub enum SnapshotsCommand {
     },
 }
 
+/// `memento store ...`
+#[derive(Debug, Clone, Subcommand)]
+pub enum StoreCommand {
+    /// Move a layout-1 store's loose blobs (one file each) into packs, for
+    /// every tenant; resumable after a crash (run it again).
+    Migrate,
+}
+
+/// Runs a [`StoreCommand`].
+///
+/// # Errors
+/// No store at the state dir, a GC holding a tenant, I/O errors.
+pub fn run_store(args: &StoreArgs, cmd: StoreCommand) -> anyhow::Result<()> {
+    match cmd {
+        StoreCommand::Migrate => {
+            let store = open_store(args)?;
+            let before = store.layout_version();
+            let bar = progress_bar("migrate");
+            let report = store.migrate(&mut on_progress(&bar));
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            let r = report?;
+            for d in &r.damaged {
+                eprintln!("warning: damaged loose blob left in place: {d}");
+            }
+            println!(
+                "store layout {before} -> {}: packed {} loose blobs ({}) into {} packs, {} were packed already; removed {} loose files",
+                store.layout_version(),
+                r.blobs_packed,
+                format_size(r.bytes),
+                r.packs_written,
+                r.blobs_already_packed,
+                r.loose_removed
+            );
+            if !r.damaged.is_empty() {
+                bail!(
+                    "{} damaged loose blobs were not migrated (see `memento fsck`)",
+                    r.damaged.len()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `memento savepoint export|import|dispose` (the store side of
 /// `memento savepoint`; `trigger` needs a running job and is not here).
 #[derive(Debug, Clone, Subcommand)]
@@ -91,6 +137,11 @@ pub fn run_savepoint(store: &StoreArgs, cmd: SavepointFileCommand) -> anyhow::Re
 /// Opens the tenant's store, refusing to create a store where there is none
 /// (a mistyped `--state-dir` should not silently show an empty list).
 fn open(args: &StoreArgs) -> anyhow::Result<TenantStore> {
+    Ok(open_store(args)?.tenant(&args.tenant)?)
+}
+
+/// As [`open`], the whole store.
+fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     let dir = &args.state_dir;
     if !dir.join(memento::store::STORE_FILE).is_file() {
         bail!(
@@ -98,8 +149,7 @@ fn open(args: &StoreArgs) -> anyhow::Result<TenantStore> {
             dir.display()
         );
     }
-    let store = Store::open(dir, StoreOptions::default())?;
-    Ok(store.tenant(&args.tenant)?)
+    Ok(Store::open(dir, StoreOptions::default())?)
 }
 
 /// `memento snapshots list|show`.
@@ -346,9 +396,22 @@ fn format_manifest(m: &Manifest) -> String {
 ///
 /// # Errors
 /// No store at the state dir, I/O errors that stop the scan.
-pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
+pub fn run_fsck(store: &StoreArgs, repair_index: bool) -> anyhow::Result<ExitCode> {
     let tenant = open(store)?;
-    let r = tenant.fsck()?;
+    let mut r = tenant.fsck()?;
+    if repair_index
+        && (!r.damaged_indexes.is_empty() || !r.unindexed_packs.is_empty() || !r.damaged.is_empty())
+    {
+        let repaired = tenant.repair_index()?;
+        println!(
+            "repaired the index: {} blobs of {} packs indexed from the packs, {} damaged records left out, {} damaged index files removed",
+            repaired.blobs_indexed,
+            repaired.packs_indexed,
+            repaired.records_skipped,
+            repaired.indexes_removed
+        );
+        r = tenant.fsck()?;
+    }
     for d in &r.damaged {
         println!("DAMAGED {}", d.id);
         for p in d.problems.iter().take(10) {
@@ -363,14 +426,27 @@ pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
             "MISPLACED {f} (a manifest-like file that nothing lists; gc refuses to run until it is moved or removed)"
         );
     }
+    for p in &r.damaged_packs {
+        println!("DAMAGED PACK {p}");
+    }
+    for i in &r.damaged_indexes {
+        println!("DAMAGED INDEX {i} (memento fsck --repair-index rebuilds it from the packs)");
+    }
+    for p in &r.unindexed_packs {
+        println!(
+            "UNINDEXED {p} (garbage of an interrupted writer, or a lost index: memento fsck --repair-index)"
+        );
+    }
     for f in &r.stray_files {
         eprintln!("warning: stray file {f}");
     }
     println!(
-        "checked {} snapshots, {} blobs ({}) in {} ms; {} damaged, {} unreferenced blobs",
+        "checked {} snapshots, {} blobs ({}), {} packs, {} index files in {} ms; {} damaged, {} unreferenced blobs",
         r.snapshots_checked,
         r.blobs_checked,
         format_size(r.bytes_checked),
+        r.packs_checked,
+        r.index_files_checked,
         r.duration_ms,
         r.damaged.len(),
         r.unreferenced_blobs
@@ -384,6 +460,13 @@ pub fn run_fsck(store: &StoreArgs) -> anyhow::Result<ExitCode> {
         }
         if !r.misplaced_manifests.is_empty() {
             eprintln!("error: misplaced manifests: {}", r.misplaced_manifests.join(", "));
+        }
+        if !r.damaged_packs.is_empty() || !r.damaged_indexes.is_empty() {
+            eprintln!(
+                "error: {} damaged packs, {} damaged index files",
+                r.damaged_packs.len(),
+                r.damaged_indexes.len()
+            );
         }
         Ok(ExitCode::FAILURE)
     }
@@ -404,12 +487,17 @@ pub fn run_gc(store: &StoreArgs) -> anyhow::Result<()> {
         _ => e.into(),
     })?;
     println!(
-        "removed {} blobs, freed {}; kept {} blobs referenced by {} snapshots ({} ms)",
+        "removed {} blobs, freed {}; kept {} blobs referenced by {} snapshots ({} ms); \
+         removed {} packs, rewrote {} ({} written), merged {} index files",
         r.blobs_removed,
         format_size(r.bytes_freed),
         r.blobs_referenced,
         r.snapshots,
-        r.duration_ms
+        r.duration_ms,
+        r.packs_removed,
+        r.packs_rewritten,
+        format_size(r.bytes_rewritten),
+        r.index_files_merged
     );
     Ok(())
 }
