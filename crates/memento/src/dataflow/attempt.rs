@@ -3,6 +3,7 @@
 //! restore point, and the coordinator's handle on them.
 
 use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -14,6 +15,7 @@ use crate::spec::JobSpec;
 use crate::store::{SnapshotId, TaskKey, TaskState, TenantStore};
 
 use super::error::JobError;
+use super::fault::{self, Site};
 use super::messages::{Barrier, Channel, FROM_COORDINATOR, Msg, Report, route};
 use super::{sink, source, task};
 
@@ -187,7 +189,15 @@ impl Attempt {
                 let reports = reports.clone();
                 let handle = thread::Builder::new()
                     .name(format!("{}[{}]", op.name, index))
-                    .spawn(move || t.run_and_report(reports))
+                    .spawn(move || {
+                        let name = t.key.to_string();
+                        let on_panic = reports.clone();
+                        // A panic must fail the job: a task that vanished
+                        // silently would leave the coordinator waiting.
+                        if let Err(p) = catch_unwind(AssertUnwindSafe(|| t.run_and_report(reports))) {
+                            let _ = on_panic.send(Report::Failed(JobError::panicked(name, &*p)));
+                        }
+                    })
                     .map_err(|e| JobError::Thread(e.to_string()))?;
                 handles.push(handle);
             }
@@ -199,18 +209,26 @@ impl Attempt {
         drop(channels);
         let source_halt = halt.clone();
         let source_aborted = aborted.clone();
+        let configs: Vec<_> = spec.operators.iter().map(|op| op.config.clone()).collect();
         let handle = thread::Builder::new()
             .name("source".into())
             .spawn(move || {
-                run_source(
-                    source,
-                    first,
-                    ctl_rx,
-                    reports,
-                    source_halt,
-                    source_aborted,
-                    records_in,
-                )
+                let on_panic = reports.clone();
+                let run = || {
+                    fault::panic_if_asked(Site::Source, configs.iter());
+                    run_source(
+                        source,
+                        first,
+                        ctl_rx,
+                        reports,
+                        source_halt,
+                        source_aborted,
+                        records_in,
+                    )
+                };
+                if let Err(p) = catch_unwind(AssertUnwindSafe(run)) {
+                    let _ = on_panic.send(Report::Failed(JobError::panicked("the source", &*p)));
+                }
             })
             .map_err(|e| JobError::Thread(e.to_string()))?;
         handles.push(handle);
@@ -255,11 +273,18 @@ impl Attempt {
     }
 
     /// Stop every thread (failure or cancel) and wait for them.
-    pub(crate) fn shutdown(mut self) {
+    pub(crate) fn shutdown(self) {
+        drop(self);
+    }
+}
+
+/// Dropping an attempt stops its threads, also when the coordinator
+/// unwinds from a panic: they must not run on, unsupervised.
+impl Drop for Attempt {
+    fn drop(&mut self) {
         self.halt.store(true, Ordering::SeqCst);
         // Dropping our senders lets tasks see their inputs disconnect.
         self.all_tasks.clear();
-        drop(self.source_ctl);
         for h in self.handles.drain(..) {
             let _ = h.join();
         }

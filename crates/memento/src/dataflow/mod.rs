@@ -20,6 +20,7 @@
 mod align;
 mod attempt;
 mod error;
+pub(crate) mod fault;
 mod messages;
 pub mod partition;
 pub mod sink;

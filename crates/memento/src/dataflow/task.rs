@@ -9,6 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::align::Alignment;
 use super::error::JobError;
+use super::fault::{self, Site};
 use super::messages::{Barrier, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
 use super::sink::{SinkCommit, SinkWriter};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
@@ -176,6 +177,7 @@ impl Task {
             };
             match msg {
                 Msg::Batch(batch) => {
+                    fault::panic_if_asked(Site::Task, std::iter::once(&self.config));
                     figures.records_in += batch.len() as u64;
                     let out = instance.process(&batch)?;
                     figures.records_out += out.len() as u64;
@@ -261,12 +263,23 @@ impl Task {
         let pause = started.elapsed();
         let Some(captured) = captured else { return Ok(()) };
         let (reports, key) = (self.reports.clone(), self.key.clone());
+        let config = self.config.clone();
         // Hashing and writing happen off the task thread: processing goes on.
         std::thread::Builder::new()
             .name(format!("upload {key}"))
             .spawn(move || {
                 let started = Instant::now();
-                let report = match snapshot::persist(&captured, &barrier.writer) {
+                let persist = || {
+                    fault::panic_if_asked(Site::Upload, std::iter::once(&config));
+                    snapshot::persist(&captured, &barrier.writer).map_err(|e| e.to_string())
+                };
+                // A panic here fails this snapshot, named as the host's
+                // failure, instead of leaving it to time out.
+                let persisted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(persist))
+                    .unwrap_or_else(|p| {
+                        Err(JobError::panicked(format!("the upload of {key}"), &*p).to_string())
+                    });
+                let report = match persisted {
                     Ok(state) => Report::TaskAck {
                         id: barrier.id,
                         task: key,
@@ -275,10 +288,10 @@ impl Task {
                         pause,
                         upload: started.elapsed(),
                     },
-                    Err(e) => Report::NotStored {
+                    Err(reason) => Report::NotStored {
                         id: barrier.id,
                         task: key,
-                        reason: e.to_string(),
+                        reason,
                     },
                 };
                 let _ = reports.send(report);
