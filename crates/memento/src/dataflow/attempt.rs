@@ -14,12 +14,14 @@ use crate::runtime::{DirGrant, LoadedComponent, Runtime, SandboxLimits};
 use crate::spec::JobSpec;
 use crate::store::{SnapshotId, TaskKey, TaskState, TenantStore};
 
+use super::budget::{Budget, EDGE_BYTES, Inputs};
 use super::error::JobError;
 use super::fault::{self, Site};
-use super::messages::{Barrier, Channel, FROM_COORDINATOR, Msg, Report, route};
+use super::messages::{Barrier, Channel, Edge, FROM_COORDINATOR, Msg, Report, route};
 use super::{sink, source, task};
 
-/// Batches in flight per channel before the sender blocks.
+/// Messages a task's input channel holds before its senders block; what
+/// they may hold in bytes is bounded per edge (`budget`).
 const CHANNEL_CAPACITY: usize = 4;
 
 /// Where an attempt starts from.
@@ -143,6 +145,34 @@ impl Attempt {
         let senders = |stage: usize| -> Vec<Sender<(usize, Msg)>> {
             channels[stage].iter().map(|(tx, _)| tx.clone()).collect()
         };
+        // budgets[stage][task][upstream]: one per edge into each task, the
+        // source being the one upstream of the first stage.
+        let budgets: Vec<Vec<Vec<Arc<Budget>>>> = spec
+            .operators
+            .iter()
+            .enumerate()
+            .map(|(stage, op)| {
+                let upstreams = if stage == 0 {
+                    1
+                } else {
+                    spec.operators[stage - 1].parallelism as usize
+                };
+                (0..op.parallelism)
+                    .map(|_| (0..upstreams).map(|_| Budget::new(EDGE_BYTES)).collect())
+                    .collect()
+            })
+            .collect();
+        // The edges from upstream `from` into every task of `stage`.
+        let edges = |stage: usize, from: usize| -> Vec<Edge> {
+            channels[stage]
+                .iter()
+                .zip(&budgets[stage])
+                .map(|((tx, _), b)| Edge {
+                    tx: tx.clone(),
+                    budget: b[from].clone(),
+                })
+                .collect()
+        };
 
         let halt = Arc::new(AtomicBool::new(false));
         let aborted = Arc::new(AtomicU64::new(0));
@@ -156,7 +186,7 @@ impl Attempt {
             for index in 0..op.parallelism {
                 let key = TaskKey::new(op.name.clone(), index);
                 let downstream = if stage < last {
-                    task::Downstream::Next(senders(stage + 1), index as usize)
+                    task::Downstream::Next(edges(stage + 1, index as usize), index as usize)
                 } else {
                     task::Downstream::Sink(sinks[index as usize].take().expect("one sink per last task"))
                 };
@@ -180,6 +210,7 @@ impl Attempt {
                     config: op.config.clone(),
                     upstreams,
                     rx: channels[stage][index as usize].1.clone(),
+                    _inputs: Inputs(budgets[stage][index as usize].clone()),
                     downstream,
                     reports: reports.clone(),
                     restore: restored,
@@ -204,7 +235,7 @@ impl Attempt {
         }
 
         let (ctl_tx, ctl_rx) = bounded::<SourceCtl>(16);
-        let first = senders(0);
+        let first = edges(0, 0);
         let all_tasks = (0..channels.len()).flat_map(senders).collect();
         drop(channels);
         let source_halt = halt.clone();
@@ -295,14 +326,14 @@ impl Drop for Attempt {
 /// inject barriers between batches when the coordinator asks.
 fn run_source(
     mut source: Box<dyn source::Source>,
-    first: Vec<Sender<(usize, Msg)>>,
+    first: Vec<Edge>,
     ctl: Receiver<SourceCtl>,
     reports: Sender<Report>,
     halt: Arc<AtomicBool>,
     aborted: Arc<AtomicU64>,
     records_in: Arc<AtomicU64>,
 ) {
-    let broadcast = |make: &dyn Fn() -> Msg| -> bool { first.iter().all(|tx| tx.send((0, make())).is_ok()) };
+    let broadcast = |make: &dyn Fn() -> Msg| -> bool { first.iter().all(|e| e.send(0, make())) };
     loop {
         while let Ok(cmd) = ctl.try_recv() {
             match cmd {

@@ -19,6 +19,7 @@
 
 mod align;
 mod attempt;
+mod budget;
 mod error;
 pub(crate) mod fault;
 mod messages;
@@ -28,6 +29,7 @@ pub mod source;
 mod task;
 
 pub(crate) use attempt::{Attempt, InjectError, RestorePoint};
+pub use budget::EDGE_BYTES;
 pub use error::JobError;
 pub(crate) use messages::Report;
 pub use messages::{Barrier, TaskFigures};

@@ -8,9 +8,10 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::align::Alignment;
+use super::budget::Inputs;
 use super::error::JobError;
 use super::fault::{self, Site};
-use super::messages::{Barrier, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
+use super::messages::{Barrier, Edge, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
 use super::sink::{SinkCommit, SinkWriter};
 use crate::runtime::{Context, Event, LoadedComponent, Runtime, SandboxLimits, TaskInstance, TaskLabel};
 use crate::snapshot::{self, CaptureError, NativeBase};
@@ -18,8 +19,8 @@ use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
 
 /// Where a task sends what its operator emits.
 pub(super) enum Downstream {
-    /// The next stage's channels, and this task's index (the sender id).
-    Next(Vec<Sender<(usize, Msg)>>, usize),
+    /// The edges into the next stage, and this task's index (the sender id).
+    Next(Vec<Edge>, usize),
     /// The sink (last stage).
     Sink(Box<dyn SinkWriter>),
 }
@@ -49,8 +50,10 @@ impl Downstream {
 
     fn broadcast(&self, make: impl Fn() -> Msg) -> Result<(), Gone> {
         if let Downstream::Next(next, me) = self {
-            for tx in next {
-                tx.send((*me, make())).map_err(|_| Gone)?;
+            for edge in next {
+                if !edge.send(*me, make()) {
+                    return Err(Gone);
+                }
             }
         }
         Ok(())
@@ -75,6 +78,9 @@ pub(super) struct Task {
     pub config: BTreeMap<String, String>,
     pub upstreams: usize,
     pub rx: Receiver<(usize, Msg)>,
+    /// The budgets of the edges into this task: closed when the task goes,
+    /// however it ends, so no sender waits for it.
+    pub _inputs: Inputs,
     pub downstream: Downstream,
     pub reports: Sender<Report>,
     pub restore: Option<(TenantStore, SnapshotId, TaskState)>,
@@ -178,8 +184,10 @@ impl Task {
             match msg {
                 Msg::Batch(batch) => {
                     fault::panic_if_asked(Site::Task, std::iter::once(&self.config));
-                    figures.records_in += batch.len() as u64;
-                    let out = instance.process(&batch)?;
+                    figures.records_in += batch.events.len() as u64;
+                    let out = instance.process(&batch.events)?;
+                    // The edge's bytes are free again.
+                    drop(batch);
                     figures.records_out += out.len() as u64;
                     self.downstream.send(out, figures)?;
                 }
