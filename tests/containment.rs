@@ -81,3 +81,92 @@ fn a_panic_in_a_job_fails_that_job_alone_and_frees_its_slot() {
     assert_eq!(job["state"], "running", "{job}");
     s.json("POST", "/v1/jobs/upload/cancel", Some(TOKEN_A), "", 202);
 }
+
+/// Resident memory of process `pid` in bytes (`VmRSS` of /proc/PID/status).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    kib * 1024
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A tenant whose jobs are capped at 128 MiB submits a job that produces
+/// as fast as it can: an unpaced endless generator into a plugin that
+/// turns every event into 16 MiB of 64 KiB values, fanned out to two slower
+/// tasks, with checkpoints aligning barriers on the way. The server's
+/// resident memory stays within what the README's security model says such
+/// a job may cost: its tasks' memory caps, one call's output per task, the
+/// byte budget of each edge between stages and the source's batch, above
+/// the idle server — while the job really moves data.
+#[test]
+fn a_job_producing_without_pause_costs_the_host_at_most_what_the_security_model_says() {
+    let s = Serve::start(&two_tenants("memory = \"128MiB\"", ""));
+    let job = r#"name = "flood"
+[source]
+type = "generator"
+batch = 1
+[[operators]]
+name = "blow-up"
+plugin = "hostile.wasm"
+[operators.config]
+mode = "huge-output"
+output_mib = "16"
+[[operators]]
+name = "pass"
+plugin = "hostile.wasm"
+parallelism = 2
+[sink]
+type = "null"
+[checkpoints]
+interval = "500ms"
+format = "canonical"
+tolerable_failures = 1000
+"#;
+    let body =
+        serde_json::json!({ "job": job, "plugins": { "hostile.wasm": common::plugin_b64("hostile") } });
+    // The idle server, settled after its first requests.
+    s.call("GET", "/healthz", None, "");
+    let idle = rss_bytes(s.pid());
+    s.json("POST", "/v1/jobs", Some(TOKEN_A), &body.to_string(), 201);
+    s.wait_running(TOKEN_A, "flood");
+
+    // What the security model allows this job: 3 tasks with 128 MiB of
+    // plugin memory and one call's output each (max_output, 64 MiB by
+    // default), 3 edges (source → blow-up, blow-up → pass[0], pass[1]) of
+    // EDGE_BYTES plus one event over it, a source batch of one event;
+    // and 64 MiB for the instances' and threads' own structures and the
+    // allocator's slack.
+    let tasks = 3;
+    let edges = 3;
+    let allowed =
+        tasks * (128 * MIB + 64 * MIB) + edges * (memento::dataflow::EDGE_BYTES + 64 * 1024 + 56) + 64 * MIB;
+    let mut peak = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(8) {
+        peak = peak.max(rss_bytes(s.pid()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let v = s.json("GET", "/v1/jobs/flood", Some(TOKEN_A), "", 200);
+    assert_eq!(v["state"], "running", "{v}");
+    let moved = v["records_in"].as_u64().unwrap_or(0);
+    assert!(moved >= 5, "the job hardly ran: {v}");
+    eprintln!(
+        "idle {} MiB, peak {} MiB, allowed above idle {} MiB, {moved} events of 16 MiB of output each",
+        idle / MIB,
+        peak / MIB,
+        allowed / MIB
+    );
+    assert!(
+        peak <= idle + allowed,
+        "the server grew from {} MiB to {} MiB, more than the {} MiB the job may cost",
+        idle / MIB,
+        peak / MIB,
+        allowed / MIB
+    );
+}
