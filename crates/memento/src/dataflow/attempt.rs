@@ -66,6 +66,10 @@ pub(crate) struct Attempt {
     /// Senders into every task's channel, for completion notices.
     all_tasks: Vec<Sender<(usize, Msg)>>,
     halt: Arc<AtomicBool>,
+    /// Every edge's budget, closed at shutdown: a sender waiting on a
+    /// receiver that holds its batches for an alignment that will never
+    /// complete (its other input went) must not wait for ever.
+    budgets: Vec<Arc<Budget>>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -237,6 +241,7 @@ impl Attempt {
         let (ctl_tx, ctl_rx) = bounded::<SourceCtl>(16);
         let first = edges(0, 0);
         let all_tasks = (0..channels.len()).flat_map(senders).collect();
+        let all_budgets = budgets.iter().flatten().flatten().cloned().collect();
         drop(channels);
         let source_halt = halt.clone();
         let source_aborted = aborted.clone();
@@ -268,6 +273,7 @@ impl Attempt {
             aborted,
             all_tasks,
             halt,
+            budgets: all_budgets,
             handles,
         })
     }
@@ -316,6 +322,9 @@ impl Drop for Attempt {
         self.halt.store(true, Ordering::SeqCst);
         // Dropping our senders lets tasks see their inputs disconnect.
         self.all_tasks.clear();
+        for b in &self.budgets {
+            b.close();
+        }
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
