@@ -138,14 +138,15 @@ tolerable_failures = 1000
 
     // What the security model allows this job: 3 tasks with 128 MiB of
     // plugin memory and one call's output each (max_output, 64 MiB by
-    // default), 3 edges (source → blow-up, blow-up → pass[0], pass[1]) of
-    // EDGE_BYTES plus one event over it, a source batch of one event;
+    // default), its tasks' inputs (one edge each: source → blow-up,
+    // blow-up → pass[0], pass[1]) of INPUT_BYTES plus one event over it, a
+    // source batch of one event;
     // and 64 MiB for the instances' and threads' own structures and the
     // allocator's slack.
     let tasks = 3;
     let edges = 3;
     let allowed =
-        tasks * (128 * MIB + 64 * MIB) + edges * (memento::dataflow::EDGE_BYTES + 64 * 1024 + 56) + 64 * MIB;
+        tasks * (128 * MIB + 64 * MIB) + edges * (memento::dataflow::INPUT_BYTES + 64 * 1024 + 56) + 64 * MIB;
     let mut peak = 0;
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_secs(8) {

@@ -14,7 +14,7 @@ use crate::runtime::{DirGrant, LoadedComponent, Runtime, SandboxLimits};
 use crate::spec::JobSpec;
 use crate::store::{SnapshotId, TaskKey, TaskState, TenantStore};
 
-use super::budget::{Budget, EDGE_BYTES, Inputs};
+use super::budget::{Budget, Inputs, edge_capacity};
 use super::error::JobError;
 use super::fault::{self, Site};
 use super::messages::{Barrier, Channel, Edge, FROM_COORDINATOR, Msg, Report, route};
@@ -162,7 +162,11 @@ impl Attempt {
                     spec.operators[stage - 1].parallelism as usize
                 };
                 (0..op.parallelism)
-                    .map(|_| (0..upstreams).map(|_| Budget::new(EDGE_BYTES)).collect())
+                    .map(|_| {
+                        (0..upstreams)
+                            .map(|_| Budget::new(edge_capacity(upstreams)))
+                            .collect()
+                    })
                     .collect()
             })
             .collect();

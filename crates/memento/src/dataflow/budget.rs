@@ -1,10 +1,12 @@
 //! What bounds the edges between stages: every (sender, receiver)
 //! pair of tasks -- the source and each first-stage task too -- has a
-//! budget of [`EDGE_BYTES`] for the batches it has sent that the receiver
-//! has not finished with (in the channel, held back by barrier alignment,
-//! or being processed). A sender waits while its edge is full, so what a
-//! job buffers between its stages is bounded in bytes, not only in
-//! messages, whatever size its events are.
+//! byte budget for the batches it has sent that the receiver has not
+//! finished with (in the channel, held back by barrier alignment, or being
+//! processed). A sender waits while its edge is full, so what a job
+//! buffers between its stages is bounded in bytes, not only in messages,
+//! whatever size its events are. A task's inputs share [`INPUT_BYTES`]
+//! ([`edge_capacity`]), so the bound grows with the tasks, not with the
+//! square of the parallelism.
 //!
 //! Budgets are per edge, not per receiving channel: a receiver aligning a
 //! barrier holds what one input sent after it, and that input must be the
@@ -19,8 +21,19 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::runtime::{EVENT_OVERHEAD, Event};
 
-/// Bytes of batches one edge may have in flight (see the module docs).
-pub const EDGE_BYTES: u64 = 8 << 20;
+/// Bytes of batches the inputs of one task may have in flight together
+/// (see the module docs).
+pub const INPUT_BYTES: u64 = 8 << 20;
+
+/// The least one edge may have in flight, however many inputs share a
+/// task's budget: room for a few batches of small events.
+pub const MIN_EDGE_BYTES: u64 = 256 << 10;
+
+/// The budget of each of a task's `inputs` edges: an equal share of
+/// [`INPUT_BYTES`], at least [`MIN_EDGE_BYTES`].
+pub fn edge_capacity(inputs: usize) -> u64 {
+    (INPUT_BYTES / inputs.max(1) as u64).max(MIN_EDGE_BYTES)
+}
 
 /// The bytes an event is charged: key, value and the host's record of it
 /// (the same count `[limits] max_output` uses).
@@ -242,6 +255,15 @@ mod tests {
                 event_bytes(&event(10))
             ]
         );
+    }
+
+    #[test]
+    fn a_tasks_inputs_share_its_budget_down_to_a_floor() {
+        assert_eq!(edge_capacity(1), 8 << 20);
+        assert_eq!(edge_capacity(4), 2 << 20);
+        assert_eq!(edge_capacity(32), 256 << 10);
+        assert_eq!(edge_capacity(256), 256 << 10);
+        assert_eq!(edge_capacity(0), 8 << 20);
     }
 
     #[test]

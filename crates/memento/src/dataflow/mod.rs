@@ -29,7 +29,7 @@ pub mod source;
 mod task;
 
 pub(crate) use attempt::{Attempt, InjectError, RestorePoint};
-pub use budget::EDGE_BYTES;
+pub use budget::{INPUT_BYTES, MIN_EDGE_BYTES, edge_capacity};
 pub use error::JobError;
 pub(crate) use messages::Report;
 pub use messages::{Barrier, TaskFigures};

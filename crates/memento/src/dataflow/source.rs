@@ -16,7 +16,7 @@ pub const MAX_LINE: usize = 16 << 20;
 /// A file source's batch ends once its records hold this many bytes (and at
 /// `batch` records at the latest), so that a batch of long lines is not a
 /// batch-count multiple of them.
-pub const MAX_BATCH_BYTES: u64 = super::budget::EDGE_BYTES;
+pub const MAX_BATCH_BYTES: u64 = super::budget::INPUT_BYTES;
 
 /// Why a source failed, naming the input and the record.
 #[derive(Debug, thiserror::Error)]
