@@ -171,3 +171,40 @@ tolerable_failures = 1000
         allowed / MIB
     );
 }
+
+/// A submitted job runs at most `MAX_TASKS` tasks: each is a thread and an
+/// instance with the tenant's memory cap, so a job of five operators at
+/// parallelism 256 would make the caps bound nothing. It is refused before
+/// anything is compiled or started.
+#[test]
+fn a_job_of_more_tasks_than_a_shared_host_allows_is_refused() {
+    let s = Serve::start(&two_tenants("", ""));
+    let mut job = String::from("name = \"wide\"\n[source]\ntype = \"generator\"\n[sink]\ntype = \"null\"\n");
+    for i in 0..5 {
+        job.push_str(&format!(
+            "[[operators]]\nname = \"op{i}\"\nplugin = \"wordcount.wasm\"\nparallelism = 256\n"
+        ));
+    }
+    let body =
+        serde_json::json!({ "job": job, "plugins": { "wordcount.wasm": common::plugin_b64("wordcount") } });
+    let v = s.json("POST", "/v1/jobs", Some(TOKEN_A), &body.to_string(), 400);
+    assert_eq!(v["error"], "limit_exceeded", "{v}");
+    assert_eq!(
+        v["message"],
+        format!(
+            "operators: the job runs 1280 tasks (their parallelism added up), more than the {} a job may run on this host",
+            memento::service::MAX_TASKS
+        )
+    );
+    // Four of them are 1024 tasks: allowed.
+    let four = job.replacen(
+        "[[operators]]\nname = \"op4\"\nplugin = \"wordcount.wasm\"\nparallelism = 256\n",
+        "",
+        1,
+    );
+    let body =
+        serde_json::json!({ "job": four, "plugins": { "wordcount.wasm": common::plugin_b64("wordcount") } });
+    let v = s.json("POST", "/v1/jobs", Some(TOKEN_A), &body.to_string(), 201);
+    assert_eq!(v["name"], "wide", "{v}");
+    s.json("POST", "/v1/jobs/wide/cancel", Some(TOKEN_A), "", 202);
+}
