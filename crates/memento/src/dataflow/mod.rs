@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Each task owns its plugin instance and calls it synchronously. Tasks talk
-//! to the coordinator only through messages ([`Report`]); nothing else is
+//! to the coordinator only through messages (`Report`s); nothing else is
 //! shared between threads.
 
 //!
