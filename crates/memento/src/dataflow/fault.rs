@@ -1,7 +1,7 @@
 //! Test-only fault injection: with the crate feature `fault-injection`, an
-//! operator config key `memento.fault-injection.panic` names a place where the host itself panics,
-//! so end-to-end tests can prove that a panic anywhere in a job's run fails
-//! that job and nothing else. Without the feature, [`panic_if_asked`] is
+//! operator config key `memento.fault-injection.panic` names a place where
+//! the host itself panics, so end-to-end tests can prove that a panic
+//! anywhere in a job's run fails that job and nothing else. Without the feature, [`panic_if_asked`] is
 //! empty and the key is an ordinary config entry handed to the plugin.
 
 use std::collections::BTreeMap;
@@ -13,7 +13,7 @@ const KEY: &str = "memento.fault-injection.panic";
 /// Where a job's run can be made to panic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Site {
-    /// A task thread, at its first batch.
+    /// A task thread, at a batch (so at its first).
     Task,
     /// The source thread, before its first batch.
     Source,
