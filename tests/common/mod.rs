@@ -238,6 +238,11 @@ impl Serve {
         self.log.text()
     }
 
+    /// The server's process id (while started).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not started").id()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

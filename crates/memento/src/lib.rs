@@ -8,6 +8,13 @@
 //! The store ([`store`], crate `memento-store`) and the Wasm runtime
 //! ([`runtime`], crate `memento-runtime`) are crates of their own, re-exported
 //! here so that an embedder needs only this one.
+//!
+//! # Features
+//!
+//! - `fault-injection` (off): test-only. An operator config key
+//!   `memento.fault-injection.panic` (`task`, `source`, `upload`,
+//!   `coordinator`) makes the host panic there, so tests can prove a panic
+//!   fails only its job. Never enable it in a build you ship.
 pub mod coordinator;
 pub mod dataflow;
 mod host;

@@ -195,17 +195,23 @@ async fn checkpoint_detail(
 }
 
 /// `POST …/savepoints` body: optional, and nothing but `format`.
-#[derive(Default, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TriggerBody {
     format: Option<SnapshotFormat>,
 }
 
-fn trigger_body(body: &[u8]) -> Result<TriggerBody, ApiError> {
+/// The body of a savepoint trigger: empty, or JSON naming the format.
+///
+/// # Errors
+/// 400 naming what is malformed.
+pub fn trigger_body(body: &[u8]) -> Result<Option<SnapshotFormat>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(TriggerBody::default());
+        return Ok(None);
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice::<TriggerBody>(body)
+        .map(|b| b.format)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// The most a trigger body may hold: it names a format, in a few bytes.
@@ -224,8 +230,8 @@ async fn trigger_savepoint(
             format!("request body is over the limit of {MAX_TRIGGER_BODY} bytes for a trigger"),
         )
     })?;
-    let body = trigger_body(&body)?;
-    let request_id = job.trigger_savepoint(body.format)?;
+    let format = trigger_body(&body)?;
+    let request_id = job.trigger_savepoint(format)?;
     Ok((StatusCode::ACCEPTED, Json(TriggerResponse { request_id })))
 }
 

@@ -100,6 +100,31 @@ struct SubmitBody {
     from: Option<String>,
 }
 
+/// The `POST /v1/jobs` body as the service takes it: JSON with the job
+/// file's text, the plugins in base64 and where to start. Checking what it
+/// holds (the job file, the components, the tenant's caps) is
+/// [`Service::submit`]'s.
+///
+/// # Errors
+/// 400 naming what is malformed: the JSON, an unknown field, a plugin's
+/// base64.
+pub fn submission_body(bytes: &[u8]) -> Result<Submission, ApiError> {
+    let body: SubmitBody = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let mut plugins = BTreeMap::new();
+    for (name, b64) in body.plugins {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| ApiError::bad_request(format!("plugins[{name:?}]: invalid base64: {e}")))?;
+        plugins.insert(name, bytes);
+    }
+    Ok(Submission {
+        job: body.job,
+        plugins,
+        from: body.from,
+    })
+}
+
 async fn submit(
     State(s): Shared,
     InTenant(tenant): InTenant,
@@ -123,20 +148,7 @@ async fn submit(
             size: announced.unwrap_or(limit + 1),
             limit,
         })?;
-    let body: SubmitBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    let mut plugins = BTreeMap::new();
-    for (name, b64) in body.plugins {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .map_err(|e| ApiError::bad_request(format!("plugins[{name:?}]: invalid base64: {e}")))?;
-        plugins.insert(name, bytes);
-    }
-    let submission = Submission {
-        job: body.job,
-        plugins,
-        from: body.from,
-    };
+    let submission = submission_body(&bytes)?;
     let job = blocking(move || s.submit(&tenant, submission)).await?;
     Ok((StatusCode::CREATED, Json(JobView::of(&job))))
 }

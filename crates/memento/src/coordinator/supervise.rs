@@ -3,6 +3,7 @@
 //! reports when it gives up.
 
 use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::unbounded;
@@ -15,6 +16,7 @@ use super::report::{FinalState, JobFailed, JobReport, OperatorReport};
 use super::restart;
 use super::status::JobState;
 use super::triggers::Triggers;
+use crate::dataflow::fault::{self, Site};
 use crate::dataflow::sink;
 use crate::dataflow::{Attempt, JobError, RestorePoint};
 use crate::spec::RestartStrategy;
@@ -35,7 +37,20 @@ impl Coordinator<'_> {
                         Err(e) => AttemptEnd::Failed(e),
                     }
                 }
-                _ => self.attempt(restore.as_ref()),
+                _ => {
+                    // A panic of the coordinator's own code fails the job
+                    // like any failure: reported, its attempt's threads
+                    // stopped (dropping an `Attempt` joins them).
+                    let attempt = AssertUnwindSafe(|| {
+                        fault::panic_if_asked(
+                            Site::Coordinator,
+                            self.spec.operators.iter().map(|o| &o.config),
+                        );
+                        self.attempt(restore.as_ref())
+                    });
+                    catch_unwind(attempt)
+                        .unwrap_or_else(|p| AttemptEnd::Failed(JobError::panicked("the coordinator", &*p)))
+                }
             };
             let error = match end {
                 AttemptEnd::Done(state) => {

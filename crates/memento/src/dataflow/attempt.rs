@@ -3,6 +3,7 @@
 //! restore point, and the coordinator's handle on them.
 
 use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -13,11 +14,14 @@ use crate::runtime::{DirGrant, LoadedComponent, Runtime, SandboxLimits};
 use crate::spec::JobSpec;
 use crate::store::{SnapshotId, TaskKey, TaskState, TenantStore};
 
+use super::budget::{Budget, Inputs, edge_capacity};
 use super::error::JobError;
-use super::messages::{Barrier, Channel, FROM_COORDINATOR, Msg, Report, route};
+use super::fault::{self, Site};
+use super::messages::{Barrier, Channel, Edge, FROM_COORDINATOR, Msg, Report, route};
 use super::{sink, source, task};
 
-/// Batches in flight per channel before the sender blocks.
+/// Messages a task's input channel holds before its senders block; what
+/// they may hold in bytes is bounded per edge (`budget`).
 const CHANNEL_CAPACITY: usize = 4;
 
 /// Where an attempt starts from.
@@ -67,6 +71,10 @@ pub(crate) struct Attempt {
     /// Senders into every task's channel, for completion notices.
     all_tasks: Vec<Sender<(usize, Msg)>>,
     halt: Arc<AtomicBool>,
+    /// Every edge's budget, closed at shutdown: a sender waiting on a
+    /// receiver that holds its batches for an alignment that will never
+    /// complete (its other input went) must not wait for ever.
+    budgets: Vec<Arc<Budget>>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -153,6 +161,38 @@ impl Attempt {
         let senders = |stage: usize| -> Vec<Sender<(usize, Msg)>> {
             channels[stage].iter().map(|(tx, _)| tx.clone()).collect()
         };
+        // budgets[stage][task][upstream]: one per edge into each task, the
+        // source being the one upstream of the first stage.
+        let budgets: Vec<Vec<Vec<Arc<Budget>>>> = spec
+            .operators
+            .iter()
+            .enumerate()
+            .map(|(stage, op)| {
+                let upstreams = if stage == 0 {
+                    1
+                } else {
+                    spec.operators[stage - 1].parallelism as usize
+                };
+                (0..op.parallelism)
+                    .map(|_| {
+                        (0..upstreams)
+                            .map(|_| Budget::new(edge_capacity(upstreams)))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        // The edges from upstream `from` into every task of `stage`.
+        let edges = |stage: usize, from: usize| -> Vec<Edge> {
+            channels[stage]
+                .iter()
+                .zip(&budgets[stage])
+                .map(|((tx, _), b)| Edge {
+                    tx: tx.clone(),
+                    budget: b[from].clone(),
+                })
+                .collect()
+        };
 
         let halt = Arc::new(AtomicBool::new(false));
         let aborted = Arc::new(AtomicU64::new(0));
@@ -167,7 +207,7 @@ impl Attempt {
                 let key = TaskKey::new(op.name.clone(), index);
                 let downstream = if stage < last {
                     task::Downstream::Next(
-                        senders(stage + 1),
+                        edges(stage + 1, index as usize),
                         groups_of(&spec.operators[stage + 1]),
                         index as usize,
                     )
@@ -195,6 +235,7 @@ impl Attempt {
                     config: op.config.clone(),
                     upstreams,
                     rx: channels[stage][index as usize].1.clone(),
+                    _inputs: Inputs(budgets[stage][index as usize].clone()),
                     downstream,
                     reports: reports.clone(),
                     restore: restored,
@@ -204,30 +245,47 @@ impl Attempt {
                 let reports = reports.clone();
                 let handle = thread::Builder::new()
                     .name(format!("{}[{}]", op.name, index))
-                    .spawn(move || t.run_and_report(reports))
+                    .spawn(move || {
+                        let name = t.key.to_string();
+                        let on_panic = reports.clone();
+                        // A panic must fail the job: a task that vanished
+                        // silently would leave the coordinator waiting.
+                        if let Err(p) = catch_unwind(AssertUnwindSafe(|| t.run_and_report(reports))) {
+                            let _ = on_panic.send(Report::Failed(JobError::panicked(name, &*p)));
+                        }
+                    })
                     .map_err(|e| JobError::Thread(e.to_string()))?;
                 handles.push(handle);
             }
         }
 
         let (ctl_tx, ctl_rx) = bounded::<SourceCtl>(16);
-        let first = (senders(0), groups_of(&spec.operators[0]));
+        let first = (edges(0, 0), groups_of(&spec.operators[0]));
         let all_tasks = (0..channels.len()).flat_map(senders).collect();
+        let all_budgets = budgets.iter().flatten().flatten().cloned().collect();
         drop(channels);
         let source_halt = halt.clone();
         let source_aborted = aborted.clone();
+        let configs: Vec<_> = spec.operators.iter().map(|op| op.config.clone()).collect();
         let handle = thread::Builder::new()
             .name("source".into())
             .spawn(move || {
-                run_source(
-                    source,
-                    first,
-                    ctl_rx,
-                    reports,
-                    source_halt,
-                    source_aborted,
-                    records_in,
-                )
+                let on_panic = reports.clone();
+                let run = || {
+                    fault::panic_if_asked(Site::Source, configs.iter());
+                    run_source(
+                        source,
+                        first,
+                        ctl_rx,
+                        reports,
+                        source_halt,
+                        source_aborted,
+                        records_in,
+                    )
+                };
+                if let Err(p) = catch_unwind(AssertUnwindSafe(run)) {
+                    let _ = on_panic.send(Report::Failed(JobError::panicked("the source", &*p)));
+                }
             })
             .map_err(|e| JobError::Thread(e.to_string()))?;
         handles.push(handle);
@@ -236,6 +294,7 @@ impl Attempt {
             aborted,
             all_tasks,
             halt,
+            budgets: all_budgets,
             handles,
         })
     }
@@ -272,11 +331,21 @@ impl Attempt {
     }
 
     /// Stop every thread (failure or cancel) and wait for them.
-    pub(crate) fn shutdown(mut self) {
+    pub(crate) fn shutdown(self) {
+        drop(self);
+    }
+}
+
+/// Dropping an attempt stops its threads, also when the coordinator
+/// unwinds from a panic: they must not run on, unsupervised.
+impl Drop for Attempt {
+    fn drop(&mut self) {
         self.halt.store(true, Ordering::SeqCst);
         // Dropping our senders lets tasks see their inputs disconnect.
         self.all_tasks.clear();
-        drop(self.source_ctl);
+        for b in &self.budgets {
+            b.close();
+        }
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
@@ -287,14 +356,14 @@ impl Attempt {
 /// inject barriers between batches when the coordinator asks.
 fn run_source(
     mut source: Box<dyn source::Source>,
-    (first, key_groups): (Vec<Sender<(usize, Msg)>>, u32),
+    (first, key_groups): (Vec<Edge>, u32),
     ctl: Receiver<SourceCtl>,
     reports: Sender<Report>,
     halt: Arc<AtomicBool>,
     aborted: Arc<AtomicU64>,
     records_in: Arc<AtomicU64>,
 ) {
-    let broadcast = |make: &dyn Fn() -> Msg| -> bool { first.iter().all(|tx| tx.send((0, make())).is_ok()) };
+    let broadcast = |make: &dyn Fn() -> Msg| -> bool { first.iter().all(|e| e.send(0, make())) };
     loop {
         while let Ok(cmd) = ctl.try_recv() {
             match cmd {

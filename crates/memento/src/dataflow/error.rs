@@ -58,6 +58,33 @@ pub enum JobError {
     /// A thread could not be started or died.
     #[error("thread: {0}")]
     Thread(String),
+    /// The host panicked while running the job (a bug of the host, not of
+    /// the plugin): the job fails for good, since a restart would meet the
+    /// same bug, and nothing else of the process is touched.
+    #[error("the host panicked in {thread}: {message}")]
+    Panicked {
+        /// The thread: a task (`count[0]`), `the source`, `the coordinator`.
+        thread: String,
+        /// The panic's message, cut to 500 characters.
+        message: String,
+    },
+}
+
+impl JobError {
+    /// The failure of a thread whose panic was caught with `payload`.
+    pub(crate) fn panicked(thread: impl Into<String>, payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            s
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.as_str()
+        } else {
+            "a panic without a message"
+        };
+        JobError::Panicked {
+            thread: thread.into(),
+            message: crate::spec::excerpt(message, 500),
+        }
+    }
 }
 
 impl From<RuntimeError> for JobError {

@@ -4,12 +4,15 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::runtime::Event;
 use crate::spec::SnapshotFormat;
 use crate::store::{BlobWriter, TaskKey, TaskStateData};
 
+use super::budget::{self, Batch, Budget};
 use super::error::JobError;
 use super::partition;
 use super::sink::SinkCommit;
@@ -28,7 +31,8 @@ pub struct Barrier {
 
 /// What flows on the channels between stages.
 pub(crate) enum Msg {
-    Batch(Vec<Event>),
+    /// Events, charged to their edge's budget until the receiver drops them.
+    Batch(Batch),
     Barrier(Barrier),
     /// The input ended: close the operator, then end downstream.
     End,
@@ -42,14 +46,38 @@ pub(crate) enum Msg {
 /// A task's input: messages tagged with the index of the sending task.
 pub(super) type Channel = (Sender<(usize, Msg)>, Receiver<(usize, Msg)>);
 
-/// Partition `events` by key over the next stage's channels and send each
+/// The sending end of one edge between a task (or the source) and a task
+/// of the next stage: the receiver's channel and the edge's byte budget.
+#[derive(Clone)]
+pub(super) struct Edge {
+    pub(super) tx: Sender<(usize, Msg)>,
+    pub(super) budget: Arc<Budget>,
+}
+
+impl Edge {
+    /// Send `events`, cut to the edge's budget, waiting while it is full;
+    /// `false` if the receiver is gone.
+    fn send_events(&self, from: usize, events: Vec<Event>) -> bool {
+        budget::send_charged(&self.budget, events, |b| {
+            self.tx.send((from, Msg::Batch(b))).is_ok()
+        })
+    }
+
+    /// Send a marker (barrier, end, stop): never charged, never waits on
+    /// the budget; `false` if the receiver is gone.
+    pub(super) fn send(&self, from: usize, msg: Msg) -> bool {
+        self.tx.send((from, msg)).is_ok()
+    }
+}
+
+/// Partition `events` by key over the next stage's edges and send each
 /// non-empty part, tagged with the sender's index `from`. `false` if a
 /// receiving task is gone (it failed; its error is reported).
-pub(super) fn route(next: &[Sender<(usize, Msg)>], key_groups: u32, from: usize, events: Vec<Event>) -> bool {
+pub(super) fn route(next: &[Edge], key_groups: u32, from: usize, events: Vec<Event>) -> bool {
     partition::partition(events, next.len(), key_groups)
         .into_iter()
         .enumerate()
-        .all(|(task, part)| part.is_empty() || next[task].send((from, Msg::Batch(part))).is_ok())
+        .all(|(task, part)| part.is_empty() || next[task].send_events(from, part))
 }
 
 /// Sender index used for messages from the coordinator.

@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 use crate::runtime::Event;
 use crate::spec::{FileFormat, SourceSpec};
 
+/// The longest line a file source reads: a record is held whole by the
+/// host, so its size must not be the input's to choose.
+pub const MAX_LINE: usize = 16 << 20;
+
+/// A file source's batch ends once its records hold this many bytes (and at
+/// `batch` records at the latest), so that a batch of long lines is not a
+/// batch-count multiple of them.
+pub const MAX_BATCH_BYTES: u64 = super::budget::INPUT_BYTES;
+
 /// Why a source failed, naming the input and the record.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -37,6 +46,16 @@ pub enum SourceError {
         line: u64,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A line is longer than [`MAX_LINE`].
+    #[error("{}:{line}: the line is longer than {max} bytes, the most a record may be", .path.display())]
+    LongLine {
+        /// The file.
+        path: PathBuf,
+        /// Its line (from 1).
+        line: u64,
+        /// [`MAX_LINE`].
+        max: usize,
     },
     /// The input is shorter than a snapshot's position: it changed since.
     #[error(
@@ -218,9 +237,11 @@ impl FileSource {
     /// Read the next line into `self.line` and count it; `false` at the end
     /// of the file.
     fn read_line(&mut self) -> Result<bool, SourceError> {
+        use std::io::Read;
         self.line.clear();
-        let n = self
-            .reader
+        // One byte past the limit tells a long line from one at the limit.
+        let n = (&mut self.reader)
+            .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut self.line)
             .map_err(|source| SourceError::Read {
                 path: self.path.clone(),
@@ -229,6 +250,14 @@ impl FileSource {
         if n > 0 {
             self.line_no += 1;
         }
+        let body = self.line.strip_suffix(b"\n").unwrap_or(&self.line);
+        if body.len() > MAX_LINE {
+            return Err(SourceError::LongLine {
+                path: self.path.clone(),
+                line: self.line_no,
+                max: MAX_LINE,
+            });
+        }
         Ok(n > 0)
     }
 }
@@ -236,7 +265,8 @@ impl FileSource {
 impl Source for FileSource {
     fn next_batch(&mut self) -> Result<Option<Vec<Event>>, SourceError> {
         let mut out = Vec::with_capacity(self.batch.min(4096));
-        while out.len() < self.batch {
+        let mut bytes = 0u64;
+        while out.len() < self.batch && bytes < MAX_BATCH_BYTES {
             if !self.read_line()? {
                 break;
             }
@@ -248,7 +278,9 @@ impl Source for FileSource {
                 self.line = line;
                 continue;
             }
-            out.push(self.parse_line(&line)?);
+            let event = self.parse_line(&line)?;
+            bytes += super::budget::event_bytes(&event);
+            out.push(event);
             self.line = line;
         }
         Ok(if out.is_empty() { None } else { Some(out) })
@@ -419,6 +451,45 @@ mod tests {
         let distinct: std::collections::BTreeSet<_> = a.iter().map(|e| e.key.clone()).collect();
         assert_eq!(distinct.len(), 7);
         assert_eq!(a[1234].timestamp, 1234);
+    }
+
+    #[test]
+    fn a_line_past_the_limit_fails_the_source_and_long_lines_make_short_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |batch| SourceSpec::File {
+            path: "in.txt".into(),
+            format: FileFormat::Lines,
+            key_field: None,
+            timestamp_field: None,
+            key_separator: Some(",".into()),
+            batch,
+        };
+        // Lines of 1 MiB: a batch of 1,000 records stops at the byte bound.
+        let mut text = Vec::new();
+        for _ in 0..20 {
+            text.extend(std::iter::repeat_n(b'x', 1 << 20));
+            text.push(b'\n');
+        }
+        std::fs::write(dir.path().join("in.txt"), &text).unwrap();
+        let mut source = open(&spec(1000), dir.path()).unwrap();
+        let first = source.next_batch().unwrap().unwrap();
+        let bytes: u64 = first.iter().map(crate::dataflow::budget::event_bytes).sum();
+        assert!(first.len() < 20, "{} records in one batch", first.len());
+        assert!(bytes < MAX_BATCH_BYTES + (1 << 20) + 100, "{bytes}");
+
+        // A line at the limit is read; one byte more is refused, naming it.
+        let mut text = vec![b'y'; MAX_LINE];
+        text.extend(b"\n");
+        text.extend(vec![b'z'; MAX_LINE + 1]);
+        text.extend(b"\n");
+        std::fs::write(dir.path().join("in.txt"), &text).unwrap();
+        let mut source = open(&spec(1), dir.path()).unwrap();
+        assert_eq!(source.next_batch().unwrap().unwrap()[0].key.len(), MAX_LINE);
+        let e = source.next_batch().unwrap_err().to_string();
+        assert!(
+            e.ends_with("in.txt:2: the line is longer than 16777216 bytes, the most a record may be"),
+            "{e}"
+        );
     }
 
     #[test]

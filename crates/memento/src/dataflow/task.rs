@@ -8,8 +8,10 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::align::Alignment;
+use super::budget::Inputs;
 use super::error::JobError;
-use super::messages::{Barrier, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
+use super::fault::{self, Site};
+use super::messages::{Barrier, Edge, FROM_COORDINATOR, Msg, Report, TaskFigures, route};
 use super::partition;
 use super::sink::{SinkCommit, SinkWriter};
 use crate::runtime::{
@@ -20,9 +22,9 @@ use crate::store::{SnapshotId, TaskKey, TaskState, TaskStateData, TenantStore};
 
 /// Where a task sends what its operator emits.
 pub(super) enum Downstream {
-    /// The next stage's channels, its key groups, and this task's index
-    /// (the sender id).
-    Next(Vec<Sender<(usize, Msg)>>, u32, usize),
+    /// The edges into the next stage, its key groups, and this task's
+    /// index (the sender id).
+    Next(Vec<Edge>, u32, usize),
     /// The sink (last stage).
     Sink(Box<dyn SinkWriter>),
 }
@@ -52,8 +54,10 @@ impl Downstream {
 
     fn broadcast(&self, make: impl Fn() -> Msg) -> Result<(), Gone> {
         if let Downstream::Next(next, _, me) = self {
-            for tx in next {
-                tx.send((*me, make())).map_err(|_| Gone)?;
+            for edge in next {
+                if !edge.send(*me, make()) {
+                    return Err(Gone);
+                }
             }
         }
         Ok(())
@@ -80,6 +84,9 @@ pub(super) struct Task {
     pub config: BTreeMap<String, String>,
     pub upstreams: usize,
     pub rx: Receiver<(usize, Msg)>,
+    /// The budgets of the edges into this task: closed when the task goes,
+    /// however it ends, so no sender waits for it.
+    pub _inputs: Inputs,
     pub downstream: Downstream,
     pub reports: Sender<Report>,
     pub restore: Option<(TenantStore, SnapshotId, TaskState)>,
@@ -191,8 +198,11 @@ impl Task {
             };
             match msg {
                 Msg::Batch(batch) => {
-                    figures.records_in += batch.len() as u64;
-                    let out = instance.process(&batch)?;
+                    fault::panic_if_asked(Site::Task, std::iter::once(&self.config));
+                    figures.records_in += batch.events.len() as u64;
+                    let out = instance.process(&batch.events)?;
+                    // The edge's bytes are free again.
+                    drop(batch);
                     figures.records_out += out.len() as u64;
                     self.downstream.send(out, figures)?;
                 }
@@ -276,12 +286,23 @@ impl Task {
         let pause = started.elapsed();
         let Some(captured) = captured else { return Ok(()) };
         let (reports, key) = (self.reports.clone(), self.key.clone());
+        let config = self.config.clone();
         // Hashing and writing happen off the task thread: processing goes on.
         std::thread::Builder::new()
             .name(format!("upload {key}"))
             .spawn(move || {
                 let started = Instant::now();
-                let report = match snapshot::persist(&captured, &barrier.writer) {
+                let persist = || {
+                    fault::panic_if_asked(Site::Upload, std::iter::once(&config));
+                    snapshot::persist(&captured, &barrier.writer).map_err(|e| e.to_string())
+                };
+                // A panic here fails this snapshot, named as the host's
+                // failure, instead of leaving it to time out.
+                let persisted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(persist))
+                    .unwrap_or_else(|p| {
+                        Err(JobError::panicked(format!("the upload of {key}"), &*p).to_string())
+                    });
+                let report = match persisted {
                     Ok(state) => Report::TaskAck {
                         id: barrier.id,
                         task: key,
@@ -290,10 +311,10 @@ impl Task {
                         pause,
                         upload: started.elapsed(),
                     },
-                    Err(e) => Report::NotStored {
+                    Err(reason) => Report::NotStored {
                         id: barrier.id,
                         task: key,
-                        reason: e.to_string(),
+                        reason,
                     },
                 };
                 let _ = reports.send(report);

@@ -6,13 +6,16 @@
 //! single-job front end (`memento run --listen`) makes one for the job it
 //! runs itself, so both answer the same questions the same way.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use super::ServiceError;
 use crate::coordinator::{
-    JobControl, JobReport, JobState, JobStatus, RequestLog, RequestStatus, SnapshotRecord, TriggerResult,
+    JobControl, JobFailed, JobReport, JobState, JobStatus, RequestLog, RequestStatus, SnapshotRecord,
+    TriggerResult,
 };
+use crate::dataflow::JobError;
 use crate::host::{HostError, Job, RunOptions};
 use crate::spec::{JobSpec, SnapshotFormat};
 
@@ -46,11 +49,22 @@ impl ServiceJob {
     }
 
     /// Run the job on this thread (see [`Job::run`]) and keep how it ended.
+    /// A panic of the host on the way fails the job (the coordinator
+    /// already turns panics within attempts into failures; this catches
+    /// the rest), so the job ends, its slot is free and the thread lives.
     ///
     /// # Errors
-    /// As [`Job::run`].
+    /// As [`Job::run`]; [`JobError::Panicked`] inside [`HostError::Job`]
+    /// for a panic.
     pub fn run(&self, options: RunOptions) -> Result<JobReport, HostError> {
-        let result = self.job.run(options);
+        let result = catch_unwind(AssertUnwindSafe(|| self.job.run(options))).unwrap_or_else(|p| {
+            Err(HostError::Job(Box::new(JobFailed {
+                error: JobError::panicked("the job's thread", &*p),
+                restarts: 0,
+                resume_from: None,
+                searched_older: false,
+            })))
+        });
         *self.outcome.lock().unwrap() = Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         result
     }

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 
 pub use auth::{Caller, Scope, token_matches};
 pub use job::ServiceJob;
-pub use submit::Submission;
+pub use submit::{MAX_TASKS, Submission};
 
 use crate::host::{Host, HostError, RunOptions, StartFrom};
 use crate::spec::host_config::{HostConfig, TenantConfig};

@@ -246,10 +246,27 @@ fn stays_inside(base: &Path, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The most tasks (the operators' parallelism added up) one job of a
+/// shared host may run: each task is a thread, an instance with up to the
+/// tenant's memory cap and an input budget, so without a bound on tasks
+/// the caps would bound nothing.
+pub const MAX_TASKS: u64 = 1024;
+
 /// Apply the tenant's caps to `[limits]`: an explicit value above a cap is
 /// refused (the author asked for something the host will not give); a
 /// default above it is lowered to the cap (the author asked for nothing).
+/// A job of more than [`MAX_TASKS`] tasks is refused.
 fn apply_caps(spec: &mut JobSpec, text: &str, tenant: &TenantConfig) -> Result<(), ServiceError> {
+    let tasks: u64 = spec.operators.iter().map(|o| u64::from(o.parallelism)).sum();
+    if tasks > MAX_TASKS {
+        return Err(ServiceError::bad(
+            "limit_exceeded",
+            format!(
+                "operators: the job runs {tasks} tasks (their parallelism added up), more than the \
+                 {MAX_TASKS} a job may run on this host"
+            ),
+        ));
+    }
     let explicit = |key: &str| {
         toml::from_str::<toml::Table>(text)
             .ok()
