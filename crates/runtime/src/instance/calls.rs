@@ -14,6 +14,7 @@ use crate::error::{RuntimeError, one_line};
 use crate::label::{Phase, TaskLabel};
 use crate::state::{MAX_PIECE, Piece, Refusal, StateReader, StateSink, StateSource, StateWriter};
 
+use super::capture::CallPin;
 use super::stderr::last_stderr_message;
 use super::{Bindings, TaskInstance};
 
@@ -43,9 +44,11 @@ impl TaskInstance {
                 .expect("the engine meters fuel when `fuel` is set");
         }
         self.store.set_hostcall_fuel(self.copy_budget(phase));
+        let pin = CallPin::new(&self.tracking);
         let started = Instant::now();
         let result = f(&self.plugin, &mut self.store);
         self.stats.time_in_plugin += started.elapsed();
+        drop(pin);
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(RuntimeError::Guest {

@@ -357,6 +357,48 @@ pub(super) enum Tracking {
     Unavailable,
 }
 
+/// While it lives, the calling thread (the task's, in a call into the
+/// guest) stays on the CPU it is on, and the copy-on-write handlers of its
+/// memories run there too: the guest's first write to a page after a
+/// barrier stops it until the handler saved the page, and a switch between
+/// two threads on one CPU costs a fraction of waking another, possibly
+/// halted, virtual CPU and back (see `CowTracker::pin_handler`). The
+/// thread's own CPU set is restored on drop.
+pub(super) struct CallPin {
+    saved: libc::cpu_set_t,
+}
+
+impl CallPin {
+    /// Pin for a call, if copy-on-write tracking is on.
+    pub(super) fn new(tracking: &Tracking) -> Option<CallPin> {
+        let Tracking::Cow(trackers) = tracking else {
+            return None;
+        };
+        // SAFETY: plain system calls on a set we own.
+        let (cpu, saved) = unsafe {
+            let mut saved: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved) != 0 {
+                return None;
+            }
+            (libc::sched_getcpu(), saved)
+        };
+        if !crate::cow::set_affinity(0, cpu) {
+            return None;
+        }
+        for (t, _) in trackers {
+            t.pin_handler(cpu);
+        }
+        Some(CallPin { saved })
+    }
+}
+
+impl Drop for CallPin {
+    fn drop(&mut self) {
+        // SAFETY: restoring the set saved in `new`.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.saved) };
+    }
+}
+
 /// The unit of write tracking: 4 KiB, the smallest page size of the
 /// hosts memento runs on (a larger host page marks all its 4 KiB pages).
 pub const PAGE: usize = COW_PAGE;
