@@ -50,6 +50,8 @@ impl Plugin {
                     task_index: 0,
                     parallelism: 1,
                     config: Vec::new(),
+                    key_groups: 1,
+                    owned: memento::runtime::KeyGroupRange { start: 0, end: 1 },
                 })
                 .expect("open");
             instance
