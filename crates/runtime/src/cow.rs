@@ -21,10 +21,11 @@
 //!
 //! The price is a fault round trip (two context switches, ~10 µs here) on
 //! the first write to each page per interval, and memory for the preimages
-//! of the pages written (bounded by the caller, who falls back to a full
-//! copy above its limit). The asynchronous mode of `dirty.rs` costs less
-//! per write but cannot keep preimages: the kernel resolves the fault
-//! before anyone could copy the page.
+//! of the pages written: at most one per page per interval, so at most the
+//! memory's size per set held. Asynchronous write protection
+//! (`UFFD_FEATURE_WP_ASYNC`, with `PAGEMAP_SCAN` to find written pages)
+//! costs less per write but cannot keep preimages: the kernel resolves the
+//! fault before anyone could copy the page.
 
 use std::collections::HashMap;
 use std::io;

@@ -1,6 +1,6 @@
 //! The raw `userfaultfd(2)` interface (linux/userfaultfd.h) that memento
 //! uses: opening a descriptor for user-mode faults, registering a range,
-//! and the ioctls of write protection (dirty tracking, `dirty.rs`) and of
+//! and the ioctls of write protection (copy-on-write tracking, `cow.rs`) and of
 //! missing-page handling (the lazy restore variant measured by
 //! `benches/restore.rs`). Public but hidden: for the benchmark only.
 
@@ -13,8 +13,6 @@ pub const UFFD_API: u64 = 0xAA;
 pub const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 /// Write-protect pages never touched, too.
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-/// The kernel resolves write-protect faults itself (no handler thread).
-pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 /// Register for faults on missing pages.
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// Register for write-protect faults.
