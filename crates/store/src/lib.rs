@@ -168,8 +168,10 @@ pub(crate) struct StoreInner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) options: StoreOptions,
     /// One shared state per tenant, so that clones and repeated
-    /// `tenant()` calls share caches and locks.
-    tenants: Mutex<HashMap<TenantName, Arc<TenantInner>>>,
+    /// `tenant()` calls share caches (usage, index) while any is alive. Weak: a tenant holds its store, so a strong reference
+    /// here would keep both alive for ever (and the store's owner lock
+    /// file open) once the last handle is gone.
+    tenants: Mutex<HashMap<TenantName, std::sync::Weak<TenantInner>>>,
     /// Layout version in `store.json` as this handle knows it: 1 until the
     /// first writer (or a migration) raises it.
     layout: Mutex<u32>,
@@ -299,20 +301,20 @@ impl Store {
     pub fn tenant(&self, name: &str) -> Result<TenantStore, StoreError> {
         let name = TenantName::new(name)?;
         let mut tenants = self.inner.tenants.lock().unwrap();
-        let inner = tenants
-            .entry(name.clone())
-            .or_insert_with(|| {
-                Arc::new(TenantInner {
-                    store: self.inner.clone(),
-                    prefix: format!("tenants/{name}"),
-                    name,
-                    usage: Mutex::new(None),
-                    last_gc: Mutex::new(None),
-                    index: std::sync::RwLock::new(Default::default()),
-                    loose: std::sync::atomic::AtomicU8::new(2),
-                })
-            })
-            .clone();
+        if let Some(inner) = tenants.get(&name).and_then(std::sync::Weak::upgrade) {
+            return Ok(TenantStore { inner });
+        }
+        let inner = Arc::new(TenantInner {
+            store: self.inner.clone(),
+            prefix: format!("tenants/{name}"),
+            name: name.clone(),
+            usage: Mutex::new(None),
+            last_gc: Mutex::new(None),
+            index: std::sync::RwLock::new(Default::default()),
+            loose: std::sync::atomic::AtomicU8::new(2),
+        });
+        tenants.retain(|_, t| t.strong_count() > 0);
+        tenants.insert(name, Arc::downgrade(&inner));
         Ok(TenantStore { inner })
     }
 

@@ -1059,3 +1059,35 @@ fn fifos_in_the_store_are_refused_not_waited_on() {
     let e = within_30s("gc", move || t2.gc().unwrap_err().to_string());
     assert!(e.contains("j-000002"), "{e}");
 }
+
+/// A store whose handles are all dropped is freed, its owner lock with it,
+/// even after it handed out a tenant (the tenant cache held its tenants
+/// strongly and they held the store: an embedder opening stores again and
+/// again kept every one of them, and its lock file, for ever). The next
+/// open then removes the dead owner's lock file.
+#[test]
+fn a_dropped_store_releases_its_owner_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let owners = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir.join("tmp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".owner"))
+            .collect()
+    };
+    let first = {
+        let tenant = open(dir.path());
+        commit_canonical(&tenant, "j", b"state");
+        owners(dir.path())
+    };
+    assert_eq!(first.len(), 1, "{first:?}");
+    let again = open(dir.path());
+    let now = owners(dir.path());
+    assert!(
+        !now.contains(&first[0]),
+        "the first handle's lock was released: {now:?}"
+    );
+    assert_eq!(now.len(), 1, "{now:?}");
+    drop(again);
+}
