@@ -34,9 +34,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memento::runtime::{
-    Context, Event, LoadedComponent, PAGE, Runtime, SandboxLimits, TaskInstance, TaskLabel,
-};
+use memento::runtime::{Context, Event, LoadedComponent, PAGE, Runtime, SandboxLimits, TaskInstance};
 use memento::snapshot::{self, NativeBase};
 use memento::store::{
     JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TaskStateData,
@@ -44,7 +42,7 @@ use memento::store::{
 };
 
 mod common;
-use common::median;
+use common::{env_list, label, median, ms};
 
 const EVENTS_PER_CHECKPOINT: u64 = 50_000;
 const BATCH: u64 = 1_000;
@@ -55,32 +53,8 @@ const VALUE: u64 = 100;
 /// ranges over the three sizes.
 const FLINK: &str = "5.5-5.8 MiB written, 116-150 ms end to end, 79-118 ms synchronous";
 
-fn env_list(name: &str, default: &str) -> Vec<u64> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}: comma-separated numbers"))
-        })
-        .collect()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.2} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
-fn label() -> TaskLabel {
-    TaskLabel {
-        job: "bench".into(),
-        operator: "b".into(),
-        task: 0,
-    }
 }
 
 fn limits() -> SandboxLimits {

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use memento::dataflow::source::Generator;
 use memento::runtime::{
-    Context, Event, HostMemoryCreator, LoadedComponent, PAGE, Runtime, SandboxLimits, TaskInstance, TaskLabel,
+    Context, Event, HostMemoryCreator, LoadedComponent, PAGE, Runtime, SandboxLimits, TaskInstance,
 };
 use memento::snapshot::{self, NativeBase};
 use memento::spec::SnapshotFormat;
@@ -54,34 +54,10 @@ use memento::store::{
 };
 
 mod common;
-use common::median;
-
-fn env_list(name: &str, default: &str) -> Vec<u64> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}: comma-separated numbers"))
-        })
-        .collect()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
+use common::{env_list, label, median, ms};
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
-fn label() -> TaskLabel {
-    TaskLabel {
-        job: "bench".into(),
-        operator: "b".into(),
-        task: 0,
-    }
 }
 
 /// Room for the state and, for canonical snapshots, its serialized copy.

@@ -58,3 +58,29 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// A comma-separated list of numbers from environment variable `name`.
+pub fn env_list(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: comma-separated numbers"))
+        })
+        .collect()
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The task the single-instance benchmarks run.
+pub fn label() -> memento::runtime::TaskLabel {
+    memento::runtime::TaskLabel {
+        job: "bench".into(),
+        operator: "b".into(),
+        task: 0,
+    }
+}
