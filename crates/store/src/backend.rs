@@ -158,6 +158,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// live writers and other live processes are left alone). Returns how
     /// many were removed.
     fn remove_stale_temp(&self) -> io::Result<usize>;
+
+    /// Frees the space kept in reserve for a full disk, if there is any
+    /// (`true`): what lets garbage collection write the index it needs
+    /// before it may delete anything. A backend without a notion of a full
+    /// disk has none.
+    fn release_reserve(&self) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Puts the reserve back if it was released and there is room again.
+    /// Best effort: a disk still full only leaves it missing.
+    fn restore_reserve(&self) {}
+}
+
+/// Whether `e` says the disk (or the user's quota on it) is full.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::EDQUOT)
 }
 
 /// A staged object (see [`Backend::stage`]): an opaque backend-specific
@@ -218,6 +235,13 @@ const PUBLISH_SYNC_THREADS: usize = 8;
 /// Directory of temporary files, relative to the root.
 const TMP_DIR: &str = "tmp";
 
+/// Space set aside at the store root, released when garbage collection
+/// finds the disk full (see `Backend::release_reserve`).
+const RESERVE_FILE: &str = "reserve";
+
+/// Size of [`RESERVE_FILE`]: room for an index of about 160,000 blobs.
+pub const RESERVE_SIZE: u64 = 8 << 20;
+
 /// The local-directory backend.
 ///
 /// Temporary files go to `tmp/` under the root (same filesystem, so `rename`
@@ -229,8 +253,12 @@ pub struct LocalDir {
     root: Dir,
     /// Prefix of this instance's temporary file names (`<pid>-<nonce>`).
     owner: String,
-    /// Held for the lifetime of the backend; see the type's doc.
-    _owner_lock: std::fs::File,
+    /// The owner file, created and locked with the first temporary file and
+    /// held from then on (see the type's doc). Not at open: a store on a
+    /// full or read-only disk must still open, to be read or to free space.
+    owner_lock: Mutex<Option<std::fs::File>>,
+    /// Opened by [`LocalDir::open_read_only`]: every change is refused.
+    read_only: bool,
     next_tmp: AtomicU64,
     /// Directories with renames or deletes not yet fsynced.
     dirty_dirs: Mutex<BTreeSet<String>>,
@@ -285,19 +313,45 @@ fn start_writeback(file: &File) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File) {}
 
+/// Allocates `len` bytes to `file` (blocks reserved, nothing written).
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("reserve too large"))?;
+    // SAFETY: a valid descriptor; the call only allocates blocks to it.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
 fn parent_of(key: &str) -> &str {
     key.rsplit_once('/').map_or("", |(p, _)| p)
 }
 
 impl LocalDir {
     /// Opens (creating if missing) the directory `path` as a store root.
+    /// Writes nothing else until the first change: on a full disk the store
+    /// opens, and deleting (which frees space) works.
     ///
     /// # Errors
     /// Any I/O error creating or opening the directory.
     pub fn open(path: &Path) -> io::Result<Self> {
         Dir::create_ambient_dir_all(path, ambient_authority())?;
-        let root = Dir::open_ambient_dir(path, ambient_authority())?;
-        root.create_dir_all(TMP_DIR)?;
+        Self::with_root(Dir::open_ambient_dir(path, ambient_authority())?, false)
+    }
+
+    /// Opens the existing directory `path` as a store root that is only
+    /// read: nothing is created, cleaned or locked, and every change fails
+    /// with [`io::ErrorKind::ReadOnlyFilesystem`]. For commands that only
+    /// read, so that they work on a read-only or full disk and never
+    /// disturb a writer.
+    ///
+    /// # Errors
+    /// Any I/O error opening the directory (`NotFound` if it is missing).
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        Self::with_root(Dir::open_ambient_dir(path, ambient_authority())?, true)
+    }
+
+    fn with_root(root: Dir, read_only: bool) -> io::Result<Self> {
         static NONCE: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -308,26 +362,58 @@ impl LocalDir {
             nanos,
             NONCE.fetch_add(1, Ordering::Relaxed)
         );
-        let mut lock = root
-            .open_with(
-                format!("{TMP_DIR}/{owner}.owner"),
-                OpenOptions::new().write(true).create(true),
-            )?
-            .into_std();
-        lock_file(&lock, LockMode::Exclusive)?;
-        // Non-empty means "locked by its owner": a cleaner that takes the
-        // lock of an *empty* owner file may have raced with our lock above,
-        // so it must not treat it as dead.
-        lock.write_all(std::process::id().to_string().as_bytes())?;
         Ok(LocalDir {
             root,
             owner,
-            _owner_lock: lock,
+            owner_lock: Mutex::new(None),
+            read_only,
             next_tmp: AtomicU64::new(0),
             dirty_dirs: Mutex::new(BTreeSet::new()),
             file_syncs: AtomicU64::new(0),
             dir_syncs: AtomicU64::new(0),
         })
+    }
+
+    /// Fails if this handle was opened read-only.
+    fn writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::ReadOnlyFilesystem,
+                "the store was opened read-only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates and locks this instance's owner file if it has none yet. A
+    /// failure (a full disk) leaves no owner file behind: an empty one
+    /// would never be cleaned (see `remove_stale_temp`).
+    fn own_temporaries(&self) -> io::Result<()> {
+        self.writable()?;
+        let mut held = self.owner_lock.lock().unwrap();
+        if held.is_some() {
+            return Ok(());
+        }
+        self.create_dirs(TMP_DIR)?;
+        let path = format!("{TMP_DIR}/{}.owner", self.owner);
+        let mut file = self
+            .root
+            .open_with(&path, OpenOptions::new().write(true).create_new(true))?
+            .into_std();
+        // Non-empty means "locked by its owner": a cleaner that takes the
+        // lock of an *empty* owner file may have raced with our lock here,
+        // so it must not treat it as dead.
+        let locked = lock_file(&file, LockMode::Exclusive)
+            .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()));
+        if let Err(e) = locked {
+            drop(file);
+            let _ = self.root.remove_file(&path);
+            return Err(e);
+        }
+        *held = Some(file);
+        drop(held);
+        self.restore_reserve();
+        Ok(())
     }
 
     /// How many `fsync`s this instance has made so far.
@@ -343,9 +429,10 @@ impl LocalDir {
         f.sync_data()
     }
 
-    fn new_temp_name(&self) -> String {
+    fn new_temp_name(&self) -> io::Result<String> {
+        self.own_temporaries()?;
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        format!("{TMP_DIR}/{}-{n}.tmp", self.owner)
+        Ok(format!("{TMP_DIR}/{}-{n}.tmp", self.owner))
     }
 
     fn mark_dirty(&self, dir: &str) {
@@ -389,7 +476,7 @@ impl LocalDir {
         data: &[u8],
         after: impl FnOnce(&File) -> io::Result<()>,
     ) -> io::Result<String> {
-        let tmp = self.new_temp_name();
+        let tmp = self.new_temp_name()?;
         let mut f = self
             .root
             .open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
@@ -437,6 +524,41 @@ impl LocalDir {
 }
 
 impl Backend for LocalDir {
+    fn release_reserve(&self) -> io::Result<bool> {
+        self.writable()?;
+        match self.root.remove_file(RESERVE_FILE) {
+            Ok(()) => {
+                tracing::warn!("the disk is full: released the store's reserve of {RESERVE_SIZE} bytes");
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn restore_reserve(&self) {
+        if self.read_only || self.root.exists(RESERVE_FILE) {
+            return;
+        }
+        // Allocated, not written: blocks set aside at no I/O cost. Made
+        // under a temporary name so a half-made reserve is never taken for
+        // space that can be freed.
+        let made = self.new_temp_name().and_then(|tmp| {
+            let f = self
+                .root
+                .open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
+            let allocated =
+                allocate(&f, RESERVE_SIZE).and_then(|()| self.root.rename(&tmp, &self.root, RESERVE_FILE));
+            if allocated.is_err() {
+                let _ = self.root.remove_file(&tmp);
+            }
+            allocated
+        });
+        if let Err(e) = made {
+            tracing::debug!(error = %e, "no reserve for a full disk");
+        }
+    }
+
     fn read(&self, key: &str) -> io::Result<Vec<u8>> {
         use std::io::Read;
         check_key(key)?;
@@ -536,7 +658,7 @@ impl Backend for LocalDir {
     }
 
     fn stage_append(&self) -> io::Result<Box<dyn StagedAppend>> {
-        let tmp = self.new_temp_name();
+        let tmp = self.new_temp_name()?;
         let file = self
             .root
             .open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
@@ -633,6 +755,7 @@ impl Backend for LocalDir {
 
     fn delete(&self, key: &str) -> io::Result<bool> {
         check_key(key)?;
+        self.writable()?;
         match self.root.remove_file(key) {
             Ok(()) => {
                 self.mark_dirty(parent_of(key));
@@ -645,6 +768,7 @@ impl Backend for LocalDir {
 
     fn remove_empty_dir(&self, key: &str) -> io::Result<bool> {
         check_key(key)?;
+        self.writable()?;
         match self.root.remove_dir(key) {
             Ok(()) => {
                 self.mark_dirty(parent_of(key));
@@ -685,6 +809,7 @@ impl Backend for LocalDir {
         timeout: Option<Duration>,
     ) -> io::Result<Option<Box<dyn LockGuard>>> {
         check_key(key)?;
+        self.writable()?;
         let open = || {
             self.root
                 .open_with(key, OpenOptions::new().write(true).create(true))
@@ -716,6 +841,9 @@ impl Backend for LocalDir {
     }
 
     fn remove_stale_temp(&self) -> io::Result<usize> {
+        if self.read_only {
+            return Ok(0);
+        }
         let mut removed = 0;
         let names = self.list(TMP_DIR)?;
         let dead_owners: Vec<&str> = names
@@ -750,6 +878,25 @@ impl Backend for LocalDir {
             let _ = self.root.remove_file(format!("{TMP_DIR}/{owner}.owner"));
         }
         Ok(removed)
+    }
+}
+
+/// A handle that owned temporaries removes them and its owner file when it
+/// goes, so a command that failed (a full disk) leaves nothing in `tmp/`.
+/// Nothing staged can be published after this: publishing needs the handle.
+impl Drop for LocalDir {
+    fn drop(&mut self) {
+        let Some(lock) = self.owner_lock.get_mut().ok().and_then(Option::take) else {
+            return;
+        };
+        let mine = format!("{}-", self.owner);
+        for name in self.list(TMP_DIR).unwrap_or_default() {
+            if name.starts_with(&mine) && name.ends_with(".tmp") {
+                let _ = self.root.remove_file(format!("{TMP_DIR}/{name}"));
+            }
+        }
+        let _ = self.root.remove_file(format!("{TMP_DIR}/{}.owner", self.owner));
+        drop(lock);
     }
 }
 
@@ -890,6 +1037,71 @@ mod tests {
         assert_eq!(other.remove_stale_temp().unwrap(), 0);
         assert!(dir.path().join(&tmp).exists());
         drop(b);
-        assert_eq!(other.remove_stale_temp().unwrap(), 1, "the owner is gone");
+        assert!(
+            !dir.path().join(&tmp).exists(),
+            "a handle removes its temporaries when it goes"
+        );
+        assert_eq!(other.remove_stale_temp().unwrap(), 0);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(names.is_empty(), "nothing left in tmp/: {names:?}");
+    }
+
+    #[test]
+    fn a_handle_writes_nothing_until_it_changes_something() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::open(dir.path()).unwrap();
+        assert_eq!(b.read("a").unwrap_err().kind(), io::ErrorKind::NotFound);
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            n.sort();
+            n
+        };
+        assert!(names().is_empty(), "open created nothing");
+        b.put("a", b"1", PutMode::Replace, false).unwrap();
+        let names = names();
+        assert_eq!(names, ["a", "reserve", "tmp"]);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("reserve")).unwrap().len(),
+            RESERVE_SIZE
+        );
+        assert!(b.release_reserve().unwrap());
+        assert!(!b.release_reserve().unwrap(), "released once");
+        b.restore_reserve();
+        assert!(dir.path().join("reserve").exists());
+    }
+
+    #[test]
+    fn a_read_only_handle_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            LocalDir::open_read_only(&dir.path().join("missing"))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotFound
+        );
+        LocalDir::open(dir.path())
+            .unwrap()
+            .put("a", b"1", PutMode::Replace, false)
+            .unwrap();
+        let before = std::fs::read_dir(dir.path()).unwrap().count();
+        let b = LocalDir::open_read_only(dir.path()).unwrap();
+        assert_eq!(b.read("a").unwrap(), b"1");
+        let refused = |r: io::Result<bool>| {
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ReadOnlyFilesystem);
+        };
+        refused(b.put("b", b"2", PutMode::Replace, false));
+        refused(b.delete("a"));
+        refused(b.release_reserve());
+        assert!(b.lock("locks/gc", LockMode::Shared, None).is_err());
+        assert_eq!(b.remove_stale_temp().unwrap(), 0);
+        drop(b);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), before);
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"1");
     }
 }

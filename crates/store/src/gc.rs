@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::backend::{LockGuard, LockMode};
+use super::backend::{LockGuard, LockMode, is_disk_full};
 use super::blob::BlobHash;
 use super::error::StoreError;
 use super::index::{IndexFile, MAX_ENTRIES, MAX_PACKS};
@@ -196,7 +196,15 @@ impl TenantStore {
         // durable before any old pack can go.
         if !to_repack.is_empty() {
             let pin = self.writer_pin(deadline).ok_or_else(busy)??;
-            let (sealed, rewritten) = self.repack(&packs, &to_repack, &referenced)?;
+            let (sealed, rewritten) = match self.repack(&packs, &to_repack, &referenced) {
+                // On a full disk, free what can be freed without writing
+                // and leave the rewriting to a later GC.
+                Err(StoreError::Io { source, .. }) if is_disk_full(&source) => {
+                    tracing::warn!(tenant = %self.name(), "the disk is full: not repacking this time");
+                    (Vec::new(), Vec::new())
+                }
+                other => other?,
+            };
             report.bytes_rewritten = sealed.iter().map(|p| p.len).sum();
             let new_packs: Vec<(BlobHash, PackInfo)> = sealed
                 .iter()
@@ -314,9 +322,14 @@ impl TenantStore {
         if old_index != new_index {
             for (bytes, name) in &encoded {
                 let key = self.index_key(name);
-                backend
-                    .put(&key, bytes, super::backend::PutMode::Replace, sync)
-                    .map_err(|e| StoreError::io("write index", key, e))?;
+                let put = || backend.put(&key, bytes, super::backend::PutMode::Replace, sync);
+                // Nothing may be deleted before this index is durable, so on
+                // a full disk it is written into the store's reserve.
+                let written = match put() {
+                    Err(e) if is_disk_full(&e) && backend.release_reserve().unwrap_or(false) => put(),
+                    other => other,
+                };
+                written.map_err(|e| StoreError::io("write index", key, e))?;
             }
             if sync {
                 backend
@@ -376,6 +389,7 @@ impl TenantStore {
         backend
             .flush()
             .map_err(|e| StoreError::io("sync", self.key("packs"), e))?;
+        backend.restore_reserve();
         self.recheck_loose_blobs();
         self.refresh_index()?;
         report.exclusive_ms = exclusive_start.elapsed().as_millis() as u64;

@@ -223,6 +223,29 @@ impl Store {
         Self::with_backend(Arc::new(backend), options, &root.display().to_string())
     }
 
+    /// Opens the existing store at `root` only to read it: nothing on disk
+    /// is created, cleaned or locked, and any change fails. What the
+    /// commands that only read use (`snapshots`, `fsck`, `savepoint
+    /// export`), so that they work on a read-only or full disk.
+    ///
+    /// # Errors
+    /// As [`Store::open`]; a missing root or store file is an error here.
+    pub fn open_read_only(root: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let label = root.display().to_string();
+        let backend =
+            LocalDir::open_read_only(root).map_err(|e| StoreError::io("open store", label.clone(), e))?;
+        let present = backend
+            .size(STORE_FILE)
+            .map_err(|e| StoreError::io("read", STORE_FILE, e))?;
+        if present.is_none() {
+            return Err(StoreError::StoreFormat {
+                root: label,
+                reason: format!("no {STORE_FILE}: not a memento store"),
+            });
+        }
+        Self::with_backend(Arc::new(backend), options, &label)
+    }
+
     /// Opens a store on any [`Backend`]. `label` names it in errors.
     ///
     /// # Errors

@@ -140,8 +140,20 @@ fn open(args: &StoreArgs) -> anyhow::Result<TenantStore> {
     Ok(open_store(args)?.tenant(&args.tenant)?)
 }
 
+/// As [`open`], for commands that only read: nothing on disk changes, so
+/// they work on a read-only or full disk.
+fn open_read_only(args: &StoreArgs) -> anyhow::Result<TenantStore> {
+    check_store_exists(args)?;
+    Ok(Store::open_read_only(&args.state_dir, StoreOptions::default())?.tenant(&args.tenant)?)
+}
+
 /// As [`open`], the whole store.
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
+    check_store_exists(args)?;
+    Ok(Store::open(&args.state_dir, StoreOptions::default())?)
+}
+
+fn check_store_exists(args: &StoreArgs) -> anyhow::Result<()> {
     let dir = &args.state_dir;
     if !dir.join(memento::store::STORE_FILE).is_file() {
         bail!(
@@ -149,7 +161,7 @@ fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
             dir.display()
         );
     }
-    Ok(Store::open(dir, StoreOptions::default())?)
+    Ok(())
 }
 
 /// `memento snapshots list|show`.
@@ -158,7 +170,7 @@ fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
 /// No store at the state dir, invalid names or ids, unknown snapshot,
 /// damaged manifest (for `show`), I/O errors.
 pub fn run_snapshots(store: &StoreArgs, cmd: SnapshotsCommand) -> anyhow::Result<()> {
-    let tenant = open(store)?;
+    let tenant = open_read_only(store)?;
     match cmd {
         SnapshotsCommand::List { job, json } => list(&tenant, job.as_deref(), json),
         SnapshotsCommand::Show { id, json } => {
@@ -397,7 +409,11 @@ fn format_manifest(m: &Manifest) -> String {
 /// # Errors
 /// No store at the state dir, I/O errors that stop the scan.
 pub fn run_fsck(store: &StoreArgs, repair_index: bool) -> anyhow::Result<ExitCode> {
-    let tenant = open(store)?;
+    let tenant = if repair_index {
+        open(store)?
+    } else {
+        open_read_only(store)?
+    };
     let mut r = tenant.fsck()?;
     if repair_index
         && (!r.damaged_indexes.is_empty() || !r.unindexed_packs.is_empty() || !r.damaged.is_empty())
@@ -536,7 +552,7 @@ fn on_progress(bar: &Option<indicatif::ProgressBar>) -> impl FnMut(Progress) + '
 /// Invalid or unknown id, a damaged snapshot (the error names the chunk),
 /// FILE exists or cannot be written.
 pub fn run_savepoint_export(store: &StoreArgs, id: &str, file: &Path) -> anyhow::Result<()> {
-    let tenant = open(store)?;
+    let tenant = open_read_only(store)?;
     let id = SnapshotId::parse(id)?;
     let bar = progress_bar("export");
     let summary = tenant.export_to_file(&id, file, &mut on_progress(&bar));
