@@ -18,6 +18,7 @@
 pub mod coordinator;
 pub mod dataflow;
 mod host;
+pub mod io;
 pub mod service;
 pub mod snapshot;
 pub mod spec;
