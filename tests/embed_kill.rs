@@ -23,11 +23,11 @@ use memento::{Host, RunOptions, StartFrom};
 /// Set in the child: the service's directory.
 const SERVICE_ENV: &str = "MEMENTO_EMBED_SERVICE";
 /// Batches in the service's event log, and events per batch.
-const BATCHES: u64 = 300;
+const BATCHES: u64 = 2500;
 const EVENTS_PER_BATCH: u64 = 40;
 /// Time between pushes: the job runs for a few seconds, so kills land
 /// inside it.
-const PACE: Duration = Duration::from_millis(8);
+const PACE: Duration = Duration::from_millis(6);
 const KILLS: usize = 22;
 
 fn main() {
@@ -59,7 +59,7 @@ fn main() {
     let mut landed = 0;
     for i in 0..KILLS {
         let mut child = spawn(dir.path());
-        let wait = Duration::from_millis(100 + next(&mut rng) % 2500);
+        let wait = Duration::from_millis(50 + next(&mut rng) % 750);
         std::thread::sleep(wait);
         if child.try_wait().unwrap().is_none() {
             landed += 1;
