@@ -58,8 +58,18 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut landed = 0;
     for i in 0..KILLS {
+        let running = dir.path().join("running");
+        let _ = std::fs::remove_file(&running);
         let mut child = spawn(dir.path());
-        let wait = Duration::from_millis(50 + next(&mut rng) % 750);
+        // Every fourth kill at a random moment from the start (loading,
+        // restoring); the others at a random moment of the running job.
+        if i % 4 != 0 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !running.exists() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let wait = Duration::from_millis(next(&mut rng) % 700);
         std::thread::sleep(wait);
         if child.try_wait().unwrap().is_none() {
             landed += 1;
@@ -74,11 +84,20 @@ fn main() {
         landed >= 20,
         "only {landed} of {KILLS} kills found the service running (seed {seed})"
     );
+    // The kills must have cut runs that resumed from snapshots, not only
+    // runs that started over.
+    let starts = std::fs::read_to_string(dir.path().join("starts")).unwrap();
+    let resumed = starts.lines().filter(|l| *l == "latest").count();
+    assert!(
+        resumed >= KILLS / 2,
+        "only {resumed} of {} runs resumed from a snapshot (seed {seed})",
+        starts.lines().count()
+    );
     let got = output(dir.path());
     assert_eq!(got.len(), expected.len(), "as many output events (seed {seed})");
     assert!(got == expected, "the same output events (seed {seed})");
     println!(
-        "embed_kill: ok, {landed} kills mid-run, {} output events as uninterrupted",
+        "embed_kill: ok, {landed} kills mid-run, {resumed} runs resumed, {} output events as uninterrupted",
         got.len()
     );
 }
@@ -162,12 +181,26 @@ fn service(dir: &Path) -> ! {
         .unwrap();
     let job = host.load_job(spec, "default").unwrap();
     std::thread::spawn(move || feed(&handle));
+    let status = job.status_handle();
+    let running = dir.join("running");
+    std::thread::spawn(move || {
+        while status.get().state != memento::coordinator::JobState::Running {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::fs::write(running, b"").unwrap();
+    });
     let resumable = job.store().latest(&JobName::new("clicks").unwrap()).unwrap().is_some();
     let from = if resumable {
         StartFrom::Latest
     } else {
         StartFrom::Scratch
     };
+    let mut starts = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("starts"))
+        .unwrap();
+    writeln!(starts, "{}", if resumable { "latest" } else { "scratch" }).unwrap();
     match job.run(RunOptions { from }) {
         Ok(_) => std::process::exit(0),
         Err(e) => {
