@@ -38,8 +38,6 @@ pub(super) struct AttemptState {
     pub(super) done: BTreeMap<TaskKey, (TaskFigures, Option<SinkCommit>)>,
     /// Where the source's input ended, once it did.
     pub(super) source_end: Option<u64>,
-    /// The source's last known position (acks and end).
-    pub(super) position: Option<u64>,
     /// The completed stop savepoint.
     pub(super) stopped: Option<SnapshotId>,
 }
@@ -219,14 +217,12 @@ impl Coordinator<'_> {
         match r {
             Report::Failed(e) => return Err(e),
             Report::SourceAck { id, position } => {
-                run.position = Some(position);
                 if let Some(p) = run.pending.as_mut().filter(|p| p.number == id) {
                     p.acks.source(position);
                 }
             }
             Report::SourceEnded { position } => {
                 run.source_end = Some(position);
-                run.position = Some(position);
                 // A barrier not injected before the end never will be.
                 if let Some(p) = run.pending.take_if(|p| p.acks.source_position.is_none()) {
                     if let Some(a) = &run.attempt {

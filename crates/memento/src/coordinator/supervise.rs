@@ -212,7 +212,9 @@ impl Coordinator<'_> {
                 });
             }
         };
-        let start_position = point.as_ref().map_or(0, |p| p.source_position);
+        // Counted by the source thread: positions are not record counts
+        // for every source (the push source's are the service's offsets).
+        let records_before = self.status.records_in.load(std::sync::atomic::Ordering::Relaxed);
         let (reports_tx, reports) = unbounded();
         let attempt = match Attempt::start(
             self.runtime,
@@ -233,7 +235,6 @@ impl Coordinator<'_> {
             total_tasks: self.spec.operators.iter().map(|o| o.parallelism as usize).sum(),
             done: BTreeMap::new(),
             source_end: None,
-            position: None,
             stopped: None,
         };
         let end = self.coordinate(&mut run, &reports);
@@ -267,10 +268,11 @@ impl Coordinator<'_> {
             })
             .collect();
         self.report.sink_records = run.done.values().map(|(f, _)| f.sink_records).sum();
-        self.report.source_records = run
-            .position
-            .unwrap_or(start_position)
-            .saturating_sub(start_position);
+        self.report.source_records = self
+            .status
+            .records_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(records_before);
         end
     }
 }
