@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use memento::dataflow::sink::FileSink;
 use memento::io::{Event, Sink, SinkCommit, SinkError, SinkWriter, Source, SourceError, SourceReader};
-use memento::spec::{CheckpointSpec, HumanDuration, JobSpec, RestartSpec, RestartStrategy, SinkSpec, SourceSpec};
+use memento::spec::{
+    CheckpointSpec, HumanDuration, JobSpec, RestartSpec, RestartStrategy, SinkSpec, SourceSpec,
+};
 use memento::store::SnapshotId;
 use memento::{Host, HostError, RunOptions};
 
@@ -143,7 +145,10 @@ impl Sink for FlakyCommit {
         }
         self.inner.commit(snapshot, commits)
     }
-    fn recover(&self, restored: Option<(&SnapshotId, &[SinkCommit])>) -> Result<BTreeMap<u32, u64>, SinkError> {
+    fn recover(
+        &self,
+        restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
         self.inner.recover(restored)
     }
     fn check(&self, commit: &SinkCommit) -> Result<(), String> {
@@ -214,8 +219,15 @@ fn a_sink_whose_commit_fails_restarts_the_job_and_loses_nothing() {
         })
         .build()
         .unwrap();
-    let report = host.load_job(spec, "default").unwrap().run(RunOptions::default()).unwrap();
+    let report = host
+        .load_job(spec, "default")
+        .unwrap()
+        .run(RunOptions::default())
+        .unwrap();
     assert_eq!(sink.failures.load(Ordering::SeqCst), 0, "every failure was met");
     assert_eq!(report.restarts, 3, "one restart per failed commit");
-    assert!(lines(&flaky_out) == expected, "the same output as without failures");
+    assert!(
+        lines(&flaky_out) == expected,
+        "the same output as without failures"
+    );
 }

@@ -189,7 +189,11 @@ fn service(dir: &Path) -> ! {
         }
         std::fs::write(running, b"").unwrap();
     });
-    let resumable = job.store().latest(&JobName::new("clicks").unwrap()).unwrap().is_some();
+    let resumable = job
+        .store()
+        .latest(&JobName::new("clicks").unwrap())
+        .unwrap()
+        .is_some();
     let from = if resumable {
         StartFrom::Latest
     } else {

@@ -43,7 +43,9 @@ fn feed(handle: &PushHandle, records: u64, batch: u64) {
     let mut offset = 0;
     while offset * batch < records {
         let start = offset * batch;
-        let events = (start..(start + batch).min(records)).map(|i| g.event(i)).collect();
+        let events = (start..(start + batch).min(records))
+            .map(|i| g.event(i))
+            .collect();
         match handle.push(offset, events) {
             Ok(()) => offset += 1,
             Err(PushError::Replay { from }) => offset = from,
@@ -111,7 +113,9 @@ fn main() {
         handle_rates.push(rate(handle_round(records, batch)));
     }
     let (g, p, h) = (median(gen_rates), median(push_rates), median(handle_rates));
-    println!("push source vs generator: {records} records, batch {batch}, wordcount x1, null sink, {ROUNDS} rounds");
+    println!(
+        "push source vs generator: {records} records, batch {batch}, wordcount x1, null sink, {ROUNDS} rounds"
+    );
     println!("| source | records/s (median) | ratio to generator |");
     println!("|---|---:|---:|");
     println!("| generator (job) | {:.0} | 1.00 |", g);

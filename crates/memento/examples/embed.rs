@@ -94,11 +94,7 @@ fn serve(dir: &Path) -> Result<(), Box<dyn Error>> {
     let sink = CallbackSink::new(dir.join("staged"), move |d: &Delivery| keep(&output, d));
     let spec = JobSpec::builder("clicks")
         .source(SourceSpec::custom(source))
-        .operator(
-            "count",
-            Path::new(memento_plugins::DIR).join("wordcount.wasm"),
-            2,
-        )
+        .operator("count", Path::new(memento_plugins::DIR).join("wordcount.wasm"), 2)
         .sink(SinkSpec::custom(sink))
         .checkpoints(CheckpointSpec {
             interval: Some(HumanDuration(Duration::from_millis(200))),
@@ -160,7 +156,10 @@ impl EventLog {
             std::fs::write(&tmp, text)?;
             std::fs::rename(&tmp, path)?;
         }
-        let keys: Vec<String> = std::fs::read_to_string(path)?.lines().map(str::to_string).collect();
+        let keys: Vec<String> = std::fs::read_to_string(path)?
+            .lines()
+            .map(str::to_string)
+            .collect();
         Ok(EventLog { keys })
     }
 
@@ -214,7 +213,12 @@ fn keep(output: &Path, d: &Delivery) -> Result<(), DeliveryError> {
     let tmp = output.join(".incoming");
     let mut f = std::fs::File::create(&tmp)?;
     for e in &d.events {
-        writeln!(f, "{}\t{}", String::from_utf8_lossy(&e.key), String::from_utf8_lossy(&e.value))?;
+        writeln!(
+            f,
+            "{}\t{}",
+            String::from_utf8_lossy(&e.key),
+            String::from_utf8_lossy(&e.value)
+        )?;
     }
     f.sync_all()?;
     std::fs::rename(&tmp, &name)?;

@@ -89,7 +89,11 @@ impl FileSink {
     ///
     /// # Errors
     /// I/O errors, naming the file.
-    pub fn commit_restored(&self, snapshot: &SnapshotId, commits: &[SinkCommit]) -> Result<Vec<String>, SinkError> {
+    pub fn commit_restored(
+        &self,
+        snapshot: &SnapshotId,
+        commits: &[SinkCommit],
+    ) -> Result<Vec<String>, SinkError> {
         let dir = &self.dir;
         let staged_here = dir.join(STAGING_DIR).is_dir();
         let missing = commit_files(dir, commits)?;
@@ -147,7 +151,10 @@ impl Sink for FileSink {
     /// every other staged file, and return each task's next part number.
     /// Starting without a snapshot (`None`) removes the part files of
     /// earlier runs.
-    fn recover(&self, restored: Option<(&SnapshotId, &[SinkCommit])>) -> Result<BTreeMap<u32, u64>, SinkError> {
+    fn recover(
+        &self,
+        restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
         let dir = &self.dir;
         let mut next = BTreeMap::new();
         match restored {
@@ -339,7 +346,10 @@ impl Sink for StdoutSink {
     fn commit(&self, _snapshot: &SnapshotId, _commits: &[SinkCommit]) -> Result<(), SinkError> {
         Ok(())
     }
-    fn recover(&self, _restored: Option<(&SnapshotId, &[SinkCommit])>) -> Result<BTreeMap<u32, u64>, SinkError> {
+    fn recover(
+        &self,
+        _restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
         Ok(BTreeMap::new())
     }
 }
@@ -380,7 +390,10 @@ impl Sink for NullSink {
     fn commit(&self, _snapshot: &SnapshotId, _commits: &[SinkCommit]) -> Result<(), SinkError> {
         Ok(())
     }
-    fn recover(&self, _restored: Option<(&SnapshotId, &[SinkCommit])>) -> Result<BTreeMap<u32, u64>, SinkError> {
+    fn recover(
+        &self,
+        _restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
         Ok(BTreeMap::new())
     }
 }
@@ -447,15 +460,27 @@ mod tests {
         let second = w.precommit(4).unwrap().unwrap();
         assert_eq!(second.files, vec!["part-00001-000001".to_string()]);
         w.write(&[ev("c")]).unwrap(); // staged, never pre-committed: lost in a crash
-        of(&spec, base.path()).commit(&SnapshotId::parse("j-000001").unwrap(), std::slice::from_ref(&first)).unwrap();
-        of(&spec, base.path()).commit(&SnapshotId::parse("j-000001").unwrap(), std::slice::from_ref(&first)).unwrap(); // idempotent
+        of(&spec, base.path())
+            .commit(
+                &SnapshotId::parse("j-000001").unwrap(),
+                std::slice::from_ref(&first),
+            )
+            .unwrap();
+        of(&spec, base.path())
+            .commit(
+                &SnapshotId::parse("j-000001").unwrap(),
+                std::slice::from_ref(&first),
+            )
+            .unwrap(); // idempotent
         assert_eq!(visible(&dir), vec!["part-00001-000000"]);
         drop(w);
 
         // Crash after snapshot 2 completed but before its commit: recovery
         // commits it and discards the rest.
         let id = SnapshotId::parse("j-000004").unwrap();
-        let next = of(&spec, base.path()).recover(Some((&id, std::slice::from_ref(&second)))).unwrap();
+        let next = of(&spec, base.path())
+            .recover(Some((&id, std::slice::from_ref(&second))))
+            .unwrap();
         assert_eq!(next[&1], 2);
         assert_eq!(visible(&dir), vec!["part-00001-000000", "part-00001-000001"]);
         assert!(!dir.join(STAGING_DIR).exists());
@@ -465,7 +490,9 @@ mod tests {
         );
 
         // Resuming from the first snapshot rewinds the second's output.
-        of(&spec, base.path()).recover(Some((&id, std::slice::from_ref(&first)))).unwrap();
+        of(&spec, base.path())
+            .recover(Some((&id, std::slice::from_ref(&first))))
+            .unwrap();
         assert_eq!(visible(&dir), vec!["part-00001-000000"]);
 
         // A fresh start removes the output of earlier runs.
@@ -486,13 +513,15 @@ mod tests {
         // A new directory, and an emptied one: the snapshot's output was
         // committed where it was written.
         assert!(
-            FileSink::new(base.path().join("out")).commit_restored(&id, &listed)
+            FileSink::new(base.path().join("out"))
+                .commit_restored(&id, &listed)
                 .unwrap()
                 .is_empty()
         );
         std::fs::create_dir(base.path().join("out")).unwrap();
         assert!(
-            FileSink::new(base.path().join("out")).commit_restored(&id, &listed)
+            FileSink::new(base.path().join("out"))
+                .commit_restored(&id, &listed)
                 .unwrap()
                 .is_empty()
         );
@@ -501,7 +530,9 @@ mod tests {
         std::fs::create_dir(dir.join(STAGING_DIR)).unwrap();
         std::fs::write(dir.join("part-00000-000000"), "a\tv\n").unwrap();
         assert_eq!(
-            FileSink::new(base.path().join("out")).commit_restored(&id, &listed).unwrap(),
+            FileSink::new(base.path().join("out"))
+                .commit_restored(&id, &listed)
+                .unwrap(),
             vec!["part-00000-000001".to_string()]
         );
     }
@@ -544,14 +575,22 @@ mod tests {
                 files: vec![evil.into()],
             }];
             if evil.contains('/') {
-                assert!(FileSink::new(root.join("out")).commit_restored(&m.id, &commits).is_err(), "{evil}");
+                assert!(
+                    FileSink::new(root.join("out"))
+                        .commit_restored(&m.id, &commits)
+                        .is_err(),
+                    "{evil}"
+                );
             }
         }
         assert_eq!(std::fs::read_to_string(root.join("victim")).unwrap(), "keep me");
         assert!(!base.path().join("victim").exists());
         m.sink_commit =
             serde_json::json!({ "tasks": [{ "task": 0, "next_seq": 2, "files": ["part-00000-000001"] }] });
-        assert_eq!(commits_of(&m, &*of(&spec, &root)).unwrap()[0].files, ["part-00000-000001"]);
+        assert_eq!(
+            commits_of(&m, &*of(&spec, &root)).unwrap()[0].files,
+            ["part-00000-000001"]
+        );
         m.sink_commit = serde_json::Value::Null;
         assert!(commits_of(&m, &*of(&spec, &root)).unwrap().is_empty());
     }

@@ -131,7 +131,9 @@ fn read_staged(path: &Path) -> Result<Vec<Event>, SinkError> {
         return Err(damaged("not a regular file"));
     }
     if meta.len() > MAX_FILE {
-        return Err(damaged("larger than 1 GiB, more than this sink writes in one file"));
+        return Err(damaged(
+            "larger than 1 GiB, more than this sink writes in one file",
+        ));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(MAX_FILE + 1)
@@ -146,7 +148,11 @@ fn read_staged(path: &Path) -> Result<Vec<Event>, SinkError> {
             let value_len = u32::from_le_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
             let value = take(&mut rest, value_len)?.to_vec();
             let timestamp = i64::from_le_bytes(take(&mut rest, 8)?.try_into().ok()?);
-            Some(Event { key, value, timestamp })
+            Some(Event {
+                key,
+                value,
+                timestamp,
+            })
         })();
         events.push(event.ok_or_else(|| damaged("it ends inside an event"))?);
     }
@@ -185,7 +191,10 @@ impl Sink for CallbackSink {
         self.deliver_all(snapshot, commits)
     }
 
-    fn recover(&self, restored: Option<(&SnapshotId, &[SinkCommit])>) -> Result<BTreeMap<u32, u64>, SinkError> {
+    fn recover(
+        &self,
+        restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
         let mut next = BTreeMap::new();
         if let Some((snapshot, commits)) = restored {
             self.deliver_all(snapshot, commits)?;
@@ -247,13 +256,16 @@ impl SinkWriter for CallbackWriter {
             self.current = Some((BufWriter::with_capacity(1 << 16, file), path));
         }
         let (out, path) = self.current.as_mut().expect("just opened");
-        out.write_all(&self.frame).map_err(SinkError::io("cannot write", path))
+        out.write_all(&self.frame)
+            .map_err(SinkError::io("cannot write", path))
     }
 
     fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, SinkError> {
         if let Some((mut out, path)) = self.current.take() {
             out.flush().map_err(SinkError::io("cannot write", &path))?;
-            out.get_ref().sync_all().map_err(SinkError::io("cannot write", &path))?;
+            out.get_ref()
+                .sync_all()
+                .map_err(SinkError::io("cannot write", &path))?;
             self.pending.push((snapshot, part_file_name(self.task, self.seq)));
             self.seq += 1;
             // The file's name must be durable too, or a crash could lose it
@@ -347,7 +359,10 @@ mod tests {
         w.write(&[ev("a", 1)]).unwrap();
         let c = w.precommit(1).unwrap().unwrap();
         let e = s.commit(&id, std::slice::from_ref(&c)).unwrap_err().to_string();
-        assert_eq!(e, "delivery of task 3's output #7 failed: the service's store is down");
+        assert_eq!(
+            e,
+            "delivery of task 3's output #7 failed: the service's store is down"
+        );
         *fail.lock().unwrap() = false;
         s.recover(Some((&id, std::slice::from_ref(&c)))).unwrap();
         assert_eq!(*got.lock().unwrap(), 1);
@@ -368,7 +383,10 @@ mod tests {
             files: vec!["part-00000-000000".into()],
         };
         let e = s.commit(&id, &[c]).unwrap_err().to_string();
-        assert!(e.ends_with("part-00000-000000: pre-committed output is damaged: it ends inside an event"), "{e}");
+        assert!(
+            e.ends_with("part-00000-000000: pre-committed output is damaged: it ends inside an event"),
+            "{e}"
+        );
         assert!(got.lock().unwrap().is_empty());
         let evil = SinkCommit {
             task: 0,

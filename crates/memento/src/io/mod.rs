@@ -140,7 +140,10 @@ pub trait Sink: Send + Sync {
     ///
     /// # Errors
     /// [`SinkError`] naming the output.
-    fn recover(&self, restored: Option<(&SnapshotId, &[SinkCommit])>) -> Result<BTreeMap<u32, u64>, SinkError>;
+    fn recover(
+        &self,
+        restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError>;
 
     /// Check a commit record read from a manifest before anything acts on
     /// it (the store is input too). The default accepts unit names that

@@ -131,11 +131,7 @@ impl PushHandle {
                 self.shared.changed.notify_all();
                 return Ok(());
             }
-            s = self
-                .shared
-                .changed
-                .wait(s)
-                .unwrap_or_else(|p| p.into_inner());
+            s = self.shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
 
