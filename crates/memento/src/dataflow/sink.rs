@@ -503,7 +503,6 @@ mod tests {
     #[test]
     fn missing_output_is_reported_only_where_it_was_staged() {
         let base = tempfile::tempdir().unwrap();
-        let spec = SinkSpec::File { path: "out".into() };
         let id = SnapshotId::parse("j-000002").unwrap();
         let listed = [SinkCommit {
             task: 0,
