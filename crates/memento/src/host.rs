@@ -394,6 +394,16 @@ impl Job {
             },
             StartFrom::Snapshot(id) => Ok(Some(self.store.get(id)?)),
         }?;
+        if m.is_some() && !self.spec.source.can_seek() {
+            return Err(HostError::Job(Box::new(JobFailed {
+                error: crate::dataflow::JobError::Source(crate::io::SourceError::CannotSeek {
+                    source_name: self.spec.source.describe(),
+                }),
+                restarts: 0,
+                resume_from: None,
+                searched_older: false,
+            })));
+        }
         if let Some(m) = &m {
             // Refuse a snapshot that cannot start this job before anything
             // runs (a submission over the API is answered at once, and no

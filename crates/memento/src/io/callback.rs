@@ -125,7 +125,16 @@ fn read_staged(path: &Path) -> Result<Vec<Event>, SinkError> {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
-    let file = File::open(path).map_err(SinkError::io("cannot open", path))?;
+    // Non-blocking, so that a FIFO put in the staging directory is refused
+    // instead of waited on.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(SinkError::io("cannot open", path))?
+    };
     let meta = file.metadata().map_err(SinkError::io("cannot read", path))?;
     if !meta.is_file() {
         return Err(damaged("not a regular file"));

@@ -136,10 +136,10 @@ impl JobBuilder {
     ///
     /// # Errors
     /// [`SpecError::Invalid`] naming the field and the reason, as for a job
-    /// file (the job's name stands in for the file's path).
+    /// file (`<NAME built in code>` stands in for the file's path).
     pub fn build(self) -> Result<JobSpec, SpecError> {
         let invalid = |(field, reason): (String, String)| SpecError::Invalid {
-            path: PathBuf::from(format!("job {}", self.spec.name)),
+            path: PathBuf::from(format!("<{} built in code>", self.spec.name)),
             field,
             reason,
         };
@@ -150,5 +150,41 @@ impl JobBuilder {
         }
         self.spec.validate().map_err(invalid)?;
         Ok(self.spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_needs_a_source_a_sink_and_what_a_job_file_needs() {
+        let e = JobSpec::builder("j")
+            .operator("count", "count.wasm", 1)
+            .sink(SinkSpec::Null {})
+            .build()
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "job file <j built in code>: source: not set: a job needs one"
+        );
+        let e = JobSpec::builder("j")
+            .source(SourceSpec::Generator {
+                count: Some(1),
+                rate: None,
+                keys: 1,
+                seed: 0,
+                batch: 1,
+            })
+            .operator("count", "count.wasm", 0)
+            .sink(SinkSpec::Null {})
+            .build()
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "job file <j built in code>: operators[0].parallelism: must be at least 1"
+        );
     }
 }
