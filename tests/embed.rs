@@ -117,6 +117,17 @@ fn a_source_that_cannot_seek_is_refused_for_checkpointed_jobs() {
     });
     assert_eq!(report.source_records, 100);
     assert!(report.snapshots.is_empty());
+    // Its end-of-input record is a snapshot too: no run starts from it.
+    let e = job
+        .run(RunOptions {
+            from: memento::StartFrom::Latest,
+        })
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "source: firehose cannot seek, so it cannot resume from a snapshot"
+    );
 }
 
 /// The file sink, whose commit fails the first `failures` times.
