@@ -60,11 +60,7 @@ struct Builtin {
 
 impl Source for Builtin {
     fn describe(&self) -> String {
-        match &self.spec {
-            SourceSpec::File { path, .. } => format!("file source {}", path.display()),
-            SourceSpec::Generator { .. } => "generator".into(),
-            SourceSpec::Custom(c) => c.0.describe(),
-        }
+        self.spec.describe()
     }
 
     fn open(&self) -> Result<Box<dyn SourceReader>, SourceError> {
