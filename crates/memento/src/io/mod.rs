@@ -43,7 +43,10 @@
 //! process died and was not yet marked delivered, with the same task and
 //! sequence number, so a service that stores the highest sequence number
 //! per task with the output it derives from it sees every delivery exactly
-//! once.
+//! once. Resuming from a snapshot older than the newest rewinds the output,
+//! as the file sink does: the service drops what it kept from deliveries
+//! of later snapshots ([`Delivery::snapshot`]), whose sequence numbers
+//! come again.
 //!
 //! `push` is the push source, `callback` the callback sink; the built-in
 //! file and generator sources and file, stdout and null sinks live in
