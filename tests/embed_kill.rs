@@ -222,12 +222,15 @@ fn feed(handle: &PushHandle) {
             match handle.push(next, batch(next)) {
                 Ok(()) => next += 1,
                 Err(PushError::Replay { from }) => next = from,
+                Err(PushError::Gone) => return,
             }
             std::thread::sleep(PACE);
         } else {
             handle.close();
-            if let Some(from) = handle.replay(Duration::from_millis(100)) {
-                next = from;
+            match handle.replay(Duration::from_millis(100)) {
+                Ok(Some(from)) => next = from,
+                Ok(None) => {}
+                Err(_) => return,
             }
         }
     }

@@ -192,12 +192,16 @@ fn feed_from(log: &EventLog, feed: &PushHandle) {
                     println!("service: the job resumed; replaying from offset {from}");
                     offset = from;
                 }
+                // The job is over and dropped: nothing more to feed.
+                Err(PushError::Gone) => return,
             }
             std::thread::sleep(Duration::from_millis(5));
         } else {
             feed.close();
-            if let Some(from) = feed.replay(Duration::from_millis(200)) {
-                offset = from;
+            match feed.replay(Duration::from_millis(200)) {
+                Ok(Some(from)) => offset = from,
+                Ok(None) => {}
+                Err(_) => return,
             }
         }
     }

@@ -24,6 +24,10 @@ pub enum PushError {
         /// The first offset to push again.
         from: u64,
     },
+    /// The job's source is gone (the job and every copy of its spec were
+    /// dropped): nothing will read what is pushed.
+    #[error("the job's push source is gone")]
+    Gone,
 }
 
 /// A job source fed by the service (see the [module docs](super)).
@@ -61,6 +65,8 @@ struct State {
     /// Readers opened so far: every one after the first is a new attempt,
     /// which starts over unless it seeks.
     opened: u64,
+    /// The [`PushSource`] was dropped: a feeder must not wait for a reader.
+    gone: bool,
 }
 
 impl PushSource {
@@ -75,6 +81,7 @@ impl PushSource {
                 replay: None,
                 closed: false,
                 opened: 0,
+                gone: false,
             }),
             changed: Condvar::new(),
         });
@@ -118,6 +125,9 @@ impl PushHandle {
     pub fn push(&self, offset: u64, events: Vec<Event>) -> Result<(), PushError> {
         let mut s = self.shared.lock();
         loop {
+            if s.gone {
+                return Err(PushError::Gone);
+            }
             if let Some(from) = s.replay.take() {
                 return Err(PushError::Replay { from });
             }
@@ -145,17 +155,23 @@ impl PushHandle {
 
     /// Wait up to `timeout` for the job to ask for a replay, and take the
     /// request: what a feeder with nothing to push (or that has closed the
-    /// input) calls so that it learns of a restart. `None`: no request.
-    pub fn replay(&self, timeout: Duration) -> Option<u64> {
+    /// input) calls so that it learns of a restart. `Ok(None)`: no request.
+    ///
+    /// # Errors
+    /// [`PushError::Gone`] once the job's source is dropped.
+    pub fn replay(&self, timeout: Duration) -> Result<Option<u64>, PushError> {
         let deadline = Instant::now() + timeout;
         let mut s = self.shared.lock();
         loop {
+            if s.gone {
+                return Err(PushError::Gone);
+            }
             if let Some(from) = s.replay.take() {
-                return Some(from);
+                return Ok(Some(from));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return None;
+                return Ok(None);
             }
             s = self
                 .shared
@@ -187,6 +203,15 @@ impl Source for PushSource {
             shared: self.shared.clone(),
             position: 0,
         }))
+    }
+}
+
+/// The job is gone with its source: wake a feeder waiting for room, so
+/// that a service whose job ended for good does not hang in `push`.
+impl Drop for PushSource {
+    fn drop(&mut self) {
+        self.shared.lock().gone = true;
+        self.shared.changed.notify_all();
     }
 }
 
@@ -314,7 +339,7 @@ mod tests {
         read(&mut first).unwrap();
         drop(first);
         let mut second = source.open().unwrap();
-        assert_eq!(handle.replay(Duration::from_secs(1)), Some(0));
+        assert_eq!(handle.replay(Duration::from_secs(1)), Ok(Some(0)));
         handle.push(0, ev(0)).unwrap();
         assert_eq!(read(&mut second).unwrap()[0].timestamp, 0);
         assert_eq!(
@@ -322,6 +347,21 @@ mod tests {
             Some(Vec::new()),
             "not closed any more"
         );
-        assert_eq!(handle.replay(Duration::from_millis(10)), None);
+        assert_eq!(handle.replay(Duration::from_millis(10)), Ok(None));
+    }
+
+    #[test]
+    fn a_feeder_waiting_for_room_is_woken_when_the_job_is_dropped() {
+        let (source, handle) = PushSource::new(1);
+        handle.push(0, ev(0)).unwrap();
+        let feeder = std::thread::spawn({
+            let handle = handle.clone();
+            move || handle.push(1, ev(1))
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!feeder.is_finished(), "waiting for room");
+        drop(source);
+        assert_eq!(feeder.join().unwrap(), Err(PushError::Gone));
+        assert_eq!(handle.replay(Duration::from_secs(5)), Err(PushError::Gone));
     }
 }
