@@ -1,115 +1,231 @@
-//! Embedding memento in your own service, without HTTP: the same library
-//! calls `memento serve` makes.
-//!
-//! It opens a [`Host`] on a state directory, loads a job for a tenant, runs
-//! it on its own thread, takes a savepoint while it runs, reads the job's
-//! status (counts and the snapshot history with per-task figures), lists the
-//! tenant's stored snapshots, and finally stops the job with a savepoint.
+//! Embedding memento in your own service, exactly-once end to end: the
+//! service keeps its own event log, feeds it to a job through a push
+//! source, receives the job's committed output through a callback sink,
+//! takes a savepoint -- and survives being killed.
 //!
 //! ```sh
-//! cargo run -p memento --example embed                  # uses the built wordcount plugin
-//! cargo run -p memento --example embed -- my-op.wasm    # or any operator component
+//! cargo run -p memento --example embed                 # start the service, SIGKILL it, restart it, check
+//! cargo run -p memento --example embed -- serve DIR    # the service alone, its state in DIR
 //! ```
 //!
-//! Threading: [`memento::Job::run`] blocks until the job ends, so it gets a
-//! thread of its own; [`memento::JobControl`] and the status handle are
-//! cheap clones usable from any thread (an async service would call them
-//! from its handlers as they never block).
+//! The exactly-once contract, from the service's side:
+//! - every batch it pushes carries its offset in the service's log; when the
+//!   job resumes from a snapshot, `push` answers `Replay { from }` and the
+//!   service pushes again from that offset;
+//! - every delivery carries its task and sequence number; the service keeps
+//!   each one as a file named by them, written whole, so the one delivery
+//!   that can come again after a crash finds its file and is skipped.
+//!
+//! Threading: [`memento::Job::run`] blocks until the job ends, so it gets
+//! the main thread here and the feeder a thread of its own;
+//! [`memento::JobControl`], the status handle and the push handle are
+//! cheap clones usable from any thread.
 
 use std::error::Error;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::process::Command;
 use std::time::Duration;
 
 use memento::coordinator::JobState;
-use memento::spec::JobSpec;
-use memento::store::ListFilter;
-use memento::{Host, RunOptions};
+use memento::io::{CallbackSink, Delivery, DeliveryError, Event, PushError, PushHandle, PushSource};
+use memento::spec::{CheckpointSpec, HumanDuration, JobSpec, SinkSpec, SourceSpec};
+use memento::store::{JobName, ListFilter};
+use memento::{Host, RunOptions, StartFrom};
+
+/// Events in the service's log, and per pushed batch.
+const EVENTS: u64 = 60_000;
+const BATCH: u64 = 100;
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let plugin: PathBuf = match std::env::args().nth(1) {
-        Some(p) => p.into(),
-        // This repository's build of the example plugin; an embedder passes
-        // its own component.
-        None => Path::new(memento_plugins::DIR).join("wordcount.wasm"),
-    };
-    let state = tempfile::tempdir()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [cmd, dir] if cmd == "serve" => serve(Path::new(dir)),
+        [] => demo(),
+        _ => Err("usage: embed [serve DIR]".into()),
+    }
+}
+
+/// Start the service, kill it mid-run, start it again and check that its
+/// output log holds exactly one update per event.
+fn demo() -> Result<(), Box<dyn Error>> {
+    let dir = tempfile::tempdir()?;
+    let me = std::env::current_exe()?;
+    let mut first = Command::new(&me).arg("serve").arg(dir.path()).spawn()?;
+    std::thread::sleep(Duration::from_millis(2500));
+    first.kill()?; // SIGKILL: no chance to clean up
+    println!("demo: killed the service: {}", first.wait()?);
+    let status = Command::new(&me).arg("serve").arg(dir.path()).status()?;
+    if !status.success() {
+        return Err(format!("the restarted service failed: {status}").into());
+    }
+    let updates = output_lines(&dir.path().join("output"))?;
+    println!("demo: {updates} updates delivered for {EVENTS} events");
+    if updates != EVENTS {
+        return Err("output lost or delivered twice".into());
+    }
+    Ok(())
+}
+
+fn output_lines(dir: &Path) -> Result<u64, Box<dyn Error>> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_name().to_string_lossy().starts_with('.') {
+            n += std::fs::read_to_string(entry.path())?.lines().count() as u64;
+        }
+    }
+    Ok(n)
+}
+
+/// The service: its event log, the job over it, its output log.
+fn serve(dir: &Path) -> Result<(), Box<dyn Error>> {
+    let log = EventLog::open(&dir.join("events.log"))?;
+    let output = dir.join("output");
+    std::fs::create_dir_all(&output)?;
 
     // One Host per process: a wasm engine with its component cache and the
     // unified snapshot store.
-    let host = Host::open(state.path())?;
+    let host = Host::open(&dir.join("memento"))?;
 
-    // A job file may come from anywhere; here it is text. Relative paths in
-    // it would resolve against the directory given as `base_dir`.
-    let text = format!(
-        r#"
-name = "clicks"
-[source]
-type = "generator"
-rate = 20000
-batch = 500
-[[operators]]
-name = "count"
-plugin = "{}"
-parallelism = 2
-[sink]
-type = "null"
-[checkpoints]
-interval = "200ms"
-"#,
-        plugin.display()
-    );
-    let spec = JobSpec::from_toml(&text, Path::new("embedded.toml"), state.path())?;
-
-    // Load (validate and compile) the plugins; the job's snapshots go to the
-    // namespace of tenant "acme".
-    let job = Arc::new(host.load_job(spec, "acme")?);
+    // The job's source is fed by the service; its sink calls the service
+    // back with committed output, keeping it in `staged/` until then.
+    let (source, feed) = PushSource::new(16);
+    let sink = CallbackSink::new(dir.join("staged"), move |d: &Delivery| keep(&output, d));
+    let spec = JobSpec::builder("clicks")
+        .source(SourceSpec::custom(source))
+        .operator("count", Path::new(memento_plugins::DIR).join("wordcount.wasm"), 2)
+        .sink(SinkSpec::custom(sink))
+        .checkpoints(CheckpointSpec {
+            interval: Some(HumanDuration(Duration::from_millis(200))),
+            ..CheckpointSpec::default()
+        })
+        .build()?;
+    let job = host.load_job(spec, "acme")?;
     let control = job.control();
     let status = job.status_handle();
-    let runner = {
-        let job = job.clone();
-        std::thread::spawn(move || job.run(RunOptions::default()))
+
+    std::thread::spawn(move || feed_from(&log, &feed));
+    std::thread::spawn(move || {
+        while status.get().state != JobState::Running {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        // Triggers answer on a channel once the snapshot is committed.
+        match control.trigger_savepoint(None).recv() {
+            Ok(Ok(id)) => println!("service: savepoint {id} taken"),
+            Ok(Err(e)) => println!("service: no savepoint: {e}"),
+            Err(_) => {}
+        }
+    });
+
+    // Resume from the newest snapshot if the service ran before.
+    let resume = job.store().latest(&JobName::new("clicks")?)?.is_some();
+    let from = if resume {
+        StartFrom::Latest
+    } else {
+        StartFrom::Scratch
     };
-
-    while status.get().state != JobState::Running {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500)); // let a few checkpoints happen
-
-    // Triggers answer on a channel once the snapshot is committed (or failed).
-    let savepoint = control.trigger_savepoint(None).recv()??;
-    println!("savepoint {savepoint} taken");
-
-    let st = status.get();
+    println!("service: starting ({from:?})");
+    let report = job.run(RunOptions { from })?;
     println!(
-        "job {}: {} records in, {} snapshots completed, {} failed",
-        st.name, st.records_in, st.counts.completed, st.counts.failed
+        "service: job ended {:?}: {} records in this run, {} snapshots",
+        report.state,
+        report.source_records,
+        report.snapshots.len()
     );
-    for r in &st.history {
-        let tasks: Vec<String> = r
-            .tasks
-            .iter()
-            .map(|t| format!("{} paused {} ms", t.task, t.pause_ms))
-            .collect();
-        println!(
-            "  #{} {:?} {:?} {} ms, {} bytes [{}]",
-            r.number,
-            r.kind,
-            r.trigger,
-            r.duration_ms,
-            r.logical_bytes,
-            tasks.join(", ")
-        );
-    }
-
-    // Everything the tenant has stored: checkpoints and savepoints side by side.
     for m in job.store().list(&ListFilter::all())? {
-        println!("stored {} ({:?}, {:?})", m.id, m.kind, m.trigger);
+        println!("service: stored {} ({:?}, {:?})", m.id, m.kind, m.trigger);
+    }
+    Ok(())
+}
+
+/// The service's own log of events: one key per line, written once.
+struct EventLog {
+    keys: Vec<String>,
+}
+
+impl EventLog {
+    fn open(path: &Path) -> Result<EventLog, Box<dyn Error>> {
+        if !path.exists() {
+            let mut text = String::new();
+            for i in 0..EVENTS {
+                text.push_str(&format!("user-{}\n", i * 7 % 113));
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, path)?;
+        }
+        let keys: Vec<String> = std::fs::read_to_string(path)?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        Ok(EventLog { keys })
     }
 
-    // Stop with a final savepoint and wait for the run to end.
-    let last = control.stop_with_savepoint().recv()??;
-    let report = runner.join().map_err(|_| "the job thread panicked")??;
-    println!("stopped with savepoint {last}; state {:?}", report.state);
+    /// Batch number `offset` of the log.
+    fn batch(&self, offset: u64) -> Vec<Event> {
+        let start = (offset * BATCH) as usize;
+        let end = (start + BATCH as usize).min(self.keys.len());
+        (start..end)
+            .map(|i| Event {
+                key: self.keys[i].clone().into_bytes(),
+                value: Vec::new(),
+                timestamp: i as i64,
+            })
+            .collect()
+    }
+
+    fn batches(&self) -> u64 {
+        (self.keys.len() as u64).div_ceil(BATCH)
+    }
+}
+
+/// Push the log, paced like live traffic, from wherever the job asks.
+fn feed_from(log: &EventLog, feed: &PushHandle) {
+    let mut offset = 0;
+    loop {
+        if offset < log.batches() {
+            match feed.push(offset, log.batch(offset)) {
+                Ok(()) => offset += 1,
+                Err(PushError::Replay { from }) => {
+                    println!("service: the job resumed; replaying from offset {from}");
+                    offset = from;
+                }
+                // The job is over and dropped: nothing more to feed.
+                Err(PushError::Gone) => return,
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        } else {
+            feed.close();
+            match feed.replay(Duration::from_millis(200)) {
+                Ok(Some(from)) => offset = from,
+                Ok(None) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Keep a delivery as one file named by its task and sequence number,
+/// written whole; one that comes again finds its file and is skipped.
+fn keep(output: &Path, d: &Delivery) -> Result<(), DeliveryError> {
+    let name: PathBuf = output.join(format!("{:05}-{:06}", d.task, d.seq));
+    if name.exists() {
+        return Ok(());
+    }
+    let tmp = output.join(".incoming");
+    let mut f = std::fs::File::create(&tmp)?;
+    for e in &d.events {
+        writeln!(
+            f,
+            "{}\t{}",
+            String::from_utf8_lossy(&e.key),
+            String::from_utf8_lossy(&e.value)
+        )?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, &name)?;
+    std::fs::File::open(output)?.sync_all()?;
     Ok(())
 }

@@ -62,6 +62,23 @@ pub enum HostError {
         /// Why its component cannot be imaged.
         reason: NativeUnsupported,
     },
+    /// The job asks for periodic snapshots, but its source cannot seek
+    /// back to a snapshot's position, so restoring one would lose or
+    /// repeat input.
+    #[error(
+        "job `{job}`: its {source_name} cannot seek, so it cannot take exactly-once snapshots; \
+         remove [{section}] {key} or give the job a source that can seek"
+    )]
+    SourceCannotSeek {
+        /// The job.
+        job: String,
+        /// The source.
+        source_name: String,
+        /// `checkpoints` or `savepoints`.
+        section: &'static str,
+        /// The setting that asks for snapshots.
+        key: &'static str,
+    },
     /// The runtime could not start.
     #[error(transparent)]
     Runtime(Box<RuntimeError>),
@@ -251,6 +268,7 @@ impl Host {
             })
             .collect::<Result<Vec<_>, _>>()?;
         check_native_formats(&spec, &components)?;
+        check_source_seeks(&spec)?;
         let (control, control_rx) = JobControl::new();
         Ok(Job {
             host: self.clone(),
@@ -291,6 +309,28 @@ fn check_native_formats(spec: &JobSpec, components: &[Arc<LoadedComponent>]) -> 
         }
     }
     Ok(())
+}
+
+/// A job whose source cannot seek takes no periodic snapshots: each would
+/// promise a restore that cannot keep its input exactly-once.
+fn check_source_seeks(spec: &JobSpec) -> Result<(), HostError> {
+    if spec.source.can_seek() {
+        return Ok(());
+    }
+    let asked = [
+        ("checkpoints", "interval", spec.checkpoints.interval.is_some()),
+        ("savepoints", "interval", spec.savepoints.interval.is_some()),
+        ("savepoints", "cron", spec.savepoints.cron.is_some()),
+    ];
+    match asked.into_iter().find(|(_, _, on)| *on) {
+        Some((section, key, _)) => Err(HostError::SourceCannotSeek {
+            job: spec.name.clone(),
+            source_name: spec.source.describe(),
+            section,
+            key,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A job whose plugins are loaded, ready to run.
@@ -354,6 +394,16 @@ impl Job {
             },
             StartFrom::Snapshot(id) => Ok(Some(self.store.get(id)?)),
         }?;
+        if m.is_some() && !self.spec.source.can_seek() {
+            return Err(HostError::Job(Box::new(JobFailed {
+                error: crate::dataflow::JobError::Source(crate::io::SourceError::CannotSeek {
+                    source_name: self.spec.source.describe(),
+                }),
+                restarts: 0,
+                resume_from: None,
+                searched_older: false,
+            })));
+        }
         if let Some(m) = &m {
             // Refuse a snapshot that cannot start this job before anything
             // runs (a submission over the API is answered at once, and no

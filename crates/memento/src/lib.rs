@@ -5,6 +5,11 @@
 //! which runs them as a sandboxed dataflow while its coordinator takes
 //! checkpoints and savepoints into the unified [`store`].
 //!
+//! A job's source and sink come from its job file or from the embedder:
+//! [`io`] holds the traits both kinds implement, the push source and
+//! callback sink a service feeds and reads in-process, and the
+//! exactly-once contract between them.
+//!
 //! The store ([`store`], crate `memento-store`) and the Wasm runtime
 //! ([`runtime`], crate `memento-runtime`) are crates of their own, re-exported
 //! here so that an embedder needs only this one.
@@ -18,6 +23,7 @@
 pub mod coordinator;
 pub mod dataflow;
 mod host;
+pub mod io;
 pub mod service;
 pub mod snapshot;
 pub mod spec;

@@ -62,6 +62,9 @@ pub(crate) struct Coordinator<'a> {
     /// record (set when an attempt starts, from the snapshot it restores).
     key_groups: crate::dataflow::KeyGroups,
     store: TenantStore,
+    /// The job's sink: commits after each snapshot, recovers before each
+    /// attempt.
+    sink: Arc<dyn crate::io::Sink>,
     job: JobName,
     control: Receiver<Control>,
     status: StatusHandle,
@@ -87,6 +90,7 @@ impl<'a> Coordinator<'a> {
             components: component_hashes(spec, loaded),
             key_groups: crate::dataflow::KeyGroups::new(),
             store,
+            sink: crate::dataflow::sink::of(&spec.sink, &spec.base_dir),
             job,
             control,
             status,

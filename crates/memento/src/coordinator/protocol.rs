@@ -16,7 +16,7 @@ use super::report::{FinalState, SnapshotSummary};
 use super::retention;
 use super::status::{self, SnapshotOutcome};
 use super::triggers::{Request, Triggers};
-use crate::dataflow::sink::{self, SinkCommit};
+use crate::dataflow::sink::SinkCommit;
 use crate::dataflow::{Attempt, Barrier, InjectError, JobError, Report, TaskFigures};
 use crate::spec::SnapshotFormat;
 use crate::store::{
@@ -38,8 +38,6 @@ pub(super) struct AttemptState {
     pub(super) done: BTreeMap<TaskKey, (TaskFigures, Option<SinkCommit>)>,
     /// Where the source's input ended, once it did.
     pub(super) source_end: Option<u64>,
-    /// The source's last known position (acks and end).
-    pub(super) position: Option<u64>,
     /// The completed stop savepoint.
     pub(super) stopped: Option<SnapshotId>,
 }
@@ -147,6 +145,15 @@ impl Coordinator<'_> {
 
     /// Begin a snapshot and inject its barrier.
     fn start(&mut self, run: &mut AttemptState, req: Request) -> Result<(), JobError> {
+        // Restoring the snapshot would lose or repeat input (periodic
+        // snapshots of such a job are refused when it is loaded).
+        if !self.spec.source.can_seek() {
+            req.refuse(TriggerError::Failed(format!(
+                "{} cannot seek, so a snapshot of this job could not be restored",
+                self.spec.source.describe()
+            )));
+            return Ok(());
+        }
         let begun = self
             .store
             .next_snapshot_number(&self.job)
@@ -210,14 +217,12 @@ impl Coordinator<'_> {
         match r {
             Report::Failed(e) => return Err(e),
             Report::SourceAck { id, position } => {
-                run.position = Some(position);
                 if let Some(p) = run.pending.as_mut().filter(|p| p.number == id) {
                     p.acks.source(position);
                 }
             }
             Report::SourceEnded { position } => {
                 run.source_end = Some(position);
-                run.position = Some(position);
                 // A barrier not injected before the end never will be.
                 if let Some(p) = run.pending.take_if(|p| p.acks.source_position.is_none()) {
                     if let Some(a) = &run.attempt {
@@ -322,7 +327,7 @@ impl Coordinator<'_> {
             }
         };
         // The manifest is durable: now, and only now, the output may show.
-        sink::commit(&self.spec.sink, &self.spec.base_dir, &acks.sinks)?;
+        self.sink.commit(&id, &acks.sinks)?;
         if let Some(a) = &run.attempt {
             a.notify_complete(number);
         }
@@ -444,8 +449,8 @@ impl Coordinator<'_> {
         m.sink_commit = serde_json::json!({ "tasks": sinks });
         m.extra.insert(FINISHED.into(), serde_json::Value::Bool(true));
         let id = writer.commit(m)?;
-        sink::commit(&self.spec.sink, &self.spec.base_dir, &sinks)?;
-        sink::tidy(&self.spec.sink, &self.spec.base_dir);
+        self.sink.commit(&id, &sinks)?;
+        self.sink.finished();
         tracing::info!(target: "memento::snapshot", id = %id, outcome = "finished", "job finished; output committed");
         if self.spec.checkpoints.persistent {
             self.apply_retention(SnapshotKind::Checkpoint);

@@ -153,8 +153,8 @@ impl Coordinator<'_> {
     /// Resuming from the record of a finished job: finish its output commit
     /// (idempotent) and end.
     fn finish_again(&mut self, m: &Manifest) -> AttemptEnd {
-        let commits = sink::commits_of(m);
-        match commits.and_then(|c| sink::commit_restored(&self.spec.sink, &self.spec.base_dir, &m.id, &c)) {
+        let commits = sink::commits_of(m, &*self.sink);
+        match commits.and_then(|c| self.sink.recover(Some((&m.id, &c)))) {
             Ok(_) => AttemptEnd::Done(FinalState::AlreadyFinished {
                 snapshot: m.id.clone(),
             }),
@@ -171,8 +171,8 @@ impl Coordinator<'_> {
         for t in &m.tasks {
             tasks.insert(t.key.clone(), t.clone());
         }
-        let commits = sink::commits_of(m)?;
-        let sink_next_seq = sink::recover(&self.spec.sink, &self.spec.base_dir, Some((&m.id, &commits)))?;
+        let commits = sink::commits_of(m, &*self.sink)?;
+        let sink_next_seq = self.sink.recover(Some((&m.id, &commits)))?;
         Ok(RestorePoint {
             store: self.store.clone(),
             id: m.id.clone(),
@@ -195,7 +195,7 @@ impl Coordinator<'_> {
                 Err(e) => return AttemptEnd::Failed(e),
             },
             None => {
-                if let Err(e) = sink::recover(&self.spec.sink, &self.spec.base_dir, None) {
+                if let Err(e) = self.sink.recover(None) {
                     return AttemptEnd::Failed(e.into());
                 }
                 None
@@ -212,7 +212,9 @@ impl Coordinator<'_> {
                 });
             }
         };
-        let start_position = point.as_ref().map_or(0, |p| p.source_position);
+        // Counted by the source thread: positions are not record counts
+        // for every source (the push source's are the service's offsets).
+        let records_before = self.status.records_in.load(std::sync::atomic::Ordering::Relaxed);
         let (reports_tx, reports) = unbounded();
         let attempt = match Attempt::start(
             self.runtime,
@@ -233,7 +235,6 @@ impl Coordinator<'_> {
             total_tasks: self.spec.operators.iter().map(|o| o.parallelism as usize).sum(),
             done: BTreeMap::new(),
             source_end: None,
-            position: None,
             stopped: None,
         };
         let end = self.coordinate(&mut run, &reports);
@@ -267,10 +268,11 @@ impl Coordinator<'_> {
             })
             .collect();
         self.report.sink_records = run.done.values().map(|(f, _)| f.sink_records).sum();
-        self.report.source_records = run
-            .position
-            .unwrap_or(start_position)
-            .saturating_sub(start_position);
+        self.report.source_records = self
+            .status
+            .records_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(records_before);
         end
     }
 }

@@ -137,19 +137,21 @@ impl Attempt {
                     .collect::<Result<Vec<_>, JobError>>()
             })
             .collect::<Result<Vec<_>, JobError>>()?;
-        let mut source = source::open(&spec.source, &spec.base_dir)?;
+        let source = source::of(&spec.source, &spec.base_dir);
+        let mut source = source.open()?;
         if let Some(r) = restore {
             source.seek(r.source_position)?;
         }
         // Open every sink writer first, so an unwritable output fails the
         // job before any work is done.
         let last = spec.operators.len() - 1;
+        let sink = sink::of(&spec.sink, &spec.base_dir);
         let mut sinks: Vec<Option<Box<dyn sink::SinkWriter>>> = (0..spec.sink_parallelism())
             .map(|t| {
                 let seq = restore
                     .and_then(|r| r.sink_next_seq.get(&t).copied())
                     .unwrap_or(0);
-                sink::open(&spec.sink, &spec.base_dir, t, seq).map(Some)
+                sink.writer(t, seq).map(Some)
             })
             .collect::<Result<_, _>>()?;
 
@@ -355,7 +357,7 @@ impl Drop for Attempt {
 /// The source thread: read batches, partition them to the first stage, and
 /// inject barriers between batches when the coordinator asks.
 fn run_source(
-    mut source: Box<dyn source::Source>,
+    mut source: Box<dyn source::SourceReader>,
     (first, key_groups): (Vec<Edge>, u32),
     ctl: Receiver<SourceCtl>,
     reports: Sender<Report>,

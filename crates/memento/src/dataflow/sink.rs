@@ -1,5 +1,6 @@
-//! Sinks: where the last operator's output goes. One writer per task of the
-//! last operator.
+//! The built-in sinks, `file`, `stdout` and `null`, on the public
+//! [`crate::io::Sink`] traits, and the sink a job spec names (built-in or
+//! the embedder's own). One writer per task of the last operator.
 //!
 //! The `file` sink is transactional, which is what makes output
 //! exactly-once: a task writes into a staging file
@@ -14,106 +15,25 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::io::{Sink, SinkCommit, SinkError, SinkWriter, part_file_name};
+use crate::io::{check_part_files, parse_part_file_name};
 use crate::runtime::Event;
 use crate::spec::SinkSpec;
 use crate::store::{Manifest, SnapshotId};
 
-/// Why a sink failed: I/O, naming the output.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    /// A file or directory of a `file` sink.
-    #[error("{action} {}: {source}", .path.display())]
-    Io {
-        /// What failed, e.g. "cannot write".
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// Standard output.
-    #[error("cannot write to stdout: {0}")]
-    Stdout(#[source] io::Error),
-    /// A snapshot's record of what to commit is not what this sink writes.
-    #[error("snapshot {snapshot}: its sink commit is damaged: {reason}")]
-    BadCommit {
-        /// The snapshot whose manifest holds it.
-        snapshot: SnapshotId,
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-impl SinkError {
-    fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SinkError {
-        let path = path.to_path_buf();
-        move |source| SinkError::Io { action, path, source }
-    }
-}
-
 /// Name of the directory, inside a `file` sink's directory, of staged files.
 pub const STAGING_DIR: &str = ".staging";
 
-/// What one sink task pre-committed at a barrier: recorded in the snapshot
-/// manifest, applied when the snapshot completes or is restored.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SinkCommit {
-    /// The sink task (= task index of the last operator).
-    pub task: u32,
-    /// Sequence number of the task's next part file.
-    pub next_seq: u64,
-    /// Part files to move from the staging directory to their final name.
-    pub files: Vec<String>,
-}
-
-/// Writes one task's output.
-pub trait SinkWriter: Send {
-    /// Write a batch of events, one line each.
-    ///
-    /// # Errors
-    /// I/O errors, naming the output.
-    fn write(&mut self, events: &[Event]) -> Result<(), SinkError>;
-
-    /// Barrier `snapshot` passes: make what was written so far durable and
-    /// return what to commit when the snapshot completes (`None` for sinks
-    /// that are not transactional). The list includes files pre-committed
-    /// for earlier snapshots that are not known to be committed yet, so a
-    /// failed snapshot loses no output.
-    ///
-    /// # Errors
-    /// I/O errors, naming the output.
-    fn precommit(&mut self, snapshot: u64) -> Result<Option<SinkCommit>, SinkError>;
-
-    /// Snapshot `snapshot` completed: its files are committed and need not
-    /// be listed again.
-    fn committed(&mut self, snapshot: u64) {
-        let _ = snapshot;
-    }
-}
-
-/// The name of a part file: task and sequence number, sortable.
-pub fn part_file_name(task: u32, seq: u64) -> String {
-    format!("part-{task:05}-{seq:06}")
-}
-
-/// Task and sequence number of a part file name.
-fn parse_part_file_name(name: &str) -> Option<(u32, u64)> {
-    let rest = name.strip_prefix("part-")?;
-    let (task, seq) = rest.split_once('-')?;
-    Some((task.parse().ok()?, seq.parse().ok()?))
-}
-
-/// The sink commits a snapshot's manifest records, every file name checked
-/// to be a part file of its task: the names come from the store, and a
-/// crafted one (`../../x`) must not move a file outside the output
-/// directory.
+/// The sink commits a snapshot's manifest records, each checked by the
+/// sink that will act on it ([`Sink::check`]): the names come from the
+/// store, and a crafted one (`../../x`) must not move a file outside the
+/// output directory.
 ///
 /// # Errors
 /// [`SinkError::BadCommit`] naming the snapshot and the first bad entry.
-pub fn commits_of(m: &Manifest) -> Result<Vec<SinkCommit>, SinkError> {
+pub fn commits_of(m: &Manifest, sink: &dyn Sink) -> Result<Vec<SinkCommit>, SinkError> {
     let bad = |reason: String| SinkError::BadCommit {
         snapshot: m.id.clone(),
         reason,
@@ -123,15 +43,7 @@ pub fn commits_of(m: &Manifest) -> Result<Vec<SinkCommit>, SinkError> {
     };
     let commits: Vec<SinkCommit> = serde_json::from_value(tasks.clone()).map_err(|e| bad(e.to_string()))?;
     for c in &commits {
-        for name in &c.files {
-            if parse_part_file_name(name).is_none_or(|(task, _)| task != c.task) {
-                let shown: String = name.chars().take(80).collect();
-                return Err(bad(format!(
-                    "{shown:?} is not a part file of sink task {}",
-                    c.task
-                )));
-            }
-        }
+        sink.check(c).map_err(bad)?;
     }
     Ok(commits)
 }
@@ -144,93 +56,160 @@ fn sink_dir(path: &Path, base: &Path) -> PathBuf {
     }
 }
 
-/// Create the writer of task `task`, numbering its part files from
-/// `next_seq`; relative paths resolve against `base`.
-///
-/// # Errors
-/// When the output cannot be created; the message names it.
-pub fn open(
-    spec: &SinkSpec,
-    base: &Path,
-    task: u32,
-    next_seq: u64,
-) -> Result<Box<dyn SinkWriter>, SinkError> {
+/// The sink a job spec names: a built-in one (relative paths resolve
+/// against `base`) or the embedder's own.
+pub fn of(spec: &SinkSpec, base: &Path) -> Arc<dyn Sink> {
     match spec {
-        SinkSpec::File { path } => {
-            let dir = sink_dir(path, base);
-            let staging = dir.join(STAGING_DIR);
-            std::fs::create_dir_all(&staging)
-                .map_err(SinkError::io("cannot create sink directory", &staging))?;
-            Ok(Box::new(FileSink {
-                dir,
-                task,
-                seq: next_seq,
-                current: None,
-                pending: Vec::new(),
-                line: Vec::new(),
-            }))
+        SinkSpec::File { path } => Arc::new(FileSink {
+            dir: sink_dir(path, base),
+        }),
+        SinkSpec::Stdout {} => Arc::new(StdoutSink),
+        SinkSpec::Null {} => Arc::new(NullSink),
+        SinkSpec::Custom(custom) => custom.0.clone(),
+    }
+}
+
+/// The `file` sink: a directory of part files, staged until committed.
+pub struct FileSink {
+    dir: PathBuf,
+}
+
+impl FileSink {
+    /// A file sink writing into `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> FileSink {
+        FileSink { dir: dir.into() }
+    }
+
+    /// As [`Sink::commit`], for the files snapshot `snapshot` lists when a
+    /// run resumes from it. Returns the files it warned about: those
+    /// neither staged nor committed in a directory that has staged output
+    /// (the job ran here and they are gone). A directory without staged
+    /// output is new, emptied or moved: the snapshot's output was committed
+    /// where it was written, and nothing is missing.
+    ///
+    /// # Errors
+    /// I/O errors, naming the file.
+    pub fn commit_restored(
+        &self,
+        snapshot: &SnapshotId,
+        commits: &[SinkCommit],
+    ) -> Result<Vec<String>, SinkError> {
+        let dir = &self.dir;
+        let staged_here = dir.join(STAGING_DIR).is_dir();
+        let missing = commit_files(dir, commits)?;
+        if missing.is_empty() {
+            return Ok(missing);
         }
-        SinkSpec::Stdout {} => Ok(Box::new(StdoutSink { line: Vec::new() })),
-        SinkSpec::Null {} => Ok(Box::new(NullSink)),
+        if !staged_here {
+            tracing::info!(
+                target: "memento::sink",
+                "{} holds no staged output: resuming from {snapshot} into a new or emptied directory; \
+                 the output committed up to {snapshot} stays where it was written",
+                dir.display()
+            );
+            return Ok(Vec::new());
+        }
+        for name in &missing {
+            warn_missing(dir, name);
+        }
+        Ok(missing)
     }
 }
 
-/// Make the part files listed in `commits` visible after their snapshot
-/// completed: rename each staged file to its final name, then fsync the
-/// directory. Idempotent: a file already moved is skipped, so a commit
-/// interrupted by a crash can be redone. A file neither staged nor
-/// committed was removed behind the job's back: a warning names it.
-///
-/// # Errors
-/// I/O errors, naming the file.
-pub fn commit(spec: &SinkSpec, base: &Path, commits: &[SinkCommit]) -> Result<(), SinkError> {
-    let SinkSpec::File { path } = spec else {
-        return Ok(());
-    };
-    let dir = sink_dir(path, base);
-    for name in commit_files(&dir, commits)? {
-        warn_missing(&dir, &name);
+impl Sink for FileSink {
+    fn describe(&self) -> String {
+        format!("file sink {}", self.dir.display())
     }
-    Ok(())
-}
 
-/// As [`commit`], for the files snapshot `snapshot` lists when a run
-/// resumes from it. Returns the files it warned about: those neither staged
-/// nor committed in a directory that has staged output (the job ran here
-/// and they are gone). A directory without staged output is new, emptied
-/// or moved: the snapshot's output was committed where it was written, and
-/// nothing is missing.
-///
-/// # Errors
-/// I/O errors, naming the file.
-pub fn commit_restored(
-    spec: &SinkSpec,
-    base: &Path,
-    snapshot: &SnapshotId,
-    commits: &[SinkCommit],
-) -> Result<Vec<String>, SinkError> {
-    let SinkSpec::File { path } = spec else {
-        return Ok(Vec::new());
-    };
-    let dir = sink_dir(path, base);
-    let staged_here = dir.join(STAGING_DIR).is_dir();
-    let missing = commit_files(&dir, commits)?;
-    if missing.is_empty() {
-        return Ok(missing);
+    fn writer(&self, task: u32, next_seq: u64) -> Result<Box<dyn SinkWriter>, SinkError> {
+        let staging = self.dir.join(STAGING_DIR);
+        std::fs::create_dir_all(&staging).map_err(SinkError::io("cannot create sink directory", &staging))?;
+        Ok(Box::new(FileWriter {
+            dir: self.dir.clone(),
+            task,
+            seq: next_seq,
+            current: None,
+            pending: Vec::new(),
+            line: Vec::new(),
+        }))
     }
-    if !staged_here {
-        tracing::info!(
-            target: "memento::sink",
-            "{} holds no staged output: resuming from {snapshot} into a new or emptied directory; \
-             the output committed up to {snapshot} stays where it was written",
-            dir.display()
-        );
-        return Ok(Vec::new());
+
+    /// Make the part files listed in `commits` visible after their
+    /// snapshot completed: rename each staged file to its final name, then
+    /// fsync the directory. Idempotent: a file already moved is skipped, so
+    /// a commit interrupted by a crash can be redone. A file neither staged
+    /// nor committed was removed behind the job's back: a warning names it.
+    fn commit(&self, _snapshot: &SnapshotId, commits: &[SinkCommit]) -> Result<(), SinkError> {
+        for name in commit_files(&self.dir, commits)? {
+            warn_missing(&self.dir, &name);
+        }
+        Ok(())
     }
-    for name in &missing {
-        warn_missing(&dir, name);
+
+    /// Bring the directory to the state of a snapshot before a run: commit
+    /// its pre-committed files (see [`FileSink::commit_restored`]), discard
+    /// every other staged file, and return each task's next part number.
+    /// Starting without a snapshot (`None`) removes the part files of
+    /// earlier runs.
+    fn recover(
+        &self,
+        restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
+        let dir = &self.dir;
+        let mut next = BTreeMap::new();
+        match restored {
+            Some((snapshot, commits)) => {
+                self.commit_restored(snapshot, commits)?;
+                for c in commits {
+                    next.insert(c.task, c.next_seq);
+                }
+                // Output committed after the snapshot (when resuming from an
+                // older one) is rewound: the run will write it again. A missing
+                // directory (the output was moved away) has nothing to rewind;
+                // the run creates it.
+                let entries = match std::fs::read_dir(dir) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                    listed => listed
+                        .and_then(|l| l.collect::<Result<Vec<_>, _>>())
+                        .map_err(SinkError::io("cannot list", dir))?,
+                };
+                for entry in entries {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if let Some((task, seq)) = parse_part_file_name(&name)
+                        && next.get(&task).is_some_and(|n| seq >= *n)
+                    {
+                        std::fs::remove_file(entry.path())
+                            .map_err(SinkError::io("cannot remove", &entry.path()))?;
+                    }
+                }
+            }
+            None if dir.exists() => {
+                for entry in std::fs::read_dir(dir).map_err(SinkError::io("cannot list", dir))? {
+                    let entry = entry.map_err(SinkError::io("cannot list", dir))?;
+                    if entry.file_name().to_string_lossy().starts_with("part-") {
+                        std::fs::remove_file(entry.path())
+                            .map_err(SinkError::io("cannot remove", &entry.path()))?;
+                    }
+                }
+            }
+            None => {}
+        }
+        let staging = dir.join(STAGING_DIR);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(SinkError::io("cannot clean", &staging))?;
+        }
+        Ok(next)
     }
-    Ok(missing)
+
+    fn check(&self, commit: &SinkCommit) -> Result<(), String> {
+        check_part_files(commit)
+    }
+
+    /// Remove the staging directory once a job has finished (it is empty
+    /// then).
+    fn finished(&self) {
+        let _ = std::fs::remove_dir(self.dir.join(STAGING_DIR));
+    }
 }
 
 fn warn_missing(dir: &Path, name: &str) {
@@ -273,74 +252,6 @@ fn commit_files(dir: &Path, commits: &[SinkCommit]) -> Result<Vec<String>, SinkE
     Ok(missing)
 }
 
-/// Remove the staging directory once a job has finished (it is empty then).
-pub fn tidy(spec: &SinkSpec, base: &Path) {
-    if let SinkSpec::File { path } = spec {
-        let _ = std::fs::remove_dir(sink_dir(path, base).join(STAGING_DIR));
-    }
-}
-
-/// Bring a `file` sink's directory to the state of a snapshot before a run:
-/// commit its pre-committed files (see [`commit_restored`]), discard every
-/// other staged file, and return each task's next part number. Starting
-/// without a snapshot (`None`) removes the part files of earlier runs.
-///
-/// # Errors
-/// I/O errors, naming the file.
-pub fn recover(
-    spec: &SinkSpec,
-    base: &Path,
-    restored: Option<(&SnapshotId, &[SinkCommit])>,
-) -> Result<BTreeMap<u32, u64>, SinkError> {
-    let SinkSpec::File { path } = spec else {
-        return Ok(BTreeMap::new());
-    };
-    let dir = sink_dir(path, base);
-    let mut next = BTreeMap::new();
-    match restored {
-        Some((snapshot, commits)) => {
-            commit_restored(spec, base, snapshot, commits)?;
-            for c in commits {
-                next.insert(c.task, c.next_seq);
-            }
-            // Output committed after the snapshot (when resuming from an
-            // older one) is rewound: the run will write it again. A missing
-            // directory (the output was moved away) has nothing to rewind;
-            // the run creates it.
-            let entries = match std::fs::read_dir(&dir) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-                listed => listed
-                    .and_then(|l| l.collect::<Result<Vec<_>, _>>())
-                    .map_err(SinkError::io("cannot list", &dir))?,
-            };
-            for entry in entries {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some((task, seq)) = parse_part_file_name(&name)
-                    && next.get(&task).is_some_and(|n| seq >= *n)
-                {
-                    std::fs::remove_file(entry.path())
-                        .map_err(SinkError::io("cannot remove", &entry.path()))?;
-                }
-            }
-        }
-        None if dir.exists() => {
-            for entry in std::fs::read_dir(&dir).map_err(SinkError::io("cannot list", &dir))? {
-                let entry = entry.map_err(SinkError::io("cannot list", &dir))?;
-                if entry.file_name().to_string_lossy().starts_with("part-") {
-                    std::fs::remove_file(entry.path())
-                        .map_err(SinkError::io("cannot remove", &entry.path()))?;
-                }
-            }
-        }
-        None => {}
-    }
-    let staging = dir.join(STAGING_DIR);
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(SinkError::io("cannot clean", &staging))?;
-    }
-    Ok(next)
-}
-
 /// Append one output line: key, a tab, value, a newline. Bytes that are not
 /// UTF-8 become `\xNN`; backslash, tab, CR and LF are escaped so that every
 /// event is exactly one line.
@@ -368,7 +279,8 @@ fn escape(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-struct FileSink {
+/// One task's writer of a `file` sink.
+struct FileWriter {
     dir: PathBuf,
     task: u32,
     /// Sequence number of the file being written (or to be written next).
@@ -381,7 +293,7 @@ struct FileSink {
     line: Vec<u8>,
 }
 
-impl SinkWriter for FileSink {
+impl SinkWriter for FileWriter {
     fn write(&mut self, events: &[Event]) -> Result<(), SinkError> {
         self.line.clear();
         for e in events {
@@ -421,11 +333,32 @@ impl SinkWriter for FileSink {
     }
 }
 
-struct StdoutSink {
+/// The `stdout` sink: lines as they come, not transactional.
+struct StdoutSink;
+
+impl Sink for StdoutSink {
+    fn describe(&self) -> String {
+        "stdout".into()
+    }
+    fn writer(&self, _task: u32, _next_seq: u64) -> Result<Box<dyn SinkWriter>, SinkError> {
+        Ok(Box::new(StdoutWriter { line: Vec::new() }))
+    }
+    fn commit(&self, _snapshot: &SnapshotId, _commits: &[SinkCommit]) -> Result<(), SinkError> {
+        Ok(())
+    }
+    fn recover(
+        &self,
+        _restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
+        Ok(BTreeMap::new())
+    }
+}
+
+struct StdoutWriter {
     line: Vec<u8>,
 }
 
-impl SinkWriter for StdoutSink {
+impl SinkWriter for StdoutWriter {
     fn write(&mut self, events: &[Event]) -> Result<(), SinkError> {
         self.line.clear();
         for e in events {
@@ -444,7 +377,26 @@ impl SinkWriter for StdoutSink {
     }
 }
 
+/// The `null` sink: discards everything.
 struct NullSink;
+
+impl Sink for NullSink {
+    fn describe(&self) -> String {
+        "null".into()
+    }
+    fn writer(&self, _task: u32, _next_seq: u64) -> Result<Box<dyn SinkWriter>, SinkError> {
+        Ok(Box::new(NullSink))
+    }
+    fn commit(&self, _snapshot: &SnapshotId, _commits: &[SinkCommit]) -> Result<(), SinkError> {
+        Ok(())
+    }
+    fn recover(
+        &self,
+        _restored: Option<(&SnapshotId, &[SinkCommit])>,
+    ) -> Result<BTreeMap<u32, u64>, SinkError> {
+        Ok(BTreeMap::new())
+    }
+}
 
 impl SinkWriter for NullSink {
     fn write(&mut self, _events: &[Event]) -> Result<(), SinkError> {
@@ -482,8 +434,8 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let spec = SinkSpec::File { path: "out".into() };
         let dir = base.path().join("out");
-        recover(&spec, base.path(), None).unwrap();
-        let mut w = open(&spec, base.path(), 1, 0).unwrap();
+        of(&spec, base.path()).recover(None).unwrap();
+        let mut w = of(&spec, base.path()).writer(1, 0).unwrap();
         w.write(&[ev("a")]).unwrap();
         let first = w.precommit(1).unwrap().unwrap();
         assert_eq!(
@@ -508,15 +460,27 @@ mod tests {
         let second = w.precommit(4).unwrap().unwrap();
         assert_eq!(second.files, vec!["part-00001-000001".to_string()]);
         w.write(&[ev("c")]).unwrap(); // staged, never pre-committed: lost in a crash
-        commit(&spec, base.path(), std::slice::from_ref(&first)).unwrap();
-        commit(&spec, base.path(), std::slice::from_ref(&first)).unwrap(); // idempotent
+        of(&spec, base.path())
+            .commit(
+                &SnapshotId::parse("j-000001").unwrap(),
+                std::slice::from_ref(&first),
+            )
+            .unwrap();
+        of(&spec, base.path())
+            .commit(
+                &SnapshotId::parse("j-000001").unwrap(),
+                std::slice::from_ref(&first),
+            )
+            .unwrap(); // idempotent
         assert_eq!(visible(&dir), vec!["part-00001-000000"]);
         drop(w);
 
         // Crash after snapshot 2 completed but before its commit: recovery
         // commits it and discards the rest.
         let id = SnapshotId::parse("j-000004").unwrap();
-        let next = recover(&spec, base.path(), Some((&id, std::slice::from_ref(&second)))).unwrap();
+        let next = of(&spec, base.path())
+            .recover(Some((&id, std::slice::from_ref(&second))))
+            .unwrap();
         assert_eq!(next[&1], 2);
         assert_eq!(visible(&dir), vec!["part-00001-000000", "part-00001-000001"]);
         assert!(!dir.join(STAGING_DIR).exists());
@@ -526,18 +490,19 @@ mod tests {
         );
 
         // Resuming from the first snapshot rewinds the second's output.
-        recover(&spec, base.path(), Some((&id, std::slice::from_ref(&first)))).unwrap();
+        of(&spec, base.path())
+            .recover(Some((&id, std::slice::from_ref(&first))))
+            .unwrap();
         assert_eq!(visible(&dir), vec!["part-00001-000000"]);
 
         // A fresh start removes the output of earlier runs.
-        recover(&spec, base.path(), None).unwrap();
+        of(&spec, base.path()).recover(None).unwrap();
         assert!(visible(&dir).is_empty());
     }
 
     #[test]
     fn missing_output_is_reported_only_where_it_was_staged() {
         let base = tempfile::tempdir().unwrap();
-        let spec = SinkSpec::File { path: "out".into() };
         let id = SnapshotId::parse("j-000002").unwrap();
         let listed = [SinkCommit {
             task: 0,
@@ -547,13 +512,15 @@ mod tests {
         // A new directory, and an emptied one: the snapshot's output was
         // committed where it was written.
         assert!(
-            commit_restored(&spec, base.path(), &id, &listed)
+            FileSink::new(base.path().join("out"))
+                .commit_restored(&id, &listed)
                 .unwrap()
                 .is_empty()
         );
         std::fs::create_dir(base.path().join("out")).unwrap();
         assert!(
-            commit_restored(&spec, base.path(), &id, &listed)
+            FileSink::new(base.path().join("out"))
+                .commit_restored(&id, &listed)
                 .unwrap()
                 .is_empty()
         );
@@ -562,7 +529,9 @@ mod tests {
         std::fs::create_dir(dir.join(STAGING_DIR)).unwrap();
         std::fs::write(dir.join("part-00000-000000"), "a\tv\n").unwrap();
         assert_eq!(
-            commit_restored(&spec, base.path(), &id, &listed).unwrap(),
+            FileSink::new(base.path().join("out"))
+                .commit_restored(&id, &listed)
+                .unwrap(),
             vec!["part-00000-000001".to_string()]
         );
     }
@@ -592,7 +561,7 @@ mod tests {
             "part-00001-000001",
         ] {
             m.sink_commit = serde_json::json!({ "tasks": [{ "task": 0, "next_seq": 2, "files": [evil] }] });
-            let e = commits_of(&m).unwrap_err().to_string();
+            let e = commits_of(&m, &*of(&spec, &root)).unwrap_err().to_string();
             assert!(
                 e.starts_with("snapshot j-000003: its sink commit is damaged: "),
                 "{e}"
@@ -605,16 +574,24 @@ mod tests {
                 files: vec![evil.into()],
             }];
             if evil.contains('/') {
-                assert!(commit_restored(&spec, &root, &m.id, &commits).is_err(), "{evil}");
+                assert!(
+                    FileSink::new(root.join("out"))
+                        .commit_restored(&m.id, &commits)
+                        .is_err(),
+                    "{evil}"
+                );
             }
         }
         assert_eq!(std::fs::read_to_string(root.join("victim")).unwrap(), "keep me");
         assert!(!base.path().join("victim").exists());
         m.sink_commit =
             serde_json::json!({ "tasks": [{ "task": 0, "next_seq": 2, "files": ["part-00000-000001"] }] });
-        assert_eq!(commits_of(&m).unwrap()[0].files, ["part-00000-000001"]);
+        assert_eq!(
+            commits_of(&m, &*of(&spec, &root)).unwrap()[0].files,
+            ["part-00000-000001"]
+        );
         m.sink_commit = serde_json::Value::Null;
-        assert!(commits_of(&m).unwrap().is_empty());
+        assert!(commits_of(&m, &*of(&spec, &root)).unwrap().is_empty());
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! Sources: where a job's records come from. Each reports its position so
-//! that recovery can resume from it.
+//! The built-in sources, `file` and `generator`, on the public
+//! [`crate::io::Source`] traits, and the source a job spec names (built-in
+//! or the embedder's own). Each reports its position so that recovery can
+//! resume from it.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use crate::io::{Source, SourceError, SourceReader};
 use crate::runtime::Event;
 use crate::spec::{FileFormat, SourceSpec};
 
@@ -17,89 +21,6 @@ pub const MAX_LINE: usize = 16 << 20;
 /// `batch` records at the latest), so that a batch of long lines is not a
 /// batch-count multiple of them.
 pub const MAX_BATCH_BYTES: u64 = super::budget::INPUT_BYTES;
-
-/// Why a source failed, naming the input and the record.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The input file cannot be opened.
-    #[error("cannot open source file {}: {source}", .path.display())]
-    Open {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The input file cannot be read.
-    #[error("cannot read {}: {source}", .path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A record does not parse.
-    #[error("{}:{line}: {reason}", .path.display())]
-    Record {
-        /// The file.
-        path: PathBuf,
-        /// Its line (from 1).
-        line: u64,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A line is longer than [`MAX_LINE`].
-    #[error("{}:{line}: the line is longer than {max} bytes, the most a record may be", .path.display())]
-    LongLine {
-        /// The file.
-        path: PathBuf,
-        /// Its line (from 1).
-        line: u64,
-        /// [`MAX_LINE`].
-        max: usize,
-    },
-    /// The input is shorter than a snapshot's position: it changed since.
-    #[error(
-        "{} has {lines} lines, fewer than the snapshot's position {position} (did the input change?)",
-        .path.display()
-    )]
-    Shorter {
-        /// The file.
-        path: PathBuf,
-        /// Its lines.
-        lines: u64,
-        /// The position to resume from.
-        position: u64,
-    },
-    /// A snapshot's position is past the generator's count.
-    #[error("generator position {position} is past its count {count}")]
-    PastCount {
-        /// The position to resume from.
-        position: u64,
-        /// The generator's count.
-        count: u64,
-    },
-}
-
-/// A source of batches of events, read on the source thread.
-pub trait Source: Send {
-    /// The next batch, or `None` at the end of a bounded input. An empty
-    /// batch means "nothing yet": a source that waits returns one now and
-    /// then, so that the source thread can take barriers, stop and cancel.
-    ///
-    /// # Errors
-    /// [`SourceError`] naming the input and the record that could not be read.
-    fn next_batch(&mut self) -> Result<Option<Vec<Event>>, SourceError>;
-
-    /// Records emitted so far: the position to resume from.
-    fn position(&self) -> u64;
-
-    /// Skip to `position` (a value [`Source::position`] returned earlier),
-    /// so that the next batch starts with the record after it.
-    ///
-    /// # Errors
-    /// When the input ends before `position` or cannot be read.
-    fn seek(&mut self, position: u64) -> Result<(), SourceError>;
-}
 
 /// Opens `path` for reading if it is a regular file. Non-blocking, so that
 /// a FIFO (which would block the source thread until someone writes, out of
@@ -119,12 +40,41 @@ fn open_regular(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Open the source a job file describes; paths resolve against `base`.
+/// The source a job spec names: a built-in one (paths resolve against
+/// `base`) or the embedder's own.
+pub fn of(spec: &SourceSpec, base: &Path) -> Arc<dyn Source> {
+    match spec {
+        SourceSpec::Custom(custom) => custom.0.clone(),
+        builtin => Arc::new(Builtin {
+            spec: builtin.clone(),
+            base: base.to_path_buf(),
+        }),
+    }
+}
+
+/// A `file` or `generator` source of a job file.
+struct Builtin {
+    spec: SourceSpec,
+    base: PathBuf,
+}
+
+impl Source for Builtin {
+    fn describe(&self) -> String {
+        self.spec.describe()
+    }
+
+    fn open(&self) -> Result<Box<dyn SourceReader>, SourceError> {
+        reader(&self.spec, &self.base)
+    }
+}
+
+/// Open a reader of the source `spec` names; paths resolve against `base`.
 ///
 /// # Errors
 /// When the input cannot be opened; the message names it.
-pub fn open(spec: &SourceSpec, base: &Path) -> Result<Box<dyn Source>, SourceError> {
+pub fn reader(spec: &SourceSpec, base: &Path) -> Result<Box<dyn SourceReader>, SourceError> {
     match spec {
+        SourceSpec::Custom(custom) => custom.0.open(),
         SourceSpec::File {
             path,
             format,
@@ -262,7 +212,7 @@ impl FileSource {
     }
 }
 
-impl Source for FileSource {
+impl SourceReader for FileSource {
     fn next_batch(&mut self) -> Result<Option<Vec<Event>>, SourceError> {
         let mut out = Vec::with_capacity(self.batch.min(4096));
         let mut bytes = 0u64;
@@ -387,7 +337,7 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl Source for Generator {
+impl SourceReader for Generator {
     fn next_batch(&mut self) -> Result<Option<Vec<Event>>, SourceError> {
         let end = match self.count {
             Some(c) => c.min(self.next + self.batch as u64),
@@ -427,7 +377,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn drain(mut s: Box<dyn Source>) -> Vec<Event> {
+    fn drain(mut s: Box<dyn SourceReader>) -> Vec<Event> {
         let mut all = Vec::new();
         while let Some(b) = s.next_batch().unwrap() {
             all.extend(b);
@@ -444,8 +394,8 @@ mod tests {
             seed: 42,
             batch: 1000,
         };
-        let a = drain(open(&spec, Path::new(".")).unwrap());
-        let b = drain(open(&spec, Path::new(".")).unwrap());
+        let a = drain(reader(&spec, Path::new(".")).unwrap());
+        let b = drain(reader(&spec, Path::new(".")).unwrap());
         assert_eq!(a.len(), 2500);
         assert_eq!(a, b);
         let distinct: std::collections::BTreeSet<_> = a.iter().map(|e| e.key.clone()).collect();
@@ -471,7 +421,7 @@ mod tests {
             text.push(b'\n');
         }
         std::fs::write(dir.path().join("in.txt"), &text).unwrap();
-        let mut source = open(&spec(1000), dir.path()).unwrap();
+        let mut source = reader(&spec(1000), dir.path()).unwrap();
         let first = source.next_batch().unwrap().unwrap();
         let bytes: u64 = first.iter().map(crate::dataflow::budget::event_bytes).sum();
         assert!(first.len() < 20, "{} records in one batch", first.len());
@@ -483,7 +433,7 @@ mod tests {
         text.extend(vec![b'z'; MAX_LINE + 1]);
         text.extend(b"\n");
         std::fs::write(dir.path().join("in.txt"), &text).unwrap();
-        let mut source = open(&spec(1), dir.path()).unwrap();
+        let mut source = reader(&spec(1), dir.path()).unwrap();
         assert_eq!(source.next_batch().unwrap().unwrap()[0].key.len(), MAX_LINE);
         let e = source.next_batch().unwrap_err().to_string();
         assert!(
@@ -508,7 +458,7 @@ mod tests {
             key_separator: Some(",".into()),
             batch: 2,
         };
-        let ev = drain(open(&spec, dir.path()).unwrap());
+        let ev = drain(reader(&spec, dir.path()).unwrap());
         assert_eq!(ev.len(), 3);
         assert_eq!(
             (ev[1].key.as_slice(), ev[1].value.as_slice(), ev[1].timestamp),
@@ -526,11 +476,11 @@ mod tests {
             key_separator: None,
             batch: 10,
         };
-        let err = open(&spec, dir.path()).unwrap().next_batch().unwrap_err();
+        let err = reader(&spec, dir.path()).unwrap().next_batch().unwrap_err();
         let err = err.to_string();
         assert!(err.contains("in.jsonl:4: invalid JSON"), "{err}");
         std::fs::write(&json, "{\"u\":\"x\",\"t\":5}\n\n{\"u\":7,\"t\":9}\n").unwrap();
-        let ev = drain(open(&spec, dir.path()).unwrap());
+        let ev = drain(reader(&spec, dir.path()).unwrap());
         assert_eq!(
             ev.iter()
                 .map(|e| (e.key.clone(), e.timestamp))
@@ -610,7 +560,7 @@ mod tests {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let base = dir.path().to_path_buf();
-        std::thread::spawn(move || tx.send(open(&spec, &base).err().map(|e| e.to_string())));
+        std::thread::spawn(move || tx.send(reader(&spec, &base).err().map(|e| e.to_string())));
         let e = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("opening a FIFO hangs");
@@ -629,13 +579,13 @@ mod tests {
             key_separator: None,
             batch: 3,
         };
-        let mut s = open(&spec, dir.path()).unwrap();
+        let mut s = reader(&spec, dir.path()).unwrap();
         s.next_batch().unwrap();
         assert_eq!(s.position(), 3);
         s.seek(1).unwrap();
         let rest: Vec<_> = drain(s).into_iter().map(|e| e.key).collect();
         assert_eq!(rest, vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]);
-        let mut s = open(&spec, dir.path()).unwrap();
+        let mut s = reader(&spec, dir.path()).unwrap();
         assert!(
             s.seek(9)
                 .unwrap_err()
@@ -650,8 +600,8 @@ mod tests {
             seed: 1,
             batch: 4,
         };
-        let all = drain(open(&gen_spec, dir.path()).unwrap());
-        let mut g = open(&gen_spec, dir.path()).unwrap();
+        let all = drain(reader(&gen_spec, dir.path()).unwrap());
+        let mut g = reader(&gen_spec, dir.path()).unwrap();
         g.seek(6).unwrap();
         assert_eq!(drain(g), all[6..].to_vec());
     }
@@ -666,7 +616,7 @@ mod tests {
             key_separator: None,
             batch: 1,
         };
-        let err = open(&spec, Path::new("/tmp/memento-none"))
+        let err = reader(&spec, Path::new("/tmp/memento-none"))
             .err()
             .unwrap()
             .to_string();

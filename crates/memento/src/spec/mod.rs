@@ -3,8 +3,11 @@
 //! Unknown keys and bad values are rejected with the field named. Paths in a
 //! job file are relative to the file's directory.
 
+mod builder;
 pub mod host_config;
 mod units;
+
+pub use builder::JobBuilder;
 
 pub use units::{UnitError, excerpt, format_size, parse_cron, parse_duration, parse_size};
 
@@ -13,7 +16,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::io::{Custom, Sink, Source};
 
 /// A job file could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +153,35 @@ pub enum SourceSpec {
         #[serde(default = "default_batch")]
         batch: usize,
     },
+    /// An embedder's own source, given through the library
+    /// ([`SourceSpec::custom`]); never in a job file.
+    #[serde(skip)]
+    Custom(Custom<dyn Source>),
+}
+
+impl SourceSpec {
+    /// An embedder's own source, such as a [`crate::io::PushSource`].
+    pub fn custom(source: impl Source + 'static) -> SourceSpec {
+        SourceSpec::Custom(Custom(Arc::new(source)))
+    }
+
+    /// Whether the source can go back to a snapshot's position (see
+    /// [`Source::can_seek`]); the built-in ones can.
+    pub fn can_seek(&self) -> bool {
+        match self {
+            SourceSpec::Custom(c) => c.0.can_seek(),
+            SourceSpec::File { .. } | SourceSpec::Generator { .. } => true,
+        }
+    }
+
+    /// What the source is, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            SourceSpec::Custom(c) => c.0.describe(),
+            SourceSpec::File { path, .. } => format!("file source {}", path.display()),
+            SourceSpec::Generator { .. } => "generator".into(),
+        }
+    }
 }
 
 fn default_batch() -> usize {
@@ -315,6 +351,17 @@ pub enum SinkSpec {
     Stdout {},
     /// Discard everything.
     Null {},
+    /// An embedder's own sink, given through the library
+    /// ([`SinkSpec::custom`]); never in a job file.
+    #[serde(skip)]
+    Custom(Custom<dyn Sink>),
+}
+
+impl SinkSpec {
+    /// An embedder's own sink, such as a [`crate::io::CallbackSink`].
+    pub fn custom(sink: impl Sink + 'static) -> SinkSpec {
+        SinkSpec::Custom(Custom(Arc::new(sink)))
+    }
 }
 
 /// Snapshot format.
@@ -765,6 +812,7 @@ impl JobSpec {
                     );
                 }
             }
+            SourceSpec::Custom(_) => {}
         }
         if self.checkpoints.retained == 0 {
             return bad("checkpoints.retained", "must be at least 1".into());
