@@ -365,13 +365,37 @@ struct CrashStats {
     fresh_starts: usize,
     /// Runs that resumed from a snapshot.
     resumes: usize,
-    /// Time from spawn until the first run's dataflow ran; added to every
-    /// kill delay so that a slow machine still gets kills mid-run.
+    /// Time from spawn until the first run's dataflow ran; added to the
+    /// first run's kill delay so that a slow machine still gets kills
+    /// mid-run.
     startup: Duration,
+    /// Time from spawn until the first resumed run committed its first
+    /// snapshot: the same for resumed runs, which start faster (their
+    /// compiled components are cached). Using the first run's start-up for
+    /// them let each eat more than its share of the input, and the job
+    /// ended before its last kill on a loaded machine.
+    resume_startup: Option<Duration>,
+}
+
+/// The highest snapshot number of the fixture's job in its store.
+fn newest_snapshot(f: &Fixture) -> u64 {
+    let dir = f.state.join("tenants/default/snapshots").join(&f.name);
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    name.strip_suffix(".json")?.rsplit_once('-')?.1.parse().ok()
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
 }
 
 /// Run the job, SIGKILL it after random delays (`lo..=hi` ms after each
-/// start, plus the measured start-up time of the process) until `kills` kills landed mid-run, resume each time with
+/// start, plus the measured start-up time of a first or a resumed run) until `kills` kills landed mid-run, resume each time with
 /// `--from latest` (from scratch when there is no snapshot yet), then let
 /// the last run finish. After every kill the committed output must be a
 /// per-key prefix of `expected`; at the end it must equal it. The callers'
@@ -405,10 +429,19 @@ fn crash_until_done(
                 staging.exists() || matches!(running.child.try_wait(), Ok(Some(_)))
             });
             stats.startup = spawned.elapsed();
+        } else if !from_scratch && stats.resume_startup.is_none() {
+            let before = newest_snapshot(f);
+            poll("the first resumed run to commit", Duration::from_secs(60), || {
+                newest_snapshot(f) > before || matches!(running.child.try_wait(), Ok(Some(_)))
+            });
+            stats.resume_startup = Some(spawned.elapsed());
         }
+        let startup = match (from_scratch, stats.resume_startup) {
+            (false, Some(resume)) => resume,
+            _ => stats.startup,
+        };
         let status = if stats.kills < kills {
-            let delay =
-                (spawned + stats.startup + rng.millis(lo, hi)).saturating_duration_since(Instant::now());
+            let delay = (spawned + startup + rng.millis(lo, hi)).saturating_duration_since(Instant::now());
             match running.wait_for(delay) {
                 Some(s) => s,
                 None => {
