@@ -19,6 +19,7 @@ use crate::instance::TaskInstance;
 use crate::label::TaskLabel;
 use crate::limits::SandboxLimits;
 use crate::memory;
+use crate::native::{self, NativeUnsupported};
 
 /// How often the deadline clock ticks. A call overruns its deadline by at
 /// most one tick.
@@ -228,23 +229,46 @@ impl Runtime {
         }
         // Compile outside the lock: compiling takes long and other tasks may
         // want other components meanwhile.
+        component::check_header(origin, bytes)?;
         let engine = &self.inner.engine;
         let disk = self.inner.disk_cache.as_ref();
-        let (compiled, fresh) = match disk.and_then(|d| d.get(engine, &hash)) {
+        let plan = native::plan(bytes);
+        let mut native = plan.native;
+        // What is compiled is the instrumented component where there is
+        // one, so it is what the disk cache is keyed by.
+        let mut source: (&[u8], [u8; 32]) = (bytes, hash);
+        let instrumented_hash;
+        if let Some(instrumented) = &plan.instrumented {
+            instrumented_hash = *blake3::hash(instrumented).as_bytes();
+            source = (instrumented, instrumented_hash);
+        }
+        let (compiled, fresh) = match disk.and_then(|d| d.get(engine, &source.1)) {
             Some(c) => (c, false),
-            None => (component::compile(engine, origin, bytes)?, true),
+            None => match component::compile(engine, origin, source.0) {
+                Ok(c) => (c, true),
+                // Instrumentation must never make a valid component fail:
+                // compile it as it is and refuse native snapshots instead.
+                Err(e) if plan.instrumented.is_some() => {
+                    let compiled = component::compile(engine, origin, bytes)?;
+                    native = native.and_then(|_| Err(NativeUnsupported::Instrumentation(e.to_string())));
+                    source = (bytes, hash);
+                    (compiled, true)
+                }
+                Err(e) => return Err(e),
+            },
         };
         let loaded = Arc::new(component::load(
             engine,
             &self.inner.linker,
             origin,
-            bytes,
+            bytes.len(),
             hash,
             compiled.clone(),
+            native,
         )?);
         // Only components that fit the contract are worth keeping.
         if fresh && let Some(d) = disk {
-            d.put(&hash, &compiled);
+            d.put(&source.1, &compiled);
         }
         self.inner.cache.lock().unwrap().insert(hash, loaded.clone());
         Ok(loaded)

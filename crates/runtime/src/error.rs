@@ -140,6 +140,9 @@ pub enum NativeRefusal {
         /// What each held resource is.
         resources: Vec<String>,
     },
+    /// The globals of an image do not fit the instance.
+    #[error("{0}")]
+    Globals(String),
 }
 
 /// The error chain of a wasmtime error on one line.

@@ -20,6 +20,7 @@ mod instance;
 mod label;
 mod limits;
 mod memory;
+mod instrument;
 mod native;
 mod state;
 #[doc(hidden)]
@@ -35,6 +36,7 @@ pub use disk_cache::DiskCacheStats;
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
 pub use instance::{
+    GlobalValues,
     CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, WrittenPages,
 };
 pub use label::{Phase, TaskLabel};
@@ -42,6 +44,7 @@ pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};
 #[doc(hidden)]
 pub use memory::HostMemoryCreator;
 pub use memory::prefaulted_buffer;
+pub use instrument::{GlobalKind, GlobalLayout, GlobalSlot};
 pub use native::NativeUnsupported;
 pub use state::{MAX_PIECE, Piece, StateSink, StateSource};
 
