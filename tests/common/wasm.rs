@@ -1,8 +1,10 @@
 //! Components made for tests by rewriting built plugins.
 
-/// `component` with one more mutable `i32` global in the core module that
+/// `component` with one more mutable `v128` global in the core module that
 /// defines a memory (the guest's own): a component that still fulfils the
-/// contract, but whose state is no longer all in its memories.
+/// contract, but whose state is no longer all in its memories and globals
+/// the host can reach (its instrumentation reads and writes scalar
+/// globals only).
 pub fn with_extra_global(component: &[u8]) -> Vec<u8> {
     use wasm_encoder::reencode::{Error, Reencode, ReencodeComponent, component_utils, utils};
 
@@ -39,11 +41,11 @@ pub fn with_extra_global(component: &[u8]) -> Vec<u8> {
             // Numbered after every existing global: no index changes.
             if self.modules == self.target + 1 {
                 let ty = wasm_encoder::GlobalType {
-                    val_type: wasm_encoder::ValType::I32,
+                    val_type: wasm_encoder::ValType::V128,
                     mutable: true,
                     shared: false,
                 };
-                globals.global(ty, &wasm_encoder::ConstExpr::i32_const(0));
+                globals.global(ty, &wasm_encoder::ConstExpr::v128_const(0));
                 self.added = true;
             }
             Ok(())
