@@ -23,7 +23,18 @@ use common::output::{Committed, assert_prefix, assert_same_output, committed, wo
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use memento::runtime::{
+    Context, Event, KeyGroupRange, LoadedComponent, Runtime, RuntimeOptions, SandboxLimits, TaskInstance,
+    TaskLabel,
+};
+use memento::snapshot::{self, RestoreError};
+use memento::store::{
+    JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TaskStateData,
+    TenantStore, Trigger,
+};
 
 /// Set to `1` to make these tests fail, instead of skipping, where the
 /// Python and JavaScript examples were not built.
@@ -350,5 +361,221 @@ fn js_exception_shows_its_type_and_message() {
         "js-wordcount",
         "js_exception_shows_its_type_and_message",
         "TypeError: fail_on key \"key-7\" arrived",
+    );
+}
+
+// ------------------------------------------------------------ native images
+
+/// A runtime sharing the tests' compiled-component cache.
+fn runtime() -> Runtime {
+    Runtime::with_options(RuntimeOptions {
+        cache_dir: Some(cache_dir()),
+        ..RuntimeOptions::default()
+    })
+    .unwrap()
+}
+
+fn label() -> TaskLabel {
+    TaskLabel {
+        job: "native".into(),
+        operator: "count".into(),
+        task: 0,
+    }
+}
+
+fn limits() -> SandboxLimits {
+    SandboxLimits {
+        memory_bytes: 1 << 30,
+        call_timeout: Duration::from_secs(60),
+        ..SandboxLimits::default()
+    }
+}
+
+fn opened(rt: &Runtime, component: &Arc<LoadedComponent>, config: &[(&str, &str)]) -> TaskInstance {
+    let mut instance = rt.instantiate(component, label(), &limits()).unwrap();
+    instance
+        .open(&Context {
+            job: "native".into(),
+            operator_name: "count".into(),
+            task_index: 0,
+            parallelism: 1,
+            key_groups: 1,
+            owned: KeyGroupRange { start: 0, end: 1 },
+            config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+        .unwrap();
+    instance
+}
+
+/// Events `range` in batches of 100, over 37 keys.
+fn batches(range: std::ops::Range<u64>) -> Vec<Vec<Event>> {
+    let events: Vec<Event> = range
+        .map(|i| Event {
+            key: format!("key-{}", i % 37).into_bytes(),
+            value: format!("value {i}").into_bytes(),
+            timestamp: i as i64,
+        })
+        .collect();
+    events.chunks(100).map(<[Event]>::to_vec).collect()
+}
+
+fn tenant() -> (tempfile::TempDir, TenantStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        sync: false,
+        ..StoreOptions::default()
+    };
+    let tenant = Store::open(&dir.path().join("state"), options)
+        .unwrap()
+        .tenant("default")
+        .unwrap();
+    (dir, tenant)
+}
+
+/// A native checkpoint of `instance` the way a task takes one at a barrier
+/// (through its base: copy-on-write where the kernel allows it), committed.
+fn native_checkpoint(tenant: &TenantStore, instance: &mut TaskInstance, component: &LoadedComponent) -> Manifest {
+    let job = JobName::new("native").unwrap();
+    let number = tenant.next_snapshot_number(&job).unwrap();
+    let writer = tenant.begin(&job, number).unwrap();
+    let captured = snapshot::NativeBase::new()
+        .capture(instance, &writer.blob_writer(), 0)
+        .unwrap_or_else(|e| panic!("capture: {e}"));
+    let state = snapshot::persist(&captured, &writer.blob_writer()).unwrap();
+    let mut m = writer.manifest(SnapshotKind::Checkpoint, Trigger::Manual, StateFormat::Native);
+    m.components.insert("count".into(), component.hash_hex());
+    m.tasks.push(TaskState {
+        key: TaskKey::new("count", 0),
+        state,
+    });
+    tenant.get(&writer.commit(m).unwrap()).unwrap()
+}
+
+fn restore(
+    rt: &Runtime,
+    tenant: &TenantStore,
+    m: &Manifest,
+    state: &TaskState,
+    component: &Arc<LoadedComponent>,
+) -> Result<TaskInstance, RestoreError> {
+    snapshot::restore_native(rt, component, label(), &limits(), tenant, &m.id, state)
+}
+
+fn assert_same_memories(a: &TaskInstance, b: &TaskInstance, when: &str) {
+    assert_eq!(a.memory_sizes(), b.memory_sizes(), "{when}: memory sizes");
+    for i in 0..a.memory_sizes().len() {
+        let (x, y) = (a.memory(i).unwrap(), b.memory(i).unwrap());
+        if let Some(at) = x.iter().zip(y).position(|(p, q)| p != q) {
+            panic!("{when}: memory {i} differs first at byte {at} of {}", x.len());
+        }
+    }
+}
+
+/// A native image of the interpreter restores byte-exact: every memory and
+/// every mutable global of every core instance equal the original's right
+/// after the restore (no `open`, no `restore-state`), and again after both
+/// processed the same further input with the same output. Images whose
+/// globals are missing, of another layout or of the wrong version are
+/// refused with one line naming the task.
+fn native_image_round_trip(name: &str, test: &str, min_globals: usize) {
+    let Some(path) = component(name, test) else {
+        return;
+    };
+    let rt = runtime();
+    let c = rt.load_file(&path).unwrap();
+    assert_eq!(c.native_support(), Ok(()), "{name}");
+    let layout = c.native_globals().expect("instrumented: it has mutable globals").clone();
+    assert!(layout.len() >= min_globals, "{name}: {} globals", layout.len());
+
+    let mut a = opened(&rt, &c, &[]);
+    for batch in batches(0..3_000) {
+        a.process(&batch).unwrap();
+    }
+    let (_dir, tenant) = tenant();
+    let m = native_checkpoint(&tenant, &mut a, &c);
+    let TaskStateData::Native { extra, .. } = &m.tasks[0].state else {
+        panic!("native state expected")
+    };
+    assert_eq!(extra["image_version"], snapshot::NATIVE_IMAGE_VERSION_WITH_GLOBALS);
+    assert_eq!(extra["globals"]["count"], layout.len());
+    assert_eq!(extra["globals"]["layout"], layout.digest_hex());
+    let globals = a.capture_globals().unwrap().expect("globals");
+    assert_eq!(globals.values.len(), layout.len());
+    // For information: how many globals running the operator changed from
+    // a fresh instance's values (these examples' interpreters keep their
+    // state in memory; their globals are the linker's and the stack's).
+    let fresh = opened(&rt, &c, &[]).capture_globals().unwrap().expect("globals");
+    let changed = fresh.values.iter().zip(&globals.values).filter(|(x, y)| x != y).count();
+    eprintln!("{name}: {changed} of {} globals differ from a fresh instance's", layout.len());
+
+    let mut b = restore(&rt, &tenant, &m, &m.tasks[0], &c).unwrap();
+    assert_same_memories(&a, &b, &format!("{name} right after restore"));
+    assert_eq!(b.capture_globals().unwrap().as_ref(), Some(&globals), "{name}: globals");
+    for batch in batches(3_000..6_000) {
+        assert_eq!(a.process(&batch).unwrap(), b.process(&batch).unwrap(), "{name}");
+    }
+    assert_same_memories(&a, &b, &format!("{name} after more input"));
+    assert_eq!(a.capture_globals().unwrap(), b.capture_globals().unwrap(), "{name}");
+
+    // The restore writes the image's values, not the fresh instance's: an
+    // image whose last global holds another value restores with that value.
+    let last = layout.len() - 1;
+    let mut state = m.tasks[0].clone();
+    let TaskStateData::Native { extra, .. } = &mut state.state else {
+        unreachable!()
+    };
+    let mut values = globals.values.clone();
+    values[last] ^= 0x10;
+    let hex: String = values.iter().flat_map(|v| v.to_le_bytes()).map(|b| format!("{b:02x}")).collect();
+    extra["globals"]["values"] = hex.into();
+    let mut tampered = restore(&rt, &tenant, &m, &state, &c).unwrap();
+    assert_eq!(tampered.capture_globals().unwrap().unwrap().values, values, "{name}");
+
+    // Images that do not fit are refused, naming the task and what differs.
+    let refused = |edit: &dyn Fn(&mut serde_json::Value), expected: &str| {
+        let mut state = m.tasks[0].clone();
+        let TaskStateData::Native { extra, .. } = &mut state.state else {
+            unreachable!()
+        };
+        edit(extra);
+        let err = restore(&rt, &tenant, &m, &state, &c).err().expect("refused").to_string();
+        assert!(err.contains("task count[0]") && err.contains(expected), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    };
+    refused(
+        &|e| e["globals"]["layout"] = "0".repeat(64).into(),
+        "globals follow another layout than the component's",
+    );
+    refused(
+        &|e| e["globals"]["values"] = "zz".into(),
+        "globals are malformed (values are not 16 hex digits per global)",
+    );
+    refused(
+        &|e| {
+            e.as_object_mut().unwrap().remove("globals");
+        },
+        "globals are malformed (missing)",
+    );
+    refused(
+        &|e| e["image_version"] = 1.into(),
+        "the native image has no mutable globals (image version 1)",
+    );
+}
+
+#[test]
+fn python_native_image_restores_memories_and_globals_byte_exact() {
+    native_image_round_trip(
+        "python-wordcount",
+        "python_native_image_restores_memories_and_globals_byte_exact",
+        400,
+    );
+}
+
+#[test]
+fn js_native_image_restores_memories_and_globals_byte_exact() {
+    native_image_round_trip(
+        "js-wordcount",
+        "js_native_image_restores_memories_and_globals_byte_exact",
+        2,
     );
 }

@@ -109,7 +109,7 @@ pub(super) fn image_globals(
         .ok_or_else(|| malformed("no values"))?;
     if digest != layout.digest_hex() || count != layout.len() as u64 {
         return Err(format!(
-            "task {task}: the native image's {count} globals follow another layout than the component's {} \
+            "task {task}: the native image's {count} globals follow another layout than the component's {} globals \
              (the component or the host's instrumentation differs)",
             layout.len()
         ));
