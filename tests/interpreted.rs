@@ -79,13 +79,14 @@ struct Fixture {
 }
 
 /// One generated-input job through `component` (parallelism 1) into a
-/// `file` sink, with canonical checkpoints every 300 ms.
+/// `file` sink, with checkpoints in `format` every 300 ms.
 fn fixture(
     name: &str,
     component: &Path,
     (count, keys, seed): (u64, u64, u64),
     rate: Option<u64>,
     config: &str,
+    format: &str,
 ) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
@@ -97,9 +98,9 @@ fn fixture(
              [source]\ntype = \"generator\"\ncount = {count}\nkeys = {keys}\nseed = {seed}\nbatch = 100\n{rate}\
              [[operators]]\nname = \"count\"\nplugin = \"{}\"\n{config}\n\
              [sink]\ntype = \"file\"\npath = \"out\"\n\
-             [checkpoints]\ninterval = \"300ms\"\nformat = \"canonical\"\n\
+             [checkpoints]\ninterval = \"300ms\"\nformat = \"{format}\"\n\
              [restart]\nstrategy = \"none\"\n",
-            common::toml_path(component)
+            common::toml_path(component),
         ),
     )
     .unwrap();
@@ -185,7 +186,7 @@ fn counts_like_rust(name: &str, test: &str) {
         return;
     };
     let input = (6_000, 40, 3);
-    let f = fixture("same", &component, input, None, "");
+    let f = fixture("same", &component, input, None, "", "canonical");
     let ran = f.run(&[], Duration::from_secs(300));
     assert!(ran.status.success(), "{name}: {}", ran.stderr);
     assert_eq!(ran.state(), "finished");
@@ -203,23 +204,25 @@ fn js_counts_like_the_rust_wordcount() {
     counts_like_rust("js-wordcount", "js_counts_like_the_rust_wordcount");
 }
 
-/// SIGKILL a rate-limited run `kills` times at random moments, resuming
-/// with `--from latest` each time (from scratch while no checkpoint
-/// exists), then let it finish: committed output is a per-key prefix of
-/// the expected one after every kill and equal to it at the end, and fsck
-/// finds the store intact.
-fn exactly_once_under_sigkill(name: &str, test: &str, seed: u64) {
+/// SIGKILL a rate-limited run `kills_wanted` times at random moments,
+/// resuming with `--from latest` each time (from scratch while no
+/// checkpoint exists), then let it finish: committed output is a per-key
+/// prefix of the expected one after every kill and equal to it at the end,
+/// and fsck finds the store intact. Checkpoints are in `format`; native
+/// ones must be what the kills leave to resume from, carrying the
+/// interpreter's globals (image version 2).
+fn exactly_once_under_sigkill(name: &str, test: &str, seed: u64, format: &str, kills_wanted: usize) {
     let Some(component) = component(name, test) else {
         return;
     };
     let (count, keys, gen_seed) = (12_000, 30, 9);
     let expected: Committed = wordcount_output(count, keys, gen_seed);
     // Compile once (or hit the shared cache) before the clock matters.
-    let warm = fixture("warm", &component, (10, 2, 1), None, "");
+    let warm = fixture("warm", &component, (10, 2, 1), None, "", format);
     assert!(warm.run(&[], Duration::from_secs(300)).status.success());
 
-    let f = fixture("eo", &component, (count, keys, gen_seed), Some(1_000), "");
-    let kills_wanted = 8;
+    let f = fixture("eo", &component, (count, keys, gen_seed), Some(1_000), "", format);
+    let mut native_checkpoints = 0;
     let mut rng = XorShift(seed);
     let (mut kills, mut resumes, mut runs) = (0, 0, 0);
     let mut from_scratch = true;
@@ -266,6 +269,9 @@ fn exactly_once_under_sigkill(name: &str, test: &str, seed: u64) {
                 &expected,
                 &format!("{name}: after kill {kills}"),
             );
+            if format == "native" {
+                native_checkpoints += usize::from(latest_is_native_with_globals(&f, name));
+            }
             continue;
         }
         let ran = f.collect(status);
@@ -302,6 +308,39 @@ fn exactly_once_under_sigkill(name: &str, test: &str, seed: u64) {
         resumes * 2 >= kills,
         "{name}: most kills should land after a checkpoint ({resumes} resumes)"
     );
+    if format == "native" {
+        assert!(
+            native_checkpoints * 2 >= kills,
+            "{name}: most kills should leave a native checkpoint to resume from ({native_checkpoints} of {kills})"
+        );
+    }
+}
+
+/// Whether the job has a checkpoint to resume from (`false` if not yet),
+/// which then must be a native one whose image carries the globals.
+fn latest_is_native_with_globals(f: &Fixture, name: &str) -> bool {
+    let Ok(store) = Store::open(&f.dir.join("state"), StoreOptions::default()) else {
+        return false;
+    };
+    let Some(m) = store
+        .tenant("default")
+        .unwrap()
+        .latest(&JobName::new("eo").unwrap())
+        .unwrap()
+    else {
+        return false;
+    };
+    assert_eq!(m.format, StateFormat::Native, "{name}: {}", m.id);
+    let TaskStateData::Native { extra, .. } = &m.tasks[0].state else {
+        panic!("{name}: {}: native task state expected", m.id)
+    };
+    assert_eq!(
+        extra["image_version"],
+        snapshot::NATIVE_IMAGE_VERSION_WITH_GLOBALS,
+        "{name}: {}",
+        m.id
+    );
+    true
 }
 
 #[test]
@@ -310,6 +349,19 @@ fn python_exactly_once_under_sigkill() {
         "python-wordcount",
         "python_exactly_once_under_sigkill",
         0x51ed_270b_2a4c_9e11,
+        "canonical",
+        8,
+    );
+}
+
+#[test]
+fn python_exactly_once_under_sigkill_with_native_checkpoints() {
+    exactly_once_under_sigkill(
+        "python-wordcount",
+        "python_exactly_once_under_sigkill_with_native_checkpoints",
+        0x7a31_c4e9_0b5d_2f68,
+        "native",
+        10,
     );
 }
 
@@ -319,6 +371,19 @@ fn js_exactly_once_under_sigkill() {
         "js-wordcount",
         "js_exactly_once_under_sigkill",
         0x2f6b_d8a1_7c3e_5b09,
+        "canonical",
+        8,
+    );
+}
+
+#[test]
+fn js_exactly_once_under_sigkill_with_native_checkpoints() {
+    exactly_once_under_sigkill(
+        "js-wordcount",
+        "js_exactly_once_under_sigkill_with_native_checkpoints",
+        0x1c8e_5a70_d3f2_4b96,
+        "native",
+        10,
     );
 }
 
@@ -334,6 +399,7 @@ fn exception_shows_type_and_message(name: &str, test: &str, expected: &str) {
         (500, 10, 1),
         None,
         "[operators.config]\nfail_on = \"key-7\"\n",
+        "canonical",
     );
     let ran = f.run(&[], Duration::from_secs(300));
     assert!(!ran.status.success(), "{name}: the job should fail");
