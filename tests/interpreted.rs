@@ -31,6 +31,7 @@ use memento::runtime::{
     TaskLabel,
 };
 use memento::snapshot::{self, RestoreError};
+use memento::spec::SnapshotFormat;
 use memento::store::{
     JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TaskStateData,
     TenantStore, Trigger,
@@ -643,5 +644,80 @@ fn js_native_image_restores_memories_and_globals_byte_exact() {
         "js-wordcount",
         "js_native_image_restores_memories_and_globals_byte_exact",
         2,
+    );
+}
+
+/// An interpreter that printed and keeps its stdout stream across calls
+/// (CPython does) is treated as a Rust guest is: a native capture is
+/// refused naming the stream, and `auto` falls back to a canonical
+/// snapshot. One that drops it after writing (SpiderMonkey does) holds
+/// nothing and is imaged.
+fn printing_interpreter(name: &str, test: &str, keeps_stream: bool) {
+    let Some(path) = component(name, test) else {
+        return;
+    };
+    let rt = runtime();
+    let c = rt.load_file(&path).unwrap();
+    let mut quiet = opened(&rt, &c, &[]);
+    assert_eq!(quiet.held_resources(), Vec::<String>::new(), "{name}");
+    let mut printing = opened(&rt, &c, &[("print", "hello from the guest")]);
+    let held = printing.held_resources();
+    assert_eq!(!held.is_empty(), keeps_stream, "{name}: after printing it holds {held:?}");
+    let (_dir, tenant) = tenant();
+    let job = JobName::new("native").unwrap();
+    let writer = tenant.begin(&job, 1).unwrap();
+    let native = snapshot::capture(&mut printing, SnapshotFormat::Native, &writer.blob_writer());
+    let auto = snapshot::capture_at_barrier(
+        &mut printing,
+        SnapshotFormat::Auto,
+        &snapshot::NativeBase::new(),
+        &writer.blob_writer(),
+        0,
+    )
+    .unwrap();
+    let quiet_auto = snapshot::capture_at_barrier(
+        &mut quiet,
+        SnapshotFormat::Auto,
+        &snapshot::NativeBase::new(),
+        &writer.blob_writer(),
+        0,
+    )
+    .unwrap();
+    assert!(
+        !matches!(quiet_auto.state, snapshot::CapturedState::Canonical(_)),
+        "{name}: a quiet interpreter is imaged"
+    );
+    match native {
+        Err(snapshot::CaptureError::Declined(why)) => {
+            assert!(!held.is_empty(), "{name}: refused though it holds nothing: {why}");
+            assert!(why.contains("wasi:io/streams output-stream"), "{name}: {why}");
+            assert!(
+                matches!(auto.state, snapshot::CapturedState::Canonical(_)),
+                "{name}: auto falls back to canonical"
+            );
+        }
+        Err(e) => panic!("{name}: {e}"),
+        Ok(_) => {
+            assert!(held.is_empty(), "{name}: imaged though it holds {held:?}");
+            assert!(!matches!(auto.state, snapshot::CapturedState::Canonical(_)), "{name}");
+        }
+    }
+}
+
+#[test]
+fn python_holding_a_wasi_stream_is_refused_like_a_rust_guest() {
+    printing_interpreter(
+        "python-wordcount",
+        "python_holding_a_wasi_stream_is_refused_like_a_rust_guest",
+        true,
+    );
+}
+
+#[test]
+fn js_printing_holds_no_wasi_stream_and_is_imaged() {
+    printing_interpreter(
+        "js-wordcount",
+        "js_printing_holds_no_wasi_stream_and_is_imaged",
+        false,
     );
 }
