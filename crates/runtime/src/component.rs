@@ -309,7 +309,7 @@ pub(crate) fn inspect(
         exports,
         contract,
         fits_contract,
-        native_snapshots: native::plan(bytes).native.map(|_| ()).map_err(|e| e.to_string()),
+        native_snapshots: native::plan(bytes, true).native.map(|_| ()).map_err(|e| e.to_string()),
     })
 }
 

@@ -46,6 +46,12 @@ pub struct RuntimeOptions {
     /// Bound of [`RuntimeOptions::cache_dir`] in bytes of entry files;
     /// least recently used entries are deleted first. Default 2 GiB.
     pub cache_dir_bytes: u64,
+    /// Instrument components whose core modules have mutable globals other
+    /// than the stack pointer (interpreters), so that native snapshots can
+    /// capture them (default). Off, such components run as they are and
+    /// their native snapshots are refused: what `cargo bench --bench
+    /// interpreters` compares `process` against.
+    pub instrument_globals: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -55,6 +61,7 @@ impl Default for RuntimeOptions {
             component_cache_bytes: 256 << 20,
             cache_dir: None,
             cache_dir_bytes: 2 << 30,
+            instrument_globals: true,
         }
     }
 }
@@ -232,7 +239,7 @@ impl Runtime {
         component::check_header(origin, bytes)?;
         let engine = &self.inner.engine;
         let disk = self.inner.disk_cache.as_ref();
-        let plan = native::plan(bytes);
+        let plan = native::plan(bytes, self.inner.options.instrument_globals);
         let mut native = plan.native;
         // What is compiled is the instrumented component where there is
         // one, so it is what the disk cache is keyed by.

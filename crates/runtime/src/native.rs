@@ -198,8 +198,9 @@ pub(crate) struct NativePlan {
 }
 
 /// Scan `bytes` and, where mutable globals other than the stack pointer
-/// need it, instrument the component to reach them.
-pub(crate) fn plan(bytes: &[u8]) -> NativePlan {
+/// need it and `instrument` allows it, instrument the component to reach
+/// them.
+pub(crate) fn plan(bytes: &[u8], instrument: bool) -> NativePlan {
     let refused = |native| NativePlan {
         instrumented: None,
         native,
@@ -209,7 +210,11 @@ pub(crate) fn plan(bytes: &[u8]) -> NativePlan {
         Ok(Some(first)) => first,
         Err(e) => return refused(Err(e)),
     };
-    match instrument::instrument(bytes) {
+    let instrumented = match instrument {
+        true => instrument::instrument(bytes),
+        false => Err("instrumentation is turned off (RuntimeOptions::instrument_globals)".into()),
+    };
+    match instrumented {
         Ok(done) => NativePlan {
             instrumented: Some(done.bytes),
             native: Ok(Some(done.layout)),
@@ -331,7 +336,7 @@ mod tests {
     fn unreachable_globals_are_refused_with_the_reason() {
         // A mutable v128 global has no accessor.
         let c = component(r#"(global $v (mut v128) (v128.const i64x2 0 0))"#);
-        let err = plan(&c).native.unwrap_err().to_string();
+        let err = plan(&c, true).native.unwrap_err().to_string();
         assert!(
             err.contains(
                 "core module 0 has 1 mutable global other than the stack pointer (`v`), which cannot be \
