@@ -4,7 +4,8 @@
 //! load-time instrumentation (`crates/runtime/src/instrument.rs`).
 //!
 //! Run: `cargo bench -p memento --bench interpreters` (rounds via
-//! `MEMENTO_BENCH_ROUNDS`, default 7). Needs the Python and JavaScript
+//! `MEMENTO_BENCH_ROUNDS`, default 7; `MEMENTO_BENCH_OPERATORS`, default
+//! `python,javascript`, picks the rows). Needs the Python and JavaScript
 //! examples built (see the README); without them their rows say so.
 //!
 //! Two tables:
@@ -226,10 +227,15 @@ fn checkpoints(name: &str, path: &Path, cache: &Path) {
 }
 
 fn main() {
-    let operators = [
-        ("python", memento_plugins::interpreted("python-wordcount")),
-        ("javascript", memento_plugins::interpreted("js-wordcount")),
-    ];
+    let wanted = std::env::var("MEMENTO_BENCH_OPERATORS").unwrap_or_else(|_| "python,javascript".into());
+    let operators: Vec<_> = [
+        ("python", "python-wordcount"),
+        ("javascript", "js-wordcount"),
+    ]
+    .into_iter()
+    .filter(|(name, _)| wanted.split(',').any(|w| w.trim() == *name))
+    .map(|(name, example)| (name, memento_plugins::interpreted(example)))
+    .collect();
     // One cache for the run: each component compiles once per variant.
     let cache = tempfile::tempdir().unwrap();
     let events = events(RECORDS);
