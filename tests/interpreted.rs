@@ -468,7 +468,10 @@ fn opened(rt: &Runtime, component: &Arc<LoadedComponent>, config: &[(&str, &str)
             parallelism: 1,
             key_groups: 1,
             owned: KeyGroupRange { start: 0, end: 1 },
-            config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
         .unwrap();
     instance
@@ -501,7 +504,11 @@ fn tenant() -> (tempfile::TempDir, TenantStore) {
 
 /// A native checkpoint of `instance` the way a task takes one at a barrier
 /// (through its base: copy-on-write where the kernel allows it), committed.
-fn native_checkpoint(tenant: &TenantStore, instance: &mut TaskInstance, component: &LoadedComponent) -> Manifest {
+fn native_checkpoint(
+    tenant: &TenantStore,
+    instance: &mut TaskInstance,
+    component: &LoadedComponent,
+) -> Manifest {
     let job = JobName::new("native").unwrap();
     let number = tenant.next_snapshot_number(&job).unwrap();
     let writer = tenant.begin(&job, number).unwrap();
@@ -551,7 +558,10 @@ fn native_image_round_trip(name: &str, test: &str, min_globals: usize) {
     let rt = runtime();
     let c = rt.load_file(&path).unwrap();
     assert_eq!(c.native_support(), Ok(()), "{name}");
-    let layout = c.native_globals().expect("instrumented: it has mutable globals").clone();
+    let layout = c
+        .native_globals()
+        .expect("instrumented: it has mutable globals")
+        .clone();
     assert!(layout.len() >= min_globals, "{name}: {} globals", layout.len());
 
     let mut a = opened(&rt, &c, &[]);
@@ -563,7 +573,10 @@ fn native_image_round_trip(name: &str, test: &str, min_globals: usize) {
     let TaskStateData::Native { extra, .. } = &m.tasks[0].state else {
         panic!("native state expected")
     };
-    assert_eq!(extra["image_version"], snapshot::NATIVE_IMAGE_VERSION_WITH_GLOBALS);
+    assert_eq!(
+        extra["image_version"],
+        snapshot::NATIVE_IMAGE_VERSION_WITH_GLOBALS
+    );
     assert_eq!(extra["globals"]["count"], layout.len());
     assert_eq!(extra["globals"]["layout"], layout.digest_hex());
     let globals = a.capture_globals().unwrap().expect("globals");
@@ -572,17 +585,33 @@ fn native_image_round_trip(name: &str, test: &str, min_globals: usize) {
     // a fresh instance's values (these examples' interpreters keep their
     // state in memory; their globals are the linker's and the stack's).
     let fresh = opened(&rt, &c, &[]).capture_globals().unwrap().expect("globals");
-    let changed = fresh.values.iter().zip(&globals.values).filter(|(x, y)| x != y).count();
-    eprintln!("{name}: {changed} of {} globals differ from a fresh instance's", layout.len());
+    let changed = fresh
+        .values
+        .iter()
+        .zip(&globals.values)
+        .filter(|(x, y)| x != y)
+        .count();
+    eprintln!(
+        "{name}: {changed} of {} globals differ from a fresh instance's",
+        layout.len()
+    );
 
     let mut b = restore(&rt, &tenant, &m, &m.tasks[0], &c).unwrap();
     assert_same_memories(&a, &b, &format!("{name} right after restore"));
-    assert_eq!(b.capture_globals().unwrap().as_ref(), Some(&globals), "{name}: globals");
+    assert_eq!(
+        b.capture_globals().unwrap().as_ref(),
+        Some(&globals),
+        "{name}: globals"
+    );
     for batch in batches(3_000..6_000) {
         assert_eq!(a.process(&batch).unwrap(), b.process(&batch).unwrap(), "{name}");
     }
     assert_same_memories(&a, &b, &format!("{name} after more input"));
-    assert_eq!(a.capture_globals().unwrap(), b.capture_globals().unwrap(), "{name}");
+    assert_eq!(
+        a.capture_globals().unwrap(),
+        b.capture_globals().unwrap(),
+        "{name}"
+    );
 
     // The restore writes the image's values, not the fresh instance's: an
     // image whose last global holds another value restores with that value.
@@ -593,10 +622,18 @@ fn native_image_round_trip(name: &str, test: &str, min_globals: usize) {
     };
     let mut values = globals.values.clone();
     values[last] ^= 0x10;
-    let hex: String = values.iter().flat_map(|v| v.to_le_bytes()).map(|b| format!("{b:02x}")).collect();
+    let hex: String = values
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .map(|b| format!("{b:02x}"))
+        .collect();
     extra["globals"]["values"] = hex.into();
     let mut tampered = restore(&rt, &tenant, &m, &state, &c).unwrap();
-    assert_eq!(tampered.capture_globals().unwrap().unwrap().values, values, "{name}");
+    assert_eq!(
+        tampered.capture_globals().unwrap().unwrap().values,
+        values,
+        "{name}"
+    );
 
     // Images that do not fit are refused, naming the task and what differs.
     let refused = |edit: &dyn Fn(&mut serde_json::Value), expected: &str| {
@@ -605,8 +642,14 @@ fn native_image_round_trip(name: &str, test: &str, min_globals: usize) {
             unreachable!()
         };
         edit(extra);
-        let err = restore(&rt, &tenant, &m, &state, &c).err().expect("refused").to_string();
-        assert!(err.contains("task count[0]") && err.contains(expected), "{name}: {err}");
+        let err = restore(&rt, &tenant, &m, &state, &c)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("task count[0]") && err.contains(expected),
+            "{name}: {err}"
+        );
         assert_eq!(err.lines().count(), 1, "{err}");
     };
     refused(
@@ -662,7 +705,11 @@ fn printing_interpreter(name: &str, test: &str, keeps_stream: bool) {
     assert_eq!(quiet.held_resources(), Vec::<String>::new(), "{name}");
     let mut printing = opened(&rt, &c, &[("print", "hello from the guest")]);
     let held = printing.held_resources();
-    assert_eq!(!held.is_empty(), keeps_stream, "{name}: after printing it holds {held:?}");
+    assert_eq!(
+        !held.is_empty(),
+        keeps_stream,
+        "{name}: after printing it holds {held:?}"
+    );
     let (_dir, tenant) = tenant();
     let job = JobName::new("native").unwrap();
     let writer = tenant.begin(&job, 1).unwrap();
@@ -699,7 +746,10 @@ fn printing_interpreter(name: &str, test: &str, keeps_stream: bool) {
         Err(e) => panic!("{name}: {e}"),
         Ok(_) => {
             assert!(held.is_empty(), "{name}: imaged though it holds {held:?}");
-            assert!(!matches!(auto.state, snapshot::CapturedState::Canonical(_)), "{name}");
+            assert!(
+                !matches!(auto.state, snapshot::CapturedState::Canonical(_)),
+                "{name}"
+            );
         }
     }
 }

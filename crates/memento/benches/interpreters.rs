@@ -37,7 +37,8 @@ use memento::runtime::{
 use memento::snapshot::{self, NativeBase};
 use memento::spec::SnapshotFormat;
 use memento::store::{
-    JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TenantStore, Trigger,
+    JobName, Manifest, SnapshotKind, StateFormat, Store, StoreOptions, TaskKey, TaskState, TenantStore,
+    Trigger,
 };
 
 mod common;
@@ -228,14 +229,11 @@ fn checkpoints(name: &str, path: &Path, cache: &Path) {
 
 fn main() {
     let wanted = std::env::var("MEMENTO_BENCH_OPERATORS").unwrap_or_else(|_| "python,javascript".into());
-    let operators: Vec<_> = [
-        ("python", "python-wordcount"),
-        ("javascript", "js-wordcount"),
-    ]
-    .into_iter()
-    .filter(|(name, _)| wanted.split(',').any(|w| w.trim() == *name))
-    .map(|(name, example)| (name, memento_plugins::interpreted(example)))
-    .collect();
+    let operators: Vec<_> = [("python", "python-wordcount"), ("javascript", "js-wordcount")]
+        .into_iter()
+        .filter(|(name, _)| wanted.split(',').any(|w| w.trim() == *name))
+        .map(|(name, example)| (name, memento_plugins::interpreted(example)))
+        .collect();
     // One cache for the run: each component compiles once per variant.
     let cache = tempfile::tempdir().unwrap();
     let events = events(RECORDS);
@@ -261,7 +259,14 @@ fn main() {
     );
     println!(
         "{:<11} {:>10} {:>12} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}",
-        "operator", "memory", "first pause", "first new", "pause", "of it globals", "new bytes", "canon. pause",
+        "operator",
+        "memory",
+        "first pause",
+        "first new",
+        "pause",
+        "of it globals",
+        "new bytes",
+        "canon. pause",
         "canon. bytes"
     );
     for (name, path) in &operators {

@@ -309,7 +309,10 @@ pub(crate) fn inspect(
         exports,
         contract,
         fits_contract,
-        native_snapshots: native::plan(bytes, true).native.map(|_| ()).map_err(|e| e.to_string()),
+        native_snapshots: native::plan(bytes, true)
+            .native
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
     })
 }
 

@@ -125,7 +125,7 @@ pub enum NativeRefusal {
         /// The component's name.
         component: String,
         /// Why.
-        source: NativeUnsupported,
+        source: Box<NativeUnsupported>,
     },
     /// The guest holds host resources between calls, which an image of
     /// its memories would carry as dead handles.

@@ -26,8 +26,8 @@ use crate::limits::SandboxLimits;
 use crate::memory::{self, Mapping};
 
 use capture::Tracking;
-pub use globals::GlobalValues;
 pub use capture::{CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, WrittenPages};
+pub use globals::GlobalValues;
 
 /// How much of a guest's stderr is kept to explain a trap (a Rust panic
 /// message lands there). Writes beyond it fail in the guest.
@@ -166,21 +166,24 @@ impl TaskInstance {
                 limits.memory_bytes
             )));
         }
-        let (plugin, memories) = memory::collect(presize, || -> wasmtime::Result<(Bindings, Option<globals::Accessors>)> {
-            let instance = match &component.pre {
-                PluginPre::V1(pre) => pre.instance_pre().instantiate(&mut store)?,
-                PluginPre::V2(pre) => pre.instance_pre().instantiate(&mut store)?,
-            };
-            let plugin = match &component.pre {
-                PluginPre::V1(_) => Bindings::V1(v1::Plugin::new(&mut store, &instance)?),
-                PluginPre::V2(_) => Bindings::V2(v2::Plugin::new(&mut store, &instance)?),
-            };
-            let globals = match component.native_globals() {
-                Some(_) => Some(globals::Accessors::new(&mut store, &instance)?),
-                None => None,
-            };
-            Ok((plugin, globals))
-        });
+        let (plugin, memories) = memory::collect(
+            presize,
+            || -> wasmtime::Result<(Bindings, Option<globals::Accessors>)> {
+                let instance = match &component.pre {
+                    PluginPre::V1(pre) => pre.instance_pre().instantiate(&mut store)?,
+                    PluginPre::V2(pre) => pre.instance_pre().instantiate(&mut store)?,
+                };
+                let plugin = match &component.pre {
+                    PluginPre::V1(_) => Bindings::V1(v1::Plugin::new(&mut store, &instance)?),
+                    PluginPre::V2(_) => Bindings::V2(v2::Plugin::new(&mut store, &instance)?),
+                };
+                let globals = match component.native_globals() {
+                    Some(_) => Some(globals::Accessors::new(&mut store, &instance)?),
+                    None => None,
+                };
+                Ok((plugin, globals))
+            },
+        );
         let (plugin, globals) = plugin.map_err(|e: wasmtime::Error| {
             let reason = one_line(&e);
             if reason.contains("count too high") {

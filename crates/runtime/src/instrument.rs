@@ -24,8 +24,8 @@ use wasm_encoder::{
     Instruction, Module, ModuleArg, ModuleSection, PrimitiveValType, RawSection, TypeSection,
 };
 use wasmtime::wasmparser::{
-    self, CanonicalFunction, ComponentAlias, ComponentExternalKind, ComponentOuterAliasKind, Encoding, Instance,
-    Parser, Payload, TypeRef, ValType,
+    self, CanonicalFunction, ComponentAlias, ComponentExternalKind, ComponentOuterAliasKind, Encoding,
+    Instance, Parser, Payload, TypeRef, ValType,
 };
 
 /// The component export that reads global `index` of the layout.
@@ -245,7 +245,9 @@ pub(crate) fn instrument(bytes: &[u8]) -> Result<Instrumented, Refusal> {
                         ComponentAlias::Outer { kind, .. } => match kind {
                             ComponentOuterAliasKind::Type => counts.types += 1,
                             ComponentOuterAliasKind::CoreType | ComponentOuterAliasKind::Component => {}
-                            ComponentOuterAliasKind::CoreModule => return Err("it aliases core modules".into()),
+                            ComponentOuterAliasKind::CoreModule => {
+                                return Err("it aliases core modules".into());
+                            }
                         },
                     }
                 }
@@ -305,7 +307,9 @@ pub(crate) fn instrument(bytes: &[u8]) -> Result<Instrumented, Refusal> {
     }
     for (i, info) in modules.iter().enumerate() {
         if !info.mutable.is_empty() && !instantiations.iter().any(|(m, _)| *m as usize == i) {
-            return Err(format!("core module {i} has mutable globals but is not instantiated at the top level"));
+            return Err(format!(
+                "core module {i} has mutable globals but is not instantiated at the top level"
+            ));
         }
     }
 
@@ -376,7 +380,8 @@ fn scan_module(m: &mut ModuleInfo, payload: &Payload<'_>, imported: &mut u32) ->
             for (i, global) in reader.clone().into_iter().enumerate() {
                 let global = global.map_err(err)?;
                 if global.ty.mutable {
-                    m.mutable.push((*imported + i as u32, kind_of(global.ty.content_type)?));
+                    m.mutable
+                        .push((*imported + i as u32, kind_of(global.ty.content_type)?));
                 }
             }
         }
@@ -400,7 +405,12 @@ fn export_globals(bytes: &[u8], m: &ModuleInfo) -> Result<Vec<u8>, Refusal> {
     // Sections that must come after the export section.
     const AFTER_EXPORT: [u8; 5] = [8, 9, 12, 10, 11];
     let name = |g: u32| format!("{CORE_EXPORT_PREFIX}{g}");
-    if let Some(taken) = m.mutable.iter().map(|(g, _)| name(*g)).find(|n| m.export_names.contains(n)) {
+    if let Some(taken) = m
+        .mutable
+        .iter()
+        .map(|(g, _)| name(*g))
+        .find(|n| m.export_names.contains(n))
+    {
         return Err(format!("a core module already exports `{taken}`"));
     }
     let mut entries = Vec::new();
@@ -451,8 +461,12 @@ fn export_globals(bytes: &[u8], m: &ModuleInfo) -> Result<Vec<u8>, Refusal> {
 /// their exports.
 fn append_accessors(out: &mut Component, counts: &Counts, instances: &[(u32, u32)], slots: &[GlobalSlot]) {
     let mut types = TypeSection::new();
-    types.ty().function([wasm_encoder::ValType::I32], [wasm_encoder::ValType::I64]);
-    types.ty().function([wasm_encoder::ValType::I32, wasm_encoder::ValType::I64], []);
+    types
+        .ty()
+        .function([wasm_encoder::ValType::I32], [wasm_encoder::ValType::I64]);
+    types
+        .ty()
+        .function([wasm_encoder::ValType::I32, wasm_encoder::ValType::I64], []);
     let mut imports = ImportSection::new();
     for s in slots {
         imports.import(
@@ -649,8 +663,12 @@ mod tests {
         use GlobalKind::*;
         assert_eq!(kinds, [I32, I32, I64, F32, F64]);
         let (mut store, instance) = instantiate(&done.bytes);
-        let get = instance.get_typed_func::<(u32,), (u64,)>(&mut store, GET_EXPORT).unwrap();
-        let set = instance.get_typed_func::<(u32, u64), ()>(&mut store, SET_EXPORT).unwrap();
+        let get = instance
+            .get_typed_func::<(u32,), (u64,)>(&mut store, GET_EXPORT)
+            .unwrap();
+        let set = instance
+            .get_typed_func::<(u32, u64), ()>(&mut store, SET_EXPORT)
+            .unwrap();
         let bump = instance.get_typed_func::<(), ()>(&mut store, "bump").unwrap();
         let sum = instance.get_typed_func::<(), (i64,)>(&mut store, "sum").unwrap();
         bump.call(&mut store, ()).unwrap();
@@ -670,15 +688,22 @@ mod tests {
         );
         // A fresh instance given these values behaves as the bumped one.
         let (mut fresh, other) = instantiate(&done.bytes);
-        let set2 = other.get_typed_func::<(u32, u64), ()>(&mut fresh, SET_EXPORT).unwrap();
+        let set2 = other
+            .get_typed_func::<(u32, u64), ()>(&mut fresh, SET_EXPORT)
+            .unwrap();
         for (i, v) in after_bump.iter().enumerate() {
             set2.call(&mut fresh, (i as u32, *v)).unwrap();
         }
-        let get2 = other.get_typed_func::<(u32,), (u64,)>(&mut fresh, GET_EXPORT).unwrap();
+        let get2 = other
+            .get_typed_func::<(u32,), (u64,)>(&mut fresh, GET_EXPORT)
+            .unwrap();
         let copied: Vec<u64> = (0..5).map(|i| get2.call(&mut fresh, (i,)).unwrap().0).collect();
         assert_eq!(copied, after_bump);
         let sum2 = other.get_typed_func::<(), (i64,)>(&mut fresh, "sum").unwrap();
-        assert_eq!(sum2.call(&mut fresh, ()).unwrap().0, sum.call(&mut store, ()).unwrap().0);
+        assert_eq!(
+            sum2.call(&mut fresh, ()).unwrap().0,
+            sum.call(&mut store, ()).unwrap().0
+        );
         // NaN payloads survive: values are bit patterns.
         let nan = 0x7fc0_1234u64;
         set.call(&mut store, (3, nan)).unwrap();
@@ -723,7 +748,9 @@ mod tests {
           (core instance $i (instantiate $m)))"#;
         let done = instrument(&wat::parse_str(c).unwrap()).unwrap();
         let (mut store, instance) = instantiate(&done.bytes);
-        let get = instance.get_typed_func::<(u32,), (u64,)>(&mut store, GET_EXPORT).unwrap();
+        let get = instance
+            .get_typed_func::<(u32,), (u64,)>(&mut store, GET_EXPORT)
+            .unwrap();
         assert_eq!(get.call(&mut store, (0,)).unwrap().0, 5);
         assert_eq!(get.call(&mut store, (1,)).unwrap().0, 2);
     }

@@ -17,10 +17,10 @@ mod engine;
 mod error;
 mod host_state;
 mod instance;
+mod instrument;
 mod label;
 mod limits;
 mod memory;
-mod instrument;
 mod native;
 mod state;
 #[doc(hidden)]
@@ -36,15 +36,15 @@ pub use disk_cache::DiskCacheStats;
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
 pub use instance::{
-    GlobalValues,
-    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, WrittenPages,
+    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, GlobalValues, PAGE, TaskInstance,
+    WrittenPages,
 };
+pub use instrument::{GlobalKind, GlobalLayout, GlobalSlot};
 pub use label::{Phase, TaskLabel};
 pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};
 #[doc(hidden)]
 pub use memory::HostMemoryCreator;
 pub use memory::prefaulted_buffer;
-pub use instrument::{GlobalKind, GlobalLayout, GlobalSlot};
 pub use native::NativeUnsupported;
 pub use state::{MAX_PIECE, Piece, StateSink, StateSource};
 

@@ -71,13 +71,20 @@ impl TaskInstance {
             return Ok(None);
         };
         let (count, digest) = (layout.len(), layout.digest_hex());
-        let get = self.globals.as_ref().expect("instrumented components have accessors").get;
+        let get = self
+            .globals
+            .as_ref()
+            .expect("instrumented components have accessors")
+            .get;
         let mut values = Vec::with_capacity(count);
         for index in 0..count as u32 {
             let (value,) = self.accessor_call(Phase::SnapshotState, |store| get.call(store, (index,)))?;
             values.push(value);
         }
-        Ok(Some(GlobalValues { layout: digest, values }))
+        Ok(Some(GlobalValues {
+            layout: digest,
+            values,
+        }))
     }
 
     /// Write the globals of a native image, before any other call.
@@ -108,9 +115,15 @@ impl TaskInstance {
                 short(&layout.digest_hex())
             )));
         }
-        let set = self.globals.as_ref().expect("instrumented components have accessors").set;
+        let set = self
+            .globals
+            .as_ref()
+            .expect("instrumented components have accessors")
+            .set;
         for (index, &value) in globals.values.iter().enumerate() {
-            self.accessor_call(Phase::RestoreState, |store| set.call(store, (index as u32, value)))?;
+            self.accessor_call(Phase::RestoreState, |store| {
+                set.call(store, (index as u32, value))
+            })?;
         }
         Ok(())
     }
