@@ -258,7 +258,14 @@ fn main() {
     );
     println!(
         "{:<11} {:>8} {:>14} {:>14} {:>8} {:>15} {:>12} {:>12}",
-        "operator", "globals", "instrumented", "uninstrumented", "ratio", "ratio range", "cached load", "uninstr."
+        "operator",
+        "globals",
+        "instrumented",
+        "uninstrumented",
+        "ratio",
+        "ratio range",
+        "cached load",
+        "uninstr."
     );
     for (name, path) in &operators {
         match path {
