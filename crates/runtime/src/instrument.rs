@@ -37,6 +37,10 @@ const CORE_EXPORT_PREFIX: &str = "memento:global:";
 /// Version of the instrumentation: part of the layout digest, so an image
 /// taken under another scheme is refused rather than misread.
 const INSTRUMENTATION_VERSION: u32 = 1;
+/// Most globals instrumented: the accessors dispatch over all of them in
+/// one `br_table`, and a hostile component must not make that unbounded
+/// (CPython has about 500).
+const MAX_GLOBALS: usize = 65_536;
 
 /// The value type of one captured global.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,6 +308,12 @@ pub(crate) fn instrument(bytes: &[u8]) -> Result<Instrumented, Refusal> {
                 kind,
             });
         }
+    }
+    if slots.len() > MAX_GLOBALS {
+        return Err(format!(
+            "it has {} mutable globals in its core instances, more than the {MAX_GLOBALS} the host instruments",
+            slots.len()
+        ));
     }
     for (i, info) in modules.iter().enumerate() {
         if !info.mutable.is_empty() && !instantiations.iter().any(|(m, _)| *m as usize == i) {
@@ -738,6 +748,16 @@ mod tests {
         let b = instrument(&wat::parse_str(other).unwrap()).unwrap();
         assert_ne!(a.layout.digest_hex(), b.layout.digest_hex());
         assert_eq!(b.layout.len(), 4);
+    }
+
+    #[test]
+    fn too_many_globals_are_refused() {
+        let globals: String = (0..=MAX_GLOBALS)
+            .map(|_| "(global (mut i32) (i32.const 0))")
+            .collect();
+        let c = format!("(component (core module $m {globals}) (core instance (instantiate $m)))");
+        let err = instrument(&wat::parse_str(c).unwrap()).err().expect("refused");
+        assert!(err.contains("more than the 65536 the host instruments"), "{err}");
     }
 
     #[test]
