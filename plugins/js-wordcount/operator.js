@@ -17,8 +17,9 @@
 // thrown value, so every export goes through `guarded`, which turns an
 // uncaught `Error` into "TypeError: message".
 //
-// Test hook: config `fail_on = "KEY"` throws a TypeError when that key
-// arrives.
+// Test hooks: config `fail_on = "KEY"` throws a TypeError when that key
+// arrives; `print = "TEXT"` writes TEXT to stdout in `open` (which the host
+// discards), so tests can see how a printing interpreter is snapshotted.
 
 import { log } from "memento:operator/log@0.2.0";
 
@@ -114,6 +115,7 @@ export const operator = guardAll({
     }
     splitWords = split === "words";
     failOn = config.has("fail_on") ? config.get("fail_on") : null;
+    if (config.has("print")) console.log(config.get("print"));
   },
 
   process(events) {

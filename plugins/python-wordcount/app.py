@@ -11,9 +11,11 @@ Built against `wit/operator.wit` alone (no memento SDK) with
 Its canonical snapshot is its own format (JSON, keys as hex), written by
 `snapshot_state` and read back by `restore_state`.
 
-Test hook: config `fail_on = "KEY"` raises `ValueError` when that key
+Test hooks: config `fail_on = "KEY"` raises `ValueError` when that key
 arrives, so tests can check that a Python exception failing a task shows
-its type and message.
+its type and message; `print = "TEXT"` prints TEXT to stdout in `open`
+(which the host discards), so tests can see how a printing interpreter is
+snapshotted.
 """
 
 import json
@@ -42,6 +44,8 @@ def _config(ctx):
     _split_words = split == "words"
     fail_on = config.get("fail_on")
     _fail_on = fail_on.encode() if fail_on is not None else None
+    if "print" in config:
+        print(config["print"], flush=True)
 
 
 class Operator(exports.Operator):

@@ -1,9 +1,25 @@
 //! Components made for tests by rewriting built plugins.
 
-/// `component` with one more mutable `i32` global in the core module that
+/// `component` with one more mutable `v128` global in the core module that
 /// defines a memory (the guest's own): a component that still fulfils the
-/// contract, but whose state is no longer all in its memories.
+/// contract, but whose state is no longer all in its memories and globals
+/// the host can reach (its instrumentation reads and writes scalar
+/// globals only).
 pub fn with_extra_global(component: &[u8]) -> Vec<u8> {
+    with_extra_global_of(
+        component,
+        wasm_encoder::ValType::V128,
+        wasm_encoder::ConstExpr::v128_const(0),
+    )
+}
+
+/// `component` with one more mutable global of type `ty`, initialised by
+/// `init`, in the core module that defines a memory.
+pub fn with_extra_global_of(
+    component: &[u8],
+    ty: wasm_encoder::ValType,
+    init: wasm_encoder::ConstExpr,
+) -> Vec<u8> {
     use wasm_encoder::reencode::{Error, Reencode, ReencodeComponent, component_utils, utils};
 
     let mut modules = 0usize;
@@ -26,6 +42,8 @@ pub fn with_extra_global(component: &[u8]) -> Vec<u8> {
         target: usize,
         modules: usize,
         added: bool,
+        ty: wasm_encoder::ValType,
+        init: wasm_encoder::ConstExpr,
     }
     impl Reencode for AddGlobal {
         type Error = std::convert::Infallible;
@@ -39,11 +57,11 @@ pub fn with_extra_global(component: &[u8]) -> Vec<u8> {
             // Numbered after every existing global: no index changes.
             if self.modules == self.target + 1 {
                 let ty = wasm_encoder::GlobalType {
-                    val_type: wasm_encoder::ValType::I32,
+                    val_type: self.ty,
                     mutable: true,
                     shared: false,
                 };
-                globals.global(ty, &wasm_encoder::ConstExpr::i32_const(0));
+                globals.global(ty, &self.init);
                 self.added = true;
             }
             Ok(())
@@ -65,6 +83,8 @@ pub fn with_extra_global(component: &[u8]) -> Vec<u8> {
         target,
         modules: 0,
         added: false,
+        ty,
+        init,
     };
     let mut out = wasm_encoder::Component::new();
     rewriter

@@ -9,6 +9,7 @@ use wasmtime::component::{Component, Linker};
 use crate::bindings::{v1, v2};
 use crate::data::InstanceData;
 use crate::error::{RuntimeError, one_line};
+use crate::instrument::GlobalLayout;
 use crate::native::{self, NativeUnsupported};
 
 /// The current WIT package version, what new plugins are built against.
@@ -78,9 +79,11 @@ pub struct LoadedComponent {
     /// Bytes of compiled code and metadata the engine keeps for it: what
     /// the runtime's component cache is bounded by.
     compiled_size: usize,
-    /// Whether native snapshots can capture this component faithfully;
-    /// decided at load time from its core modules (see `native.rs`).
-    native: Result<(), NativeUnsupported>,
+    /// Whether native snapshots can capture this component faithfully, and
+    /// the mutable globals they carry beside the memories when it was
+    /// instrumented to reach them; decided at load time from its core
+    /// modules (see `native.rs`, `instrument.rs`).
+    native: Result<Option<GlobalLayout>, NativeUnsupported>,
 }
 
 impl LoadedComponent {
@@ -96,7 +99,14 @@ impl LoadedComponent {
     /// # Errors
     /// Why native snapshots are refused.
     pub fn native_support(&self) -> Result<(), NativeUnsupported> {
-        self.native.clone()
+        self.native.clone().map(|_| ())
+    }
+
+    /// The mutable globals a native image of this component carries beside
+    /// its memories: `None` when memories alone hold its state (or native
+    /// snapshots are refused).
+    pub fn native_globals(&self) -> Option<&GlobalLayout> {
+        self.native.as_ref().ok().and_then(Option::as_ref)
     }
 
     /// Bytes of compiled code and metadata held for this component (what
@@ -169,8 +179,8 @@ fn invalid(path: &Path, reason: impl Into<String>) -> RuntimeError {
     }
 }
 
-/// Check the header and compile; shared by `load` and `inspect`.
-pub(crate) fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, RuntimeError> {
+/// Check the header: a component, of the layer this host reads.
+pub(crate) fn check_header(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
     let expected = format!("expected a component implementing {CONTRACT_PACKAGE}");
     if bytes.len() < 8 || bytes[..4] != WASM_MAGIC {
         return Err(invalid(path, format!("not a WebAssembly file ({expected})")));
@@ -186,6 +196,12 @@ pub(crate) fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Comp
     if bytes[6..8] != COMPONENT_LAYER {
         return Err(invalid(path, format!("unknown WebAssembly layer ({expected})")));
     }
+    Ok(())
+}
+
+/// Check the header and compile; shared by `load` and `inspect`.
+pub(crate) fn compile(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, RuntimeError> {
+    check_header(path, bytes)?;
     Component::new(engine, bytes).map_err(|e| invalid(path, format!("invalid component: {}", one_line(&e))))
 }
 
@@ -248,15 +264,16 @@ fn names(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>) {
     (imports, exports)
 }
 
-/// Check `component`, compiled from `bytes` (by [`compile`], or found in
-/// the disk cache under their hash), against the contract.
+/// Check `component`, compiled from a component of `size` bytes whose
+/// blake3 is `hash` (instrumented as `native` says), against the contract.
 pub(crate) fn load(
     engine: &Engine,
     linker: &Linker<InstanceData>,
     path: &Path,
-    bytes: &[u8],
+    size: usize,
     hash: [u8; 32],
     component: Component,
+    native: Result<Option<GlobalLayout>, NativeUnsupported>,
 ) -> Result<LoadedComponent, RuntimeError> {
     let (_, exports) = names(engine, &component);
     let version = check_exports(&exports).map_err(|r| invalid(path, r))?;
@@ -266,10 +283,10 @@ pub(crate) fn load(
     Ok(LoadedComponent {
         origin: path.to_path_buf(),
         hash,
-        size: bytes.len(),
+        size,
         compiled_size,
         pre,
-        native: native::native_support(bytes),
+        native,
     })
 }
 
@@ -292,7 +309,10 @@ pub(crate) fn inspect(
         exports,
         contract,
         fits_contract,
-        native_snapshots: native::native_support(bytes).map_err(|e| e.to_string()),
+        native_snapshots: native::plan(bytes, true)
+            .native
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
     })
 }
 

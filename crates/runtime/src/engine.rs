@@ -19,6 +19,7 @@ use crate::instance::TaskInstance;
 use crate::label::TaskLabel;
 use crate::limits::SandboxLimits;
 use crate::memory;
+use crate::native::{self, NativeUnsupported};
 
 /// How often the deadline clock ticks. A call overruns its deadline by at
 /// most one tick.
@@ -45,6 +46,12 @@ pub struct RuntimeOptions {
     /// Bound of [`RuntimeOptions::cache_dir`] in bytes of entry files;
     /// least recently used entries are deleted first. Default 2 GiB.
     pub cache_dir_bytes: u64,
+    /// Instrument components whose core modules have mutable globals other
+    /// than the stack pointer (interpreters), so that native snapshots can
+    /// capture them (default). Off, such components run as they are and
+    /// their native snapshots are refused: what `cargo bench --bench
+    /// interpreters` compares `process` against.
+    pub instrument_globals: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -54,6 +61,7 @@ impl Default for RuntimeOptions {
             component_cache_bytes: 256 << 20,
             cache_dir: None,
             cache_dir_bytes: 2 << 30,
+            instrument_globals: true,
         }
     }
 }
@@ -228,23 +236,46 @@ impl Runtime {
         }
         // Compile outside the lock: compiling takes long and other tasks may
         // want other components meanwhile.
+        component::check_header(origin, bytes)?;
         let engine = &self.inner.engine;
         let disk = self.inner.disk_cache.as_ref();
-        let (compiled, fresh) = match disk.and_then(|d| d.get(engine, &hash)) {
+        let plan = native::plan(bytes, self.inner.options.instrument_globals);
+        let mut native = plan.native;
+        // What is compiled is the instrumented component where there is
+        // one, so it is what the disk cache is keyed by.
+        let mut source: (&[u8], [u8; 32]) = (bytes, hash);
+        let instrumented_hash;
+        if let Some(instrumented) = &plan.instrumented {
+            instrumented_hash = *blake3::hash(instrumented).as_bytes();
+            source = (instrumented, instrumented_hash);
+        }
+        let (compiled, fresh) = match disk.and_then(|d| d.get(engine, &source.1)) {
             Some(c) => (c, false),
-            None => (component::compile(engine, origin, bytes)?, true),
+            None => match component::compile(engine, origin, source.0) {
+                Ok(c) => (c, true),
+                // Instrumentation must never make a valid component fail:
+                // compile it as it is and refuse native snapshots instead.
+                Err(e) if plan.instrumented.is_some() => {
+                    let compiled = component::compile(engine, origin, bytes)?;
+                    native = native.and_then(|_| Err(NativeUnsupported::Instrumentation(e.to_string())));
+                    source = (bytes, hash);
+                    (compiled, true)
+                }
+                Err(e) => return Err(e),
+            },
         };
         let loaded = Arc::new(component::load(
             engine,
             &self.inner.linker,
             origin,
-            bytes,
+            bytes.len(),
             hash,
             compiled.clone(),
+            native,
         )?);
         // Only components that fit the contract are worth keeping.
         if fresh && let Some(d) = disk {
-            d.put(&hash, &compiled);
+            d.put(&source.1, &compiled);
         }
         self.inner.cache.lock().unwrap().insert(hash, loaded.clone());
         Ok(loaded)

@@ -125,7 +125,7 @@ pub enum NativeRefusal {
         /// The component's name.
         component: String,
         /// Why.
-        source: NativeUnsupported,
+        source: Box<NativeUnsupported>,
     },
     /// The guest holds host resources between calls, which an image of
     /// its memories would carry as dead handles.
@@ -140,6 +140,9 @@ pub enum NativeRefusal {
         /// What each held resource is.
         resources: Vec<String>,
     },
+    /// The globals of an image do not fit the instance.
+    #[error("{0}")]
+    Globals(String),
 }
 
 /// The error chain of a wasmtime error on one line.

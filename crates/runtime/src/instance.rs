@@ -6,6 +6,7 @@
 
 mod calls;
 mod capture;
+mod globals;
 mod stderr;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::memory::{self, Mapping};
 
 use capture::Tracking;
 pub use capture::{CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, WrittenPages};
+pub use globals::GlobalValues;
 
 /// How much of a guest's stderr is kept to explain a trap (a Rust panic
 /// message lands there). Writes beyond it fail in the guest.
@@ -54,6 +56,9 @@ pub(crate) enum Bindings {
 pub struct TaskInstance {
     store: Store<InstanceData>,
     plugin: Bindings,
+    /// The exports that read and write the mutable globals, for a
+    /// component instrumented to expose them (see `instrument.rs`).
+    globals: Option<globals::Accessors>,
     /// The key groups the task owns (from `open`'s context): state pieces
     /// of other groups are refused. Empty before `open`.
     owned: std::ops::Range<u32>,
@@ -161,11 +166,25 @@ impl TaskInstance {
                 limits.memory_bytes
             )));
         }
-        let (plugin, memories) = memory::collect(presize, || match &component.pre {
-            PluginPre::V1(pre) => pre.instantiate(&mut store).map(Bindings::V1),
-            PluginPre::V2(pre) => pre.instantiate(&mut store).map(Bindings::V2),
-        });
-        let plugin = plugin.map_err(|e| {
+        let (plugin, memories) = memory::collect(
+            presize,
+            || -> wasmtime::Result<(Bindings, Option<globals::Accessors>)> {
+                let instance = match &component.pre {
+                    PluginPre::V1(pre) => pre.instance_pre().instantiate(&mut store)?,
+                    PluginPre::V2(pre) => pre.instance_pre().instantiate(&mut store)?,
+                };
+                let plugin = match &component.pre {
+                    PluginPre::V1(_) => Bindings::V1(v1::Plugin::new(&mut store, &instance)?),
+                    PluginPre::V2(_) => Bindings::V2(v2::Plugin::new(&mut store, &instance)?),
+                };
+                let globals = match component.native_globals() {
+                    Some(_) => Some(globals::Accessors::new(&mut store, &instance)?),
+                    None => None,
+                };
+                Ok((plugin, globals))
+            },
+        );
+        let (plugin, globals) = plugin.map_err(|e: wasmtime::Error| {
             let reason = one_line(&e);
             if reason.contains("count too high") {
                 instantiate_error(format!(
@@ -187,6 +206,7 @@ impl TaskInstance {
         Ok(TaskInstance {
             store,
             plugin,
+            globals,
             owned: 0..0,
             memories,
             tracking: Tracking::Off,

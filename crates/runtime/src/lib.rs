@@ -17,6 +17,7 @@ mod engine;
 mod error;
 mod host_state;
 mod instance;
+mod instrument;
 mod label;
 mod limits;
 mod memory;
@@ -35,8 +36,10 @@ pub use disk_cache::DiskCacheStats;
 pub use engine::{Runtime, RuntimeOptions};
 pub use error::{NativeRefusal, RuntimeError};
 pub use instance::{
-    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, PAGE, TaskInstance, WrittenPages,
+    CallStats, CapturedMemory, CowCapture, CowMemory, DISABLE_TRACKING_ENV, GlobalValues, PAGE, TaskInstance,
+    WrittenPages,
 };
+pub use instrument::{GlobalKind, GlobalLayout, GlobalSlot};
 pub use label::{Phase, TaskLabel};
 pub use limits::{DirGrant, EVENT_OVERHEAD, SandboxLimits};
 #[doc(hidden)]

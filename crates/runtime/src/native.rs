@@ -1,27 +1,32 @@
 //! Whether a component can be snapshotted natively, decided once at load
 //! time by reading its core modules.
 //!
-//! A native snapshot saves linear memories only. It is faithful when all of
-//! an instance's mutable state between two calls lives in its memories, and
-//! everything else is either rebuilt identically by a fresh instantiation
-//! (tables filled by element segments, immutable globals, data segments --
-//! then overwritten by the image) or back at its starting value. So we
-//! refuse components whose core modules
+//! A native snapshot saves linear memories and, for components that need
+//! it, the values of their mutable globals. It is faithful when all of an
+//! instance's mutable state between two calls lives there, and everything
+//! else is either rebuilt identically by a fresh instantiation (tables
+//! filled by element segments, immutable globals, data segments -- then
+//! overwritten by the image) or back at its starting value. So we refuse
+//! components whose core modules
 //!
-//! * define a mutable global other than the shadow stack pointer (its value
-//!   would be lost), or more than one candidate for it;
 //! * mutate a table at run time (`table.set/grow/fill/copy/init`,
 //!   `elem.drop`): a fresh instance would hold the original table;
 //! * drop a data segment at run time (`data.drop`): a fresh instance would
-//!   still have it.
+//!   still have it;
 //!
-//! The stack pointer is the one mutable global allowed: LLVM's shadow stack
+//! and report whether any defines a mutable global other than the shadow
+//! stack pointer: such components are instrumented at load time so that
+//! their globals can be read and written (`instrument.rs`), or refused if
+//! that is not possible.
+//!
+//! The stack pointer alone needs no instrumentation: LLVM's shadow stack
 //! pointer is restored by every function before it returns, so between two
 //! exported calls it holds its initial value again, which instantiation
 //! sets. It is recognised by its name (`__stack_pointer`) when the module
 //! keeps a name section, or else as the module's only mutable `i32`/`i64`
 //! global that is not exported.
 
+use crate::instrument::{self, GlobalLayout};
 use wasmtime::wasmparser::{self, KnownCustom, Name, Operator, Parser, Payload, TypeRef, ValType};
 
 /// What the scan of one core module found.
@@ -49,8 +54,9 @@ impl ModuleScan {
         }
     }
 
-    /// Why this module cannot be snapshotted natively, if it cannot.
-    fn verdict(&self) -> Result<(), NativeUnsupported> {
+    /// Why this module cannot be snapshotted natively, if it cannot;
+    /// otherwise its mutable globals other than the stack pointer, named.
+    fn verdict(&self) -> Result<Vec<String>, NativeUnsupported> {
         if let Some((instruction, times)) = self.mutations.first() {
             return Err(NativeUnsupported::MutatesTables {
                 module: self.index,
@@ -78,13 +84,7 @@ impl ModuleScan {
                 None => format!("global {g}"),
             })
             .collect();
-        if !globals.is_empty() {
-            return Err(NativeUnsupported::MutableGlobals {
-                module: self.index,
-                globals,
-            });
-        }
-        Ok(())
+        Ok(globals)
     }
 }
 
@@ -107,10 +107,15 @@ pub enum NativeUnsupported {
         /// How often it occurs.
         times: usize,
     },
-    /// A core module has mutable globals besides the stack pointer.
+    /// The instrumented component did not compile (a host bug, reported
+    /// rather than hidden: the component itself runs uninstrumented).
+    #[error("the component instrumented to reach its mutable globals does not compile: {0}")]
+    Instrumentation(String),
+    /// A core module has mutable globals besides the stack pointer, and
+    /// instrumentation cannot reach them.
     #[error(
-        "core module {module} has {} mutable {} other than the stack pointer ({}), whose values a memory \
-         image does not capture",
+        "core module {module} has {} mutable {} other than the stack pointer ({}), which cannot be \
+         captured: {reason}",
         .globals.len(),
         if .globals.len() == 1 { "global" } else { "globals" },
         few(.globals)
@@ -120,6 +125,8 @@ pub enum NativeUnsupported {
         module: usize,
         /// The globals, by name where the module names them.
         globals: Vec<String>,
+        /// Why the instrumentation that exposes globals refused.
+        reason: String,
     },
 }
 
@@ -134,9 +141,15 @@ fn few(names: &[String]) -> String {
     named
 }
 
-/// The result of scanning a component: how many core modules define
-/// memories, and whether native snapshots are possible.
-pub(crate) fn native_support(bytes: &[u8]) -> Result<(), NativeUnsupported> {
+/// Mutable globals besides the stack pointer: the first module that has
+/// them (index, names), for messages.
+pub(crate) type OtherGlobals = Option<(usize, Vec<String>)>;
+
+/// The result of scanning a component: whether native snapshots are
+/// possible, and if so whether (and where first) there are mutable globals
+/// other than the stack pointer, which need instrumentation.
+pub(crate) fn native_support(bytes: &[u8]) -> Result<OtherGlobals, NativeUnsupported> {
+    let mut first: OtherGlobals = None;
     let mut stack: Vec<Option<ModuleScan>> = Vec::new();
     let mut modules = 0usize;
     for payload in Parser::new(0).parse_all(bytes) {
@@ -156,7 +169,10 @@ pub(crate) fn native_support(bytes: &[u8]) -> Result<(), NativeUnsupported> {
             }
             Payload::End(_) => {
                 if let Some(Some(scan)) = stack.pop() {
-                    scan.verdict()?;
+                    let globals = scan.verdict()?;
+                    if first.is_none() && !globals.is_empty() {
+                        first = Some((scan.index, globals));
+                    }
                 }
             }
             other => {
@@ -168,7 +184,47 @@ pub(crate) fn native_support(bytes: &[u8]) -> Result<(), NativeUnsupported> {
             }
         }
     }
-    Ok(())
+    Ok(first)
+}
+
+/// How a component is compiled and snapshotted natively.
+pub(crate) struct NativePlan {
+    /// The bytes to compile: instrumented when globals must be reached,
+    /// else `None` (the component's own bytes).
+    pub(crate) instrumented: Option<Vec<u8>>,
+    /// The globals native images carry (`None`: memories alone suffice),
+    /// or why native snapshots are refused.
+    pub(crate) native: Result<Option<GlobalLayout>, NativeUnsupported>,
+}
+
+/// Scan `bytes` and, where mutable globals other than the stack pointer
+/// need it and `instrument` allows it, instrument the component to reach
+/// them.
+pub(crate) fn plan(bytes: &[u8], instrument: bool) -> NativePlan {
+    let refused = |native| NativePlan {
+        instrumented: None,
+        native,
+    };
+    let (module, globals) = match native_support(bytes) {
+        Ok(None) => return refused(Ok(None)),
+        Ok(Some(first)) => first,
+        Err(e) => return refused(Err(e)),
+    };
+    let instrumented = match instrument {
+        true => instrument::instrument(bytes),
+        false => Err("instrumentation is turned off (RuntimeOptions::instrument_globals)".into()),
+    };
+    match instrumented {
+        Ok(done) => NativePlan {
+            instrumented: Some(done.bytes),
+            native: Ok(Some(done.layout)),
+        },
+        Err(reason) => refused(Err(NativeUnsupported::MutableGlobals {
+            module,
+            globals,
+            reason,
+        })),
+    }
 }
 
 fn scan_module_payload(scan: &mut ModuleScan, payload: Payload<'_>) -> wasmparser::Result<()> {
@@ -259,24 +315,33 @@ mod tests {
             r#"(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024))
                (func (global.set $__stack_pointer (i32.const 8)))"#,
         );
-        assert_eq!(native_support(&named), Ok(()));
+        assert_eq!(native_support(&named), Ok(None));
         // Without names: one unexported mutable i32 is the stack pointer.
         let anonymous =
             wat::parse_str("(component (core module (memory 1) (global (mut i32) (i32.const 1024))))")
                 .unwrap();
-        assert_eq!(native_support(&anonymous), Ok(()));
+        assert_eq!(native_support(&anonymous), Ok(None));
     }
 
     #[test]
-    fn other_mutable_globals_are_refused_by_name() {
+    fn other_mutable_globals_are_found_by_name() {
         let c = component(
             r#"(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024))
                (global $counter (mut i64) (i64.const 0))"#,
         );
-        let err = native_support(&c).unwrap_err().to_string();
-        assert!(err.contains("core module 0"), "{err}");
+        assert_eq!(native_support(&c), Ok(Some((0, vec!["`counter`".to_string()]))));
+    }
+
+    #[test]
+    fn unreachable_globals_are_refused_with_the_reason() {
+        // A mutable v128 global has no accessor.
+        let c = component(r#"(global $v (mut v128) (v128.const i64x2 0 0))"#);
+        let err = plan(&c, true).native.unwrap_err().to_string();
         assert!(
-            err.contains("has 1 mutable global other than the stack pointer (`counter`)"),
+            err.contains(
+                "core module 0 has 1 mutable global other than the stack pointer (`v`), which cannot be \
+                 captured: it has a mutable v128 global"
+            ),
             "{err}"
         );
     }
@@ -289,7 +354,13 @@ mod tests {
         let c = component(&format!(
             "(memory 1) (global $__stack_pointer (mut i32) (i32.const 1024)) {globals}"
         ));
-        let err = native_support(&c).unwrap_err().to_string();
+        let (module, globals) = native_support(&c).unwrap().unwrap();
+        let err = NativeUnsupported::MutableGlobals {
+            module,
+            globals,
+            reason: "why".into(),
+        }
+        .to_string();
         assert!(
             err.contains(
                 "has 490 mutable globals other than the stack pointer (`g0`, `g1`, `g2`, `g3`, … 486 more)"

@@ -160,12 +160,16 @@ impl NativeBase {
         let Some(mut cow) = instance.cow_barrier().map_err(native_error)? else {
             *s = BaseState::default();
             let memories = instance.capture_memories().map_err(native_error)?;
+            let globals = instance.capture_globals().map_err(native_error)?;
             return Ok(Captured {
                 state: CapturedState::Native(memories),
                 pause: started.elapsed(),
+                globals,
                 record: None,
             });
         };
+        // Same pause as the barrier: the guest has not run since.
+        let globals = instance.capture_globals().map_err(native_error)?;
         let fresh: Option<Vec<WrittenPages>> = cow.memories.iter_mut().map(|m| m.written.take()).collect();
         // The pages written since the base's barrier: this interval's
         // alone when the previous barrier was the base's, else those of
@@ -219,6 +223,7 @@ impl NativeBase {
                 plans,
             },
             pause: started.elapsed(),
+            globals,
             record: Some(Recording {
                 number,
                 base: self.state.clone(),

@@ -31,6 +31,7 @@ pub fn capture(
     writer: &BlobWriter,
 ) -> Result<Captured, CaptureError> {
     let started = std::time::Instant::now();
+    let mut globals = None;
     let state = match format {
         SnapshotFormat::Canonical | SnapshotFormat::Auto => {
             let (sink, upload) = stream::start(writer.clone())
@@ -45,11 +46,16 @@ pub fn capture(
                 Err(e) => return Err(CaptureError::Failed(Box::new(e))),
             }
         }
-        SnapshotFormat::Native => CapturedState::Native(instance.capture_memories().map_err(native_error)?),
+        SnapshotFormat::Native => {
+            let memories = instance.capture_memories().map_err(native_error)?;
+            globals = instance.capture_globals().map_err(native_error)?;
+            CapturedState::Native(memories)
+        }
     };
     Ok(Captured {
         state,
         pause: started.elapsed(),
+        globals,
         record: None,
     })
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
-use crate::runtime::{CapturedMemory, CowMemory, RuntimeError, WrittenPages};
+use crate::runtime::{CapturedMemory, CowMemory, GlobalValues, RuntimeError, WrittenPages};
 use crate::store::MemoryImage;
 
 use super::stream::Uploaded;
@@ -17,6 +17,9 @@ pub struct Captured {
     pub state: CapturedState,
     /// How long the task was paused for the capture.
     pub pause: Duration,
+    /// For a native capture of a component with mutable globals: their
+    /// values, read in the same pause as the memories.
+    pub globals: Option<GlobalValues>,
     /// For an incremental native capture: where to record the persisted
     /// images (they become the base once the snapshot is known committed).
     pub(super) record: Option<Recording>,

@@ -30,7 +30,9 @@ pub use capture::{capture, capture_at_barrier};
 pub use captured::{CaptureError, Captured, CapturedState, MemoryPlan, Streamed};
 pub use delta::{DELTA_PAGE, DeltaError, DeltaWriter, apply as apply_delta, delta_size};
 pub use framing::{FRAMING_VERSION, FramingError};
-pub use image::{ImageMismatch, NATIVE_IMAGE_VERSION, check_image, config_digest};
+pub use image::{
+    ImageMismatch, NATIVE_IMAGE_VERSION, NATIVE_IMAGE_VERSION_WITH_GLOBALS, check_image, config_digest,
+};
 pub use persist::{PersistError, persist};
 pub use restore::{RestoreError, restore, restore_native};
 

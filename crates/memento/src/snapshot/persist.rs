@@ -53,7 +53,7 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
             }
             Ok(TaskStateData::Native {
                 memories: images,
-                extra: native_extra(None),
+                extra: native_extra(None, captured.globals.as_ref()),
             })
         }
         CapturedState::CopyOnWrite { memories, plans } => {
@@ -80,7 +80,7 @@ pub fn persist(captured: &Captured, writer: &BlobWriter) -> Result<TaskStateData
             }
             Ok(TaskStateData::Native {
                 memories: images,
-                extra: native_extra(config),
+                extra: native_extra(config, captured.globals.as_ref()),
             })
         }
     }

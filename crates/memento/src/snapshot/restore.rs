@@ -8,7 +8,7 @@ use crate::store::{MemoryImage, SnapshotId, StoreError, TaskKey, TaskState, Task
 
 use super::delta::apply as apply_delta;
 use super::framing::FRAMING_VERSION;
-use super::image::{ImageMismatch, check_component, check_version};
+use super::image::{ImageMismatch, check_component, check_version, image_globals};
 use super::source::StoreSource;
 
 /// Why a task could not be restored.
@@ -162,6 +162,7 @@ pub fn restore_native(
             component.name()
         ))
     })?;
+    let globals = image_globals(&state.key, extra, component.native_globals()).map_err(unsupported)?;
     let mut sizes = vec![0u64; memories.len()];
     for m in memories {
         let slot = sizes.get_mut(m.index as usize).ok_or_else(|| {
@@ -192,6 +193,14 @@ pub fn restore_native(
         // leaves the image's zero chunks free.
         instance.zero_memory(index, 0, m.size as usize);
         fill_memory(&mut instance, index, store, id, &state.key, m)?;
+    }
+    if let Some(globals) = &globals {
+        instance
+            .restore_globals(globals)
+            .map_err(|source| RestoreError::Operator {
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
     }
     // The memories now equal the image: track writes from here, so that
     // the restored snapshot can be the base of the next page delta.

@@ -76,7 +76,7 @@ impl TaskInstance {
         }
     }
 
-    fn trap_error(&mut self, phase: Phase, e: &wasmtime::Error) -> RuntimeError {
+    pub(super) fn trap_error(&mut self, phase: Phase, e: &wasmtime::Error) -> RuntimeError {
         let task = (*self.label).clone();
         match self.store.data_mut().take_limit_hit() {
             Some(LimitHit::Memory(detail)) => return RuntimeError::MemoryLimit { task, phase, detail },

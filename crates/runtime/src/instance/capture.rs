@@ -87,7 +87,7 @@ impl TaskInstance {
             return Err(refuse(
                 NativeRefusal::Unsupported {
                     component: self.component.name(),
-                    source,
+                    source: Box::new(source),
                 },
                 &self.label,
             ));
