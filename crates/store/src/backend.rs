@@ -7,7 +7,8 @@
 //! object store (put-if-absent, whole-object reads, prefix listing), so that
 //! a remote backend can be added without touching callers.
 //!
-//! [`LocalDir`] is the only implementation: all access goes through a
+//! [`LocalDir`] is the local implementation (`S3Backend`, in `s3`, the
+//! remote one): all access goes through a
 //! `cap-std` directory handle, so no key can reach outside the store root
 //! (`..` and absolute paths are refused by the handle itself, and by
 //! [`check_key`] before that).
@@ -158,6 +159,29 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// live writers and other live processes are left alone). Returns how
     /// many were removed.
     fn remove_stale_temp(&self) -> io::Result<usize>;
+
+    /// Whether [`Backend::read_versioned`] and [`Backend::put_versioned`]
+    /// work: object storage has them, a directory does not (it has
+    /// `flock`, which object storage lacks).
+    fn has_versions(&self) -> bool {
+        false
+    }
+
+    /// Reads the object and its version (an opaque token that changes with
+    /// every write: the ETag on object storage); `None` if absent.
+    fn read_versioned(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
+        let _ = key;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "versioned reads need object storage"))
+    }
+
+    /// Stores `data` under `key` only if the object's version is still
+    /// `expected` (`None`: only if there is no object), in one atomic
+    /// conditional write. Returns the new version, or `None` (nothing
+    /// written) if the condition did not hold.
+    fn put_versioned(&self, key: &str, data: &[u8], expected: Option<&str>) -> io::Result<Option<String>> {
+        let _ = (key, data, expected);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "conditional writes need object storage"))
+    }
 }
 
 /// A staged object (see [`Backend::stage`]): an opaque backend-specific

@@ -70,6 +70,7 @@ mod error;
 mod fsck;
 mod gc;
 mod index;
+mod location;
 mod manifest;
 mod migrate;
 mod name;
@@ -77,6 +78,8 @@ mod numbers;
 mod pack;
 mod packed;
 mod read;
+#[cfg(feature = "s3")]
+mod s3;
 mod series;
 mod tenant;
 mod usage;
@@ -94,7 +97,10 @@ pub use manifest::{
     OLDEST_MANIFEST_SCHEMA, PageDeltaRef, Retention, SnapshotKind, SnapshotStatus, SourcePosition,
     StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
 };
+pub use location::StoreLocation;
 pub use migrate::MigrateReport;
+#[cfg(feature = "s3")]
+pub use s3::{DEFAULT_LOCK_TTL, RequestCounts, S3Backend, S3Options};
 pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 pub use series::SeriesLease;
 pub use tenant::{ListFilter, TenantStore};
@@ -221,6 +227,36 @@ impl Store {
         let backend =
             LocalDir::open(root).map_err(|e| StoreError::io("open store", root.display().to_string(), e))?;
         Self::with_backend(Arc::new(backend), options, &root.display().to_string())
+    }
+
+    /// Opens the store at `location`: a local directory as
+    /// [`Store::open`], or a prefix of an S3-compatible bucket (cargo
+    /// feature `s3`; `AWS_*` environment, lock time to live from
+    /// `MEMENTO_S3_LOCK_TTL_MS`, see `docs/STORAGE.md`).
+    ///
+    /// # Errors
+    /// As [`Store::open`]; [`StoreError::InvalidLocation`] for `s3://` in
+    /// a build without the feature; one-line I/O errors naming the URL
+    /// when the bucket cannot be reached, does not exist or denies access.
+    pub fn open_location(location: &StoreLocation, options: StoreOptions) -> Result<Store, StoreError> {
+        match location {
+            StoreLocation::Local(path) => Store::open(path, options),
+            #[cfg(feature = "s3")]
+            StoreLocation::S3 { bucket, prefix } => {
+                let label = location.to_string();
+                let s3 = S3Options::from_env().map_err(|reason| StoreError::InvalidLocation {
+                    location: label.clone(),
+                    reason,
+                })?;
+                let backend = S3Backend::open(bucket, prefix, s3).map_err(|e| StoreError::Remote(e.to_string()))?;
+                Self::with_backend(Arc::new(backend), options, &label)
+            }
+            #[cfg(not(feature = "s3"))]
+            StoreLocation::S3 { .. } => Err(StoreError::InvalidLocation {
+                location: location.to_string(),
+                reason: "this build has no object storage support (cargo feature `s3`)".into(),
+            }),
+        }
     }
 
     /// Opens a store on any [`Backend`]. `label` names it in errors.
