@@ -167,6 +167,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
         false
     }
 
+    /// How long a lease written with [`Backend::put_versioned`] lives
+    /// without renewal; `None` where there are no versions.
+    fn lease_ttl(&self) -> Option<Duration> {
+        None
+    }
+
     /// Reads the object and its version (an opaque token that changes with
     /// every write: the ETag on object storage); `None` if absent.
     fn read_versioned(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {

@@ -70,6 +70,7 @@ mod error;
 mod fsck;
 mod gc;
 mod index;
+mod lease;
 mod location;
 mod manifest;
 mod migrate;
@@ -348,6 +349,7 @@ impl Store {
             last_gc: Mutex::new(None),
             index: std::sync::RwLock::new(Default::default()),
             loose: std::sync::atomic::AtomicU8::new(2),
+            leases: Mutex::new(HashMap::new()),
         });
         tenants.retain(|_, t| t.strong_count() > 0);
         tenants.insert(name, Arc::downgrade(&inner));
@@ -374,5 +376,7 @@ impl Store {
 
 #[cfg(test)]
 mod pack_tests;
+#[cfg(all(test, feature = "s3"))]
+mod s3_tests;
 #[cfg(test)]
 mod tests;

@@ -77,6 +77,10 @@ pub struct S3Options {
     /// Retries of a failing request (default 3, within 15 s): an
     /// unreachable endpoint fails in seconds rather than minutes.
     pub max_retries: usize,
+    /// Settings applied over the `AWS_*` environment, as (key, value)
+    /// with `object_store`'s key names (`aws_endpoint`, `aws_allow_http`,
+    /// ...): for embedders and tests that configure in code.
+    pub config: Vec<(String, String)>,
 }
 
 impl Default for S3Options {
@@ -85,6 +89,7 @@ impl Default for S3Options {
             lock_ttl: DEFAULT_LOCK_TTL,
             request_timeout: Duration::from_secs(60),
             max_retries: 3,
+            config: Vec::new(),
         }
     }
 }
@@ -327,10 +332,25 @@ impl S3Backend {
         let client = ClientOptions::new()
             .with_timeout(options.request_timeout)
             .with_connect_timeout(Duration::from_secs(5));
-        let store = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_retry(retry)
+        // Client options first: they include `allow_http`, which the
+        // environment and `config` below may set.
+        let mut builder = AmazonS3Builder::new()
             .with_client_options(client)
+            .with_retry(retry)
+            .with_bucket_name(bucket);
+        let env = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse().ok()?, v)));
+        for (key, value) in env {
+            builder = builder.with_config(key, value);
+        }
+        for (key, value) in &options.config {
+            let key = key
+                .parse()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{url}: configure: {e}")))?;
+            builder = builder.with_config(key, value);
+        }
+        let store = builder
             .build()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{url}: configure: {e}")))?;
         let shared = Arc::new(Shared {
@@ -541,6 +561,10 @@ impl Backend for S3Backend {
 
     fn has_versions(&self) -> bool {
         true
+    }
+
+    fn lease_ttl(&self) -> Option<Duration> {
+        Some(self.locks.ttl())
     }
 
     fn read_versioned(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
