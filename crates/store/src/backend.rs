@@ -177,7 +177,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// every write: the ETag on object storage); `None` if absent.
     fn read_versioned(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
         let _ = key;
-        Err(io::Error::new(io::ErrorKind::Unsupported, "versioned reads need object storage"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "versioned reads need object storage",
+        ))
     }
 
     /// Stores `data` under `key` only if the object's version is still
@@ -186,7 +189,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// written) if the condition did not hold.
     fn put_versioned(&self, key: &str, data: &[u8], expected: Option<&str>) -> io::Result<Option<String>> {
         let _ = (key, data, expected);
-        Err(io::Error::new(io::ErrorKind::Unsupported, "conditional writes need object storage"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "conditional writes need object storage",
+        ))
     }
 }
 

@@ -187,7 +187,11 @@ impl TenantStore {
 
     /// Takes `job`'s lease (see the module doc); `None` if a live holder
     /// keeps it (as `wait` says). Starts the renewer.
-    pub(crate) fn acquire_lease(&self, job: &JobName, wait: Wait) -> Result<Option<Arc<LeaseState>>, StoreError> {
+    pub(crate) fn acquire_lease(
+        &self,
+        job: &JobName,
+        wait: Wait,
+    ) -> Result<Option<Arc<LeaseState>>, StoreError> {
         let ttl = self.lease_ttl().expect("leases need a versioned backend");
         let key = self.key(&format!("leases/{job}"));
         let backend = self.inner.store.backend.clone();
@@ -200,7 +204,6 @@ impl TenantStore {
         let mut seen: Option<(String, Instant)> = None;
         let (doc, tag, voids) = loop {
             let current = backend.read_versioned(&key).map_err(io("read lease"))?;
-            let next = self.first_free_number(job)?;
             let fresh = |generation: u64, next: u64| LeaseDoc {
                 holder: holder.clone(),
                 generation,
@@ -211,9 +214,12 @@ impl TenantStore {
             };
             match current {
                 None => {
-                    let doc = fresh(1, next);
+                    let doc = fresh(1, self.first_free_number(job)?);
                     let bytes = serde_json::to_vec(&doc).expect("serializable");
-                    if let Some(tag) = backend.put_versioned(&key, &bytes, None).map_err(io("write lease"))? {
+                    if let Some(tag) = backend
+                        .put_versioned(&key, &bytes, None)
+                        .map_err(io("write lease"))?
+                    {
                         break (doc, tag, None);
                     }
                 }
@@ -222,16 +228,21 @@ impl TenantStore {
                         StoreError::io(
                             "read lease",
                             key.clone(),
-                            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("damaged lease: {e}")),
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("damaged lease: {e}"),
+                            ),
                         )
                     })?;
                     let now = Instant::now();
                     match &seen {
                         Some((t, since)) if *t == tag && now.duration_since(*since) >= ttl => {
-                            let doc = fresh(old.generation + 1, next.max(old.next));
+                            let next = self.first_free_number(job)?.max(old.next);
+                            let doc = fresh(old.generation + 1, next);
                             let bytes = serde_json::to_vec(&doc).expect("serializable");
-                            if let Some(new_tag) =
-                                backend.put_versioned(&key, &bytes, Some(&tag)).map_err(io("take over lease"))?
+                            if let Some(new_tag) = backend
+                                .put_versioned(&key, &bytes, Some(&tag))
+                                .map_err(io("take over lease"))?
                             {
                                 break (doc, new_tag, Some(old));
                             }
@@ -328,7 +339,13 @@ fn start_renewer(state: &Arc<LeaseState>, ttl: Duration) {
 fn holder_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .ok()
-        .map(|h| h.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect::<String>())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(64)
+                .collect::<String>()
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "host".into());
     let nanos = std::time::SystemTime::now()

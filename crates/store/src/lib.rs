@@ -93,16 +93,16 @@ pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
 pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport, RepairReport};
 pub use gc::{GcReport, REPACK_LIVE_FRACTION, SMALL_PACK_DIVISOR, SMALL_PACKS_TO_MERGE};
+pub use location::StoreLocation;
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, MAX_CHAIN, MAX_STATE_LEN, Manifest, MemoryImage,
     OLDEST_MANIFEST_SCHEMA, PageDeltaRef, Retention, SnapshotKind, SnapshotStatus, SourcePosition,
     StateFormat, TaskKey, TaskState, TaskStateData, Trigger, now_ms,
 };
-pub use location::StoreLocation;
 pub use migrate::MigrateReport;
+pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 #[cfg(feature = "s3")]
 pub use s3::{DEFAULT_LOCK_TTL, RequestCounts, S3Backend, S3Options};
-pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 pub use series::SeriesLease;
 pub use tenant::{ListFilter, TenantStore};
 pub use writer::{BlobWriter, SnapshotWriter};
@@ -249,7 +249,8 @@ impl Store {
                     location: label.clone(),
                     reason,
                 })?;
-                let backend = S3Backend::open(bucket, prefix, s3).map_err(|e| StoreError::Remote(e.to_string()))?;
+                let backend =
+                    S3Backend::open(bucket, prefix, s3).map_err(|e| StoreError::Remote(e.to_string()))?;
                 Self::with_backend(Arc::new(backend), options, &label)
             }
             #[cfg(not(feature = "s3"))]

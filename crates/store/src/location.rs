@@ -73,8 +73,7 @@ impl StoreLocation {
                 !c.is_empty()
                     && c != "."
                     && c != ".."
-                    && c
-                        .bytes()
+                    && c.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             };
             if !prefix.split('/').all(component_ok) {
@@ -101,6 +100,18 @@ impl StoreLocation {
 impl From<&Path> for StoreLocation {
     fn from(p: &Path) -> Self {
         StoreLocation::Local(p.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for StoreLocation {
+    fn from(p: &PathBuf) -> Self {
+        StoreLocation::Local(p.clone())
+    }
+}
+
+impl From<&StoreLocation> for StoreLocation {
+    fn from(l: &StoreLocation) -> Self {
+        l.clone()
     }
 }
 
@@ -148,7 +159,10 @@ mod tests {
         );
         let root = StoreLocation::parse("s3://bkt").unwrap();
         assert_eq!(root.to_string(), "s3://bkt");
-        assert_eq!(StoreLocation::parse("s3://bkt/x").unwrap().to_string(), "s3://bkt/x");
+        assert_eq!(
+            StoreLocation::parse("s3://bkt/x").unwrap().to_string(),
+            "s3://bkt/x"
+        );
     }
 
     #[test]

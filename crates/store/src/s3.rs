@@ -109,7 +109,9 @@ impl S3Options {
                 .parse()
                 .ok()
                 .filter(|ms| (100..=3_600_000).contains(ms))
-                .ok_or_else(|| format!("MEMENTO_S3_LOCK_TTL_MS={v:?}: not a number of ms in 100..=3600000"))?;
+                .ok_or_else(|| {
+                    format!("MEMENTO_S3_LOCK_TTL_MS={v:?}: not a number of ms in 100..=3600000")
+                })?;
             o.lock_ttl = Duration::from_millis(ms);
         }
         Ok(o)
@@ -138,7 +140,9 @@ struct Shared {
 
 impl fmt::Debug for S3Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("S3Backend").field("url", &self.shared.url).finish()
+        f.debug_struct("S3Backend")
+            .field("url", &self.shared.url)
+            .finish()
     }
 }
 
@@ -157,7 +161,10 @@ fn obj_err(url: &str, op: &str, key: &str, e: object_store::Error) -> io::Error 
                 "the bucket does not exist".to_string()
             } else if text.contains("AccessDenied") || text.contains("403") {
                 "access denied".to_string()
-            } else if text.contains("QuotaExceeded") || text.contains("EntityTooLarge") || text.contains("507") {
+            } else if text.contains("QuotaExceeded")
+                || text.contains("EntityTooLarge")
+                || text.contains("507")
+            {
                 "the bucket is full (quota exceeded)".to_string()
             } else if text.contains("error sending request")
                 || text.contains("connect")
@@ -166,12 +173,21 @@ fn obj_err(url: &str, op: &str, key: &str, e: object_store::Error) -> io::Error 
             {
                 "endpoint unreachable".to_string()
             } else {
-                text.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(200).collect()
+                text.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .take(200)
+                    .collect()
             };
             (io::ErrorKind::Other, reason)
         }
     };
-    let at = if key.is_empty() { String::new() } else { format!(" {key}") };
+    let at = if key.is_empty() {
+        String::new()
+    } else {
+        format!(" {key}")
+    };
     io::Error::new(kind, format!("{url}: {op}{at}: {reason}"))
 }
 
@@ -247,7 +263,9 @@ impl Shared {
         };
         match result {
             Ok(tag) => Ok(Some(tag.unwrap_or_default())),
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                Ok(None)
+            }
             Err(e) => Err(obj_err(&self.url, "write", key, e)),
         }
     }
@@ -366,9 +384,9 @@ impl S3Backend {
         });
         // Any answer to a LIST proves the endpoint, the bucket and the
         // credentials; an empty prefix is a valid answer.
-        shared.list("tenants").map_err(|e| {
-            io::Error::new(e.kind(), e.to_string().replacen(": list tenants:", ": open:", 1))
-        })?;
+        shared
+            .list("tenants")
+            .map_err(|e| io::Error::new(e.kind(), e.to_string().replacen(": list tenants:", ": open:", 1)))?;
         let locks = lock::Locks::start(shared.clone(), options.lock_ttl);
         Ok(S3Backend {
             shared,
@@ -405,7 +423,12 @@ impl S3Backend {
             .unwrap()
             .get(&staged.0)
             .cloned()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("staged object {} is gone", staged.0)))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("staged object {} is gone", staged.0),
+                )
+            })
     }
 
     fn new_staged(&self, data: Bytes) -> Staged {
@@ -478,7 +501,10 @@ impl Backend for S3Backend {
             PutMode::Replace => ObjPutMode::Overwrite,
             PutMode::NoReplace => ObjPutMode::Create,
         };
-        Ok(self.shared.put(key, Bytes::copy_from_slice(data), mode)?.is_some())
+        Ok(self
+            .shared
+            .put(key, Bytes::copy_from_slice(data), mode)?
+            .is_some())
     }
 
     fn stage(&self, data: &[u8], _sync: bool) -> io::Result<Staged> {
@@ -497,7 +523,11 @@ impl Backend for S3Backend {
         for (staged, key) in items {
             let data = self.take_staged(staged)?;
             let multipart = data.len() > MULTIPART_ABOVE;
-            let n = if multipart { data.len().div_ceil(PART_SIZE) as u64 + 2 } else { 1 };
+            let n = if multipart {
+                data.len().div_ceil(PART_SIZE) as u64 + 2
+            } else {
+                1
+            };
             sh.counts.puts.fetch_add(n, Ordering::Relaxed);
             let (store, path, key) = (sh.store.clone(), sh.path(key), key.clone());
             jobs.push(async move {

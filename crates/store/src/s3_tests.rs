@@ -56,7 +56,10 @@ fn endpoint() -> &'static str {
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen on port {port} within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on port {port} within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         format!("http://127.0.0.1:{port}")
@@ -75,7 +78,10 @@ fn create_bucket(name: &str) {
     .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "create bucket {name}: {answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "create bucket {name}: {answer}"
+    );
 }
 
 fn s3_options(ttl: Duration) -> S3Options {
@@ -133,7 +139,11 @@ fn commit(t: &TenantStore, j: &JobName, state: &[u8]) -> Result<(SnapshotId, Vec
     let n = t.next_snapshot_number(j)?;
     let mut w = t.begin(j, n)?;
     let chunks = w.put_chunks_cdc(state)?;
-    let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Canonical);
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
     m.tasks.push(TaskState {
         key: TaskKey::new("op", 0),
         state: TaskStateData::Canonical {
@@ -166,8 +176,14 @@ fn snapshots_commit_list_read_back_and_survive_reopening() {
     let t = store.tenant("acme").unwrap();
     assert_eq!(t.latest(&j).unwrap().unwrap().id, id2);
     assert_eq!(t.list(&ListFilter::job(&j)).unwrap().len(), 2);
-    assert_eq!(t.read_chunks(&id1, &TaskKey::new("op", 0), &chunks1).unwrap(), first);
-    assert_eq!(t.read_chunks(&id2, &TaskKey::new("op", 0), &chunks2).unwrap(), second);
+    assert_eq!(
+        t.read_chunks(&id1, &TaskKey::new("op", 0), &chunks1).unwrap(),
+        first
+    );
+    assert_eq!(
+        t.read_chunks(&id2, &TaskKey::new("op", 0), &chunks2).unwrap(),
+        second
+    );
     assert_eq!(store.tenants().unwrap(), vec![TenantName::new("acme").unwrap()]);
     let report = t.fsck().unwrap();
     assert!(report.is_clean(), "{report:?}");
@@ -184,7 +200,10 @@ fn gc_deletes_what_no_manifest_references_and_fsck_stays_clean() {
     t.delete(&old).unwrap();
     let report = t.gc().unwrap();
     assert!(report.blobs_removed > 0 && report.bytes_freed > 0, "{report:?}");
-    assert_eq!(t.read_chunks(&keep, &TaskKey::new("op", 0), &chunks).unwrap(), noise(8, 2 << 20));
+    assert_eq!(
+        t.read_chunks(&keep, &TaskKey::new("op", 0), &chunks).unwrap(),
+        noise(8, 2 << 20)
+    );
     assert!(t.fsck().unwrap().is_clean());
 }
 
@@ -199,12 +218,19 @@ fn export_import_and_quota_work_on_object_storage() {
     let mut archive = Vec::new();
     t.export(&id, &mut archive, "a", &mut |_| {}).unwrap();
     let dst = store.tenant("dst").unwrap();
-    let imported = dst.import(&mut archive.as_slice(), "a", None, &mut |_| {}).unwrap().id;
+    let imported = dst
+        .import(&mut archive.as_slice(), "a", None, &mut |_| {})
+        .unwrap()
+        .id;
     let m = dst.get(&imported).unwrap();
     let TaskStateData::Canonical { chunks, .. } = &m.tasks[0].state else {
         panic!("canonical")
     };
-    assert_eq!(dst.read_chunks(&imported, &TaskKey::new("op", 0), chunks).unwrap(), state);
+    assert_eq!(
+        dst.read_chunks(&imported, &TaskKey::new("op", 0), chunks)
+            .unwrap(),
+        state
+    );
 
     let small = Store::with_backend(
         std::sync::Arc::new(S3Backend::open(&b, "quota", s3_options(Duration::from_secs(5))).unwrap()),
@@ -230,8 +256,16 @@ fn two_writers_of_one_number_commit_once() {
     let n = t1.next_snapshot_number(&j).unwrap();
     let w1 = t1.begin(&j, n).unwrap();
     let w2 = t2.begin(&j, n).unwrap();
-    let m1 = w1.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Canonical);
-    let m2 = w2.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Canonical);
+    let m1 = w1.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    let m2 = w2.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
     w1.commit(m1).unwrap();
     let err = w2.commit(m2).unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
@@ -248,10 +282,15 @@ fn lock_objects_exclude_and_a_dead_holders_lock_goes_stale() {
         .lock("l/w", LockMode::Exclusive, Some(Duration::from_millis(100)))
         .unwrap();
     assert!(none.is_none(), "a shared holder keeps an exclusive one out");
-    let shared2 = c.lock("l/w", LockMode::Shared, Some(Duration::from_millis(500))).unwrap();
+    let shared2 = c
+        .lock("l/w", LockMode::Shared, Some(Duration::from_millis(500)))
+        .unwrap();
     assert!(shared2.is_some(), "shared holders coexist");
     drop((shared, shared2));
-    let excl = a.lock("l/w", LockMode::Exclusive, Some(Duration::from_secs(5))).unwrap().unwrap();
+    let excl = a
+        .lock("l/w", LockMode::Exclusive, Some(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
     // Held and renewed: still held well past its ttl.
     std::thread::sleep(ttl * 2);
     assert!(
@@ -260,7 +299,11 @@ fn lock_objects_exclude_and_a_dead_holders_lock_goes_stale() {
             .is_none()
     );
     drop(excl);
-    assert!(c.lock("l/w", LockMode::Exclusive, Some(Duration::from_secs(2))).unwrap().is_some());
+    assert!(
+        c.lock("l/w", LockMode::Exclusive, Some(Duration::from_secs(2)))
+            .unwrap()
+            .is_some()
+    );
 
     // A holder that dies without releasing: its object stops changing and
     // is taken over after one ttl.
@@ -268,9 +311,15 @@ fn lock_objects_exclude_and_a_dead_holders_lock_goes_stale() {
     let body = br#"{"holder":"1-dead","ttl_ms":600,"seq":7}"#;
     assert!(a.put("l/dead", body, PutMode::NoReplace, true).unwrap());
     let start = Instant::now();
-    let taken = c.lock("l/dead", LockMode::Exclusive, Some(Duration::from_secs(10))).unwrap();
+    let taken = c
+        .lock("l/dead", LockMode::Exclusive, Some(Duration::from_secs(10)))
+        .unwrap();
     assert!(taken.is_some());
-    assert!(start.elapsed() >= ttl, "taken before it was stale: {:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= ttl,
+        "taken before it was stale: {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -294,7 +343,11 @@ fn a_paused_lease_holder_cannot_commit_after_its_successor_took_over() {
     let mut w = old.begin(&j, n).unwrap();
     let state = noise(3, 100_000);
     let chunks = w.put_chunks_cdc(&state).unwrap();
-    let mut m = w.manifest(SnapshotKind::Checkpoint, Trigger::Periodic, StateFormat::Canonical);
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
     m.tasks.push(TaskState {
         key: TaskKey::new("op", 0),
         state: TaskStateData::Canonical {
@@ -317,7 +370,11 @@ fn a_paused_lease_holder_cannot_commit_after_its_successor_took_over() {
     // manifest key, whatever its own view of the lease.
     let err = w.commit(m).unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
-    assert!(new.get(&SnapshotId::new(j.clone(), n)).unwrap_err().is_not_found());
+    assert!(
+        new.get(&SnapshotId::new(j.clone(), n))
+            .unwrap_err()
+            .is_not_found()
+    );
     // Its next number is refused by the lease's conditional write.
     let err = old.next_snapshot_number(&j).unwrap_err();
     assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
@@ -329,13 +386,24 @@ fn a_paused_lease_holder_cannot_commit_after_its_successor_took_over() {
     assert!(new.fsck().unwrap().is_clean());
     drop(new_lease);
     // Released: the next run takes it at once.
-    assert!(old_store.tenant("t").unwrap().lease_series(&job("other")).unwrap().is_some());
+    assert!(
+        old_store
+            .tenant("t")
+            .unwrap()
+            .lease_series(&job("other"))
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[test]
 fn unreachable_endpoint_and_missing_bucket_are_one_line_errors() {
     let mut o = s3_options(Duration::from_secs(5));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     o.config[0].1 = format!("http://127.0.0.1:{port}");
     o.max_retries = 0;
     let e = S3Backend::open("nobucket", "p", o).unwrap_err().to_string();

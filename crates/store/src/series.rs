@@ -50,20 +50,30 @@ impl SeriesLease {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, feature = "s3"))]
     pub(crate) fn pause_renewals(&self) {
         if let Held::Object { state, .. } = &self.held {
-            state.renewals_paused.store(true, std::sync::atomic::Ordering::SeqCst);
+            state
+                .renewals_paused
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
 
 impl Drop for SeriesLease {
     fn drop(&mut self) {
-        if let Held::Object { state, tenant, series } = &self.held {
+        if let Held::Object {
+            state,
+            tenant,
+            series,
+        } = &self.held
+        {
             state.release();
             let mut leases = tenant.inner.leases.lock().unwrap();
-            if leases.get(series).is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(state))) {
+            if leases
+                .get(series)
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(state)))
+            {
                 leases.remove(series);
             }
         }
@@ -104,7 +114,11 @@ impl TenantStore {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn lease_series_wait(&self, series: &JobName, timeout: Duration) -> Result<Option<SeriesLease>, StoreError> {
+    pub fn lease_series_wait(
+        &self,
+        series: &JobName,
+        timeout: Duration,
+    ) -> Result<Option<SeriesLease>, StoreError> {
         if self.lease_ttl().is_some() {
             return self.lease_object(series, Wait::Upto(timeout));
         }

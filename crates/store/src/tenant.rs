@@ -197,7 +197,12 @@ impl TenantStore {
 
     /// The lease of `job` this process holds, if any.
     pub(crate) fn active_lease(&self, job: &JobName) -> Option<Arc<crate::lease::LeaseState>> {
-        self.inner.leases.lock().unwrap().get(job).and_then(std::sync::Weak::upgrade)
+        self.inner
+            .leases
+            .lock()
+            .unwrap()
+            .get(job)
+            .and_then(std::sync::Weak::upgrade)
     }
 
     /// Like `get`, but a snapshot deleted meanwhile (by another thread or

@@ -160,7 +160,11 @@ impl Locks {
         }
     }
 
-    fn exclusive(self: &Arc<Self>, key: &str, deadline: Option<Instant>) -> io::Result<Option<Box<dyn LockGuard>>> {
+    fn exclusive(
+        self: &Arc<Self>,
+        key: &str,
+        deadline: Option<Instant>,
+    ) -> io::Result<Option<Box<dyn LockGuard>>> {
         let mut watch = Watch::new(self.ttl);
         let mut pause = Pause::new(deadline);
         let tag = loop {
@@ -211,7 +215,11 @@ impl Locks {
         key: &str,
         deadline: Option<Instant>,
     ) -> io::Result<Option<Box<dyn LockGuard>>> {
-        let own = format!("{key}.shared/{}-{}", self.holder, self.next.fetch_add(1, Ordering::Relaxed));
+        let own = format!(
+            "{key}.shared/{}-{}",
+            self.holder,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
         let mut watch = Watch::new(self.ttl);
         let mut pause = Pause::new(deadline);
         loop {
