@@ -185,7 +185,7 @@ impl TenantStore {
             }
             Err(e) => return Err(StoreError::io("read manifest", key, e)),
         };
-        if bytes == crate::lease::VOID {
+        if bytes == crate::manifest::VOID_MANIFEST {
             // A number voided by a lease takeover: never a snapshot.
             return Err(StoreError::NotFound {
                 tenant: self.inner.name.to_string(),
