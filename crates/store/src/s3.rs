@@ -251,7 +251,7 @@ impl Shared {
         let result = if data.len() > MULTIPART_ABOVE && mode == ObjPutMode::Overwrite {
             let parts = data.len().div_ceil(PART_SIZE) as u64;
             counts.puts.fetch_add(parts + 2, Ordering::Relaxed);
-            self.run(async move { put_multipart(&*store, &path, data).await })
+            self.run(async move { put_multipart(&store, &path, data).await })
         } else {
             counts.puts.fetch_add(1, Ordering::Relaxed);
             let opts = PutOptions {
