@@ -234,3 +234,73 @@ fn exactly_once_under_twenty_sigkills_on_object_storage() {
     let fsck = run(dir, &["fsck", "--state-dir", &url]);
     assert!(fsck.status.success(), "fsck after {kills} kills: {}", text(&fsck));
 }
+
+/// `memento serve` with `state_dir = "s3://…"` and a local `work_dir`:
+/// a boot job checkpoints into the bucket, the REST API answers for it, and
+/// the store commands see its snapshots in the bucket.
+#[test]
+fn serve_keeps_its_store_in_a_bucket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("s3://{}/pool", s3::bucket());
+    std::fs::write(
+        dir.join("job.toml"),
+        job("clicks", 1_000_000, Some(2_000), "200ms"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("host.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{url}\"\nwork_dir = \"work\"\n\
+             [[tenants]]\nname = \"a\"\ntoken_blake3 = \"{}\"\n\
+             [[jobs]]\ntenant = \"a\"\nfile = \"job.toml\"\n",
+            common::hash_token(common::TOKEN_A)
+        ),
+    )
+    .unwrap();
+    let addr_file = dir.join("addr");
+    let mut child = cmd(dir, &["serve", "--config", "host.toml", "--addr-file", "addr"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = common::await_addr_file(&addr_file, &mut child, &common::Log::default());
+    let log = || std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
+    let bearer = format!("Bearer {}", common::TOKEN_A);
+    common::wait_for("a checkpoint in the bucket", Duration::from_secs(60), log, || {
+        let (code, body) = common::request(&addr, "GET", "/v1/jobs/clicks/checkpoints", Some(&bearer), "");
+        code == 200
+            && serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["counts"]["completed"].as_u64())
+                .is_some_and(|n| n >= 1)
+    });
+    let list = run(
+        dir,
+        &[
+            "snapshots",
+            "list",
+            "--tenant",
+            "a",
+            "--job",
+            "clicks",
+            "--json",
+            "--state-dir",
+            &url,
+        ],
+    );
+    assert!(list.status.success(), "{}", text(&list));
+    assert!(
+        !serde_json::from_slice::<serde_json::Value>(&list.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(dir.join("work/service").exists(), "records live in work_dir");
+    assert!(!dir.join("s3:").exists());
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}: {}", log());
+}
