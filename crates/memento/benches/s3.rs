@@ -276,8 +276,11 @@ fn endpoint() -> String {
             Ok(())
         });
     }
-    cmd.spawn()
+    let mut server = cmd
+        .spawn()
         .expect("moto_server not found: pip install 'moto[server]' or set MEMENTO_TEST_S3_ENDPOINT");
+    // Reaped if it dies early; killed with this process otherwise.
+    std::thread::spawn(move || server.wait());
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "moto_server did not listen");

@@ -97,6 +97,8 @@ impl StoreLocation {
     }
 }
 
+// Borrowed paths only: `Host::open(&dir)` has always taken a reference,
+// and an owned `From` would make clippy ask every caller to drop the `&`.
 impl From<&Path> for StoreLocation {
     fn from(p: &Path) -> Self {
         StoreLocation::Local(p.to_path_buf())
@@ -112,12 +114,6 @@ impl From<&PathBuf> for StoreLocation {
 impl From<&StoreLocation> for StoreLocation {
     fn from(l: &StoreLocation) -> Self {
         l.clone()
-    }
-}
-
-impl From<PathBuf> for StoreLocation {
-    fn from(p: PathBuf) -> Self {
-        StoreLocation::Local(p)
     }
 }
 
