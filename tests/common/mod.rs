@@ -8,6 +8,7 @@
 
 pub mod openapi;
 pub mod output;
+pub mod s3;
 pub mod wasm;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -28,7 +28,7 @@ use crate::runtime::{
 };
 use crate::spec::{JobSpec, SnapshotFormat, SpecError};
 use crate::store::{
-    InvalidName, JobName, Manifest, SnapshotId, Store, StoreError, StoreOptions, TenantStore,
+    InvalidName, JobName, Manifest, SnapshotId, Store, StoreError, StoreLocation, StoreOptions, TenantStore,
 };
 
 /// The tenant of a single-user host (the CLI without `--tenant`).
@@ -167,13 +167,16 @@ pub fn default_cache_dir(state_dir: &Path) -> PathBuf {
 
 impl Host {
     /// Start a host whose snapshots live in `state_dir` (created if
-    /// missing), caching compiled components in
-    /// [`default_cache_dir`]`(state_dir)`.
+    /// missing): a local directory (a `&Path`), or any [`StoreLocation`]
+    /// such as `s3://bucket/prefix` (cargo feature `s3`). Compiled
+    /// components are cached in [`default_cache_dir`]`(state_dir)` for a
+    /// local directory, and not at all for object storage (the cache is
+    /// local and trusted: give one with [`Host::open_with_runtime`]).
     ///
     /// # Errors
     /// When the wasm engine cannot be created, the cache directory cannot
     /// be created, or the store cannot be opened.
-    pub fn open(state_dir: &Path) -> Result<Host, HostError> {
+    pub fn open(state_dir: impl Into<StoreLocation>) -> Result<Host, HostError> {
         Host::open_with(state_dir, StoreOptions::default())
     }
 
@@ -182,12 +185,13 @@ impl Host {
     ///
     /// # Errors
     /// As [`Host::open`].
-    pub fn open_with(state_dir: &Path, options: StoreOptions) -> Result<Host, HostError> {
+    pub fn open_with(state_dir: impl Into<StoreLocation>, options: StoreOptions) -> Result<Host, HostError> {
+        let location = state_dir.into();
         let runtime = RuntimeOptions {
-            cache_dir: Some(default_cache_dir(state_dir)),
+            cache_dir: location.local_path().map(default_cache_dir),
             ..RuntimeOptions::default()
         };
-        Host::open_with_runtime(state_dir, options, runtime)
+        Host::open_with_runtime(location, options, runtime)
     }
 
     /// Start a host with `runtime` options as given: among them where the
@@ -197,13 +201,13 @@ impl Host {
     /// # Errors
     /// As [`Host::open`].
     pub fn open_with_runtime(
-        state_dir: &Path,
+        state_dir: impl Into<StoreLocation>,
         options: StoreOptions,
         runtime: RuntimeOptions,
     ) -> Result<Host, HostError> {
         Ok(Host {
             runtime: Runtime::with_options(runtime)?,
-            store: Store::open(state_dir, options)?,
+            store: Store::open_location(&state_dir.into(), options)?,
         })
     }
 

@@ -7,7 +7,8 @@
 //! object store (put-if-absent, whole-object reads, prefix listing), so that
 //! a remote backend can be added without touching callers.
 //!
-//! [`LocalDir`] is the only implementation: all access goes through a
+//! [`LocalDir`] is the local implementation (`S3Backend`, in `s3`, the
+//! remote one): all access goes through a
 //! `cap-std` directory handle, so no key can reach outside the store root
 //! (`..` and absolute paths are refused by the handle itself, and by
 //! [`check_key`] before that).
@@ -170,6 +171,41 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Puts the reserve back if it was released and there is room again.
     /// Best effort: a disk still full only leaves it missing.
     fn restore_reserve(&self) {}
+
+    /// Whether [`Backend::read_versioned`] and [`Backend::put_versioned`]
+    /// work: object storage has them, a directory does not (it has
+    /// `flock`, which object storage lacks).
+    fn has_versions(&self) -> bool {
+        false
+    }
+
+    /// How long a lease written with [`Backend::put_versioned`] lives
+    /// without renewal; `None` where there are no versions.
+    fn lease_ttl(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Reads the object and its version (an opaque token that changes with
+    /// every write: the ETag on object storage); `None` if absent.
+    fn read_versioned(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
+        let _ = key;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "versioned reads need object storage",
+        ))
+    }
+
+    /// Stores `data` under `key` only if the object's version is still
+    /// `expected` (`None`: only if there is no object), in one atomic
+    /// conditional write. Returns the new version, or `None` (nothing
+    /// written) if the condition did not hold.
+    fn put_versioned(&self, key: &str, data: &[u8], expected: Option<&str>) -> io::Result<Option<String>> {
+        let _ = (key, data, expected);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "conditional writes need object storage",
+        ))
+    }
 }
 
 /// Whether `e` says the disk (or the user's quota on it) is full.

@@ -155,6 +155,31 @@ pub enum StoreError {
     #[error("store busy: {0}")]
     Busy(String),
 
+    /// A store location (`--state-dir`, `HOST.toml`) was rejected before
+    /// anything was opened.
+    #[error("invalid store location {location}: {reason}")]
+    InvalidLocation {
+        /// The location as given, escaped and shortened.
+        location: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// Object storage failed: the message names the URL, the operation
+    /// and the reason (unreachable, missing bucket, access denied, full).
+    #[error("{0}")]
+    Remote(String),
+
+    /// This run's lease of its job was taken over (it expired while the
+    /// run could not renew it): the run must stop, it can no longer commit.
+    #[error("lease of job {job} (tenant {tenant}) lost: another host has taken the job over")]
+    LeaseLost {
+        /// Tenant of the job.
+        tenant: String,
+        /// The job.
+        job: String,
+    },
+
     /// The store directory is not a memento store or of an unknown version.
     #[error("store at {root}: {reason}")]
     StoreFormat {

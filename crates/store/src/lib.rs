@@ -70,6 +70,8 @@ mod error;
 mod fsck;
 mod gc;
 mod index;
+mod lease;
+mod location;
 mod manifest;
 mod migrate;
 mod name;
@@ -77,6 +79,8 @@ mod numbers;
 mod pack;
 mod packed;
 mod read;
+#[cfg(feature = "s3")]
+mod s3;
 mod series;
 mod tenant;
 mod usage;
@@ -89,6 +93,7 @@ pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
 pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport, RepairReport};
 pub use gc::{GcReport, REPACK_LIVE_FRACTION, SMALL_PACK_DIVISOR, SMALL_PACKS_TO_MERGE};
+pub use location::StoreLocation;
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, MAX_CHAIN, MAX_STATE_LEN, Manifest, MemoryImage,
     OLDEST_MANIFEST_SCHEMA, PageDeltaRef, Retention, SnapshotKind, SnapshotStatus, SourcePosition,
@@ -96,6 +101,8 @@ pub use manifest::{
 };
 pub use migrate::MigrateReport;
 pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
+#[cfg(feature = "s3")]
+pub use s3::{DEFAULT_LOCK_TTL, RequestCounts, S3Backend, S3Options};
 pub use series::SeriesLease;
 pub use tenant::{ListFilter, TenantStore};
 pub use writer::{BlobWriter, SnapshotWriter};
@@ -246,6 +253,37 @@ impl Store {
         Self::with_backend(Arc::new(backend), options, &label)
     }
 
+    /// Opens the store at `location`: a local directory as
+    /// [`Store::open`], or a prefix of an S3-compatible bucket (cargo
+    /// feature `s3`; `AWS_*` environment, lock time to live from
+    /// `MEMENTO_S3_LOCK_TTL_MS`, see `docs/STORAGE.md`).
+    ///
+    /// # Errors
+    /// As [`Store::open`]; [`StoreError::InvalidLocation`] for `s3://` in
+    /// a build without the feature; one-line I/O errors naming the URL
+    /// when the bucket cannot be reached, does not exist or denies access.
+    pub fn open_location(location: &StoreLocation, options: StoreOptions) -> Result<Store, StoreError> {
+        match location {
+            StoreLocation::Local(path) => Store::open(path, options),
+            #[cfg(feature = "s3")]
+            StoreLocation::S3 { bucket, prefix } => {
+                let label = location.to_string();
+                let s3 = S3Options::from_env().map_err(|reason| StoreError::InvalidLocation {
+                    location: label.clone(),
+                    reason,
+                })?;
+                let backend =
+                    S3Backend::open(bucket, prefix, s3).map_err(|e| StoreError::Remote(e.to_string()))?;
+                Self::with_backend(Arc::new(backend), options, &label)
+            }
+            #[cfg(not(feature = "s3"))]
+            StoreLocation::S3 { .. } => Err(StoreError::InvalidLocation {
+                location: location.to_string(),
+                reason: "this build has no object storage support (cargo feature `s3`)".into(),
+            }),
+        }
+    }
+
     /// Opens a store on any [`Backend`]. `label` names it in errors.
     ///
     /// # Errors
@@ -335,6 +373,7 @@ impl Store {
             last_gc: Mutex::new(None),
             index: std::sync::RwLock::new(Default::default()),
             loose: std::sync::atomic::AtomicU8::new(2),
+            leases: Mutex::new(HashMap::new()),
         });
         tenants.retain(|_, t| t.strong_count() > 0);
         tenants.insert(name, Arc::downgrade(&inner));
@@ -361,5 +400,7 @@ impl Store {
 
 #[cfg(test)]
 mod pack_tests;
+#[cfg(all(test, feature = "s3"))]
+mod s3_tests;
 #[cfg(test)]
 mod tests;

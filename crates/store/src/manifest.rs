@@ -25,6 +25,11 @@ pub const MANIFEST_SCHEMA_VERSION: u32 = 2;
 /// The oldest manifest schema this build reads.
 pub const OLDEST_MANIFEST_SCHEMA: u32 = 1;
 
+/// What a voided manifest key holds (object storage, `docs/STORAGE.md`,
+/// "Job leases and fencing"): no snapshot, and never one, since manifests
+/// are never replaced.
+pub(crate) const VOID_MANIFEST: &[u8] = b"void\n";
+
 /// Why a snapshot exists: for recovery or for operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

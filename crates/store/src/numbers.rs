@@ -51,7 +51,12 @@ impl TenantStore {
             Some(id) => id.number().checked_add(1).ok_or_else(exhausted)?,
             None => 1,
         };
-        let n = stored.max(above_existing);
+        let mut n = stored.max(above_existing);
+        if let Some(lease) = self.active_lease(job) {
+            // The conditional write of the lease is what stops a holder
+            // that lost it from taking numbers (docs/STORAGE.md).
+            n = lease.take_number(n)?;
+        }
         self.write_counter(job, n.checked_add(1).ok_or_else(exhausted)?)?;
         Ok(n)
     }

@@ -34,6 +34,9 @@ pub(crate) struct TenantInner {
     pub(crate) index: std::sync::RwLock<MergedIndex>,
     /// Whether `blobs/` (layout 1) has anything: 0 no, 1 yes, 2 unknown.
     pub(crate) loose: std::sync::atomic::AtomicU8,
+    /// Leases of series this process holds on object storage, so that
+    /// taking a number of a leased series goes through its lease.
+    pub(crate) leases: Mutex<HashMap<JobName, std::sync::Weak<crate::lease::LeaseState>>>,
 }
 
 /// Which snapshots [`TenantStore::list`] returns.
@@ -182,7 +185,24 @@ impl TenantStore {
             }
             Err(e) => return Err(StoreError::io("read manifest", key, e)),
         };
+        if bytes == crate::manifest::VOID_MANIFEST {
+            // A number voided by a lease takeover: never a snapshot.
+            return Err(StoreError::NotFound {
+                tenant: self.inner.name.to_string(),
+                id: id.clone(),
+            });
+        }
         Manifest::from_json(&id.to_string(), &bytes)
+    }
+
+    /// The lease of `job` this process holds, if any.
+    pub(crate) fn active_lease(&self, job: &JobName) -> Option<Arc<crate::lease::LeaseState>> {
+        self.inner
+            .leases
+            .lock()
+            .unwrap()
+            .get(job)
+            .and_then(std::sync::Weak::upgrade)
     }
 
     /// Like `get`, but a snapshot deleted meanwhile (by another thread or

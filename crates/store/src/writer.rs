@@ -526,6 +526,16 @@ impl SnapshotWriter {
         tenant.publish_packs(sealed)?;
         manifest.completed_at_ms = now_ms();
         manifest.figures.commit_ms = commit_start.elapsed().as_millis() as u64;
+        if let Some(lease) = tenant.active_lease(s.id.job())
+            && lease.is_lost()
+        {
+            // Not what keeps a fenced writer out (the put-if-absent below
+            // is, against the successor's void); it only stops early.
+            return Err(StoreError::LeaseLost {
+                tenant: tenant.inner.name.to_string(),
+                job: s.id.job().to_string(),
+            });
+        }
         let key = tenant.manifest_key(&s.id);
         let written = backend
             .put(&key, &manifest.to_json(), PutMode::NoReplace, sync)
@@ -576,5 +586,10 @@ impl Drop for SnapshotWriter {
         }
         // Release the pin; any BlobWriter clones stop accepting puts.
         s.pin.lock().unwrap().take();
+        // Committed or abandoned: no longer a number the lease must keep
+        // voidable.
+        if let Some(lease) = s.tenant.active_lease(s.id.job()) {
+            lease.done(s.id.number());
+        }
     }
 }

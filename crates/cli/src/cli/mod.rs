@@ -224,9 +224,10 @@ enum SavepointCommand {
         id: String,
         #[command(flatten)]
         host: HostArgs,
-        /// Without a host: the state directory holding the snapshot store.
-        #[arg(long, env = "MEMENTO_STATE_DIR", default_value = "memento-state")]
-        state_dir: PathBuf,
+        /// Without a host: the state directory holding the snapshot store
+        /// (a path or s3://bucket/prefix).
+        #[arg(long, env = "MEMENTO_STATE_DIR", default_value = "memento-state", value_parser = store::parse_location)]
+        state_dir: memento::store::StoreLocation,
     },
     /// Write a snapshot and all its blobs to a self-contained archive file.
     Export {
@@ -452,10 +453,12 @@ fn run(
 ) -> anyhow::Result<ExitCode> {
     // Read the job file first: a bad one should not create a state directory.
     let spec = memento::spec::JobSpec::from_file(job_file)?;
+    // The cache is local and trusted: beside a local store by default, and
+    // only where asked for when the store is on object storage.
     let runtime = RuntimeOptions {
-        cache_dir: Some(
-            cache_dir.map_or_else(|| memento::default_cache_dir(&store.state_dir), Path::to_path_buf),
-        ),
+        cache_dir: cache_dir
+            .map(Path::to_path_buf)
+            .or_else(|| store.state_dir.local_path().map(memento::default_cache_dir)),
         ..RuntimeOptions::default()
     };
     let host = Host::open_with_runtime(&store.state_dir, StoreOptions::default(), runtime)?;

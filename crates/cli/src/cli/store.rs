@@ -11,21 +11,25 @@ use clap::{Args, Subcommand};
 
 use memento::spec::format_size;
 use memento::store::{
-    JobName, Manifest, Progress, SnapshotId, SnapshotKind, Store, StoreError, StoreOptions, TaskStateData,
-    TenantStore,
+    JobName, Manifest, Progress, SnapshotId, SnapshotKind, Store, StoreError, StoreLocation, StoreOptions,
+    TaskStateData, TenantStore,
 };
 
 /// Where the store is: flattened into every store command.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// The state directory holding the snapshot store.
+    /// The state directory holding the snapshot store: a local path, or
+    /// s3://bucket/prefix on S3-compatible object storage (configured by
+    /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION, AWS_ALLOW_HTTP).
     #[arg(
         long,
         env = "MEMENTO_STATE_DIR",
         default_value = "memento-state",
-        global = true
+        global = true,
+        value_parser = parse_location
     )]
-    pub state_dir: PathBuf,
+    pub state_dir: StoreLocation,
     /// The tenant whose snapshots to use.
     #[arg(long, default_value = "default", global = true)]
     pub tenant: String,
@@ -141,27 +145,41 @@ fn open(args: &StoreArgs) -> anyhow::Result<TenantStore> {
 }
 
 /// As [`open`], for commands that only read: nothing on disk changes, so
-/// they work on a read-only or full disk.
+/// they work on a read-only or full disk. (On object storage there is no
+/// such mode to ask for: the store opens as usual.)
 fn open_read_only(args: &StoreArgs) -> anyhow::Result<TenantStore> {
     check_store_exists(args)?;
-    Ok(Store::open_read_only(&args.state_dir, StoreOptions::default())?.tenant(&args.tenant)?)
+    let store = match args.state_dir.local_path() {
+        Some(dir) => Store::open_read_only(dir, StoreOptions::default())?,
+        None => Store::open_location(&args.state_dir, StoreOptions::default())?,
+    };
+    Ok(store.tenant(&args.tenant)?)
 }
 
 /// As [`open`], the whole store.
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     check_store_exists(args)?;
-    Ok(Store::open(&args.state_dir, StoreOptions::default())?)
+    Ok(Store::open_location(&args.state_dir, StoreOptions::default())?)
 }
 
+/// Refuses a local state dir without a store. On object storage the
+/// bucket must exist (opening checks it); a prefix is created like a
+/// directory's first file.
 fn check_store_exists(args: &StoreArgs) -> anyhow::Result<()> {
-    let dir = &args.state_dir;
-    if !dir.join(memento::store::STORE_FILE).is_file() {
+    if let Some(dir) = args.state_dir.local_path()
+        && !dir.join(memento::store::STORE_FILE).is_file()
+    {
         bail!(
             "no snapshot store at {} (set --state-dir or MEMENTO_STATE_DIR)",
             dir.display()
         );
     }
     Ok(())
+}
+
+/// `--state-dir`: a path or `s3://bucket/prefix`, checked before use.
+pub fn parse_location(s: &str) -> Result<StoreLocation, String> {
+    StoreLocation::parse(s).map_err(|e| e.to_string())
 }
 
 /// `memento snapshots list|show`.
@@ -577,8 +595,8 @@ pub fn run_savepoint_export(store: &StoreArgs, id: &str, file: &Path) -> anyhow:
 /// (nothing is committed then); quota; I/O errors.
 pub fn run_savepoint_import(store: &StoreArgs, file: &Path) -> anyhow::Result<()> {
     // Importing into a fresh state dir is normal: create the store.
-    let s = Store::open(&store.state_dir, StoreOptions::default())
-        .with_context(|| format!("opening the store at {}", store.state_dir.display()))?;
+    let s = Store::open_location(&store.state_dir, StoreOptions::default())
+        .with_context(|| format!("opening the store at {}", store.state_dir))?;
     let tenant = s.tenant(&store.tenant)?;
     let bar = progress_bar("import");
     let summary = tenant.import_file(file, &mut on_progress(&bar));

@@ -160,6 +160,12 @@ impl Coordinator<'_> {
             .and_then(|n| self.store.begin(&self.job, n).map(|w| (n, w)));
         let (number, writer) = match begun {
             Ok(x) => x,
+            // Another host took the job over: this run can commit nothing
+            // more, so it stops instead of counting failures.
+            Err(e @ crate::store::StoreError::LeaseLost { .. }) => {
+                req.refuse(TriggerError::Failed(e.to_string()));
+                return Err(e.into());
+            }
             Err(e) => {
                 let reason = format!("cannot start a snapshot: {e}");
                 let kind = req.kind;

@@ -164,14 +164,14 @@ impl Service {
             ..crate::runtime::RuntimeOptions::default()
         };
         let base =
-            Host::open_with_runtime(&config.state_dir, StoreOptions::default(), runtime).map_err(internal)?;
+            Host::open_with_runtime(&config.store, StoreOptions::default(), runtime).map_err(internal)?;
         let mut tenants = BTreeMap::new();
         for t in &config.tenants {
             // One Store per tenant on the same directory: the quota is a
             // store option, and stores on one directory coordinate through
             // file locks exactly as separate processes would.
-            let store = Store::open(
-                &config.state_dir,
+            let store = Store::open_location(
+                &config.store,
                 StoreOptions {
                     quota_bytes: t.quota,
                     ..StoreOptions::default()

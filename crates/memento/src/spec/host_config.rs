@@ -4,7 +4,8 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:8081"          # default
-//! state_dir = "state"                # relative to this file
+//! state_dir = "state"                # relative to this file, or s3://bucket/prefix
+//! work_dir = "work"                  # only with an s3:// state_dir: the local part
 //! max_upload = "64MiB"               # largest accepted request body (default)
 //! max_jobs = 32                      # running jobs over all tenants (default)
 //! cache_dir = "state/cache"          # compiled components (default: `cache` in state_dir)
@@ -35,7 +36,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{HumanDuration, HumanSize};
-use crate::store::{SnapshotId, TenantName};
+use crate::store::{SnapshotId, StoreLocation, TenantName};
 
 /// Default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
@@ -84,7 +85,12 @@ pub enum HostConfigError {
 pub struct HostConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// The state directory (store, uploaded components, tenants' files).
+    /// Where the snapshot store is: `state_dir` itself, or an
+    /// `s3://bucket/prefix` (`docs/STORAGE.md`, "Object storage").
+    pub store: StoreLocation,
+    /// The local state directory: uploaded components, tenants' files, job
+    /// records, the default cache, and the store when it is local. With an
+    /// `s3://` store it is `work_dir`.
     pub state_dir: PathBuf,
     /// Where compiled components are cached across restarts (default
     /// `cache` inside `state_dir`).
@@ -136,7 +142,9 @@ pub struct BootJob {
 struct Raw {
     #[serde(default)]
     listen: Option<String>,
-    state_dir: PathBuf,
+    state_dir: String,
+    #[serde(default)]
+    work_dir: Option<PathBuf>,
     #[serde(default)]
     cache_dir: Option<PathBuf>,
     #[serde(default)]
@@ -307,8 +315,30 @@ impl HostConfig {
             return Err(invalid("max_upload".into(), "must be more than 0 bytes".into()));
         }
         let cache_size = raw.cache_size.map_or(DEFAULT_CACHE_SIZE, |s| s.0);
-        let state_dir = base_dir.join(raw.state_dir);
+        let location =
+            StoreLocation::parse(&raw.state_dir).map_err(|e| invalid("state_dir".into(), e.to_string()))?;
+        let (store, state_dir) = match (location, raw.work_dir) {
+            (StoreLocation::Local(p), None) => {
+                let dir = base_dir.join(p);
+                (StoreLocation::Local(dir.clone()), dir)
+            }
+            (StoreLocation::Local(_), Some(_)) => {
+                return Err(invalid(
+                    "work_dir".into(),
+                    "is only for an s3:// state_dir (a local state_dir is the work directory)".into(),
+                ));
+            }
+            (remote, Some(work)) => (remote, base_dir.join(work)),
+            (_, None) => {
+                return Err(invalid(
+                    "work_dir".into(),
+                    "an s3:// state_dir needs a local work_dir (uploaded components, tenants' files, job records)"
+                        .into(),
+                ));
+            }
+        };
         Ok(HostConfig {
+            store,
             listen,
             cache_dir: raw.cache_dir.map_or_else(
                 || crate::host::default_cache_dir(&state_dir),
@@ -359,6 +389,30 @@ mod tests {
 
     #[test]
     fn defaults_and_relative_paths() {
+        let err = |t: &str| parse(t).unwrap_err().to_string();
+        let remote = parse(&format!(
+            "state_dir = \"s3://bkt/pool\"\nwork_dir = \"w\"\n{}",
+            tenant("acme", "t1")
+        ))
+        .unwrap();
+        assert_eq!(remote.store.to_string(), "s3://bkt/pool");
+        assert_eq!(remote.state_dir, Path::new("/etc/memento/w"));
+        assert_eq!(remote.cache_dir, Path::new("/etc/memento/w/cache"));
+        let e = err(&format!(
+            "state_dir = \"s3://bkt/pool\"\n{}",
+            tenant("acme", "t1")
+        ));
+        assert!(
+            e.contains("work_dir") && e.contains("needs a local work_dir"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "state_dir = \"s\"\nwork_dir = \"w\"\n{}",
+            tenant("acme", "t1")
+        ));
+        assert!(e.contains("only for an s3://"), "{e}");
+        let e = err(&format!("state_dir = \"gs://x/y\"\n{}", tenant("acme", "t1")));
+        assert!(e.contains("state_dir") && e.contains("unsupported scheme"), "{e}");
         let c = parse(&format!("state_dir = \"state\"\n{}", tenant("acme", "t1"))).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.state_dir, Path::new("/etc/memento/state"));

@@ -1,0 +1,440 @@
+//! The store against a real S3-protocol server: `moto` on loopback,
+//! started here (or the one `MEMENTO_TEST_S3_ENDPOINT` names, as
+//! `.ci/run` provides). These tests fail, never skip, when neither is
+//! there: object storage support is not tested by not testing it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::*;
+
+/// The endpoint of the test server, started once per test process.
+fn endpoint() -> &'static str {
+    static ENDPOINT: OnceLock<String> = OnceLock::new();
+    ENDPOINT.get_or_init(|| {
+        if let Ok(e) = std::env::var("MEMENTO_TEST_S3_ENDPOINT") {
+            return e;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // Spawned from a thread that lives as long as the process, with a
+        // parent-death signal, so the server never outlives the tests.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = std::process::Command::new("moto_server");
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            // SAFETY: prctl is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn();
+            let ok = child.is_ok();
+            tx.send(child.map(|_| ()).map_err(|e| e.to_string())).unwrap();
+            if ok {
+                loop {
+                    std::thread::park();
+                }
+            }
+        });
+        if let Err(e) = rx.recv().unwrap() {
+            panic!(
+                "cannot start moto_server ({e}): install it with `pip install 'moto[server]'` \
+                 or set MEMENTO_TEST_S3_ENDPOINT"
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on port {port} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        format!("http://127.0.0.1:{port}")
+    })
+}
+
+/// Creates a bucket with a plain HTTP request (object_store creates none).
+fn create_bucket(name: &str) {
+    let ep = endpoint();
+    let host = ep.trim_start_matches("http://");
+    let mut s = TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "create bucket {name}: {answer}"
+    );
+}
+
+fn s3_options(ttl: Duration) -> S3Options {
+    S3Options {
+        lock_ttl: ttl,
+        config: vec![
+            ("aws_endpoint".into(), endpoint().into()),
+            ("aws_allow_http".into(), "true".into()),
+            ("aws_access_key_id".into(), "test".into()),
+            ("aws_secret_access_key".into(), "test".into()),
+            ("aws_region".into(), "us-east-1".into()),
+        ],
+        ..Default::default()
+    }
+}
+
+/// A fresh bucket for one test.
+fn bucket() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = format!("t{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    create_bucket(&name);
+    name
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        pack_size: 1 << 20,
+        ..Default::default()
+    }
+}
+
+fn open_store(bucket: &str, ttl: Duration) -> (Store, std::sync::Arc<S3Backend>) {
+    let backend = std::sync::Arc::new(S3Backend::open(bucket, "state/x", s3_options(ttl)).unwrap());
+    let store = Store::with_backend(backend.clone(), opts(), &format!("s3://{bucket}/state/x")).unwrap();
+    (store, backend)
+}
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn job(name: &str) -> JobName {
+    JobName::new(name).unwrap()
+}
+
+fn commit(t: &TenantStore, j: &JobName, state: &[u8]) -> Result<(SnapshotId, Vec<ChunkRef>), StoreError> {
+    let n = t.next_snapshot_number(j)?;
+    let mut w = t.begin(j, n)?;
+    let chunks = w.put_chunks_cdc(state)?;
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: state.len() as u64,
+            chunks: chunks.clone(),
+        },
+    });
+    Ok((w.commit(m)?, chunks))
+}
+
+#[test]
+fn snapshots_commit_list_read_back_and_survive_reopening() {
+    let b = bucket();
+    let (store, backend) = open_store(&b, Duration::from_secs(5));
+    let t = store.tenant("acme").unwrap();
+    let j = job("wc");
+    let first = noise(1, 3 << 20);
+    let (id1, chunks1) = commit(&t, &j, &first).unwrap();
+    let mut second = first.clone();
+    second[100] ^= 1;
+    let before = backend.request_counts();
+    let (id2, chunks2) = commit(&t, &j, &second).unwrap();
+    let after = backend.request_counts();
+    assert!(id2.number() > id1.number());
+    // Only the changed chunk is new: one small pack, one index, one manifest.
+    assert!(after.puts - before.puts < 20, "{before:?} -> {after:?}");
+    drop((t, store, backend));
+
+    let (store, _) = open_store(&b, Duration::from_secs(5));
+    let t = store.tenant("acme").unwrap();
+    assert_eq!(t.latest(&j).unwrap().unwrap().id, id2);
+    assert_eq!(t.list(&ListFilter::job(&j)).unwrap().len(), 2);
+    assert_eq!(
+        t.read_chunks(&id1, &TaskKey::new("op", 0), &chunks1).unwrap(),
+        first
+    );
+    assert_eq!(
+        t.read_chunks(&id2, &TaskKey::new("op", 0), &chunks2).unwrap(),
+        second
+    );
+    assert_eq!(store.tenants().unwrap(), vec![TenantName::new("acme").unwrap()]);
+    let report = t.fsck().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn gc_deletes_what_no_manifest_references_and_fsck_stays_clean() {
+    let b = bucket();
+    let (store, _) = open_store(&b, Duration::from_secs(5));
+    let t = store.tenant("t").unwrap();
+    let j = job("g");
+    let (old, _) = commit(&t, &j, &noise(7, 2 << 20)).unwrap();
+    let (keep, chunks) = commit(&t, &j, &noise(8, 2 << 20)).unwrap();
+    t.delete(&old).unwrap();
+    let report = t.gc().unwrap();
+    assert!(report.blobs_removed > 0 && report.bytes_freed > 0, "{report:?}");
+    assert_eq!(
+        t.read_chunks(&keep, &TaskKey::new("op", 0), &chunks).unwrap(),
+        noise(8, 2 << 20)
+    );
+    assert!(t.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn export_import_and_quota_work_on_object_storage() {
+    let b = bucket();
+    let (store, _) = open_store(&b, Duration::from_secs(5));
+    let t = store.tenant("src").unwrap();
+    let j = job("e");
+    let state = noise(3, 1 << 20);
+    let (id, _) = commit(&t, &j, &state).unwrap();
+    let mut archive = Vec::new();
+    t.export(&id, &mut archive, "a", &mut |_| {}).unwrap();
+    let dst = store.tenant("dst").unwrap();
+    let imported = dst
+        .import(&mut archive.as_slice(), "a", None, &mut |_| {})
+        .unwrap()
+        .id;
+    let m = dst.get(&imported).unwrap();
+    let TaskStateData::Canonical { chunks, .. } = &m.tasks[0].state else {
+        panic!("canonical")
+    };
+    assert_eq!(
+        dst.read_chunks(&imported, &TaskKey::new("op", 0), chunks)
+            .unwrap(),
+        state
+    );
+
+    let small = Store::with_backend(
+        std::sync::Arc::new(S3Backend::open(&b, "quota", s3_options(Duration::from_secs(5))).unwrap()),
+        StoreOptions {
+            quota_bytes: Some(100_000),
+            ..opts()
+        },
+        "quota",
+    )
+    .unwrap();
+    let err = commit(&small.tenant("q").unwrap(), &j, &noise(4, 1 << 20)).unwrap_err();
+    assert!(matches!(err, StoreError::QuotaExceeded { .. }), "{err}");
+    assert!(small.tenant("q").unwrap().latest(&j).unwrap().is_none());
+}
+
+#[test]
+fn two_writers_of_one_number_commit_once() {
+    let b = bucket();
+    let (s1, _) = open_store(&b, Duration::from_secs(5));
+    let (s2, _) = open_store(&b, Duration::from_secs(5));
+    let (t1, t2) = (s1.tenant("t").unwrap(), s2.tenant("t").unwrap());
+    let j = job("race");
+    let n = t1.next_snapshot_number(&j).unwrap();
+    let w1 = t1.begin(&j, n).unwrap();
+    let w2 = t2.begin(&j, n).unwrap();
+    let m1 = w1.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    let m2 = w2.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    w1.commit(m1).unwrap();
+    let err = w2.commit(m2).unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
+}
+
+#[test]
+fn lock_objects_exclude_and_a_dead_holders_lock_goes_stale() {
+    let b = bucket();
+    let ttl = Duration::from_millis(600);
+    let a = S3Backend::open(&b, "locks", s3_options(ttl)).unwrap();
+    let c = S3Backend::open(&b, "locks", s3_options(ttl)).unwrap();
+    let shared = a.lock("l/w", LockMode::Shared, None).unwrap().unwrap();
+    let none = c
+        .lock("l/w", LockMode::Exclusive, Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(none.is_none(), "a shared holder keeps an exclusive one out");
+    let shared2 = c
+        .lock("l/w", LockMode::Shared, Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(shared2.is_some(), "shared holders coexist");
+    drop((shared, shared2));
+    let excl = a
+        .lock("l/w", LockMode::Exclusive, Some(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    // Held and renewed: still held well past its ttl.
+    std::thread::sleep(ttl * 2);
+    assert!(
+        c.lock("l/w", LockMode::Shared, Some(Duration::from_millis(200)))
+            .unwrap()
+            .is_none()
+    );
+    drop(excl);
+    assert!(
+        c.lock("l/w", LockMode::Exclusive, Some(Duration::from_secs(2)))
+            .unwrap()
+            .is_some()
+    );
+
+    // A holder that dies without releasing: its object stops changing and
+    // is taken over after one ttl.
+    // (A killed process leaves exactly this: its last write of the object.)
+    let body = br#"{"holder":"1-dead","ttl_ms":600,"seq":7}"#;
+    assert!(a.put("l/dead", body, PutMode::NoReplace, true).unwrap());
+    let start = Instant::now();
+    let taken = c
+        .lock("l/dead", LockMode::Exclusive, Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(taken.is_some());
+    assert!(
+        start.elapsed() >= ttl,
+        "taken before it was stale: {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_paused_lease_holder_cannot_commit_after_its_successor_took_over() {
+    let b = bucket();
+    let ttl = Duration::from_millis(900);
+    let (old_store, _) = open_store(&b, ttl);
+    let (new_store, _) = open_store(&b, ttl);
+    let (old, new) = (old_store.tenant("t").unwrap(), new_store.tenant("t").unwrap());
+    let j = job("fenced");
+    commit(&old, &j, &noise(1, 100_000)).unwrap();
+
+    let old_lease = old.lease_series(&j).unwrap().expect("free");
+    let (done, _) = commit(&old, &j, &noise(2, 100_000)).unwrap();
+    // A live holder is recognised: the successor gives up.
+    assert!(new.lease_series(&j).unwrap().is_none());
+
+    // The old holder takes a number and writes, then "pauses": no more
+    // renewals, as if SIGSTOPped.
+    let n = old.next_snapshot_number(&j).unwrap();
+    let mut w = old.begin(&j, n).unwrap();
+    let state = noise(3, 100_000);
+    let chunks = w.put_chunks_cdc(&state).unwrap();
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: state.len() as u64,
+            chunks,
+        },
+    });
+    old_lease.pause_renewals();
+
+    let start = Instant::now();
+    let new_lease = new
+        .lease_series_wait(&j, Duration::from_secs(10))
+        .unwrap()
+        .expect("taken over");
+    assert!(start.elapsed() >= ttl);
+    // The successor resumes from the old holder's last commit.
+    assert_eq!(new.latest(&j).unwrap().unwrap().id, done);
+
+    // The old holder "resumes": its commit is refused by the void at its
+    // manifest key, whatever its own view of the lease.
+    let err = w.commit(m).unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
+    assert!(
+        new.get(&SnapshotId::new(j.clone(), n))
+            .unwrap_err()
+            .is_not_found()
+    );
+    // Its next number is refused by the lease's conditional write.
+    let err = old.next_snapshot_number(&j).unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
+    assert!(old_lease.is_lost());
+
+    let (latest, _) = commit(&new, &j, &noise(4, 100_000)).unwrap();
+    assert!(latest.number() > n);
+    assert_eq!(new.latest(&j).unwrap().unwrap().id, latest);
+    assert!(new.fsck().unwrap().is_clean());
+    drop(new_lease);
+    // Released: the next run takes it at once.
+    assert!(
+        old_store
+            .tenant("t")
+            .unwrap()
+            .lease_series(&job("other"))
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[test]
+fn unreachable_endpoint_and_missing_bucket_are_one_line_errors() {
+    let mut o = s3_options(Duration::from_secs(5));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    o.config[0].1 = format!("http://127.0.0.1:{port}");
+    o.max_retries = 0;
+    let e = S3Backend::open("nobucket", "p", o).unwrap_err().to_string();
+    assert!(e.starts_with("s3://nobucket/p: open"), "{e}");
+    assert!(e.contains("unreachable"), "{e}");
+    assert!(!e.contains('\n'));
+
+    let e = S3Backend::open("no-such-bucket-here", "", s3_options(Duration::from_secs(5)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("s3://no-such-bucket-here: open"), "{e}");
+    assert!(e.contains("bucket does not exist"), "{e}");
+    assert!(!e.contains('\n'));
+}
+
+#[test]
+fn large_objects_go_up_in_parts_and_read_back() {
+    let b = bucket();
+    let backend = S3Backend::open(&b, "big", s3_options(Duration::from_secs(5))).unwrap();
+    let data = noise(9, 30 << 20);
+    let mut app = backend.stage_append().unwrap();
+    for piece in data.chunks(1 << 20) {
+        app.append(piece).unwrap();
+    }
+    let staged = app.finish(true).unwrap();
+    backend.publish(&[(staged, "packs/one".into())], true).unwrap();
+    assert_eq!(backend.size("packs/one").unwrap(), Some(data.len() as u64));
+    let mut mid = vec![0; 1000];
+    backend.read_at("packs/one", 20 << 20, &mut mid).unwrap();
+    assert_eq!(mid, data[20 << 20..(20 << 20) + 1000]);
+    assert_eq!(backend.read("packs/one").unwrap(), data);
+    let counts = backend.request_counts();
+    assert!(counts.puts >= 4 + 2, "multipart: {counts:?}");
+}
