@@ -24,6 +24,7 @@ mod pending;
 mod protocol;
 mod report;
 mod requests;
+mod regroup;
 mod restart;
 mod retention;
 pub(crate) mod schedule;

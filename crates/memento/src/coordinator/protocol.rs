@@ -231,12 +231,13 @@ impl Coordinator<'_> {
                 id,
                 task,
                 state,
+                unkeyed,
                 sink,
                 pause,
                 upload,
             } => {
                 if let Some(p) = run.pending.as_mut().filter(|p| p.number == id) {
-                    p.acks.task(task, state, sink, pause, upload);
+                    p.acks.task(task, state, unkeyed, sink, pause, upload);
                 }
             }
             Report::Declined { id, task, reason } => {
@@ -282,6 +283,8 @@ impl Coordinator<'_> {
         m.components = self.components.clone();
         m.extra
             .insert(compat::KEY_GROUPS.into(), serde_json::json!(self.key_groups));
+        m.extra
+            .insert(compat::UNKEYED_BYTES.into(), serde_json::json!(acks.unkeyed_by_operator()));
         // Every canonical state this build persists is framed.
         m.canonical_framing = Some(crate::snapshot::FRAMING_VERSION);
         m.tasks = acks

@@ -13,7 +13,7 @@ use super::compat::{self, FINISHED, check_fits, resume_point_before};
 use super::control::{Control, TriggerError};
 use super::protocol::{AttemptEnd, AttemptState};
 use super::report::{FinalState, JobFailed, JobReport, OperatorReport};
-use super::restart;
+use super::{regroup, restart};
 use super::status::JobState;
 use super::triggers::Triggers;
 use crate::dataflow::fault::{self, Site};
@@ -167,10 +167,11 @@ impl Coordinator<'_> {
     /// the output alone).
     fn restore_point(&self, m: &Manifest) -> Result<RestorePoint, JobError> {
         check_fits(self.spec, &self.job, &self.components, m)?;
-        let mut tasks = BTreeMap::new();
-        for t in &m.tasks {
-            tasks.insert(t.key.clone(), t.clone());
-        }
+        // At another parallelism, each task gathers its key groups.
+        let tasks = regroup::restore_states(self.spec, m).map_err(|reason| JobError::Incompatible {
+            id: m.id.clone(),
+            reason,
+        })?;
         let commits = sink::commits_of(m)?;
         let sink_next_seq = sink::recover(&self.spec.sink, &self.spec.base_dir, Some((&m.id, &commits)))?;
         Ok(RestorePoint {
