@@ -297,8 +297,10 @@ impl Coordinator<'_> {
             task_index: 0,
             position: acks.source_position.unwrap_or(0),
         }];
-        if !acks.sinks.is_empty() {
-            m.sink_commit = serde_json::json!({ "tasks": acks.sinks });
+        let mut sinks = acks.sinks.clone();
+        sinks.extend(self.retired_sinks.iter().cloned());
+        if !sinks.is_empty() {
+            m.sink_commit = serde_json::json!({ "tasks": sinks });
         }
         m.figures.sync_ms = acks.pause.as_millis() as u64;
         m.figures.async_ms = acks.upload.as_millis() as u64;

@@ -213,6 +213,17 @@ impl Coordinator<'_> {
                 });
             }
         };
+        let sinks = self.spec.sink_parallelism();
+        self.retired_sinks = point
+            .iter()
+            .flat_map(|p| &p.sink_next_seq)
+            .filter(|(task, _)| **task >= sinks)
+            .map(|(&task, &next_seq)| sink::SinkCommit {
+                task,
+                next_seq,
+                files: Vec::new(),
+            })
+            .collect();
         let start_position = point.as_ref().map_or(0, |p| p.source_position);
         let (reports_tx, reports) = unbounded();
         let attempt = match Attempt::start(
