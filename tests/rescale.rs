@@ -364,3 +364,63 @@ fn snapshots_from_before_keyed_state_restore() {
     assert_eq!(f.run(&["--from", &id]).report()["state"]["state"], "finished");
     assert_eq!(counts(&f.out()), counts(&wordcount_output(count, keys, 7)));
 }
+
+/// `POST /v1/jobs/{job}/rescale` and `memento rescale JOB N` on `memento
+/// serve`: the job is stopped with a savepoint and runs again at the new
+/// parallelism, in one call; its counts go on from the savepoint. A bad
+/// body, an unknown job and a parallelism the job file cannot have are
+/// refused without stopping the job; task-wide state is refused after the
+/// savepoint, and the job runs again as it was.
+#[test]
+fn rescale_over_rest_and_the_cli() {
+    use common::{Serve, TOKEN_A, plugin_b64, two_tenants};
+    let serve = Serve::start(&two_tenants("", ""));
+    let submit = |name: &str, plugin_name: &str| {
+        let body = serde_json::json!({
+            "job": common::endless_job(name, ""),
+            "plugins": { "wordcount.wasm": plugin_b64(plugin_name) },
+        });
+        serve.json("POST", "/v1/jobs", Some(TOKEN_A), &body.to_string(), 201);
+        serve.wait_running(TOKEN_A, name);
+    };
+    let parallelism = |name: &str| {
+        serve.json("GET", &format!("/v1/jobs/{name}"), Some(TOKEN_A), "", 200)["operators"][0]["parallelism"].clone()
+    };
+    submit("keyed", "wordcount");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let answer = serve.json("POST", "/v1/jobs/keyed/rescale", Some(TOKEN_A), r#"{"parallelism": 3}"#, 200);
+    let savepoint = answer["savepoint"].as_str().unwrap().to_string();
+    assert!(savepoint.starts_with("keyed-"), "{answer}");
+    serve.wait_running(TOKEN_A, "keyed");
+    assert_eq!(parallelism("keyed"), 3);
+
+    let out = memento()
+        .args(["rescale", "keyed", "2", "--host", &serve.url(), "--token", TOKEN_A])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("job `keyed` runs at parallelism 2, resumed from savepoint keyed-"), "{stdout}");
+    serve.wait_running(TOKEN_A, "keyed");
+    assert_eq!(parallelism("keyed"), 2);
+
+    // Refused before anything stops.
+    for (body, want) in [(r#"{"parallelism": "x"}"#, 400), (r#"{"tasks": 2}"#, 400), (r#"{"parallelism": 0}"#, 400)] {
+        let v = serve.json("POST", "/v1/jobs/keyed/rescale", Some(TOKEN_A), body, want);
+        assert!(!v["message"].as_str().unwrap().contains('\n'), "{v}");
+    }
+    serve.json("POST", "/v1/jobs/nope/rescale", Some(TOKEN_A), r#"{"parallelism": 2}"#, 404);
+    assert_eq!(serve.json("GET", "/v1/jobs/keyed", Some(TOKEN_A), "", 200)["state"], "running");
+
+    // Task-wide state: refused after the savepoint; the job runs on as it was.
+    submit("wide", "wordcount-v2");
+    std::thread::sleep(Duration::from_millis(500));
+    let v = serve.json("POST", "/v1/jobs/wide/rescale", Some(TOKEN_A), r#"{"parallelism": 2}"#, 400);
+    let message = v["message"].as_str().unwrap();
+    assert_eq!(v["error"], "incompatible_snapshot", "{v}");
+    assert!(message.contains("belong to no key group"), "{message}");
+    assert!(message.contains("it runs again as before, from savepoint wide-"), "{message}");
+    serve.wait_running(TOKEN_A, "wide");
+    assert_eq!(parallelism("wide"), 1);
+}
