@@ -53,14 +53,16 @@
 //! [`key_group`]`(key, ctx.key_groups)`; the task owns the groups
 //! `ctx.owned`. State written per key group
 //! ([`StateWriter::write_piece`]) is what lets a job resume at another
-//! parallelism.
+//! parallelism; [`KeyedState`] keeps a value per key and writes it so.
 //!
 //! # Determinism
 //!
 //! After a failure the host restores the last snapshot and replays the input
 //! that followed it; results are exactly-once only if an operator emits the
 //! same output for the same state and input. Do not base output on clocks,
-//! randomness or the iteration order of a `HashMap` (use `BTreeMap`).
+//! randomness or the iteration order of a `HashMap` (keep per-key state in
+//! [`KeyedState`], which iterates only in key order; other ordered state
+//! in a `BTreeMap`).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
