@@ -41,7 +41,10 @@ impl XorShift {
 fn poll(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -49,7 +52,12 @@ fn poll(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 /// A job of one operator over the deterministic generator into a `file`
 /// sink `out/`, canonical checkpoints every 150 ms and canonical
 /// savepoints.
-fn job(name: &str, plugin_name: &str, parallelism: u32, (count, keys, rate): (u64, u64, Option<u64>)) -> String {
+fn job(
+    name: &str,
+    plugin_name: &str,
+    parallelism: u32,
+    (count, keys, rate): (u64, u64, Option<u64>),
+) -> String {
     let rate = rate.map(|r| format!("rate = {r}\n")).unwrap_or_default();
     format!(
         "name = \"{name}\"\n[source]\ntype = \"generator\"\ncount = {count}\nkeys = {keys}\nseed = 7\nbatch = 100\n{rate}\n\
@@ -76,14 +84,28 @@ struct Ran {
 
 impl Ran {
     fn report(&self) -> Value {
-        assert!(self.status.success(), "memento failed ({}):\n{}", self.status, self.stderr);
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("no JSON report ({e}):\n{}", self.stdout))
+        assert!(
+            self.status.success(),
+            "memento failed ({}):\n{}",
+            self.status,
+            self.stderr
+        );
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{}", self.stdout))
     }
 
     /// A failed run's error: one line, `error: ...`, the last one; no panic.
     fn error(&self) -> String {
-        assert!(!self.status.success(), "memento should have failed:\n{}", self.stderr);
-        assert!(!self.stderr.contains("panicked at"), "memento panicked:\n{}", self.stderr);
+        assert!(
+            !self.status.success(),
+            "memento should have failed:\n{}",
+            self.stderr
+        );
+        assert!(
+            !self.stderr.contains("panicked at"),
+            "memento panicked:\n{}",
+            self.stderr
+        );
         let errors: Vec<&str> = self.stderr.lines().filter(|l| l.starts_with("error: ")).collect();
         assert_eq!(errors.len(), 1, "expected one error line in:\n{}", self.stderr);
         errors[0].to_string()
@@ -119,7 +141,9 @@ impl Running {
     }
 
     fn finish(mut self, timeout: Duration) -> Ran {
-        let status = self.wait_for(timeout).unwrap_or_else(|| panic!("memento did not exit within {timeout:?}"));
+        let status = self
+            .wait_for(timeout)
+            .unwrap_or_else(|| panic!("memento did not exit within {timeout:?}"));
         self.collect(status)
     }
 
@@ -175,7 +199,11 @@ impl Fixture {
             .stderr(File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
-        Running { child, stdout, stderr }
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
     }
 
     fn run(&self, args: &[&str]) -> Ran {
@@ -183,7 +211,12 @@ impl Fixture {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        memento().args(args).arg("--state-dir").arg(&self.state).output().unwrap()
+        memento()
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .unwrap()
     }
 
     fn show(&self, id: &str) -> Value {
@@ -225,7 +258,12 @@ fn counts(c: &Committed) -> BTreeMap<String, Vec<u64>> {
 fn assert_whole_counts(c: &Committed, when: &str) {
     for (k, n) in counts(c) {
         let whole = n.iter().enumerate().all(|(i, &v)| v == i as u64 + 1);
-        assert!(whole, "{when}: key {k} has counts {:?}…, not 1..={}", &n[..n.len().min(12)], n.len());
+        assert!(
+            whole,
+            "{when}: key {k} has counts {:?}…, not 1..={}",
+            &n[..n.len().min(12)],
+            n.len()
+        );
     }
 }
 
@@ -243,7 +281,14 @@ fn exactly_once_across_rescales_under_kills() {
     let f = Fixture::new(&job("scaled", "wordcount", 1, (count, keys, Some(8_000))));
     let mut rng = XorShift(0x5eed_1234);
     // (parallelism, how the phase ends); the last phase runs to the end.
-    let phases = [(1, libc::SIGKILL), (3, libc::SIGTERM), (3, libc::SIGKILL), (2, libc::SIGKILL), (2, libc::SIGTERM), (4, 0)];
+    let phases = [
+        (1, libc::SIGKILL),
+        (3, libc::SIGTERM),
+        (3, libc::SIGKILL),
+        (2, libc::SIGKILL),
+        (2, libc::SIGTERM),
+        (4, 0),
+    ];
     let mut resumed = false;
     let mut rescales = 0;
     let mut previous = 1;
@@ -275,11 +320,18 @@ fn exactly_once_across_rescales_under_kills() {
         }
         resumed = true;
         let got = f.out();
-        assert!(total_lines(&got) > 0, "phase at parallelism {p} committed nothing");
+        assert!(
+            total_lines(&got) > 0,
+            "phase at parallelism {p} committed nothing"
+        );
         assert_whole_counts(&got, &format!("after the phase at parallelism {p}"));
     }
     assert_eq!(rescales, 3, "1 → 3 → 2 → 4");
-    assert_eq!(counts(&f.out()), expected, "counts after 1 → 3 → 2 → 4 with kills");
+    assert_eq!(
+        counts(&f.out()),
+        expected,
+        "counts after 1 → 3 → 2 → 4 with kills"
+    );
     let fsck = f.cli(&["fsck"]);
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stderr));
 }
@@ -294,7 +346,10 @@ fn per_key_counts_survive_each_rescale() {
     let f = Fixture::new(&spec(2, Some(10_000)));
     let first = f.stop_with_savepoint(f.spawn(&[]), Duration::from_millis(900));
     let m = f.show(&first);
-    assert_eq!(m["extra"]["unkeyed_bytes"]["count"], 0, "wordcount's state is all keyed: {m}");
+    assert_eq!(
+        m["extra"]["unkeyed_bytes"]["count"], 0,
+        "wordcount's state is all keyed: {m}"
+    );
     assert_eq!(m["extra"]["key_groups"]["count"], 128);
     assert_whole_counts(&f.out(), "at 2");
 
@@ -325,27 +380,38 @@ fn refusals() {
         err.contains("operator `count` has 1 tasks in the snapshot but parallelism 2 in the job file"),
         "{err}"
     );
-    assert!(err.contains("bytes of state that belong to no key group"), "{err}");
+    assert!(
+        err.contains("bytes of state that belong to no key group"),
+        "{err}"
+    );
     assert!(err.contains("(or set parallelism = 1)"), "{err}");
     f.write(&job("wide", "wordcount-v2", 1, (count, keys, None)));
     assert_eq!(f.run(&["--from", &id]).report()["state"]["state"], "finished");
 
     // A native image.
-    let native = job("img", "wordcount", 1, (count, keys, Some(8_000)))
-        .replace("[savepoints]\nformat = \"canonical\"", "[savepoints]\nformat = \"native\"");
+    let native = job("img", "wordcount", 1, (count, keys, Some(8_000))).replace(
+        "[savepoints]\nformat = \"canonical\"",
+        "[savepoints]\nformat = \"native\"",
+    );
     let f = Fixture::new(&native);
     let id = f.stop_with_savepoint(f.spawn(&[]), Duration::from_millis(700));
     assert_eq!(f.show(&id)["format"], "native");
     f.write(&native.replace("parallelism = 1", "parallelism = 3"));
     let err = f.run(&["--from", &id]).error();
-    assert!(err.contains("it is a native image, which cannot be divided by key"), "{err}");
+    assert!(
+        err.contains("it is a native image, which cannot be divided by key"),
+        "{err}"
+    );
 
     // More tasks than the snapshot's key groups.
     let f = Fixture::new(&job("few", "wordcount", 1, (count, keys, Some(8_000))));
     let id = f.stop_with_savepoint(f.spawn(&[]), Duration::from_millis(700));
     f.write(&job("few", "wordcount", 200, (count, keys, None)));
     let err = f.run(&["--from", &id]).error();
-    assert!(err.contains("has 128 key groups, fewer than parallelism 200"), "{err}");
+    assert!(
+        err.contains("has 128 key groups, fewer than parallelism 200"),
+        "{err}"
+    );
 }
 
 /// A savepoint of `wordcount` as built before keyed state (the 0.1.0
@@ -384,43 +450,83 @@ fn rescale_over_rest_and_the_cli() {
         serve.wait_running(TOKEN_A, name);
     };
     let parallelism = |name: &str| {
-        serve.json("GET", &format!("/v1/jobs/{name}"), Some(TOKEN_A), "", 200)["operators"][0]["parallelism"].clone()
+        serve.json("GET", &format!("/v1/jobs/{name}"), Some(TOKEN_A), "", 200)["operators"][0]["parallelism"]
+            .clone()
     };
     submit("keyed", "wordcount");
     std::thread::sleep(Duration::from_millis(500));
 
-    let answer = serve.json("POST", "/v1/jobs/keyed/rescale", Some(TOKEN_A), r#"{"parallelism": 3}"#, 200);
+    let answer = serve.json(
+        "POST",
+        "/v1/jobs/keyed/rescale",
+        Some(TOKEN_A),
+        r#"{"parallelism": 3}"#,
+        200,
+    );
     let savepoint = answer["savepoint"].as_str().unwrap().to_string();
     assert!(savepoint.starts_with("keyed-"), "{answer}");
     serve.wait_running(TOKEN_A, "keyed");
     assert_eq!(parallelism("keyed"), 3);
 
     let out = memento()
-        .args(["rescale", "keyed", "2", "--host", &serve.url(), "--token", TOKEN_A])
+        .args([
+            "rescale",
+            "keyed",
+            "2",
+            "--host",
+            &serve.url(),
+            "--token",
+            TOKEN_A,
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.starts_with("job `keyed` runs at parallelism 2, resumed from savepoint keyed-"), "{stdout}");
+    assert!(
+        stdout.starts_with("job `keyed` runs at parallelism 2, resumed from savepoint keyed-"),
+        "{stdout}"
+    );
     serve.wait_running(TOKEN_A, "keyed");
     assert_eq!(parallelism("keyed"), 2);
 
     // Refused before anything stops.
-    for (body, want) in [(r#"{"parallelism": "x"}"#, 400), (r#"{"tasks": 2}"#, 400), (r#"{"parallelism": 0}"#, 400)] {
+    for (body, want) in [
+        (r#"{"parallelism": "x"}"#, 400),
+        (r#"{"tasks": 2}"#, 400),
+        (r#"{"parallelism": 0}"#, 400),
+    ] {
         let v = serve.json("POST", "/v1/jobs/keyed/rescale", Some(TOKEN_A), body, want);
         assert!(!v["message"].as_str().unwrap().contains('\n'), "{v}");
     }
-    serve.json("POST", "/v1/jobs/nope/rescale", Some(TOKEN_A), r#"{"parallelism": 2}"#, 404);
-    assert_eq!(serve.json("GET", "/v1/jobs/keyed", Some(TOKEN_A), "", 200)["state"], "running");
+    serve.json(
+        "POST",
+        "/v1/jobs/nope/rescale",
+        Some(TOKEN_A),
+        r#"{"parallelism": 2}"#,
+        404,
+    );
+    assert_eq!(
+        serve.json("GET", "/v1/jobs/keyed", Some(TOKEN_A), "", 200)["state"],
+        "running"
+    );
 
     // Task-wide state: refused after the savepoint; the job runs on as it was.
     submit("wide", "wordcount-v2");
     std::thread::sleep(Duration::from_millis(500));
-    let v = serve.json("POST", "/v1/jobs/wide/rescale", Some(TOKEN_A), r#"{"parallelism": 2}"#, 400);
+    let v = serve.json(
+        "POST",
+        "/v1/jobs/wide/rescale",
+        Some(TOKEN_A),
+        r#"{"parallelism": 2}"#,
+        400,
+    );
     let message = v["message"].as_str().unwrap();
     assert_eq!(v["error"], "incompatible_snapshot", "{v}");
     assert!(message.contains("belong to no key group"), "{message}");
-    assert!(message.contains("it runs again as before, from savepoint wide-"), "{message}");
+    assert!(
+        message.contains("it runs again as before, from savepoint wide-"),
+        "{message}"
+    );
     serve.wait_running(TOKEN_A, "wide");
     assert_eq!(parallelism("wide"), 1);
 }

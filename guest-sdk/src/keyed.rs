@@ -202,10 +202,7 @@ impl<V> KeyedState<V> {
     /// Remove `key`, returning its value.
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
         let hash = key_hash(key);
-        match self
-            .table
-            .find_entry(hash, |s| s.hash == hash && *s.key == *key)
-        {
+        match self.table.find_entry(hash, |s| s.hash == hash && *s.key == *key) {
             Ok(o) => Some(o.remove().0.value),
             Err(_) => None,
         }
@@ -233,11 +230,8 @@ impl<V> KeyedState<V> {
     /// The slots in snapshot order: by key group, then hash, then key.
     fn in_snapshot_order(&self) -> Vec<(u32, &Slot<V>)> {
         let groups = u64::from(self.key_groups);
-        let mut all: Vec<(u32, &Slot<V>)> = self
-            .table
-            .iter()
-            .map(|s| ((s.hash % groups) as u32, s))
-            .collect();
+        let mut all: Vec<(u32, &Slot<V>)> =
+            self.table.iter().map(|s| ((s.hash % groups) as u32, s)).collect();
         all.sort_unstable_by(|a, b| (a.0, a.1.hash, &a.1.key).cmp(&(b.0, b.1.hash, &b.1.key)));
         all
     }
@@ -630,7 +624,10 @@ mod tests {
                 .to_string()
         };
         let good = pieces(&state(4, 0..50));
-        assert!(err(good.clone(), 8).contains("belongs to key group"), "other key groups");
+        assert!(
+            err(good.clone(), 8).contains("belongs to key group"),
+            "other key groups"
+        );
         assert!(err(vec![(Some(9), vec![1])], 4).contains("key group 9, but the operator has 4"));
         assert!(err(vec![(Some(0), vec![7])], 4).contains("has format 7"));
         let mut truncated = good.clone();

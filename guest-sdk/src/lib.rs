@@ -522,7 +522,11 @@ pub fn snapshot_pieces<T: Operator>(op: &T) -> Result<Vec<state::Piece>, Error> 
 ///
 /// # Errors
 /// As [`Operator::restore`].
-pub fn restore_pieces<T: Operator>(op: &mut T, ctx: &Context, pieces: Vec<state::Piece>) -> Result<(), Error> {
+pub fn restore_pieces<T: Operator>(
+    op: &mut T,
+    ctx: &Context,
+    pieces: Vec<state::Piece>,
+) -> Result<(), Error> {
     op.restore(ctx, &mut StateReader::memory(pieces))
 }
 

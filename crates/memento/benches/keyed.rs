@@ -135,8 +135,14 @@ fn wasm_round(runtime: &Runtime, map: &str, events: &[Event]) -> Duration {
 /// Per map: (native rec/s, wasm rec/s, wasm/native), medians.
 fn operator_part(runtime: &Runtime, events: &[Event], rounds: usize) -> Vec<(String, f64, f64, f64)> {
     let mut rows = Vec::new();
-    println!("\noperator: {} events over their keys, batches of {BATCH}, median of {rounds}", events.len());
-    println!("{:>10} {:>14} {:>14} {:>12}", "map", "native rec/s", "wasm rec/s", "wasm/native");
+    println!(
+        "\noperator: {} events over their keys, batches of {BATCH}, median of {rounds}",
+        events.len()
+    );
+    println!(
+        "{:>10} {:>14} {:>14} {:>12}",
+        "map", "native rec/s", "wasm rec/s", "wasm/native"
+    );
     for map in ["keyed", "hashbrown", "btree"] {
         let (mut n, mut w, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
@@ -147,7 +153,13 @@ fn operator_part(runtime: &Runtime, events: &[Event], rounds: usize) -> Vec<(Str
             r.push(wasm / native);
         }
         let row = (map.to_string(), median(n), median(w), median(r));
-        println!("{:>10} {:>14.0} {:>14.0} {:>11.1}%", row.0, row.1, row.2, 100.0 * row.3);
+        println!(
+            "{:>10} {:>14.0} {:>14.0} {:>11.1}%",
+            row.0,
+            row.1,
+            row.2,
+            100.0 * row.3
+        );
         rows.push(row);
     }
     rows
@@ -173,7 +185,11 @@ fn load(host: &Host, dir: &Path, toml: &str) -> memento::Job {
 /// One run of the whole job; its wall time and the peak growth of the
 /// process's resident memory during it.
 fn job_round(host: &Host, dir: &Path, parallelism: u32, events: u64, keys: u64) -> (Duration, u64) {
-    let job = load(host, dir, &job_toml("keyed", "wordcount", parallelism, Some(events), keys));
+    let job = load(
+        host,
+        dir,
+        &job_toml("keyed", "wordcount", parallelism, Some(events), keys),
+    );
     let before = rss_bytes();
     let peak = Arc::new(AtomicU64::new(before));
     let done = Arc::new(AtomicBool::new(false));
@@ -199,7 +215,9 @@ fn job_round(host: &Host, dir: &Path, parallelism: u32, events: u64, keys: u64) 
 fn job_part(events: u64, keys: u64, rounds: usize, native: Option<f64>) {
     let dir = tempfile::tempdir().unwrap();
     let host = Host::open(&dir.path().join("state")).unwrap();
-    println!("\njob: wordcount, {events} events over {keys} keys, null sink, no checkpoints, median of {rounds}");
+    println!(
+        "\njob: wordcount, {events} events over {keys} keys, null sink, no checkpoints, median of {rounds}"
+    );
     let mut one = 0.0;
     for p in [1, 2] {
         let (mut rates, mut mems) = (Vec::new(), Vec::new());
@@ -216,7 +234,10 @@ fn job_part(events: u64, keys: u64, rounds: usize, native: Option<f64>) {
         print!("{p} task(s): {rate:>12.0} rec/s   memory growth {mem:.3} GiB");
         if p == 1 {
             if let Some(n) = native {
-                print!("   {:.1}% of the native operator ({n:.0} rec/s)", 100.0 * rate / n);
+                print!(
+                    "   {:.1}% of the native operator ({n:.0} rec/s)",
+                    100.0 * rate / n
+                );
             }
         } else {
             print!("   {:.2}x one task", rate / one);
@@ -231,7 +252,11 @@ fn rescale_part(keys: u64) {
     let dir = tempfile::tempdir().unwrap();
     let host = Host::open(&dir.path().join("state")).unwrap();
     let events = 2 * keys;
-    let job = load(&host, dir.path(), &job_toml("rescaled", "wordcount", 2, None, keys));
+    let job = load(
+        &host,
+        dir.path(),
+        &job_toml("rescaled", "wordcount", 2, None, keys),
+    );
     let status = job.status_handle();
     let control = job.control();
     let stopper = std::thread::spawn(move || {
@@ -248,12 +273,17 @@ fn rescale_part(keys: u64) {
     let m = job.store().get(&savepoint).unwrap();
     let bytes: u64 = m.tasks.iter().map(|t| t.state.logical_bytes()).sum();
     let position = m.source_positions[0].position;
-    let scaled = load(&host, dir.path(), &job_toml("rescaled", "wordcount", 4, Some(position), keys));
+    let scaled = load(
+        &host,
+        dir.path(),
+        &job_toml("rescaled", "wordcount", 4, Some(position), keys),
+    );
     let started = Instant::now();
-    let report = scaled.run(RunOptions {
-        from: StartFrom::Snapshot(savepoint.clone()),
-    })
-    .unwrap();
+    let report = scaled
+        .run(RunOptions {
+            from: StartFrom::Snapshot(savepoint.clone()),
+        })
+        .unwrap();
     let t = started.elapsed();
     assert_eq!(report.state, Some(FinalState::Finished));
     println!(

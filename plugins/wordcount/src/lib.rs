@@ -11,7 +11,9 @@
 //! which are not the events' keys and so not routed by their groups, the
 //! totals are only right at parallelism 1, before and after a rescale.)
 
-use memento_guest::{Context, Error, Event, EventRef, KeyedState, Operator, Output, StateReader, StateWriter};
+use memento_guest::{
+    Context, Error, Event, EventRef, KeyedState, Operator, Output, StateReader, StateWriter,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -223,7 +225,9 @@ mod tests {
     fn key_groups_split_across_tasks() {
         let ctx = Context::for_test([]);
         let mut one = WordCount::open(&ctx).unwrap();
-        let events: Vec<Event> = (0..500).map(|i| Event::new(format!("k{}", i % 70), "", i)).collect();
+        let events: Vec<Event> = (0..500)
+            .map(|i| Event::new(format!("k{}", i % 70), "", i))
+            .collect();
         run(&mut one, events);
         let pieces = memento_guest::snapshot_pieces(&one).unwrap();
         assert!(pieces.iter().all(|(g, _)| g.is_some()), "only keyed state");

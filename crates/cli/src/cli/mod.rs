@@ -364,7 +364,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 format!("cancelling job `{}`\n", a.value.job)
             })
         }
-        Command::Rescale { job, parallelism, host } => {
+        Command::Rescale {
+            job,
+            parallelism,
+            host,
+        } => {
             let a = host.client().rescale(&job, parallelism)?;
             print_or_json(host.json, &a.json, || {
                 format!(

@@ -367,9 +367,16 @@ mod tests {
         for p in [1, 2, 3, 128] {
             check_fits(&spec(p), &job, &running(V1), &m).unwrap();
         }
-        let err = |m: &Manifest, p: u32| check_fits(&spec(p), &job, &running(V1), m).unwrap_err().to_string();
+        let err = |m: &Manifest, p: u32| {
+            check_fits(&spec(p), &job, &running(V1), m)
+                .unwrap_err()
+                .to_string()
+        };
         let e = err(&m, 200);
-        assert!(e.contains("has 128 key groups, fewer than parallelism 200"), "{e}");
+        assert!(
+            e.contains("has 128 key groups, fewer than parallelism 200"),
+            "{e}"
+        );
 
         let mut task_wide = m.clone();
         task_wide

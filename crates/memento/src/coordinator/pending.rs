@@ -157,7 +157,14 @@ mod tests {
         ack(&mut acks, "a", 0);
         ack(&mut acks, "b", 1);
         ack(&mut acks, "b", 2);
-        acks.task(TaskKey::new("c", 0), state(0), None, None, Duration::ZERO, Duration::ZERO);
+        acks.task(
+            TaskKey::new("c", 0),
+            state(0),
+            None,
+            None,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
         ack(&mut acks, "c", 1);
         assert_eq!(
             acks.unkeyed_by_operator(),

@@ -283,8 +283,10 @@ impl Coordinator<'_> {
         m.components = self.components.clone();
         m.extra
             .insert(compat::KEY_GROUPS.into(), serde_json::json!(self.key_groups));
-        m.extra
-            .insert(compat::UNKEYED_BYTES.into(), serde_json::json!(acks.unkeyed_by_operator()));
+        m.extra.insert(
+            compat::UNKEYED_BYTES.into(),
+            serde_json::json!(acks.unkeyed_by_operator()),
+        );
         // Every canonical state this build persists is framed.
         m.canonical_framing = Some(crate::snapshot::FRAMING_VERSION);
         m.tasks = acks

@@ -116,11 +116,16 @@ mod tests {
             crate::store::StateFormat::Canonical,
         );
         w.abort();
-        m.extra
-            .insert(super::super::compat::KEY_GROUPS.into(), serde_json::json!({ "count": 128 }));
+        m.extra.insert(
+            super::super::compat::KEY_GROUPS.into(),
+            serde_json::json!({ "count": 128 }),
+        );
         m.tasks = vec![task(1, 20), task(0, 10)];
         // 2 → 3: groups 0..43 were task 0's, 43..86 both, 86..128 task 1's.
-        assert_eq!(tags(&restore_states(&spec(3), &m).unwrap()), [vec![10], vec![10, 20], vec![20]]);
+        assert_eq!(
+            tags(&restore_states(&spec(3), &m).unwrap()),
+            [vec![10], vec![10, 20], vec![20]]
+        );
         // 2 → 1 and 2 → 4.
         assert_eq!(tags(&restore_states(&spec(1), &m).unwrap()), [vec![10, 20]]);
         assert_eq!(

@@ -54,8 +54,12 @@ impl Service {
         let text = with_parallelism(&record.job, parallelism)?;
         // Everything about the new job file that can be checked without the
         // savepoint is, before the job is stopped.
-        JobSpec::from_toml(&text, std::path::Path::new("<submitted>"), std::path::Path::new("."))
-            .map_err(|e| ServiceError::bad("invalid_job", e.to_string()))?;
+        JobSpec::from_toml(
+            &text,
+            std::path::Path::new("<submitted>"),
+            std::path::Path::new("."),
+        )
+        .map_err(|e| ServiceError::bad("invalid_job", e.to_string()))?;
         let mut plugins = std::collections::BTreeMap::new();
         for (upload, hash) in &record.plugins {
             plugins.insert(upload.clone(), self.stored_component(hash)?);
@@ -110,7 +114,9 @@ fn with_parallelism(text: &str, n: u32) -> Result<String, ServiceError> {
         .parse()
         .map_err(|e| ServiceError::Internal(format!("the recorded job file does not parse: {e}")))?;
     let Some(toml::Value::Array(ops)) = doc.get_mut("operators") else {
-        return Err(ServiceError::Internal("the recorded job file has no operators".into()));
+        return Err(ServiceError::Internal(
+            "the recorded job file has no operators".into(),
+        ));
     };
     for op in ops.iter_mut() {
         if let toml::Value::Table(t) = op {
@@ -132,9 +138,16 @@ mod tests {
                     [operators.config]\nk = \"v\"\n[sink]\ntype = \"null\"\n";
         let out = with_parallelism(text, 3).unwrap();
         let spec = JobSpec::from_toml(&out, "j.toml".as_ref(), ".".as_ref()).unwrap();
-        assert_eq!(spec.operators.iter().map(|o| o.parallelism).collect::<Vec<_>>(), [3, 3]);
+        assert_eq!(
+            spec.operators.iter().map(|o| o.parallelism).collect::<Vec<_>>(),
+            [3, 3]
+        );
         assert_eq!(spec.operators[1].config["k"], "v");
-        let err = JobSpec::from_toml(&with_parallelism(text, 0).unwrap(), "j.toml".as_ref(), ".".as_ref());
+        let err = JobSpec::from_toml(
+            &with_parallelism(text, 0).unwrap(),
+            "j.toml".as_ref(),
+            ".".as_ref(),
+        );
         assert!(err.is_err(), "parallelism 0 is the job file's to refuse");
     }
 }

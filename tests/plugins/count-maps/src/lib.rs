@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use memento_guest::{Context, Error, Event, EventRef, KeyedState, Operator, Output, StateReader, StateWriter};
+use memento_guest::{
+    Context, Error, Event, EventRef, KeyedState, Operator, Output, StateReader, StateWriter,
+};
 use serde::{Deserialize, Serialize};
 
 enum Map {
@@ -75,7 +77,10 @@ impl Operator for CountMaps {
             Some("btree") => Map::Btree(BTreeMap::new()),
             Some("hashbrown") => Map::Hashbrown(hashbrown::HashMap::new()),
             Some(other) => {
-                return Err(format!("config `map` = {other:?}: expected \"keyed\", \"btree\" or \"hashbrown\"").into());
+                return Err(format!(
+                    "config `map` = {other:?}: expected \"keyed\", \"btree\" or \"hashbrown\""
+                )
+                .into());
             }
         };
         Ok(CountMaps { map: Some(map) })
@@ -117,7 +122,11 @@ mod tests {
                 op.process(Event::new(k, "", 0), &mut out).unwrap();
             }
             let values: Vec<Vec<u8>> = out.take().into_iter().map(|e| e.value).collect();
-            assert_eq!(values, [b"1".to_vec(), b"1".to_vec(), b"2".to_vec(), b"3".to_vec()], "{map}");
+            assert_eq!(
+                values,
+                [b"1".to_vec(), b"1".to_vec(), b"2".to_vec(), b"3".to_vec()],
+                "{map}"
+            );
             assert_eq!(op.len(), 2);
         }
         assert!(CountMaps::open(&Context::for_test([("map", "x")])).is_err());
