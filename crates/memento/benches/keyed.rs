@@ -302,7 +302,7 @@ fn main() {
     let parts = parts();
     let mut native = None;
     if parts.iter().any(|p| p == "operator") {
-        let g = Generator::new(Some(events), None, keys, 1, BATCH as u64);
+        let g = Generator::new(Some(events), None, keys, 1, BATCH);
         let all: Vec<Event> = (0..events).map(|i| g.event(i)).collect();
         let runtime = Runtime::new().unwrap();
         let rows = operator_part(&runtime, &all, rounds);
