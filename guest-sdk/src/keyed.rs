@@ -429,9 +429,12 @@ impl<V> std::fmt::Debug for KeyedState<V> {
     }
 }
 
-/// The record starting at `bytes[at..]`: key, encoded value and where the
-/// next record starts; `None` if the bytes end first.
-fn record(g: u32, bytes: &[u8], at: usize) -> Result<Option<(&[u8], &[u8], usize)>, Error> {
+/// A record read from a group's bytes: key, encoded value, and where the
+/// next record starts.
+type Record<'a> = (&'a [u8], &'a [u8], usize);
+
+/// The record starting at `bytes[at..]`; `None` if the bytes end first.
+fn record(g: u32, bytes: &[u8], at: usize) -> Result<Option<Record<'_>>, Error> {
     let Some((key_len, at)) = get_len(g, bytes, at, "key", MAX_KEY)? else {
         return Ok(None);
     };
