@@ -180,8 +180,9 @@ fn restore_into(
 /// A 0.1.0 component loads as one, runs, takes a canonical snapshot
 /// (framed by the host as unkeyed pieces) and restores from it, counting
 /// on where it left off; so does the 0.2.0 `wordcount`; and the 0.1.0
-/// savepoint restores into the 0.2.0 plugin (the upgrade path), while a
-/// 0.2.0 savepoint of unkeyed state restores into the 0.1.0 one.
+/// savepoint restores into the 0.2.0 plugin (the upgrade path). The 0.2.0
+/// `wordcount` keeps its counts as keyed state, which a 0.1.0 component
+/// has no way to read: that downgrade is refused, saying so.
 #[test]
 fn components_of_both_versions_run_snapshot_and_restore_across_versions() {
     let rt = Runtime::new().unwrap();
@@ -192,7 +193,7 @@ fn components_of_both_versions_run_snapshot_and_restore_across_versions() {
     let (_dir, tenant) = store();
     let limits = SandboxLimits::default();
 
-    for (from, to) in [(&old, &old), (&new, &new), (&old, &new), (&new, &old)] {
+    for (from, to) in [(&old, &old), (&new, &new), (&old, &new)] {
         let mut first = opened(&rt, from, &limits, &[]);
         assert_eq!(
             values(&first.process(&events(&["a", "b", "a"])).unwrap()),
@@ -210,6 +211,17 @@ fn components_of_both_versions_run_snapshot_and_restore_across_versions() {
             to.contract()
         );
     }
+    let mut keyed = opened(&rt, &new, &limits, &[]);
+    keyed.process(&events(&["a"])).unwrap();
+    let m = canonical_snapshot(&tenant, &mut keyed).unwrap();
+    let err = restore_into(&rt, &old, &tenant, &m)
+        .err()
+        .expect("a 0.1.0 component cannot restore keyed state");
+    assert!(
+        err.to_string()
+            .contains("which a memento:operator@0.1.0 component cannot restore; resume with a build of the plugin on 0.2.0"),
+        "{err}"
+    );
 }
 
 /// Snapshots written before framing (the operator's bytes as they are)

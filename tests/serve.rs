@@ -606,6 +606,14 @@ fn boot_jobs_health_and_the_openapi_document_matches_the_routes() {
             "",
             200,
         ),
+        // A boot job's parallelism is its job file's: 409.
+        (
+            "post",
+            "/v1/jobs/{job}/rescale",
+            "/v1/jobs/boot/rescale".into(),
+            "{\"parallelism\": 2}",
+            409,
+        ),
         (
             "post",
             "/v1/jobs/{job}/stop",

@@ -53,14 +53,16 @@
 //! [`key_group`]`(key, ctx.key_groups)`; the task owns the groups
 //! `ctx.owned`. State written per key group
 //! ([`StateWriter::write_piece`]) is what lets a job resume at another
-//! parallelism.
+//! parallelism; [`KeyedState`] keeps a value per key and writes it so.
 //!
 //! # Determinism
 //!
 //! After a failure the host restores the last snapshot and replays the input
 //! that followed it; results are exactly-once only if an operator emits the
 //! same output for the same state and input. Do not base output on clocks,
-//! randomness or the iteration order of a `HashMap` (use `BTreeMap`).
+//! randomness or the iteration order of a `HashMap` (keep per-key state in
+//! [`KeyedState`], which iterates only in key order; other ordered state
+//! in a `BTreeMap`).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -90,6 +92,9 @@ pub use envelope::{STATE_ENCODING_MSGPACK, decode_state, encode_state, read_stat
 
 pub mod state;
 pub use state::{StateReader, StateWriter};
+
+mod keyed;
+pub use keyed::{KEYED_FORMAT, KeyedState, MAX_KEY, MAX_VALUE};
 
 #[doc(hidden)]
 pub mod __rt;
@@ -496,6 +501,32 @@ pub fn snapshot_bytes<T: Operator>(op: &T) -> Result<Vec<u8>, Error> {
 /// As [`Operator::restore`].
 pub fn restore_bytes<T: Operator>(op: &mut T, ctx: &Context, state: &[u8]) -> Result<(), Error> {
     let pieces = state.chunks(state::PIECE).map(|p| (None, p.to_vec())).collect();
+    op.restore(ctx, &mut StateReader::memory(pieces))
+}
+
+/// The pieces `op` snapshots, each with its key group (for unit tests of
+/// operators with [`KeyedState`]).
+///
+/// # Errors
+/// As [`Operator::snapshot`].
+pub fn snapshot_pieces<T: Operator>(op: &T) -> Result<Vec<state::Piece>, Error> {
+    let mut pieces = Vec::new();
+    let mut out = StateWriter::memory(&mut pieces);
+    op.snapshot(&mut out)?;
+    out.finish()?;
+    Ok(pieces)
+}
+
+/// Restore `op` from pieces as [`snapshot_pieces`] returns them; give it
+/// the pieces of the key groups `ctx.owned` to test a rescale.
+///
+/// # Errors
+/// As [`Operator::restore`].
+pub fn restore_pieces<T: Operator>(
+    op: &mut T,
+    ctx: &Context,
+    pieces: Vec<state::Piece>,
+) -> Result<(), Error> {
     op.restore(ctx, &mut StateReader::memory(pieces))
 }
 

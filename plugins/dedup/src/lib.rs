@@ -23,9 +23,9 @@
 //!   milliseconds or a duration such as `"10m"`; default: none (keys are
 //!   remembered until evicted).
 
-use memento_guest::{Context, Error, Event, Operator, Output};
+use memento_guest::{Context, Error, Event, KeyedState, Operator, Output};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Default for config `max_keys`.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
@@ -49,11 +49,13 @@ pub struct Dedup {
     /// Remembered keys by sequence number, oldest first (the FIFO). This is
     /// the only copy of the keys in a snapshot.
     remembered: BTreeMap<u64, Remembered>,
-    /// Key to its sequence number in `remembered`. Only ever looked up,
-    /// never iterated, so its order cannot reach the output; rebuilt on
-    /// restore.
+    /// Key to its sequence number in `remembered`: the SDK's keyed state,
+    /// for its fixed hash and allocation-free lookups. Not snapshotted
+    /// (the FIFO holds the keys once); rebuilt on restore. The FIFO is
+    /// task-wide state (eviction is across keys), so a snapshot of this
+    /// operator restores only at its own parallelism.
     #[serde(skip)]
-    index: HashMap<Vec<u8>, u64>,
+    index: KeyedState<u64>,
     /// Sequence number for the next remembered key.
     next_seq: u64,
     /// Duplicates dropped so far.
@@ -90,7 +92,7 @@ impl Dedup {
     fn remember(&mut self, key: Vec<u8>, timestamp: i64) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.index.insert(key.clone(), seq);
+        self.index.insert(&key, seq);
         self.remembered.insert(seq, Remembered { key, timestamp });
         self.evict_beyond_max();
     }
@@ -128,6 +130,7 @@ impl Operator for Dedup {
         Ok(Dedup {
             max_keys,
             ttl_ms,
+            index: KeyedState::new(ctx),
             ..Dedup::default()
         })
     }
@@ -168,11 +171,10 @@ impl Operator for Dedup {
     /// keys right away.
     fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
         let (_, restored) = memento_guest::read_state::<Dedup>(Self::STATE_VERSION, from)?;
-        self.index = restored
-            .remembered
-            .iter()
-            .map(|(&seq, r)| (r.key.clone(), seq))
-            .collect();
+        self.index.clear();
+        for (&seq, r) in &restored.remembered {
+            self.index.insert(&r.key, seq);
+        }
         if self.index.len() != restored.remembered.len() {
             return Err("dedup: corrupt snapshot: a key is remembered twice".into());
         }

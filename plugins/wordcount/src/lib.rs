@@ -5,28 +5,58 @@
 //! `split = "words"` it counts the whitespace-separated words of the value
 //! instead, emitting one update per word; give it all occurrences of a word
 //! (parallelism 1, or upstream keyed by word) for correct totals.
+//!
+//! The counts are keyed state ([`KeyedState`]), snapshotted per key group:
+//! counting keys, a savepoint resumes at any parallelism. (Counting words,
+//! which are not the events' keys and so not routed by their groups, the
+//! totals are only right at parallelism 1, before and after a rescale.)
 
-use memento_guest::{Context, Error, Event, EventRef, Operator, Output};
+use memento_guest::{
+    Context, Error, Event, EventRef, KeyedState, Operator, Output, StateReader, StateWriter,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct WordCount {
-    /// Running count per key (or word).
-    counts: BTreeMap<Vec<u8>, u64>,
+    /// Running count per key (or word): the whole snapshot.
+    #[serde(skip)]
+    counts: KeyedState<u64>,
     /// Count words of the value instead of keys (from config `split`).
     split_words: bool,
 }
 
+/// The state as versions before keyed state wrote it (the SDK's envelope
+/// around the whole struct): still restored, so that their snapshots do.
+#[derive(Deserialize)]
+struct Legacy {
+    counts: BTreeMap<Vec<u8>, u64>,
+}
+
 impl WordCount {
     fn bump(&mut self, key: &[u8], timestamp: i64, out: &mut Output) {
-        // Look up before inserting so a known key costs no allocation.
-        let n = match self.counts.get_mut(key) {
-            Some(n) => n,
-            None => self.counts.entry(key.to_vec()).or_insert(0),
-        };
+        let n = self.counts.get_or_insert_with(key, || 0);
         *n += 1;
-        out.emit(key, n.to_string(), timestamp);
+        let mut digits = [0u8; 20];
+        out.emit(key, decimal(*n, &mut digits), timestamp);
+    }
+
+    /// The count of `key` (for tests).
+    pub fn count(&self, key: &[u8]) -> u64 {
+        self.counts.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// `n` as decimal digits, written into `buf` (no allocation per event).
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -40,7 +70,7 @@ impl Operator for WordCount {
             }
         };
         Ok(WordCount {
-            counts: BTreeMap::new(),
+            counts: KeyedState::new(ctx),
             split_words,
         })
     }
@@ -62,10 +92,22 @@ impl Operator for WordCount {
         Ok(())
     }
 
-    /// Keep the mode from this run's configuration, the counts from the snapshot.
-    fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
-        let (_, restored) = memento_guest::read_state::<WordCount>(Self::STATE_VERSION, from)?;
-        self.counts = restored.counts;
+    /// Only the counts, per key group; the mode comes from the config.
+    fn snapshot(&self, out: &mut StateWriter<'_>) -> Result<(), Error> {
+        self.counts.snapshot(out)
+    }
+
+    /// Keep the mode from this run's configuration, the counts from the
+    /// snapshot: keyed pieces, or one unkeyed envelope from a version
+    /// before keyed state.
+    fn restore(&mut self, _ctx: &Context, from: &mut StateReader<'_>) -> Result<(), Error> {
+        let unkeyed = self.counts.restore(from)?;
+        if !unkeyed.is_empty() {
+            let (_, legacy) = memento_guest::decode_state::<Legacy>(Self::STATE_VERSION, &unkeyed)?;
+            for (key, n) in legacy.counts {
+                self.counts.insert(&key, n);
+            }
+        }
         Ok(())
     }
 }
@@ -137,13 +179,83 @@ mod tests {
     fn snapshot_and_restore_continue_counting() {
         let mut op = WordCount::open(&Context::for_test([])).unwrap();
         run(&mut op, vec![Event::new("a", "", 1), Event::new("a", "", 2)]);
-        let state = memento_guest::snapshot_bytes(&op).unwrap();
+        let state = memento_guest::snapshot_pieces(&op).unwrap();
         let ctx = Context::for_test([]);
         let mut fresh = WordCount::open(&ctx).unwrap();
-        memento_guest::restore_bytes(&mut fresh, &ctx, &state).unwrap();
+        memento_guest::restore_pieces(&mut fresh, &ctx, state).unwrap();
         assert_eq!(
             run(&mut fresh, vec![Event::new("a", "", 3)]),
             pairs(&[("a", "3")])
         );
+    }
+
+    #[test]
+    fn counts_in_decimal() {
+        let mut buf = [0u8; 20];
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
+
+    /// The state of versions before keyed state (a `BTreeMap` in the SDK's
+    /// envelope) restores.
+    #[test]
+    fn restores_snapshots_from_before_keyed_state() {
+        #[derive(Serialize)]
+        struct Old {
+            counts: BTreeMap<Vec<u8>, u64>,
+            split_words: bool,
+        }
+        let old = Old {
+            counts: BTreeMap::from([(b"a".to_vec(), 4), (b"b".to_vec(), 1)]),
+            split_words: false,
+        };
+        let bytes = memento_guest::encode_state(1, &old).unwrap();
+        let ctx = Context::for_test([]);
+        let mut op = WordCount::open(&ctx).unwrap();
+        memento_guest::restore_bytes(&mut op, &ctx, &bytes).unwrap();
+        assert_eq!((op.count(b"a"), op.count(b"b")), (4, 1));
+        assert_eq!(run(&mut op, vec![Event::new("a", "", 0)]), pairs(&[("a", "5")]));
+    }
+
+    /// Rescaling: the key groups of one task's snapshot restored into two
+    /// tasks (each given its own groups' pieces, as the host does) hold
+    /// every count exactly once, and counting goes on from them.
+    #[test]
+    fn key_groups_split_across_tasks() {
+        let ctx = Context::for_test([]);
+        let mut one = WordCount::open(&ctx).unwrap();
+        let events: Vec<Event> = (0..500)
+            .map(|i| Event::new(format!("k{}", i % 70), "", i))
+            .collect();
+        run(&mut one, events);
+        let pieces = memento_guest::snapshot_pieces(&one).unwrap();
+        assert!(pieces.iter().all(|(g, _)| g.is_some()), "only keyed state");
+        let mut total = 0;
+        for owned in [0..64u32, 64..128] {
+            let ctx = Context {
+                parallelism: 2,
+                owned: owned.clone(),
+                ..Context::for_test([])
+            };
+            let mine = pieces
+                .iter()
+                .filter(|(g, _)| owned.contains(&g.unwrap()))
+                .cloned()
+                .collect();
+            let mut task = WordCount::open(&ctx).unwrap();
+            memento_guest::restore_pieces(&mut task, &ctx, mine).unwrap();
+            for k in 0..70 {
+                let key = format!("k{k}");
+                let n = task.count(key.as_bytes());
+                if owned.contains(&memento_guest::key_group(key.as_bytes(), 128)) {
+                    assert_eq!(n, one.count(key.as_bytes()), "{key}");
+                    total += n;
+                } else {
+                    assert_eq!(n, 0, "{key} is not this task's");
+                }
+            }
+        }
+        assert_eq!(total, 500);
     }
 }

@@ -153,6 +153,44 @@ async fn submit(
     Ok((StatusCode::CREATED, Json(JobView::of(&job))))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RescaleBody {
+    parallelism: u32,
+}
+
+/// The answer to a rescale: the savepoint it went through and the job as
+/// it runs now.
+#[derive(serde::Serialize)]
+struct RescaleResponse {
+    savepoint: String,
+    job: JobView,
+}
+
+/// `POST /v1/jobs/{job}/rescale`: stop with a savepoint and start again at
+/// another parallelism, in one call (it returns once the job runs again).
+async fn rescale(
+    State(s): Shared,
+    InTenant(tenant): InTenant,
+    p: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Json<RescaleResponse>, ApiError> {
+    let axum::extract::Path(name) =
+        p.map_err(|e| ApiError::bad_request(format!("bad path: {}", e.body_text())))?;
+    // The job first (404 before 400), as on every job route.
+    s.job(&tenant, &name)?;
+    let body: RescaleBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid JSON body (expected {{\"parallelism\": N}}): {e}"
+        ))
+    })?;
+    let done = blocking(move || s.rescale(&tenant, &name, body.parallelism)).await?;
+    Ok(Json(RescaleResponse {
+        savepoint: done.savepoint.to_string(),
+        job: JobView::of(&done.job),
+    }))
+}
+
 async fn list_snapshots(State(s): Shared, InScope(scope): InScope) -> Result<Json<SnapshotsView>, ApiError> {
     let list = blocking(move || s.snapshots(&scope)).await?;
     let snapshots = list.iter().map(|(t, m)| SnapshotView::of(t, m)).collect();
@@ -195,6 +233,7 @@ fn route_table() -> Vec<Route<Arc<Service>>> {
             "/v1/jobs",
             post(submit).layer(DefaultBodyLimit::disable()),
         ),
+        ("post", "/v1/jobs/{job}/rescale", post(rescale)),
         ("get", "/v1/snapshots", get(list_snapshots)),
         ("delete", "/v1/snapshots/{id}", delete(dispose)),
     ];

@@ -182,6 +182,17 @@ impl Client {
         )
     }
 
+    /// `POST /v1/jobs/{job}/rescale`: `{"savepoint", "job"}` once the job
+    /// runs again at `parallelism`.
+    pub fn rescale(&self, job: &str, parallelism: u32) -> anyhow::Result<Answer<Value>> {
+        self.call(
+            Method::Post,
+            &format!("/v1/jobs/{}/rescale", segment(job)),
+            "the host",
+            Some(&serde_json::json!({ "parallelism": parallelism })),
+        )
+    }
+
     /// `POST /v1/jobs/{job}/stop`: the request id of the final savepoint.
     pub fn stop(&self, job: &str) -> anyhow::Result<String> {
         let a: Answer<TriggerResponse> = self.call(

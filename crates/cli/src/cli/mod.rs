@@ -163,6 +163,18 @@ enum Command {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Change a job's parallelism on a running `memento serve`: stop it
+    /// with a savepoint and start it again from it with every operator at
+    /// N tasks. Only state in key groups (KeyedState) can be divided; other
+    /// state is refused and the job runs on as it was.
+    Rescale {
+        /// The job's name.
+        job: String,
+        /// The new parallelism of every operator.
+        parallelism: u32,
+        #[command(flatten)]
+        host: HostArgs,
+    },
 }
 
 /// Where a running host is (`memento serve`, or `memento run --listen`) and
@@ -351,6 +363,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let a = host.client().cancel(&job)?;
             print_or_json(host.json, &a.json, || {
                 format!("cancelling job `{}`\n", a.value.job)
+            })
+        }
+        Command::Rescale {
+            job,
+            parallelism,
+            host,
+        } => {
+            let a = host.client().rescale(&job, parallelism)?;
+            print_or_json(host.json, &a.json, || {
+                format!(
+                    "job `{job}` runs at parallelism {parallelism}, resumed from savepoint {}\n",
+                    a.json["savepoint"].as_str().unwrap_or("?")
+                )
             })
         }
         Command::Stop { job, wait, host } => {

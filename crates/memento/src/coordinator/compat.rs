@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::dataflow::JobError;
 use crate::snapshot;
 use crate::spec::JobSpec;
-use crate::store::{JobName, Manifest, SnapshotId, TenantStore};
+use crate::store::{JobName, Manifest, SnapshotId, TaskStateData, TenantStore};
 
 /// Key in a manifest's `extra` marking the record of a finished job.
 pub(super) const FINISHED: &str = "finished";
@@ -15,6 +15,53 @@ pub(super) const FINISHED: &str = "finished";
 /// groups (`{"operator": 128}`); absent in snapshots from before key
 /// groups, whose routing is that of key groups = parallelism.
 pub(super) const KEY_GROUPS: &str = "key_groups";
+
+/// Key in a manifest's `extra` recording, per operator whose tasks all
+/// wrote canonical state, the bytes of it in no key group
+/// (`{"operator": 0}`); absent for an operator with a native image and in
+/// snapshots from before it was recorded. An operator recorded with 0
+/// keeps all its state in key groups, and its snapshot can resume at
+/// another parallelism.
+pub(super) const UNKEYED_BYTES: &str = "unkeyed_bytes";
+
+/// Why operator `op`'s state in `m` cannot be divided among another number
+/// of tasks, or `None` when it can: canonical and framed (the format of
+/// this build), with every byte in a key group.
+fn why_not_rescalable(m: &Manifest, op: &str) -> Option<String> {
+    let native = m
+        .tasks
+        .iter()
+        .any(|t| t.key.operator == op && matches!(t.state, TaskStateData::Native { .. }));
+    if native {
+        return Some(
+            "it is a native image, which cannot be divided by key; take a canonical savepoint \
+             (savepoints format = \"canonical\") and rescale from that"
+                .into(),
+        );
+    }
+    let recorded = m
+        .extra
+        .get(UNKEYED_BYTES)
+        .and_then(|u| u.get(op))
+        .and_then(serde_json::Value::as_u64);
+    match recorded {
+        _ if m.canonical_framing.is_none() => Some(
+            "the snapshot was taken before state was kept in key groups; resume at its parallelism \
+             and take a new savepoint first"
+                .into(),
+        ),
+        None => Some(
+            "the snapshot does not record whether its state is all keyed (taken by an older memento); \
+             resume at its parallelism and take a new savepoint first"
+                .into(),
+        ),
+        Some(0) => None,
+        Some(n) => Some(format!(
+            "the operator keeps {n} bytes of state that belong to no key group (task-wide state no \
+             rescale can divide; an operator keeps its state in memento_guest::KeyedState to rescale)"
+        )),
+    }
+}
 
 /// The key groups snapshot `m` recorded for operator `op`, or, for a
 /// snapshot from before key groups, its number of tasks (the routing it
@@ -100,11 +147,22 @@ pub(crate) fn check_fits(
             )));
         }
         if n != op.parallelism as usize {
-            return Err(incompatible(format!(
-                "operator `{}` has {n} tasks in the snapshot but parallelism {} in the job file \
-                     (changing parallelism is not supported)",
-                op.name, op.parallelism
-            )));
+            if let Some(why) = why_not_rescalable(m, &op.name) {
+                return Err(incompatible(format!(
+                    "operator `{}` has {n} tasks in the snapshot but parallelism {} in the job file, \
+                     and its state cannot be divided among another number of tasks: {why} \
+                     (or set parallelism = {n})",
+                    op.name, op.parallelism
+                )));
+            }
+            let groups = recorded_key_groups(m, &op.name).map_err(incompatible)?;
+            if op.parallelism > groups {
+                return Err(incompatible(format!(
+                    "operator `{}` has {groups} key groups, fewer than parallelism {}: a task would own \
+                     no key group (key groups are fixed for a job's life; run at most {groups} tasks)",
+                    op.name, op.parallelism
+                )));
+            }
         }
     }
     if let Some(t) = m
@@ -168,7 +226,7 @@ mod tests {
     use super::*;
     use crate::coordinator::tests::store;
     use crate::snapshot::NATIVE_IMAGE_VERSION;
-    use crate::store::{SnapshotKind, StateFormat, TaskKey, TaskState, TaskStateData, Trigger};
+    use crate::store::{SnapshotKind, StateFormat, TaskKey, TaskState, Trigger};
 
     const V1: &str = "1111";
     const V2: &str = "2222";
@@ -291,6 +349,58 @@ mod tests {
         );
         assert!(err.contains("is not a number from 1 to 32768"), "{err}");
         assert!(err.len() < 300, "quotes an excerpt only: {err}");
+    }
+
+    /// State all in key groups fits any parallelism up to its key groups;
+    /// task-wide state, native images and snapshots that do not say are
+    /// refused, each saying why and what to do instead.
+    #[test]
+    fn only_keyed_canonical_state_changes_parallelism() {
+        let (_dir, store) = store();
+        let job = JobName::new("j").unwrap();
+        let mut m = store.get(&commit(&store, canonical(), V1, false)).unwrap();
+        m.canonical_framing = Some(crate::snapshot::FRAMING_VERSION);
+        m.extra
+            .insert(KEY_GROUPS.into(), serde_json::json!({ "count": 128 }));
+        m.extra
+            .insert(UNKEYED_BYTES.into(), serde_json::json!({ "count": 0 }));
+        for p in [1, 2, 3, 128] {
+            check_fits(&spec(p), &job, &running(V1), &m).unwrap();
+        }
+        let err = |m: &Manifest, p: u32| {
+            check_fits(&spec(p), &job, &running(V1), m)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&m, 200);
+        assert!(
+            e.contains("has 128 key groups, fewer than parallelism 200"),
+            "{e}"
+        );
+
+        let mut task_wide = m.clone();
+        task_wide
+            .extra
+            .insert(UNKEYED_BYTES.into(), serde_json::json!({ "count": 5 }));
+        check_fits(&spec(1), &job, &running(V1), &task_wide).unwrap();
+        let e = err(&task_wide, 3);
+        assert!(
+            e.contains("operator `count` has 1 tasks in the snapshot but parallelism 3 in the job file"),
+            "{e}"
+        );
+        assert!(e.contains("5 bytes of state that belong to no key group"), "{e}");
+        assert!(e.ends_with("(or set parallelism = 1)"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+
+        let mut unrecorded = m.clone();
+        unrecorded.extra.remove(UNKEYED_BYTES);
+        assert!(err(&unrecorded, 2).contains("does not record whether its state is all keyed"));
+        let mut unframed = m.clone();
+        unframed.canonical_framing = None;
+        assert!(err(&unframed, 2).contains("taken before state was kept in key groups"));
+        let mut image = m.clone();
+        image.tasks[0].state = native();
+        assert!(err(&image, 2).contains("it is a native image, which cannot be divided by key"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod control;
 mod failures;
 mod pending;
 mod protocol;
+mod regroup;
 mod report;
 mod requests;
 mod restart;
@@ -61,6 +62,11 @@ pub(crate) struct Coordinator<'a> {
     /// Operator → its key groups in the current attempt: what manifests
     /// record (set when an attempt starts, from the snapshot it restores).
     key_groups: crate::dataflow::KeyGroups,
+    /// The output position of sink tasks the restored snapshot had and
+    /// this attempt does not (it runs fewer tasks than the snapshot's):
+    /// carried into every manifest, so that a later rescale up gives such
+    /// a task back its next part file rather than one it committed.
+    retired_sinks: Vec<crate::dataflow::sink::SinkCommit>,
     store: TenantStore,
     /// The job's sink: commits after each snapshot, recovers before each
     /// attempt.
@@ -89,6 +95,7 @@ impl<'a> Coordinator<'a> {
             loaded,
             components: component_hashes(spec, loaded),
             key_groups: crate::dataflow::KeyGroups::new(),
+            retired_sinks: Vec::new(),
             store,
             sink: crate::dataflow::sink::of(&spec.sink, &spec.base_dir),
             job,

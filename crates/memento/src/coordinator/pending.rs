@@ -39,6 +39,8 @@ pub(super) struct Acks {
     /// Tasks of the job: every one must acknowledge.
     total: usize,
     pub(super) states: BTreeMap<TaskKey, TaskStateData>,
+    /// Per task, bytes of canonical state in no key group (`None`: native).
+    unkeyed: BTreeMap<TaskKey, Option<u64>>,
     pub(super) sinks: Vec<SinkCommit>,
     pub(super) source_position: Option<u64>,
     /// Longest task pause and upload.
@@ -66,6 +68,7 @@ impl Acks {
         &mut self,
         task: TaskKey,
         state: TaskStateData,
+        unkeyed: Option<u64>,
         sink: Option<SinkCommit>,
         pause: Duration,
         upload: Duration,
@@ -79,12 +82,25 @@ impl Acks {
                 logical_bytes: state.logical_bytes(),
             },
         );
+        self.unkeyed.insert(task.clone(), unkeyed);
         // A task acknowledges once; a repeated ack replaces, never adds.
         if self.states.insert(task, state).is_none() {
             self.sinks.extend(sink);
         }
         self.pause = self.pause.max(pause);
         self.upload = self.upload.max(upload);
+    }
+
+    /// Per operator whose tasks all wrote canonical state, the bytes of it
+    /// in no key group (what the manifest records as `unkeyed_bytes`):
+    /// an operator with 0 can resume at another parallelism.
+    pub(super) fn unkeyed_by_operator(&self) -> BTreeMap<String, u64> {
+        let mut sums: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        for (task, bytes) in &self.unkeyed {
+            let sum = sums.entry(task.operator.clone()).or_insert(Some(0));
+            *sum = sum.zip(*bytes).map(|(a, b)| a + b);
+        }
+        sums.into_iter().filter_map(|(op, n)| Some((op, n?))).collect()
     }
 
     /// Every task and the source acknowledged: the snapshot can commit.
@@ -108,6 +124,7 @@ mod tests {
         acks.task(
             TaskKey::new(operator, index),
             state(0),
+            Some(u64::from(index)),
             None,
             Duration::from_millis(u64::from(index)),
             Duration::ZERO,
@@ -130,6 +147,29 @@ mod tests {
         acks.source(7);
         ack(&mut acks, "a", 0);
         assert!(!acks.complete(), "one task is missing");
+    }
+
+    /// The manifest's `unkeyed_bytes`: summed per operator, and no entry
+    /// for an operator with a native task.
+    #[test]
+    fn unkeyed_bytes_add_up_per_operator_and_native_has_none() {
+        let mut acks = Acks::new(4);
+        ack(&mut acks, "a", 0);
+        ack(&mut acks, "b", 1);
+        ack(&mut acks, "b", 2);
+        acks.task(
+            TaskKey::new("c", 0),
+            state(0),
+            None,
+            None,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        ack(&mut acks, "c", 1);
+        assert_eq!(
+            acks.unkeyed_by_operator(),
+            BTreeMap::from([("a".to_string(), 0), ("b".to_string(), 3)])
+        );
     }
 
     #[test]
@@ -173,6 +213,7 @@ mod tests {
         acks.task(
             TaskKey::new("a", 0),
             state(1),
+            Some(0),
             sink("f"),
             Duration::ZERO,
             Duration::ZERO,
@@ -180,6 +221,7 @@ mod tests {
         acks.task(
             TaskKey::new("a", 0),
             state(1),
+            Some(0),
             sink("f"),
             Duration::ZERO,
             Duration::ZERO,

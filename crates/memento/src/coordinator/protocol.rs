@@ -242,12 +242,13 @@ impl Coordinator<'_> {
                 id,
                 task,
                 state,
+                unkeyed,
                 sink,
                 pause,
                 upload,
             } => {
                 if let Some(p) = run.pending.as_mut().filter(|p| p.number == id) {
-                    p.acks.task(task, state, sink, pause, upload);
+                    p.acks.task(task, state, unkeyed, sink, pause, upload);
                 }
             }
             Report::Declined { id, task, reason } => {
@@ -293,6 +294,10 @@ impl Coordinator<'_> {
         m.components = self.components.clone();
         m.extra
             .insert(compat::KEY_GROUPS.into(), serde_json::json!(self.key_groups));
+        m.extra.insert(
+            compat::UNKEYED_BYTES.into(),
+            serde_json::json!(acks.unkeyed_by_operator()),
+        );
         // Every canonical state this build persists is framed.
         m.canonical_framing = Some(crate::snapshot::FRAMING_VERSION);
         m.tasks = acks
@@ -305,8 +310,10 @@ impl Coordinator<'_> {
             task_index: 0,
             position: acks.source_position.unwrap_or(0),
         }];
-        if !acks.sinks.is_empty() {
-            m.sink_commit = serde_json::json!({ "tasks": acks.sinks });
+        let mut sinks = acks.sinks.clone();
+        sinks.extend(self.retired_sinks.iter().cloned());
+        if !sinks.is_empty() {
+            m.sink_commit = serde_json::json!({ "tasks": sinks });
         }
         m.figures.sync_ms = acks.pause.as_millis() as u64;
         m.figures.async_ms = acks.upload.as_millis() as u64;

@@ -13,9 +13,9 @@ use super::compat::{self, FINISHED, check_fits, resume_point_before};
 use super::control::{Control, TriggerError};
 use super::protocol::{AttemptEnd, AttemptState};
 use super::report::{FinalState, JobFailed, JobReport, OperatorReport};
-use super::restart;
 use super::status::JobState;
 use super::triggers::Triggers;
+use super::{regroup, restart};
 use crate::dataflow::fault::{self, Site};
 use crate::dataflow::sink;
 use crate::dataflow::{Attempt, JobError, RestorePoint};
@@ -167,10 +167,11 @@ impl Coordinator<'_> {
     /// the output alone).
     fn restore_point(&self, m: &Manifest) -> Result<RestorePoint, JobError> {
         check_fits(self.spec, &self.job, &self.components, m)?;
-        let mut tasks = BTreeMap::new();
-        for t in &m.tasks {
-            tasks.insert(t.key.clone(), t.clone());
-        }
+        // At another parallelism, each task gathers its key groups.
+        let tasks = regroup::restore_states(self.spec, m).map_err(|reason| JobError::Incompatible {
+            id: m.id.clone(),
+            reason,
+        })?;
         let commits = sink::commits_of(m, &*self.sink)?;
         let sink_next_seq = self.sink.recover(Some((&m.id, &commits)))?;
         Ok(RestorePoint {
@@ -212,6 +213,17 @@ impl Coordinator<'_> {
                 });
             }
         };
+        let sinks = self.spec.sink_parallelism();
+        self.retired_sinks = point
+            .iter()
+            .flat_map(|p| &p.sink_next_seq)
+            .filter(|(task, _)| **task >= sinks)
+            .map(|(&task, &next_seq)| sink::SinkCommit {
+                task,
+                next_seq,
+                files: Vec::new(),
+            })
+            .collect();
         // Counted by the source thread: positions are not record counts
         // for every source (the push source's are the service's offsets).
         let records_before = self.status.records_in.load(std::sync::atomic::Ordering::Relaxed);

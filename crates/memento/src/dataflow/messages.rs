@@ -94,6 +94,8 @@ pub(crate) enum Report {
         id: u64,
         task: TaskKey,
         state: TaskStateData,
+        /// Bytes of canonical state in no key group (`None`: native).
+        unkeyed: Option<u64>,
         sink: Option<SinkCommit>,
         pause: Duration,
         upload: Duration,

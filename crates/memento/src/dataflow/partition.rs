@@ -118,6 +118,17 @@ mod tests {
     const PINNED_GROUPS: [u32; 4] = [77, 28, 115, 55];
 
     #[test]
+    fn owned_ranges_are_pinned() {
+        // Pinned: a rescale restores each task from the snapshotted tasks
+        // whose ranges overlap its own, as a snapshot recorded them.
+        let ranges = |p: u32, k: u32| (0..p).map(|t| owned_groups(t, p, k)).collect::<Vec<_>>();
+        assert_eq!(ranges(3, 128), [0..43, 43..86, 86..128]);
+        assert_eq!(ranges(4, 128), [0..32, 32..64, 64..96, 96..128]);
+        assert_eq!(ranges(2, 7), [0..4, 4..7]);
+        assert_eq!(ranges(3, 7), [0..3, 3..5, 5..7]);
+    }
+
+    #[test]
     fn the_guest_sdk_computes_the_same_key_groups() {
         // Operators put state in the group the host routes the key to.
         for k in [1, 7, 128, 1000, 32_768] {

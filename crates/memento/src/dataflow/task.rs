@@ -287,6 +287,7 @@ impl Task {
         let Some(captured) = captured else { return Ok(()) };
         let (reports, key) = (self.reports.clone(), self.key.clone());
         let config = self.config.clone();
+        let unkeyed = captured.unkeyed_bytes();
         // Hashing and writing happen off the task thread: processing goes on.
         std::thread::Builder::new()
             .name(format!("upload {key}"))
@@ -307,6 +308,7 @@ impl Task {
                         id: barrier.id,
                         task: key,
                         state,
+                        unkeyed,
                         sink,
                         pause,
                         upload: started.elapsed(),

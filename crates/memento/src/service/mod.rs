@@ -39,6 +39,7 @@
 mod auth;
 mod job;
 mod record;
+mod rescale;
 mod submit;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,7 @@ use std::sync::{Arc, Mutex};
 
 pub use auth::{Caller, Scope, token_matches};
 pub use job::ServiceJob;
+pub use rescale::Rescaled;
 pub use submit::{MAX_TASKS, Submission};
 
 use crate::host::{Host, HostError, RunOptions, StartFrom};

@@ -36,8 +36,13 @@ pub fn capture(
         SnapshotFormat::Canonical | SnapshotFormat::Auto => {
             let (sink, upload) = stream::start(writer.clone())
                 .map_err(|e| CaptureError::Declined(format!("cannot start the state upload: {e}")))?;
+            let unkeyed = sink.unkeyed();
             match instance.snapshot_state_to(Box::new(sink)) {
-                Ok(written) => CapturedState::Canonical(Streamed { written, upload }),
+                Ok(written) => CapturedState::Canonical(Streamed {
+                    written,
+                    unkeyed: unkeyed.load(std::sync::atomic::Ordering::Relaxed),
+                    upload,
+                }),
                 Err(RuntimeError::Guest { message, task, .. }) => {
                     return Err(CaptureError::Declined(format!(
                         "{task}: snapshot-state declined: {message}"

@@ -67,12 +67,23 @@ impl Captured {
             CapturedState::CopyOnWrite { .. } => 0,
         }
     }
+
+    /// Bytes of canonical state in no key group (`None`: a native image,
+    /// which no rescale can move either).
+    pub fn unkeyed_bytes(&self) -> Option<u64> {
+        match &self.state {
+            CapturedState::Canonical(s) => Some(s.unkeyed),
+            CapturedState::Native(_) | CapturedState::CopyOnWrite { .. } => None,
+        }
+    }
 }
 
 /// Canonical state the operator wrote, on its way into the store.
 pub struct Streamed {
     /// Bytes the operator wrote (before framing).
     pub written: u64,
+    /// Of those, bytes in pieces of no key group.
+    pub unkeyed: u64,
     /// The upload's outcome, once its last chunk is stored.
     pub(super) upload: Receiver<Uploaded>,
 }

@@ -8,6 +8,7 @@
 //! upload catches up after it); beyond it the guest waits for the upload
 //! (backpressure) rather than the host buffer more.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
@@ -38,11 +39,24 @@ pub(crate) type Uploaded = Result<(u64, Vec<ChunkRef>), StoreError>;
 pub(crate) struct UploadSink {
     pieces: Sender<Piece>,
     in_flight: Arc<InFlight>,
+    /// Bytes of pieces of no key group: state a rescale cannot move.
+    unkeyed: Arc<AtomicU64>,
+}
+
+impl UploadSink {
+    /// Where the bytes of unkeyed pieces are counted, read once the
+    /// guest's snapshot has returned.
+    pub(crate) fn unkeyed(&self) -> Arc<AtomicU64> {
+        self.unkeyed.clone()
+    }
 }
 
 impl StateSink for UploadSink {
     fn write(&mut self, key_group: Option<u32>, bytes: Vec<u8>) -> Result<(), String> {
         let len = bytes.len();
+        if key_group.is_none() {
+            self.unkeyed.fetch_add(len as u64, Ordering::Relaxed);
+        }
         {
             let mut queued = self.in_flight.bytes.lock().expect("not poisoned");
             // A piece always goes when nothing is queued: the budget
@@ -99,6 +113,7 @@ pub(crate) fn start(writer: BlobWriter) -> std::io::Result<(UploadSink, Receiver
         UploadSink {
             pieces: pieces_tx,
             in_flight,
+            unkeyed: Arc::default(),
         },
         done,
     ))

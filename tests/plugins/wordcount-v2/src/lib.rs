@@ -8,15 +8,30 @@
 //! fills in 0 (`#[serde(default)]`), and counting per key continues from the
 //! restored counts. At `close` it logs `wordcount-v2 total N` so a test can
 //! see the new field in use.
+//!
+//! The counts are keyed state, as `wordcount`'s; `total` is task-wide
+//! (unkeyed) state, so a snapshot of this version cannot change
+//! parallelism — the test of that refusal uses it.
 
-use memento_guest::{Context, Error, Event, Operator, Output};
+use memento_guest::{Context, Error, Event, KeyedState, Operator, Output, StateReader, StateWriter};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// The unkeyed part of the state: `total` as this version writes it, or
+/// a whole state from before keyed state (counts included).
+#[derive(Default, Serialize, Deserialize)]
+struct Unkeyed {
+    #[serde(default)]
+    counts: BTreeMap<Vec<u8>, u64>,
+    #[serde(default)]
+    total: u64,
+}
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct WordCount {
     /// Running count per key (or word).
-    counts: BTreeMap<Vec<u8>, u64>,
+    #[serde(skip)]
+    counts: KeyedState<u64>,
     /// Count words of the value instead of keys (from config `split`).
     split_words: bool,
     /// New in state version 2: events seen (since the state began, or since
@@ -27,10 +42,7 @@ pub struct WordCount {
 
 impl WordCount {
     fn bump(&mut self, key: &[u8], timestamp: i64, out: &mut Output) {
-        let n = match self.counts.get_mut(key) {
-            Some(n) => n,
-            None => self.counts.entry(key.to_vec()).or_insert(0),
-        };
+        let n = self.counts.get_or_insert_with(key, || 0);
         *n += 1;
         out.emit(key, n.to_string(), timestamp);
     }
@@ -48,7 +60,7 @@ impl Operator for WordCount {
             }
         };
         Ok(WordCount {
-            counts: BTreeMap::new(),
+            counts: KeyedState::new(ctx),
             split_words,
             total: 0,
         })
@@ -74,11 +86,26 @@ impl Operator for WordCount {
 
     /// Keep the mode from this run's configuration; counts (and, from a
     /// version 2 snapshot, the total) from the snapshot.
-    fn restore(&mut self, _ctx: &Context, from: &mut memento_guest::StateReader<'_>) -> Result<(), Error> {
-        let (_, restored) = memento_guest::read_state::<WordCount>(Self::STATE_VERSION, from)?;
-        self.counts = restored.counts;
-        self.total = restored.total;
+    fn restore(&mut self, _ctx: &Context, from: &mut StateReader<'_>) -> Result<(), Error> {
+        let unkeyed = self.counts.restore(from)?;
+        if !unkeyed.is_empty() {
+            let (_, restored) = memento_guest::decode_state::<Unkeyed>(Self::STATE_VERSION, &unkeyed)?;
+            for (key, n) in restored.counts {
+                self.counts.insert(&key, n);
+            }
+            self.total = restored.total;
+        }
         Ok(())
+    }
+
+    /// The counts per key group, then `total` in the SDK's envelope.
+    fn snapshot(&self, out: &mut StateWriter<'_>) -> Result<(), Error> {
+        self.counts.snapshot(out)?;
+        let unkeyed = Unkeyed {
+            counts: BTreeMap::new(),
+            total: self.total,
+        };
+        memento_guest::write_state(out, Self::STATE_VERSION, &unkeyed)
     }
 }
 

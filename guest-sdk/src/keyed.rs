@@ -1,0 +1,692 @@
+//! [`KeyedState`]: a value per key, held in a hash table under memento's
+//! own key hash, snapshotted per key group so that a job can resume at
+//! another parallelism.
+//!
+//! Why a hash table with a fixed hash rather than a `BTreeMap`: at a
+//! million keys every `BTreeMap` lookup is a chain of dependent loads and
+//! byte-string comparisons through the guest's memory, and that was where
+//! a keyed count spent nine tenths of its time. The hash table finds a key
+//! in about one probe; its hash is [`key_hash`](crate::key_hash), the one
+//! the host routes with, so it is computed once per event and also names
+//! the key's group at snapshot time. The hash is fixed (no random seed),
+//! so the table behaves identically on every run and after every restore.
+//!
+//! # Canonical format
+//!
+//! Each key group's state is one stream of pieces of that group (see
+//! [`StateWriter::write_piece`]): a format byte ([`KEYED_FORMAT`], 1), then
+//! one record per key, in ascending order of (key hash, key bytes):
+//!
+//! | field        | encoding                                    |
+//! |--------------|---------------------------------------------|
+//! | key length   | unsigned LEB128, at most [`MAX_KEY`]        |
+//! | key          | the key's bytes                             |
+//! | value length | unsigned LEB128                             |
+//! | value        | MessagePack with field names (`rmp_serde`)  |
+//!
+//! A group without keys writes nothing. The order makes the bytes a
+//! function of the contents only (the same state snapshots to the same
+//! bytes, which the store then stores once), whatever order the keys came
+//! in. A value type evolves as serde allows: add fields with
+//! `#[serde(default)]`.
+
+use std::collections::BTreeMap;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::state::{PIECE, StateReader, StateWriter};
+use crate::{Context, Error, key_hash};
+
+/// The format byte that starts each key group's state.
+pub const KEYED_FORMAT: u8 = 1;
+
+/// The longest key a snapshot may hold (16 MiB): a bound on what a
+/// damaged length can make a restore allocate.
+pub const MAX_KEY: usize = 16 << 20;
+
+/// The largest encoded value a snapshot may hold (256 MiB), for the same
+/// reason.
+pub const MAX_VALUE: usize = 256 << 20;
+
+struct Slot<V> {
+    /// `key_hash(key)`: compared before the key, reused when the table
+    /// grows, and the key's group at snapshot time.
+    hash: u64,
+    key: Box<[u8]>,
+    value: V,
+}
+
+/// A value of type `V` per key: what an operator keeps instead of a map of
+/// its own, so that its state is fast at millions of keys, snapshotted per
+/// key group and rescalable.
+///
+/// Lookups by `&[u8]` cost no allocation; inserting a new key allocates
+/// its bytes once. Iteration is only offered in a deterministic order
+/// ([`KeyedState::sorted`]): the table's own order depends on the order
+/// keys arrived in and on its capacity, and output that followed it would
+/// differ after a restore.
+///
+/// ```
+/// use memento_guest::{Context, KeyedState};
+///
+/// let mut counts: KeyedState<u64> = KeyedState::new(&Context::for_test([]));
+/// *counts.get_or_insert_with(b"a", || 0) += 1;
+/// *counts.get_or_insert_with(b"a", || 0) += 1;
+/// assert_eq!(counts.get(b"a"), Some(&2));
+/// assert_eq!(counts.remove(b"a"), Some(2));
+/// assert!(counts.is_empty());
+/// ```
+pub struct KeyedState<V> {
+    table: HashTable<Slot<V>>,
+    key_groups: u32,
+}
+
+impl<V> KeyedState<V> {
+    /// Empty state for a task in context `ctx` (its number of key groups
+    /// decides how the state is cut at snapshot time).
+    pub fn new(ctx: &Context) -> KeyedState<V> {
+        KeyedState::with_key_groups(ctx.key_groups)
+    }
+
+    /// Empty state for an operator with `key_groups` key groups (at least 1).
+    pub fn with_key_groups(key_groups: u32) -> KeyedState<V> {
+        KeyedState {
+            table: HashTable::new(),
+            key_groups: key_groups.max(1),
+        }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no key has a value.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// The operator's number of key groups (0 for a state made with
+    /// `Default`).
+    pub fn key_groups(&self) -> u32 {
+        self.key_groups
+    }
+
+    /// The value of `key`, if it has one.
+    pub fn get(&self, key: &[u8]) -> Option<&V> {
+        let hash = key_hash(key);
+        self.table
+            .find(hash, |s| s.hash == hash && *s.key == *key)
+            .map(|s| &s.value)
+    }
+
+    /// The value of `key` to change in place, if it has one.
+    pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
+        let hash = key_hash(key);
+        self.table
+            .find_mut(hash, |s| s.hash == hash && *s.key == *key)
+            .map(|s| &mut s.value)
+    }
+
+    /// The value of `key`, first set to `init()` if it has none: the
+    /// read-modify-write of a keyed update, with one hash and one probe.
+    pub fn get_or_insert_with(&mut self, key: &[u8], init: impl FnOnce() -> V) -> &mut V {
+        let hash = key_hash(key);
+        match self
+            .table
+            .entry(hash, |s| s.hash == hash && *s.key == *key, |s| s.hash)
+        {
+            Entry::Occupied(o) => &mut o.into_mut().value,
+            Entry::Vacant(v) => {
+                &mut v
+                    .insert(Slot {
+                        hash,
+                        key: key.into(),
+                        value: init(),
+                    })
+                    .into_mut()
+                    .value
+            }
+        }
+    }
+
+    /// Set the value of `key`, returning the one it replaced.
+    pub fn insert(&mut self, key: &[u8], value: V) -> Option<V> {
+        let hash = key_hash(key);
+        match self
+            .table
+            .entry(hash, |s| s.hash == hash && *s.key == *key, |s| s.hash)
+        {
+            Entry::Occupied(mut o) => Some(std::mem::replace(&mut o.get_mut().value, value)),
+            Entry::Vacant(v) => {
+                v.insert(Slot {
+                    hash,
+                    key: key.into(),
+                    value,
+                });
+                None
+            }
+        }
+    }
+
+    /// Change, set or remove the value of `key` in one step: `f` gets the
+    /// current value (`None`: none) and returns the new one (`None`:
+    /// remove the key).
+    pub fn update(&mut self, key: &[u8], f: impl FnOnce(Option<V>) -> Option<V>) {
+        let hash = key_hash(key);
+        match self
+            .table
+            .entry(hash, |s| s.hash == hash && *s.key == *key, |s| s.hash)
+        {
+            Entry::Occupied(o) => {
+                let (slot, vacant) = o.remove();
+                if let Some(value) = f(Some(slot.value)) {
+                    vacant.insert(Slot { value, ..slot });
+                }
+            }
+            Entry::Vacant(v) => {
+                if let Some(value) = f(None) {
+                    v.insert(Slot {
+                        hash,
+                        key: key.into(),
+                        value,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Remove `key`, returning its value.
+    pub fn remove(&mut self, key: &[u8]) -> Option<V> {
+        let hash = key_hash(key);
+        match self.table.find_entry(hash, |s| s.hash == hash && *s.key == *key) {
+            Ok(o) => Some(o.remove().0.value),
+            Err(_) => None,
+        }
+    }
+
+    /// Remove every key.
+    pub fn clear(&mut self) {
+        self.table.clear();
+    }
+
+    /// Every key and value, ordered by key bytes: a deterministic order to
+    /// emit in (costs a sort; the table itself has no order to rely on).
+    pub fn sorted(&self) -> Vec<(&[u8], &V)> {
+        let mut all: Vec<(&[u8], &V)> = self.table.iter().map(|s| (&*s.key, &s.value)).collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all
+    }
+
+    /// Keep only the keys for which `keep` returns true. `keep` sees keys
+    /// in no particular order, so it must decide each key on its own.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], &mut V) -> bool) {
+        self.table.retain(|s| keep(&s.key, &mut s.value));
+    }
+
+    /// The slots in snapshot order: by key group, then hash, then key.
+    fn in_snapshot_order(&self) -> Vec<(u32, &Slot<V>)> {
+        let groups = u64::from(self.key_groups);
+        let mut all: Vec<(u32, &Slot<V>)> =
+            self.table.iter().map(|s| ((s.hash % groups) as u32, s)).collect();
+        all.sort_unstable_by(|a, b| (a.0, a.1.hash, &a.1.key).cmp(&(b.0, b.1.hash, &b.1.key)));
+        all
+    }
+}
+
+impl<V: Serialize> KeyedState<V> {
+    /// Write the state to `out`, each key group's keys as pieces of that
+    /// group, in the canonical format described in this module.
+    ///
+    /// # Errors
+    /// When a value does not serialize, or the host refuses a piece.
+    pub fn snapshot(&self, out: &mut StateWriter<'_>) -> Result<(), Error> {
+        if self.key_groups == 0 {
+            return Err(no_key_groups());
+        }
+        let mut buffer: Vec<u8> = Vec::with_capacity(PIECE + 64);
+        let mut value = Vec::new();
+        let mut current: Option<u32> = None;
+        for (group, slot) in self.in_snapshot_order() {
+            if current != Some(group) {
+                if let Some(g) = current {
+                    out.write_piece(Some(g), &buffer)?;
+                }
+                buffer.clear();
+                buffer.push(KEYED_FORMAT);
+                current = Some(group);
+            }
+            value.clear();
+            rmp_serde::encode::write_named(&mut value, &slot.value).map_err(|e| {
+                Error(format!(
+                    "keyed state: the value of key {} does not serialize: {e}",
+                    excerpt(&slot.key)
+                ))
+            })?;
+            put_len(&mut buffer, slot.key.len());
+            buffer.extend_from_slice(&slot.key);
+            put_len(&mut buffer, value.len());
+            buffer.extend_from_slice(&value);
+            if buffer.len() >= PIECE {
+                out.write_piece(Some(group), &buffer)?;
+                buffer.clear();
+            }
+        }
+        if let Some(g) = current {
+            out.write_piece(Some(g), &buffer)?;
+        }
+        Ok(())
+    }
+}
+
+/// A key group's stream being parsed: pieces of it may end anywhere.
+#[derive(Default)]
+struct GroupStream {
+    /// The format byte was read.
+    started: bool,
+    /// Bytes of an entry not complete yet.
+    tail: Vec<u8>,
+}
+
+impl<V: DeserializeOwned> KeyedState<V> {
+    /// Add the keys of every keyed piece in `from` (a snapshot's state, or
+    /// the key groups of this task taken from several snapshotted tasks)
+    /// to this state, and return the bytes of the unkeyed pieces, in
+    /// order (state of the operator's own that is not keyed, or a whole
+    /// snapshot from before the operator used keyed state).
+    ///
+    /// # Errors
+    /// When a piece is damaged (an unknown format byte, a length past
+    /// [`MAX_KEY`] or [`MAX_VALUE`], a value that does not decode, a group
+    /// that ends inside a record), belongs to a key group the operator
+    /// does not have, holds a key of another group, or repeats a key.
+    pub fn restore(&mut self, from: &mut StateReader<'_>) -> Result<Vec<u8>, Error> {
+        if self.key_groups == 0 {
+            return Err(no_key_groups());
+        }
+        let mut unkeyed = Vec::new();
+        let mut streams: BTreeMap<u32, GroupStream> = BTreeMap::new();
+        while let Some((group, bytes)) = from.next_piece()? {
+            let Some(g) = group else {
+                unkeyed.extend_from_slice(&bytes);
+                continue;
+            };
+            if g >= self.key_groups {
+                return Err(Error(format!(
+                    "keyed state: a piece of key group {g}, but the operator has {} key groups",
+                    self.key_groups
+                )));
+            }
+            let stream = streams.entry(g).or_default();
+            let mut rest: &[u8] = &bytes;
+            if !stream.started {
+                let Some((&format, after)) = rest.split_first() else {
+                    continue;
+                };
+                if format != KEYED_FORMAT {
+                    return Err(Error(format!(
+                        "keyed state of key group {g} has format {format}; this SDK reads format {KEYED_FORMAT}"
+                    )));
+                }
+                stream.started = true;
+                rest = after;
+            }
+            if stream.tail.is_empty() {
+                let used = self.restore_records(g, rest)?;
+                stream.tail.extend_from_slice(&rest[used..]);
+            } else {
+                let mut joined = std::mem::take(&mut stream.tail);
+                joined.extend_from_slice(rest);
+                let used = self.restore_records(g, &joined)?;
+                joined.drain(..used);
+                stream.tail = joined;
+            }
+        }
+        if let Some((g, s)) = streams.iter().find(|(_, s)| !s.tail.is_empty()) {
+            return Err(Error(format!(
+                "keyed state of key group {g} ends inside a record ({} bytes after the last whole one)",
+                s.tail.len()
+            )));
+        }
+        Ok(unkeyed)
+    }
+
+    /// Insert the whole records at the start of `bytes` (of group `g`);
+    /// returns how many bytes they took.
+    fn restore_records(&mut self, g: u32, bytes: &[u8]) -> Result<usize, Error> {
+        let mut at = 0;
+        loop {
+            let Some((key, value, end)) = record(g, bytes, at)? else {
+                return Ok(at);
+            };
+            let hash = key_hash(key);
+            let owner = (hash % u64::from(self.key_groups)) as u32;
+            if owner != g {
+                return Err(Error(format!(
+                    "keyed state of key group {g} holds key {}, which belongs to key group {owner} \
+                     (the snapshot was taken with other key groups, or is damaged)",
+                    excerpt(key)
+                )));
+            }
+            let value: V = rmp_serde::from_slice(value).map_err(|e| {
+                Error(format!(
+                    "keyed state of key group {g}: the value of key {} does not decode: {e}",
+                    excerpt(key)
+                ))
+            })?;
+            match self
+                .table
+                .entry(hash, |s| s.hash == hash && *s.key == *key, |s| s.hash)
+            {
+                Entry::Occupied(_) => {
+                    return Err(Error(format!(
+                        "keyed state of key group {g} holds key {} twice",
+                        excerpt(key)
+                    )));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(Slot {
+                        hash,
+                        key: key.into(),
+                        value,
+                    });
+                }
+            }
+            at = end;
+        }
+    }
+}
+
+/// State without key groups, to be replaced by [`KeyedState::new`] in
+/// `open`: what `#[serde(skip)]` on an operator's field needs. Its
+/// snapshot and restore fail, since it cannot say which group a key is in.
+impl<V> Default for KeyedState<V> {
+    fn default() -> Self {
+        KeyedState {
+            table: HashTable::new(),
+            key_groups: 0,
+        }
+    }
+}
+
+/// The error of a state made with `Default` and never given key groups.
+fn no_key_groups() -> Error {
+    Error(
+        "keyed state without key groups (made with `Default`): create it in `open` with `KeyedState::new(ctx)`"
+            .into(),
+    )
+}
+
+impl<V> std::fmt::Debug for KeyedState<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedState")
+            .field("keys", &self.len())
+            .field("key_groups", &self.key_groups)
+            .finish()
+    }
+}
+
+/// A record read from a group's bytes: key, encoded value, and where the
+/// next record starts.
+type Record<'a> = (&'a [u8], &'a [u8], usize);
+
+/// The record starting at `bytes[at..]`; `None` if the bytes end first.
+fn record(g: u32, bytes: &[u8], at: usize) -> Result<Option<Record<'_>>, Error> {
+    let Some((key_len, at)) = get_len(g, bytes, at, "key", MAX_KEY)? else {
+        return Ok(None);
+    };
+    let Some(key_end) = at.checked_add(key_len).filter(|&e| e <= bytes.len()) else {
+        return Ok(None);
+    };
+    let Some((value_len, value_at)) = get_len(g, bytes, key_end, "value", MAX_VALUE)? else {
+        return Ok(None);
+    };
+    let Some(end) = value_at.checked_add(value_len).filter(|&e| e <= bytes.len()) else {
+        return Ok(None);
+    };
+    Ok(Some((&bytes[at..key_end], &bytes[value_at..end], end)))
+}
+
+fn put_len(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// An unsigned LEB128 length at `bytes[at..]` and where it ends; `None` if
+/// the bytes end inside it.
+fn get_len(
+    g: u32,
+    bytes: &[u8],
+    mut at: usize,
+    what: &str,
+    max: usize,
+) -> Result<Option<(usize, usize)>, Error> {
+    let mut n: u64 = 0;
+    for shift in (0..).step_by(7) {
+        let Some(&byte) = bytes.get(at) else {
+            return Ok(None);
+        };
+        at += 1;
+        if shift > 28 {
+            return Err(Error(format!(
+                "keyed state of key group {g}: a {what} length runs past 5 bytes"
+            )));
+        }
+        n |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    if n > max as u64 {
+        return Err(Error(format!(
+            "keyed state of key group {g}: a {what} of {n} bytes, more than the {max} allowed"
+        )));
+    }
+    Ok(Some((n as usize, at)))
+}
+
+/// A key for a message: at most 40 bytes of it, escaped.
+fn excerpt(key: &[u8]) -> String {
+    let shown = String::from_utf8_lossy(&key[..key.len().min(40)]).into_owned();
+    if key.len() > 40 {
+        format!("{shown:?}… ({} bytes)", key.len())
+    } else {
+        format!("{shown:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Piece;
+
+    fn state(groups: u32, keys: impl IntoIterator<Item = u64>) -> KeyedState<u64> {
+        let mut s = KeyedState::with_key_groups(groups);
+        for i in keys {
+            *s.get_or_insert_with(format!("key-{i}").as_bytes(), || 0) += i;
+        }
+        s
+    }
+
+    fn pieces(s: &KeyedState<u64>) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        let mut w = StateWriter::memory(&mut pieces);
+        s.snapshot(&mut w).unwrap();
+        w.finish().unwrap();
+        pieces
+    }
+
+    fn contents(s: &KeyedState<u64>) -> Vec<(Vec<u8>, u64)> {
+        s.sorted().into_iter().map(|(k, v)| (k.to_vec(), *v)).collect()
+    }
+
+    #[test]
+    fn get_update_remove() {
+        let mut s: KeyedState<u64> = KeyedState::with_key_groups(128);
+        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.insert(b"a", 1), None);
+        assert_eq!(s.insert(b"a", 2), Some(1));
+        *s.get_mut(b"a").unwrap() += 1;
+        assert_eq!(s.get(b"a"), Some(&3));
+        s.update(b"b", |v| Some(v.unwrap_or(10) + 1));
+        assert_eq!(s.get(b"b"), Some(&11));
+        s.update(b"b", |v| v.filter(|&n| n > 100));
+        assert_eq!(s.get(b"b"), None);
+        s.update(b"", |_| Some(7));
+        assert_eq!(s.get(b""), Some(&7));
+        assert_eq!(s.remove(b"a"), Some(3));
+        assert_eq!(s.remove(b"a"), None);
+        assert_eq!(s.len(), 1);
+        s.retain(|_, _| false);
+        assert!(s.is_empty());
+    }
+
+    /// Keys only go into the pieces of their own group; a group's pieces
+    /// start with the format byte; the bytes depend on the contents only,
+    /// not on the order the keys arrived in.
+    #[test]
+    fn snapshots_are_per_key_group_and_canonical() {
+        let forward = state(16, 0..5000);
+        let backward = state(16, (0..5000).rev());
+        let (a, b) = (pieces(&forward), pieces(&backward));
+        assert_eq!(a, b);
+        assert!(a.iter().all(|(g, p)| g.is_some() && p.len() <= PIECE));
+        let groups: Vec<u32> = a.iter().map(|(g, _)| g.unwrap()).collect();
+        assert!(groups.windows(2).all(|w| w[0] <= w[1]), "groups in order");
+        assert_eq!(groups.iter().collect::<std::collections::BTreeSet<_>>().len(), 16);
+        for g in 0..16 {
+            let mut one = KeyedState::<u64>::with_key_groups(16);
+            let mine: Vec<Piece> = a.iter().filter(|(x, _)| *x == Some(g)).cloned().collect();
+            assert_eq!(mine[0].1[0], KEYED_FORMAT);
+            one.restore(&mut StateReader::memory(mine)).unwrap();
+            assert!(one.sorted().iter().all(|(k, _)| crate::key_group(k, 16) == g));
+        }
+    }
+
+    /// Restoring the groups of several snapshotted tasks into one, or one
+    /// task's into several, loses and duplicates nothing, whatever the
+    /// pieces were cut into.
+    #[test]
+    fn restores_merge_and_split_key_groups() {
+        let whole = state(128, 0..3000);
+        let all = pieces(&whole);
+        // Split: each half of the groups into its own state.
+        let mut halves = [
+            KeyedState::<u64>::with_key_groups(128),
+            KeyedState::<u64>::with_key_groups(128),
+        ];
+        for (i, half) in halves.iter_mut().enumerate() {
+            let range = (i as u32 * 64)..(i as u32 * 64 + 64);
+            let mine = all
+                .iter()
+                .filter(|(g, _)| range.contains(&g.unwrap()))
+                .cloned()
+                .collect();
+            assert!(half.restore(&mut StateReader::memory(mine)).unwrap().is_empty());
+        }
+        assert_eq!(halves[0].len() + halves[1].len(), 3000);
+        // Merge the halves' snapshots again, cut into 7-byte pieces.
+        let mut merged = KeyedState::<u64>::with_key_groups(128);
+        let cut: Vec<Piece> = halves
+            .iter()
+            .flat_map(pieces)
+            .flat_map(|(g, p)| p.chunks(7).map(|c| (g, c.to_vec())).collect::<Vec<_>>())
+            .collect();
+        merged.restore(&mut StateReader::memory(cut)).unwrap();
+        assert_eq!(contents(&merged), contents(&whole));
+        assert_eq!(pieces(&merged), all);
+    }
+
+    #[test]
+    fn unkeyed_pieces_come_back_to_the_caller() {
+        let mut s = KeyedState::<u64>::with_key_groups(4);
+        let mut p = pieces(&state(4, 0..10));
+        p.insert(0, (None, b"he".to_vec()));
+        p.push((None, b"ad".to_vec()));
+        assert_eq!(s.restore(&mut StateReader::memory(p)).unwrap(), b"head");
+        assert_eq!(s.len(), 10);
+    }
+
+    #[test]
+    fn damaged_state_is_refused_with_the_reason() {
+        let err = |p: Vec<Piece>, groups: u32| {
+            KeyedState::<u64>::with_key_groups(groups)
+                .restore(&mut StateReader::memory(p))
+                .unwrap_err()
+                .message()
+                .to_string()
+        };
+        let good = pieces(&state(4, 0..50));
+        assert!(
+            err(good.clone(), 8).contains("belongs to key group"),
+            "other key groups"
+        );
+        assert!(err(vec![(Some(9), vec![1])], 4).contains("key group 9, but the operator has 4"));
+        assert!(err(vec![(Some(0), vec![7])], 4).contains("has format 7"));
+        let mut truncated = good.clone();
+        let last = truncated.last_mut().unwrap();
+        last.1.pop();
+        assert!(err(truncated, 4).contains("ends inside a record"));
+        let (g, first) = good[0].clone();
+        let twice = vec![(g, first.clone()), (g, first[1..].to_vec())];
+        assert!(err(twice, 4).contains("twice"));
+        let long = vec![(Some(0), vec![1, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01])];
+        assert!(err(long, 4).contains("length runs past 5 bytes"));
+        let huge = vec![(Some(0), vec![1, 0x80, 0x80, 0x80, 0x80, 0x01])];
+        assert!(err(huge, 4).contains("more than the"));
+        // A key in its right group but a value that is not a u64.
+        let key = (0u32..)
+            .map(|i| format!("k{i}"))
+            .find(|k| crate::key_group(k.as_bytes(), 4) == 0)
+            .unwrap();
+        let mut bad = vec![1, key.len() as u8];
+        bad.extend_from_slice(key.as_bytes());
+        bad.extend_from_slice(&[1, 0xc0]); // nil
+        let msg = err(vec![(Some(0), bad)], 4);
+        assert!(msg.contains("does not decode"), "{msg}");
+    }
+
+    #[test]
+    fn lengths_round_trip() {
+        for n in [0usize, 1, 127, 128, 300, 16_383, 16_384, MAX_KEY] {
+            let mut b = Vec::new();
+            put_len(&mut b, n);
+            assert_eq!(get_len(0, &b, 0, "key", MAX_KEY).unwrap(), Some((n, b.len())));
+            assert_eq!(get_len(0, &b[..b.len() - 1], 0, "key", MAX_KEY).unwrap(), None);
+        }
+    }
+
+    /// Values keep their field names, so a later value type with a new
+    /// `#[serde(default)]` field reads an older snapshot.
+    #[test]
+    fn struct_values_evolve_through_serde_defaults() {
+        #[derive(Serialize, serde::Deserialize)]
+        struct V1 {
+            sum: i64,
+        }
+        #[derive(serde::Deserialize, PartialEq, Debug)]
+        struct V2 {
+            sum: i64,
+            #[serde(default)]
+            count: u64,
+        }
+        let mut old = KeyedState::with_key_groups(8);
+        old.insert(b"x", V1 { sum: -5 });
+        let mut p = Vec::new();
+        let mut w = StateWriter::memory(&mut p);
+        old.snapshot(&mut w).unwrap();
+        let mut new = KeyedState::<V2>::with_key_groups(8);
+        new.restore(&mut StateReader::memory(p)).unwrap();
+        assert_eq!(new.get(b"x"), Some(&V2 { sum: -5, count: 0 }));
+    }
+}
