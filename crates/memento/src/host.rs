@@ -5,7 +5,7 @@
 //! ```no_run
 //! use memento::{Host, RunOptions};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let host = Host::open("memento-state".as_ref())?;
+//! let host = Host::open(std::path::Path::new("memento-state"))?;
 //! let job = host.load_job_file("examples/words.toml".as_ref())?;
 //! let control = job.control(); // trigger savepoints, stop or cancel from any thread
 //! let report = job.run(RunOptions::default())?;
