@@ -44,9 +44,8 @@ pub fn process<T: Operator>(slot: &RefCell<Slot<T>>, events: Batch) -> Result<Ba
     let mut slot = slot.borrow_mut();
     let op = slot.op.as_mut().ok_or_else(not_open)?;
     let mut out = Output::new();
-    for event in batch::refs(&events)? {
-        op.process_ref(event, &mut out).map_err(|e| e.0)?;
-    }
+    op.process_batch(&batch::refs(&events)?, &mut out)
+        .map_err(|e| e.0)?;
     Ok(out.take_batch())
 }
 

@@ -432,8 +432,8 @@ impl Output {
 /// with [`export_operator!`].
 ///
 /// The host calls `open` once, then possibly `restore` (when resuming from a
-/// snapshot), then `process` once per input event (events arrive in batches;
-/// the SDK loops), `snapshot` between events whenever a checkpoint or
+/// snapshot), then `process_batch` per batch of input events (by default,
+/// `process` once per event), `snapshot` between events whenever a checkpoint or
 /// savepoint is taken, and `close` when a bounded input ends.
 pub trait Operator: Serialize + DeserializeOwned + Sized + 'static {
     /// Version of the state layout written by [`Operator::snapshot`]. Raise it
@@ -453,6 +453,18 @@ pub trait Operator: Serialize + DeserializeOwned + Sized + 'static {
     /// save the two allocations per event that copy costs in a guest.
     fn process_ref(&mut self, event: EventRef<'_>, out: &mut Output) -> Result<(), Error> {
         self.process(event.to_event(), out)
+    }
+
+    /// Handle a batch of input events, borrowed from it, in order. The SDK
+    /// calls this one; the default calls [`Operator::process_ref`] per
+    /// event. Override it to work on the batch as a whole, for example
+    /// with [`KeyedState::get_or_insert_each`], which overlaps the lookups
+    /// of several keys.
+    fn process_batch(&mut self, events: &[EventRef<'_>], out: &mut Output) -> Result<(), Error> {
+        for &event in events {
+            self.process_ref(event, out)?;
+        }
+        Ok(())
     }
 
     /// The input has ended: emit whatever is still pending.

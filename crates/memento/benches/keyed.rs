@@ -8,15 +8,18 @@
 //! - `MEMENTO_KEYED_ROUNDS` (default 3): rounds per figure (medians);
 //! - `MEMENTO_KEYED_RESCALE_KEYS` (default 4000000): keys of the rescaled
 //!   state;
-//! - `MEMENTO_KEYED_PARTS`: any of `operator,job,rescale` (default all).
+//! - `MEMENTO_KEYED_PARTS`: any of `operator,job,rescale` (default all);
+//! - `MEMENTO_KEYED_MAPS`: the maps of the operator part, any of
+//!   `keyed,keyed-each,hashbrown,btree` (default all).
 //!
 //! Parts:
 //! - **operator**: the `count-maps` test plugin (config `map` = `keyed`,
-//!   the SDK's `KeyedState`; `btree`, a `BTreeMap<Vec<u8>, u64>`;
+//!   the SDK's `KeyedState` updated a batch at a time, as `wordcount`
+//!   does; `keyed-each`, the same updated one key at a time; `btree`, a `BTreeMap<Vec<u8>, u64>`;
 //!   `hashbrown`, `hashbrown::HashMap` with foldhash) called directly with
 //!   the generator's events in batches of 1024, against the same crate
 //!   compiled natively and fed the same batches (events borrowed from the
-//!   batch, output packed by the SDK). Native and wasm alternate in each
+//!   batch into `process_batch`, output packed by the SDK). Native and wasm alternate in each
 //!   round; the ratio is the median of the per-round ratios. What the
 //!   plugin costs, without the host's dataflow.
 //! - **job**: the whole job (`wordcount`, generator source, null sink, no
@@ -61,6 +64,14 @@ fn parts() -> Vec<String> {
         .collect()
 }
 
+fn maps() -> Vec<String> {
+    std::env::var("MEMENTO_KEYED_MAPS")
+        .unwrap_or_else(|_| "keyed,keyed-each,hashbrown,btree".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -88,14 +99,15 @@ fn native_round(map: &str, events: &[Event]) -> Duration {
     let mut emitted = 0usize;
     for chunk in events.chunks(BATCH) {
         let mut out = Output::new();
-        for e in chunk {
-            let e = memento_guest::EventRef {
+        let refs: Vec<memento_guest::EventRef<'_>> = chunk
+            .iter()
+            .map(|e| memento_guest::EventRef {
                 key: &e.key,
                 value: &e.value,
                 timestamp: e.timestamp,
-            };
-            op.process_ref(e, &mut out).unwrap();
-        }
+            })
+            .collect();
+        op.process_batch(&refs, &mut out).unwrap();
         emitted += std::hint::black_box(&out).len();
     }
     assert_eq!(emitted, events.len());
@@ -144,7 +156,8 @@ fn operator_part(runtime: &Runtime, events: &[Event], rounds: usize) -> Vec<(Str
         "{:>10} {:>14} {:>14} {:>12}",
         "map", "native rec/s", "wasm rec/s", "wasm/native"
     );
-    for map in ["keyed", "hashbrown", "btree"] {
+    for map in maps() {
+        let map = map.as_str();
         let (mut n, mut w, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let native = events.len() as f64 / native_round(map, events).as_secs_f64();

@@ -1,7 +1,9 @@
 //! `count-maps`: the keyed count of `wordcount` (emit `(key, count)` per
 //! event) over the map config `map` names, so that a benchmark can time
 //! the same operator in wasm with each: `keyed` (the SDK's `KeyedState`,
-//! the default), `btree` (`BTreeMap<Vec<u8>, u64>`, what the tutorial
+//! the default, each batch through its batch update
+//! `get_or_insert_each`), `keyed-each` (`KeyedState`, one
+//! `get_or_insert_with` per event), `btree` (`BTreeMap<Vec<u8>, u64>`, what the tutorial
 //! taught before) or `hashbrown` (`hashbrown::HashMap` with its default
 //! hasher, foldhash, seeded per process: fast, but its iteration order
 //! differs between runs). Its state is not snapshotted (the benchmark
@@ -16,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 enum Map {
     Keyed(KeyedState<u64>),
+    KeyedEach(KeyedState<u64>),
     Btree(BTreeMap<Vec<u8>, u64>),
     Hashbrown(hashbrown::HashMap<Vec<u8>, u64>),
 }
@@ -29,7 +32,7 @@ pub struct CountMaps {
 impl CountMaps {
     fn bump(&mut self, key: &[u8]) -> u64 {
         let n = match self.map.as_mut().expect("opened") {
-            Map::Keyed(m) => m.get_or_insert_with(key, || 0),
+            Map::Keyed(m) | Map::KeyedEach(m) => m.get_or_insert_with(key, || 0),
             Map::Btree(m) => match m.get_mut(key) {
                 Some(n) => n,
                 None => m.entry(key.to_vec()).or_insert(0),
@@ -46,7 +49,7 @@ impl CountMaps {
     /// Keys counted so far.
     pub fn len(&self) -> usize {
         match self.map.as_ref().expect("opened") {
-            Map::Keyed(m) => m.len(),
+            Map::Keyed(m) | Map::KeyedEach(m) => m.len(),
             Map::Btree(m) => m.len(),
             Map::Hashbrown(m) => m.len(),
         }
@@ -74,11 +77,12 @@ impl Operator for CountMaps {
     fn open(ctx: &Context) -> Result<Self, Error> {
         let map = match ctx.get("map") {
             None | Some("keyed") => Map::Keyed(KeyedState::new(ctx)),
+            Some("keyed-each") => Map::KeyedEach(KeyedState::new(ctx)),
             Some("btree") => Map::Btree(BTreeMap::new()),
             Some("hashbrown") => Map::Hashbrown(hashbrown::HashMap::new()),
             Some(other) => {
                 return Err(format!(
-                    "config `map` = {other:?}: expected \"keyed\", \"btree\" or \"hashbrown\""
+                    "config `map` = {other:?}: expected \"keyed\", \"keyed-each\", \"btree\" or \"hashbrown\""
                 )
                 .into());
             }
@@ -94,6 +98,25 @@ impl Operator for CountMaps {
         let n = self.bump(event.key);
         let mut digits = [0u8; 20];
         out.emit(event.key, decimal(n, &mut digits), event.timestamp);
+        Ok(())
+    }
+
+    fn process_batch(&mut self, events: &[EventRef<'_>], out: &mut Output) -> Result<(), Error> {
+        let Some(Map::Keyed(m)) = self.map.as_mut() else {
+            for &event in events {
+                self.process_ref(event, out)?;
+            }
+            return Ok(());
+        };
+        let mut digits = [0u8; 20];
+        m.get_or_insert_each(
+            events.iter().map(|e| e.key),
+            || 0,
+            |i, key, n| {
+                *n += 1;
+                out.emit(key, decimal(*n, &mut digits), events[i].timestamp);
+            },
+        );
         Ok(())
     }
 
@@ -115,12 +138,16 @@ mod tests {
     /// Every map counts the same.
     #[test]
     fn the_maps_count_alike() {
-        for map in ["keyed", "btree", "hashbrown"] {
+        for map in ["keyed", "keyed-each", "btree", "hashbrown"] {
             let mut op = CountMaps::open(&Context::for_test([("map", map)])).unwrap();
             let mut out = Output::new();
-            for k in ["a", "b", "a", "a"] {
-                op.process(Event::new(k, "", 0), &mut out).unwrap();
-            }
+            let events: Vec<Event> = ["a", "b", "a", "a"]
+                .into_iter()
+                .map(|k| Event::new(k, "", 0))
+                .collect();
+            let refs: Vec<EventRef<'_>> = events.iter().map(Event::as_ref).collect();
+            op.process_batch(&refs[..1], &mut out).unwrap();
+            op.process_batch(&refs[1..], &mut out).unwrap();
             let values: Vec<Vec<u8>> = out.take().into_iter().map(|e| e.value).collect();
             assert_eq!(
                 values,
