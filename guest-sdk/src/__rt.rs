@@ -44,6 +44,9 @@ pub fn process<T: Operator>(slot: &RefCell<Slot<T>>, events: Batch) -> Result<Ba
     let mut slot = slot.borrow_mut();
     let op = slot.op.as_mut().ok_or_else(not_open)?;
     let mut out = Output::new();
+    // As much as came in: what a one-to-one operator emits, and what the
+    // buffer would otherwise reach by doubling, copying as it goes.
+    out.reserve(events.timestamps.len(), events.data.len());
     op.process_batch(&batch::refs(&events)?, &mut out)
         .map_err(|e| e.0)?;
     Ok(out.take_batch())

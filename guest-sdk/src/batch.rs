@@ -16,6 +16,14 @@ pub(crate) struct Packer {
 }
 
 impl Packer {
+    /// Room for `events` more events of `bytes` bytes in all.
+    pub(crate) fn reserve(&mut self, events: usize, bytes: usize) {
+        self.data.reserve(bytes);
+        self.lengths.reserve(2 * events);
+        self.timestamps.reserve(events);
+    }
+
+    #[inline]
     pub(crate) fn push(&mut self, key: &[u8], value: &[u8], timestamp: i64) {
         self.data.extend_from_slice(key);
         self.data.extend_from_slice(value);

@@ -72,6 +72,7 @@ enum Key {
 }
 
 impl From<&[u8]> for Key {
+    #[inline]
     fn from(key: &[u8]) -> Key {
         if key.len() <= INLINE {
             let mut bytes = [0u8; INLINE];
@@ -89,6 +90,7 @@ impl From<&[u8]> for Key {
 impl std::ops::Deref for Key {
     type Target = [u8];
 
+    #[inline]
     fn deref(&self) -> &[u8] {
         match self {
             Key::Inline { len, bytes } => &bytes[..usize::from(*len).min(INLINE)],

@@ -396,8 +396,15 @@ impl Output {
         Output::default()
     }
 
+    /// Room for `events` more events of `bytes` bytes (keys and values) in
+    /// all, so that emitting them does not grow the buffer step by step.
+    pub fn reserve(&mut self, events: usize, bytes: usize) {
+        self.packed.reserve(events, bytes);
+    }
+
     /// Emit an event; `key` and `value` are anything byte-like (`&str`,
     /// `String`, `&[u8]`, `Vec<u8>`, ...).
+    #[inline]
     pub fn emit(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, timestamp: i64) {
         self.packed.push(key.as_ref(), value.as_ref(), timestamp);
     }

@@ -10,18 +10,22 @@
 //!   state;
 //! - `MEMENTO_KEYED_PARTS`: any of `operator,job,rescale` (default all);
 //! - `MEMENTO_KEYED_MAPS`: the maps of the operator part, any of
-//!   `keyed,keyed-each,hashbrown,btree` (default all).
+//!   `keyed,keyed-each,keyed-boxed,hashbrown,btree` (default all).
 //!
 //! Parts:
 //! - **operator**: the `count-maps` test plugin (config `map` = `keyed`,
 //!   the SDK's `KeyedState` updated a batch at a time, as `wordcount`
-//!   does; `keyed-each`, the same updated one key at a time; `btree`, a `BTreeMap<Vec<u8>, u64>`;
+//!   does; `keyed-each`, the same updated one key at a time;
+//!   `keyed-boxed`, the table `KeyedState` was before short keys moved
+//!   into its slots and the table was placed by the hash's high half; `btree`, a `BTreeMap<Vec<u8>, u64>`;
 //!   `hashbrown`, `hashbrown::HashMap` with foldhash) called directly with
 //!   the generator's events in batches of 1024, against the same crate
 //!   compiled natively and fed the same batches (events borrowed from the
 //!   batch into `process_batch`, output packed by the SDK). Native and wasm alternate in each
 //!   round; the ratio is the median of the per-round ratios. What the
-//!   plugin costs, without the host's dataflow.
+//!   plugin costs, without the host's dataflow. Then the `keyed*` maps
+//!   again over the events task 0 of 2 gets (key groups 0..64 of 128):
+//!   a task's keys share the low bits of their hashes' group.
 //! - **job**: the whole job (`wordcount`, generator source, null sink, no
 //!   checkpoints) through `Job::run`, one task and two; records/s of the
 //!   run's wall time, and the growth of the process's resident memory
@@ -66,7 +70,7 @@ fn parts() -> Vec<String> {
 
 fn maps() -> Vec<String> {
     std::env::var("MEMENTO_KEYED_MAPS")
-        .unwrap_or_else(|_| "keyed,keyed-each,hashbrown,btree".into())
+        .unwrap_or_else(|_| "keyed,keyed-each,keyed-boxed,hashbrown,btree".into())
         .split(',')
         .map(|s| s.trim().to_string())
         .collect()
@@ -146,17 +150,23 @@ fn wasm_round(runtime: &Runtime, map: &str, events: &[Event]) -> Duration {
 }
 
 /// Per map: (native rec/s, wasm rec/s, wasm/native), medians.
-fn operator_part(runtime: &Runtime, events: &[Event], rounds: usize) -> Vec<(String, f64, f64, f64)> {
+fn operator_part(
+    runtime: &Runtime,
+    events: &[Event],
+    maps: &[String],
+    what: &str,
+    rounds: usize,
+) -> Vec<(String, f64, f64, f64)> {
     let mut rows = Vec::new();
     println!(
-        "\noperator: {} events over their keys, batches of {BATCH}, median of {rounds}",
+        "\noperator: {} events over {what}, batches of {BATCH}, median of {rounds}",
         events.len()
     );
     println!(
         "{:>10} {:>14} {:>14} {:>12}",
         "map", "native rec/s", "wasm rec/s", "wasm/native"
     );
-    for map in maps() {
+    for map in maps {
         let map = map.as_str();
         let (mut n, mut w, mut r) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
@@ -325,8 +335,22 @@ fn main() {
         let g = Generator::new(Some(events), None, keys, 1, BATCH);
         let all: Vec<Event> = (0..events).map(|i| g.event(i)).collect();
         let runtime = Runtime::new().unwrap();
-        let rows = operator_part(&runtime, &all, rounds);
+        let rows = operator_part(&runtime, &all, &maps(), "their keys", rounds);
         native = rows.iter().find(|r| r.0 == "keyed").map(|r| r.1);
+        // What the first of two tasks gets: the keys of key groups 0..64,
+        // whose hashes all have the same low 7 bits' range.
+        let half: Vec<Event> = all
+            .into_iter()
+            .filter(|e| memento_guest::key_group(&e.key, 128) < 64)
+            .collect();
+        let maps: Vec<String> = maps().into_iter().filter(|m| m.starts_with("keyed")).collect();
+        operator_part(
+            &runtime,
+            &half,
+            &maps,
+            "the keys of task 0 of 2 (key groups 0..64)",
+            rounds,
+        );
     }
     if parts.iter().any(|p| p == "job") {
         job_part(events, keys, rounds, native);

@@ -64,7 +64,10 @@ pub fn partition(events: Vec<Event>, parallelism: usize, key_groups: u32) -> Vec
     if parallelism <= 1 {
         return vec![events];
     }
-    let mut parts: Vec<Vec<Event>> = (0..parallelism).map(|_| Vec::new()).collect();
+    // Room for an even share and some: growing each part by doubling cost
+    // the routing thread a reallocation and copy every few events.
+    let share = events.len() / parallelism + events.len() / (4 * parallelism) + 1;
+    let mut parts: Vec<Vec<Event>> = (0..parallelism).map(|_| Vec::with_capacity(share)).collect();
     for e in events {
         let t = task_for_key(&e.key, parallelism, key_groups);
         parts[t].push(e);

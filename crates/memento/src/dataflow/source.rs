@@ -299,12 +299,41 @@ impl Generator {
         let r = splitmix64(self.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let k = r % self.keys;
         let value = (r >> 40) % 100 + 1;
+        // Written digit by digit into buffers of their exact size: the
+        // source thread makes every event of a job, and `format!` was most
+        // of what an event cost it.
+        let mut key = Vec::with_capacity(4 + decimal_len(k));
+        key.extend_from_slice(b"key-");
+        push_decimal(&mut key, k);
+        let mut text = Vec::with_capacity(decimal_len(value));
+        push_decimal(&mut text, value);
         Event {
-            key: format!("key-{k}").into_bytes(),
-            value: value.to_string().into_bytes(),
+            key,
+            value: text,
             timestamp: i as i64,
         }
     }
+}
+
+/// How many decimal digits `n` has.
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
+/// Append `n` in decimal to `out`.
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 impl Generator {
@@ -401,6 +430,25 @@ mod tests {
         let distinct: std::collections::BTreeSet<_> = a.iter().map(|e| e.key.clone()).collect();
         assert_eq!(distinct.len(), 7);
         assert_eq!(a[1234].timestamp, 1234);
+    }
+
+    /// The generator's events are what they always were (`key-<k>`, the
+    /// value in decimal): jobs and their saved positions depend on them.
+    #[test]
+    fn generated_events_keep_their_bytes() {
+        for keys in [1, 7, 10, 1_000_000, u64::MAX] {
+            let g = Generator::new(None, None, keys, 3, 100);
+            for i in 0..3000 {
+                let e = g.event(i);
+                let r = splitmix64(3 ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                assert_eq!(e.key, format!("key-{}", r % keys).into_bytes());
+                assert_eq!(e.value, ((r >> 40) % 100 + 1).to_string().into_bytes());
+            }
+        }
+        assert_eq!(decimal_len(0), 1);
+        assert_eq!(decimal_len(9), 1);
+        assert_eq!(decimal_len(10), 2);
+        assert_eq!(decimal_len(u64::MAX), 20);
     }
 
     #[test]

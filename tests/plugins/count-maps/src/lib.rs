@@ -3,7 +3,10 @@
 //! the same operator in wasm with each: `keyed` (the SDK's `KeyedState`,
 //! the default, each batch through its batch update
 //! `get_or_insert_each`), `keyed-each` (`KeyedState`, one
-//! `get_or_insert_with` per event), `btree` (`BTreeMap<Vec<u8>, u64>`, what the tutorial
+//! `get_or_insert_with` per event), `keyed-boxed` (the layout `KeyedState`
+//! had before keys moved into the slot: a `hashbrown::HashTable` of
+//! (hash, boxed key, count) placed by the low bits of `key_hash`, one
+//! lookup per event), `btree` (`BTreeMap<Vec<u8>, u64>`, what the tutorial
 //! taught before) or `hashbrown` (`hashbrown::HashMap` with its default
 //! hasher, foldhash, seeded per process: fast, but its iteration order
 //! differs between runs). Its state is not snapshotted (the benchmark
@@ -19,6 +22,7 @@ use serde::{Deserialize, Serialize};
 enum Map {
     Keyed(KeyedState<u64>),
     KeyedEach(KeyedState<u64>),
+    KeyedBoxed(hashbrown::HashTable<(u64, Box<[u8]>, u64)>),
     Btree(BTreeMap<Vec<u8>, u64>),
     Hashbrown(hashbrown::HashMap<Vec<u8>, u64>),
 }
@@ -33,6 +37,11 @@ impl CountMaps {
     fn bump(&mut self, key: &[u8]) -> u64 {
         let n = match self.map.as_mut().expect("opened") {
             Map::Keyed(m) | Map::KeyedEach(m) => m.get_or_insert_with(key, || 0),
+            Map::KeyedBoxed(m) => {
+                let hash = memento_guest::key_hash(key);
+                let entry = m.entry(hash, |s| s.0 == hash && *s.1 == *key, |s| s.0);
+                &mut entry.or_insert_with(|| (hash, key.into(), 0)).into_mut().2
+            }
             Map::Btree(m) => match m.get_mut(key) {
                 Some(n) => n,
                 None => m.entry(key.to_vec()).or_insert(0),
@@ -50,6 +59,7 @@ impl CountMaps {
     pub fn len(&self) -> usize {
         match self.map.as_ref().expect("opened") {
             Map::Keyed(m) | Map::KeyedEach(m) => m.len(),
+            Map::KeyedBoxed(m) => m.len(),
             Map::Btree(m) => m.len(),
             Map::Hashbrown(m) => m.len(),
         }
@@ -78,11 +88,12 @@ impl Operator for CountMaps {
         let map = match ctx.get("map") {
             None | Some("keyed") => Map::Keyed(KeyedState::new(ctx)),
             Some("keyed-each") => Map::KeyedEach(KeyedState::new(ctx)),
+            Some("keyed-boxed") => Map::KeyedBoxed(hashbrown::HashTable::new()),
             Some("btree") => Map::Btree(BTreeMap::new()),
             Some("hashbrown") => Map::Hashbrown(hashbrown::HashMap::new()),
             Some(other) => {
                 return Err(format!(
-                    "config `map` = {other:?}: expected \"keyed\", \"keyed-each\", \"btree\" or \"hashbrown\""
+                    "config `map` = {other:?}: expected \"keyed\", \"keyed-each\", \"keyed-boxed\", \"btree\" or \"hashbrown\""
                 )
                 .into());
             }
@@ -138,7 +149,7 @@ mod tests {
     /// Every map counts the same.
     #[test]
     fn the_maps_count_alike() {
-        for map in ["keyed", "keyed-each", "btree", "hashbrown"] {
+        for map in ["keyed", "keyed-each", "keyed-boxed", "btree", "hashbrown"] {
             let mut op = CountMaps::open(&Context::for_test([("map", map)])).unwrap();
             let mut out = Output::new();
             let events: Vec<Event> = ["a", "b", "a", "a"]
