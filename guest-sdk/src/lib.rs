@@ -650,7 +650,8 @@ mod tests {
     use super::*;
 
     /// An operator that implements only `process` sees, through the
-    /// `process_ref` the SDK calls, exactly the events of the batch.
+    /// `process_batch` the SDK calls and its default `process_ref`,
+    /// exactly the events of the batch, in order; an error stops the batch.
     #[test]
     fn process_ref_defaults_to_process() {
         #[derive(Default, Serialize, serde::Deserialize)]
@@ -660,6 +661,9 @@ mod tests {
                 Ok(Echo)
             }
             fn process(&mut self, event: Event, out: &mut Output) -> Result<(), Error> {
+                if event.key == b"stop" {
+                    return Err("stop".into());
+                }
                 out.push(event);
                 Ok(())
             }
@@ -668,10 +672,18 @@ mod tests {
         let batch = batch::pack(events.clone());
         let mut op = Echo;
         let mut out = Output::new();
-        for e in batch::refs(&batch).unwrap() {
-            op.process_ref(e, &mut out).unwrap();
-        }
+        op.process_batch(&batch::refs(&batch).unwrap(), &mut out).unwrap();
         assert_eq!(out.take(), events);
+        let stopping = batch::pack(vec![
+            Event::new("a", "", 0),
+            Event::new("stop", "", 1),
+            Event::new("b", "", 2),
+        ]);
+        let err = op
+            .process_batch(&batch::refs(&stopping).unwrap(), &mut out)
+            .unwrap_err();
+        assert_eq!(err.message(), "stop");
+        assert_eq!(out.take(), [Event::new("a", "", 0)]);
     }
 
     #[test]
