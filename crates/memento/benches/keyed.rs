@@ -17,15 +17,17 @@
 //!   the SDK's `KeyedState` updated a batch at a time, as `wordcount`
 //!   does; `keyed-each`, the same updated one key at a time;
 //!   `keyed-boxed`, the table `KeyedState` was before short keys moved
-//!   into its slots and the table was placed by the hash's high half; `btree`, a `BTreeMap<Vec<u8>, u64>`;
-//!   `hashbrown`, `hashbrown::HashMap` with foldhash) called directly with
-//!   the generator's events in batches of 1024, against the same crate
-//!   compiled natively and fed the same batches (events borrowed from the
-//!   batch into `process_batch`, output packed by the SDK). Native and wasm alternate in each
-//!   round; the ratio is the median of the per-round ratios. What the
-//!   plugin costs, without the host's dataflow. Then the `keyed*` maps
-//!   again over the events task 0 of 2 gets (key groups 0..64 of 128):
-//!   a task's keys share the low bits of their hashes' group.
+//!   into its slots and the table was placed by the hash's high half;
+//!   `btree`, a `BTreeMap<Vec<u8>, u64>`; `hashbrown`, `hashbrown::HashMap`
+//!   with foldhash) called directly with the generator's events in
+//!   batches of 1024, against the same crate compiled natively and fed
+//!   the same batches (events borrowed from the batch into
+//!   `process_batch`, output packed by the SDK). Each round runs every
+//!   map, native then wasm; ratios are medians of per-round ratios,
+//!   among them each map against `keyed-boxed` in the same round. What
+//!   the plugin costs, without the host's dataflow. Then the `keyed*`
+//!   maps again over the events task 0 of 2 gets (key groups 0..64 of
+//!   128): a task's keys share the low bits of their hashes' group.
 //! - **job**: the whole job (`wordcount`, generator source, null sink, no
 //!   checkpoints) through `Job::run`, one task and two; records/s of the
 //!   run's wall time, and the growth of the process's resident memory
@@ -157,34 +159,41 @@ fn operator_part(
     what: &str,
     rounds: usize,
 ) -> Vec<(String, f64, f64, f64)> {
-    let mut rows = Vec::new();
     println!(
         "\noperator: {} events over {what}, batches of {BATCH}, median of {rounds}",
         events.len()
     );
-    println!(
-        "{:>10} {:>14} {:>14} {:>12}",
-        "map", "native rec/s", "wasm rec/s", "wasm/native"
-    );
-    for map in maps {
-        let map = map.as_str();
-        let (mut n, mut w, mut r) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds {
+    // Rounds outside, maps inside: on a shared machine the load moves
+    // from minute to minute, and every map should see the same minutes.
+    // Per round and map: (native rec/s, wasm rec/s).
+    let mut rates = vec![Vec::new(); maps.len()];
+    for _ in 0..rounds {
+        for (i, map) in maps.iter().enumerate() {
             let native = events.len() as f64 / native_round(map, events).as_secs_f64();
             let wasm = events.len() as f64 / wasm_round(runtime, map, events).as_secs_f64();
-            n.push(native);
-            w.push(wasm);
-            r.push(wasm / native);
+            rates[i].push((native, wasm));
         }
-        let row = (map.to_string(), median(n), median(w), median(r));
-        println!(
-            "{:>10} {:>14.0} {:>14.0} {:>11.1}%",
-            row.0,
-            row.1,
-            row.2,
-            100.0 * row.3
-        );
-        rows.push(row);
+    }
+    // The layout before, as the "before" of each row, within each round.
+    let base = maps.iter().position(|m| m == "keyed-boxed");
+    println!(
+        "{:>11} {:>14} {:>14} {:>12} {:>14} {:>14}",
+        "map", "native rec/s", "wasm rec/s", "wasm/native", "native/boxed", "wasm/boxed"
+    );
+    let mut rows = Vec::new();
+    for (i, map) in maps.iter().enumerate() {
+        let per_round = |f: &dyn Fn(usize) -> f64| median((0..rounds).map(f).collect());
+        let n = per_round(&|r| rates[i][r].0);
+        let w = per_round(&|r| rates[i][r].1);
+        let ratio = per_round(&|r| rates[i][r].1 / rates[i][r].0);
+        print!("{map:>11} {n:>14.0} {w:>14.0} {:>11.1}%", 100.0 * ratio);
+        if let Some(b) = base {
+            let nb = per_round(&|r| rates[i][r].0 / rates[b][r].0);
+            let wb = per_round(&|r| rates[i][r].1 / rates[b][r].1);
+            print!(" {nb:>13.2}x {wb:>13.2}x");
+        }
+        println!();
+        rows.push((map.clone(), n, w, ratio));
     }
     rows
 }
