@@ -126,6 +126,9 @@ impl Ord for Key {
 /// low bits of its keys' hashes are not uniform (two tasks of 128 groups:
 /// bit 6 is the same for all of a task's keys, and half the buckets are
 /// never a key's first choice). The high half does not depend on the group.
+/// Every call into the table passes `place(hash)`, and every hasher it is
+/// given is `|s| place(s.hash)`: a slot placed by anything else is lost to
+/// lookups.
 #[inline]
 fn place(hash: u64) -> u64 {
     hash.rotate_left(32)
@@ -792,6 +795,35 @@ mod tests {
         merged.restore(&mut StateReader::memory(cut)).unwrap();
         assert_eq!(contents(&merged), contents(&whole));
         assert_eq!(pieces(&merged), all);
+    }
+
+    /// A restore into a state that already holds keys (the second of two
+    /// snapshotted tasks merged into one) grows a table that is not empty:
+    /// every key, old and new, is found by lookup afterwards, so whatever
+    /// the restore sizes or inserts with places keys as lookups do.
+    #[test]
+    fn a_restore_into_a_state_with_keys_finds_every_key() {
+        let whole = state(128, 0..20_000);
+        let all = pieces(&whole);
+        let mut s = KeyedState::<u64>::with_key_groups(128);
+        for range in [0..64u32, 64..128] {
+            let mine = all
+                .iter()
+                .filter(|(g, _)| range.contains(&g.unwrap()))
+                .cloned()
+                .collect();
+            s.restore(&mut StateReader::memory(mine)).unwrap();
+        }
+        for i in 0..20_000u64 {
+            let key = format!("key-{i}");
+            assert_eq!(s.get(key.as_bytes()), Some(&i), "{key}");
+        }
+        for i in 20_000..40_000u64 {
+            *s.get_or_insert_with(format!("key-{i}").as_bytes(), || 0) += i;
+        }
+        assert_eq!(s.len(), 40_000);
+        assert_eq!(s.get(b"key-7"), Some(&7));
+        assert_eq!(contents(&s), contents(&state(128, 0..40_000)));
     }
 
     #[test]
