@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use super::record::JobRecord;
 use super::{Service, ServiceError, ServiceJob, Submission};
 use crate::coordinator::JobState;
 use crate::spec::JobSpec;
@@ -44,8 +43,7 @@ impl Service {
                 "job `{name}` is not running: submit it with `from` and the parallelism you want"
             )));
         }
-        let path = self.inner.records_dir.join(tenant).join(format!("{name}.json"));
-        let record = JobRecord::read(&path).map_err(|_| {
+        let record = self.job_record(tenant, name)?.ok_or_else(|| {
             ServiceError::Conflict(format!(
                 "job `{name}` was started from the host's configuration, not submitted: change its \
                  parallelism in its job file"
