@@ -27,7 +27,7 @@ use serde::Deserialize;
 use super::jobs::{self, Backend, InScope, InTenant, Route};
 use super::views::{DisposeResponse, JobView, SnapshotView, SnapshotsView};
 use super::{ApiError, ApiStartError};
-use memento::service::{Caller, Scope, Service, ServiceError, ServiceJob, Submission};
+use memento::service::{Caller, RemoteJob, Scope, Service, ServiceError, ServiceJob, Submission};
 
 /// The OpenAPI 3 document of this API (committed as `openapi.json`).
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -49,6 +49,10 @@ impl Backend for Service {
 
     fn job(&self, tenant: &str, name: &str) -> Result<Arc<ServiceJob>, ServiceError> {
         Service::job(self, tenant, name)
+    }
+
+    fn elsewhere(&self, tenant: &str, name: &str) -> Result<Option<RemoteJob>, ServiceError> {
+        Service::elsewhere(self, tenant, name)
     }
 }
 
