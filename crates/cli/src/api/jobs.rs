@@ -175,18 +175,18 @@ impl<B: Backend> FromRequestParts<Arc<B>> for TheJob {
         match AnyJob::from_request_parts(parts, backend).await? {
             AnyJob::Here(j) => Ok(TheJob(j)),
             AnyJob::Elsewhere(r) => Err(match (r.leased, r.host, r.desired) {
+                (_, _, Desired::Stopped) => ServiceError::Conflict(format!(
+                    "job `{}` was stopped on another host of the pool",
+                    r.name
+                )),
                 (true, Some((host, url)), _) => ServiceError::Elsewhere { job: r.name, host, url },
                 (true, None, _) => ServiceError::Conflict(format!(
                     "job `{}` runs on another host of the pool",
                     r.name
                 )),
-                (false, _, Desired::Running) => ServiceError::Conflict(format!(
+                (false, _, _) => ServiceError::Conflict(format!(
                     "job `{}` is waiting to be taken over by a host of the pool (its host stopped \
                      renewing its lease); ask again in a few seconds",
-                    r.name
-                )),
-                (false, _, Desired::Stopped) => ServiceError::Conflict(format!(
-                    "job `{}` was stopped on another host of the pool",
                     r.name
                 )),
             }

@@ -149,10 +149,12 @@ impl JobView {
     /// The view of a pool job another host runs (or is to take over), from
     /// what the store says: its run's figures are that host's.
     pub fn remote(job: &RemoteJob) -> JobView {
-        let state = match (job.leased, job.desired) {
-            (true, _) => StateName::Running,
-            (false, Desired::Running) => StateName::Restarting,
-            (false, Desired::Stopped) => StateName::Stopped,
+        // A user's stop is final once accepted; a lease may outlive its
+        // dead holder, so it says "running" only of a job to run.
+        let state = match (job.desired, job.leased) {
+            (Desired::Stopped, _) => StateName::Stopped,
+            (Desired::Running, true) => StateName::Running,
+            (Desired::Running, false) => StateName::Restarting,
         };
         let (host, host_url) = job.host.clone().unzip();
         JobView {

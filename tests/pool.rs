@@ -1,0 +1,239 @@
+//! A pool of two real `memento serve` processes on one bucket of a real
+//! S3-protocol server (`moto`, see `common::s3`), with a lease ttl of
+//! 1 s: a job submitted to host A moves to host B when A is SIGKILLed,
+//! resumes from its latest snapshot and its output is exactly that of an
+//! uninterrupted run; B answers for the job before and after; a restarted
+//! A does not take it back; a job the user stopped is never taken over.
+//!
+//! Both hosts' tenant files (the `file` sink's directory) are one local
+//! directory: each host's `work/files` is a symlink to it, as a shared
+//! mount would be.
+
+mod common;
+
+use common::output::{assert_same_output, committed, total_lines, wordcount_output};
+use common::{TOKEN_A, memento, plugin_b64, s3};
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// How often the test's hosts scan for jobs to take over.
+const SCAN_MS: u64 = 200;
+/// The job's checkpoint interval.
+const INTERVAL_MS: u64 = 200;
+
+/// A wordcount job over the deterministic generator (40 keys, seed 3)
+/// into the file sink `out`, checkpointing every [`INTERVAL_MS`].
+fn job(name: &str, count: u64, rate: u64) -> String {
+    format!(
+        "name = \"{name}\"\n[source]\ntype = \"generator\"\ncount = {count}\nkeys = 40\nseed = 3\nbatch = 100\n\
+         rate = {rate}\n\n[[operators]]\nname = \"count\"\nplugin = \"wordcount.wasm\"\nparallelism = 2\n\n\
+         [sink]\ntype = \"file\"\npath = \"out\"\n\n[checkpoints]\ninterval = \"{INTERVAL_MS}ms\"\n"
+    )
+}
+
+/// One `memento serve` of the pool, in its own directory.
+struct Host {
+    dir: PathBuf,
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Host {
+    /// A host on `bucket_url` whose `work/files` is `shared`.
+    fn new(dir: &Path, bucket_url: &str, shared: &Path) -> Host {
+        std::fs::create_dir_all(dir.join("work")).unwrap();
+        std::os::unix::fs::symlink(shared, dir.join("work/files")).unwrap();
+        std::fs::write(
+            dir.join("host.toml"),
+            format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"{bucket_url}\"\nwork_dir = \"work\"\n\
+                 pool_scan = \"{SCAN_MS}ms\"\n\
+                 [[tenants]]\nname = \"a\"\ntoken_blake3 = \"{}\"\n",
+                common::hash_token(TOKEN_A)
+            ),
+        )
+        .unwrap();
+        let mut host = Host {
+            dir: dir.to_path_buf(),
+            child: None,
+            addr: String::new(),
+        };
+        host.start();
+        host
+    }
+
+    fn start(&mut self) {
+        let addr_file = self.dir.join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .unwrap();
+        let mut cmd = memento();
+        s3::configure(&mut cmd)
+            .env("MEMENTO_LOG", "info")
+            .args(["serve", "--config", "host.toml", "--addr-file", "addr"])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn().unwrap();
+        self.addr = common::await_addr_file(&addr_file, &mut child, &common::Log::default());
+        self.child = Some(child);
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let (code, body) = common::http(&self.addr, "GET", path, Some(TOKEN_A), "");
+        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let (code, body) = common::http(&self.addr, "POST", path, Some(TOKEN_A), body);
+        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Two hosts A and B on one fresh bucket, and the shared files directory.
+fn pool(tmp: &Path) -> (Host, Host, PathBuf) {
+    let url = format!("s3://{}/pool", s3::bucket());
+    let shared = tmp.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let a = Host::new(&tmp.join("a"), &url, &shared);
+    let b = Host::new(&tmp.join("b"), &url, &shared);
+    (a, b, shared)
+}
+
+fn submit(host: &Host, job: &str) {
+    let body = serde_json::json!({ "job": job, "plugins": { "wordcount.wasm": plugin_b64("wordcount") } });
+    let (code, v) = host.post("/v1/jobs", &body.to_string());
+    assert_eq!(code, 201, "submit: {v}\n{}", host.log());
+}
+
+fn logs(hosts: &[&Host]) -> String {
+    hosts
+        .iter()
+        .map(|h| format!("--- {}:\n{}", h.dir.display(), h.log()))
+        .collect()
+}
+
+#[test]
+fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b, shared) = pool(tmp.path());
+    let (count, rate) = (40_000, 2_000);
+    submit(&a, &job("clicks", count, rate));
+
+    common::wait_for("checkpoints on host A", Duration::from_secs(60), || logs(&[&a, &b]), || {
+        let (code, v) = a.get("/v1/jobs/clicks/checkpoints");
+        code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 3)
+    });
+    // B answers for A's job from the store, and names A for what only
+    // the running host can do.
+    let (code, v) = b.get("/v1/jobs/clicks");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["host_url"], a.url().as_str(), "{v}");
+    assert!(v["latest_snapshot"].as_str().is_some_and(|s| s.starts_with("clicks-")), "{v}");
+    let (code, v) = b.post("/v1/jobs/clicks/savepoints", "");
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(v["error"], "runs_elsewhere", "{v}");
+    assert!(v["message"].as_str().unwrap().contains(&a.url()), "{v}");
+    let (code, v) = a.get("/v1/jobs/clicks");
+    assert_eq!((code, v["host_url"].as_str()), (200, Some(a.url().as_str())), "{v}");
+
+    let out = shared.join("a/out");
+    let before = total_lines(&committed(&out));
+    a.kill();
+    let killed = Instant::now();
+    // Taken over after the lease went unrenewed for its ttl, found by a
+    // scan, resumed from the latest snapshot (plus compiling the plugin
+    // on B, and a loaded machine's slack).
+    let bound = Duration::from_millis(s3::TEST_LOCK_TTL_MS + 2 * SCAN_MS + INTERVAL_MS) + Duration::from_secs(20);
+    common::wait_for("host B to take the job over", bound, || logs(&[&a, &b]), || {
+        let (code, v) = b.get("/v1/jobs/clicks");
+        code == 200
+            && v["host_url"] == b.url().as_str()
+            && v["state"] == "running"
+            && v["restored_from"].as_str().is_some()
+    });
+    let took = killed.elapsed();
+    eprintln!("failover: host killed → job running on B in {took:?}");
+    // Resumed, not restarted: B's run did not start from scratch.
+    let (_, v) = b.get("/v1/jobs/clicks");
+    assert!(v["restored_from"].as_str().unwrap().starts_with("clicks-"), "{v}");
+
+    // A comes back while B holds the job: it does not take it back, and
+    // answers for it naming B.
+    a.start();
+    std::thread::sleep(Duration::from_millis(3 * s3::TEST_LOCK_TTL_MS + 5 * SCAN_MS));
+    let (code, v) = a.get("/v1/jobs/clicks");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["host_url"], b.url().as_str(), "A names B: {v}\n{}", a.log());
+    assert_eq!(v["state"], "running", "{v}");
+    let (_, v) = b.get("/v1/jobs/clicks");
+    assert_eq!(v["host_url"], b.url().as_str(), "still on B: {v}");
+    assert!(!a.log().contains("took the job over"), "{}", a.log());
+
+    common::wait_for("the job to finish on B", Duration::from_secs(120), || logs(&[&a, &b]), || {
+        b.get("/v1/jobs/clicks").1["state"] == "finished"
+    });
+    let expected = wordcount_output(count, 40, 3);
+    assert!(total_lines(&expected) > before, "killed mid-run: {before} lines before");
+    assert_same_output(&committed(&out), &expected, "after host A was killed");
+    // Ended for good: its record is gone, so nobody runs it again.
+    std::thread::sleep(Duration::from_millis(2 * s3::TEST_LOCK_TTL_MS + 5 * SCAN_MS));
+    let (code, v) = a.get("/v1/jobs/clicks");
+    assert_eq!(code, 404, "{v}");
+    assert_eq!(b.get("/v1/jobs/clicks").1["state"], "finished");
+}
+
+#[test]
+fn a_job_the_user_stopped_is_not_taken_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b, _shared) = pool(tmp.path());
+    submit(&a, &job("halt", 1_000_000, 2_000));
+    common::wait_for("a checkpoint on host A", Duration::from_secs(60), || logs(&[&a, &b]), || {
+        let (code, v) = a.get("/v1/jobs/halt/checkpoints");
+        code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 1)
+    });
+    // Accepted means the wish is in the store; the host dies before (or
+    // while) the job stops.
+    let (code, v) = a.post("/v1/jobs/halt/stop", "");
+    assert_eq!(code, 202, "{v}");
+    a.kill();
+    std::thread::sleep(Duration::from_millis(4 * s3::TEST_LOCK_TTL_MS + 10 * SCAN_MS));
+    let (code, v) = b.get("/v1/jobs/halt");
+    assert!(
+        code == 404 || (code == 200 && v["state"] == "stopped"),
+        "B must not run it: {code} {v}\n{}",
+        b.log()
+    );
+    assert!(!b.log().contains("took the job over"), "{}", b.log());
+    let (code, v) = b.post("/v1/jobs/halt/stop", "");
+    assert_eq!(code, if code == 404 { 404 } else { 409 }, "{v}");
+}
