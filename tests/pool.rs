@@ -100,12 +100,18 @@ impl Host {
 
     fn get(&self, path: &str) -> (u16, serde_json::Value) {
         let (code, body) = common::http(&self.addr, "GET", path, Some(TOKEN_A), "");
-        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+        (
+            code,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
         let (code, body) = common::http(&self.addr, "POST", path, Some(TOKEN_A), body);
-        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+        (
+            code,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 }
 
@@ -148,23 +154,37 @@ fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
     let (count, rate) = (40_000, 2_000);
     submit(&a, &job("clicks", count, rate));
 
-    common::wait_for("checkpoints on host A", Duration::from_secs(60), || logs(&[&a, &b]), || {
-        let (code, v) = a.get("/v1/jobs/clicks/checkpoints");
-        code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 3)
-    });
+    common::wait_for(
+        "checkpoints on host A",
+        Duration::from_secs(60),
+        || logs(&[&a, &b]),
+        || {
+            let (code, v) = a.get("/v1/jobs/clicks/checkpoints");
+            code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 3)
+        },
+    );
     // B answers for A's job from the store, and names A for what only
     // the running host can do.
     let (code, v) = b.get("/v1/jobs/clicks");
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["host_url"], a.url().as_str(), "{v}");
-    assert!(v["latest_snapshot"].as_str().is_some_and(|s| s.starts_with("clicks-")), "{v}");
+    assert!(
+        v["latest_snapshot"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("clicks-")),
+        "{v}"
+    );
     let (code, v) = b.post("/v1/jobs/clicks/savepoints", "");
     assert_eq!(code, 409, "{v}");
     assert_eq!(v["error"], "runs_elsewhere", "{v}");
     assert!(v["message"].as_str().unwrap().contains(&a.url()), "{v}");
     let (code, v) = a.get("/v1/jobs/clicks");
-    assert_eq!((code, v["host_url"].as_str()), (200, Some(a.url().as_str())), "{v}");
+    assert_eq!(
+        (code, v["host_url"].as_str()),
+        (200, Some(a.url().as_str())),
+        "{v}"
+    );
 
     let out = shared.join("a/out");
     let before = total_lines(&committed(&out));
@@ -173,14 +193,20 @@ fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
     // Taken over after the lease went unrenewed for its ttl, found by a
     // scan, resumed from the latest snapshot (plus compiling the plugin
     // on B, and a loaded machine's slack).
-    let bound = Duration::from_millis(s3::TEST_LOCK_TTL_MS + 2 * SCAN_MS + INTERVAL_MS) + Duration::from_secs(20);
-    common::wait_for("host B to take the job over", bound, || logs(&[&a, &b]), || {
-        let (code, v) = b.get("/v1/jobs/clicks");
-        code == 200
-            && v["host_url"] == b.url().as_str()
-            && v["state"] == "running"
-            && v["restored_from"].as_str().is_some()
-    });
+    let bound =
+        Duration::from_millis(s3::TEST_LOCK_TTL_MS + 2 * SCAN_MS + INTERVAL_MS) + Duration::from_secs(20);
+    common::wait_for(
+        "host B to take the job over",
+        bound,
+        || logs(&[&a, &b]),
+        || {
+            let (code, v) = b.get("/v1/jobs/clicks");
+            code == 200
+                && v["host_url"] == b.url().as_str()
+                && v["state"] == "running"
+                && v["restored_from"].as_str().is_some()
+        },
+    );
     let took = killed.elapsed();
     eprintln!("failover: host killed → job running on B in {took:?}");
     // Resumed, not restarted: B's run did not start from scratch.
@@ -199,11 +225,17 @@ fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
     assert_eq!(v["host_url"], b.url().as_str(), "still on B: {v}");
     assert!(!a.log().contains("took the job over"), "{}", a.log());
 
-    common::wait_for("the job to finish on B", Duration::from_secs(120), || logs(&[&a, &b]), || {
-        b.get("/v1/jobs/clicks").1["state"] == "finished"
-    });
+    common::wait_for(
+        "the job to finish on B",
+        Duration::from_secs(120),
+        || logs(&[&a, &b]),
+        || b.get("/v1/jobs/clicks").1["state"] == "finished",
+    );
     let expected = wordcount_output(count, 40, 3);
-    assert!(total_lines(&expected) > before, "killed mid-run: {before} lines before");
+    assert!(
+        total_lines(&expected) > before,
+        "killed mid-run: {before} lines before"
+    );
     assert_same_output(&committed(&out), &expected, "after host A was killed");
     // Ended for good: its record is gone, so nobody runs it again.
     std::thread::sleep(Duration::from_millis(2 * s3::TEST_LOCK_TTL_MS + 5 * SCAN_MS));
@@ -217,10 +249,15 @@ fn a_job_the_user_stopped_is_not_taken_over() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut a, b, _shared) = pool(tmp.path());
     submit(&a, &job("halt", 1_000_000, 2_000));
-    common::wait_for("a checkpoint on host A", Duration::from_secs(60), || logs(&[&a, &b]), || {
-        let (code, v) = a.get("/v1/jobs/halt/checkpoints");
-        code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 1)
-    });
+    common::wait_for(
+        "a checkpoint on host A",
+        Duration::from_secs(60),
+        || logs(&[&a, &b]),
+        || {
+            let (code, v) = a.get("/v1/jobs/halt/checkpoints");
+            code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 1)
+        },
+    );
     // Accepted means the wish is in the store; the host dies before (or
     // while) the job stops.
     let (code, v) = a.post("/v1/jobs/halt/stop", "");

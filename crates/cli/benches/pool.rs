@@ -25,7 +25,10 @@ use base64::Engine as _;
 const TOKEN: &str = "bench-token";
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Host {
@@ -109,7 +112,10 @@ impl Host {
         let resp = String::from_utf8_lossy(&resp);
         let code = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
         let body = resp.split_once("\r\n\r\n").map_or("", |x| x.1);
-        (code, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+        (
+            code,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
     }
 }
 
@@ -168,7 +174,10 @@ fn main() {
         let want = hosts[other].url();
         wait("the takeover", Duration::from_millis(ttl_ms * 4 + 60_000), || {
             let (c, v) = hosts[other].call("GET", "/v1/jobs/bench", "");
-            c == 200 && v["host_url"] == want.as_str() && v["state"] == "running" && !v["restored_from"].is_null()
+            c == 200
+                && v["host_url"] == want.as_str()
+                && v["state"] == "running"
+                && !v["restored_from"].is_null()
         });
         let took = killed.elapsed();
         eprintln!("round {rep}: host killed → job running on the other host in {took:?}");
@@ -179,7 +188,9 @@ fn main() {
     times.sort();
     let median = times[times.len() / 2];
     let target = Duration::from_millis(ttl_ms) + Duration::from_secs(2);
-    println!("| pool failover (lease ttl {ttl_ms} ms, pool_scan {scan}) | median of {reps} | ratio to target |");
+    println!(
+        "| pool failover (lease ttl {ttl_ms} ms, pool_scan {scan}) | median of {reps} | ratio to target |"
+    );
     println!("|---|---|---|");
     println!(
         "| host SIGKILLed → job running on the other host | {:.2} s (min {:.2}, max {:.2}) | {:.2} of ttl + 2 s = {:.1} s |",

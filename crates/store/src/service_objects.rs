@@ -35,7 +35,8 @@ fn checked(rel: &str) -> Result<(), StoreError> {
                 && c != "."
                 && c != ".."
                 && c.len() <= 255
-                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         });
     if ok {
         Ok(())
@@ -175,7 +176,16 @@ mod tests {
         for ok in ["jobs/a.json", "components/ab12.wasm", "placement/x-y_z.json"] {
             assert!(checked(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "../x", "jobs/../../x", "a//b", "/abs", "jobs/a b", "a/b/c/d/e", "jobs/."] {
+        for bad in [
+            "",
+            "../x",
+            "jobs/../../x",
+            "a//b",
+            "/abs",
+            "jobs/a b",
+            "a/b/c/d/e",
+            "jobs/.",
+        ] {
             assert!(checked(bad).is_err(), "{bad}");
         }
     }

@@ -127,7 +127,7 @@ pub enum AnyJob {
     /// It runs here, or ran here and no other host runs it now.
     Here(Arc<ServiceJob>),
     /// Another host of the pool runs it, or will.
-    Elsewhere(RemoteJob),
+    Elsewhere(Box<RemoteJob>),
 }
 
 impl<B: Backend> FromRequestParts<Arc<B>> for AnyJob {
@@ -156,7 +156,7 @@ impl<B: Backend> FromRequestParts<Arc<B>> for AnyJob {
             // It ended here and nobody runs it elsewhere: this host's view
             // of how it ended is the one to give.
             (Ok(j), Some(r)) if !r.leased => Ok(AnyJob::Here(j)),
-            (_, Some(r)) => Ok(AnyJob::Elsewhere(r)),
+            (_, Some(r)) => Ok(AnyJob::Elsewhere(Box::new(r))),
             (Ok(j), None) => Ok(AnyJob::Here(j)),
             (Err(e), None) => Err(e.into()),
         }
@@ -179,11 +179,14 @@ impl<B: Backend> FromRequestParts<Arc<B>> for TheJob {
                     "job `{}` was stopped on another host of the pool",
                     r.name
                 )),
-                (true, Some((host, url)), _) => ServiceError::Elsewhere { job: r.name, host, url },
-                (true, None, _) => ServiceError::Conflict(format!(
-                    "job `{}` runs on another host of the pool",
-                    r.name
-                )),
+                (true, Some((host, url)), _) => ServiceError::Elsewhere {
+                    job: r.name,
+                    host,
+                    url,
+                },
+                (true, None, _) => {
+                    ServiceError::Conflict(format!("job `{}` runs on another host of the pool", r.name))
+                }
                 (false, _, _) => ServiceError::Conflict(format!(
                     "job `{}` is waiting to be taken over by a host of the pool (its host stopped \
                      renewing its lease); ask again in a few seconds",

@@ -169,6 +169,10 @@ struct Inner {
     pool: Option<pool::Pool>,
 }
 
+/// A lease a pool's takeover took, dropped (released) right before the
+/// job's run takes it again.
+type Handoff = Arc<Mutex<Option<crate::store::SeriesLease>>>;
+
 /// Where a running job's record is, so its end can remove it.
 enum RecordAt {
     Local(PathBuf),
@@ -337,7 +341,7 @@ impl Service {
         spec: JobSpec,
         from: Option<&str>,
         record: Option<JobRecord>,
-        handoff: Option<pool::Handoff>,
+        handoff: Option<Handoff>,
     ) -> Result<Arc<ServiceJob>, ServiceError> {
         let name = spec.name.clone();
         let from = match from {

@@ -138,7 +138,10 @@ fn component_rel(hash: &str) -> String {
 }
 
 fn is_hash(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 fn internal(e: impl std::fmt::Display) -> ServiceError {
@@ -199,6 +202,16 @@ impl Service {
     /// Store a component in the tenant's namespace (put-if-absent: one
     /// already there has the same bytes, its key being their hash).
     pub(super) fn pool_put_component(&self, store: &TenantStore, bytes: &[u8]) -> Result<(), ServiceError> {
+        if bytes.len() as u64 > crate::store::MAX_SERVICE_OBJECT {
+            return Err(ServiceError::bad(
+                "invalid_plugin",
+                format!(
+                    "a component of {} bytes is over the pool's limit of {} bytes",
+                    bytes.len(),
+                    crate::store::MAX_SERVICE_OBJECT
+                ),
+            ));
+        }
         let hash = blake3::hash(bytes).to_hex().to_string();
         store
             .write_service_object(&component_rel(&hash), bytes, false)
@@ -229,10 +242,7 @@ impl Service {
 
     fn read_pool_record(&self, tenant: &str, name: &str) -> Result<Option<PoolRecord>, ServiceError> {
         let store = &self.tenant(tenant)?.store;
-        let Some(bytes) = store
-            .read_service_object(&job_rel(name))
-            .map_err(internal)?
-        else {
+        let Some(bytes) = store.read_service_object(&job_rel(name)).map_err(internal)? else {
             return Ok(None);
         };
         let what = format!("pool record of job `{name}`");
@@ -250,7 +260,11 @@ impl Service {
     }
 
     /// The record of a pool job, as [`JobRecord`] (rescaling reads it).
-    pub(super) fn pool_job_record(&self, tenant: &str, name: &str) -> Result<Option<JobRecord>, ServiceError> {
+    pub(super) fn pool_job_record(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<JobRecord>, ServiceError> {
         Ok(self.read_pool_record(tenant, name)?.map(|r| JobRecord {
             tenant: r.tenant,
             job: r.job,
@@ -343,11 +357,19 @@ impl Service {
         match entry.store.read_lease(&job) {
             Ok(None) => {}
             Ok(Some(_)) => {
-                tracing::info!(tenant, job = name, "another host holds the job now: its record stays");
+                tracing::info!(
+                    tenant,
+                    job = name,
+                    "another host holds the job now: its record stays"
+                );
                 return;
             }
             Err(e) => {
-                tracing::warn!(tenant, job = name, "cannot read the job's lease, its record stays: {e}");
+                tracing::warn!(
+                    tenant,
+                    job = name,
+                    "cannot read the job's lease, its record stays: {e}"
+                );
                 return;
             }
         }
@@ -451,7 +473,9 @@ impl Service {
                 }
             };
             for file in names {
-                let Some(name) = file.strip_suffix(".json") else { continue };
+                let Some(name) = file.strip_suffix(".json") else {
+                    continue;
+                };
                 let Ok(job) = JobName::new(name) else { continue };
                 let key = (tenant.clone(), name.to_string());
                 if self.job(tenant, name).is_ok_and(|j| !j.has_ended())
@@ -577,10 +601,6 @@ impl Service {
     }
 }
 
-/// A lease taken by a takeover, dropped (released) right before the run
-/// takes it again.
-pub(super) type Handoff = Arc<Mutex<Option<SeriesLease>>>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,12 +617,21 @@ mod tests {
         let bytes = serde_json::to_vec(&r).unwrap();
         let back: PoolRecord = parse("r", &bytes).unwrap();
         assert_eq!(back.desired, Desired::Stopped);
-        assert!(String::from_utf8(bytes).unwrap().contains("\"desired\":\"stopped\""));
-        let e = parse::<PoolRecord>("r", br#"{"version":1,"tenant":"a","job":"","plugins":{},"desired":"running","x":1}"#)
+        assert!(
+            String::from_utf8(bytes)
+                .unwrap()
+                .contains("\"desired\":\"stopped\"")
+        );
+        let e = parse::<PoolRecord>(
+            "r",
+            br#"{"version":1,"tenant":"a","job":"","plugins":{},"desired":"running","x":1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        let e = parse::<Placement>("placement", &vec![b' '; MAX_RECORD + 1])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown field"), "{e}");
-        let e = parse::<Placement>("placement", &vec![b' '; MAX_RECORD + 1]).unwrap_err().to_string();
         assert!(e.contains("over the limit"), "{e}");
         assert!(is_hash(&"ab".repeat(32)));
         assert!(!is_hash("../x") && !is_hash(&"AB".repeat(32)));

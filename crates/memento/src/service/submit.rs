@@ -8,9 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use super::pool::Handoff;
 use super::record::JobRecord;
-use super::{Service, ServiceError, ServiceJob};
+use super::{Handoff, Service, ServiceError, ServiceJob};
 use crate::spec::host_config::TenantConfig;
 use crate::spec::{HumanDuration, HumanSize, JobSpec, SinkSpec, SourceSpec, validate_name};
 
@@ -99,7 +98,14 @@ impl Service {
             job: submission.job.clone(),
             plugins,
         };
-        self.launch(tenant, entry, spec, submission.from.as_deref(), Some(record), handoff)
+        self.launch(
+            tenant,
+            entry,
+            spec,
+            submission.from.as_deref(),
+            Some(record),
+            handoff,
+        )
     }
 
     /// Start a job from a file of the operator's (a boot job): trusted, so

@@ -333,7 +333,8 @@ impl HostConfig {
         let location =
             StoreLocation::parse(&raw.state_dir).map_err(|e| invalid("state_dir".into(), e.to_string()))?;
         let pool_scan = raw.pool_scan.map_or(DEFAULT_POOL_SCAN, |d| d.0);
-        if !(std::time::Duration::from_millis(50)..=std::time::Duration::from_secs(3600)).contains(&pool_scan) {
+        if !(std::time::Duration::from_millis(50)..=std::time::Duration::from_secs(3600)).contains(&pool_scan)
+        {
             return Err(invalid("pool_scan".into(), "must be between 50ms and 1h".into()));
         }
         if let Some(url) = &raw.advertise_url {
