@@ -179,6 +179,12 @@ fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
     assert_eq!(code, 409, "{v}");
     assert_eq!(v["error"], "runs_elsewhere", "{v}");
     assert!(v["message"].as_str().unwrap().contains(&a.url()), "{v}");
+    let (code, v) = b.post("/v1/jobs/clicks/rescale", r#"{"parallelism": 3}"#);
+    assert_eq!((code, v["error"].as_str()), (409, Some("runs_elsewhere")), "{v}");
+    // A second submission of the name the pool runs, on the other host.
+    let body = serde_json::json!({ "job": job("clicks", 10, 10), "plugins": { "wordcount.wasm": plugin_b64("wordcount") } });
+    let (code, v) = b.post("/v1/jobs", &body.to_string());
+    assert_eq!(code, 409, "{v}");
     let (code, v) = a.get("/v1/jobs/clicks");
     assert_eq!(
         (code, v["host_url"].as_str()),

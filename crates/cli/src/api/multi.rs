@@ -181,8 +181,10 @@ async fn rescale(
 ) -> Result<Json<RescaleResponse>, ApiError> {
     let axum::extract::Path(name) =
         p.map_err(|e| ApiError::bad_request(format!("bad path: {}", e.body_text())))?;
-    // The job first (404 before 400), as on every job route.
-    s.job(&tenant, &name)?;
+    // The job first (404 before 400, 409 when another host of the pool
+    // runs it), as on every job route.
+    let (s2, t2, n2) = (s.clone(), tenant.clone(), name.clone());
+    blocking(move || s2.job_here(&t2, &n2).map(|_| ())).await?;
     let body: RescaleBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "invalid JSON body (expected {{\"parallelism\": N}}): {e}"

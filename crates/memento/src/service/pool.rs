@@ -457,6 +457,24 @@ impl Service {
         }))
     }
 
+    /// The tenant's job `name` if it runs here; [`ServiceError::Elsewhere`]
+    /// naming the host when another host of the pool runs it. Blocks on
+    /// the store in a pool.
+    ///
+    /// # Errors
+    /// As [`Service::job`], and [`ServiceError::Elsewhere`].
+    pub fn job_here(&self, tenant: &str, name: &str) -> Result<Arc<ServiceJob>, ServiceError> {
+        match self.job(tenant, name) {
+            Ok(j) if !j.has_ended() => return Ok(j),
+            Err(e @ ServiceError::BadRequest { .. }) => return Err(e),
+            _ => {}
+        }
+        match self.elsewhere(tenant, name)? {
+            Some(r) if r.leased && r.desired == Desired::Running => Err(self.elsewhere_error(tenant, name)),
+            _ => self.job(tenant, name),
+        }
+    }
+
     /// One look at every tenant's pool jobs: a job recorded as running
     /// that this host does not run, whose lease was absent or unchanged
     /// since the previous look, is worth trying to take over.
