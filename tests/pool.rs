@@ -1,9 +1,10 @@
-//! A pool of two real `memento serve` processes on one bucket of a real
+//! A pool of real `memento serve` processes on one bucket of a real
 //! S3-protocol server (`moto`, see `common::s3`), with a lease ttl of
 //! 1 s: a job submitted to host A moves to host B when A is SIGKILLed,
 //! resumes from its latest snapshot and its output is exactly that of an
 //! uninterrupted run; B answers for the job before and after; a restarted
-//! A does not take it back; a job the user stopped is never taken over.
+//! A does not take it back; a job the user stopped is never taken over;
+//! of two surviving hosts racing for a job, exactly one runs it.
 //!
 //! Both hosts' tenant files (the `file` sink's directory) are one local
 //! directory: each host's `work/files` is a symlink to it, as a shared
@@ -279,4 +280,68 @@ fn a_job_the_user_stopped_is_not_taken_over() {
     assert!(!b.log().contains("took the job over"), "{}", b.log());
     let (code, v) = b.post("/v1/jobs/halt/stop", "");
     assert_eq!(code, if code == 404 { 404 } else { 409 }, "{v}");
+}
+
+/// Two surviving hosts race for the dead host's job: the lease's
+/// conditional write lets exactly one of them run it, the other names the
+/// winner, and the output is exactly-once.
+#[test]
+fn two_survivors_race_and_exactly_one_runs_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b, shared) = pool(tmp.path());
+    let bucket_url = std::fs::read_to_string(tmp.path().join("a/host.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("state_dir = \"")
+                .map(|u| u.trim_end_matches('"').to_string())
+        })
+        .unwrap();
+    let c = Host::new(&tmp.path().join("c"), &bucket_url, &shared);
+    let (count, rate) = (30_000, 2_000);
+    submit(&a, &job("race", count, rate));
+    common::wait_for(
+        "checkpoints on host A",
+        Duration::from_secs(60),
+        || logs(&[&a, &b, &c]),
+        || {
+            let (code, v) = a.get("/v1/jobs/race/checkpoints");
+            code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 2)
+        },
+    );
+    a.kill();
+    let runs_here = |h: &Host| {
+        let (code, v) = h.get("/v1/jobs/race");
+        code == 200 && v["host_url"] == h.url().as_str() && v["state"] == "running"
+    };
+    common::wait_for(
+        "a survivor to take the job over",
+        Duration::from_secs(30),
+        || logs(&[&b, &c]),
+        || runs_here(&b) || runs_here(&c),
+    );
+    let (winner, loser) = if runs_here(&b) { (&b, &c) } else { (&c, &b) };
+    // For a while (several scans and ttls), the job stays with the winner
+    // and the loser names it.
+    let until = Instant::now() + Duration::from_millis(3 * s3::TEST_LOCK_TTL_MS + 5 * SCAN_MS);
+    while Instant::now() < until {
+        assert!(!runs_here(loser), "both hosts run the job\n{}", logs(&[&b, &c]));
+        let (code, v) = loser.get("/v1/jobs/race");
+        assert_eq!(code, 200, "{v}");
+        if v["state"] == "running" {
+            assert_eq!(v["host_url"], winner.url().as_str(), "{v}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::wait_for(
+        "the job to finish",
+        Duration::from_secs(120),
+        || logs(&[&b, &c]),
+        || winner.get("/v1/jobs/race").1["state"] == "finished",
+    );
+    assert_same_output(
+        &committed(&shared.join("a/out")),
+        &wordcount_output(count, 40, 3),
+        "after two hosts raced for the job",
+    );
 }
