@@ -170,6 +170,41 @@ impl TenantStore {
 #[cfg(test)]
 mod tests {
     use super::checked;
+    use crate::{JobName, Store, StoreOptions};
+
+    /// Written, read, listed and deleted by name; put-if-absent refuses a
+    /// second write; GC keeps them and fsck finds nothing wrong with them.
+    #[test]
+    fn service_objects_live_beside_snapshots_untouched_by_gc_and_fsck() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let t = store.tenant("acme").unwrap();
+        assert_eq!(t.read_service_object("jobs/a.json").unwrap(), None);
+        assert!(t.list_service_objects("jobs").unwrap().is_empty());
+        assert!(t.write_service_object("jobs/a.json", b"one", false).unwrap());
+        assert!(!t.write_service_object("jobs/a.json", b"two", false).unwrap());
+        assert_eq!(t.read_service_object("jobs/a.json").unwrap().unwrap(), b"one");
+        assert!(t.write_service_object("jobs/a.json", b"three", true).unwrap());
+        t.write_service_object("jobs/b.json", b"b", true).unwrap();
+        t.write_service_object("components/c.wasm", b"c", true).unwrap();
+        assert_eq!(t.list_service_objects("jobs").unwrap(), ["a.json", "b.json"]);
+        t.gc().unwrap();
+        let report = t.fsck().unwrap();
+        assert!(
+            report.stray_files.iter().all(|f| !f.contains("service")),
+            "{report:?}"
+        );
+        assert!(report.damaged.is_empty(), "{report:?}");
+        assert_eq!(t.read_service_object("jobs/a.json").unwrap().unwrap(), b"three");
+        assert_eq!(t.read_service_object("components/c.wasm").unwrap().unwrap(), b"c");
+        t.delete_service_object("jobs/a.json").unwrap();
+        t.delete_service_object("jobs/a.json").unwrap();
+        assert_eq!(t.list_service_objects("jobs").unwrap(), ["b.json"]);
+        assert!(t.read_service_object("../x").is_err());
+        // A local directory has no leases: its job lock is a flock.
+        assert_eq!(t.read_lease(&JobName::new("a").unwrap()).unwrap(), None);
+        assert_eq!(t.job_lease_ttl(), None);
+    }
 
     #[test]
     fn service_object_names_stay_below_service() {
