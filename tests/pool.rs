@@ -44,6 +44,11 @@ struct Host {
 impl Host {
     /// A host on `bucket_url` whose `work/files` is `shared`.
     fn new(dir: &Path, bucket_url: &str, shared: &Path) -> Host {
+        Host::with(dir, bucket_url, shared, "")
+    }
+
+    /// [`Host::new`] with `tenant` appended to tenant `a`'s table.
+    fn with(dir: &Path, bucket_url: &str, shared: &Path, tenant: &str) -> Host {
         std::fs::create_dir_all(dir.join("work")).unwrap();
         std::os::unix::fs::symlink(shared, dir.join("work/files")).unwrap();
         std::fs::write(
@@ -51,7 +56,7 @@ impl Host {
             format!(
                 "listen = \"127.0.0.1:0\"\nstate_dir = \"{bucket_url}\"\nwork_dir = \"work\"\n\
                  pool_scan = \"{SCAN_MS}ms\"\n\
-                 [[tenants]]\nname = \"a\"\ntoken_blake3 = \"{}\"\n",
+                 [[tenants]]\nname = \"a\"\ntoken_blake3 = \"{}\"\n{tenant}\n",
                 common::hash_token(TOKEN_A)
             ),
         )
@@ -344,4 +349,54 @@ fn two_survivors_race_and_exactly_one_runs_the_job() {
         &wordcount_output(count, 40, 3),
         "after two hosts raced for the job",
     );
+}
+
+/// A job whose host died and that no other host may run (there, the
+/// tenant may run no job) waits: every host answers for it, and a cancel
+/// on any host ends it for good.
+#[test]
+fn a_job_no_host_can_take_waits_and_is_cancelled_from_any_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("s3://{}/pool", s3::bucket());
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let mut a = Host::new(&tmp.path().join("a"), &url, &shared);
+    let b = Host::with(&tmp.path().join("b"), &url, &shared, "max_jobs = 0");
+    submit(&a, &job("stuck", 1_000_000, 2_000));
+    common::wait_for(
+        "a checkpoint on host A",
+        Duration::from_secs(60),
+        || logs(&[&a, &b]),
+        || {
+            let (code, v) = a.get("/v1/jobs/stuck/checkpoints");
+            code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 1)
+        },
+    );
+    a.kill();
+    common::wait_for(
+        "B to see the job waiting",
+        Duration::from_secs(30),
+        || b.log(),
+        || b.get("/v1/jobs/stuck").1["state"] == "restarting",
+    );
+    std::thread::sleep(Duration::from_millis(2 * SCAN_MS));
+    let (code, v) = b.get("/v1/jobs/stuck");
+    assert_eq!((code, v["state"].as_str()), (200, Some("restarting")), "{v}");
+    let (code, v) = b.post("/v1/jobs/stuck/stop", "");
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("waiting to be taken over"),
+        "{v}"
+    );
+    let (code, v) = b.post("/v1/jobs/stuck/cancel", "");
+    assert_eq!(code, 202, "{v}");
+    let (code, v) = b.get("/v1/jobs/stuck");
+    assert_eq!(code, 404, "{v}");
+    // A host that could run it comes back: there is nothing to take over.
+    a.start();
+    std::thread::sleep(Duration::from_millis(3 * s3::TEST_LOCK_TTL_MS + 5 * SCAN_MS));
+    assert_eq!(a.get("/v1/jobs/stuck").0, 404, "{}", a.log());
 }

@@ -56,6 +56,17 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (tenant, name);
         Ok(None)
     }
+
+    /// Cancel the tenant's pool job `name` that no host runs. Blocks on the
+    /// store.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`] where there are no pools; as
+    /// [`Service::cancel_unplaced`](memento::service::Service::cancel_unplaced).
+    fn cancel_unplaced(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+        let _ = tenant;
+        Err(ServiceError::NotFound(format!("no job `{name}`")))
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header: the scheme in
@@ -174,27 +185,31 @@ impl<B: Backend> FromRequestParts<Arc<B>> for TheJob {
     async fn from_request_parts(parts: &mut Parts, backend: &Arc<B>) -> Result<Self, ApiError> {
         match AnyJob::from_request_parts(parts, backend).await? {
             AnyJob::Here(j) => Ok(TheJob(j)),
-            AnyJob::Elsewhere(r) => Err(match (r.leased, r.host, r.desired) {
-                (_, _, Desired::Stopped) => ServiceError::Conflict(format!(
-                    "job `{}` was stopped on another host of the pool",
-                    r.name
-                )),
-                (true, Some((host, url)), _) => ServiceError::Elsewhere {
-                    job: r.name,
-                    host,
-                    url,
-                },
-                (true, None, _) => {
-                    ServiceError::Conflict(format!("job `{}` runs on another host of the pool", r.name))
-                }
-                (false, _, _) => ServiceError::Conflict(format!(
-                    "job `{}` is waiting to be taken over by a host of the pool (its host stopped \
-                     renewing its lease); ask again in a few seconds",
-                    r.name
-                )),
-            }
-            .into()),
+            AnyJob::Elsewhere(r) => Err(not_here(*r).into()),
         }
+    }
+}
+
+/// Why a request that acts on a job cannot be served by this host.
+fn not_here(r: RemoteJob) -> ServiceError {
+    match (r.leased, r.host, r.desired) {
+        (_, _, Desired::Stopped) => ServiceError::Conflict(format!(
+            "job `{}` was stopped on another host of the pool",
+            r.name
+        )),
+        (true, Some((host, url)), _) => ServiceError::Elsewhere {
+            job: r.name,
+            host,
+            url,
+        },
+        (true, None, _) => {
+            ServiceError::Conflict(format!("job `{}` runs on another host of the pool", r.name))
+        }
+        (false, _, _) => ServiceError::Conflict(format!(
+            "job `{}` is waiting to be taken over by a host of the pool (its host stopped \
+                     renewing its lease); ask again in a few seconds, or cancel it",
+            r.name
+        )),
     }
 }
 
@@ -220,7 +235,28 @@ async fn get_job(job: AnyJob) -> Json<JobView> {
     })
 }
 
-async fn cancel(TheJob(job): TheJob) -> Result<Accepted<CancelResponse>, ApiError> {
+async fn cancel<B: Backend>(
+    State(b): State<Arc<B>>,
+    job: AnyJob,
+) -> Result<Accepted<CancelResponse>, ApiError> {
+    let job = match job {
+        AnyJob::Here(job) => job,
+        // A pool job no host runs: nobody else could cancel it.
+        AnyJob::Elsewhere(r) if !r.leased && r.desired == Desired::Running => {
+            let (tenant, name) = (r.tenant.clone(), r.name.clone());
+            tokio::task::spawn_blocking(move || b.cancel_unplaced(&tenant, &name))
+                .await
+                .map_err(|e| ApiError::internal(format!("worker failed: {e}")))??;
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(CancelResponse {
+                    job: r.name,
+                    requested: Requested::Cancel,
+                }),
+            ));
+        }
+        AnyJob::Elsewhere(r) => return Err(not_here(*r).into()),
+    };
     job.cancel()?;
     Ok((
         StatusCode::ACCEPTED,
@@ -322,7 +358,7 @@ pub(crate) fn route_table<B: Backend>() -> Vec<Route<Arc<B>>> {
     vec![
         ("get", "/v1/jobs", get(list_jobs::<B>)),
         ("get", "/v1/jobs/{job}", get(get_job)),
-        ("post", "/v1/jobs/{job}/cancel", post(cancel)),
+        ("post", "/v1/jobs/{job}/cancel", post(cancel::<B>)),
         ("post", "/v1/jobs/{job}/stop", post(stop)),
         ("get", "/v1/jobs/{job}/checkpoints", get(checkpoints)),
         ("post", "/v1/jobs/{job}/checkpoints", post(trigger_checkpoint)),

@@ -54,6 +54,10 @@ impl Backend for Service {
     fn elsewhere(&self, tenant: &str, name: &str) -> Result<Option<RemoteJob>, ServiceError> {
         Service::elsewhere(self, tenant, name)
     }
+
+    fn cancel_unplaced(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+        Service::cancel_unplaced(self, tenant, name)
+    }
 }
 
 type Shared = State<Arc<Service>>;

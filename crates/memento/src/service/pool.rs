@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +68,8 @@ pub struct RemoteJob {
     pub name: String,
     /// What the user wants of it.
     pub desired: Desired,
-    /// Whether some host holds its lease now.
+    /// Whether some host holds its lease now: it exists, and this host's
+    /// scans have not seen it unchanged for a whole ttl (a dead holder's).
     pub leased: bool,
     /// The host that last started it and its API URL, if known.
     pub host: Option<(String, String)>,
@@ -90,9 +91,9 @@ pub(super) struct Pool {
     scan: Duration,
     /// Jobs this host is taking over right now.
     taking: Mutex<HashSet<(String, String)>>,
-    /// Each pool job's lease as the previous scan saw it (its ETag, or ""
-    /// for none).
-    seen: Mutex<HashMap<(String, String), String>>,
+    /// Each pool job's lease as the scans saw it: its ETag ("" for none)
+    /// and since when this host has seen that ETag.
+    seen: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
 impl Pool {
@@ -345,6 +346,41 @@ impl Service {
         self.put_pool_record(store, &record, name, Desired::Stopped)
     }
 
+    /// Cancel a pool job that no host runs (it waits to be taken over,
+    /// e.g. because no host can load it): it is recorded `stopped` first,
+    /// so a takeover that comes meanwhile leaves it alone; then its lease
+    /// is taken (waiting up to a ttl, fencing a dead holder) and its record
+    /// goes. Blocks on the store.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`] without a record; [`ServiceError::Elsewhere`]
+    /// when a host runs it after all (it is left as it was); store errors.
+    pub fn cancel_unplaced(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+        let store = &self.tenant(tenant)?.store;
+        let job = JobName::new(name).map_err(|e| ServiceError::bad("bad_request", e.to_string()))?;
+        let Some(r) = self.read_pool_record(tenant, name)? else {
+            return Err(ServiceError::NotFound(format!("no job `{name}`")));
+        };
+        let record = JobRecord {
+            tenant: r.tenant,
+            job: r.job,
+            plugins: r.plugins,
+        };
+        self.put_pool_record(store, &record, name, Desired::Stopped)?;
+        // Taking the lease fences a holder that only seemed dead: once it
+        // is ours, no one else can commit for the job.
+        let Some(lease) = store.lease_series(&job).map_err(internal)? else {
+            self.put_pool_record(store, &record, name, r.desired)?;
+            return Err(self.elsewhere_error(tenant, name));
+        };
+        for rel in [job_rel(name), placement_rel(name)] {
+            store.delete_service_object(&rel).map_err(internal)?;
+        }
+        drop(lease);
+        tracing::info!(tenant, job = name, "cancelled a pool job no host ran");
+        Ok(())
+    }
+
     /// A pool job's run on this host returned. Its record goes when the
     /// job ended here for good; it stays when the run never got the lease
     /// (`busy`) or another host holds the lease now (it lost it).
@@ -420,7 +456,8 @@ impl Service {
         };
         let entry = self.tenant(tenant)?;
         let job = JobName::new(name).map_err(|e| ServiceError::bad("bad_request", e.to_string()))?;
-        let leased = entry.store.read_lease(&job).map_err(internal)?.is_some();
+        let lease = entry.store.read_lease(&job).map_err(internal)?;
+        let leased = lease.is_some_and(|l| !self.seen_stale(tenant, name, &l.tag));
         let placement = self.placement(&entry.store, name);
         let latest = entry
             .store
@@ -455,6 +492,22 @@ impl Service {
             spec,
             components,
         }))
+    }
+
+    /// Whether this host's scans have seen the job's lease at `tag` for a
+    /// whole ttl: its holder is dead (or cut off), and a takeover is due.
+    fn seen_stale(&self, tenant: &str, name: &str, tag: &str) -> bool {
+        let (Some(pool), Ok(entry)) = (self.pool(), self.tenant(tenant)) else {
+            return false;
+        };
+        let Some(ttl) = entry.store.job_lease_ttl() else {
+            return false;
+        };
+        pool.seen
+            .lock()
+            .unwrap()
+            .get(&(tenant.to_string(), name.to_string()))
+            .is_some_and(|(t, since)| t == tag && since.elapsed() >= ttl)
     }
 
     /// The tenant's job `name` if it runs here; [`ServiceError::Elsewhere`]
@@ -509,10 +562,14 @@ impl Service {
                     }
                 };
                 let tag = lease.map(|LeaseView { tag, .. }| tag).unwrap_or_default();
-                if pool.seen.lock().unwrap().get(&key) == Some(&tag) {
-                    candidates.push(key.clone());
-                }
-                now_seen.insert(key, tag);
+                let since = match pool.seen.lock().unwrap().get(&key) {
+                    Some((t, since)) if *t == tag => {
+                        candidates.push(key.clone());
+                        *since
+                    }
+                    _ => Instant::now(),
+                };
+                now_seen.insert(key, (tag, since));
             }
         }
         *pool.seen.lock().unwrap() = now_seen;
