@@ -475,6 +475,30 @@ mod tests {
     }
 
     #[test]
+    fn pool_settings_have_defaults_and_bounds() {
+        let err = |t: &str| parse(t).unwrap_err().to_string();
+        let base = "state_dir = \"s3://bkt/p\"\nwork_dir = \"w\"\n";
+        let acme = tenant("acme", "t1");
+        let c = parse(&format!("{base}{acme}")).unwrap();
+        assert_eq!((c.pool_scan, c.advertise_url), (DEFAULT_POOL_SCAN, None));
+        let c = parse(&format!(
+            "{base}pool_scan = \"250ms\"\nadvertise_url = \"http://10.0.0.5:8081\"\n{acme}"
+        ))
+        .unwrap();
+        assert_eq!(c.pool_scan, std::time::Duration::from_millis(250));
+        assert_eq!(c.advertise_url.as_deref(), Some("http://10.0.0.5:8081"));
+        let e = err(&format!("{base}pool_scan = \"1ms\"\n{acme}"));
+        assert!(e.contains("pool_scan: must be between 50ms and 1h"), "{e}");
+        for bad in ["ftp://x", "http://a b", "10.0.0.5:8081"] {
+            let e = err(&format!("{base}advertise_url = \"{bad}\"\n{acme}"));
+            assert!(
+                e.contains("advertise_url: must be an http:// or https:// URL"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_configs_name_the_field() {
         let err = |t: &str| parse(t).unwrap_err().to_string();
         let base = format!("state_dir = \"s\"\n{}", tenant("acme", "t1"));
