@@ -241,8 +241,8 @@ async fn cancel<B: Backend>(
 ) -> Result<Accepted<CancelResponse>, ApiError> {
     let job = match job {
         AnyJob::Here(job) => job,
-        // A pool job no host runs: nobody else could cancel it.
-        AnyJob::Elsewhere(r) if !r.leased && r.desired == Desired::Running => {
+        // No host runs it (its host died, maybe while stopping it).
+        AnyJob::Elsewhere(r) if !r.leased => {
             let (tenant, name) = (r.tenant.clone(), r.name.clone());
             tokio::task::spawn_blocking(move || b.cancel_unplaced(&tenant, &name))
                 .await

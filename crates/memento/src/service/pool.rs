@@ -347,7 +347,8 @@ impl Service {
     }
 
     /// Cancel a pool job that no host runs (it waits to be taken over,
-    /// e.g. because no host can load it): it is recorded `stopped` first,
+    /// e.g. because no host can load it, or its host died while stopping
+    /// it): it is recorded `stopped` first,
     /// so a takeover that comes meanwhile leaves it alone; then its lease
     /// is taken (waiting up to a ttl, fencing a dead holder) and its record
     /// goes. Blocks on the store.
