@@ -565,7 +565,7 @@ impl Service {
                 let tag = lease.map(|LeaseView { tag, .. }| tag).unwrap_or_default();
                 let since = match pool.seen.lock().unwrap().get(&key) {
                     Some((t, since)) if *t == tag => {
-                        candidates.push(key.clone());
+                        candidates.push((key.clone(), tag.clone()));
                         *since
                     }
                     _ => Instant::now(),
@@ -574,7 +574,7 @@ impl Service {
             }
         }
         *pool.seen.lock().unwrap() = now_seen;
-        for key in candidates {
+        for (key, tag) in candidates {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
                 return;
             }
@@ -596,7 +596,7 @@ impl Service {
             let spawned = std::thread::Builder::new()
                 .name("memento-takeover".into())
                 .spawn(move || {
-                    service.take_over(&key.0, &key.1);
+                    service.take_over(&key.0, &key.1, !tag.is_empty());
                     if let Some(p) = service.pool() {
                         p.taking.lock().unwrap().remove(&key);
                     }
@@ -609,8 +609,12 @@ impl Service {
 
     /// Try to take the tenant's job `name` over: take its lease (waits up
     /// to the lease's ttl for a live holder to renew), then run it here
-    /// from its latest snapshot.
-    fn take_over(&self, tenant: &str, name: &str) {
+    /// from its latest snapshot. `was_leased`: the scan saw a lease, so
+    /// only taking over that lease (a dead holder's) counts; a lease that
+    /// meanwhile went away was released by its holder, maybe a host
+    /// handing it to its own run (see `resume_pool_job`), and finding it
+    /// absent is no reason to run the job: the next scans decide.
+    fn take_over(&self, tenant: &str, name: &str, was_leased: bool) {
         let Ok(entry) = self.tenant(tenant) else { return };
         let Ok(job) = JobName::new(name) else { return };
         let lease = match entry.store.lease_series(&job) {
@@ -623,6 +627,17 @@ impl Service {
         };
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return;
+        }
+        if was_leased {
+            match entry.store.read_lease(&job) {
+                // Generation 1: created where there was none, not taken over.
+                Ok(Some(l)) if l.generation > 1 => {}
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(tenant, job = name, "takeover: {e}");
+                    return;
+                }
+            }
         }
         // Read again under the lease: a stop that came meanwhile wins.
         let record = match self.read_pool_record(tenant, name) {
