@@ -8,7 +8,7 @@
 //! debug build: failover is waiting on leases and scans, not computing).
 //! `MEMENTO_BENCH_TTL_MS` (default 10000, the default lease ttl),
 //! `MEMENTO_BENCH_REPS` (default 3), `MEMENTO_BENCH_SCAN` (the hosts'
-//! `pool_scan`, default `1s`).
+//! `pool_scan`, default `500ms`, the hosts' default).
 
 #[path = "../../../tests/common/s3.rs"]
 #[allow(dead_code)]
@@ -142,7 +142,7 @@ fn main() {
     }
     let ttl_ms = env_u64("MEMENTO_BENCH_TTL_MS", 10_000);
     let reps = env_u64("MEMENTO_BENCH_REPS", 3).max(1);
-    let scan = std::env::var("MEMENTO_BENCH_SCAN").unwrap_or_else(|_| "1s".into());
+    let scan = std::env::var("MEMENTO_BENCH_SCAN").unwrap_or_else(|_| "500ms".into());
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("s3://{}/pool", s3::bucket());
     let shared = tmp.path().join("shared");

@@ -10,7 +10,7 @@
 //! max_jobs = 32                      # running jobs over all tenants (default)
 //! cache_dir = "state/cache"          # compiled components (default: `cache` in state_dir)
 //! cache_size = "2GiB"                # bound of cache_dir, LRU (default)
-//! pool_scan = "1s"                   # s3:// only: how often to look for jobs to take over (default)
+//! pool_scan = "500ms"                # s3:// only: how often to look for jobs to take over (default)
 //! advertise_url = "http://10.0.0.5:8081"  # s3:// only: this host's API for the pool (default: http://<bound address>)
 //! admin_token_blake3 = "…64 hex…"    # `memento token hash` of the admin token
 //!
@@ -51,7 +51,7 @@ pub const DEFAULT_MAX_JOBS: u32 = 32;
 /// Default per-tenant `max_jobs`.
 pub const DEFAULT_TENANT_MAX_JOBS: u32 = 4;
 /// Default `pool_scan`: how often a pool host looks for jobs to take over.
-pub const DEFAULT_POOL_SCAN: std::time::Duration = std::time::Duration::from_secs(1);
+pub const DEFAULT_POOL_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A host config could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
