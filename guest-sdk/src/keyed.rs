@@ -377,25 +377,35 @@ impl<V: DeserializeOwned> KeyedState<V> {
                     excerpt(key)
                 ))
             })?;
-            match self
-                .table
-                .entry(hash, |s| s.hash == hash && *s.key == *key, |s| s.hash)
-            {
-                Entry::Occupied(_) => {
-                    return Err(Error(format!(
-                        "keyed state of key group {g} holds key {} twice",
-                        excerpt(key)
-                    )));
-                }
-                Entry::Vacant(v) => {
-                    v.insert(Slot {
-                        hash,
-                        key: key.into(),
-                        value,
-                    });
-                }
+            if self.insert_restored(hash, key, value).is_err() {
+                return Err(Error(format!(
+                    "keyed state of key group {g} holds key {} twice",
+                    excerpt(key)
+                )));
             }
             at = end;
+        }
+    }
+}
+
+impl<V> KeyedState<V> {
+    /// Insert a key read from a snapshot, whose hash `hash` the caller has
+    /// computed and checked against its group; `Err` if the key is
+    /// already here (a damaged snapshot). The one way restore inserts.
+    fn insert_restored(&mut self, hash: u64, key: &[u8], value: V) -> Result<(), ()> {
+        match self
+            .table
+            .entry(hash, |s| s.hash == hash && *s.key == *key, |s| s.hash)
+        {
+            Entry::Occupied(_) => Err(()),
+            Entry::Vacant(v) => {
+                v.insert(Slot {
+                    hash,
+                    key: key.into(),
+                    value,
+                });
+                Ok(())
+            }
         }
     }
 }
