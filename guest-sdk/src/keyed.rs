@@ -650,6 +650,7 @@ impl<'de> serde::Deserializer<'de> for ValueDe<'de> {
 type Record<'a> = (&'a [u8], &'a [u8], usize);
 
 /// The record starting at `bytes[at..]`; `None` if the bytes end first.
+#[inline(always)]
 fn record(g: u32, bytes: &[u8], at: usize) -> Result<Option<Record<'_>>, Error> {
     let Some((key_len, at)) = get_len(g, bytes, at, "key", MAX_KEY)? else {
         return Ok(None);
@@ -679,8 +680,19 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
 }
 
 /// An unsigned LEB128 length at `bytes[at..]` and where it ends; `None` if
-/// the bytes end inside it.
-fn get_len(
+/// the bytes end inside it. Every `max` is at least 127: a length of one
+/// byte, by far the commonest, needs no further check.
+#[inline(always)]
+fn get_len(g: u32, bytes: &[u8], at: usize, what: &str, max: usize) -> Result<Option<(usize, usize)>, Error> {
+    match bytes.get(at) {
+        Some(&byte) if byte < 0x80 => Ok(Some((usize::from(byte), at + 1))),
+        _ => get_long_len(g, bytes, at, what, max),
+    }
+}
+
+/// [`get_len`] of a length of more than one byte.
+#[inline(never)]
+fn get_long_len(
     g: u32,
     bytes: &[u8],
     mut at: usize,
