@@ -594,27 +594,23 @@ fn window_sum_exactly_once_across_rescales() {
 
     // Parallelism 3 from the latest checkpoint, stopped with a savepoint.
     f.write(&spec(3, Some(8_000)));
-    let savepoint = f.stop_with_savepoint(
-        f.spawn(&["--from", "latest"]),
-        rng.millis(600, 1200),
-    );
+    let savepoint = f.stop_with_savepoint(f.spawn(&["--from", "latest"]), rng.millis(600, 1200));
     let m = f.show(&savepoint);
     assert_eq!(m["tasks"].as_array().unwrap().len(), 3);
     assert_eq!(
         m["extra"]["unkeyed_bytes"]["count"], 0,
         "window-sum's state is all keyed: {m}"
     );
-    assert!(total_lines(&f.out()) > total_lines(&after_one), "the phase at 3 committed windows");
+    assert!(
+        total_lines(&f.out()) > total_lines(&after_one),
+        "the phase at 3 committed windows"
+    );
 
     // Parallelism 2 from the savepoint, to the end.
     f.write(&spec(2, None));
     let ran = f.run(&["--from", &savepoint]);
     assert_eq!(ran.report()["state"]["state"], "finished", "{}", ran.stderr);
-    common::output::assert_same_output(
-        &sorted_values(&f.out()),
-        &expected,
-        "window sums after 1 → 3 → 2",
-    );
+    common::output::assert_same_output(&sorted_values(&f.out()), &expected, "window sums after 1 → 3 → 2");
     let fsck = f.cli(&["fsck"]);
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stderr));
 }

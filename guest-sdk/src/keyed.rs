@@ -322,7 +322,9 @@ fn group_head(g: u32, bytes: &[u8]) -> Result<Option<(Option<u64>, usize)>, Erro
     };
     match format {
         KEYED_FORMAT_1 => Ok(Some((None, 1))),
-        KEYED_FORMAT => Ok(get_len(g, bytes, 1, "key count", usize::MAX)?.map(|(n, at)| (Some(n as u64), at))),
+        KEYED_FORMAT => {
+            Ok(get_len(g, bytes, 1, "key count", usize::MAX)?.map(|(n, at)| (Some(n as u64), at)))
+        }
         _ => Err(Error(format!(
             "keyed state of key group {g} has format {format}; this SDK reads formats {KEYED_FORMAT_1} and {KEYED_FORMAT}"
         ))),
@@ -566,7 +568,6 @@ impl<'de> ValueDe<'de> {
             _ => return None,
         })
     }
-
 }
 
 /// A MessagePack integer.
@@ -874,9 +875,15 @@ mod tests {
         put_len(&mut miscounted, count + 1);
         miscounted.extend_from_slice(&first[records..]);
         let msg = err(vec![(g, miscounted)], 4);
-        assert!(msg.contains(&format!("holds {count} keys, but its head says {}", count + 1)), "{msg}");
+        assert!(
+            msg.contains(&format!("holds {count} keys, but its head says {}", count + 1)),
+            "{msg}"
+        );
         // A count no bytes could hold sizes nothing.
-        let msg = err(vec![(Some(0), vec![KEYED_FORMAT, 0xff, 0xff, 0xff, 0xff, 0x0f])], 4);
+        let msg = err(
+            vec![(Some(0), vec![KEYED_FORMAT, 0xff, 0xff, 0xff, 0xff, 0x0f])],
+            4,
+        );
         assert!(msg.contains("a key count of 4294967295 in 6 bytes"), "{msg}");
         let long = vec![(Some(0), vec![1, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01])];
         assert!(err(long, 4).contains("length runs past 5 bytes"));
@@ -924,10 +931,32 @@ mod tests {
             rmp_serde::encode::write_named(&mut bytes, &v).unwrap();
             assert_eq!(decode_value::<V>(&bytes).unwrap(), v);
         }
-        for n in [0u64, 1, 127, 128, 255, 256, 65_535, 65_536, u64::from(u32::MAX), u64::MAX] {
+        for n in [
+            0u64,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
             round(n);
         }
-        for n in [0i64, -1, -32, -33, -128, -129, -32_768, -32_769, i64::MIN, i64::MAX] {
+        for n in [
+            0i64,
+            -1,
+            -32,
+            -33,
+            -128,
+            -129,
+            -32_768,
+            -32_769,
+            i64::MIN,
+            i64::MAX,
+        ] {
             round(n);
         }
         round(200u8);

@@ -574,7 +574,8 @@ mod tests {
     fn feed(op: &mut WindowSum, events: &[(String, String, i64)]) -> Vec<Row> {
         let mut out = Output::new();
         for (k, v, t) in events {
-            op.process(Event::new(k.as_str(), v.as_str(), *t), &mut out).unwrap();
+            op.process(Event::new(k.as_str(), v.as_str(), *t), &mut out)
+                .unwrap();
         }
         rows(&mut out)
     }
@@ -638,10 +639,7 @@ mod tests {
         let old = Old {
             window_ms: 1000,
             skip_invalid: false,
-            windows: BTreeMap::from([(
-                1000,
-                BTreeMap::from([(b"a".to_vec(), 3), (b"b".to_vec(), 10)]),
-            )]),
+            windows: BTreeMap::from([(1000, BTreeMap::from([(b"a".to_vec(), 3), (b"b".to_vec(), 10)]))]),
             watermark: Some(1500),
             late_dropped: 2,
             invalid_skipped: 0,
