@@ -14,8 +14,9 @@
 //! # Canonical format
 //!
 //! Each key group's state is one stream of pieces of that group (see
-//! [`StateWriter::write_piece`]): a format byte ([`KEYED_FORMAT`], 1), then
-//! one record per key, in ascending order of (key hash, key bytes):
+//! [`StateWriter::write_piece`]): a format byte ([`KEYED_FORMAT`], 2), the
+//! number of keys in the group (unsigned LEB128), then one record per key,
+//! in ascending order of (key hash, key bytes):
 //!
 //! | field        | encoding                                    |
 //! |--------------|---------------------------------------------|
@@ -29,6 +30,12 @@
 //! bytes, which the store then stores once), whatever order the keys came
 //! in. A value type evolves as serde allows: add fields with
 //! `#[serde(default)]`.
+//!
+//! The key count is there so that a restore sizes its table once for all
+//! the keys it will hold instead of growing it by doubling (each growth
+//! rehashes every key already in); it must equal the records that follow.
+//! Format 1 (written before the count existed) is the same without it, and
+//! is still read.
 
 use std::collections::BTreeMap;
 
@@ -40,8 +47,12 @@ use serde::de::DeserializeOwned;
 use crate::state::{PIECE, StateReader, StateWriter};
 use crate::{Context, Error, key_hash};
 
-/// The format byte that starts each key group's state.
-pub const KEYED_FORMAT: u8 = 1;
+/// The format byte that starts each key group's state (the one written;
+/// format 1, without the key count, is read too).
+pub const KEYED_FORMAT: u8 = 2;
+
+/// The format before key counts, still read.
+const KEYED_FORMAT_1: u8 = 1;
 
 /// The longest key a snapshot may hold (16 MiB): a bound on what a
 /// damaged length can make a restore allocate.
@@ -386,13 +397,19 @@ impl<V: Serialize> KeyedState<V> {
         let mut buffer: Vec<u8> = Vec::with_capacity(PIECE + 64);
         let mut value = Vec::new();
         let mut current: Option<u32> = None;
-        for (group, slot) in self.in_snapshot_order() {
+        let order = self.in_snapshot_order();
+        let mut counts = vec![0u32; self.key_groups as usize];
+        for (group, _) in &order {
+            counts[*group as usize] += 1;
+        }
+        for (group, slot) in order {
             if current != Some(group) {
                 if let Some(g) = current {
                     out.write_piece(Some(g), &buffer)?;
                 }
                 buffer.clear();
                 buffer.push(KEYED_FORMAT);
+                put_len(&mut buffer, counts[group as usize] as usize);
                 current = Some(group);
             }
             value.clear();
@@ -421,10 +438,33 @@ impl<V: Serialize> KeyedState<V> {
 /// A key group's stream being parsed: pieces of it may end anywhere.
 #[derive(Default)]
 struct GroupStream {
-    /// The format byte was read.
+    /// The format byte (and, from format 2, the key count) was read.
     started: bool,
-    /// Bytes of an entry not complete yet.
+    /// The key count of the group's head (format 2), then what is left
+    /// of it as records are read.
+    expected: Option<u64>,
+    /// Records read.
+    read: u64,
+    /// Bytes of the head or of an entry not complete yet.
     tail: Vec<u8>,
+}
+
+/// The head of a group's stream at the start of `bytes`: its format and
+/// key count (`None` for format 1), and where the records start; `None`
+/// if the bytes end inside it.
+fn group_head(g: u32, bytes: &[u8]) -> Result<Option<(Option<u64>, usize)>, Error> {
+    let Some(&format) = bytes.first() else {
+        return Ok(None);
+    };
+    match format {
+        KEYED_FORMAT_1 => Ok(Some((None, 1))),
+        KEYED_FORMAT => {
+            Ok(get_len(g, bytes, 1, "key count", usize::MAX)?.map(|(n, at)| (Some(n as u64), at)))
+        }
+        _ => Err(Error(format!(
+            "keyed state of key group {g} has format {format}; this SDK reads formats {KEYED_FORMAT_1} and {KEYED_FORMAT}"
+        ))),
+    }
 }
 
 impl<V: DeserializeOwned> KeyedState<V> {
@@ -434,17 +474,25 @@ impl<V: DeserializeOwned> KeyedState<V> {
     /// order (state of the operator's own that is not keyed, or a whole
     /// snapshot from before the operator used keyed state).
     ///
+    /// The pieces are held until the last has arrived, so that the table
+    /// is sized once for every key they hold: a restore needs the
+    /// snapshot's bytes of this task's groups in memory beside the state.
+    ///
     /// # Errors
     /// When a piece is damaged (an unknown format byte, a length past
     /// [`MAX_KEY`] or [`MAX_VALUE`], a value that does not decode, a group
-    /// that ends inside a record), belongs to a key group the operator
-    /// does not have, holds a key of another group, or repeats a key.
+    /// that ends inside a record or holds another number of keys than its
+    /// head says), belongs to a key group the operator does not have,
+    /// holds a key of another group, or repeats a key.
     pub fn restore(&mut self, from: &mut StateReader<'_>) -> Result<Vec<u8>, Error> {
         if self.key_groups == 0 {
             return Err(no_key_groups());
         }
         let mut unkeyed = Vec::new();
-        let mut streams: BTreeMap<u32, GroupStream> = BTreeMap::new();
+        let mut held: Vec<(u32, Vec<u8>)> = Vec::new();
+        // Per group: the first bytes of its stream (enough for the head)
+        // and its length, to size the table before any key goes in.
+        let mut heads: BTreeMap<u32, (Vec<u8>, usize)> = BTreeMap::new();
         while let Some((group, bytes)) = from.next_piece()? {
             let Some(g) = group else {
                 unkeyed.extend_from_slice(&bytes);
@@ -456,48 +504,81 @@ impl<V: DeserializeOwned> KeyedState<V> {
                     self.key_groups
                 )));
             }
+            let (head, len) = heads.entry(g).or_default();
+            if head.len() < 16 {
+                head.extend_from_slice(&bytes[..bytes.len().min(16 - head.len())]);
+            }
+            *len += bytes.len();
+            held.push((g, bytes));
+        }
+        let mut keys: usize = 0;
+        for (&g, (head, len)) in &heads {
+            if let Some((Some(count), _)) = group_head(g, head)? {
+                // Every record takes at least 3 bytes: a damaged count
+                // must not size the table.
+                if count > (*len / 3) as u64 {
+                    return Err(Error(format!(
+                        "keyed state of key group {g}: a key count of {count} in {len} bytes"
+                    )));
+                }
+                keys += count as usize;
+            }
+        }
+        self.reserve_restored(keys);
+        let mut streams: BTreeMap<u32, GroupStream> = BTreeMap::new();
+        for (g, bytes) in held {
             let stream = streams.entry(g).or_default();
             let mut rest: &[u8] = &bytes;
             if !stream.started {
-                let Some((&format, after)) = rest.split_first() else {
+                stream.tail.extend_from_slice(rest);
+                rest = &[];
+                let Some((expected, at)) = group_head(g, &stream.tail)? else {
                     continue;
                 };
-                if format != KEYED_FORMAT {
-                    return Err(Error(format!(
-                        "keyed state of key group {g} has format {format}; this SDK reads format {KEYED_FORMAT}"
-                    )));
-                }
                 stream.started = true;
-                rest = after;
+                stream.expected = expected;
+                stream.tail.drain(..at);
             }
             if stream.tail.is_empty() {
-                let used = self.restore_records(g, rest)?;
+                let (used, n) = self.restore_records(g, rest)?;
+                stream.read += n;
                 stream.tail.extend_from_slice(&rest[used..]);
             } else {
                 let mut joined = std::mem::take(&mut stream.tail);
                 joined.extend_from_slice(rest);
-                let used = self.restore_records(g, &joined)?;
+                let (used, n) = self.restore_records(g, &joined)?;
+                stream.read += n;
                 joined.drain(..used);
                 stream.tail = joined;
             }
         }
-        if let Some((g, s)) = streams.iter().find(|(_, s)| !s.tail.is_empty()) {
-            return Err(Error(format!(
-                "keyed state of key group {g} ends inside a record ({} bytes after the last whole one)",
-                s.tail.len()
-            )));
+        for (g, s) in &streams {
+            if !s.tail.is_empty() {
+                return Err(Error(format!(
+                    "keyed state of key group {g} ends inside a record ({} bytes after the last whole one)",
+                    s.tail.len()
+                )));
+            }
+            if let Some(expected) = s.expected.filter(|&e| e != s.read) {
+                return Err(Error(format!(
+                    "keyed state of key group {g} holds {} keys, but its head says {expected}",
+                    s.read
+                )));
+            }
         }
         Ok(unkeyed)
     }
 
     /// Insert the whole records at the start of `bytes` (of group `g`);
-    /// returns how many bytes they took.
-    fn restore_records(&mut self, g: u32, bytes: &[u8]) -> Result<usize, Error> {
+    /// returns how many bytes they took and how many records they were.
+    fn restore_records(&mut self, g: u32, bytes: &[u8]) -> Result<(usize, u64), Error> {
         let mut at = 0;
+        let mut n = 0;
         loop {
             let Some((key, value, end)) = record(g, bytes, at)? else {
-                return Ok(at);
+                return Ok((at, n));
             };
+            n += 1;
             let hash = key_hash(key);
             let owner = (hash % u64::from(self.key_groups)) as u32;
             if owner != g {
@@ -507,7 +588,7 @@ impl<V: DeserializeOwned> KeyedState<V> {
                     excerpt(key)
                 )));
             }
-            let value: V = rmp_serde::from_slice(value).map_err(|e| {
+            let value: V = decode_value(value).map_err(|e| {
                 Error(format!(
                     "keyed state of key group {g}: the value of key {} does not decode: {e}",
                     excerpt(key)
@@ -525,6 +606,12 @@ impl<V: DeserializeOwned> KeyedState<V> {
 }
 
 impl<V> KeyedState<V> {
+    /// Room for `n` more keys read from a snapshot, so that inserting them
+    /// does not grow the table.
+    fn reserve_restored(&mut self, n: usize) {
+        self.table.reserve(n, |s| place(s.hash));
+    }
+
     /// Insert a key read from a snapshot, whose hash `hash` the caller has
     /// computed and checked against its group; `Err` if the key is
     /// already here (a damaged snapshot). The one way restore inserts.
@@ -576,11 +663,132 @@ impl<V> std::fmt::Debug for KeyedState<V> {
     }
 }
 
+/// A value from its MessagePack bytes. Integers, the commonest values of
+/// keyed state (counts, sums), are read here directly; anything else goes
+/// through `rmp_serde`. The bytes must hold exactly one value.
+fn decode_value<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, String> {
+    V::deserialize(ValueDe(bytes)).map_err(|e| e.to_string())
+}
+
+/// The deserializer of [`decode_value`].
+struct ValueDe<'a>(&'a [u8]);
+
+impl<'de> ValueDe<'de> {
+    /// The bytes as one MessagePack integer, if they are exactly one.
+    fn int(&self) -> Option<Int> {
+        let b = self.0;
+        let (&marker, rest) = b.split_first()?;
+        let be = |n: usize| -> Option<[u8; 8]> {
+            if rest.len() != n {
+                return None;
+            }
+            let mut out = [0u8; 8];
+            out[8 - n..].copy_from_slice(rest);
+            Some(out)
+        };
+        let sign = |n: usize| -> Option<i64> {
+            let raw = u64::from_be_bytes(be(n)?);
+            let shift = 64 - 8 * n as u32;
+            Some(((raw << shift) as i64) >> shift)
+        };
+        Some(match marker {
+            0x00..=0x7f if rest.is_empty() => Int::U(u64::from(marker)),
+            0xe0..=0xff if rest.is_empty() => Int::I(i64::from(marker as i8)),
+            0xcc => Int::U(u64::from_be_bytes(be(1)?)),
+            0xcd => Int::U(u64::from_be_bytes(be(2)?)),
+            0xce => Int::U(u64::from_be_bytes(be(4)?)),
+            0xcf => Int::U(u64::from_be_bytes(be(8)?)),
+            0xd0 => Int::I(sign(1)?),
+            0xd1 => Int::I(sign(2)?),
+            0xd2 => Int::I(sign(4)?),
+            0xd3 => Int::I(sign(8)?),
+            _ => return None,
+        })
+    }
+}
+
+/// A MessagePack integer.
+enum Int {
+    U(u64),
+    I(i64),
+}
+
+macro_rules! int_fast_path {
+    ($($method:ident),*) => {$(
+        fn $method<Vis: serde::de::Visitor<'de>>(self, visitor: Vis) -> Result<Vis::Value, Self::Error> {
+            match self.int() {
+                Some(Int::U(n)) => visitor.visit_u64(n),
+                Some(Int::I(n)) => visitor.visit_i64(n),
+                None => {
+                    let mut de = rmp_serde::Deserializer::from_read_ref(self.0);
+                    serde::Deserializer::$method(&mut de, visitor)
+                }
+            }
+        }
+    )*};
+}
+
+macro_rules! forward {
+    ($($method:ident($($arg:ident: $ty:ty),*)),* $(,)?) => {$(
+        fn $method<Vis: serde::de::Visitor<'de>>(self, $($arg: $ty,)* visitor: Vis) -> Result<Vis::Value, Self::Error> {
+            let mut de = rmp_serde::Deserializer::from_read_ref(self.0);
+            serde::Deserializer::$method(&mut de, $($arg,)* visitor)
+        }
+    )*};
+}
+
+impl<'de> serde::Deserializer<'de> for ValueDe<'de> {
+    type Error = rmp_serde::decode::Error;
+
+    fn is_human_readable(&self) -> bool {
+        false
+    }
+
+    forward!(deserialize_any());
+
+    int_fast_path!(
+        deserialize_u8,
+        deserialize_u16,
+        deserialize_u32,
+        deserialize_u64,
+        deserialize_i8,
+        deserialize_i16,
+        deserialize_i32,
+        deserialize_i64
+    );
+
+    forward!(
+        deserialize_bool(),
+        deserialize_i128(),
+        deserialize_u128(),
+        deserialize_f32(),
+        deserialize_f64(),
+        deserialize_char(),
+        deserialize_str(),
+        deserialize_string(),
+        deserialize_bytes(),
+        deserialize_byte_buf(),
+        deserialize_option(),
+        deserialize_unit(),
+        deserialize_unit_struct(name: &'static str),
+        deserialize_newtype_struct(name: &'static str),
+        deserialize_seq(),
+        deserialize_tuple(len: usize),
+        deserialize_tuple_struct(name: &'static str, len: usize),
+        deserialize_map(),
+        deserialize_struct(name: &'static str, fields: &'static [&'static str]),
+        deserialize_enum(name: &'static str, variants: &'static [&'static str]),
+        deserialize_identifier(),
+        deserialize_ignored_any(),
+    );
+}
+
 /// A record read from a group's bytes: key, encoded value, and where the
 /// next record starts.
 type Record<'a> = (&'a [u8], &'a [u8], usize);
 
 /// The record starting at `bytes[at..]`; `None` if the bytes end first.
+#[inline(always)]
 fn record(g: u32, bytes: &[u8], at: usize) -> Result<Option<Record<'_>>, Error> {
     let Some((key_len, at)) = get_len(g, bytes, at, "key", MAX_KEY)? else {
         return Ok(None);
@@ -610,8 +818,19 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
 }
 
 /// An unsigned LEB128 length at `bytes[at..]` and where it ends; `None` if
-/// the bytes end inside it.
-fn get_len(
+/// the bytes end inside it. Every `max` is at least 127: a length of one
+/// byte, by far the commonest, needs no further check.
+#[inline(always)]
+fn get_len(g: u32, bytes: &[u8], at: usize, what: &str, max: usize) -> Result<Option<(usize, usize)>, Error> {
+    match bytes.get(at) {
+        Some(&byte) if byte < 0x80 => Ok(Some((usize::from(byte), at + 1))),
+        _ => get_long_len(g, bytes, at, what, max),
+    }
+}
+
+/// [`get_len`] of a length of more than one byte.
+#[inline(never)]
+fn get_long_len(
     g: u32,
     bytes: &[u8],
     mut at: usize,
@@ -857,8 +1076,24 @@ mod tests {
         last.1.pop();
         assert!(err(truncated, 4).contains("ends inside a record"));
         let (g, first) = good[0].clone();
-        let twice = vec![(g, first.clone()), (g, first[1..].to_vec())];
+        let (count, records) = get_len(0, &first, 1, "key count", usize::MAX).unwrap().unwrap();
+        let twice = vec![(g, first.clone()), (g, first[records..].to_vec())];
         assert!(err(twice, 4).contains("twice"));
+        // The head's key count must match the records.
+        let mut miscounted = vec![KEYED_FORMAT];
+        put_len(&mut miscounted, count + 1);
+        miscounted.extend_from_slice(&first[records..]);
+        let msg = err(vec![(g, miscounted)], 4);
+        assert!(
+            msg.contains(&format!("holds {count} keys, but its head says {}", count + 1)),
+            "{msg}"
+        );
+        // A count no bytes could hold sizes nothing.
+        let msg = err(
+            vec![(Some(0), vec![KEYED_FORMAT, 0xff, 0xff, 0xff, 0xff, 0x0f])],
+            4,
+        );
+        assert!(msg.contains("a key count of 4294967295 in 6 bytes"), "{msg}");
         let long = vec![(Some(0), vec![1, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01])];
         assert!(err(long, 4).contains("length runs past 5 bytes"));
         let huge = vec![(Some(0), vec![1, 0x80, 0x80, 0x80, 0x80, 0x01])];
@@ -873,6 +1108,76 @@ mod tests {
         bad.extend_from_slice(&[1, 0xc0]); // nil
         let msg = err(vec![(Some(0), bad)], 4);
         assert!(msg.contains("does not decode"), "{msg}");
+    }
+
+    /// Format 1 (no key count), as SDKs before format 2 wrote it, is
+    /// still read, whatever the pieces were cut into.
+    #[test]
+    fn format_1_is_still_read() {
+        let whole = state(8, 0..400);
+        let v1: Vec<Piece> = pieces(&whole)
+            .into_iter()
+            .map(|(g, p)| {
+                let (_, records) = get_len(0, &p, 1, "key count", usize::MAX).unwrap().unwrap();
+                let mut old = vec![KEYED_FORMAT_1];
+                old.extend_from_slice(&p[records..]);
+                (g, old)
+            })
+            .flat_map(|(g, p)| p.chunks(5).map(|c| (g, c.to_vec())).collect::<Vec<_>>())
+            .collect();
+        let mut back = KeyedState::<u64>::with_key_groups(8);
+        back.restore(&mut StateReader::memory(v1)).unwrap();
+        assert_eq!(contents(&back), contents(&whole));
+    }
+
+    /// Integers are decoded without the generic deserializer, in every
+    /// MessagePack width and sign, and into narrower types with range
+    /// checks; other values still go through `rmp_serde`.
+    #[test]
+    fn values_decode_by_the_fast_path_and_the_generic_one() {
+        fn round<V: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: V) {
+            let mut bytes = Vec::new();
+            rmp_serde::encode::write_named(&mut bytes, &v).unwrap();
+            assert_eq!(decode_value::<V>(&bytes).unwrap(), v);
+        }
+        for n in [
+            0u64,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            round(n);
+        }
+        for n in [
+            0i64,
+            -1,
+            -32,
+            -33,
+            -128,
+            -129,
+            -32_768,
+            -32_769,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            round(n);
+        }
+        round(200u8);
+        round(-5i32);
+        round((3u64, -4i64));
+        round(Some(7u64));
+        round("text".to_string());
+        let mut big = Vec::new();
+        rmp_serde::encode::write_named(&mut big, &300u64).unwrap();
+        assert!(decode_value::<u8>(&big).is_err(), "300 is not a u8");
+        assert!(decode_value::<u64>(&[0xcd, 1]).is_err(), "truncated");
+        assert!(decode_value::<u64>(&[0xc0]).is_err(), "nil");
     }
 
     #[test]

@@ -82,6 +82,7 @@ mod read;
 #[cfg(feature = "s3")]
 mod s3;
 mod series;
+mod service_objects;
 mod tenant;
 mod usage;
 mod writer;
@@ -104,6 +105,7 @@ pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, 
 #[cfg(feature = "s3")]
 pub use s3::{DEFAULT_LOCK_TTL, RequestCounts, S3Backend, S3Options};
 pub use series::SeriesLease;
+pub use service_objects::{LeaseView, MAX_SERVICE_OBJECT};
 pub use tenant::{ListFilter, TenantStore};
 pub use writer::{BlobWriter, SnapshotWriter};
 

@@ -21,7 +21,7 @@ use super::views::{
     CancelResponse, CheckpointsView, JobView, JobsView, RecordView, Requested, TriggerResponse,
 };
 use memento::coordinator::RequestStatus;
-use memento::service::{Caller, Scope, ServiceError, ServiceJob};
+use memento::service::{Caller, Desired, RemoteJob, Scope, ServiceError, ServiceJob};
 use memento::spec::SnapshotFormat;
 
 /// What the job routes act on: the jobs of a [`Service`](memento::service::Service),
@@ -46,6 +46,27 @@ pub trait Backend: Send + Sync + 'static {
     /// [`ServiceError::BadRequest`] for a malformed name,
     /// [`ServiceError::NotFound`] for an unknown one.
     fn job(&self, tenant: &str, name: &str) -> Result<Arc<ServiceJob>, ServiceError>;
+
+    /// The tenant's job `name` as the store of a pool tells it, when
+    /// another host runs it (or is to take it over). Blocks on the store.
+    ///
+    /// # Errors
+    /// Store I/O errors.
+    fn elsewhere(&self, tenant: &str, name: &str) -> Result<Option<RemoteJob>, ServiceError> {
+        let _ = (tenant, name);
+        Ok(None)
+    }
+
+    /// Cancel the tenant's pool job `name` that no host runs. Blocks on the
+    /// store.
+    ///
+    /// # Errors
+    /// [`ServiceError::NotFound`] where there are no pools; as
+    /// [`Service::cancel_unplaced`](memento::service::Service::cancel_unplaced).
+    fn cancel_unplaced(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+        let _ = tenant;
+        Err(ServiceError::NotFound(format!("no job `{name}`")))
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header: the scheme in
@@ -111,10 +132,16 @@ impl<B: Backend> FromRequestParts<Arc<B>> for InTenant {
     }
 }
 
-/// The job a `/v1/jobs/{job}/…` request names, in the caller's tenant.
-pub struct TheJob(pub Arc<ServiceJob>);
+/// The job a `/v1/jobs/{job}` request names, in the caller's tenant: one
+/// running here, or (in a pool) one another host runs or is to take over.
+pub enum AnyJob {
+    /// It runs here, or ran here and no other host runs it now.
+    Here(Arc<ServiceJob>),
+    /// Another host of the pool runs it, or will.
+    Elsewhere(Box<RemoteJob>),
+}
 
-impl<B: Backend> FromRequestParts<Arc<B>> for TheJob {
+impl<B: Backend> FromRequestParts<Arc<B>> for AnyJob {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, backend: &Arc<B>) -> Result<Self, ApiError> {
@@ -124,8 +151,65 @@ impl<B: Backend> FromRequestParts<Arc<B>> for TheJob {
             .map_err(|e| ApiError::bad_request(format!("bad path: {}", e.body_text())))?;
         let name = params
             .get("job")
-            .ok_or_else(|| ApiError::internal("a job route without {job}"))?;
-        Ok(TheJob(backend.job(&tenant, name)?))
+            .ok_or_else(|| ApiError::internal("a job route without {job}"))?
+            .clone();
+        let local = match backend.job(&tenant, &name) {
+            Ok(j) if !j.has_ended() => return Ok(AnyJob::Here(j)),
+            Err(e @ ServiceError::NotFound(_)) => Err(e),
+            Err(e) => return Err(e.into()),
+            Ok(j) => Ok(j),
+        };
+        let b = backend.clone();
+        let remote = tokio::task::spawn_blocking(move || b.elsewhere(&tenant, &name))
+            .await
+            .map_err(|e| ApiError::internal(format!("worker failed: {e}")))??;
+        match (local, remote) {
+            // It ended here and nobody runs it elsewhere: this host's view
+            // of how it ended is the one to give.
+            (Ok(j), Some(r)) if !r.leased => Ok(AnyJob::Here(j)),
+            (_, Some(r)) => Ok(AnyJob::Elsewhere(Box::new(r))),
+            (Ok(j), None) => Ok(AnyJob::Here(j)),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+}
+
+/// The job a `/v1/jobs/{job}/…` request acts on, in the caller's tenant:
+/// it must run here. A job another host of the pool runs is answered 409
+/// naming that host and its URL (`runs_elsewhere`).
+pub struct TheJob(pub Arc<ServiceJob>);
+
+impl<B: Backend> FromRequestParts<Arc<B>> for TheJob {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, backend: &Arc<B>) -> Result<Self, ApiError> {
+        match AnyJob::from_request_parts(parts, backend).await? {
+            AnyJob::Here(j) => Ok(TheJob(j)),
+            AnyJob::Elsewhere(r) => Err(not_here(*r).into()),
+        }
+    }
+}
+
+/// Why a request that acts on a job cannot be served by this host.
+fn not_here(r: RemoteJob) -> ServiceError {
+    match (r.leased, r.host, r.desired) {
+        (_, _, Desired::Stopped) => ServiceError::Conflict(format!(
+            "job `{}` was stopped on another host of the pool",
+            r.name
+        )),
+        (true, Some((host, url)), _) => ServiceError::Elsewhere {
+            job: r.name,
+            host,
+            url,
+        },
+        (true, None, _) => {
+            ServiceError::Conflict(format!("job `{}` runs on another host of the pool", r.name))
+        }
+        (false, _, _) => ServiceError::Conflict(format!(
+            "job `{}` is waiting to be taken over by a host of the pool (its host stopped \
+                     renewing its lease); ask again in a few seconds, or cancel it",
+            r.name
+        )),
     }
 }
 
@@ -144,11 +228,35 @@ async fn list_jobs<B: Backend>(State(b): State<Arc<B>>, InScope(scope): InScope)
     Json(JobsView { jobs })
 }
 
-async fn get_job(TheJob(job): TheJob) -> Json<JobView> {
-    Json(JobView::of(&job))
+async fn get_job(job: AnyJob) -> Json<JobView> {
+    Json(match job {
+        AnyJob::Here(job) => JobView::of(&job),
+        AnyJob::Elsewhere(remote) => JobView::remote(&remote),
+    })
 }
 
-async fn cancel(TheJob(job): TheJob) -> Result<Accepted<CancelResponse>, ApiError> {
+async fn cancel<B: Backend>(
+    State(b): State<Arc<B>>,
+    job: AnyJob,
+) -> Result<Accepted<CancelResponse>, ApiError> {
+    let job = match job {
+        AnyJob::Here(job) => job,
+        // No host runs it (its host died, maybe while stopping it).
+        AnyJob::Elsewhere(r) if !r.leased => {
+            let (tenant, name) = (r.tenant.clone(), r.name.clone());
+            tokio::task::spawn_blocking(move || b.cancel_unplaced(&tenant, &name))
+                .await
+                .map_err(|e| ApiError::internal(format!("worker failed: {e}")))??;
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(CancelResponse {
+                    job: r.name,
+                    requested: Requested::Cancel,
+                }),
+            ));
+        }
+        AnyJob::Elsewhere(r) => return Err(not_here(*r).into()),
+    };
     job.cancel()?;
     Ok((
         StatusCode::ACCEPTED,
@@ -250,7 +358,7 @@ pub(crate) fn route_table<B: Backend>() -> Vec<Route<Arc<B>>> {
     vec![
         ("get", "/v1/jobs", get(list_jobs::<B>)),
         ("get", "/v1/jobs/{job}", get(get_job)),
-        ("post", "/v1/jobs/{job}/cancel", post(cancel)),
+        ("post", "/v1/jobs/{job}/cancel", post(cancel::<B>)),
         ("post", "/v1/jobs/{job}/stop", post(stop)),
         ("get", "/v1/jobs/{job}/checkpoints", get(checkpoints)),
         ("post", "/v1/jobs/{job}/checkpoints", post(trigger_checkpoint)),

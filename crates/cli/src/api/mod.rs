@@ -99,6 +99,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound(_) => ApiError::not_found(message),
             ServiceError::BadRequest { code, .. } => ApiError(StatusCode::BAD_REQUEST, code, message),
             ServiceError::Conflict(_) => ApiError(StatusCode::CONFLICT, "conflict", message),
+            ServiceError::Elsewhere { .. } => ApiError(StatusCode::CONFLICT, "runs_elsewhere", message),
             ServiceError::TooManyJobs(_) => ApiError(StatusCode::TOO_MANY_REQUESTS, "too_many_jobs", message),
             ServiceError::TooLarge { .. } => ApiError(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message),
             ServiceError::Internal(_) | ServiceError::Config(_) => ApiError::internal(message),

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use super::jobs::{self, Backend, InScope, InTenant, Route};
 use super::views::{DisposeResponse, JobView, SnapshotView, SnapshotsView};
 use super::{ApiError, ApiStartError};
-use memento::service::{Caller, Scope, Service, ServiceError, ServiceJob, Submission};
+use memento::service::{Caller, RemoteJob, Scope, Service, ServiceError, ServiceJob, Submission};
 
 /// The OpenAPI 3 document of this API (committed as `openapi.json`).
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -49,6 +49,14 @@ impl Backend for Service {
 
     fn job(&self, tenant: &str, name: &str) -> Result<Arc<ServiceJob>, ServiceError> {
         Service::job(self, tenant, name)
+    }
+
+    fn elsewhere(&self, tenant: &str, name: &str) -> Result<Option<RemoteJob>, ServiceError> {
+        Service::elsewhere(self, tenant, name)
+    }
+
+    fn cancel_unplaced(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
+        Service::cancel_unplaced(self, tenant, name)
     }
 }
 
@@ -177,8 +185,10 @@ async fn rescale(
 ) -> Result<Json<RescaleResponse>, ApiError> {
     let axum::extract::Path(name) =
         p.map_err(|e| ApiError::bad_request(format!("bad path: {}", e.body_text())))?;
-    // The job first (404 before 400), as on every job route.
-    s.job(&tenant, &name)?;
+    // The job first (404 before 400, 409 when another host of the pool
+    // runs it), as on every job route.
+    let (s2, t2, n2) = (s.clone(), tenant.clone(), name.clone());
+    blocking(move || s2.job_here(&t2, &n2).map(|_| ())).await?;
     let body: RescaleBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "invalid JSON body (expected {{\"parallelism\": N}}): {e}"

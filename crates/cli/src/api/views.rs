@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use memento::coordinator::status::{SnapshotCounts, TaskSnapshotFigures};
 use memento::coordinator::{JobState, JobStatus, SnapshotOutcome, SnapshotRecord};
-use memento::service::ServiceJob;
+use memento::service::{Desired, RemoteJob, ServiceJob};
 use memento::spec::SnapshotFormat;
 use memento::store::{Manifest, SnapshotId, SnapshotKind, StateFormat, TaskKey, Trigger};
 
@@ -87,6 +87,16 @@ pub struct JobView {
     pub operators: Vec<OperatorView>,
     /// The effective sandbox limits (after the tenant's caps).
     pub limits: LimitsView,
+    /// In a pool of hosts: the id of the host that runs the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// In a pool of hosts: the API URL of that host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_url: Option<String>,
+    /// For a job another host of the pool runs: its latest snapshot (the
+    /// figures above are that host's to give; they are zero here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_snapshot: Option<SnapshotId>,
 }
 
 impl JobView {
@@ -103,6 +113,7 @@ impl JobView {
             JobState::Failed { error } => (StateName::Failed, Some(error), None),
         };
         let spec = job.spec();
+        let (host, host_url) = job.host().unzip();
         JobView {
             tenant: job.tenant().to_string(),
             name: job.name().to_string(),
@@ -129,6 +140,59 @@ impl JobView {
                 memory: spec.limits.memory.0,
                 call_timeout_ms: u64::try_from(spec.limits.call_timeout.0.as_millis()).unwrap_or(u64::MAX),
             },
+            host,
+            host_url,
+            latest_snapshot: None,
+        }
+    }
+
+    /// The view of a pool job another host runs (or is to take over), from
+    /// what the store says: its run's figures are that host's.
+    pub fn remote(job: &RemoteJob) -> JobView {
+        // A user's stop is final once accepted; a lease may outlive its
+        // dead holder, so it says "running" only of a job to run.
+        let state = match (job.desired, job.leased) {
+            (Desired::Stopped, _) => StateName::Stopped,
+            (Desired::Running, true) => StateName::Running,
+            (Desired::Running, false) => StateName::Restarting,
+        };
+        let (host, host_url) = job.host.clone().unzip();
+        JobView {
+            tenant: job.tenant.clone(),
+            name: job.name.clone(),
+            state,
+            error: None,
+            savepoint: None,
+            restarts: 0,
+            restored_from: None,
+            records_in: 0,
+            counts: CountsView::default(),
+            submitted_at_ms: job.since_ms,
+            started_at_ms: job.since_ms,
+            operators: job
+                .spec
+                .iter()
+                .flat_map(|s| &s.operators)
+                .zip(job.components.iter().cloned())
+                .map(|(op, component)| OperatorView {
+                    name: op.name.clone(),
+                    parallelism: op.parallelism,
+                    component,
+                })
+                .collect(),
+            limits: job.spec.as_ref().map_or(
+                LimitsView {
+                    memory: 0,
+                    call_timeout_ms: 0,
+                },
+                |s| LimitsView {
+                    memory: s.limits.memory.0,
+                    call_timeout_ms: u64::try_from(s.limits.call_timeout.0.as_millis()).unwrap_or(u64::MAX),
+                },
+            ),
+            host,
+            host_url,
+            latest_snapshot: job.latest.clone(),
         }
     }
 }

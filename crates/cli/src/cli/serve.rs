@@ -87,6 +87,14 @@ pub fn serve(config: &Path, addr_file: Option<&Path>) -> anyhow::Result<ExitCode
     let tenants = config.tenants.len();
     let service = Service::start(config)?;
     let server = crate::api::multi::serve(service.clone())?;
+    // On an s3:// store: join the pool once the API answers, so the URL
+    // other hosts are given works.
+    let url = service
+        .config()
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", server.local_addr()));
+    service.start_pool(&url);
     eprintln!(
         "memento: host for {tenants} tenant(s), {} job(s) started; API on http://{}",
         service.jobs(&memento::service::Scope::All).len(),

@@ -31,7 +31,15 @@ pub struct ServiceJob {
     thread: Mutex<Option<JoinHandle<()>>>,
     requests: RequestLog,
     submitted_at_ms: u64,
+    /// In a pool: this host's id and API URL.
+    host: Mutex<Option<(String, String)>>,
+    /// In a pool: records that a user stopped or cancelled the job, before
+    /// the job is told (so no host takes it over).
+    user_end: Mutex<Option<UserEnd>>,
 }
+
+/// What [`ServiceJob::stop`] and [`ServiceJob::cancel`] do first.
+pub(super) type UserEnd = Box<dyn Fn() -> Result<(), ServiceError> + Send + Sync>;
 
 impl ServiceJob {
     /// A handle on a loaded job that has not run yet; its tenant is the one
@@ -45,6 +53,28 @@ impl ServiceJob {
             thread: Mutex::new(None),
             requests: RequestLog::default(),
             submitted_at_ms: crate::store::now_ms(),
+            host: Mutex::new(None),
+            user_end: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn set_host(&self, host: Option<(String, String)>) {
+        *self.host.lock().unwrap() = host;
+    }
+
+    pub(super) fn set_user_end(&self, f: UserEnd) {
+        *self.user_end.lock().unwrap() = Some(f);
+    }
+
+    /// In a pool of hosts: this host's id and API URL (the job runs here).
+    pub fn host(&self) -> Option<(String, String)> {
+        self.host.lock().unwrap().clone()
+    }
+
+    fn user_ends(&self) -> Result<(), ServiceError> {
+        match &*self.user_end.lock().unwrap() {
+            Some(f) => f(),
+            None => Ok(()),
         }
     }
 
@@ -194,6 +224,7 @@ impl ServiceJob {
     /// [`ServiceError::Conflict`] when the job has ended.
     pub fn stop(&self) -> Result<String, ServiceError> {
         self.ensure_running()?;
+        self.user_ends()?;
         Ok(self.track(self.job.control().stop_with_savepoint()))
     }
 
@@ -203,6 +234,7 @@ impl ServiceJob {
     /// [`ServiceError::Conflict`] when the job has ended.
     pub fn cancel(&self) -> Result<(), ServiceError> {
         self.ensure_running()?;
+        self.user_ends()?;
         self.job.control().cancel();
         Ok(())
     }

@@ -28,6 +28,11 @@
 //!   theirs, as do jobs of a killed process, so [`Service::start`] resumes
 //!   every recorded job from its latest snapshot: the state directory, not
 //!   the process, is the source of truth.
+//! - **The pool** (`pool.rs`). On an `s3://` store the records and
+//!   components live in the store instead (`docs/STORAGE.md`, "Pool
+//!   records"), so every host of the pool can run any submitted job; each
+//!   host takes over the jobs whose host died, and says which host runs a
+//!   job it does not.
 //! - **The per-job handle** (`job.rs`). [`ServiceJob`]: a job's state,
 //!   triggers and their request ids, stop and cancel.
 //!
@@ -38,6 +43,7 @@
 
 mod auth;
 mod job;
+mod pool;
 mod record;
 mod rescale;
 mod submit;
@@ -49,6 +55,7 @@ use std::sync::{Arc, Mutex};
 
 pub use auth::{Caller, Scope, token_matches};
 pub use job::ServiceJob;
+pub use pool::{Desired, RemoteJob};
 pub use rescale::Rescaled;
 pub use submit::{MAX_TASKS, Submission};
 
@@ -83,6 +90,16 @@ pub enum ServiceError {
     /// ended job asked to snapshot).
     #[error("{0}")]
     Conflict(String),
+    /// The job runs on another host of the pool: ask that one.
+    #[error("job `{job}` runs on host {host} of the pool ({url}): send this request there")]
+    Elsewhere {
+        /// The job.
+        job: String,
+        /// The host's id in the pool.
+        host: String,
+        /// Its API.
+        url: String,
+    },
     /// A job limit (tenant's or host's `max_jobs`) is reached.
     #[error("{0}")]
     TooManyJobs(String),
@@ -148,6 +165,18 @@ struct Inner {
     /// Set by [`Service::shutdown`]: jobs it cancels keep their records so
     /// the next start resumes them.
     shutting_down: AtomicBool,
+    /// On an `s3://` store: this host's part in the pool.
+    pool: Option<pool::Pool>,
+}
+
+/// A lease a pool's takeover took, dropped (released) right before the
+/// job's run takes it again.
+type Handoff = Arc<Mutex<Option<crate::store::SeriesLease>>>;
+
+/// Where a running job's record is, so its end can remove it.
+enum RecordAt {
+    Local(PathBuf),
+    Pool,
 }
 
 impl Service {
@@ -204,6 +233,8 @@ impl Service {
                 .map_err(|e| ServiceError::Internal(format!("create {}: {e}", dir.display())))?;
         }
         let boot = config.jobs.clone();
+        let pool = matches!(config.store, crate::store::StoreLocation::S3 { .. })
+            .then(|| pool::Pool::new(config.pool_scan));
         let service = Service {
             inner: Arc::new(Inner {
                 config,
@@ -213,9 +244,13 @@ impl Service {
                 files_dir,
                 records_dir,
                 shutting_down: AtomicBool::new(false),
+                pool,
             }),
         };
-        service.resume_recorded();
+        // A pool's jobs are resumed by its hosts' scans (`pool.rs`).
+        if !service.in_pool() {
+            service.resume_recorded();
+        }
         for b in boot {
             match service.submit_file(&b.tenant, &b.file, b.from.as_deref()) {
                 // A job of that name was resumed from its record (it was
@@ -306,6 +341,7 @@ impl Service {
         spec: JobSpec,
         from: Option<&str>,
         record: Option<JobRecord>,
+        handoff: Option<Handoff>,
     ) -> Result<Arc<ServiceJob>, ServiceError> {
         let name = spec.name.clone();
         let from = match from {
@@ -350,23 +386,45 @@ impl Service {
             // Recorded after admission (a refused duplicate must not
             // overwrite the running job's record) and before the job runs
             // (a crash from here on finds it).
-            let record_path = match &record {
-                Some(r) => Some(r.write(&self.inner.records_dir, &name)?),
+            let record_at = match &record {
+                Some(_) if self.in_pool() && handoff.is_some() => Some(RecordAt::Pool),
+                Some(r) if self.in_pool() => {
+                    self.pool_write_record(r, &name)?;
+                    Some(RecordAt::Pool)
+                }
+                Some(r) => Some(RecordAt::Local(r.write(&self.inner.records_dir, &name)?)),
                 None => None,
             };
+            if matches!(record_at, Some(RecordAt::Pool)) {
+                self.pool_place(tenant, &name);
+                service_job.set_host(self.pool_host());
+                let weak = Arc::downgrade(&self.inner);
+                let (t, n) = (tenant.to_string(), name.clone());
+                service_job.set_user_end(Box::new(move || match weak.upgrade() {
+                    Some(inner) => Service { inner }.pool_set_stopped(&t, &n),
+                    None => Ok(()),
+                }));
+            }
             jobs.insert(key.clone(), service_job.clone());
             prune_ended(&mut jobs, tenant);
             let service = self.clone();
             let runner = service_job.clone();
             let label = format!("job-{tenant}-{name}");
+            // The lease a takeover took goes right before the run takes
+            // it again (a run takes its own lease).
+            if let Some(h) = &handoff {
+                h.lock().unwrap().take();
+            }
             let handle = std::thread::Builder::new()
                 .name(label.chars().take(15).collect())
                 .spawn(move || {
-                    if let Err(e) = runner.run(RunOptions { from }) {
+                    let result = runner.run(RunOptions { from });
+                    if let Err(e) = &result {
                         tracing::warn!(tenant = %runner.tenant(), job = %runner.name(), "job ended with an error: {e}");
                     }
-                    if let Some(path) = record_path {
-                        service.job_ended(&key, &runner, &path);
+                    if let Some(at) = record_at {
+                        let busy = matches!(result, Err(HostError::JobBusy { .. }));
+                        service.job_ended(&key, &runner, &at, busy);
                     }
                 })
                 .map_err(|e| ServiceError::Internal(format!("spawn job thread: {e}")))?;
@@ -381,7 +439,10 @@ impl Service {
     /// of the same name was admitted meanwhile (the record is that job's
     /// now). Under the jobs lock, which admission holds while it writes a
     /// record.
-    fn job_ended(&self, key: &(String, String), job: &Arc<ServiceJob>, record: &std::path::Path) {
+    ///
+    /// A pool job's record also stays when its run never got the lease
+    /// (`busy`) or lost it to another host (`pool.rs`).
+    fn job_ended(&self, key: &(String, String), job: &Arc<ServiceJob>, record: &RecordAt, busy: bool) {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return;
         }
@@ -389,9 +450,24 @@ impl Service {
         if jobs.get(key).is_some_and(|j| !Arc::ptr_eq(j, job)) {
             return;
         }
-        if let Err(e) = record::remove_durably(record) {
-            tracing::warn!(record = %record.display(), "cannot remove job record: {e}");
+        match record {
+            RecordAt::Local(path) => {
+                if let Err(e) = record::remove_durably(path) {
+                    tracing::warn!(record = %path.display(), "cannot remove job record: {e}");
+                }
+            }
+            RecordAt::Pool => self.pool_job_ended(&key.0, &key.1, busy),
         }
+    }
+
+    /// The record of the tenant's submitted job `name`: in the store on a
+    /// pool, else in the state directory.
+    fn job_record(&self, tenant: &str, name: &str) -> Result<Option<JobRecord>, ServiceError> {
+        if self.in_pool() {
+            return self.pool_job_record(tenant, name);
+        }
+        let path = self.inner.records_dir.join(tenant).join(format!("{name}.json"));
+        Ok(JobRecord::read(&path).ok())
     }
 
     /// Jobs in `scope`, by tenant then name.

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use super::record::JobRecord;
 use super::{Service, ServiceError, ServiceJob, Submission};
 use crate::coordinator::JobState;
 use crate::spec::JobSpec;
@@ -30,6 +29,7 @@ impl Service {
     ///
     /// # Errors
     /// [`ServiceError::NotFound`] for an unknown job;
+    /// [`ServiceError::Elsewhere`] for a job another host of the pool runs;
     /// [`ServiceError::Conflict`] for a job that is not running, was
     /// started from the host's configuration (change it there), or did not
     /// stop with a savepoint; [`ServiceError::BadRequest`] for a
@@ -38,14 +38,13 @@ impl Service {
     /// tasks (code `incompatible_snapshot`; the job then runs again as it
     /// was, from the savepoint, and the message says so).
     pub fn rescale(&self, tenant: &str, name: &str, parallelism: u32) -> Result<Rescaled, ServiceError> {
-        let job = self.job(tenant, name)?;
+        let job = self.job_here(tenant, name)?;
         if job.has_ended() {
             return Err(ServiceError::Conflict(format!(
                 "job `{name}` is not running: submit it with `from` and the parallelism you want"
             )));
         }
-        let path = self.inner.records_dir.join(tenant).join(format!("{name}.json"));
-        let record = JobRecord::read(&path).map_err(|_| {
+        let record = self.job_record(tenant, name)?.ok_or_else(|| {
             ServiceError::Conflict(format!(
                 "job `{name}` was started from the host's configuration, not submitted: change its \
                  parallelism in its job file"

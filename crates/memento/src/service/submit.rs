@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use super::record::JobRecord;
-use super::{Service, ServiceError, ServiceJob};
+use super::{Handoff, Service, ServiceError, ServiceJob};
 use crate::spec::host_config::TenantConfig;
 use crate::spec::{HumanDuration, HumanSize, JobSpec, SinkSpec, SourceSpec, validate_name};
 
@@ -38,6 +38,17 @@ impl Service {
     /// [`ServiceError::TooManyJobs`]; [`ServiceError::NotFound`] for a
     /// `from` snapshot the tenant does not have.
     pub fn submit(&self, tenant: &str, submission: Submission) -> Result<Arc<ServiceJob>, ServiceError> {
+        self.submit_with(tenant, submission, None)
+    }
+
+    /// [`Service::submit`], for a pool's takeover handing its lease over to
+    /// the run (the job's record is already in the store).
+    pub(super) fn submit_with(
+        &self,
+        tenant: &str,
+        submission: Submission,
+        handoff: Option<Handoff>,
+    ) -> Result<Arc<ServiceJob>, ServiceError> {
         let entry = self.tenant(tenant)?;
         let base_dir = self.inner.files_dir.join(tenant);
         let mut spec = JobSpec::from_toml(&submission.job, Path::new("<submitted>"), &base_dir)
@@ -75,6 +86,9 @@ impl Service {
                 .load_bytes(Path::new(&name), bytes)
                 .map_err(|e| ServiceError::bad("invalid_plugin", format!("operator `{}`: {e}", op.name)))?;
             op.plugin = self.store_component(bytes)?;
+            if self.in_pool() && handoff.is_none() {
+                self.pool_put_component(&entry.store, bytes)?;
+            }
             plugins.insert(name, blake3::hash(bytes).to_hex().to_string());
         }
         std::fs::create_dir_all(&base_dir)
@@ -84,7 +98,14 @@ impl Service {
             job: submission.job.clone(),
             plugins,
         };
-        self.launch(tenant, entry, spec, submission.from.as_deref(), Some(record))
+        self.launch(
+            tenant,
+            entry,
+            spec,
+            submission.from.as_deref(),
+            Some(record),
+            handoff,
+        )
     }
 
     /// Start a job from a file of the operator's (a boot job): trusted, so
@@ -111,7 +132,7 @@ impl Service {
         self.check_capacity(tenant, &spec.name)?;
         apply_caps(&mut spec, &text, &entry.config)?;
         // Not recorded: the config starts boot jobs at every start anyway.
-        self.launch(tenant, entry, spec, from, None)
+        self.launch(tenant, entry, spec, from, None, None)
     }
 
     /// Store a component under its blake3 hash (written once, atomically).

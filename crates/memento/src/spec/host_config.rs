@@ -10,6 +10,8 @@
 //! max_jobs = 32                      # running jobs over all tenants (default)
 //! cache_dir = "state/cache"          # compiled components (default: `cache` in state_dir)
 //! cache_size = "2GiB"                # bound of cache_dir, LRU (default)
+//! pool_scan = "500ms"                # s3:// only: how often to look for jobs to take over (default)
+//! advertise_url = "http://10.0.0.5:8081"  # s3:// only: this host's API for the pool (default: http://<bound address>)
 //! admin_token_blake3 = "…64 hex…"    # `memento token hash` of the admin token
 //!
 //! [[tenants]]
@@ -48,6 +50,8 @@ pub const DEFAULT_MAX_UPLOAD: u64 = 64 << 20;
 pub const DEFAULT_MAX_JOBS: u32 = 32;
 /// Default per-tenant `max_jobs`.
 pub const DEFAULT_TENANT_MAX_JOBS: u32 = 4;
+/// Default `pool_scan`: how often a pool host looks for jobs to take over.
+pub const DEFAULT_POOL_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A host config could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +111,13 @@ pub struct HostConfig {
     pub tenants: Vec<TenantConfig>,
     /// Jobs started at boot, in file order.
     pub jobs: Vec<BootJob>,
+    /// With an `s3://` store: how often this host looks for pool jobs
+    /// whose host died (README, "Running on object storage and several
+    /// hosts").
+    pub pool_scan: std::time::Duration,
+    /// With an `s3://` store: the URL other hosts of the pool name for
+    /// this host's API (`None`: `http://` and the address it listens on).
+    pub advertise_url: Option<String>,
 }
 
 /// One tenant: its name, hashed token and limits.
@@ -159,6 +170,10 @@ struct Raw {
     tenants: Vec<RawTenant>,
     #[serde(default)]
     jobs: Vec<RawJob>,
+    #[serde(default)]
+    pool_scan: Option<HumanDuration>,
+    #[serde(default)]
+    advertise_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +332,22 @@ impl HostConfig {
         let cache_size = raw.cache_size.map_or(DEFAULT_CACHE_SIZE, |s| s.0);
         let location =
             StoreLocation::parse(&raw.state_dir).map_err(|e| invalid("state_dir".into(), e.to_string()))?;
+        let pool_scan = raw.pool_scan.map_or(DEFAULT_POOL_SCAN, |d| d.0);
+        if !(std::time::Duration::from_millis(50)..=std::time::Duration::from_secs(3600)).contains(&pool_scan)
+        {
+            return Err(invalid("pool_scan".into(), "must be between 50ms and 1h".into()));
+        }
+        if let Some(url) = &raw.advertise_url {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.len() <= 2048
+                && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(invalid(
+                    "advertise_url".into(),
+                    "must be an http:// or https:// URL without spaces, at most 2048 bytes".into(),
+                ));
+            }
+        }
         let (store, state_dir) = match (location, raw.work_dir) {
             (StoreLocation::Local(p), None) => {
                 let dir = base_dir.join(p);
@@ -351,6 +382,8 @@ impl HostConfig {
             admin_token,
             tenants,
             jobs,
+            pool_scan,
+            advertise_url: raw.advertise_url,
         })
     }
 }
@@ -439,6 +472,30 @@ mod tests {
         assert_eq!(c.tenants[0].quota, Some(1 << 30));
         assert_eq!(c.jobs[0].file, Path::new("/etc/memento/j.toml"));
         assert_eq!(c.admin_token, Some(blake3::hash(b"admin")));
+    }
+
+    #[test]
+    fn pool_settings_have_defaults_and_bounds() {
+        let err = |t: &str| parse(t).unwrap_err().to_string();
+        let base = "state_dir = \"s3://bkt/p\"\nwork_dir = \"w\"\n";
+        let acme = tenant("acme", "t1");
+        let c = parse(&format!("{base}{acme}")).unwrap();
+        assert_eq!((c.pool_scan, c.advertise_url), (DEFAULT_POOL_SCAN, None));
+        let c = parse(&format!(
+            "{base}pool_scan = \"250ms\"\nadvertise_url = \"http://10.0.0.5:8081\"\n{acme}"
+        ))
+        .unwrap();
+        assert_eq!(c.pool_scan, std::time::Duration::from_millis(250));
+        assert_eq!(c.advertise_url.as_deref(), Some("http://10.0.0.5:8081"));
+        let e = err(&format!("{base}pool_scan = \"1ms\"\n{acme}"));
+        assert!(e.contains("pool_scan: must be between 50ms and 1h"), "{e}");
+        for bad in ["ftp://x", "http://a b", "10.0.0.5:8081"] {
+            let e = err(&format!("{base}advertise_url = \"{bad}\"\n{acme}"));
+            assert!(
+                e.contains("advertise_url: must be an http:// or https:// URL"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
