@@ -185,6 +185,25 @@ pub trait Backend: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The grace period of garbage collection on object storage: writers
+    /// take no locks there, and GC deletes a pack only after it has
+    /// announced so for this long (docs/STORAGE.md, "Garbage collection
+    /// on object storage"). `None`: writers pin with locks (a directory).
+    fn gc_grace(&self) -> Option<Duration> {
+        None
+    }
+
+    /// When the object was last written, by the clock of whoever stores it
+    /// (the server's, on object storage: only compared with other times of
+    /// the same server); `None` if absent.
+    fn modified(&self, key: &str) -> io::Result<Option<std::time::SystemTime>> {
+        let _ = key;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "modification times are used on object storage only",
+        ))
+    }
+
     /// Reads the object and its version (an opaque token that changes with
     /// every write: the ETag on object storage); `None` if absent.
     fn read_versioned(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {

@@ -37,6 +37,9 @@ pub(crate) struct TenantInner {
     /// Leases of series this process holds on object storage, so that
     /// taking a number of a leased series goes through its lease.
     pub(crate) leases: Mutex<HashMap<JobName, std::sync::Weak<crate::lease::LeaseState>>>,
+    /// Serialises refreshes on object storage, so that the view time of
+    /// the merged index only moves forward.
+    pub(crate) refreshing: Mutex<()>,
 }
 
 /// Which snapshots [`TenantStore::list`] returns.
@@ -125,6 +128,12 @@ impl TenantStore {
 
     pub(crate) fn options(&self) -> &StoreOptions {
         &self.inner.store.options
+    }
+
+    /// The GC grace period on object storage (`None`: a directory, where
+    /// writers pin with locks).
+    pub(crate) fn gc_grace(&self) -> Option<Duration> {
+        self.backend().gc_grace()
     }
 
     pub(crate) fn key(&self, rel: &str) -> String {
