@@ -133,6 +133,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Deletes the object; `false` if it did not exist.
     fn delete(&self, key: &str) -> io::Result<bool>;
 
+    /// Copies the object `from` to `to` (replacing it), atomically: a
+    /// reader sees the whole copy or nothing. An absent `from` is an error
+    /// of kind `NotFound`. The default reads and writes it; object storage
+    /// copies on the server.
+    fn copy(&self, from: &str, to: &str) -> io::Result<()> {
+        let data = self.read(from)?;
+        self.put(to, &data, PutMode::Replace, true)?;
+        self.flush()
+    }
+
     /// Removes the "directory" `key` if it is empty; `false` if it is not
     /// (or does not exist). Object stores have no directories: the default
     /// does nothing.

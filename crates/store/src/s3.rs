@@ -593,6 +593,16 @@ impl Backend for S3Backend {
         self.shared.list(prefix)
     }
 
+    fn copy(&self, from: &str, to: &str) -> io::Result<()> {
+        check_key(from)?;
+        check_key(to)?;
+        let sh = &self.shared;
+        sh.counts.puts.fetch_add(1, Ordering::Relaxed);
+        let (store, src, dst) = (sh.store.clone(), sh.path(from), sh.path(to));
+        sh.run(async move { store.copy(&src, &dst).await })
+            .map_err(|e| obj_err(&sh.url, "copy", from, e))
+    }
+
     fn lock(
         &self,
         key: &str,
