@@ -765,3 +765,122 @@ fn a_store_of_the_locking_protocol_opens_reads_and_is_raised_to_layout_3() {
     );
     assert!(f.fsck().unwrap().is_clean(), "{:?}", f.fsck().unwrap());
 }
+
+/// What the fault proxy answers to PUTs (and completions of uploads):
+/// 0 passes everything through.
+static FAULT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A loopback HTTP proxy in front of the test server that, while `FAULT`
+/// is set, answers every PUT and POST itself with that status and an S3
+/// error body: a real fault on the wire (a full bucket, denied access)
+/// with the real server behind it for everything else. One request per
+/// connection.
+fn fault_proxy() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = endpoint().trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let _ = proxy_one(client, &upstream);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn proxy_one(mut client: TcpStream, upstream: &str) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(client.try_clone()?);
+    let mut head = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("connection:") {
+            continue;
+        }
+        if line == "\r\n" {
+            head.extend_from_slice(b"Connection: close\r\n\r\n");
+            break;
+        }
+        head.extend_from_slice(line.as_bytes());
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    let fault = FAULT.load(Ordering::SeqCst);
+    let writes = head.starts_with(b"PUT ") || head.starts_with(b"POST ");
+    if fault != 0 && writes {
+        let (code, reason, text) = match fault {
+            403 => ("AccessDenied", "Forbidden", "Access Denied"),
+            _ => (
+                "QuotaExceeded",
+                "Insufficient Storage",
+                "The bucket quota is exceeded",
+            ),
+        };
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{text}</Message></Error>"
+        );
+        write!(
+            client,
+            "HTTP/1.1 {fault} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        )?;
+        return client.flush();
+    }
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(&head)?;
+    up.write_all(&body)?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    client.write_all(&answer)?;
+    client.flush()
+}
+
+#[test]
+fn a_full_bucket_and_denied_access_are_one_line_errors_and_lose_nothing() {
+    let b = bucket();
+    let mut o = s3_options(Duration::from_secs(5));
+    o.config[0].1 = fault_proxy();
+    o.max_retries = 1;
+    let url = format!("s3://{b}/state/x");
+    let (store, _) = open_store_with(&b, o.clone());
+    let t = store.tenant("t").unwrap();
+    let j = job("f");
+    let state = noise(41, 1 << 20);
+    let (kept, chunks) = commit(&t, &j, &state).unwrap();
+
+    for (fault, reason) in [
+        (507, "the bucket is full (quota exceeded)"),
+        (403, "access denied"),
+    ] {
+        FAULT.store(fault, Ordering::SeqCst);
+        let err = commit(&t, &j, &noise(42 + u64::from(fault), 1 << 20))
+            .unwrap_err()
+            .to_string();
+        FAULT.store(0, Ordering::SeqCst);
+        assert!(err.contains(&format!("{url}: write ")), "{fault}: {err}");
+        assert!(err.contains(reason), "{fault}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        // Nothing stored is lost: the last snapshot restores, fsck is
+        // clean, and the store takes the next snapshot.
+        let (fresh, _) = open_store_with(&b, o.clone());
+        let f = fresh.tenant("t").unwrap();
+        assert_eq!(f.latest(&j).unwrap().unwrap().id, kept);
+        assert_eq!(
+            f.read_chunks(&kept, &TaskKey::new("op", 0), &chunks).unwrap(),
+            state
+        );
+        assert!(f.fsck().unwrap().is_clean(), "{:?}", f.fsck().unwrap());
+    }
+    commit(&t, &j, &noise(43, 1 << 20)).unwrap();
+}
