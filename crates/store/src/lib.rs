@@ -396,6 +396,7 @@ impl Store {
             loose: std::sync::atomic::AtomicU8::new(2),
             leases: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(()),
+            manifests: Mutex::new(HashMap::new()),
         });
         tenants.retain(|_, t| t.strong_count() > 0);
         tenants.insert(name, Arc::downgrade(&inner));

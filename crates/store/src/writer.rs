@@ -591,6 +591,15 @@ impl SnapshotWriter {
             cache.add(&s.id, unique);
         }
         drop(usage);
+        if tenant.gc_grace().is_some() {
+            // What retention lists next reads it from here.
+            tenant
+                .inner
+                .manifests
+                .lock()
+                .unwrap()
+                .insert(s.id.clone(), manifest);
+        }
 
         // Keep the counter above every committed number, so a number used
         // by `begin` without `next_snapshot_number` (import) is never
