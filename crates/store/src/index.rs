@@ -18,7 +18,35 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::blob::{BlobHash, MAX_CHUNK};
-use crate::pack::{Entry, MAX_STORED, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+
+// The record geometry of packs, here rather than in `pack` (which reads
+// and writes index files as pack trailers), so the two modules do not
+// import each other.
+
+/// Length of the pack header.
+pub(crate) const PACK_HEADER_LEN: u64 = 8;
+/// Length of one record header.
+pub(crate) const RECORD_HEADER_LEN: usize = 44;
+/// Largest stored payload accepted: a chunk's bound plus zstd's worst-case
+/// growth, with room to spare.
+pub(crate) const MAX_STORED: u64 = MAX_CHUNK as u64 + 256 * 1024;
+
+/// Where one blob is in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) hash: BlobHash,
+    /// Offset of the record header.
+    pub(crate) offset: u64,
+    pub(crate) stored: u32,
+    pub(crate) plain: u32,
+}
+
+impl Entry {
+    /// Bytes the record occupies (what a quota counts).
+    pub(crate) fn record_len(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.stored)
+    }
+}
 
 /// Magic bytes at the start of every index file.
 pub(crate) const INDEX_MAGIC: &[u8; 4] = b"MIDX";

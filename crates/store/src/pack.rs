@@ -26,6 +26,7 @@ use std::io;
 
 use crate::backend::{Backend, Staged, StagedAppend};
 use crate::blob::{self, BlobHash, BlobProblem, MAX_CHUNK};
+pub(crate) use crate::index::{Entry, MAX_STORED, PACK_HEADER_LEN, RECORD_HEADER_LEN};
 
 /// Magic bytes at the start of every pack.
 pub(crate) const PACK_MAGIC: &[u8; 4] = b"MPAK";
@@ -37,13 +38,6 @@ pub(crate) const PACK_VERSION_TRAILER: u8 = 2;
 pub(crate) const FOOTER_LEN: u64 = 60;
 /// Magic at the very end of a version-2 pack.
 const FOOTER_MAGIC: &[u8; 4] = b"MPTX";
-/// Length of the pack header.
-pub(crate) const PACK_HEADER_LEN: u64 = 8;
-/// Length of one record header.
-pub(crate) const RECORD_HEADER_LEN: usize = 44;
-/// Largest stored payload accepted: a chunk's bound plus zstd's worst-case
-/// growth, with room to spare.
-pub(crate) const MAX_STORED: u64 = MAX_CHUNK as u64 + 256 * 1024;
 
 /// The 8-byte pack header of a pack of format `version`.
 pub(crate) fn pack_header(version: u8) -> [u8; PACK_HEADER_LEN as usize] {
@@ -182,23 +176,6 @@ impl Record {
 
     /// Bytes the record occupies in its pack (header and payload).
     pub(crate) fn len(&self) -> u64 {
-        RECORD_HEADER_LEN as u64 + u64::from(self.stored)
-    }
-}
-
-/// Where one blob is in a pack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Entry {
-    pub(crate) hash: BlobHash,
-    /// Offset of the record header.
-    pub(crate) offset: u64,
-    pub(crate) stored: u32,
-    pub(crate) plain: u32,
-}
-
-impl Entry {
-    /// Bytes the record occupies (what a quota counts).
-    pub(crate) fn record_len(&self) -> u64 {
         RECORD_HEADER_LEN as u64 + u64::from(self.stored)
     }
 }
