@@ -43,7 +43,7 @@ fn main() {
         let mut local = Vec::new();
         for _ in 0..reps {
             let dir =
-                tempfile::tempdir_in(std::env::var("MEMENTO_BENCH_DIR").unwrap_or_else(|_| "target".into()))
+                tempfile::tempdir_in(bench_dir())
                     .unwrap();
             let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
             local.push(one_round(&store, &image, &changed, || (0, 0, 0, 0)));
@@ -51,7 +51,7 @@ fn main() {
         let disk_limit = median(
             (0..reps)
                 .map(|_| {
-                    let dir = tempfile::tempdir_in("target").unwrap();
+                    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
                     let start = Instant::now();
                     let mut f = std::fs::File::create(dir.path().join("x")).unwrap();
                     f.write_all(&image).unwrap();
@@ -93,6 +93,13 @@ fn main() {
 }
 
 /// The image with 1 % of its chunks changed (spread evenly).
+/// Where the local-disk rounds write: `MEMENTO_BENCH_DIR`, else the
+/// target directory's scratch space (a real disk, not a tmpfs `/tmp`;
+/// benches run in the package's directory, which has no `target/`).
+fn bench_dir() -> String {
+    std::env::var("MEMENTO_BENCH_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").into())
+}
+
 fn change_one_percent(image: &[u8]) -> Vec<u8> {
     let mut out = image.to_vec();
     let chunks = image.len() / CHUNK;
