@@ -42,9 +42,7 @@ fn main() {
         // Local disk.
         let mut local = Vec::new();
         for _ in 0..reps {
-            let dir =
-                tempfile::tempdir_in(bench_dir())
-                    .unwrap();
+            let dir = tempfile::tempdir_in(bench_dir()).unwrap();
             let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
             local.push(one_round(&store, &image, &changed, || (0, 0, 0, 0)));
         }

@@ -317,7 +317,9 @@ pub(crate) fn read_blob_into(
         // costs far more than copying the payload once more). The entry's
         // stored length is bounded by the index's checks.
         let mut record = vec![0u8; RECORD_HEADER_LEN + entry.stored as usize];
-        backend.read_at(key, entry.offset, &mut record).map_err(io_problem)?;
+        backend
+            .read_at(key, entry.offset, &mut record)
+            .map_err(io_problem)?;
         let (rh, payload) = record.split_at(RECORD_HEADER_LEN);
         let r = Record::parse(rh.try_into().expect("header length")).map_err(BlobProblem::BadHeader)?;
         if r.hash != entry.hash || r.stored != entry.stored || r.plain != entry.plain {
