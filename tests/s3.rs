@@ -8,8 +8,11 @@
 
 mod common;
 
-use common::output::{assert_prefix, assert_same_output, committed, total_lines, wordcount_output};
+use common::output::{
+    Committed, assert_prefix, assert_same_output, committed, total_lines, wordcount_output,
+};
 use common::{memento, plugin, s3, toml_path};
+use memento::store::{Backend, S3Backend, S3Options};
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -19,11 +22,16 @@ use std::time::{Duration, Instant};
 /// A wordcount job over the deterministic generator into a `file` sink
 /// `out/`, with checkpoints every `interval`.
 fn job(name: &str, count: u64, rate: Option<u64>, interval: &str) -> String {
+    job_into(name, count, rate, interval, "out")
+}
+
+/// As [`job`], the `file` sink writing to `sink` (a directory or a URL).
+fn job_into(name: &str, count: u64, rate: Option<u64>, interval: &str, sink: &str) -> String {
     let rate = rate.map(|r| format!("rate = {r}\n")).unwrap_or_default();
     format!(
         "name = \"{name}\"\n[source]\ntype = \"generator\"\ncount = {count}\nkeys = 40\nseed = 3\nbatch = 100\n{rate}\n\
          [[operators]]\nname = \"count\"\nplugin = \"{}\"\nparallelism = 2\n\n\
-         [sink]\ntype = \"file\"\npath = \"out\"\n\n[checkpoints]\ninterval = \"{interval}\"\n",
+         [sink]\ntype = \"file\"\npath = \"{sink}\"\n\n[checkpoints]\ninterval = \"{interval}\"\n",
         toml_path(&plugin("wordcount"))
     )
 }
@@ -303,4 +311,167 @@ fn serve_keeps_its_store_in_a_bucket() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();
     assert!(status.success(), "serve exited with {status}: {}", log());
+}
+
+/// The bucket's root, as the test server is configured.
+fn bucket_root(bucket: &str) -> S3Backend {
+    let options = S3Options {
+        config: vec![
+            ("aws_endpoint".into(), s3::endpoint().into()),
+            ("aws_allow_http".into(), "true".into()),
+            ("aws_access_key_id".into(), "test".into()),
+            ("aws_secret_access_key".into(), "test".into()),
+            ("aws_region".into(), "us-east-1".into()),
+        ],
+        ..Default::default()
+    };
+    S3Backend::open(bucket, "", options).unwrap()
+}
+
+/// What a `file` sink committed under `prefix` of a bucket: the part
+/// objects (not the staged ones), by name, as [`committed`] reads a
+/// directory.
+fn committed_objects(root: &S3Backend, prefix: &str) -> Committed {
+    let mut out = Committed::new();
+    let mut names: Vec<String> = root
+        .list(prefix)
+        .unwrap()
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    for name in names {
+        let bytes = root.read(&format!("{prefix}/{name}")).unwrap();
+        for line in String::from_utf8(bytes).unwrap().lines() {
+            let (k, v) = line
+                .split_once('\t')
+                .unwrap_or_else(|| panic!("{name}: line without a tab: {line:?}"));
+            out.entry(k.to_string()).or_default().push(v.to_string());
+        }
+    }
+    out
+}
+
+/// The `file` sink with `path = "s3://…"`: a run to its end commits part
+/// objects; then runs SIGKILLed at random instants (mid-upload of staged
+/// parts, mid-commit of their copies) at least twelve times resume each
+/// time with the committed objects a per-key prefix of the right output,
+/// and at the end they are exactly the uninterrupted run's output, with no
+/// staged object left over and a clean store.
+#[test]
+fn the_file_sink_writes_exactly_once_to_a_bucket_under_sigkills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let bucket = s3::bucket();
+    let root = bucket_root(&bucket);
+    let url = format!("s3://{bucket}/state");
+
+    // Uninterrupted.
+    let (count, rate) = (30_000, 2_000);
+    let expected = wordcount_output(count, 40, 3);
+    std::fs::write(
+        dir.join("whole.toml"),
+        job_into("whole", count, None, "100ms", &format!("s3://{bucket}/whole/out")),
+    )
+    .unwrap();
+    let out = run(dir, &["run", "whole.toml", "--state-dir", &url, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_same_output(
+        &committed_objects(&root, "whole/out"),
+        &expected,
+        "an uninterrupted run",
+    );
+    assert!(root.list("whole/out/.staging").unwrap().is_empty());
+    assert!(!dir.join("s3:").exists(), "the URL became a directory");
+
+    // Killed again and again.
+    std::fs::write(
+        dir.join("job.toml"),
+        job_into("eo", count, Some(rate), "200ms", &format!("s3://{bucket}/eo/out")),
+    )
+    .unwrap();
+    let mut rng = 0x2545_F491_4F6C_DD1D_u64;
+    let (mut kills, mut runs) = (0, 0);
+    let mut from_scratch = true;
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no end in sight: {kills} kills, {runs} runs"
+        );
+        runs += 1;
+        let mut args = vec!["run", "job.toml", "--state-dir", &url, "--json"];
+        if !from_scratch {
+            args.extend(["--from", "latest"]);
+        }
+        let spawned = Instant::now();
+        let mut child = cmd(dir, &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = if kills < 12 {
+            // Past start-up: a staged part object is there.
+            while root.list("eo/out/.staging").unwrap().is_empty()
+                && spawned.elapsed() < Duration::from_secs(60)
+            {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let until = Instant::now() + Duration::from_millis(100 + rng % 1000);
+            let mut exited = None;
+            while Instant::now() < until {
+                if let Some(s) = child.try_wait().unwrap() {
+                    exited = Some(s);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            match exited {
+                Some(s) => s,
+                None => {
+                    child.kill().unwrap();
+                    child.wait().unwrap()
+                }
+            }
+        } else {
+            child.wait().unwrap()
+        };
+        if status.signal() == Some(libc::SIGKILL) {
+            kills += 1;
+            from_scratch = false;
+            assert_prefix(
+                &committed_objects(&root, "eo/out"),
+                &expected,
+                &format!("after kill {kills}"),
+            );
+            continue;
+        }
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !status.success() && stderr.contains("no snapshot of job") {
+            from_scratch = true;
+            continue;
+        }
+        assert!(status.success(), "run {runs} failed ({status}): {stderr}");
+        break;
+    }
+    assert!(kills >= 12, "{kills} kills");
+    assert_same_output(
+        &committed_objects(&root, "eo/out"),
+        &expected,
+        &format!("after {kills} kills, {runs} runs"),
+    );
+    assert!(
+        root.list("eo/out/.staging").unwrap().is_empty(),
+        "staged objects left over"
+    );
+    let fsck = run(dir, &["fsck", "--state-dir", &url]);
+    assert!(fsck.status.success(), "fsck after {kills} kills: {}", text(&fsck));
 }

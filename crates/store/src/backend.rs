@@ -133,6 +133,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Deletes the object; `false` if it did not exist.
     fn delete(&self, key: &str) -> io::Result<bool>;
 
+    /// Copies the object `from` to `to` (replacing it), atomically: a
+    /// reader sees the whole copy or nothing. An absent `from` is an error
+    /// of kind `NotFound`. The default reads and writes it; object storage
+    /// copies on the server.
+    fn copy(&self, from: &str, to: &str) -> io::Result<()> {
+        let data = self.read(from)?;
+        self.put(to, &data, PutMode::Replace, true)?;
+        self.flush()
+    }
+
     /// Removes the "directory" `key` if it is empty; `false` if it is not
     /// (or does not exist). Object stores have no directories: the default
     /// does nothing.
@@ -183,6 +193,25 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// without renewal; `None` where there are no versions.
     fn lease_ttl(&self) -> Option<Duration> {
         None
+    }
+
+    /// The grace period of garbage collection on object storage: writers
+    /// take no locks there, and GC deletes a pack only after it has
+    /// announced so for this long (docs/STORAGE.md, "Garbage collection
+    /// on object storage"). `None`: writers pin with locks (a directory).
+    fn gc_grace(&self) -> Option<Duration> {
+        None
+    }
+
+    /// When the object was last written, by the clock of whoever stores it
+    /// (the server's, on object storage: only compared with other times of
+    /// the same server); `None` if absent.
+    fn modified(&self, key: &str) -> io::Result<Option<std::time::SystemTime>> {
+        let _ = key;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "modification times are used on object storage only",
+        ))
     }
 
     /// Reads the object and its version (an opaque token that changes with

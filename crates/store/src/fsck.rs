@@ -98,6 +98,8 @@ struct PackCheck {
     good: Vec<Entry>,
     /// Problems, one line each.
     problems: Vec<String>,
+    /// A pack with an intact trailer: it needs no index file.
+    self_indexed: bool,
 }
 
 impl TenantStore {
@@ -253,7 +255,7 @@ impl TenantStore {
         }
         let mut unindexed: Vec<String> = checked
             .iter()
-            .filter(|(n, c)| !indexed.contains(*n) && c.problems.is_empty())
+            .filter(|(n, c)| !indexed.contains(*n) && !c.self_indexed && c.problems.is_empty())
             .map(|(n, _)| self.pack_key(n))
             .collect();
         unindexed.sort();
@@ -283,6 +285,7 @@ impl TenantStore {
         let mut check = PackCheck {
             good: Vec::new(),
             problems: Vec::new(),
+            self_indexed: false,
         };
         let len = match self.backend().size(&key) {
             Ok(Some(len)) => len,
@@ -304,6 +307,7 @@ impl TenantStore {
                 .problems
                 .push(format!("its headers hash to {}, not to its name", walk.name));
         }
+        check.self_indexed = walk.self_indexed;
         for e in walk.entries {
             let mut out = vec![0u8; e.plain as usize];
             match pack::read_blob_into(self.backend(), &key, &e, &mut out) {

@@ -134,6 +134,9 @@ impl TenantStore {
     /// `StoreOptions::gc_wait` (e.g. `gc` called by a thread that holds a
     /// `SnapshotWriter`); I/O errors.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
+        if let Some(grace) = self.gc_grace() {
+            return self.gc_remote(grace);
+        }
         let start = Instant::now();
         let mut report = GcReport::default();
         let wait = self.options().gc_wait;
@@ -466,6 +469,16 @@ impl TenantStore {
             else {
                 continue;
             };
+            // A pack with a trailer indexes itself in two ranged reads.
+            match pack::read_trailer(self.backend(), &key, &name, len) {
+                Ok(Ok(entries)) => {
+                    packs.insert(name, PackInfo { len, entries });
+                    continue;
+                }
+                Ok(Err(_)) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("read pack", key, e)),
+            }
             let walk = match pack::walk(self.backend(), &key, len) {
                 Ok(w) => w,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -598,6 +611,225 @@ impl TenantStore {
             }
         }
         Ok((good, stray))
+    }
+}
+
+/// Margin on the server's clock, whose object times have a resolution of
+/// one second.
+const CLOCK_SLACK: Duration = Duration::from_secs(2);
+
+impl TenantStore {
+    /// GC on object storage, where writers take no locks (docs/STORAGE.md,
+    /// "Garbage collection on object storage"): a pack is deleted only by
+    /// a GC that finds it condemned by an earlier one at least the grace
+    /// period ago (on the server's clock) and still holding nothing
+    /// referenced; then the dead packs are condemned anew. Never waits for
+    /// writers, and a pack is deleted by the second GC that finds it dead.
+    fn gc_remote(&self, grace: Duration) -> Result<GcReport, StoreError> {
+        let start = Instant::now();
+        let mut report = GcReport::default();
+        let wait = self.options().gc_wait;
+        let _gc = self.lock("gc", LockMode::Exclusive, Some(wait))?.ok_or_else(|| {
+            StoreError::Busy(format!(
+                "gc of tenant {} waited {wait:?} for another gc to finish",
+                self.name()
+            ))
+        })?;
+        // From here on a build that knows only the locking protocol
+        // refuses the store.
+        self.inner.store.upgrade_layout()?;
+        let condemned = self.read_condemned()?;
+        // Before the manifests are listed: the listing is then at least
+        // this old a view after the condemnation.
+        let due = !condemned.is_empty() && self.condemned_age()? >= grace + CLOCK_SLACK;
+        let (listed, misplaced) = self.scan_manifests()?;
+        if let Some(path) = misplaced.into_iter().next() {
+            return Err(StoreError::MisplacedManifest { path });
+        }
+        let mut referenced: HashSet<BlobHash> = HashSet::new();
+        for id in &listed {
+            if let Some(m) = self.get_if_present(id)? {
+                referenced.extend(unique_blobs(&m));
+            }
+        }
+        report.snapshots = listed.len();
+        let (mut packs, _) = self.packs_as_indexed()?;
+        self.add_unindexed_packs(&mut packs)?;
+        report.packs_scanned = packs.len();
+        let mut all: HashSet<BlobHash> = packs
+            .values()
+            .flat_map(|p| p.entries.iter().map(|e| e.hash))
+            .collect();
+
+        let backend = self.backend();
+        let mut gone: HashSet<BlobHash> = HashSet::new();
+        let mut freed = 0u64;
+        if due {
+            // A condemned pack holding a blob referenced now, with no copy
+            // in a pack that is not condemned, is kept.
+            let available: HashSet<BlobHash> = packs
+                .iter()
+                .filter(|(n, _)| !condemned.contains(*n))
+                .flat_map(|(_, p)| p.entries.iter().map(|e| e.hash))
+                .collect();
+            let doomed: HashSet<BlobHash> = condemned
+                .iter()
+                .filter(|n| {
+                    packs.get(*n).is_some_and(|p| {
+                        p.entries
+                            .iter()
+                            .all(|e| !referenced.contains(&e.hash) || available.contains(&e.hash))
+                    })
+                })
+                .copied()
+                .collect();
+            // The index without them first, then the packs.
+            self.consolidate_remote(&packs, &doomed, &mut report)?;
+            for name in &doomed {
+                let key = self.pack_key(name);
+                if backend
+                    .delete(&key)
+                    .map_err(|e| StoreError::io("delete pack", key, e))?
+                {
+                    report.packs_removed += 1;
+                    freed += packs[name].len;
+                    gone.extend(
+                        packs[name]
+                            .entries
+                            .iter()
+                            .map(|e| e.hash)
+                            .filter(|h| !available.contains(h)),
+                    );
+                }
+            }
+            packs.retain(|n, _| !doomed.contains(n));
+        }
+
+        // Condemn anew, unless an earlier condemnation still waits out its
+        // grace period (its clock must not be reset).
+        if condemned.is_empty() || due {
+            let mut dead: HashSet<BlobHash> = HashSet::new();
+            let mut to_repack = Vec::new();
+            let mut small = Vec::new();
+            for (name, info) in &packs {
+                let live = info.live_bytes(&referenced);
+                if live == 0 {
+                    dead.insert(*name);
+                } else if (live as f64) < info.total_bytes() as f64 * REPACK_LIVE_FRACTION {
+                    to_repack.push(*name);
+                } else if info.len < self.options().pack_size / SMALL_PACK_DIVISOR {
+                    small.push(*name);
+                }
+            }
+            if small.len() >= SMALL_PACKS_TO_MERGE {
+                small.sort();
+                to_repack.extend(small);
+            }
+            if !to_repack.is_empty() {
+                let (sealed, rewritten) = self.repack(&packs, &to_repack, &referenced)?;
+                report.bytes_rewritten = sealed.iter().map(|p| p.len).sum();
+                let new_packs: Vec<(BlobHash, PackInfo)> = sealed
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.name,
+                            PackInfo {
+                                len: p.len,
+                                entries: p.entries.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                self.publish_packs(sealed)?;
+                packs.extend(new_packs);
+                report.packs_rewritten = rewritten.len();
+                dead.extend(rewritten);
+            }
+            let mut names: Vec<String> = dead.iter().map(BlobHash::to_hex).collect();
+            names.sort();
+            let key = self.condemned_key();
+            if !names.is_empty() || !condemned.is_empty() {
+                let bytes = serde_json::to_vec(&names).expect("serializable");
+                backend
+                    .put(&key, &bytes, super::backend::PutMode::Replace, true)
+                    .map_err(|e| StoreError::io("write condemned packs", key, e))?;
+            }
+            // Readers find every pack through one index again.
+            self.consolidate_remote(&packs, &HashSet::new(), &mut report)?;
+        }
+        self.refresh_index()?;
+        all.extend(packs.values().flat_map(|p| p.entries.iter().map(|e| e.hash)));
+        report.blobs_scanned = all.len();
+        report.blobs_referenced = all.iter().filter(|h| referenced.contains(h)).count();
+        report.blobs_removed = gone.len();
+        report.bytes_freed = freed.saturating_sub(report.bytes_rewritten);
+        report.duration_ms = start.elapsed().as_millis() as u64;
+        tracing::info!(tenant = %self.name(), ?report, "gc done");
+        Ok(report)
+    }
+
+    /// How long ago (on the server's clock) the packs were condemned: the
+    /// difference of the modification times of the condemned list and of
+    /// an object written now.
+    fn condemned_age(&self) -> Result<Duration, StoreError> {
+        let backend = self.backend();
+        let clock = self.key("gc/clock");
+        backend
+            .put(&clock, b"now\n", super::backend::PutMode::Replace, true)
+            .map_err(|e| StoreError::io("write clock probe", clock.clone(), e))?;
+        let time = |key: String| backend.modified(&key).map_err(|e| StoreError::io("stat", key, e));
+        let now = time(clock)?;
+        let then = time(self.condemned_key())?;
+        Ok(match (now, then) {
+            (Some(now), Some(then)) => now.duration_since(then).unwrap_or(Duration::ZERO),
+            _ => Duration::ZERO,
+        })
+    }
+
+    /// Replaces every index file by one (or several, within the maxima)
+    /// covering `packs` except `skip`; the new ones are written before any
+    /// old one is deleted.
+    fn consolidate_remote(
+        &self,
+        packs: &HashMap<BlobHash, PackInfo>,
+        skip: &HashSet<BlobHash>,
+        report: &mut GcReport,
+    ) -> Result<(), StoreError> {
+        let backend = self.backend();
+        let mut kept: Vec<(&BlobHash, &PackInfo)> =
+            packs.iter().filter(|(n, _)| !skip.contains(*n)).collect();
+        kept.sort_by_key(|(n, _)| **n);
+        let encoded: Vec<(Vec<u8>, BlobHash)> = IndexFile {
+            packs: kept
+                .iter()
+                .map(|(n, p)| (**n, p.len, p.entries.clone()))
+                .collect(),
+        }
+        .split(MAX_PACKS as usize, MAX_ENTRIES as usize)
+        .iter()
+        .map(IndexFile::encode)
+        .collect();
+        let new_index: HashSet<BlobHash> = encoded.iter().map(|(_, n)| *n).collect();
+        let old_index: HashSet<BlobHash> = self.list_index_files()?.into_iter().collect();
+        for (bytes, name) in &encoded {
+            if old_index.contains(name) {
+                continue;
+            }
+            let key = self.index_key(name);
+            backend
+                .put(&key, bytes, super::backend::PutMode::Replace, true)
+                .map_err(|e| StoreError::io("write index", key, e))?;
+        }
+        for name in old_index.difference(&new_index) {
+            let key = self.index_key(name);
+            if backend
+                .delete(&key)
+                .map_err(|e| StoreError::io("delete index", key, e))?
+            {
+                report.index_files_merged += 1;
+            }
+        }
+        Ok(())
     }
 }
 

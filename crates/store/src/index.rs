@@ -18,7 +18,35 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::blob::{BlobHash, MAX_CHUNK};
-use crate::pack::{Entry, MAX_STORED, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+
+// The record geometry of packs, here rather than in `pack` (which reads
+// and writes index files as pack trailers), so the two modules do not
+// import each other.
+
+/// Length of the pack header.
+pub(crate) const PACK_HEADER_LEN: u64 = 8;
+/// Length of one record header.
+pub(crate) const RECORD_HEADER_LEN: usize = 44;
+/// Largest stored payload accepted: a chunk's bound plus zstd's worst-case
+/// growth, with room to spare.
+pub(crate) const MAX_STORED: u64 = MAX_CHUNK as u64 + 256 * 1024;
+
+/// Where one blob is in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) hash: BlobHash,
+    /// Offset of the record header.
+    pub(crate) offset: u64,
+    pub(crate) stored: u32,
+    pub(crate) plain: u32,
+}
+
+impl Entry {
+    /// Bytes the record occupies (what a quota counts).
+    pub(crate) fn record_len(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + u64::from(self.stored)
+    }
+}
 
 /// Magic bytes at the start of every index file.
 pub(crate) const INDEX_MAGIC: &[u8; 4] = b"MIDX";
@@ -184,10 +212,24 @@ pub(crate) struct MergedIndex {
     pub(crate) files: HashSet<BlobHash>,
     /// Index files that could not be used, with the reason (fsck reports them).
     pub(crate) damaged: Vec<(String, String)>,
+    /// Packs merged from their own trailers (object storage), not from an
+    /// index file.
+    pub(crate) trailers: HashSet<BlobHash>,
+    /// Packs a GC on object storage is about to delete: still read, never
+    /// deduplicated against (docs/STORAGE.md, "Garbage collection on
+    /// object storage"). Set before anything is merged.
+    pub(crate) condemned: HashSet<BlobHash>,
+    /// Packs found without an index whose trailer could not be used
+    /// (format 1, or damaged): not read again at every refresh.
+    pub(crate) no_trailer: HashSet<BlobHash>,
+    /// When the listing this index reflects started (object storage): a
+    /// writer may rely on it for dedup only for half a GC grace period.
+    pub(crate) view: Option<std::time::Instant>,
     /// Pack names and lengths, by ordinal.
     pub(crate) packs: Vec<(BlobHash, u64)>,
     pack_ordinals: HashMap<BlobHash, u32>,
-    /// One location per blob (the first found; any copy serves).
+    /// One location per blob (the first found, preferring packs not
+    /// condemned; any copy serves).
     pub(crate) blobs: HashMap<BlobHash, Location>,
 }
 
@@ -197,23 +239,56 @@ impl MergedIndex {
         if !self.files.insert(name) {
             return;
         }
+        self.merge_packs(file);
+    }
+
+    /// Adds one pack described by its own trailer.
+    pub(crate) fn merge_trailer(&mut self, pack: BlobHash, len: u64, entries: Vec<Entry>) {
+        if !self.trailers.insert(pack) {
+            return;
+        }
+        self.merge_packs(&IndexFile {
+            packs: vec![(pack, len, entries)],
+        });
+    }
+
+    fn merge_packs(&mut self, file: &IndexFile) {
         for (pack, len, entries) in &file.packs {
             let ordinal = *self.pack_ordinals.entry(*pack).or_insert_with(|| {
                 self.packs.push((*pack, *len));
                 (self.packs.len() - 1) as u32
             });
+            let live = !self.condemned.contains(pack);
             for e in entries {
-                self.blobs.entry(e.hash).or_insert(Location {
+                let at = Location {
                     pack: ordinal,
                     entry: *e,
-                });
+                };
+                match self.blobs.entry(e.hash) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(at);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        let old = self.packs[o.get().pack as usize].0;
+                        if live && self.condemned.contains(&old) {
+                            o.insert(at);
+                        }
+                    }
+                }
             }
         }
     }
 
+    /// Where a blob is, in any pack (for reading).
     pub(crate) fn get(&self, hash: &BlobHash) -> Option<(BlobHash, Entry)> {
         let loc = self.blobs.get(hash)?;
         Some((self.packs[loc.pack as usize].0, loc.entry))
+    }
+
+    /// Where a blob is, in a pack that is not condemned (for a writer to
+    /// reference without storing it again).
+    pub(crate) fn get_live(&self, hash: &BlobHash) -> Option<(BlobHash, Entry)> {
+        self.get(hash).filter(|(pack, _)| !self.condemned.contains(pack))
     }
 }
 

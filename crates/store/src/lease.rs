@@ -155,6 +155,17 @@ impl LeaseState {
         self.in_flight.lock().unwrap().remove(&n);
     }
 
+    /// Whether `n` was taken through this lease and is not yet committed
+    /// or aborted.
+    pub(crate) fn holds(&self, n: u64) -> bool {
+        self.in_flight.lock().unwrap().contains(&n)
+    }
+
+    /// The next number the lease would give.
+    pub(crate) fn next(&self) -> u64 {
+        self.doc.lock().unwrap().0.next
+    }
+
     pub(crate) fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }

@@ -103,7 +103,7 @@ pub use manifest::{
 pub use migrate::MigrateReport;
 pub use name::{ID_NUMBER_WIDTH, InvalidName, JobName, MAX_NAME_LEN, SnapshotId, TenantName};
 #[cfg(feature = "s3")]
-pub use s3::{DEFAULT_LOCK_TTL, RequestCounts, S3Backend, S3Options};
+pub use s3::{DEFAULT_GC_GRACE, DEFAULT_LOCK_TTL, RequestCounts, S3Backend, S3Options};
 pub use series::SeriesLease;
 pub use service_objects::{LeaseView, MAX_SERVICE_OBJECT};
 pub use tenant::{ListFilter, TenantStore};
@@ -122,6 +122,11 @@ use std::time::Duration;
 pub const STORE_FILE: &str = "store.json";
 /// Layout version of the store directory written by this build (packs).
 pub const STORE_VERSION: u32 = 2;
+/// Layout version of a store on object storage written by this build:
+/// layout 2 with packs that carry their index and writers that take no
+/// locks (docs/STORAGE.md, "Object storage"). A build that knows only the
+/// locking protocol must not write such a store, so it must refuse it.
+pub const STORE_VERSION_REMOTE: u32 = 3;
 /// The oldest layout this build still reads (loose blobs).
 pub const STORE_VERSION_LOOSE: u32 = 1;
 /// Default target size of a pack file (see docs/STORAGE.md).
@@ -194,12 +199,13 @@ impl StoreInner {
     /// blobs that are only in packs. A no-op once done.
     pub(crate) fn upgrade_layout(&self) -> Result<(), StoreError> {
         let mut layout = self.layout.lock().unwrap();
-        if *layout >= STORE_VERSION {
+        let target = current_layout(&*self.backend);
+        if *layout >= target {
             return Ok(());
         }
         let f = StoreFile {
             format: "memento-store".into(),
-            version: STORE_VERSION,
+            version: target,
         };
         let bytes = serde_json::to_vec_pretty(&f).expect("serializable");
         let sync = self.options.sync;
@@ -207,9 +213,18 @@ impl StoreInner {
             .put(STORE_FILE, &bytes, PutMode::Replace, sync)
             .and_then(|_| if sync { self.backend.flush() } else { Ok(()) })
             .map_err(|e| StoreError::io("upgrade", STORE_FILE, e))?;
-        tracing::info!(store = %self.label, "store layout raised from {} to {STORE_VERSION}", *layout);
-        *layout = STORE_VERSION;
+        tracing::info!(store = %self.label, "store layout raised from {} to {target}", *layout);
+        *layout = target;
         Ok(())
+    }
+}
+
+/// The layout this build writes on `backend`.
+fn current_layout(backend: &dyn Backend) -> u32 {
+    if backend.gc_grace().is_some() {
+        STORE_VERSION_REMOTE
+    } else {
+        STORE_VERSION
     }
 }
 
@@ -306,9 +321,15 @@ impl Store {
                 if f.format != "memento-store" {
                     return Err(format_err(format!("{STORE_FILE} is not a memento store")));
                 }
-                if !(STORE_VERSION_LOOSE..=STORE_VERSION).contains(&f.version) {
+                let newest = current_layout(&*backend);
+                if !(STORE_VERSION_LOOSE..=newest).contains(&f.version) {
+                    let reads = if newest == STORE_VERSION {
+                        format!("{STORE_VERSION_LOOSE} and {STORE_VERSION}")
+                    } else {
+                        format!("{STORE_VERSION_LOOSE} to {newest}")
+                    };
                     return Err(format_err(format!(
-                        "store layout version {} (this build reads {STORE_VERSION_LOOSE} and {STORE_VERSION})",
+                        "store layout version {} (this build reads {reads})",
                         f.version
                     )));
                 }
@@ -317,14 +338,14 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let f = StoreFile {
                     format: "memento-store".into(),
-                    version: STORE_VERSION,
+                    version: current_layout(&*backend),
                 };
                 let bytes = serde_json::to_vec_pretty(&f).expect("serializable");
                 backend
                     .put(STORE_FILE, &bytes, PutMode::NoReplace, options.sync)
                     .and_then(|_| backend.flush())
                     .map_err(|e| StoreError::io("create", STORE_FILE, e))?;
-                STORE_VERSION
+                f.version
             }
             Err(e) => return Err(StoreError::io("read", STORE_FILE, e)),
         };
@@ -376,6 +397,8 @@ impl Store {
             index: std::sync::RwLock::new(Default::default()),
             loose: std::sync::atomic::AtomicU8::new(2),
             leases: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(()),
+            manifests: Mutex::new(HashMap::new()),
         });
         tenants.retain(|_, t| t.strong_count() > 0);
         tenants.insert(name, Arc::downgrade(&inner));

@@ -39,24 +39,29 @@ impl TenantStore {
     /// # Errors
     /// I/O errors, or a damaged counter file.
     pub fn next_snapshot_number(&self, job: &JobName) -> Result<u64, StoreError> {
-        // The lock makes read-increment-write atomic across threads and
-        // processes.
-        let _guard = self.counter_lock(job)?;
         let exhausted = || StoreError::NumbersExhausted {
             tenant: self.name().to_string(),
             job: job.to_string(),
         };
+        if let Some(lease) = self.active_lease(job) {
+            // Object storage: the lease alone. Its `next` started above the
+            // counter and every committed number, and its conditional write
+            // is what stops a holder that lost it (docs/STORAGE.md, "Job
+            // leases and fencing"); the counter is written on release.
+            if lease.next() == u64::MAX {
+                return Err(exhausted());
+            }
+            return lease.take_number(0);
+        }
+        // The lock makes read-increment-write atomic across threads and
+        // processes.
+        let _guard = self.counter_lock(job)?;
         let stored = self.read_counter(job)?;
         let above_existing = match self.list_ids(job)?.last() {
             Some(id) => id.number().checked_add(1).ok_or_else(exhausted)?,
             None => 1,
         };
-        let mut n = stored.max(above_existing);
-        if let Some(lease) = self.active_lease(job) {
-            // The conditional write of the lease is what stops a holder
-            // that lost it from taking numbers (docs/STORAGE.md).
-            n = lease.take_number(n)?;
-        }
+        let n = stored.max(above_existing);
         self.write_counter(job, n.checked_add(1).ok_or_else(exhausted)?)?;
         Ok(n)
     }

@@ -10,6 +10,14 @@
 //!                    plain length (u32 LE), stored length (u32 LE), payload
 //! ```
 //!
+//! Version 2 (written on object storage) appends a *trailer*: an index
+//! file describing this pack alone, then a 60-byte footer (trailer length
+//! u64 LE, trailer name (32), nonce (16), magic "MPTX"), so that a pack
+//! needs no index object of its own: one PUT makes the blobs and their
+//! index visible. The nonce is hashed into the name after the record
+//! headers: a pack written again with the same blobs gets a new name, so
+//! a GC deleting the old one (condemned before) never deletes the new.
+//!
 //! A pack's name is the blake3 of its header and its record headers: it
 //! covers the content through the blob hashes without a second pass over
 //! the payload bytes.
@@ -18,42 +26,105 @@ use std::io;
 
 use crate::backend::{Backend, Staged, StagedAppend};
 use crate::blob::{self, BlobHash, BlobProblem, MAX_CHUNK};
+pub(crate) use crate::index::{Entry, MAX_STORED, PACK_HEADER_LEN, RECORD_HEADER_LEN};
 
 /// Magic bytes at the start of every pack.
 pub(crate) const PACK_MAGIC: &[u8; 4] = b"MPAK";
-/// Version of the pack layout written by this build.
+/// Version of the pack layout written on a local directory.
 pub(crate) const PACK_VERSION: u8 = 1;
-/// Length of the pack header.
-pub(crate) const PACK_HEADER_LEN: u64 = 8;
-/// Length of one record header.
-pub(crate) const RECORD_HEADER_LEN: usize = 44;
-/// Largest stored payload accepted: a chunk's bound plus zstd's worst-case
-/// growth, with room to spare.
-pub(crate) const MAX_STORED: u64 = MAX_CHUNK as u64 + 256 * 1024;
+/// Version of the pack layout with a trailer (written on object storage).
+pub(crate) const PACK_VERSION_TRAILER: u8 = 2;
+/// Length of a version-2 pack's footer.
+pub(crate) const FOOTER_LEN: u64 = 60;
+/// Magic at the very end of a version-2 pack.
+const FOOTER_MAGIC: &[u8; 4] = b"MPTX";
 
-/// The 8-byte pack header.
-pub(crate) fn pack_header() -> [u8; PACK_HEADER_LEN as usize] {
+/// The 8-byte pack header of a pack of format `version`.
+pub(crate) fn pack_header(version: u8) -> [u8; PACK_HEADER_LEN as usize] {
     let mut h = [0u8; PACK_HEADER_LEN as usize];
     h[..4].copy_from_slice(PACK_MAGIC);
-    h[4] = PACK_VERSION;
+    h[4] = version;
     h
 }
 
-/// Checks a pack header.
-pub(crate) fn check_pack_header(h: &[u8]) -> Result<(), String> {
+/// Checks a pack header; returns the pack format version.
+pub(crate) fn check_pack_header(h: &[u8]) -> Result<u8, String> {
     if h.len() < PACK_HEADER_LEN as usize || &h[..4] != PACK_MAGIC {
         return Err("does not start with the pack magic MPAK".into());
     }
-    if h[4] != PACK_VERSION {
+    if h[4] != PACK_VERSION && h[4] != PACK_VERSION_TRAILER {
         return Err(format!(
-            "pack format version {} (this build reads {PACK_VERSION})",
+            "pack format version {} (this build reads {PACK_VERSION} and {PACK_VERSION_TRAILER})",
             h[4]
         ));
     }
     if h[5..8] != [0, 0, 0] {
         return Err("reserved bytes of the pack header are not zero".into());
     }
-    Ok(())
+    Ok(h[4])
+}
+
+/// Reads and checks the trailer of the version-2 pack `name` at `key`
+/// (`len` bytes): the blobs it says the pack holds, or what is wrong. Two
+/// ranged reads; every length is checked before it is used.
+///
+/// # Errors
+/// I/O errors reading (damage is the inner `Err`).
+pub(crate) fn read_trailer(
+    backend: &dyn Backend,
+    key: &str,
+    name: &BlobHash,
+    len: u64,
+) -> io::Result<Result<Vec<Entry>, String>> {
+    if len < PACK_HEADER_LEN + FOOTER_LEN {
+        return Ok(Err(format!(
+            "file of {len} bytes is too short for a pack with a trailer"
+        )));
+    }
+    let mut head = [0u8; PACK_HEADER_LEN as usize];
+    backend.read_at(key, 0, &mut head)?;
+    match check_pack_header(&head) {
+        Ok(PACK_VERSION_TRAILER) => {}
+        Ok(v) => return Ok(Err(format!("pack format version {v} has no trailer"))),
+        Err(p) => return Ok(Err(p)),
+    }
+    let mut foot = [0u8; FOOTER_LEN as usize];
+    backend.read_at(key, len - FOOTER_LEN, &mut foot)?;
+    let (tlen, tname, _) = match parse_footer(&foot, len) {
+        Ok(f) => f,
+        Err(p) => return Ok(Err(p)),
+    };
+    let mut trailer = vec![0u8; tlen as usize];
+    backend.read_at(key, len - FOOTER_LEN - tlen, &mut trailer)?;
+    Ok(check_trailer(&trailer, &tname, name, len))
+}
+
+/// The trailer's length and name and the pack's nonce from a footer,
+/// checked against the file length.
+fn parse_footer(foot: &[u8; FOOTER_LEN as usize], len: u64) -> Result<(u64, BlobHash, [u8; 16]), String> {
+    if &foot[56..60] != FOOTER_MAGIC {
+        return Err("does not end with the trailer magic MPTX".into());
+    }
+    let tlen = u64::from_le_bytes(foot[..8].try_into().expect("8 bytes"));
+    if tlen > len - PACK_HEADER_LEN - FOOTER_LEN || tlen > crate::index::MAX_INDEX_LEN {
+        return Err(format!("trailer of {tlen} bytes does not fit the file"));
+    }
+    let mut tname = [0u8; 32];
+    tname.copy_from_slice(&foot[8..40]);
+    let mut nonce = [0u8; 16];
+    nonce.copy_from_slice(&foot[40..56]);
+    Ok((tlen, BlobHash(tname), nonce))
+}
+
+/// Parses a trailer: an index of exactly this pack, at this length.
+fn check_trailer(bytes: &[u8], tname: &BlobHash, name: &BlobHash, len: u64) -> Result<Vec<Entry>, String> {
+    let file = crate::index::IndexFile::parse(bytes, tname).map_err(|p| format!("trailer {p}"))?;
+    let [(pack, pack_len, entries)] = <[_; 1]>::try_from(file.packs)
+        .map_err(|p: Vec<_>| format!("trailer describes {} packs, not one", p.len()))?;
+    if pack != *name || pack_len != len {
+        return Err("trailer describes another pack".into());
+    }
+    Ok(entries)
 }
 
 /// One blob record's header.
@@ -109,23 +180,6 @@ impl Record {
     }
 }
 
-/// Where one blob is in a pack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Entry {
-    pub(crate) hash: BlobHash,
-    /// Offset of the record header.
-    pub(crate) offset: u64,
-    pub(crate) stored: u32,
-    pub(crate) plain: u32,
-}
-
-impl Entry {
-    /// Bytes the record occupies (what a quota counts).
-    pub(crate) fn record_len(&self) -> u64 {
-        RECORD_HEADER_LEN as u64 + u64::from(self.stored)
-    }
-}
-
 /// What walking a pack's records found.
 #[derive(Debug)]
 pub(crate) struct Walk {
@@ -135,6 +189,8 @@ pub(crate) struct Walk {
     pub(crate) name: BlobHash,
     /// The first structural problem, which ended the walk.
     pub(crate) problem: Option<String>,
+    /// A version-2 pack whose trailer is intact and matches the records.
+    pub(crate) self_indexed: bool,
 }
 
 /// Walks the record headers of the pack at `key` (`len` bytes) with
@@ -147,6 +203,7 @@ pub(crate) fn walk(backend: &dyn Backend, key: &str, len: u64) -> io::Result<Wal
         entries: Vec::new(),
         name: BlobHash([0; 32]),
         problem: None,
+        self_indexed: false,
     };
     let mut hasher = blake3::Hasher::new();
     let mut head = [0u8; PACK_HEADER_LEN as usize];
@@ -155,10 +212,40 @@ pub(crate) fn walk(backend: &dyn Backend, key: &str, len: u64) -> io::Result<Wal
         return Ok(walk);
     }
     backend.read_at(key, 0, &mut head)?;
-    if let Err(p) = check_pack_header(&head) {
-        walk.problem = Some(p);
-        return Ok(walk);
-    }
+    let version = match check_pack_header(&head) {
+        Ok(v) => v,
+        Err(p) => {
+            walk.problem = Some(p);
+            return Ok(walk);
+        }
+    };
+    // Records end where a version-2 pack's trailer starts.
+    let mut trailer = None;
+    let full_len = len;
+    let len = if version == PACK_VERSION_TRAILER {
+        let mut foot = [0u8; FOOTER_LEN as usize];
+        if len < PACK_HEADER_LEN + FOOTER_LEN {
+            walk.problem = Some(format!(
+                "file of {len} bytes is too short for a pack with a trailer"
+            ));
+            return Ok(walk);
+        }
+        backend.read_at(key, len - FOOTER_LEN, &mut foot)?;
+        match parse_footer(&foot, len) {
+            Ok((tlen, tname, nonce)) => {
+                let mut bytes = vec![0u8; tlen as usize];
+                backend.read_at(key, len - FOOTER_LEN - tlen, &mut bytes)?;
+                trailer = Some((bytes, tname, nonce));
+                len - FOOTER_LEN - tlen
+            }
+            Err(p) => {
+                walk.problem = Some(p);
+                return Ok(walk);
+            }
+        }
+    } else {
+        len
+    };
     hasher.update(&head);
     let mut offset = PACK_HEADER_LEN;
     while offset < len {
@@ -191,7 +278,17 @@ pub(crate) fn walk(backend: &dyn Backend, key: &str, len: u64) -> io::Result<Wal
         });
         offset += r.len();
     }
+    if let Some((_, _, nonce)) = &trailer {
+        hasher.update(nonce);
+    }
     walk.name = BlobHash(*hasher.finalize().as_bytes());
+    if let (Some((bytes, tname, _)), None) = (trailer, &walk.problem) {
+        match check_trailer(&bytes, &tname, &walk.name, full_len) {
+            Ok(entries) if entries == walk.entries => walk.self_indexed = true,
+            Ok(_) => walk.problem = Some("trailer does not match the records".into()),
+            Err(p) => walk.problem = Some(p),
+        }
+    }
     Ok(walk)
 }
 
@@ -214,6 +311,27 @@ pub(crate) fn read_blob_into(
             expected: out.len() as u64,
             actual: u64::from(entry.plain),
         });
+    }
+    if backend.has_versions() {
+        // Object storage: one ranged GET of header and payload (a request
+        // costs far more than copying the payload once more). The entry's
+        // stored length is bounded by the index's checks.
+        let mut record = vec![0u8; RECORD_HEADER_LEN + entry.stored as usize];
+        backend
+            .read_at(key, entry.offset, &mut record)
+            .map_err(io_problem)?;
+        let (rh, payload) = record.split_at(RECORD_HEADER_LEN);
+        let r = Record::parse(rh.try_into().expect("header length")).map_err(BlobProblem::BadHeader)?;
+        if r.hash != entry.hash || r.stored != entry.stored || r.plain != entry.plain {
+            return Err(BlobProblem::BadHeader(
+                "the record in the pack does not match its index entry".into(),
+            ));
+        }
+        if blob::is_raw_codec(r.codec) {
+            out.copy_from_slice(payload);
+            return blob::verify(out, &entry.hash);
+        }
+        return blob::decode_payload_into(r.codec, payload, &entry.hash, out);
     }
     let mut rh = [0u8; RECORD_HEADER_LEN];
     backend.read_at(key, entry.offset, &mut rh).map_err(io_problem)?;
@@ -264,10 +382,31 @@ pub(crate) fn read_blob_file(
     Ok(file)
 }
 
+/// 16 bytes no other pack gets: this process, this instant, a counter.
+fn pack_nonce() -> [u8; 16] {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut h = blake3::Hasher::new();
+    h.update(&nanos.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(
+        &NEXT
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
 /// A pack being written: a staged, append-only file.
 #[derive(Debug)]
 pub(crate) struct PackWriter {
     out: Box<dyn StagedAppend>,
+    /// Format 2: a trailer is appended at sealing.
+    trailer: bool,
     len: u64,
     hasher: blake3::Hasher,
     entries: Vec<Entry>,
@@ -283,9 +422,16 @@ pub(crate) struct SealedPack {
 }
 
 impl PackWriter {
+    /// A new pack: format 2 (with its trailer) on object storage, where
+    /// it saves the index object, format 1 on a directory.
     pub(crate) fn new(backend: &dyn Backend) -> io::Result<PackWriter> {
+        let trailer = backend.has_versions();
         let mut out = backend.stage_append()?;
-        let head = pack_header();
+        let head = pack_header(if trailer {
+            PACK_VERSION_TRAILER
+        } else {
+            PACK_VERSION
+        });
         if let Err(e) = out.append(&head) {
             backend.discard(&out.staged());
             return Err(e);
@@ -294,6 +440,7 @@ impl PackWriter {
         hasher.update(&head);
         Ok(PackWriter {
             out,
+            trailer,
             len: PACK_HEADER_LEN,
             hasher,
             entries: Vec::new(),
@@ -334,9 +481,33 @@ impl PackWriter {
         self.len
     }
 
-    /// Closes the pack (starting its write-back with `sync`).
-    pub(crate) fn seal(self, sync: bool) -> io::Result<SealedPack> {
+    /// Closes the pack (starting its write-back with `sync`); a format-2
+    /// pack gets its trailer and footer first.
+    pub(crate) fn seal(mut self, sync: bool) -> io::Result<SealedPack> {
+        let nonce = self.trailer.then(pack_nonce);
+        if let Some(nonce) = &nonce {
+            self.hasher.update(nonce);
+        }
         let name = BlobHash(*self.hasher.finalize().as_bytes());
+        if let Some(nonce) = nonce {
+            // The trailer states the whole file's length, which its own
+            // length (fixed by the entry count) determines.
+            let tlen = 16 + 40 + 52 * self.entries.len() as u64;
+            let full = self.len + tlen + FOOTER_LEN;
+            let (bytes, tname) = crate::index::IndexFile {
+                packs: vec![(name, full, self.entries.clone())],
+            }
+            .encode();
+            debug_assert_eq!(bytes.len() as u64, tlen);
+            let mut foot = Vec::with_capacity(FOOTER_LEN as usize);
+            foot.extend_from_slice(&tlen.to_le_bytes());
+            foot.extend_from_slice(&tname.0);
+            foot.extend_from_slice(&nonce);
+            foot.extend_from_slice(FOOTER_MAGIC);
+            self.out.append(&bytes)?;
+            self.out.append(&foot)?;
+            self.len = full;
+        }
         let staged = self.out.finish(sync)?;
         Ok(SealedPack {
             staged,

@@ -79,6 +79,9 @@ impl TenantStore {
     /// # Errors
     /// I/O errors listing or reading.
     pub(crate) fn refresh_index(&self) -> Result<(), StoreError> {
+        if self.gc_grace().is_some() {
+            return self.refresh_index_remote();
+        }
         let listed: HashSet<BlobHash> = self.list_index_files()?.into_iter().collect();
         let (rebuild, new): (bool, Vec<BlobHash>) = {
             let idx = self.inner.index.read().unwrap();
@@ -112,10 +115,141 @@ impl TenantStore {
         Ok(())
     }
 
+    /// The refresh on object storage: index objects, and the packs that
+    /// carry their index in a trailer, and the packs a GC condemned (read
+    /// after both listings, so the view is at least as new as its start).
+    /// Notes when the listing started: what a writer's dedup relies on.
+    fn refresh_index_remote(&self) -> Result<(), StoreError> {
+        let _one = self.inner.refreshing.lock().unwrap();
+        let view = std::time::Instant::now();
+        let listed: HashSet<BlobHash> = self.list_index_files()?.into_iter().collect();
+        let packs = self.list_packs()?;
+        let condemned = self.read_condemned()?;
+        let (rebuild, new) = {
+            let idx = self.inner.index.read().unwrap();
+            let rebuild = !idx.files.is_subset(&listed)
+                || !idx.trailers.is_subset(&packs)
+                || idx.condemned != condemned;
+            let known = |n: &&BlobHash| {
+                !rebuild && (idx.files.contains(n) || idx.damaged.iter().any(|(d, _)| *d == n.to_hex()))
+            };
+            let new: Vec<BlobHash> = listed.iter().filter(|n| !known(n)).copied().collect();
+            (rebuild, new)
+        };
+        let mut loaded = Vec::with_capacity(new.len());
+        for name in new {
+            loaded.push((name, self.read_index_file(&name)?));
+        }
+        let described: HashSet<BlobHash> = {
+            let idx = self.inner.index.read().unwrap();
+            let mut d: HashSet<BlobHash> = HashSet::new();
+            if !rebuild {
+                d.extend(idx.packs.iter().map(|p| p.0));
+                d.extend(idx.no_trailer.iter().copied());
+            }
+            for (_, file) in &loaded {
+                if let Ok(file) = file {
+                    d.extend(file.packs.iter().map(|p| p.0));
+                }
+            }
+            d
+        };
+        let mut trailers = Vec::new();
+        for name in packs.iter().filter(|p| !described.contains(*p)) {
+            let key = self.pack_key(name);
+            let Some(len) = self
+                .backend()
+                .size(&key)
+                .map_err(|e| StoreError::io("stat pack", key.clone(), e))?
+            else {
+                continue;
+            };
+            match pack::read_trailer(self.backend(), &key, name, len) {
+                Ok(t) => trailers.push((*name, len, t)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("read pack", key, e)),
+            }
+        }
+        let mut idx = self.inner.index.write().unwrap();
+        if rebuild {
+            *idx = MergedIndex::default();
+            idx.condemned = condemned;
+        }
+        for (name, file) in loaded {
+            match file {
+                Ok(file) => idx.merge(name, &file),
+                Err(reason) if reason == "gone" => {}
+                Err(reason) => {
+                    tracing::warn!(tenant = %self.inner.name, index = %name, "index file skipped: {reason}");
+                    idx.damaged.push((name.to_hex(), reason));
+                }
+            }
+        }
+        for (name, len, trailer) in trailers {
+            match trailer {
+                Ok(entries) => idx.merge_trailer(name, len, entries),
+                // A layout-2 pack of format 1 whose index object is lost,
+                // or a damaged one: GC and fsck walk it.
+                Err(reason) => {
+                    tracing::warn!(tenant = %self.inner.name, pack = %name, "pack has no usable trailer: {reason}");
+                    idx.no_trailer.insert(name);
+                }
+            }
+        }
+        idx.view = Some(view);
+        Ok(())
+    }
+
+    /// Key of the list of packs a GC on object storage is about to delete.
+    pub(crate) fn condemned_key(&self) -> String {
+        self.key("gc/condemned")
+    }
+
+    /// The packs a GC on object storage condemned (empty if none).
+    pub(crate) fn read_condemned(&self) -> Result<HashSet<BlobHash>, StoreError> {
+        let key = self.condemned_key();
+        match self.backend().read(&key) {
+            Ok(bytes) => {
+                let damaged = |why: String| {
+                    StoreError::io(
+                        "read condemned packs",
+                        key.clone(),
+                        io::Error::new(io::ErrorKind::InvalidData, why),
+                    )
+                };
+                if bytes.len() > crate::index::MAX_INDEX_LEN as usize {
+                    return Err(damaged(format!("{} bytes", bytes.len())));
+                }
+                let names: Vec<String> =
+                    serde_json::from_slice(&bytes).map_err(|e| damaged(format!("damaged: {e}")))?;
+                names
+                    .iter()
+                    .map(|n| BlobHash::parse(n).map_err(|_| damaged(format!("{n:?} is not a pack name"))))
+                    .collect()
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(HashSet::new()),
+            Err(e) => Err(StoreError::io("read condemned packs", key, e)),
+        }
+    }
+
     /// Where blob `hash` is, by the cached index, then (layout 1) its loose
     /// file. Does not refresh.
     pub(crate) fn find_blob(&self, hash: &BlobHash) -> Result<Option<Found>, StoreError> {
-        if let Some((pack, entry)) = self.inner.index.read().unwrap().get(hash) {
+        self.find_blob_in(hash, false)
+    }
+
+    /// As [`TenantStore::find_blob`], but never in a condemned pack: what
+    /// a writer may reference without storing the blob again.
+    pub(crate) fn find_blob_live(&self, hash: &BlobHash) -> Result<Option<Found>, StoreError> {
+        self.find_blob_in(hash, true)
+    }
+
+    fn find_blob_in(&self, hash: &BlobHash, live: bool) -> Result<Option<Found>, StoreError> {
+        let found = {
+            let idx = self.inner.index.read().unwrap();
+            if live { idx.get_live(hash) } else { idx.get(hash) }
+        };
+        if let Some((pack, entry)) = found {
             return Ok(Some(Found::Packed { pack, entry }));
         }
         if !self.has_loose_blobs() {
@@ -246,6 +380,9 @@ impl TenantStore {
         if packs.is_empty() {
             return Ok(None);
         }
+        if self.gc_grace().is_some() {
+            return self.publish_packs_remote(packs).map(|()| None);
+        }
         let file = IndexFile {
             packs: packs.iter().map(|p| (p.name, p.len, p.entries.clone())).collect(),
         };
@@ -294,5 +431,26 @@ impl TenantStore {
         }
         self.inner.index.write().unwrap().merge(name, &file);
         Ok(Some(name))
+    }
+
+    /// On object storage a pack carries its index (format 2): one PUT per
+    /// pack, concurrently, and they join the merged index in memory.
+    fn publish_packs_remote(&self, packs: Vec<SealedPack>) -> Result<(), StoreError> {
+        let backend = self.backend();
+        let items: Vec<(Staged, String)> = packs
+            .iter()
+            .map(|p| (p.staged.clone(), self.pack_key(&p.name)))
+            .collect();
+        if let Err(e) = backend.publish(&items, false) {
+            for p in &packs {
+                backend.discard(&p.staged);
+            }
+            return Err(StoreError::io("publish packs", self.key("packs"), e));
+        }
+        let mut idx = self.inner.index.write().unwrap();
+        for p in packs {
+            idx.merge_trailer(p.name, p.len, p.entries);
+        }
+        Ok(())
     }
 }

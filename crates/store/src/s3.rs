@@ -36,6 +36,9 @@ use crate::backend::{Backend, LockGuard, LockMode, PutMode, Staged, StagedAppend
 
 pub use lock::DEFAULT_LOCK_TTL;
 
+/// Default grace period of garbage collection on object storage.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(300);
+
 /// Objects larger than this are uploaded in parts (a pack is 16 MiB plus
 /// at most one blob, so a default pack is one PUT).
 const MULTIPART_ABOVE: usize = 24 << 20;
@@ -77,6 +80,11 @@ pub struct S3Options {
     /// Retries of a failing request (default 3, within 15 s): an
     /// unreachable endpoint fails in seconds rather than minutes.
     pub max_retries: usize,
+    /// Grace period of garbage collection (default
+    /// [`DEFAULT_GC_GRACE`]): GC deletes a pack only this long after it
+    /// announced it, and a writer relies on its view of the packs for at
+    /// most half of it. Requests are given at most a quarter of it.
+    pub gc_grace: Duration,
     /// Settings applied over the `AWS_*` environment, as (key, value)
     /// with `object_store`'s key names (`aws_endpoint`, `aws_allow_http`,
     /// ...): for embedders and tests that configure in code.
@@ -89,6 +97,7 @@ impl Default for S3Options {
             lock_ttl: DEFAULT_LOCK_TTL,
             request_timeout: Duration::from_secs(60),
             max_retries: 3,
+            gc_grace: DEFAULT_GC_GRACE,
             config: Vec::new(),
         }
     }
@@ -96,23 +105,30 @@ impl Default for S3Options {
 
 impl S3Options {
     /// The defaults, with `MEMENTO_S3_LOCK_TTL_MS` (if set and valid)
-    /// as the lock time to live.
+    /// as the lock time to live and `MEMENTO_S3_GC_GRACE_MS` as the GC
+    /// grace period.
     ///
     /// # Errors
-    /// A one-line message if the variable is set but not a number of
+    /// A one-line message if a variable is set but not a number of
     /// milliseconds between 100 and 3,600,000.
     pub fn from_env() -> Result<S3Options, String> {
         let mut o = S3Options::default();
-        if let Ok(v) = std::env::var("MEMENTO_S3_LOCK_TTL_MS") {
-            let ms: u64 = v
-                .trim()
+        let ms = |name: &str| -> Result<Option<Duration>, String> {
+            let Ok(v) = std::env::var(name) else {
+                return Ok(None);
+            };
+            v.trim()
                 .parse()
                 .ok()
                 .filter(|ms| (100..=3_600_000).contains(ms))
-                .ok_or_else(|| {
-                    format!("MEMENTO_S3_LOCK_TTL_MS={v:?}: not a number of ms in 100..=3600000")
-                })?;
-            o.lock_ttl = Duration::from_millis(ms);
+                .map(|ms| Some(Duration::from_millis(ms)))
+                .ok_or_else(|| format!("{name}={v:?}: not a number of ms in 100..=3600000"))
+        };
+        if let Some(d) = ms("MEMENTO_S3_LOCK_TTL_MS")? {
+            o.lock_ttl = d;
+        }
+        if let Some(d) = ms("MEMENTO_S3_GC_GRACE_MS")? {
+            o.gc_grace = d;
         }
         Ok(o)
     }
@@ -125,6 +141,7 @@ pub struct S3Backend {
     staged: StagedTable,
     next_staged: AtomicU64,
     locks: Arc<lock::Locks>,
+    gc_grace: Duration,
 }
 
 /// What requests need, shared with the lock renewer.
@@ -344,11 +361,14 @@ impl S3Backend {
             .build()?;
         let retry = RetryConfig {
             max_retries: options.max_retries,
-            retry_timeout: Duration::from_secs(15),
+            retry_timeout: Duration::from_secs(15).min(options.gc_grace / 8),
             ..Default::default()
         };
+        // A request that outlives a quarter of the grace period could land
+        // after a GC decided without it (docs/STORAGE.md).
+        let request_timeout = options.request_timeout.min(options.gc_grace / 4);
         let client = ClientOptions::new()
-            .with_timeout(options.request_timeout)
+            .with_timeout(request_timeout)
             .with_connect_timeout(Duration::from_secs(5));
         // Client options first: they include `allow_http`, which the
         // environment and `config` below may set.
@@ -393,6 +413,7 @@ impl S3Backend {
             staged: StagedTable::default(),
             next_staged: AtomicU64::new(0),
             locks,
+            gc_grace: options.gc_grace,
         })
     }
 
@@ -572,6 +593,16 @@ impl Backend for S3Backend {
         self.shared.list(prefix)
     }
 
+    fn copy(&self, from: &str, to: &str) -> io::Result<()> {
+        check_key(from)?;
+        check_key(to)?;
+        let sh = &self.shared;
+        sh.counts.puts.fetch_add(1, Ordering::Relaxed);
+        let (store, src, dst) = (sh.store.clone(), sh.path(from), sh.path(to));
+        sh.run(async move { store.copy(&src, &dst).await })
+            .map_err(|e| obj_err(&sh.url, "copy", from, e))
+    }
+
     fn lock(
         &self,
         key: &str,
@@ -595,6 +626,22 @@ impl Backend for S3Backend {
 
     fn lease_ttl(&self) -> Option<Duration> {
         Some(self.locks.ttl())
+    }
+
+    fn gc_grace(&self) -> Option<Duration> {
+        Some(self.gc_grace)
+    }
+
+    fn modified(&self, key: &str) -> io::Result<Option<std::time::SystemTime>> {
+        check_key(key)?;
+        let sh = &self.shared;
+        sh.counts.gets.fetch_add(1, Ordering::Relaxed);
+        let (store, path) = (sh.store.clone(), sh.path(key));
+        match sh.run(async move { store.head(&path).await }) {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(obj_err(&sh.url, "stat", key, e)),
+        }
     }
 
     fn read_versioned(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {

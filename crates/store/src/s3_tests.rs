@@ -114,7 +114,15 @@ fn opts() -> StoreOptions {
 }
 
 fn open_store(bucket: &str, ttl: Duration) -> (Store, std::sync::Arc<S3Backend>) {
-    let backend = std::sync::Arc::new(S3Backend::open(bucket, "state/x", s3_options(ttl)).unwrap());
+    open_store_with(bucket, s3_options(ttl))
+}
+
+/// GC grace of the tests that wait it out: long enough for a 1 MiB
+/// request on a loaded machine (requests get a quarter of it).
+const GRACE: Duration = Duration::from_secs(6);
+
+fn open_store_with(bucket: &str, o: S3Options) -> (Store, std::sync::Arc<S3Backend>) {
+    let backend = std::sync::Arc::new(S3Backend::open(bucket, "state/x", o).unwrap());
     let store = Store::with_backend(backend.clone(), opts(), &format!("s3://{bucket}/state/x")).unwrap();
     (store, backend)
 }
@@ -192,12 +200,25 @@ fn snapshots_commit_list_read_back_and_survive_reopening() {
 #[test]
 fn gc_deletes_what_no_manifest_references_and_fsck_stays_clean() {
     let b = bucket();
-    let (store, _) = open_store(&b, Duration::from_secs(5));
+    let (store, _) = open_store_with(
+        &b,
+        S3Options {
+            gc_grace: GRACE,
+            ..s3_options(Duration::from_secs(5))
+        },
+    );
     let t = store.tenant("t").unwrap();
     let j = job("g");
     let (old, _) = commit(&t, &j, &noise(7, 2 << 20)).unwrap();
     let (keep, chunks) = commit(&t, &j, &noise(8, 2 << 20)).unwrap();
     t.delete(&old).unwrap();
+    // The first GC condemns, a GC after the grace period deletes.
+    let report = t.gc().unwrap();
+    assert_eq!(report.blobs_removed, 0, "{report:?}");
+    assert!(t.fsck().unwrap().is_clean());
+    let report = t.gc().unwrap();
+    assert_eq!(report.blobs_removed, 0, "within the grace period: {report:?}");
+    std::thread::sleep(GRACE + Duration::from_secs(2));
     let report = t.gc().unwrap();
     assert!(report.blobs_removed > 0 && report.bytes_freed > 0, "{report:?}");
     assert_eq!(
@@ -437,4 +458,442 @@ fn large_objects_go_up_in_parts_and_read_back() {
     assert_eq!(backend.read("packs/one").unwrap(), data);
     let counts = backend.request_counts();
     assert!(counts.puts >= 4 + 2, "multipart: {counts:?}");
+}
+
+/// A checkpoint as the coordinator makes one: a number, a writer, a
+/// memory image of fixed chunks (unchanged ones found in the index), the
+/// manifest.
+fn checkpoint_image(t: &TenantStore, j: &JobName, image: &[u8]) -> Result<SnapshotId, StoreError> {
+    let n = t.next_snapshot_number(j)?;
+    let mut w = t.begin(j, n)?;
+    let chunks = w.put_chunks_fixed(image, 256 << 10)?;
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: image.len() as u64,
+            chunks,
+        },
+    });
+    w.commit(m)
+}
+
+fn total(c: RequestCounts) -> u64 {
+    c.puts + c.gets + c.lists + c.deletes
+}
+
+#[test]
+fn an_incremental_checkpoint_makes_at_most_three_requests_per_task() {
+    let b = bucket();
+    // A long ttl: no renewal of the lease falls into a measured checkpoint.
+    let (store, backend) = open_store(&b, Duration::from_secs(120));
+    let t = store.tenant("acme").unwrap();
+    let j = job("inc");
+    let lease = t.lease_series(&j).unwrap().expect("free");
+    let mut image = noise(11, 4 << 20);
+    checkpoint_image(&t, &j, &image).unwrap();
+    let mut last = None;
+    for round in 0..6 {
+        // 1 of 16 chunks changed.
+        image[round * 700_000] ^= 0x5a;
+        let before = backend.request_counts();
+        let id = checkpoint_image(&t, &j, &image).unwrap();
+        let after = backend.request_counts();
+        let made = RequestCounts {
+            puts: after.puts - before.puts,
+            gets: after.gets - before.gets,
+            lists: after.lists - before.lists,
+            deletes: after.deletes - before.deletes,
+        };
+        // The lease (the number), the pack (with its index), the manifest.
+        assert!(
+            total(made) <= 3,
+            "incremental checkpoint {round} of one task made {made:?}"
+        );
+        eprintln!("incremental checkpoint {round}: {made:?}");
+        // Retention as the coordinator runs it after a checkpoint: one
+        // LIST (manifests read before are kept), and a HEAD and a DELETE
+        // for the one snapshot it expires.
+        let before = backend.request_counts();
+        for old in t.expired(&j, SnapshotKind::Checkpoint, Some(3), None, 0).unwrap() {
+            t.delete(&old).unwrap();
+        }
+        let retention = total(backend.request_counts()) - total(before);
+        assert!(
+            retention <= 3,
+            "retention after checkpoint {round}: {retention} requests"
+        );
+        last = Some(id);
+    }
+    drop(lease);
+    // All of it reads back, from another handle that knows nothing cached.
+    let (store2, _) = open_store(&b, Duration::from_secs(120));
+    let t2 = store2.tenant("acme").unwrap();
+    let latest = t2.latest(&j).unwrap().unwrap();
+    assert_eq!(Some(latest.id.clone()), last);
+    let TaskStateData::Canonical { chunks, .. } = &latest.tasks[0].state else {
+        panic!("canonical")
+    };
+    assert_eq!(
+        t2.read_chunks(&latest.id, &TaskKey::new("op", 0), chunks)
+            .unwrap(),
+        image
+    );
+    assert!(t2.fsck().unwrap().is_clean(), "{:?}", t2.fsck().unwrap());
+    // The released lease left the counter above every number it gave.
+    let n = t2.next_snapshot_number(&j).unwrap();
+    assert!(n > latest.id.number());
+}
+
+#[test]
+fn gc_on_object_storage_never_sweeps_what_a_writer_relies_on() {
+    let b = bucket();
+    let o = || S3Options {
+        gc_grace: GRACE,
+        ..s3_options(Duration::from_secs(5))
+    };
+    let (store, _) = open_store_with(&b, o());
+    let (gc_store, _) = open_store_with(&b, o());
+    let t = store.tenant("t").unwrap();
+    let g = gc_store.tenant("t").unwrap();
+    let j = job("w");
+    let dead = noise(21, 1 << 20);
+    let (old, _) = commit(&t, &j, &dead).unwrap();
+    t.delete(&old).unwrap();
+
+    // A writer whose view predates the condemnation references the dead
+    // blobs without storing them again, and commits after it.
+    let n = t.next_snapshot_number(&j).unwrap();
+    let mut w = t.begin(&j, n).unwrap();
+    let chunks = w.put_chunks_cdc(&dead).unwrap();
+    let report = g.gc().unwrap();
+    assert_eq!(report.packs_removed, 0, "{report:?}");
+    let mut m = w.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: dead.len() as u64,
+            chunks: chunks.clone(),
+        },
+    });
+    let revived = w.commit(m).unwrap();
+    assert_eq!(t.get(&revived).unwrap().figures.new_bytes, 0, "deduplicated");
+
+    // A writer whose view is newer than the condemnation does not rely on
+    // the condemned pack: it stores the blobs again.
+    std::thread::sleep(GRACE / 4);
+    let n = t.next_snapshot_number(&j).unwrap();
+    let w2 = t.begin(&j, n).unwrap();
+    let first = &dead[..chunks[0].len() as usize];
+    let (_, stored) = w2.blob_writer().store_chunk(first).unwrap();
+    assert!(stored, "a blob in a condemned pack was deduplicated against");
+    drop(w2);
+
+    // A writer that outlives half the grace period after a GC condemned
+    // what it references is refused, not committed over a deleted pack.
+    let (other, _) = commit(&t, &job("x"), &noise(22, 300_000)).unwrap();
+    t.delete(&other).unwrap();
+    std::thread::sleep(GRACE + Duration::from_secs(2));
+    let n = t.next_snapshot_number(&j).unwrap();
+    let mut slow = t.begin(&j, n).unwrap();
+    let slow_chunks = slow.put_chunks_cdc(&noise(22, 300_000)).unwrap();
+    // This GC sweeps what the first condemned (keeping the pack the
+    // writer revived) and condemns the other job's pack, which the slow
+    // writer found in its view.
+    let report = g.gc().unwrap();
+    assert_eq!(report.packs_removed, 0, "{report:?}");
+    assert_eq!(
+        t.read_chunks(&revived, &TaskKey::new("op", 0), &chunks).unwrap(),
+        dead
+    );
+    std::thread::sleep(GRACE / 2);
+    let mut m = slow.manifest(
+        SnapshotKind::Checkpoint,
+        Trigger::Periodic,
+        StateFormat::Canonical,
+    );
+    m.tasks.push(TaskState {
+        key: TaskKey::new("op", 0),
+        state: TaskStateData::Canonical {
+            len: 300_000,
+            chunks: slow_chunks,
+        },
+    });
+    let err = slow.commit(m).unwrap_err();
+    assert!(err.to_string().contains("grace period"), "{err}");
+    assert!(g.fsck().unwrap().is_clean(), "{:?}", g.fsck().unwrap());
+}
+
+#[test]
+fn gc_running_beside_a_writer_on_object_storage_keeps_every_snapshot_readable() {
+    let b = bucket();
+    let o = || S3Options {
+        gc_grace: GRACE,
+        ..s3_options(Duration::from_secs(5))
+    };
+    let (store, _) = open_store_with(&b, o());
+    let (gc_store, _) = open_store_with(&b, o());
+    let t = store.tenant("t").unwrap();
+    let g = gc_store.tenant("t").unwrap();
+    let j = job("busy");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut removed = 0;
+            while !stop.load(Ordering::Relaxed) {
+                removed += g.gc().unwrap().packs_removed;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            removed
+        })
+    };
+    // Each round keeps the newest two snapshots: older ones become garbage
+    // while the writer keeps deduplicating against what is left.
+    let started = Instant::now();
+    let mut kept: Vec<(SnapshotId, Vec<u8>, Vec<ChunkRef>)> = Vec::new();
+    let mut round = 0u64;
+    while started.elapsed() < GRACE * 3 {
+        let state = noise(100 + round % 5, 400_000);
+        let (id, chunks) = commit(&t, &j, &state).unwrap();
+        kept.push((id, state, chunks));
+        if kept.len() > 2 {
+            let (old, _, _) = kept.remove(0);
+            t.delete(&old).unwrap();
+        }
+        for (id, state, chunks) in &kept {
+            let got = t.read_chunks(id, &TaskKey::new("op", 0), chunks);
+            if let Err(e) = &got {
+                let (fresh, _) = open_store_with(&b, o());
+                let again = fresh
+                    .tenant("t")
+                    .unwrap()
+                    .read_chunks(id, &TaskKey::new("op", 0), chunks);
+                eprintln!("DEBUG fresh read: {:?}", again.map(|v| v.len()));
+                eprintln!(
+                    "DEBUG manifest new_bytes {:?}",
+                    t.get(id).map(|m| m.figures.new_bytes)
+                );
+                panic!("{id} after {round} rounds: {e}");
+            }
+            assert_eq!(&got.unwrap(), state, "{id} after {round} rounds");
+        }
+        round += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let removed = collector.join().unwrap();
+    assert!(removed > 0, "GC deleted nothing in {round} rounds");
+    let (fresh, _) = open_store_with(&b, o());
+    let f = fresh.tenant("t").unwrap();
+    for (id, state, chunks) in &kept {
+        assert_eq!(&f.read_chunks(id, &TaskKey::new("op", 0), chunks).unwrap(), state);
+    }
+    assert!(f.fsck().unwrap().is_clean(), "{:?}", f.fsck().unwrap());
+}
+
+/// Copies every file of a local store into the bucket under `prefix`: a
+/// store as a build of the locking protocol wrote it (layout 2, packs of
+/// format 1 with index objects, the same keys as in a directory).
+fn upload_dir(backend: &S3Backend, root: &std::path::Path, dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let key = path.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+        if key.starts_with("tmp") || key.contains("/locks") || key == "reserve" {
+            continue;
+        }
+        if path.is_dir() {
+            upload_dir(backend, root, &path);
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(backend.put(&key, &bytes, PutMode::Replace, true).unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_store_of_the_locking_protocol_opens_reads_and_is_raised_to_layout_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = job("old");
+    let state = noise(31, 2 << 20);
+    let (old_id, old_chunks) = {
+        let local = Store::open(dir.path(), opts()).unwrap();
+        commit(&local.tenant("t").unwrap(), &j, &state).unwrap()
+    };
+    let b = bucket();
+    let o = S3Options {
+        gc_grace: GRACE,
+        ..s3_options(Duration::from_secs(5))
+    };
+    let raw = S3Backend::open(&b, "state/x", o.clone()).unwrap();
+    upload_dir(&raw, dir.path(), dir.path());
+    assert!(
+        raw.read("store.json")
+            .unwrap()
+            .windows(11)
+            .any(|w| w == b"\"version\": ")
+    );
+
+    let (store, _) = open_store_with(&b, o.clone());
+    assert_eq!(store.layout_version(), 2);
+    let t = store.tenant("t").unwrap();
+    assert_eq!(
+        t.read_chunks(&old_id, &TaskKey::new("op", 0), &old_chunks)
+            .unwrap(),
+        state
+    );
+    assert!(t.fsck().unwrap().is_clean(), "{:?}", t.fsck().unwrap());
+    // A write raises the layout, so builds of the locking protocol refuse
+    // the store from then on; unchanged chunks are found in the old pack.
+    let mut next = state.clone();
+    next[10] ^= 1;
+    let (new_id, new_chunks) = commit(&t, &j, &next).unwrap();
+    assert!(t.get(&new_id).unwrap().figures.new_bytes < state.len() as u64 / 2);
+    assert_eq!(store.layout_version(), STORE_VERSION_REMOTE);
+    let json: serde_json::Value = serde_json::from_slice(&raw.read("store.json").unwrap()).unwrap();
+    assert_eq!(json["version"], 3);
+    // A directory refuses that layout in one line naming it.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::write(copy.path().join("store.json"), raw.read("store.json").unwrap()).unwrap();
+    let err = Store::open(copy.path(), opts()).unwrap_err().to_string();
+    assert!(
+        err.contains("store layout version 3 (this build reads 1 and 2)"),
+        "{err}"
+    );
+    t.delete(&old_id).unwrap();
+    t.gc().unwrap();
+    let (fresh, _) = open_store_with(&b, o);
+    let f = fresh.tenant("t").unwrap();
+    assert_eq!(
+        f.read_chunks(&new_id, &TaskKey::new("op", 0), &new_chunks)
+            .unwrap(),
+        next
+    );
+    assert!(f.fsck().unwrap().is_clean(), "{:?}", f.fsck().unwrap());
+}
+
+/// What the fault proxy answers to PUTs (and completions of uploads):
+/// 0 passes everything through.
+static FAULT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A loopback HTTP proxy in front of the test server that, while `FAULT`
+/// is set, answers every PUT and POST itself with that status and an S3
+/// error body: a real fault on the wire (a full bucket, denied access)
+/// with the real server behind it for everything else. One request per
+/// connection.
+fn fault_proxy() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = endpoint().trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let _ = proxy_one(client, &upstream);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn proxy_one(mut client: TcpStream, upstream: &str) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(client.try_clone()?);
+    let mut head = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("connection:") {
+            continue;
+        }
+        if line == "\r\n" {
+            head.extend_from_slice(b"Connection: close\r\n\r\n");
+            break;
+        }
+        head.extend_from_slice(line.as_bytes());
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    let fault = FAULT.load(Ordering::SeqCst);
+    let writes = head.starts_with(b"PUT ") || head.starts_with(b"POST ");
+    if fault != 0 && writes {
+        let (code, reason, text) = match fault {
+            403 => ("AccessDenied", "Forbidden", "Access Denied"),
+            _ => (
+                "QuotaExceeded",
+                "Insufficient Storage",
+                "The bucket quota is exceeded",
+            ),
+        };
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{text}</Message></Error>"
+        );
+        write!(
+            client,
+            "HTTP/1.1 {fault} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        )?;
+        return client.flush();
+    }
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(&head)?;
+    up.write_all(&body)?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    client.write_all(&answer)?;
+    client.flush()
+}
+
+#[test]
+fn a_full_bucket_and_denied_access_are_one_line_errors_and_lose_nothing() {
+    let b = bucket();
+    let mut o = s3_options(Duration::from_secs(5));
+    o.config[0].1 = fault_proxy();
+    o.max_retries = 1;
+    let url = format!("s3://{b}/state/x");
+    let (store, _) = open_store_with(&b, o.clone());
+    let t = store.tenant("t").unwrap();
+    let j = job("f");
+    let state = noise(41, 1 << 20);
+    let (kept, chunks) = commit(&t, &j, &state).unwrap();
+
+    for (fault, reason) in [
+        (507, "the bucket is full (quota exceeded)"),
+        (403, "access denied"),
+    ] {
+        FAULT.store(fault, Ordering::SeqCst);
+        let err = commit(&t, &j, &noise(42 + u64::from(fault), 1 << 20))
+            .unwrap_err()
+            .to_string();
+        FAULT.store(0, Ordering::SeqCst);
+        assert!(err.contains(&format!("{url}: write ")), "{fault}: {err}");
+        assert!(err.contains(reason), "{fault}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        // Nothing stored is lost: the last snapshot restores, fsck is
+        // clean, and the store takes the next snapshot.
+        let (fresh, _) = open_store_with(&b, o.clone());
+        let f = fresh.tenant("t").unwrap();
+        assert_eq!(f.latest(&j).unwrap().unwrap().id, kept);
+        assert_eq!(
+            f.read_chunks(&kept, &TaskKey::new("op", 0), &chunks).unwrap(),
+            state
+        );
+        assert!(f.fsck().unwrap().is_clean(), "{:?}", f.fsck().unwrap());
+    }
+    commit(&t, &j, &noise(43, 1 << 20)).unwrap();
 }

@@ -74,6 +74,22 @@ impl Drop for SeriesLease {
             series,
         } = &self.held
         {
+            // Numbers come from the lease alone while it is held: the
+            // counter learns the lease's `next` here, so that no number it
+            // gave is reissued after the lease object is gone.
+            if !state.is_lost() {
+                let next = state.next();
+                let raised = tenant.read_counter(series).and_then(|c| {
+                    if c < next {
+                        tenant.write_counter(series, next)
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = raised {
+                    tracing::warn!(job = %series, "cannot raise the counter at lease release: {e}");
+                }
+            }
             state.release();
             let mut leases = tenant.inner.leases.lock().unwrap();
             if leases

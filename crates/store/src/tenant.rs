@@ -37,6 +37,12 @@ pub(crate) struct TenantInner {
     /// Leases of series this process holds on object storage, so that
     /// taking a number of a leased series goes through its lease.
     pub(crate) leases: Mutex<HashMap<JobName, std::sync::Weak<crate::lease::LeaseState>>>,
+    /// Serialises refreshes on object storage, so that the view time of
+    /// the merged index only moves forward.
+    pub(crate) refreshing: Mutex<()>,
+    /// Manifests listed and read (object storage only; see
+    /// `TenantStore::get_listed`).
+    pub(crate) manifests: Mutex<HashMap<SnapshotId, Manifest>>,
 }
 
 /// Which snapshots [`TenantStore::list`] returns.
@@ -125,6 +131,12 @@ impl TenantStore {
 
     pub(crate) fn options(&self) -> &StoreOptions {
         &self.inner.store.options
+    }
+
+    /// The GC grace period on object storage (`None`: a directory, where
+    /// writers pin with locks).
+    pub(crate) fn gc_grace(&self) -> Option<Duration> {
+        self.backend().gc_grace()
     }
 
     pub(crate) fn key(&self, rel: &str) -> String {
@@ -304,8 +316,10 @@ impl TenantStore {
         };
         let mut out = Vec::new();
         for job in jobs {
-            for id in self.list_ids(&job)? {
-                match self.get(&id) {
+            let ids = self.list_ids(&job)?;
+            self.forget_manifests_but(&job, &ids);
+            for id in ids {
+                match self.get_listed(&id) {
                     Ok(m) if filter.kind.is_none_or(|k| k == m.kind) => out.push(m),
                     Ok(_) | Err(StoreError::NotFound { .. }) => {}
                     Err(e @ (StoreError::CorruptManifest { .. } | StoreError::UnsupportedSchema { .. })) => {
@@ -316,6 +330,32 @@ impl TenantStore {
             }
         }
         Ok(out)
+    }
+
+    /// [`TenantStore::get`] of a snapshot just listed. On object storage
+    /// a manifest read once is kept (it never changes once committed), so
+    /// that retention, which lists a job's snapshots after checkpoints,
+    /// costs one LIST rather than a GET per snapshot.
+    fn get_listed(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
+        if self.gc_grace().is_none() {
+            return self.get(id);
+        }
+        if let Some(m) = self.inner.manifests.lock().unwrap().get(id) {
+            return Ok(m.clone());
+        }
+        let m = self.get(id)?;
+        self.inner.manifests.lock().unwrap().insert(id.clone(), m.clone());
+        Ok(m)
+    }
+
+    /// Drops the kept manifests of `job` that are no longer listed.
+    fn forget_manifests_but(&self, job: &JobName, listed: &[SnapshotId]) {
+        let listed: HashSet<&SnapshotId> = listed.iter().collect();
+        self.inner
+            .manifests
+            .lock()
+            .unwrap()
+            .retain(|id, _| id.job() != job || listed.contains(id));
     }
 
     /// The newest complete snapshot of `job` whose manifest reads, of any
@@ -379,7 +419,8 @@ impl TenantStore {
     /// # Errors
     /// [`StoreError::NotFound`] if there is no such snapshot.
     pub fn delete(&self, id: &SnapshotId) -> Result<(), StoreError> {
-        let manifest = self.get(id);
+        let kept = self.inner.manifests.lock().unwrap().remove(id);
+        let manifest = kept.map_or_else(|| self.get(id), Ok);
         if let Err(StoreError::NotFound { .. }) = manifest {
             return manifest.map(|_| ());
         }

@@ -26,18 +26,37 @@ impl TenantStore {
     /// errors.
     pub fn begin(&self, job: &JobName, number: u64) -> Result<SnapshotWriter, StoreError> {
         let id = SnapshotId::new(job.clone(), number);
-        // The gate lets a GC that is waiting for writers stop new ones from
-        // starting, so a busy store cannot starve it.
-        let gate = self.lock("gate", LockMode::Shared, None)?;
-        let pin = self
-            .lock("writers", LockMode::Shared, None)?
-            .expect("waits without timeout");
-        drop(gate);
-        self.inner.store.upgrade_layout()?;
-        // Under the pin, so GC cannot remove what the refreshed index names
-        // until this writer is done.
-        self.refresh_index()?;
-        if self.manifest_exists(&id)? {
+        let pin = match self.gc_grace() {
+            // Object storage: no lock objects per snapshot; a view of the
+            // packs not older than a quarter of the grace period instead
+            // (docs/STORAGE.md, "Garbage collection on object storage").
+            Some(grace) => {
+                self.inner.store.upgrade_layout()?;
+                let view = self.inner.index.read().unwrap().view;
+                if view.is_none_or(|v| v.elapsed() >= grace / 4) {
+                    self.refresh_index()?;
+                }
+                Pin::View(self.inner.index.read().unwrap().view.expect("refreshed"))
+            }
+            None => {
+                // The gate lets a GC that is waiting for writers stop new
+                // ones from starting, so a busy store cannot starve it.
+                let gate = self.lock("gate", LockMode::Shared, None)?;
+                let pin = self
+                    .lock("writers", LockMode::Shared, None)?
+                    .expect("waits without timeout");
+                drop(gate);
+                self.inner.store.upgrade_layout()?;
+                // Under the pin, so GC cannot remove what the refreshed
+                // index names until this writer is done.
+                self.refresh_index()?;
+                Pin::Lock(pin)
+            }
+        };
+        // A number just taken through this process's lease is fresh: no
+        // manifest can be there, and object storage saves the request.
+        let fresh = self.active_lease(job).is_some_and(|l| l.holds(number));
+        if !fresh && self.manifest_exists(&id)? {
             return Err(StoreError::AlreadyExists {
                 tenant: self.inner.name.to_string(),
                 id,
@@ -62,6 +81,18 @@ impl TenantStore {
     }
 }
 
+/// What keeps GC from deleting the blobs a writer relies on.
+#[derive(Debug)]
+pub(crate) enum Pin {
+    /// A directory: the shared `writers` lock; GC cannot delete while it
+    /// is held.
+    Lock(#[allow(dead_code)] Box<dyn LockGuard>),
+    /// Object storage: when the listing of the view of the packs this
+    /// writer relies on started. It must commit within half the GC grace
+    /// period of it, or look again.
+    View(Instant),
+}
+
 /// Writes the blobs of one snapshot and commits its manifest.
 ///
 /// Dropping it without `commit` aborts: the manifest is never written, the
@@ -84,9 +115,9 @@ pub struct BlobWriter {
 pub(crate) struct WriterShared {
     pub(crate) tenant: TenantStore,
     pub(crate) id: SnapshotId,
-    /// The shared `writers` lock: GC cannot delete while it is held. `None`
+    /// What keeps GC from deleting what this writer relies on; `None`
     /// once the writer committed or aborted.
-    pub(crate) pin: Mutex<Option<Box<dyn LockGuard>>>,
+    pub(crate) pin: Mutex<Option<Pin>>,
     /// Blobs this writer wrote (`true`) or found in the store (`false`),
     /// with their stored size: no need to look again. A blob being written
     /// is claimed here first (size 0), so two threads never both write it.
@@ -240,7 +271,7 @@ impl BlobWriter {
         if s.seen.lock().unwrap().contains_key(&hash) {
             return Ok(false);
         }
-        if let Some(found) = tenant.find_blob(&hash)? {
+        if let Some(found) = tenant.find_blob_live(&hash)? {
             s.seen.lock().unwrap().insert(hash, (found.stored_size(), false));
             return Ok(false);
         }
@@ -439,11 +470,11 @@ impl SnapshotWriter {
                     unique.insert(hash, size);
                     continue;
                 }
-                let mut found = tenant.find_blob(&hash)?;
+                let mut found = tenant.find_blob_live(&hash)?;
                 if found.is_none() && !refreshed {
                     tenant.refresh_index()?;
                     refreshed = true;
-                    found = tenant.find_blob(&hash)?;
+                    found = tenant.find_blob_live(&hash)?;
                 }
                 let missing = || StoreError::MissingBlobAtCommit {
                     id: s.id.clone(),
@@ -459,7 +490,12 @@ impl SnapshotWriter {
             }
         }
         // An index entry may name a pack that never became durable (its
-        // writer died between rename and directory sync) or is gone.
+        // writer died between rename and directory sync) or is gone. On
+        // object storage a PUT is durable when it returns, and the grace
+        // period keeps every pack of the view (checked below).
+        if tenant.gc_grace().is_some() {
+            packs_used.clear();
+        }
         for (pack, (task, index, hash)) in &packs_used {
             let key = tenant.pack_key(pack);
             let present = tenant
@@ -523,7 +559,9 @@ impl SnapshotWriter {
             s.sealed.lock().unwrap().push(sealed);
         }
         let sealed = std::mem::take(&mut *s.sealed.lock().unwrap());
+        let own: Vec<BlobHash> = sealed.iter().map(|p| p.name).collect();
         tenant.publish_packs(sealed)?;
+        self.check_view(&unique, &own)?;
         manifest.completed_at_ms = now_ms();
         manifest.figures.commit_ms = commit_start.elapsed().as_millis() as u64;
         if let Some(lease) = tenant.active_lease(s.id.job())
@@ -553,11 +591,23 @@ impl SnapshotWriter {
             cache.add(&s.id, unique);
         }
         drop(usage);
+        if tenant.gc_grace().is_some() {
+            // What retention lists next reads it from here.
+            tenant
+                .inner
+                .manifests
+                .lock()
+                .unwrap()
+                .insert(s.id.clone(), manifest);
+        }
 
         // Keep the counter above every committed number, so a number used
-        // by `begin` without `next_snapshot_number` (import) is never reissued.
+        // by `begin` without `next_snapshot_number` (import) is never
+        // reissued. A number of this process's lease is above it already
+        // (the lease writes the counter when it is released).
         let job = s.id.job();
-        if tenant.read_counter(job)? <= s.id.number() {
+        let leased = tenant.active_lease(job).is_some_and(|l| l.holds(s.id.number()));
+        if !leased && tenant.read_counter(job)? <= s.id.number() {
             let _guard = tenant.counter_lock(job)?;
             if tenant.read_counter(job)? <= s.id.number() {
                 // At u64::MAX the counter stays there: the series is
@@ -572,6 +622,47 @@ impl SnapshotWriter {
     /// Abandons the snapshot (same as dropping it): nothing is committed and
     /// the blobs it wrote are garbage for the next GC.
     pub fn abort(self) {}
+
+    /// On object storage, just before the manifest is written: the view
+    /// of the packs this writer relied on must be younger than half the
+    /// GC grace period. If it is not, look again: every blob referenced
+    /// and not written here must be in a pack no GC condemned, and so
+    /// must the packs written here.
+    fn check_view(&self, unique: &HashMap<BlobHash, u64>, own: &[BlobHash]) -> Result<(), StoreError> {
+        let s = &*self.blobs.shared;
+        let tenant = &s.tenant;
+        let Some(grace) = tenant.gc_grace() else {
+            return Ok(());
+        };
+        let mut pin = s.pin.lock().unwrap();
+        let Some(Pin::View(view)) = pin.as_mut() else {
+            return Ok(());
+        };
+        if view.elapsed() < grace / 2 {
+            return Ok(());
+        }
+        tenant.refresh_index()?;
+        let fresh = tenant.inner.index.read().unwrap().view.expect("refreshed");
+        let seen = s.seen.lock().unwrap();
+        let stale = |reason: String| StoreError::ManifestMismatch {
+            id: s.id.clone(),
+            reason: format!("took longer than half the GC grace period ({grace:?}) and {reason}"),
+        };
+        for hash in unique.keys() {
+            if matches!(seen.get(hash), Some((_, true))) {
+                continue;
+            }
+            if tenant.find_blob_live(hash)?.is_none() {
+                return Err(stale(format!("blob {hash} is now in no pack GC keeps")));
+            }
+        }
+        let idx = tenant.inner.index.read().unwrap();
+        if let Some(p) = own.iter().find(|p| idx.condemned.contains(*p)) {
+            return Err(stale(format!("GC condemned its pack {p}")));
+        }
+        *view = fresh;
+        Ok(())
+    }
 }
 
 impl Drop for SnapshotWriter {

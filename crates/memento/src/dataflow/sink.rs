@@ -23,6 +23,8 @@ use crate::runtime::Event;
 use crate::spec::SinkSpec;
 use crate::store::{Manifest, SnapshotId};
 
+mod s3;
+
 /// Name of the directory, inside a `file` sink's directory, of staged files.
 pub const STAGING_DIR: &str = ".staging";
 
@@ -60,6 +62,7 @@ fn sink_dir(path: &Path, base: &Path) -> PathBuf {
 /// against `base`) or the embedder's own.
 pub fn of(spec: &SinkSpec, base: &Path) -> Arc<dyn Sink> {
     match spec {
+        SinkSpec::File { path } if s3::is_s3(path) => Arc::new(s3::S3FileSink::new(path)),
         SinkSpec::File { path } => Arc::new(FileSink {
             dir: sink_dir(path, base),
         }),

@@ -191,6 +191,15 @@ fn confine(spec: &mut JobSpec) -> Result<(), ServiceError> {
         ));
     }
     match &spec.sink {
+        // The host's credentials would write it: a bucket is not the
+        // tenant's to choose.
+        SinkSpec::File { path } if path.to_str().is_some_and(|p| p.starts_with("s3://")) => {
+            return Err(ServiceError::bad(
+                "invalid_job",
+                "sink.path: `s3://` output is not available to a job submitted to a shared host \
+                 (write to a relative path inside the tenant's directory)",
+            ));
+        }
         SinkSpec::File { path } if !is_confined(path) => {
             return Err(ServiceError::bad(
                 "invalid_job",
@@ -397,6 +406,27 @@ mod tests {
         for bad in ["/etc/passwd", "../x", "a/../../b", "", "./x"] {
             assert!(!is_confined(Path::new(bad)), "{bad}");
         }
+    }
+
+    /// A bucket is not the tenant's to choose: the host's credentials
+    /// would write there.
+    #[test]
+    fn an_s3_sink_is_refused_to_a_submitted_job() {
+        let text = r#"
+            name = "j"
+            [source]
+            type = "generator"
+            [[operators]]
+            name = "wc"
+            plugin = "wordcount"
+            [sink]
+            type = "file"
+            path = "s3://someone-elses-bucket/out"
+        "#;
+        let mut spec = JobSpec::from_toml(text, Path::new("job.toml"), Path::new("/tmp/t")).unwrap();
+        let e = confine(&mut spec).unwrap_err().to_string();
+        assert!(e.contains("sink.path: `s3://` output is not available"), "{e}");
+        assert!(!e.contains("someone-elses-bucket"), "{e}");
     }
 
     /// A symlink in the tenant's directory must not lead a source to a host
