@@ -169,7 +169,7 @@ fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
             code == 200 && v["counts"]["completed"].as_u64().is_some_and(|n| n >= 3)
         },
     );
-    // B answers for A's job from the store, and names A for what only
+    // B answers for A's job from the store, and forwards to A what only
     // the running host can do.
     let (code, v) = b.get("/v1/jobs/clicks");
     assert_eq!(code, 200, "{v}");
@@ -181,12 +181,25 @@ fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
             .is_some_and(|s| s.starts_with("clicks-")),
         "{v}"
     );
-    let (code, v) = b.post("/v1/jobs/clicks/savepoints", "");
-    assert_eq!(code, 409, "{v}");
-    assert_eq!(v["error"], "runs_elsewhere", "{v}");
-    assert!(v["message"].as_str().unwrap().contains(&a.url()), "{v}");
-    let (code, v) = b.post("/v1/jobs/clicks/rescale", r#"{"parallelism": 3}"#);
-    assert_eq!((code, v["error"].as_str()), (409, Some("runs_elsewhere")), "{v}");
+    let (code, v) = b.post("/v1/jobs/clicks/savepoints", r#"{"format": "canonical"}"#);
+    assert_eq!(code, 202, "forwarded to A: {v}");
+    let request = v["request_id"].as_str().unwrap().to_string();
+    common::wait_for(
+        "the savepoint asked of B to complete on A",
+        Duration::from_secs(60),
+        || logs(&[&a, &b]),
+        || {
+            let (code, v) = b.get(&format!("/v1/jobs/clicks/savepoints/{request}"));
+            code == 200 && v["status"] == "completed"
+        },
+    );
+    assert!(a.log().contains("kind=Savepoint"), "A took it: {}", a.log());
+    let (code, v) = b.get("/v1/jobs/clicks/checkpoints");
+    assert_eq!(code, 200, "forwarded to A: {v}");
+    assert!(
+        v["counts"]["completed"].as_u64().is_some_and(|n| n >= 3),
+        "A's history: {v}"
+    );
     // A second submission of the name the pool runs, on the other host.
     let body = serde_json::json!({ "job": job("clicks", 10, 10), "plugins": { "wordcount.wasm": plugin_b64("wordcount") } });
     let (code, v) = b.post("/v1/jobs", &body.to_string());

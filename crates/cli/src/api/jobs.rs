@@ -332,7 +332,7 @@ async fn trigger_savepoint(
     // Read here, under our own limit, so that an oversize body gets the
     // API's JSON error (axum's own limit answers in plain text).
     let body = axum::body::to_bytes(body, MAX_TRIGGER_BODY).await.map_err(|_| {
-        ApiError(
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("request body is over the limit of {MAX_TRIGGER_BODY} bytes for a trigger"),

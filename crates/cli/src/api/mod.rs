@@ -11,6 +11,7 @@
 //! bearer-token extractor and one error type, [`ApiError`], answered as
 //! `{"error": code, "message": …}`. The bodies are the types of [`views`].
 
+mod forward;
 pub mod jobs;
 mod metrics;
 pub mod multi;
@@ -52,22 +53,42 @@ pub(crate) fn bind(
 /// An API error: a status code, a short code and a message, answered as
 /// `{"error": code, "message": …}`.
 #[derive(Debug)]
-pub struct ApiError(pub StatusCode, pub &'static str, pub String);
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The short code of `error`.
+    pub code: &'static str,
+    /// The one-line message.
+    pub message: String,
+    /// The API of the pool host that can serve the request instead
+    /// ([`forward`]).
+    pub elsewhere: Option<String>,
+}
 
 impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            elsewhere: None,
+        }
+    }
+
     /// 400 `bad_request`.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::BAD_REQUEST, "bad_request", message.into())
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message.into())
     }
 
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::NOT_FOUND, "not_found", message.into())
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message.into())
     }
 
     /// 405 `method_not_allowed`.
     pub fn method_not_allowed(message: impl Into<String>) -> ApiError {
-        ApiError(
+        ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             message.into(),
@@ -76,18 +97,22 @@ impl ApiError {
 
     /// 500 `internal`.
     pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", message.into())
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message.into())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: self.1.to_string(),
+            error: self.code.to_string(),
             // A message may quote an input; an answer never echoes one whole.
-            message: memento::spec::excerpt(&self.2, 2000),
+            message: memento::spec::excerpt(&self.message, 2000),
         };
-        (self.0, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(url) = self.elsewhere {
+            response.extensions_mut().insert(forward::Elsewhere(url));
+        }
+        response
     }
 }
 
@@ -95,13 +120,20 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let message = e.to_string();
         match e {
-            ServiceError::Unauthorized => ApiError(StatusCode::UNAUTHORIZED, "unauthorized", message),
+            ServiceError::Unauthorized => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
             ServiceError::NotFound(_) => ApiError::not_found(message),
-            ServiceError::BadRequest { code, .. } => ApiError(StatusCode::BAD_REQUEST, code, message),
-            ServiceError::Conflict(_) => ApiError(StatusCode::CONFLICT, "conflict", message),
-            ServiceError::Elsewhere { .. } => ApiError(StatusCode::CONFLICT, "runs_elsewhere", message),
-            ServiceError::TooManyJobs(_) => ApiError(StatusCode::TOO_MANY_REQUESTS, "too_many_jobs", message),
-            ServiceError::TooLarge { .. } => ApiError(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message),
+            ServiceError::BadRequest { code, .. } => ApiError::new(StatusCode::BAD_REQUEST, code, message),
+            ServiceError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            ServiceError::Elsewhere { url, .. } => ApiError {
+                elsewhere: Some(url),
+                ..ApiError::new(StatusCode::CONFLICT, "runs_elsewhere", message)
+            },
+            ServiceError::TooManyJobs(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_jobs", message)
+            }
+            ServiceError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+            }
             ServiceError::Internal(_) | ServiceError::Config(_) => ApiError::internal(message),
         }
     }

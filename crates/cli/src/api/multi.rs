@@ -261,6 +261,7 @@ pub fn router(service: Service) -> Router {
     jobs::router(route_table())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(super::forward::forward))
         .with_state(Arc::new(service))
 }
 
