@@ -181,6 +181,16 @@ fn a_killed_hosts_job_resumes_on_another_host_exactly_once() {
             .is_some_and(|s| s.starts_with("clicks-")),
         "{v}"
     );
+    let (code, v) = b.get("/v1/jobs");
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["name"] == "clicks" && j["host_url"] == a.url().as_str()),
+        "B lists the job A runs: {v}"
+    );
     let (code, v) = b.post("/v1/jobs/clicks/savepoints", r#"{"format": "canonical"}"#);
     assert_eq!(code, 202, "forwarded to A: {v}");
     let request = v["request_id"].as_str().unwrap().to_string();

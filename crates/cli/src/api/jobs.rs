@@ -57,6 +57,16 @@ pub trait Backend: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The jobs in `scope` that other hosts of a pool run (or are to take
+    /// over), as the store tells them. Blocks on the store.
+    ///
+    /// # Errors
+    /// Store I/O errors.
+    fn elsewhere_all(&self, scope: &Scope) -> Result<Vec<RemoteJob>, ServiceError> {
+        let _ = scope;
+        Ok(Vec::new())
+    }
+
     /// Cancel the tenant's pool job `name` that no host runs. Blocks on the
     /// store.
     ///
@@ -223,9 +233,29 @@ fn second(
 
 type Accepted<T> = (StatusCode, Json<T>);
 
-async fn list_jobs<B: Backend>(State(b): State<Arc<B>>, InScope(scope): InScope) -> Json<JobsView> {
-    let jobs = b.jobs(&scope).iter().map(|j| JobView::of(j)).collect();
-    Json(JobsView { jobs })
+/// This host's jobs and, in a pool, those other hosts run: a job that
+/// ended here but runs elsewhere now is shown as it runs there.
+async fn list_jobs<B: Backend>(
+    State(b): State<Arc<B>>,
+    InScope(scope): InScope,
+) -> Result<Json<JobsView>, ApiError> {
+    let local = b.jobs(&scope);
+    let remote = tokio::task::spawn_blocking(move || b.elsewhere_all(&scope))
+        .await
+        .map_err(|e| ApiError::internal(format!("worker failed: {e}")))??;
+    let mut jobs: BTreeMap<(String, String), JobView> = local
+        .iter()
+        .map(|j| ((j.tenant().to_string(), j.name().to_string()), JobView::of(j)))
+        .collect();
+    for r in remote {
+        let key = (r.tenant.clone(), r.name.clone());
+        if r.leased || !jobs.contains_key(&key) {
+            jobs.insert(key, JobView::remote(&r));
+        }
+    }
+    Ok(Json(JobsView {
+        jobs: jobs.into_values().collect(),
+    }))
 }
 
 async fn get_job(job: AnyJob) -> Json<JobView> {

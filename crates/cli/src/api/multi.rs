@@ -55,6 +55,10 @@ impl Backend for Service {
         Service::elsewhere(self, tenant, name)
     }
 
+    fn elsewhere_all(&self, scope: &Scope) -> Result<Vec<RemoteJob>, ServiceError> {
+        Service::elsewhere_all(self, scope)
+    }
+
     fn cancel_unplaced(&self, tenant: &str, name: &str) -> Result<(), ServiceError> {
         Service::cancel_unplaced(self, tenant, name)
     }

@@ -495,6 +495,32 @@ impl Service {
         }))
     }
 
+    /// The pool jobs in `scope` that this host does not run, as the store
+    /// tells them ([`Service::elsewhere`] of each record): empty on a
+    /// local store. A record that cannot be read is left out, with a
+    /// warning, rather than failing the whole list.
+    ///
+    /// # Errors
+    /// When a tenant's records cannot be listed.
+    pub fn elsewhere_all(&self, scope: &super::Scope) -> Result<Vec<RemoteJob>, ServiceError> {
+        if self.pool().is_none() {
+            return Ok(Vec::new());
+        }
+        let mut jobs = Vec::new();
+        for entry in self.tenants_in(scope) {
+            let tenant = entry.config.name.as_str();
+            let files = entry.store.list_service_objects("jobs").map_err(internal)?;
+            for name in files.iter().filter_map(|f| f.strip_suffix(".json")) {
+                match self.elsewhere(tenant, name) {
+                    Ok(Some(job)) => jobs.push(job),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(tenant, job = name, "listing pool jobs: {e}"),
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
     /// Whether this host's scans have seen the job's lease at `tag` for a
     /// whole ttl: its holder is dead (or cut off), and a takeover is due.
     fn seen_stale(&self, tenant: &str, name: &str, tag: &str) -> bool {
