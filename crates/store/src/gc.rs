@@ -99,6 +99,36 @@ impl PackInfo {
 }
 
 impl TenantStore {
+    /// What GC does with each pack: those with nothing live go (the set),
+    /// those mostly dead are rewritten, and so are small ones once there
+    /// are many (the list).
+    fn classify_packs(
+        &self,
+        packs: &HashMap<BlobHash, PackInfo>,
+        referenced: &HashSet<BlobHash>,
+    ) -> (HashSet<BlobHash>, Vec<BlobHash>) {
+        let mut dead = HashSet::new();
+        let mut to_repack = Vec::new();
+        let mut small = Vec::new();
+        for (name, info) in packs {
+            let live = info.live_bytes(referenced);
+            if live == 0 {
+                dead.insert(*name);
+            } else if (live as f64) < info.total_bytes() as f64 * REPACK_LIVE_FRACTION {
+                to_repack.push(*name);
+            } else if info.len < self.options().pack_size / SMALL_PACK_DIVISOR {
+                small.push(*name);
+            }
+        }
+        // Every incremental checkpoint of every task leaves a small pack;
+        // merged once there are many, each blob is rewritten about once.
+        if small.len() >= SMALL_PACKS_TO_MERGE {
+            small.sort();
+            to_repack.extend(small);
+        }
+        (dead, to_repack)
+    }
+
     /// Like [`TenantStore::gc`], but only if no GC of this tenant started in
     /// this process within `min_interval`; returns `None` when skipped. A
     /// GC marks over all of the tenant's snapshots and holds new writers
@@ -175,25 +205,7 @@ impl TenantStore {
             .copied()
             .collect();
 
-        let mut doomed: HashSet<BlobHash> = HashSet::new();
-        let mut to_repack: Vec<BlobHash> = Vec::new();
-        let mut small: Vec<BlobHash> = Vec::new();
-        for (name, info) in &packs {
-            let live = info.live_bytes(&referenced);
-            if live == 0 {
-                doomed.insert(*name);
-            } else if (live as f64) < info.total_bytes() as f64 * REPACK_LIVE_FRACTION {
-                to_repack.push(*name);
-            } else if info.len < self.options().pack_size / SMALL_PACK_DIVISOR {
-                small.push(*name);
-            }
-        }
-        // Every incremental checkpoint of every task leaves a small pack;
-        // merged once there are many, each blob is rewritten about once.
-        if small.len() >= SMALL_PACKS_TO_MERGE {
-            small.sort();
-            to_repack.extend(small);
-        }
+        let (mut doomed, to_repack) = self.classify_packs(&packs, &referenced);
 
         // Repack, pinned like a writer: the new packs and their index are
         // durable before any old pack can go.
@@ -708,23 +720,7 @@ impl TenantStore {
         // Condemn anew, unless an earlier condemnation still waits out its
         // grace period (its clock must not be reset).
         if condemned.is_empty() || due {
-            let mut dead: HashSet<BlobHash> = HashSet::new();
-            let mut to_repack = Vec::new();
-            let mut small = Vec::new();
-            for (name, info) in &packs {
-                let live = info.live_bytes(&referenced);
-                if live == 0 {
-                    dead.insert(*name);
-                } else if (live as f64) < info.total_bytes() as f64 * REPACK_LIVE_FRACTION {
-                    to_repack.push(*name);
-                } else if info.len < self.options().pack_size / SMALL_PACK_DIVISOR {
-                    small.push(*name);
-                }
-            }
-            if small.len() >= SMALL_PACKS_TO_MERGE {
-                small.sort();
-                to_repack.extend(small);
-            }
+            let (mut dead, to_repack) = self.classify_packs(&packs, &referenced);
             if !to_repack.is_empty() {
                 let (sealed, rewritten) = self.repack(&packs, &to_repack, &referenced)?;
                 report.bytes_rewritten = sealed.iter().map(|p| p.len).sum();

@@ -218,8 +218,9 @@ fn start_renewer(state: &Arc<LeaseState>, ttl: Duration) {
     }
 }
 
-/// `<host>-<pid>-<nonce>`: who holds a lease, for people reading it.
-pub(crate) fn holder_name() -> String {
+/// `<host>-<pid>-<nonce>`: who holds a lease (or which host of a pool
+/// this is), for people reading it.
+pub fn holder_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| {

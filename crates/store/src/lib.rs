@@ -94,6 +94,7 @@ pub use chunk::{CDC_AVG, CDC_MAX, CDC_MIN, ChunkRef, DEFAULT_FIXED_CHUNK};
 pub use error::{BadChunk, StoreError};
 pub use fsck::{DamagedSnapshot, FsckReport, RepairReport};
 pub use gc::{GcReport, REPACK_LIVE_FRACTION, SMALL_PACK_DIVISOR, SMALL_PACKS_TO_MERGE};
+pub use lease::holder_name;
 pub use location::StoreLocation;
 pub use manifest::{
     Figures, MANIFEST_SCHEMA_VERSION, MAX_CHAIN, MAX_STATE_LEN, Manifest, MemoryImage,

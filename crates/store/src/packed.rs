@@ -102,6 +102,13 @@ impl TenantStore {
         if rebuild {
             *idx = MergedIndex::default();
         }
+        self.merge_loaded(&mut idx, loaded);
+        Ok(())
+    }
+
+    /// Merge index files just read into `idx`; a damaged one is recorded
+    /// (fsck reports it) and skipped, one that vanished meanwhile ignored.
+    fn merge_loaded(&self, idx: &mut MergedIndex, loaded: Vec<(BlobHash, Result<IndexFile, String>)>) {
         for (name, file) in loaded {
             match file {
                 Ok(file) => idx.merge(name, &file),
@@ -112,7 +119,6 @@ impl TenantStore {
                 }
             }
         }
-        Ok(())
     }
 
     /// The refresh on object storage: index objects, and the packs that
@@ -175,16 +181,7 @@ impl TenantStore {
             *idx = MergedIndex::default();
             idx.condemned = condemned;
         }
-        for (name, file) in loaded {
-            match file {
-                Ok(file) => idx.merge(name, &file),
-                Err(reason) if reason == "gone" => {}
-                Err(reason) => {
-                    tracing::warn!(tenant = %self.inner.name, index = %name, "index file skipped: {reason}");
-                    idx.damaged.push((name.to_hex(), reason));
-                }
-            }
-        }
+        self.merge_loaded(&mut idx, loaded);
         for (name, len, trailer) in trailers {
             match trailer {
                 Ok(entries) => idx.merge_trailer(name, len, entries),

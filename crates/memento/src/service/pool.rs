@@ -99,31 +99,13 @@ pub(super) struct Pool {
 impl Pool {
     pub(super) fn new(scan: Duration) -> Pool {
         Pool {
-            host_id: host_id(),
+            host_id: crate::store::holder_name(),
             url: Mutex::new(None),
             scan,
             taking: Mutex::new(HashSet::new()),
             seen: Mutex::new(HashMap::new()),
         }
     }
-}
-
-fn host_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| {
-            h.trim()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .take(64)
-                .collect::<String>()
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{host}-{}-{nanos:x}", std::process::id())
 }
 
 fn job_rel(name: &str) -> String {
