@@ -99,6 +99,38 @@ impl PackInfo {
 }
 
 impl TenantStore {
+    /// Delete the `doomed` packs; their blobs not `available` in another
+    /// pack join `gone`. Returns the bytes the deleted packs held.
+    fn delete_packs(
+        &self,
+        packs: &HashMap<BlobHash, PackInfo>,
+        doomed: &HashSet<BlobHash>,
+        available: &HashSet<BlobHash>,
+        gone: &mut HashSet<BlobHash>,
+        report: &mut GcReport,
+    ) -> Result<u64, StoreError> {
+        let mut freed = 0;
+        for name in doomed {
+            let key = self.pack_key(name);
+            if self
+                .backend()
+                .delete(&key)
+                .map_err(|e| StoreError::io("delete pack", key, e))?
+            {
+                report.packs_removed += 1;
+                freed += packs[name].len;
+                gone.extend(
+                    packs[name]
+                        .entries
+                        .iter()
+                        .map(|e| e.hash)
+                        .filter(|h| !available.contains(h)),
+                );
+            }
+        }
+        Ok(freed)
+    }
+
     /// What GC does with each pack: those with nothing live go (the set),
     /// those mostly dead are rewritten, and so are small ones once there
     /// are many (the list).
@@ -372,23 +404,7 @@ impl TenantStore {
             .collect();
         let mut gone: HashSet<BlobHash> = HashSet::new();
         let mut freed = 0u64;
-        for name in &doomed {
-            let key = self.pack_key(name);
-            if backend
-                .delete(&key)
-                .map_err(|e| StoreError::io("delete pack", key, e))?
-            {
-                report.packs_removed += 1;
-                freed += packs[name].len;
-                gone.extend(
-                    packs[name]
-                        .entries
-                        .iter()
-                        .map(|e| e.hash)
-                        .filter(|h| !available.contains(h)),
-                );
-            }
-        }
+        freed += self.delete_packs(&packs, &doomed, &available, &mut gone, &mut report)?;
         for hash in &candidates {
             let key = self.blob_key(hash);
             let size = backend.size(&key).ok().flatten().unwrap_or(0);
@@ -697,23 +713,7 @@ impl TenantStore {
                 .collect();
             // The index without them first, then the packs.
             self.consolidate_remote(&packs, &doomed, &mut report)?;
-            for name in &doomed {
-                let key = self.pack_key(name);
-                if backend
-                    .delete(&key)
-                    .map_err(|e| StoreError::io("delete pack", key, e))?
-                {
-                    report.packs_removed += 1;
-                    freed += packs[name].len;
-                    gone.extend(
-                        packs[name]
-                            .entries
-                            .iter()
-                            .map(|e| e.hash)
-                            .filter(|h| !available.contains(h)),
-                    );
-                }
-            }
+            freed += self.delete_packs(&packs, &doomed, &available, &mut gone, &mut report)?;
             packs.retain(|n, _| !doomed.contains(n));
         }
 
